@@ -1,0 +1,1 @@
+"""hf_paged: PagedAttention KV cache for Hugging Face Transformers' ``model.generate()``."""

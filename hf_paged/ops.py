@@ -1,0 +1,188 @@
+"""The PyTorch implementation of the paged-attention operations.
+
+These functions are what the CPU path runs and the references the Triton kernels in `hf_paged.kernels` are tested
+against. Shapes use these letters:
+
+    N  physical blocks in the pool          bs  tokens per block
+    B  rows (sequences) in the batch        q   query tokens per row in this step
+    H  query heads                          Hkv key/value heads (H is a multiple of Hkv: GQA)
+    D  head dimension                       nb  blocks in the longest block table
+
+A KV pool is ``[N, bs, Hkv, D]`` (token-major "NHD", as vLLM's Triton backend). The whole cache keeps all layers in
+one tensor ``[L, 2, N, bs, Hkv, D]`` so that copy-on-write copies every layer in one operation.
+
+Attention semantics shared by every implementation: query ``i`` of row ``b`` sits at position
+``p = seq_lens[b] - q + i`` and attends to the keys ``j`` with ``key_start[b] <= j <= p`` (``key_start`` skips left
+padding) and, with a sliding window ``w``, ``j > p - w``. A query with no key to attend to gets a zero output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attend",
+    "causal_mask",
+    "copy_blocks",
+    "gather_kv",
+    "paged_attention",
+    "reshape_and_cache",
+]
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new keys and values into their slots.
+
+    Args:
+        key, value: ``[T, Hkv, D]`` new states, one row per token.
+        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, written in place.
+        slot_mapping: ``[T]`` integer slots ``block * bs + offset``; a negative slot means "do not store".
+    """
+    num_blocks, block_size = key_cache.shape[:2]
+    flat_k = key_cache.view(num_blocks * block_size, *key_cache.shape[2:])
+    flat_v = value_cache.view(num_blocks * block_size, *value_cache.shape[2:])
+    slots = slot_mapping.to(torch.long)
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[keep], value[keep]
+    flat_k.index_copy_(0, slots, key.to(flat_k.dtype))
+    flat_v.index_copy_(0, slots, value.to(flat_v.dtype))
+
+
+def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` in every layer's key and value pool at once.
+
+    Args:
+        kv_pool: ``[L, 2, N, bs, Hkv, D]``.
+        src, dst: ``[C]`` integer block ids; ``dst`` holds distinct blocks not in ``src``.
+    """
+    kv_pool[:, :, dst.to(torch.long)] = kv_pool[:, :, src.to(torch.long)]
+
+
+def gather_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, kv_len: int
+) -> torch.Tensor:
+    """Read each row's first `kv_len` tokens out of a pool.
+
+    Args:
+        cache: ``[N, bs, Hkv, D]`` pool.
+        block_tables: ``[B, nb]`` integer block ids (entries past a row's length are ignored).
+        kv_len: tokens to read per row, at most ``nb * bs``.
+
+    Returns:
+        ``[B, Hkv, kv_len, D]`` (a strided view of a fresh gather).
+    """
+    batch, nb = block_tables.shape
+    gathered = cache.index_select(0, block_tables.reshape(-1))
+    return gathered.view(batch, nb * cache.shape[1], *cache.shape[2:])[:, :kv_len].transpose(1, 2)
+
+
+def causal_mask(
+    seq_lens: torch.Tensor,
+    key_start: torch.Tensor | None,
+    q_len: int,
+    kv_len: int,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Boolean ``[B, 1, q, kv_len]`` mask (True = attend) following the module docstring's semantics."""
+    device = seq_lens.device
+    positions = seq_lens.to(torch.long)[:, None] - q_len + torch.arange(q_len, device=device)  # [B, q]
+    keys = torch.arange(kv_len, device=device)
+    allowed = keys[None, None, :] <= positions[:, :, None]
+    if key_start is not None:
+        allowed &= keys[None, None, :] >= key_start.to(torch.long)[:, None, None]
+    if sliding_window is not None:
+        allowed &= keys[None, None, :] > positions[:, :, None] - sliding_window
+    return allowed[:, None]
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Attention over contiguous keys and values.
+
+    Args:
+        query: ``[B, H, q, D]``.
+        key, value: ``[B, Hkv, kv, D]``.
+        mask: boolean, broadcastable to ``[B, H, q, kv]`` (True = attend), or None.
+        scale: multiplies ``q @ k^T``.
+        softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before masking.
+        is_causal: with ``mask=None``, apply a causal mask aligned to the last query (used for plain prefill).
+
+    Returns:
+        ``[B, q, H, D]`` contiguous; rows with no key to attend to are zero.
+    """
+    key = key.to(query.dtype)
+    value = value.to(query.dtype)
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if softcap is None:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scale, is_causal=is_causal and mask is None,
+            enable_gqa=heads != kv_heads,
+        )
+        return out.transpose(1, 2).contiguous()
+
+    batch, _, q_len, dim = query.shape
+    groups = heads // kv_heads
+    q = query.reshape(batch, kv_heads, groups, q_len, dim)
+    scores = torch.matmul(q.float(), key.float()[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, g, q, kv]
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is None and is_causal:
+        kv_len = key.shape[2]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], -1, 1, *mask.shape[-2:]) if mask.shape[1] == 1 else mask.view(
+            mask.shape[0], kv_heads, groups, *mask.shape[-2:]
+        )
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs, value.float()[:, :, None]).to(query.dtype)  # [B, Hkv, g, q, D]
+    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    key_start: torch.Tensor | None = None,
+    *,
+    scale: float,
+    max_seq_len: int,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` against the paged keys and values (reference semantics: see module docstring).
+
+    Args:
+        query: ``[B, H, q, D]``.
+        key_cache, value_cache: ``[N, bs, Hkv, D]``.
+        block_tables: ``[B, nb]`` int32 block ids.
+        seq_lens: ``[B]`` int32, tokens of each row including this step's ``q``.
+        key_start: ``[B]`` int32 first attended key (left padding), or None for 0.
+        scale: multiplies ``q @ k^T``.
+        max_seq_len: ``max(seq_lens)`` as a Python int (avoids a device sync).
+        sliding_window, softcap: see `attend`.
+
+    Returns:
+        ``[B, q, H, D]``.
+    """
+    keys = gather_kv(key_cache, block_tables, max_seq_len)
+    values = gather_kv(value_cache, block_tables, max_seq_len)
+    mask = causal_mask(seq_lens, key_start, query.shape[2], max_seq_len, sliding_window)
+    return attend(query, keys, values, mask, scale=scale, softcap=softcap)

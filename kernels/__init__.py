@@ -1,0 +1,1 @@
+"""Triton kernels that read block tables (installed as ``hf_paged.kernels``)."""
