@@ -112,6 +112,7 @@ def attend(
     scale: float,
     softcap: float | None = None,
     is_causal: bool = False,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """Attention over contiguous keys and values.
 
@@ -121,7 +122,8 @@ def attend(
         mask: boolean, broadcastable to ``[B, H, q, kv]`` (True = attend), or None.
         scale: multiplies ``q @ k^T``.
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before masking.
-        is_causal: with ``mask=None``, apply a causal mask aligned to the last query (used for plain prefill).
+        is_causal: with ``mask=None`` and as many queries as keys, apply a causal mask.
+        dropout: dropout probability on the attention weights (training only).
 
     Returns:
         ``[B, q, H, D]`` contiguous; rows with no key to attend to are zero.
@@ -131,7 +133,7 @@ def attend(
     heads, kv_heads = query.shape[1], key.shape[1]
     if softcap is None:
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scale, is_causal=is_causal and mask is None,
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=is_causal and mask is None,
             enable_gqa=heads != kv_heads,
         )
         return out.transpose(1, 2).contiguous()
@@ -150,6 +152,8 @@ def attend(
         )
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
     out = torch.matmul(probs, value.float()[:, :, None]).to(query.dtype)  # [B, Hkv, g, q, D]
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
 

@@ -1,0 +1,54 @@
+"""Choose, per call, between the Triton kernels and the PyTorch implementation of each paged operation.
+
+CUDA tensors use the Triton kernels (`hf_paged.kernels`) when Triton is importable; everything else uses
+`hf_paged.ops`. The environment variable ``HF_PAGED_BACKEND=triton`` or ``torch`` forces one (with
+``TRITON_INTERPRET=1``, ``triton`` runs the kernels on CPU tensors through Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+
+from . import ops
+
+__all__ = ["copy_blocks", "paged_attention", "reshape_and_cache", "use_triton"]
+
+
+@cache
+def _kernels():
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels if getattr(kernels, "HAS_TRITON", False) else None
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether the Triton kernels serve tensors on `device` (reads ``HF_PAGED_BACKEND`` on every call)."""
+    choice = os.environ.get("HF_PAGED_BACKEND", "").strip().lower()
+    if choice not in ("", "auto", "triton", "torch"):
+        raise ValueError(f"hf_paged: HF_PAGED_BACKEND must be 'triton', 'torch' or unset, got {choice!r}.")
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        if _kernels() is None:
+            raise RuntimeError("hf_paged: HF_PAGED_BACKEND=triton but Triton (and hf_paged.kernels) cannot be imported.")
+        return True
+    return device.type == "cuda" and _kernels() is not None
+
+
+def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
+    impl = _kernels() if use_triton(key_cache.device) else ops
+    impl.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def copy_blocks(kv_pool, src, dst) -> None:
+    impl = _kernels() if use_triton(kv_pool.device) else ops
+    impl.copy_blocks(kv_pool, src, dst)
+
+
+def paged_attention(*args, **kwargs) -> torch.Tensor:
+    return _kernels().paged_attention(*args, **kwargs)

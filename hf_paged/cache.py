@@ -1,0 +1,442 @@
+"""`PagedCache`: a `transformers.Cache` whose keys and values live in fixed-size blocks addressed by block tables."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import backend
+from .block_manager import BlockManager, OutOfBlocksError
+
+__all__ = ["CacheStats", "PagedCache", "StepMetadata"]
+
+# When the pool must grow, it grows to at least this factor of its current size (amortises the copy).
+_GROWTH_FACTOR = 1.5
+_OWNER_ATTR = "_hf_paged_owner"
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of a `PagedCache`'s pool. Byte counts cover keys and values of all layers."""
+
+    block_size: int
+    num_blocks: int
+    used_blocks: int  # physical blocks referenced by at least one row
+    free_blocks: int
+    shared_blocks: int  # blocks referenced more than once (a shared prompt, beams)
+    logical_tokens: int  # sum of the rows' lengths: what a contiguous cache would hold
+    used_bytes: int  # bytes of the used blocks
+    logical_bytes: int  # bytes a contiguous (DynamicCache-like) cache would need for the same rows
+    pool_bytes: int  # bytes allocated for the whole pool
+    peak_used_blocks: int
+    peak_used_bytes: int
+    cow_copies: int  # block copies made by copy-on-write so far
+    num_rows: int
+
+
+@dataclass
+class StepMetadata:
+    """What one forward step's attention calls share, built once per step (not once per layer).
+
+    Attributes:
+        block_tables: ``[B, nb]`` int32.
+        seq_lens: ``[B]`` int32, lengths including this step's tokens.
+        slot_mapping: ``[B * q]`` int64, where each new token is written.
+        q_len: query tokens per row in this step.
+        max_seq_len: ``max(seq_lens)`` as a Python int.
+    """
+
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    slot_mapping: torch.Tensor
+    q_len: int
+    max_seq_len: int
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, attention_mask: torch.Tensor | None, sliding_window: int | None) -> torch.Tensor | None:
+        """The boolean ``[B, 1, q, kv]`` mask for this step (None when nothing is masked), memoised per step."""
+        if sliding_window is not None and sliding_window >= self.max_seq_len:
+            sliding_window = None
+        key = (id(attention_mask), sliding_window)
+        if key not in self._masks:
+            self._masks[key] = _step_mask(self, attention_mask, sliding_window)
+        return self._masks[key]
+
+
+def _step_mask(step: StepMetadata, attention_mask: torch.Tensor | None, window: int | None) -> torch.Tensor | None:
+    from .ops import causal_mask
+
+    kv_len = step.max_seq_len
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask[..., :kv_len].to(torch.bool)
+    if attention_mask is None and window is None and step.q_len == 1:
+        return None
+    mask = causal_mask(step.seq_lens, None, step.q_len, kv_len, window)
+    if attention_mask is not None:
+        mask = mask & key_padding_mask(attention_mask, kv_len)[:, None, None, :]
+    return mask
+
+
+def key_padding_mask(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """A 2-D mask ``[B, >=0]`` cut (or padded with False on the right, as Transformers does) to ``[B, kv_len]``."""
+    mask = attention_mask[:, :kv_len].to(torch.bool)
+    if mask.shape[1] < kv_len:
+        mask = torch.nn.functional.pad(mask, (0, kv_len - mask.shape[1]), value=False)
+    return mask
+
+
+class PagedLayer(CacheLayerMixin):
+    """One layer's view of the shared pool. `keys` / `values` are that layer's pools ``[N, bs, Hkv, D]``.
+
+    All bookkeeping is per cache, not per layer: every method delegates to the owning `PagedCache`.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, cache: PagedCache, layer_idx: int):
+        super().__init__()
+        self._cache = weakref.proxy(cache)
+        self.layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._cache._allocate_pool(key_states)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self._cache.update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._cache.get_mask_sizes(query_length, self.layer_idx)
+
+    def get_seq_length(self) -> int:
+        return self._cache.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PagedCache(Cache):
+    """A KV cache held in fixed-size blocks that sequences share by reference.
+
+    Keys and values of all layers live in one pool ``[L, 2, num_blocks, block_size, Hkv, D]``. A `BlockManager`
+    maps each row of the batch to its blocks. Rows that descend from a common prefix (beams, the
+    ``num_return_sequences`` copies of a prompt) point at the same physical blocks; a shared block is copied only
+    when a row writes into it (copy-on-write), so reordering beams never copies keys or values.
+
+    Sizing rule:
+        * ``num_blocks=n``: a fixed pool of ``n`` blocks.
+        * ``max_memory=bytes``: a fixed pool of as many blocks as fit in ``bytes`` (keys and values, all layers).
+        * neither: the pool starts empty and grows on demand (to at least 1.5x its size each time), so it holds
+          about what the rows use. A fixed pool that cannot hold a step raises `OutOfBlocksError` before anything
+          is written.
+
+    Args:
+        config: the model's config (``num_hidden_layers`` is read from its text config).
+        block_size: tokens per block (a positive int).
+        num_blocks: fixed pool size in blocks.
+        max_memory: fixed pool size in bytes (an int, or a string such as ``"512MiB"`` / ``"2GB"``).
+        device, dtype: where and how to store keys and values; by default those of the first keys written.
+    """
+
+    def __init__(
+        self,
+        config,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_memory: int | str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"hf_paged: block_size must be a positive int, got {block_size!r}.")
+        if num_blocks is not None and max_memory is not None:
+            raise ValueError("hf_paged: pass either num_blocks or max_memory to PagedCache, not both.")
+        if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0):
+            raise ValueError(f"hf_paged: num_blocks must be a positive int, got {num_blocks!r}.")
+        self.max_memory = _parse_bytes(max_memory) if max_memory is not None else None
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        num_layers = getattr(text_config, "num_hidden_layers", None)
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError("hf_paged: PagedCache needs a model config with `num_hidden_layers`.")
+        attn = getattr(config, "_attn_implementation", None)
+        if attn is not None and attn != "hf_paged":
+            raise ValueError(
+                f"hf_paged: this config uses attn_implementation={attn!r}; a PagedCache only works with models loaded "
+                'with attn_implementation="hf_paged" (its attention reads the block tables).'
+            )
+        super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
+        self.block_size = block_size
+        self.requested_blocks = num_blocks
+        self.growable = num_blocks is None and self.max_memory is None
+        self.device = torch.device(device) if device is not None else None
+        self.dtype = dtype
+        self.manager = BlockManager(0, block_size)
+        self.kv_pool: torch.Tensor | None = None
+        self.peak_used_blocks = 0
+        self._step: StepMetadata | None = None
+        self._step_layers: set[int] = set()
+        self._pending_layer: int | None = None
+
+    # ---------------------------------------------------------------------------------------- the pool
+    @property
+    def is_initialized(self) -> bool:
+        return self.kv_pool is not None
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block across keys and values of all layers (0 before the pool exists)."""
+        if self.kv_pool is None:
+            return 0
+        return self.kv_pool[:, :, 0].numel() * self.kv_pool.element_size()
+
+    def _allocate_pool(self, key_states: torch.Tensor) -> None:
+        """Create the pool from the first keys written: ``key_states`` is ``[B, Hkv, q, D]``."""
+        self.device = self.device or key_states.device
+        self.dtype = self.dtype or key_states.dtype
+        num_kv_heads, head_dim = key_states.shape[1], key_states.shape[3]
+        shape = (len(self.layers), 2, 0, self.block_size, num_kv_heads, head_dim)
+        self.kv_pool = torch.empty(shape, device=self.device, dtype=self.dtype)
+        if self.requested_blocks is not None:
+            self._resize(self.requested_blocks)
+        elif self.max_memory is not None:
+            per_block = len(self.layers) * 2 * self.block_size * num_kv_heads * head_dim * self.kv_pool.element_size()
+            blocks = self.max_memory // per_block
+            if blocks <= 0:
+                self.kv_pool = None
+                raise ValueError(
+                    f"hf_paged: max_memory={self.max_memory} bytes holds no block; one block of {self.block_size} "
+                    f"tokens takes {per_block} bytes for this model. Raise max_memory or lower block_size."
+                )
+            self._resize(blocks)
+
+    def _resize(self, num_blocks: int) -> None:
+        old = self.kv_pool
+        new = torch.empty((*old.shape[:2], num_blocks, *old.shape[3:]), device=old.device, dtype=old.dtype)
+        if old.shape[2]:
+            new[:, :, : old.shape[2]] = old
+        self.kv_pool = new
+        self.manager.grow(num_blocks - self.manager.num_blocks)
+        for layer_idx, layer in enumerate(self.layers):
+            layer.keys, layer.values = new[layer_idx, 0], new[layer_idx, 1]
+            setattr(layer.keys, _OWNER_ATTR, weakref.ref(self))
+            setattr(layer.values, _OWNER_ATTR, weakref.ref(self))
+            layer.is_initialized = True
+
+    def _ensure_free(self, needed: int) -> None:
+        free = self.manager.num_free
+        if needed <= free:
+            return
+        if not self.growable:
+            raise OutOfBlocksError(needed, free, self.manager.num_blocks, self.block_size)
+        current = self.manager.num_blocks
+        target = max(current + needed - free, int(current * _GROWTH_FACTOR))
+        try:
+            self._resize(target)
+        except torch.OutOfMemoryError as error:
+            raise OutOfBlocksError(
+                needed, free, current, self.block_size,
+                hint=f"Growing the pool to {target} blocks ran out of device memory ({error}). Pass a smaller batch "
+                "or fix the pool size with num_blocks / max_memory.",
+            ) from error
+
+    # ------------------------------------------------------------------------------------ Cache API
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``key_states`` / ``value_states`` (``[B, Hkv, q, D]``) for `layer_idx`.
+
+        Returns that layer's key and value pools ``[N, bs, Hkv, D]``: the "hf_paged" attention function reads
+        them through this step's block tables.
+        """
+        if self._pending_layer is not None:
+            pending, self._pending_layer = self._pending_layer, None
+            raise RuntimeError(
+                f"hf_paged: layer {pending} stored keys in a PagedCache but its attention never read them: the model "
+                'does not run attn_implementation="hf_paged". Load it with attn_implementation="hf_paged" (or call '
+                'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
+            )
+        if self.kv_pool is None:
+            self._allocate_pool(key_states)
+        pool = self.kv_pool
+        if key_states.shape[1] != pool.shape[4] or key_states.shape[3] != pool.shape[5] or (
+            value_states.shape != key_states.shape
+        ):
+            raise ValueError(
+                f"hf_paged: layer {layer_idx} gives keys {tuple(key_states.shape)} and values "
+                f"{tuple(value_states.shape)}, but the pool holds {pool.shape[4]} heads of dim {pool.shape[5]}; "
+                "PagedCache needs every layer to have the same number of KV heads and head_dim."
+            )
+        if self._step is None or layer_idx in self._step_layers:
+            self._begin_step(key_states.shape[0], key_states.shape[2])
+        self._step_layers.add(layer_idx)
+        batch, heads, q_len, dim = key_states.shape
+        keys = key_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
+        values = value_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
+        layer = self.layers[layer_idx]
+        backend.reshape_and_cache(keys, values, layer.keys, layer.values, self._step.slot_mapping)
+        self._pending_layer = layer_idx
+        return layer.keys, layer.values
+
+    def _begin_step(self, batch: int, q_len: int) -> None:
+        """Reserve slots for ``q_len`` new tokens in every row and build this step's metadata."""
+        manager = self.manager
+        new_rows = manager.num_rows == 0
+        if not new_rows and manager.num_rows != batch:
+            raise ValueError(
+                f"hf_paged: the cache holds {manager.num_rows} sequences but the model was called with a batch of "
+                f"{batch}. Pass a batch of the same size, or reset the cache (cache.reset()) to start over."
+            )
+        if new_rows:
+            manager.add_rows(batch)
+        try:
+            self._ensure_free(manager.blocks_needed(q_len))
+            lengths_before = list(manager.lengths)
+            copies = manager.append(q_len)
+        except BaseException:
+            if new_rows:
+                manager.reset()
+            raise
+        device = self.kv_pool.device
+        if copies:
+            src, dst = zip(*copies)
+            backend.copy_blocks(
+                self.kv_pool,
+                torch.tensor(src, dtype=torch.int32, device=device),
+                torch.tensor(dst, dtype=torch.int32, device=device),
+            )
+        self.peak_used_blocks = max(self.peak_used_blocks, manager.num_used)
+        self._step = _build_step(manager, lengths_before, q_len, device)
+        self._step_layers = set()
+
+    def attention_inputs(self, layer_idx: int) -> StepMetadata:
+        """This step's metadata, for the attention function of `layer_idx` (marks the layer's keys as read)."""
+        if self._pending_layer != layer_idx:
+            raise RuntimeError(
+                f"hf_paged: attention of layer {layer_idx} ran without storing its keys in this step first."
+            )
+        self._pending_layer = None
+        return self._step
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""
+        return max(self.manager.lengths, default=0)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]``. Remaps block tables; copies no keys or values."""
+        self._select(beam_idx.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every row `repeats` times (each copy shares the original's blocks)."""
+        self._select([row for row in range(self.manager.num_rows) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (in that order)."""
+        self._select(torch.as_tensor(indices).tolist())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens of every row (``tokens_to_remove`` <= 0, as `DynamicCache`)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                "Please use a negative integer to remove that number of tokens from the cache instead."
+            )
+        if tokens_to_remove == 0:
+            return
+        self.manager.truncate(max(self.get_seq_length() + tokens_to_remove, 0))
+        self._step = None
+
+    def reset(self) -> None:
+        """Forget every sequence; the pool is kept for reuse."""
+        self.manager.reset()
+        self._step, self._step_layers, self._pending_layer = None, set(), None
+
+    def _select(self, indices: list[int]) -> None:
+        self.manager.select(indices)
+        self._step = None
+
+    # ------------------------------------------------------------------------------------------- stats
+    def stats(self) -> CacheStats:
+        """A snapshot of the pool's use (see `CacheStats`)."""
+        manager, per_block = self.manager, self.bytes_per_block
+        per_token = per_block // self.block_size
+        logical_tokens = sum(manager.lengths)
+        return CacheStats(
+            block_size=self.block_size,
+            num_blocks=manager.num_blocks,
+            used_blocks=manager.num_used,
+            free_blocks=manager.num_free,
+            shared_blocks=manager.num_shared,
+            logical_tokens=logical_tokens,
+            used_bytes=manager.num_used * per_block,
+            logical_bytes=logical_tokens * per_token,
+            pool_bytes=manager.num_blocks * per_block,
+            peak_used_blocks=self.peak_used_blocks,
+            peak_used_bytes=self.peak_used_blocks * per_block,
+            cow_copies=manager.cow_copies,
+            num_rows=manager.num_rows,
+        )
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"PagedCache(block_size={s.block_size}, rows={s.num_rows}, tokens={s.logical_tokens}, "
+            f"blocks={s.used_blocks}/{s.num_blocks} used, {s.shared_blocks} shared)"
+        )
+
+
+def owner_of(tensor: torch.Tensor) -> PagedCache | None:
+    """The `PagedCache` whose pool `tensor` is, or None for ordinary key/value tensors."""
+    ref = getattr(tensor, _OWNER_ATTR, None)
+    return ref() if ref is not None else None
+
+
+def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, device: torch.device) -> StepMetadata:
+    width = max(len(table) for table in manager.tables)
+    block_tables = torch.tensor(
+        [table + [0] * (width - len(table)) for table in manager.tables], dtype=torch.int32
+    ).to(device)
+    seq_lens = torch.tensor(manager.lengths, dtype=torch.int32).to(device)
+    bs = manager.block_size
+    positions = torch.tensor(lengths_before, dtype=torch.long, device=device)[:, None] + torch.arange(
+        q_len, device=device
+    )
+    slots = block_tables.to(torch.long).gather(1, positions // bs) * bs + positions % bs
+    return StepMetadata(
+        block_tables=block_tables,
+        seq_lens=seq_lens,
+        slot_mapping=slots.reshape(-1),
+        q_len=q_len,
+        max_seq_len=max(manager.lengths),
+    )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _parse_bytes(value: int | str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"hf_paged: max_memory must be a number of bytes or a string like '2GiB', got {value!r}.")
+    if isinstance(value, int):
+        number = value
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits):]
+        if unit not in _UNITS or not digits:
+            raise ValueError(f"hf_paged: cannot read max_memory={value!r}; use bytes or a string like '512MiB', '2GB'.")
+        number = int(float(digits) * _UNITS[unit])
+    if number <= 0:
+        raise ValueError(f"hf_paged: max_memory must be positive, got {value!r}.")
+    return number
