@@ -1,1 +1,48 @@
-"""Triton kernels that read block tables (installed as ``hf_paged.kernels``)."""
+"""Triton kernels that read block tables (installed as ``hf_paged.kernels``).
+
+Three launchers with the same signatures and results as their PyTorch references in `hf_paged.ops`, so callers can
+dispatch between the two:
+
+* `reshape_and_cache` -- scatter this step's keys and values into their cache slots;
+* `paged_attention` -- attention over paged keys and values (decode and multi-token queries, GQA, left padding,
+  sliding window, softcap, split-KV for long contexts);
+* `copy_blocks` -- copy-on-write of whole blocks in every layer at once.
+
+They run compiled on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package was
+imported (Triton decides at decoration time). Without Triton (macOS, Windows) the package still imports:
+`HAS_TRITON` is False and the launchers raise `RuntimeError`. ``python -m hf_paged.kernels`` compiles every kernel
+ahead of time for sm_80 and sm_90 and prints their resource usage (no GPU needed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["HAS_TRITON", "copy_blocks", "paged_attention", "reshape_and_cache"]
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    HAS_TRITON = False
+else:
+    HAS_TRITON = True
+
+if HAS_TRITON:
+    from .copy_blocks import copy_blocks
+    from .paged_attention import paged_attention
+    from .reshape_and_cache import reshape_and_cache
+else:
+
+    def _missing(name: str):
+        def launcher(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(
+                f"hf_paged.kernels.{name} needs Triton, which is not installed (it ships for Linux only: "
+                f"pip install 'triton>=3.8'); use hf_paged.ops.{name}, the PyTorch implementation, instead"
+            )
+
+        launcher.__name__ = launcher.__qualname__ = name
+        return launcher
+
+    copy_blocks = _missing("copy_blocks")
+    paged_attention = _missing("paged_attention")
+    reshape_and_cache = _missing("reshape_and_cache")

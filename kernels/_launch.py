@@ -1,0 +1,61 @@
+"""Checks shared by the kernel launchers: devices, dtypes, index tensors and the interpreter.
+
+The launchers validate everything a kernel would otherwise read out of bounds or misinterpret, and raise
+`ValueError` (wrong shape, device or layout) or `TypeError` (wrong dtype) with the argument's name in the message.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+#: Storage dtypes the kernels accept for queries, keys and values.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Dtypes accepted for slot mappings and block-id lists (block tables and lengths must be int32).
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before the kernels were built)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def check_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Return the common device of `tensors` (None entries are skipped) or raise ValueError.
+
+    CUDA tensors run compiled kernels; CPU tensors run only under the Triton interpreter.
+    """
+    named = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in named.values()}
+    if len(devices) != 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in named.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    device = devices.pop()
+    if device.type == "cpu" and not interpreting():
+        raise ValueError(
+            "CPU tensors can only run under the Triton interpreter: set TRITON_INTERPRET=1 before hf_paged.kernels "
+            "is imported, or call the PyTorch implementation in hf_paged.ops"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), got device {device}")
+    return device
+
+
+def check_dtype(name: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    """Raise TypeError unless ``tensor.dtype`` is one of `allowed`."""
+    if tensor.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name} must have dtype {names}; got {str(tensor.dtype).removeprefix('torch.')}")
+
+
+def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int | None, ...], meaning: str) -> None:
+    """Raise ValueError unless `tensor` has ``len(expected)`` dims matching `expected` (None = any size)."""
+    ok = tensor.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, tensor.shape, strict=True))
+    if not ok:
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name} must be {meaning} = [{want}], got shape {list(tensor.shape)}")
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (and >= 1)."""
+    return 1 << max(0, n - 1).bit_length()

@@ -1,0 +1,409 @@
+"""Paged attention: queries against keys and values stored in blocks named by a block table.
+
+One kernel family serves decode (``q == 1``) and multi-token queries over cached context (prefill, chunked prefill,
+speculative verification): query ``i`` of row ``b`` sits at ``p = seq_lens[b] - q + i`` and attends to keys
+``key_start[b] <= j <= p`` (and ``j > p - window``), as in `hf_paged.ops`.
+
+Layout of the work (see docs/KERNELS.md for the cost model):
+
+* The grid is (rows x query tiles, KV heads, splits). A tile's ``BLOCK_M`` rows are ``BLOCK_Q`` query tokens times
+  the ``GROUP`` query heads that share one KV head (GQA packing), so each key/value tile is loaded once for all of
+  them and both products are ``tl.dot`` calls with an ``M`` of at least 16 (matrix units even at decode).
+* Each program walks the block table over the keys its rows can see (causal limit, left padding, sliding window),
+  ``BLOCK_N`` keys at a time, with an online softmax in fp32 (base 2).
+* Split-KV (flash-decoding): with few programs and long contexts, the key range of each tile is cut into
+  ``num_splits`` pieces handled by separate programs that write partial outputs with their max and sum; a second
+  kernel merges them. `choose_num_splits` decides; `launch_paged_attention` lets tests force either path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_paged.ops import paged_attention as paged_attention_reference
+
+from ._launch import FLOAT_DTYPES, check_device, check_dtype, check_shape, next_power_of_2
+
+__all__ = [
+    "choose_num_splits",
+    "kernel_meta",
+    "launch_paged_attention",
+    "paged_attention",
+    "paged_attention_kernel",
+    "paged_attention_reference",
+    "reduce_splits_kernel",
+    "tile_config",
+]
+
+#: Fewest key tiles worth giving to one split; below this the merge costs more than the extra parallelism.
+_MIN_TILES_PER_SPLIT = 4
+#: Most splits per query tile (the merge kernel holds all of them in registers).
+_MAX_SPLITS = 16
+#: Streaming multiprocessors assumed when there is no CUDA device to ask (H100 SXM).
+_DEFAULT_SM_COUNT = 132
+
+
+@triton.jit
+def _tanh(x):
+    """tanh that saturates cleanly for large |x| (no inf/inf)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def paged_attention_kernel(
+    out_ptr,  # [B, q, H, D] output, or with NUM_SPLITS > 1 fp32 partials [B, q, H, S, D]
+    max_ptr, sum_ptr,  # NUM_SPLITS > 1: fp32 [B, q, H, S] running max (base 2) and sum; unused otherwise
+    query_ptr,  # [B, H, q, D], any strides
+    key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D], any strides
+    block_tables_ptr,  # [B, nb] int32
+    seq_lens_ptr,  # [B] int32
+    key_start_ptr,  # [B] int32 (read only if HAS_KEY_START)
+    scale, softcap,  # fp32; softcap read only if USE_SOFTCAP
+    window,  # int; read only if USE_WINDOW
+    q_len, num_q_tiles,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kn, stride_kt, stride_kh, stride_kd,
+    stride_vn, stride_vt, stride_vh, stride_vd,
+    stride_btb, stride_btn,
+    stride_ob, stride_ot, stride_oh, stride_os,  # stride_os: split stride of the partials
+    stride_mb, stride_mt, stride_mh,  # max/sum partials; their split stride is 1
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per KV head
+    BLOCK_M: tl.constexpr,  # rows per tile = BLOCK_Q * GROUP rounded up to a power of two (>= 16)
+    BLOCK_Q: tl.constexpr,  # query tokens per tile
+    BLOCK_N: tl.constexpr,  # keys per inner step
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    NUM_SPLITS: tl.constexpr,
+    HAS_KEY_START: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,  # do both products in fp32 (fp32 storage, or the interpreter, which has no bf16 dot)
+):
+    """Program (b * num_q_tiles + tile, kv_head, split): one query tile of one row against one KV head."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    row_tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    b = row_tile // num_q_tiles
+    tile = row_tile % num_q_tiles
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    if HAS_KEY_START:
+        key_start = tl.load(key_start_ptr + b)
+    else:
+        key_start = 0
+
+    # Row r of the tile is query token tile * BLOCK_Q + r // GROUP of head kv_head * GROUP + r % GROUP.
+    rows = tl.arange(0, BLOCK_M)
+    token = tile * BLOCK_Q + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < BLOCK_Q * GROUP) & (token < q_len)
+    position = seq_len - q_len + token  # [BLOCK_M]
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+
+    b64 = b.to(tl.int64)
+    q_ptrs = (query_ptr + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh
+              + token[:, None].to(tl.int64) * stride_qt + dims[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(key_cache_ptr.dtype.element_ty)
+
+    # Keys any row of this tile can see: [lo, hi].
+    first_token = tile * BLOCK_Q
+    last_token = tl.minimum(first_token + BLOCK_Q, q_len) - 1
+    hi = seq_len - q_len + last_token
+    lo = key_start
+    if USE_WINDOW:
+        lo = tl.maximum(lo, seq_len - q_len + first_token - window + 1)
+    tile_lo = lo // BLOCK_N
+    tile_hi = tl.where(hi >= lo, hi // BLOCK_N + 1, tile_lo)
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
+        tile_lo = tile_lo + split * per_split
+        tile_hi = tl.minimum(tile_hi, tile_lo + per_split)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    table_ptr = block_tables_ptr + b64 * stride_btb
+    k_head_ptr = key_cache_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head_ptr = value_cache_ptr + kv_head.to(tl.int64) * stride_vh
+    cols = tl.arange(0, BLOCK_N)
+    for j in range(tile_lo, tile_hi):
+        keys = j * BLOCK_N + cols
+        key_valid = (keys >= lo) & (keys <= hi)
+        block = tl.load(table_ptr + (keys // BLOCK_SIZE) * stride_btn, mask=key_valid, other=0).to(tl.int64)
+        k_slot = block * stride_kn + (keys % BLOCK_SIZE) * stride_kt
+        v_slot = block * stride_vn + (keys % BLOCK_SIZE) * stride_vt
+        k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
+                    mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
+        v = tl.load(v_head_ptr + v_slot[:, None] + dims[None, :] * stride_vd,
+                    mask=key_valid[:, None] & dim_valid[None, :], other=0.0)  # [BLOCK_N, D]
+        if UPCAST:
+            s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * scale
+        if USE_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        s = s * LOG2E
+
+        visible = row_valid[:, None] & (keys[None, :] <= position[:, None]) & (keys[None, :] >= key_start)
+        if USE_WINDOW:
+            visible = visible & (keys[None, :] > position[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_mask = row_valid[:, None] & dim_valid[None, :]
+    out_ptrs = (out_ptr + b64 * stride_ob + token[:, None].to(tl.int64) * stride_ot
+                + head[:, None].to(tl.int64) * stride_oh + dims[None, :])
+    if NUM_SPLITS > 1:
+        tl.store(out_ptrs + split * stride_os, acc, mask=out_mask)
+        stat_offsets = b64 * stride_mb + token.to(tl.int64) * stride_mt + head.to(tl.int64) * stride_mh + split
+        tl.store(max_ptr + stat_offsets, m_i, mask=row_valid)
+        tl.store(sum_ptr + stat_offsets, l_i, mask=row_valid)
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def reduce_splits_kernel(
+    out_ptr,  # [B * q * H, D] contiguous output
+    partial_ptr,  # fp32 [B * q * H, S, D]
+    max_ptr, sum_ptr,  # fp32 [B * q * H, S]
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """Program i: merge the splits of (row, token, head) i. Empty splits carry max -inf and sum 0."""
+    i = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_valid = splits < NUM_SPLITS
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    m = tl.load(max_ptr + i * NUM_SPLITS + splits, mask=split_valid, other=float("-inf"))
+    s = tl.load(sum_ptr + i * NUM_SPLITS + splits, mask=split_valid, other=0.0)
+    m_all = tl.max(m, axis=0)
+    weight = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # [S]; 0 for empty splits
+    total = tl.sum(weight * s, axis=0)
+    partial = tl.load(partial_ptr + (i * NUM_SPLITS + splits[:, None]) * HEAD_DIM + dims[None, :],
+                      mask=split_valid[:, None] & dim_valid[None, :], other=0.0)
+    out = tl.sum(partial * weight[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + i * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dim_valid)
+
+
+def tile_config(q_len: int, group: int, head_dim: int) -> dict[str, int]:
+    """Tile sizes for a launch: ``BLOCK_M`` (>= 16, power of two), ``BLOCK_Q``, ``BLOCK_N``, ``num_warps``.
+
+    Decode packs the ``group`` heads of one token into 16 rows; multi-token queries use up to 64 rows so a tile of
+    keys is reused by several tokens. ``BLOCK_N`` keeps the K and V tiles near 8 KB each in 16-bit storage.
+    """
+    rows = max(16, next_power_of_2(group))
+    if q_len > 1:
+        rows = max(rows, min(64, next_power_of_2(q_len * group)))
+    block_n = 64 if head_dim <= 64 else 32
+    return {"BLOCK_M": rows, "BLOCK_Q": rows // group, "BLOCK_N": block_n, "num_warps": 4 if rows <= 32 else 8}
+
+
+def kernel_meta(
+    q_len: int,
+    group: int,
+    head_dim: int,
+    block_size: int,
+    num_splits: int,
+    *,
+    has_key_start: bool,
+    has_window: bool,
+    has_softcap: bool,
+    upcast: bool,
+) -> dict[str, int | bool]:
+    """Every constexpr of `paged_attention_kernel` plus ``num_warps`` (shared by the launcher and the AOT check)."""
+    return {
+        **tile_config(q_len, group, head_dim),
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": next_power_of_2(head_dim),
+        "GROUP": group,
+        "BLOCK_SIZE": block_size,
+        "NUM_SPLITS": num_splits,
+        "HAS_KEY_START": has_key_start,
+        "USE_WINDOW": has_window,
+        "USE_SOFTCAP": has_softcap,
+        "UPCAST": upcast,
+    }
+
+
+def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+    """Flash-decoding heuristic: how many pieces to cut each program's key range into.
+
+    Split only when the grid without splits (`programs` = rows x query tiles x KV heads) cannot fill the GPU,
+    and only as far as every split keeps at least ``_MIN_TILES_PER_SPLIT`` key tiles; a power of two, at most
+    ``_MAX_SPLITS``.
+    """
+    if device.type == "cuda":
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sm_count = _DEFAULT_SM_COUNT
+    if programs >= sm_count:
+        return 1
+    by_occupancy = triton.cdiv(2 * sm_count, programs)
+    by_length = triton.cdiv(max_seq_len, block_n) // _MIN_TILES_PER_SPLIT
+    splits = min(by_occupancy, by_length, _MAX_SPLITS)
+    return 1 << (splits.bit_length() - 1) if splits >= 2 else 1
+
+
+def _check_inputs(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    key_start: torch.Tensor | None,
+    sliding_window: int | None,
+) -> None:
+    check_device(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                 seq_lens=seq_lens, key_start=key_start)
+    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+        check_dtype(name, t, FLOAT_DTYPES)
+    check_dtype("block_tables", block_tables, (torch.int32,))
+    check_dtype("seq_lens", seq_lens, (torch.int32,))
+    check_shape("query", query, (None, None, None, None), "[B, H, q, D]")
+    batch, heads, _, head_dim = query.shape
+    check_shape("key_cache", key_cache, (None, None, None, head_dim), "[N, bs, Hkv, D] with the query's D")
+    check_shape("value_cache", value_cache, tuple(key_cache.shape), "[N, bs, Hkv, D] like key_cache")
+    kv_heads = key_cache.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
+    check_shape("block_tables", block_tables, (batch, None), "[B, nb]")
+    check_shape("seq_lens", seq_lens, (batch,), "[B]")
+    if key_start is not None:
+        check_dtype("key_start", key_start, (torch.int32,))
+        check_shape("key_start", key_start, (batch,), "[B]")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
+
+
+def launch_paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    key_start: torch.Tensor | None = None,
+    *,
+    scale: float,
+    max_seq_len: int,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """`paged_attention` with the split-KV choice exposed: ``num_splits=None`` asks `choose_num_splits`,
+    1 forces the single-pass kernel, more forces split-KV with that many splits."""
+    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window)
+    batch, heads, q_len, head_dim = query.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    if max_seq_len > block_tables.shape[1] * block_size:
+        raise ValueError(
+            f"max_seq_len ({max_seq_len}) exceeds what block_tables can address "
+            f"({block_tables.shape[1]} blocks x {block_size} tokens)"
+        )
+    group = heads // kv_heads
+    tiles = tile_config(q_len, group, head_dim)
+    if num_splits is None:
+        programs = batch * triton.cdiv(q_len, tiles["BLOCK_Q"]) * kv_heads
+        num_splits = choose_num_splits(programs, max_seq_len, tiles["BLOCK_N"], query.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+
+    out = torch.empty(batch, q_len, heads, head_dim, dtype=query.dtype, device=query.device)
+    if out.numel() == 0:
+        return out
+    if num_splits > 1:
+        partial = torch.empty(batch, q_len, heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        running_max = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=query.device)
+        running_sum = torch.empty_like(running_max)
+        target, stat_strides = partial, running_max.stride()[:3]
+    else:
+        running_max = running_sum = out  # never read or written by the single-pass kernel
+        target, stat_strides = out, (0, 0, 0)
+
+    meta = kernel_meta(
+        q_len, group, head_dim, block_size, num_splits,
+        has_key_start=key_start is not None, has_window=sliding_window is not None, has_softcap=softcap is not None,
+        upcast=query.device.type == "cpu" or key_cache.dtype == torch.float32,
+    )
+    paged_attention_kernel[(batch * triton.cdiv(q_len, meta["BLOCK_Q"]), kv_heads, num_splits)](
+        target, running_max, running_sum,
+        query, key_cache, value_cache, block_tables, seq_lens,
+        key_start if key_start is not None else seq_lens,
+        float(scale), float(softcap) if softcap is not None else 1.0,
+        int(sliding_window) if sliding_window is not None else 0,
+        q_len, triton.cdiv(q_len, meta["BLOCK_Q"]),
+        *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride(),
+        *target.stride()[:3], target.stride(3) if num_splits > 1 else 0,
+        *stat_strides,
+        **meta,
+    )
+    if num_splits > 1:
+        reduce_splits_kernel[(batch * q_len * heads,)](
+            out, partial, running_max, running_sum,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=next_power_of_2(head_dim),
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=next_power_of_2(num_splits),
+            num_warps=1 if head_dim <= 64 else 2,
+        )
+    return out
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    key_start: torch.Tensor | None = None,
+    *,
+    scale: float,
+    max_seq_len: int,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of `query` against the paged keys and values (Triton; same contract as `hf_paged.ops`).
+
+    Args:
+        query: ``[B, H, q, D]``, any strides (Transformers passes a transposed view).
+        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, any strides.
+        block_tables: ``[B, nb]`` int32 block ids.
+        seq_lens: ``[B]`` int32, tokens of each row including this step's ``q``.
+        key_start: ``[B]`` int32 first attended key (left padding), or None for 0.
+        scale: multiplies ``q @ k^T``.
+        max_seq_len: ``max(seq_lens)`` as a Python int (sizes the split-KV choice; no device sync).
+        sliding_window: attend only to the last `sliding_window` positions (the query's own included), or None.
+        softcap: if set, scores become ``softcap * tanh(scores / softcap)`` after scaling.
+
+    Returns:
+        ``[B, q, H, D]`` contiguous, in the query's dtype; query rows with no visible key are zero.
+    """
+    return launch_paged_attention(
+        query, key_cache, value_cache, block_tables, seq_lens, key_start,
+        scale=scale, max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap,
+    )

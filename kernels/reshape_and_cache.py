@@ -1,0 +1,95 @@
+"""Scatter this step's keys and values into their slots of the paged pools.
+
+Kernel, launcher and reference: the reference is `hf_paged.ops.reshape_and_cache`, and `reshape_and_cache` below has
+the same signature and result.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_paged.ops import reshape_and_cache as reshape_and_cache_reference
+
+from ._launch import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_shape, next_power_of_2
+
+__all__ = ["reshape_and_cache", "reshape_and_cache_kernel", "reshape_and_cache_reference"]
+
+
+@triton.jit
+def reshape_and_cache_kernel(
+    key_ptr, value_ptr,  # [T, Hkv, D]
+    key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D]
+    slot_mapping_ptr,  # [T]
+    num_slots,  # N * bs: slots outside [0, num_slots) are skipped
+    num_kv_heads,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_kcn, stride_kcs, stride_kch, stride_kcd,
+    stride_vcn, stride_vcs, stride_vch, stride_vcd,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    HEADS_PAD: tl.constexpr,  # next power of two >= num_kv_heads
+    HEAD_DIM_PAD: tl.constexpr,  # next power of two >= HEAD_DIM
+):
+    """One program per token: copy its ``[Hkv, D]`` key and value tiles into slot ``slot_mapping[t]``."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if (slot >= 0) & (slot < num_slots):
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        heads = tl.arange(0, HEADS_PAD)
+        dims = tl.arange(0, HEAD_DIM_PAD)
+        mask = (heads[:, None] < num_kv_heads) & (dims[None, :] < HEAD_DIM)
+
+        key = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :] * stride_kd, mask=mask)
+        key_dst = key_cache_ptr + block * stride_kcn + offset * stride_kcs
+        tl.store(key_dst + heads[:, None] * stride_kch + dims[None, :] * stride_kcd,
+                 key.to(key_cache_ptr.dtype.element_ty), mask=mask)
+
+        value = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :] * stride_vd,
+                        mask=mask)
+        value_dst = value_cache_ptr + block * stride_vcn + offset * stride_vcs
+        tl.store(value_dst + heads[:, None] * stride_vch + dims[None, :] * stride_vcd,
+                 value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new keys and values into their slots (Triton; same contract as `hf_paged.ops.reshape_and_cache`).
+
+    Args:
+        key, value: ``[T, Hkv, D]`` new states, any strides; cast to the pools' dtype on store.
+        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, written in place (any strides).
+        slot_mapping: ``[T]`` int32/int64 slots ``block * bs + offset``; negative slots are skipped. Slots past the
+            end of the pool are skipped too (the reference raises instead; the kernel cannot).
+    """
+    check_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
+    for name, t in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
+        check_dtype(name, t, FLOAT_DTYPES)
+    check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES)
+    check_shape("key_cache", key_cache, (None, None, None, None), "[N, bs, Hkv, D]")
+    num_blocks, block_size, kv_heads, head_dim = key_cache.shape
+    check_shape("value_cache", value_cache, tuple(key_cache.shape), "[N, bs, Hkv, D] like key_cache")
+    check_shape("key", key, (None, kv_heads, head_dim), "[T, Hkv, D]")
+    tokens = key.shape[0]
+    check_shape("value", value, (tokens, kv_heads, head_dim), "[T, Hkv, D] like key")
+    check_shape("slot_mapping", slot_mapping, (tokens,), "[T]")
+    if tokens == 0:
+        return
+    reshape_and_cache_kernel[(tokens,)](
+        key, value, key_cache, value_cache, slot_mapping,
+        num_blocks * block_size, kv_heads,
+        *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        HEADS_PAD=next_power_of_2(kv_heads),
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
+        num_warps=1 if kv_heads * head_dim <= 512 else 4,
+    )
