@@ -87,7 +87,7 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks `append(num_tokens)` would take from the free list (new blocks and copy-on-write copies)."""
         needed = 0
-        for table, length in zip(self.tables, self.lengths):
+        for table, length in zip(self.tables, self.lengths, strict=False):
             needed += self._row_blocks_needed(table, length, num_tokens)
         return needed
 

@@ -304,7 +304,7 @@ class PagedCache(Cache):
             raise
         device = self.kv_pool.device
         if copies:
-            src, dst = zip(*copies)
+            src, dst = zip(*copies, strict=False)
             backend.copy_blocks(
                 self.kv_pool,
                 torch.tensor(src, dtype=torch.int32, device=device),

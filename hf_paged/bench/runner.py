@@ -1,0 +1,250 @@
+"""One timed run of one implementation on one scenario, with its KV-cache bytes and peak RSS."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import hf_paged
+
+from .prompts import left_pad
+from .scenarios import Scenario
+
+__all__ = ["IMPLEMENTATIONS", "REFERENCE", "Run", "Runner", "paged_attention_registered", "prefix_caching_available"]
+
+REFERENCE = "sdpa"
+IMPLEMENTATIONS = ("hf_paged", REFERENCE, "generate_batch")
+
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclass
+class Run:
+    """What one run (all the calls of a scenario at one prompt length) produced.
+
+    Attributes:
+        seconds: wall time of the ``generate`` calls.
+        sequences: the new token ids of every returned sequence, call after call.
+        kv_bytes: KV-cache bytes held when the last call returned (None: not measured).
+        peak_kv_bytes: the largest KV-cache bytes held during the run (None: not measured).
+        pool_bytes: bytes allocated for hf_paged's block pool (used or not) at the end; None for the others.
+        peak_rss_bytes: the process's peak resident set size during the run (see `Runner.rss_note`).
+    """
+
+    seconds: float
+    sequences: list[list[int]]
+    kv_bytes: int | None
+    peak_kv_bytes: int | None
+    pool_bytes: int | None
+    peak_rss_bytes: int | None
+
+
+class NotApplicable(Exception):
+    """An implementation cannot run a scenario; the message says why."""
+
+
+def paged_attention_registered() -> bool:
+    """Whether ``import hf_paged`` registered the ``"hf_paged"`` attention implementation."""
+    from transformers import AttentionInterface
+
+    return "hf_paged" in AttentionInterface._global_mapping
+
+
+def prefix_caching_available() -> bool:
+    """Whether this hf_paged has ``enable_prefix_caching`` (the `prefix` scenario needs it)."""
+    return callable(getattr(hf_paged, "enable_prefix_caching", None))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where that is impossible."""
+    try:
+        _PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process, in bytes."""
+    try:
+        match = re.search(r"^VmHWM:\s+(\d+) kB", _PROC_STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        match = None
+    if match:
+        return int(match.group(1)) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _dynamic_cache_bytes(cache) -> int:
+    """Bytes of the key and value tensors a `DynamicCache` holds, over all layers."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class Runner:
+    """Runs scenarios on one loaded model, switching its attention implementation between runs.
+
+    Args:
+        model: a causal LM loaded with ``attn_implementation="sdpa"`` (switched with ``set_attn_implementation``).
+        pad_token_id: the id used for left padding.
+        block_size, num_blocks, max_memory: hf_paged pool options; when all are None, ``generate()`` builds its
+            own `hf_paged.PagedCache` with the library's defaults, as it would for a user.
+        seed: seed set before every ``generate`` call (sampling must draw the same numbers on every side).
+    """
+
+    def __init__(
+        self,
+        model,
+        pad_token_id: int,
+        *,
+        block_size: int | None = None,
+        num_blocks: int | None = None,
+        max_memory: str | None = None,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_memory = max_memory
+        self.seed = seed
+        self.per_run_rss = _reset_peak_rss()
+
+    @property
+    def rss_note(self) -> str:
+        """How peak RSS was measured (it is per process: weights, activations and caches together)."""
+        if self.per_run_rss:
+            return (
+                "peak RSS of the whole process during each run (model weights included), reset before every run "
+                "through /proc/self/clear_refs; the row shows the largest over the timed repeats"
+            )
+        return (
+            "peak RSS of the whole process since it started (model weights included); it is monotone, so a row "
+            "shows the peak of everything run before it too"
+        )
+
+    def unavailable(self, impl: str, scenario: Scenario) -> str | None:
+        """Why `impl` cannot run `scenario`, or None when it can."""
+        if impl == "hf_paged" and not paged_attention_registered():
+            return 'attn_implementation "hf_paged" is not registered by this hf_paged'
+        if impl == "generate_batch":
+            if not hasattr(self.model, "generate_batch"):
+                return "this Transformers has no model.generate_batch"
+            if scenario.num_beams > 1:
+                return "continuous batching has no beam search"
+            if scenario.prefix_cache:
+                return "prefix reuse across separate calls needs a persistent manager; not the same workload"
+        return None
+
+    def run(self, impl: str, scenario: Scenario, calls: list[list[list[int]]], new_tokens: int) -> Run:
+        """Run every call of `calls` (see `Scenario.prompts`) with `impl` and measure it."""
+        gc.collect()
+        reset = _reset_peak_rss()
+        if impl == "generate_batch":
+            run = self._run_generate_batch(scenario, calls, new_tokens)
+        else:
+            run = self._run_generate(impl, scenario, calls, new_tokens)
+        run.peak_rss_bytes = _peak_rss_bytes() if reset or not self.per_run_rss else None
+        return run
+
+    def _set_attention(self, name: str) -> None:
+        if self.model.config._attn_implementation != name:
+            self.model.set_attn_implementation(name)
+
+    def _paged_cache(self):
+        """An explicit `hf_paged.PagedCache` when the user asked for pool options, else None."""
+        if self.block_size is None and self.num_blocks is None and self.max_memory is None:
+            return None
+        return hf_paged.PagedCache(
+            self.model.config, block_size=self.block_size or 16, num_blocks=self.num_blocks, max_memory=self.max_memory
+        )
+
+    def _run_generate(self, impl: str, scenario: Scenario, calls, new_tokens: int) -> Run:
+        paged = impl == "hf_paged"
+        self._set_attention(impl)
+        kwargs = scenario.generate_kwargs(new_tokens)
+        sequences: list[list[int]] = []
+        kv_bytes = peak_kv = pool_bytes = None
+        if paged and scenario.prefix_cache:
+            hf_paged.enable_prefix_caching(self.model, num_blocks=self.num_blocks, max_memory=self.max_memory)
+        try:
+            elapsed = 0.0
+            for prompts in calls:
+                inputs = left_pad(prompts, self.pad_token_id, self.model.device)
+                extra = {}
+                if paged and not scenario.prefix_cache:
+                    cache = self._paged_cache()
+                    if cache is not None:
+                        extra["past_key_values"] = cache
+                torch.manual_seed(self.seed)
+                start = time.perf_counter()
+                out = self.model.generate(
+                    **inputs, **kwargs, **extra, pad_token_id=self.pad_token_id, return_dict_in_generate=True
+                )
+                elapsed += time.perf_counter() - start
+                sequences += out.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+                if paged:
+                    stats = out.past_key_values.stats()
+                    kv_bytes, pool_bytes = stats.used_bytes, stats.pool_bytes
+                    call_peak = getattr(stats, "peak_used_bytes", stats.used_bytes)
+                else:
+                    kv_bytes = call_peak = _dynamic_cache_bytes(out.past_key_values)
+                peak_kv = max(peak_kv or 0, call_peak)
+                del out
+        finally:
+            if paged and scenario.prefix_cache:
+                hf_paged.disable_prefix_caching(self.model)
+        return Run(elapsed, sequences, kv_bytes, peak_kv, pool_bytes, None)
+
+    def _run_generate_batch(self, scenario: Scenario, calls, new_tokens: int) -> Run:
+        from transformers import ContinuousBatchingConfig
+
+        self._set_attention(REFERENCE)
+        block_size = self.block_size or 16
+        config = copy.deepcopy(self.model.generation_config)
+        config.update(
+            max_new_tokens=new_tokens,
+            do_sample=scenario.do_sample,
+            num_beams=1,
+            num_return_sequences=scenario.num_return_sequences,
+            eos_token_id=-1,  # no early stop: every sequence gets exactly `new_tokens` tokens, as with min_new_tokens
+            pad_token_id=self.pad_token_id,
+        )
+        sequences: list[list[int]] = []
+        elapsed = 0.0
+        for prompts in calls:
+            rows = len(prompts) * scenario.num_return_sequences
+            blocks = sum(-(-(len(p) + new_tokens) // block_size) for p in prompts) * scenario.num_return_sequences
+            cb_config = ContinuousBatchingConfig(
+                page_size=block_size,
+                num_blocks=blocks + rows,
+                max_batch_tokens=sum(len(p) for p in prompts) + rows,
+                seed=self.seed,
+                auto_switch_to_flash=False,
+            )
+            torch.manual_seed(self.seed)
+            start = time.perf_counter()
+            results = self.model.generate_batch(
+                prompts, generation_config=config, continuous_batching_config=cb_config, warmup=False
+            )
+            elapsed += time.perf_counter() - start
+            failed = [r.error for r in results.values() if r.error is not None]
+            if len(results) != rows or failed:
+                reason = failed[0] if failed else f"returned {len(results)} of {rows} sequences"
+                raise NotApplicable(f"generate_batch failed: {reason}")
+            sequences += [list(r.generated_tokens) for r in results.values()]
+        return Run(elapsed, sequences, None, None, None, None)

@@ -1,0 +1,95 @@
+"""The benchmark scenarios: what each one asks of ``generate()`` and which prompts it sends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .prompts import batch_lengths, make_prompt
+
+__all__ = ["DEFAULT_SCENARIOS", "PREFIX_SUFFIX_TOKENS", "SCENARIOS", "Scenario", "sweep_scenario"]
+
+# Tokens of the distinct "user question" appended to the shared system prompt in each call of `prefix`.
+PREFIX_SUFFIX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One ``generate()`` workload.
+
+    Attributes:
+        name: the name used on the command line and in the results.
+        description: one line for the report.
+        batch: different prompts per call (left-padded to the longest).
+        num_beams: beam search width (1: no beam search).
+        num_return_sequences: sequences returned per prompt.
+        do_sample: multinomial sampling (seeded) instead of greedy / beam search.
+        calls: sequential ``generate()`` calls sharing one system prompt (>1 only for `prefix`).
+        prefix_cache: whether hf_paged runs it with ``hf_paged.enable_prefix_caching``.
+    """
+
+    name: str
+    description: str
+    batch: int = 1
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    do_sample: bool = False
+    calls: int = 1
+    prefix_cache: bool = False
+
+    @property
+    def k(self) -> int:
+        """Rows per prompt that ``generate()`` keeps: ``max(num_beams, num_return_sequences)``."""
+        return max(self.num_beams, self.num_return_sequences)
+
+    @property
+    def workload_key(self) -> tuple:
+        """Identifies the work done, whatever the name: equal keys (and prompt length) give equal runs."""
+        return (self.batch, self.num_beams, self.num_return_sequences, self.do_sample, self.calls, self.prefix_cache)
+
+    def generate_kwargs(self, new_tokens: int) -> dict:
+        """Keyword arguments for ``generate()``: exactly `new_tokens` new tokens per sequence."""
+        return {
+            "max_new_tokens": new_tokens,
+            "min_new_tokens": new_tokens,
+            "do_sample": self.do_sample,
+            "num_beams": self.num_beams,
+            "num_return_sequences": self.num_return_sequences,
+        }
+
+    def prompts(self, stream: list[int], length: int) -> list[list[list[int]]]:
+        """The prompts of each call: ``calls`` lists of ``batch`` token-id lists.
+
+        The batch's prompts start at different places of the text and have different lengths (<= `length`);
+        `prefix` calls share a `length`-token system prompt followed by a distinct `PREFIX_SUFFIX_TOKENS` suffix.
+        """
+        if self.calls > 1:
+            system = make_prompt(stream, length)
+            return [
+                [system + make_prompt(stream, PREFIX_SUFFIX_TOKENS, offset=53 * (call + 1))]
+                for call in range(self.calls)
+            ]
+        lengths = batch_lengths(length, self.batch) if self.batch > 1 else [length]
+        return [[make_prompt(stream, n, offset=37 * row) for row, n in enumerate(lengths)]]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("greedy", "greedy decoding, batch 1"),
+        Scenario("batch8", "greedy, 8 different left-padded prompts", batch=8),
+        Scenario("sample8", "sampling, num_return_sequences=8 (seeded)", num_return_sequences=8, do_sample=True),
+        Scenario("beams8", "beam search, num_beams=8", num_beams=8),
+        Scenario("beams8_ret4", "beam search, num_beams=8, num_return_sequences=4", num_beams=8, num_return_sequences=4),
+        Scenario("prefix", "greedy calls sharing a long system prompt (prefix cache)", calls=4, prefix_cache=True),
+    )
+}
+DEFAULT_SCENARIOS = tuple(SCENARIOS)
+
+
+def sweep_scenario(kind: str, k: int) -> Scenario:
+    """The scenario for one point of the k sweep: ``kind`` is ``"beams"`` (num_beams=k) or ``"sample"``."""
+    if kind == "beams":
+        return Scenario(f"beams{k}", f"beam search, num_beams={k}", num_beams=k)
+    if kind == "sample":
+        return Scenario(f"sample{k}", f"sampling, num_return_sequences={k}", num_return_sequences=k, do_sample=True)
+    raise ValueError(f"unknown sweep kind {kind!r}")

@@ -1,0 +1,94 @@
+"""Shared helpers: tiny random-weight models of many families, paired with a Transformers reference model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# The repository root must not be importable as a path entry: its `kernels/` folder (installed as
+# `hf_paged.kernels`) would shadow the Hub's `kernels` package that Transformers probes for at import.
+# `python -m pytest` puts the working directory first on sys.path, so drop it before importing Transformers.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+import hf_paged  # noqa: E402, F401  (registers "hf_paged")
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _family_configs():
+    return {
+        "llama": LlamaConfig(**_COMMON),
+        "qwen2": Qwen2Config(**_COMMON),
+        "qwen3": Qwen3Config(**_COMMON, head_dim=16),
+        "mistral": MistralConfig(**_COMMON, sliding_window=None),
+        "mistral_window": MistralConfig(**_COMMON, sliding_window=7),
+        "gemma": GemmaConfig(**{**_COMMON, "num_key_value_heads": 1}, head_dim=16),
+        "gemma2": Gemma2Config(**_COMMON, head_dim=16, sliding_window=6, attn_logit_softcapping=5.0,
+                               final_logit_softcapping=3.0, query_pre_attn_scalar=24),
+        "phi3": Phi3Config(**_COMMON, sliding_window=None),
+        "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "opt": OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=512, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2),
+        "gpt_neox": GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=512, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2),
+    }
+
+
+FAMILIES = list(_family_configs())
+
+# Gemma2's softcap is not available in sdpa: Transformers' own reference for it is eager.
+REFERENCE_ATTENTION = {"gemma2": "eager"}
+
+
+def make_pair(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``(reference, paged)``: the same random weights under the reference attention and under "hf_paged"."""
+    config = _family_configs()[family]
+    torch.manual_seed(seed)
+    reference = AutoModelForCausalLM.from_config(
+        config, attn_implementation=REFERENCE_ATTENTION.get(family, "sdpa"), dtype=dtype
+    ).eval()
+    paged = AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged", dtype=dtype).eval()
+    paged.load_state_dict(reference.state_dict())
+    for model in (reference, paged):
+        model.generation_config.pad_token_id = 0
+    return reference, paged
+
+
+def left_padded_batch(lengths: list[int], seed: int = 0) -> dict:
+    """Random prompts of the given lengths, left-padded with 0 to the longest."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=generator)
+        attention_mask[row, width - length:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture(scope="session")
+def llama_pair():
+    return make_pair("llama")

@@ -1,0 +1,123 @@
+"""The block manager's invariants, under thousands of random operation sequences."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_paged.block_manager import BlockManager, OutOfBlocksError
+
+
+def test_append_allocates_blocks_and_forks_share_them():
+    manager = BlockManager(num_blocks=10, block_size=4)
+    manager.add_rows(1)
+    assert manager.append(6) == []
+    assert manager.tables == [[0, 1]] and manager.lengths == [6]
+    manager.select([0, 0, 0])  # fork three ways: nothing is copied
+    assert manager.num_used == 2 and manager.num_shared == 2
+    copies = manager.append(1)  # each row writes into the shared partial block 1
+    assert [src for src, _ in copies] == [1, 1]  # two rows copy it, the last one keeps the original
+    assert manager.num_shared == 1  # only the full block 0 is still shared
+    assert manager.cow_copies == 2
+    manager.check()
+
+
+def test_writing_at_a_block_boundary_copies_nothing():
+    manager = BlockManager(num_blocks=10, block_size=4)
+    manager.add_rows(1)
+    manager.append(8)
+    manager.select([0, 0])
+    assert manager.append(1) == []
+    manager.check()
+
+
+def test_out_of_blocks_changes_nothing():
+    manager = BlockManager(num_blocks=3, block_size=4)
+    manager.add_rows(2)
+    manager.append(4)
+    before = ([list(t) for t in manager.tables], list(manager.lengths), manager.num_free)
+    with pytest.raises(OutOfBlocksError, match="needs 2 more block"):
+        manager.append(1)
+    assert ([list(t) for t in manager.tables], list(manager.lengths), manager.num_free) == before
+    manager.check()
+
+
+def test_truncate_and_reset_free_everything():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    manager.add_rows(2)
+    manager.append(9)
+    manager.truncate(5)
+    assert manager.lengths == [5, 5] and manager.num_used == 4
+    manager.reset()
+    assert manager.num_free == 8
+    manager.check()
+
+
+def test_select_rejects_bad_rows():
+    manager = BlockManager(num_blocks=4, block_size=4)
+    manager.add_rows(2)
+    with pytest.raises(IndexError):
+        manager.select([0, 2])
+    manager.check()
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(0, 9)),
+        st.tuples(st.just("select"), st.lists(st.integers(0, 7), min_size=0, max_size=8)),
+        st.tuples(st.just("truncate"), st.integers(0, 40)),
+        st.tuples(st.just("grow"), st.integers(1, 4)),
+        st.tuples(st.just("reset"), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(block_size=st.integers(1, 5), num_blocks=st.integers(0, 24), rows=st.integers(1, 4), ops=operations)
+def test_invariants_hold_under_random_operations(block_size, num_blocks, rows, ops):
+    manager = BlockManager(num_blocks, block_size)
+    manager.add_rows(rows)
+    for name, arg in ops:
+        if name == "append":
+            try:
+                manager.append(arg)
+            except OutOfBlocksError:
+                pass
+        elif name == "select":
+            indices = [i % manager.num_rows for i in arg] if manager.num_rows else []
+            manager.select(indices)
+            if manager.num_rows == 0:
+                manager.add_rows(rows)
+        elif name == "truncate":
+            manager.truncate(arg)
+        elif name == "grow":
+            manager.grow(arg)
+        else:
+            manager.reset()
+            manager.add_rows(rows)
+        manager.check()
+    manager.reset()
+    manager.check()
+    assert manager.num_free == manager.num_blocks  # nothing leaks
+
+
+@settings(max_examples=200, deadline=None)
+@given(block_size=st.integers(1, 5), forks=st.integers(1, 6), prompt=st.integers(1, 30), steps=st.integers(1, 12))
+def test_forked_rows_copy_at_most_their_partial_block(block_size, forks, prompt, steps):
+    manager = BlockManager(1000, block_size)
+    manager.add_rows(1)
+    manager.append(prompt)
+    manager.select([0] * forks)
+    copies = 0
+    for _ in range(steps):
+        for src, dst in manager.append(1):
+            copies += 1
+            assert src != dst
+        for table in manager.tables:  # after append every row's last block is private
+            assert manager.ref_counts[table[-1]] == 1
+    # Only the shared partial last block of the prompt is ever copied, once per row but one.
+    assert copies == (forks - 1 if prompt % block_size else 0)
+    assert manager.num_used == prompt // block_size + forks * (-(-(prompt % block_size + steps) // block_size))
+    manager.check()

@@ -1,0 +1,52 @@
+"""Same tokens as Transformers' own attention, across families, decoding modes and block sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, left_padded_batch, make_pair
+
+from hf_paged import PagedCache
+
+NEW_TOKENS = 10
+MODES = {
+    "greedy": dict(do_sample=False),
+    "beams": dict(num_beams=3, num_return_sequences=2, length_penalty=0.7, early_stopping=True),
+    "sample": dict(do_sample=True, num_return_sequences=3, top_k=0),
+    "beam_sample": dict(do_sample=True, num_beams=2, top_k=0),
+}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
+    return request.param, *make_pair(request.param)
+
+
+def _generate(model, inputs, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                          return_dict_in_generate=True, output_logits=True, **kwargs)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("block_size", [None, 5])
+def test_same_tokens_as_reference(pair, mode, block_size):
+    family, reference, paged = pair
+    # 37 tokens span 8 blocks of 5 (not dividing) and 3 blocks of 16; rows are left-padded to unequal lengths.
+    inputs = left_padded_batch([37, 12, 26], seed=1)
+    expected = _generate(reference, inputs, **MODES[mode])
+    cache = {} if block_size is None else {"past_key_values": PagedCache(paged.config, block_size=block_size)}
+    got = _generate(paged, inputs, **MODES[mode], **cache)
+    assert isinstance(got.past_key_values, PagedCache)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-4, rtol=1e-4)
+    assert torch.equal(got.sequences, expected.sequences), f"{family}/{mode}: tokens differ"
+    got.past_key_values.manager.check()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral_window", "gemma2"])
+def test_prompt_without_padding_spanning_many_blocks(family):
+    reference, paged = make_pair(family)
+    inputs = left_padded_batch([70, 70], seed=3)
+    expected = _generate(reference, inputs, num_beams=2)
+    got = _generate(paged, inputs, num_beams=2, past_key_values=PagedCache(paged.config, block_size=4))
+    assert torch.equal(got.sequences, expected.sequences)
