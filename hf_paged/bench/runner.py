@@ -196,7 +196,7 @@ class Runner:
                     **inputs, **kwargs, **extra, pad_token_id=self.pad_token_id, return_dict_in_generate=True
                 )
                 elapsed += time.perf_counter() - start
-                sequences += out.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+                sequences += out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
                 if paged:
                     stats = out.past_key_values.stats()
                     kv_bytes, pool_bytes = stats.used_bytes, stats.pool_bytes

@@ -23,8 +23,8 @@ class Scenario:
         num_beams: beam search width (1: no beam search).
         num_return_sequences: sequences returned per prompt.
         do_sample: multinomial sampling (seeded) instead of greedy / beam search.
-        calls: sequential ``generate()`` calls sharing one system prompt (>1 only for `prefix`).
-        prefix_cache: whether hf_paged runs it with ``hf_paged.enable_prefix_caching``.
+        calls: sequential ``generate()`` calls (more than one only for `prefix`).
+        prefix_cache: the calls share a system prompt, and hf_paged runs them with ``enable_prefix_caching``.
     """
 
     name: str
@@ -62,7 +62,7 @@ class Scenario:
         The batch's prompts start at different places of the text and have different lengths (<= `length`);
         `prefix` calls share a `length`-token system prompt followed by a distinct `PREFIX_SUFFIX_TOKENS` suffix.
         """
-        if self.calls > 1:
+        if self.prefix_cache:
             system = make_prompt(stream, length)
             return [
                 [system + make_prompt(stream, PREFIX_SUFFIX_TOKENS, offset=53 * (call + 1))]
@@ -79,7 +79,9 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("batch8", "greedy, 8 different left-padded prompts", batch=8),
         Scenario("sample8", "sampling, num_return_sequences=8 (seeded)", num_return_sequences=8, do_sample=True),
         Scenario("beams8", "beam search, num_beams=8", num_beams=8),
-        Scenario("beams8_ret4", "beam search, num_beams=8, num_return_sequences=4", num_beams=8, num_return_sequences=4),
+        Scenario(
+            "beams8_ret4", "beam search, num_beams=8, num_return_sequences=4", num_beams=8, num_return_sequences=4
+        ),
         Scenario("prefix", "greedy calls sharing a long system prompt (prefix cache)", calls=4, prefix_cache=True),
     )
 }

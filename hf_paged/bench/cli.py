@@ -1,0 +1,252 @@
+"""Command line of the benchmark: arguments, model loading, the progress bar, one-line errors (exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import re
+import sys
+from pathlib import Path
+
+import hf_paged
+
+from .scenarios import DEFAULT_SCENARIOS, SCENARIOS
+
+__all__ = ["BenchError", "main", "parse_args"]
+
+PROG = "hf-paged-bench"
+DTYPES = ("float32", "bfloat16", "float16")
+IMPL_CHOICES = ("hf_paged", "sdpa", "generate_batch")
+
+
+class BenchError(Exception):
+    """A user-facing error: printed as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are one line (no usage block)."""
+
+    def error(self, message: str):
+        raise BenchError(message)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"512,2048"`` -> ``(512, 2048)``; every item a positive int. ``""`` or ``"none"`` -> ``()``."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        values = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _byte_size(text: str) -> str:
+    """A byte count as hf_paged's ``max_memory`` takes it: ``"268435456"``, ``"256MiB"``, ``"2GB"``."""
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([kmg]i?b|b)?\s*", text, re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"expected a byte size such as 256MiB or 2GB, got {text!r}")
+    return text
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; raises `BenchError` on bad input."""
+    parser = _Parser(
+        prog=PROG,
+        description="Benchmark hf_paged's paged KV cache against sdpa + DynamicCache (and Transformers' "
+        "continuous batching) on generate() scenarios.",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="a local Transformers checkpoint (a folder with config.json); "
+        "default: the embedded SmolLM2-135M-Instruct (GGUF, offline)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--block-size", type=_positive, help="tokens per hf_paged block (default: hf_paged's, 16)")
+    parser.add_argument("--num-blocks", type=_positive, help="fixed hf_paged pool size in blocks (default: grows)")
+    parser.add_argument(
+        "--max-memory", type=_byte_size, help='fixed hf_paged pool size in bytes, e.g. "256MiB" (default: grows)'
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=_name_list,
+        default=DEFAULT_SCENARIOS,
+        help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument(
+        "--prompt-lengths", type=_int_list, default=(512, 2048), help="prompt tokens P (default 512,2048)"
+    )
+    parser.add_argument("--new-tokens", type=_positive, default=64, help="new tokens G per sequence (default 64)")
+    parser.add_argument("--repeats", type=_positive, default=3, help="timed runs per implementation (default 3)")
+    parser.add_argument("--warmup", type=_non_negative, default=1, help="untimed runs per implementation and case")
+    parser.add_argument(
+        "--sweep-k",
+        type=_int_list,
+        default=(1, 2, 4, 8),
+        help='k values for the KV-memory sweep over beams and samples ("none" to skip)',
+    )
+    parser.add_argument("--prefix-calls", type=_positive, default=4, help="calls sharing the prefix (default 4)")
+    parser.add_argument(
+        "--impls",
+        type=_name_list,
+        default=IMPL_CHOICES,
+        help=f"implementations, from {','.join(IMPL_CHOICES)} (sdpa is always run: it is the reference)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed set before every generate() call")
+    parser.add_argument("--out", type=Path, help="write results.json, results.md and PNG plots here")
+    args = parser.parse_args(argv)
+
+    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    if unknown or not args.scenarios:
+        parser.error(
+            f"unknown scenario {', '.join(map(repr, unknown)) or '(none given)'}; choose from {', '.join(SCENARIOS)}"
+        )
+    unknown = [name for name in args.impls if name not in IMPL_CHOICES]
+    if unknown:
+        parser.error(f"unknown implementation {', '.join(map(repr, unknown))}; choose from {', '.join(IMPL_CHOICES)}")
+    args.impls = tuple(i for i in IMPL_CHOICES if i in args.impls or i == "sdpa")
+    if not args.prompt_lengths:
+        parser.error("--prompt-lengths needs at least one length")
+    if args.num_blocks is not None and args.max_memory is not None:
+        parser.error("pass either --num-blocks or --max-memory, not both")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: not a Transformers checkpoint (no config.json there)")
+    return args
+
+
+def _load(args: argparse.Namespace):
+    """Load the model with sdpa attention (switched per run) and its tokenizer; returns (model, tokenizer, name)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as error:
+        raise BenchError(f"--device {args.device}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = getattr(torch, args.dtype)
+    if args.model is None:
+        from hf_paged.models import SMOLLM2_GGUF, load_smollm2
+
+        try:
+            model, tokenizer = load_smollm2("sdpa", dtype=dtype)
+        except FileNotFoundError as error:
+            raise BenchError(str(error)) from None
+        name = f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, embedded)"
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa", dtype=dtype).eval()
+        except (OSError, ValueError) as error:
+            raise BenchError(f"--model {args.model}: {str(error).strip().splitlines()[0]}") from None
+        name = str(args.model)
+    return model.to(device), tokenizer, name
+
+
+def _meta(args: argparse.Namespace, model_name: str, settings, rss_note: str) -> dict:
+    import torch
+    import transformers
+
+    from .report import notes
+
+    return {
+        "model": model_name,
+        "dtype": args.dtype,
+        "device": args.device,
+        "block_size": args.block_size or 16,
+        "num_blocks": args.num_blocks,
+        "max_memory": args.max_memory,
+        "scenarios": [s.name for s in settings.scenarios],
+        "prompt_lengths": list(settings.prompt_lengths),
+        "new_tokens": settings.new_tokens,
+        "repeats": settings.repeats,
+        "warmup": settings.warmup,
+        "sweep_k": list(settings.sweep_k),
+        "impls": list(settings.impls),
+        "seed": args.seed,
+        "hf_paged": getattr(hf_paged, "__version__", "?"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "rss_note": rss_note,
+        "notes": notes(rss_note),
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    from .prompts import token_stream
+    from .report import render_table, write_outputs
+    from .runner import Runner
+    from .suite import Settings, Suite
+
+    print(f"{PROG}: loading the model ...", file=sys.stderr)
+    model, tokenizer, model_name = _load(args)
+    hf_logging.set_verbosity_error()
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scenarios = tuple(
+        dataclasses.replace(SCENARIOS[name], calls=args.prefix_calls)
+        if SCENARIOS[name].prefix_cache
+        else SCENARIOS[name]
+        for name in args.scenarios
+    )
+    settings = Settings(
+        scenarios, args.prompt_lengths, args.new_tokens, args.repeats, args.warmup, args.sweep_k, args.impls
+    )
+    runner = Runner(
+        model,
+        pad_token_id if pad_token_id is not None else 0,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        max_memory=args.max_memory,
+        seed=args.seed,
+    )
+    stream = token_stream(tokenizer, max(args.prompt_lengths))
+    suite = Suite(runner, stream, settings, progress=None)
+    with tqdm(total=suite.planned_runs(), desc=PROG, unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
+        suite.progress = bar
+        rows, sweep = suite.run()
+    print(render_table(rows, sweep, runner.rss_note))
+    if args.out is not None:
+        meta = _meta(args, model_name, settings, runner.rss_note)
+        for path in write_outputs(args.out, meta, rows, sweep):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m hf_paged.bench`` and ``hf-paged-bench``; returns the exit code."""
+    try:
+        return _run(parse_args(argv))
+    except (BenchError, hf_paged.OutOfBlocksError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,182 @@
+"""The benchmark's outputs: a terminal table, ``results.json``, ``results.md`` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .suite import SWEEP_KINDS, Row, SweepPoint
+
+__all__ = ["PLOT_FILES", "notes", "render_markdown", "render_table", "write_outputs"]
+
+PLOT_FILES = ("time_vs_prompt_length.png", "kv_vs_k.png")
+_MIB = 2**20
+_HEADERS = (
+    "scenario",
+    "P",
+    "impl",
+    "median s",
+    "tok/s",
+    "x sdpa",
+    "KV end MiB",
+    "KV peak MiB",
+    "pool MiB",
+    "peak RSS MiB",
+    "match",
+    "note",
+)
+
+
+def notes(rss_note: str) -> list[str]:
+    """What the columns mean, for the terminal, the Markdown and the JSON."""
+    return [
+        "tok/s: new tokens of all returned sequences of one run (calls x rows x G) over the median wall time.",
+        "x sdpa: median time over the sdpa (DynamicCache) median for the same case; below 1 is faster.",
+        "KV end: bytes of keys and values held when generate() returned; sdpa: the DynamicCache's tensors; "
+        "hf_paged: stats().used_bytes (used blocks). pool: bytes hf_paged allocated for its block pool.",
+        "KV peak: hf_paged: stats().peak_used_bytes (most blocks in use during the call); sdpa: the end value "
+        "(a DynamicCache only grows; beam search's reorder copies are transient and not counted).",
+        "generate_batch (Transformers continuous batching, sdpa): KV not measured (its pool is preallocated); "
+        "it stops only at max_new_tokens (eos disabled), which may differ from min_new_tokens' EOS suppression.",
+        f"peak RSS: {rss_note}.",
+        "match: the new tokens equal sdpa's exactly (greedy and beams; sampling with the same seed).",
+    ]
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / _MIB:.1f}"
+
+
+def _cells(row: Row) -> list[str]:
+    base = [row.scenario, str(row.prompt_length), row.impl]
+    if row.status != "ok":
+        return base + ["-"] * 8 + [f"{row.status}: {row.reason}"]
+    match = {True: "yes", False: "NO", None: "-"}[row.tokens_match]
+    return base + [
+        f"{row.seconds_median:.3f}",
+        "-" if row.tokens_per_s is None else f"{row.tokens_per_s:.1f}",
+        "-" if row.time_ratio is None else f"{row.time_ratio:.2f}",
+        _mib(row.kv_bytes),
+        _mib(row.peak_kv_bytes),
+        _mib(row.pool_bytes),
+        _mib(row.peak_rss_bytes),
+        match,
+        row.reason or "",
+    ]
+
+
+def _sweep_cells(point: SweepPoint) -> list[str]:
+    return [
+        point.kind,
+        str(point.k),
+        str(point.prompt_length),
+        point.impl,
+        _mib(point.kv_bytes),
+        _mib(point.peak_kv_bytes),
+        _mib(point.pool_bytes),
+    ]
+
+
+_SWEEP_HEADERS = ("sweep", "k", "P", "impl", "KV end MiB", "KV peak MiB", "pool MiB")
+
+
+def _aligned(headers, lines: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    return "\n".join(out)
+
+
+def _markdown_table(headers, lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def render_table(rows: list[Row], sweep: list[SweepPoint], rss_note: str) -> str:
+    """The results as aligned plain-text tables followed by the notes."""
+    parts = [_aligned(_HEADERS, [_cells(r) for r in rows])]
+    if sweep:
+        parts.append(_aligned(_SWEEP_HEADERS, [_sweep_cells(p) for p in sweep]))
+    parts.append("\n".join("* " + n for n in notes(rss_note)))
+    return "\n\n".join(parts)
+
+
+def render_markdown(meta: dict, rows: list[Row], sweep: list[SweepPoint], plots: list[str]) -> str:
+    """``results.md``: the settings, the tables, the notes and the plots."""
+    settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("notes", "rss_note"))
+    parts = ["# hf_paged benchmark", settings, _markdown_table(_HEADERS, [_cells(r) for r in rows])]
+    if sweep:
+        parts += ["## KV memory vs k", _markdown_table(_SWEEP_HEADERS, [_sweep_cells(p) for p in sweep])]
+    parts += ["## Notes", "\n".join("* " + n for n in meta["notes"])]
+    parts += [f"![{name}]({name})" for name in plots]
+    return "\n\n".join(parts) + "\n"
+
+
+def _plot_times(rows: list[Row], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(r.scenario for r in rows if r.status == "ok"))
+    if not scenarios:
+        return False
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(3.6 * len(scenarios), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], scenarios, strict=True):
+        mine = [r for r in rows if r.scenario == name and r.status == "ok"]
+        for impl in dict.fromkeys(r.impl for r in mine):
+            points = sorted((r.prompt_length, r.seconds_median) for r in mine if r.impl == impl)
+            ax.plot([p for p, _ in points], [t for _, t in points], marker="o", label=impl)
+        ax.set_title(name)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("median time (s)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_kv(sweep: list[SweepPoint], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    if not sweep:
+        return False
+    titles = {"beams": "beam search (num_beams = k)", "sample": "sampling (num_return_sequences = k)"}
+    fig, axes = plt.subplots(1, len(SWEEP_KINDS), figsize=(10, 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], SWEEP_KINDS, strict=True):
+        mine = [p for p in sweep if p.kind == kind]
+        for impl in dict.fromkeys(p.impl for p in mine):
+            points = sorted((p.k, p.kv_bytes, p.peak_kv_bytes) for p in mine if p.impl == impl)
+            ks = [k for k, _, _ in points]
+            ax.plot(ks, [(e or 0) / _MIB for _, e, _ in points], marker="o", label=f"{impl} end")
+            if impl != "sdpa":
+                ax.plot(ks, [(p or 0) / _MIB for _, _, p in points], marker="x", linestyle="--", label=f"{impl} peak")
+        ax.set_title(f"{titles[kind]}, P={mine[0].prompt_length}" if mine else titles[kind])
+        ax.set_xlabel("k")
+        ax.set_ylabel("KV cache (MiB)")
+        ax.set_xticks(sorted({p.k for p in mine}))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(out_dir: Path, meta: dict, rows: list[Row], sweep: list[SweepPoint]) -> list[Path]:
+    """Write ``results.json``, the plots and ``results.md`` into `out_dir` (created); returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plotted = []
+    if _plot_times(rows, out_dir / PLOT_FILES[0]):
+        plotted.append(PLOT_FILES[0])
+    if _plot_kv(sweep, out_dir / PLOT_FILES[1]):
+        plotted.append(PLOT_FILES[1])
+    data = {"meta": meta, "results": [asdict(r) for r in rows], "sweep": [asdict(p) for p in sweep]}
+    (out_dir / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out_dir / "results.md").write_text(render_markdown(meta, rows, sweep, plotted))
+    return [out_dir / "results.json", out_dir / "results.md"] + [out_dir / name for name in plotted]

@@ -1,0 +1,201 @@
+"""The benchmark loop: warm-up, alternating timed repeats, per-case summaries and the k sweep."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from .runner import REFERENCE, Run, Runner, prefix_caching_available
+from .scenarios import Scenario, sweep_scenario
+
+__all__ = ["SWEEP_KINDS", "Row", "Settings", "Suite", "SweepPoint"]
+
+SWEEP_KINDS = ("beams", "sample")
+SWEEP_IMPLS = ("hf_paged", REFERENCE)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to run. ``impls`` always contains the reference ``"sdpa"``; the sweep runs at the longest prompt."""
+
+    scenarios: tuple[Scenario, ...]
+    prompt_lengths: tuple[int, ...]
+    new_tokens: int
+    repeats: int = 3
+    warmup: int = 1
+    sweep_k: tuple[int, ...] = (1, 2, 4, 8)
+    impls: tuple[str, ...] = ("hf_paged", REFERENCE, "generate_batch")
+
+
+@dataclass
+class Row:
+    """The summary of one implementation on one scenario at one prompt length.
+
+    ``status`` is ``"ok"``, ``"n/a"`` (this implementation cannot run it; ``reason`` says why) or ``"skipped"``
+    (the scenario needs something this hf_paged lacks). Times are seconds; bytes are bytes; ``tokens`` counts the
+    new tokens of every returned sequence in one run; ``time_ratio`` is this median over the sdpa median.
+    """
+
+    scenario: str
+    prompt_length: int
+    impl: str
+    status: str = "ok"
+    reason: str | None = None
+    seconds: list[float] = field(default_factory=list)
+    seconds_median: float | None = None
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    time_ratio: float | None = None
+    kv_bytes: int | None = None
+    peak_kv_bytes: int | None = None
+    pool_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    tokens_match: bool | None = None
+
+
+@dataclass
+class SweepPoint:
+    """KV-cache bytes for one k of the sweep (``kind`` ``"beams"``: num_beams=k; ``"sample"``: k samples)."""
+
+    kind: str
+    k: int
+    prompt_length: int
+    impl: str
+    kv_bytes: int | None
+    peak_kv_bytes: int | None
+    pool_bytes: int | None
+    seconds: float
+
+
+class Suite:
+    """Runs `Settings` with a `Runner`; `progress` is a tqdm bar (``update`` and ``set_postfix_str`` are used)."""
+
+    def __init__(self, runner: Runner, stream: list[int], settings: Settings, progress):
+        self.runner = runner
+        self.stream = stream
+        self.settings = settings
+        self.progress = progress
+        self._first_runs: dict[tuple, Run] = {}
+
+    def skipped(self, scenario: Scenario) -> str | None:
+        """Why the whole `scenario` is skipped, or None."""
+        if scenario.prefix_cache and not prefix_caching_available():
+            return "hf_paged.enable_prefix_caching is not available in this hf_paged"
+        return None
+
+    def planned_runs(self) -> int:
+        """How many runs `run` will make (the progress bar's total)."""
+        s = self.settings
+        per_case = s.warmup + s.repeats
+        total = 0
+        for scenario in s.scenarios:
+            if self.skipped(scenario) is None:
+                impls = [i for i in s.impls if self.runner.unavailable(i, scenario) is None]
+                total += len(s.prompt_lengths) * len(impls) * per_case
+        return total + sum(len(self._sweep_impls(sweep_scenario(kind, k))) for kind in SWEEP_KINDS for k in s.sweep_k)
+
+    def run(self) -> tuple[list[Row], list[SweepPoint]]:
+        """Every scenario at every prompt length, then the sweep."""
+        rows = [
+            row
+            for scenario in self.settings.scenarios
+            for length in self.settings.prompt_lengths
+            for row in self._case(scenario, length)
+        ]
+        return rows, self._sweep()
+
+    def _sweep_impls(self, scenario: Scenario) -> list[str]:
+        """The implementations whose KV bytes the sweep compares (generate_batch's pool is preallocated)."""
+        return [i for i in self.settings.impls if i in SWEEP_IMPLS and self.runner.unavailable(i, scenario) is None]
+
+    def _one(self, impl: str, scenario: Scenario, calls, length: int, label: str) -> Run:
+        self.progress.set_postfix_str(f"{scenario.name} P={length} {impl} {label}")
+        try:
+            run = self.runner.run(impl, scenario, calls, self.settings.new_tokens)
+        finally:
+            self.progress.update(1)
+        self._first_runs.setdefault((impl, scenario.workload_key, length), run)
+        return run
+
+    def _case(self, scenario: Scenario, length: int) -> list[Row]:
+        s = self.settings
+        reason = self.skipped(scenario)
+        if reason is not None:
+            return [Row(scenario.name, length, impl, status="skipped", reason=reason) for impl in s.impls]
+        calls = scenario.prompts(self.stream, length)
+        impls = [i for i in s.impls if self.runner.unavailable(i, scenario) is None]
+        runs: dict[str, list[Run]] = {impl: [] for impl in impls}
+        failures: dict[str, str] = {}
+        for repeat in range(-s.warmup, s.repeats):
+            shift = repeat % len(impls)
+            for impl in impls[shift:] + impls[:shift]:
+                if impl in failures:
+                    self.progress.update(1)
+                    continue
+                try:
+                    run = self._one(
+                        impl, scenario, calls, length, "warm-up" if repeat < 0 else f"{repeat + 1}/{s.repeats}"
+                    )
+                except Exception as error:  # only the optional Transformers baseline may fail softly
+                    if impl != "generate_batch":
+                        raise
+                    failures[impl] = _one_line(error)
+                    continue
+                if repeat >= 0:
+                    runs[impl].append(run)
+        return [self._summary(scenario, length, impl, runs, failures) for impl in s.impls]
+
+    def _summary(
+        self, scenario: Scenario, length: int, impl: str, runs: dict[str, list[Run]], failures: dict[str, str]
+    ) -> Row:
+        row = Row(scenario.name, length, impl)
+        reason = self.runner.unavailable(impl, scenario) or failures.get(impl)
+        if reason is not None or impl not in runs:
+            row.status, row.reason = "n/a", reason or "not selected"
+            return row
+        mine, reference = runs[impl], runs[REFERENCE]
+        row.seconds = [r.seconds for r in mine]
+        row.seconds_median = statistics.median(row.seconds)
+        row.tokens = sum(len(seq) for seq in mine[0].sequences)
+        row.tokens_per_s = row.tokens / row.seconds_median if row.seconds_median > 0 else None
+        reference_median = statistics.median(r.seconds for r in reference)
+        row.time_ratio = row.seconds_median / reference_median if reference_median > 0 else None
+        last = mine[-1]
+        row.kv_bytes, row.pool_bytes = last.kv_bytes, last.pool_bytes
+        peaks = [r.peak_kv_bytes for r in mine if r.peak_kv_bytes is not None]
+        row.peak_kv_bytes = max(peaks) if peaks else None
+        rss = [r.peak_rss_bytes for r in mine if r.peak_rss_bytes is not None]
+        row.peak_rss_bytes = max(rss) if rss else None
+        if impl == REFERENCE:
+            row.reason = "reference"
+        elif impl == "generate_batch" and scenario.do_sample:
+            row.reason = "own sampler: tokens not comparable"
+        else:
+            expected = reference[0].sequences
+            row.tokens_match = all(r.sequences == expected for r in mine)
+        return row
+
+    def _sweep(self) -> list[SweepPoint]:
+        s = self.settings
+        if not s.sweep_k:
+            return []
+        length = max(s.prompt_lengths)
+        points = []
+        for kind in SWEEP_KINDS:
+            for k in s.sweep_k:
+                scenario = sweep_scenario(kind, k)
+                for impl in self._sweep_impls(scenario):
+                    run = self._first_runs.get((impl, scenario.workload_key, length))
+                    if run is None:
+                        run = self._one(impl, scenario, scenario.prompts(self.stream, length), length, "sweep")
+                    else:
+                        self.progress.update(1)
+                    points.append(
+                        SweepPoint(kind, k, length, impl, run.kv_bytes, run.peak_kv_bytes, run.pool_bytes, run.seconds)
+                    )
+        return points
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
