@@ -1,0 +1,542 @@
+"""hf_paged inside the rest of Transformers' generation ecosystem.
+
+Every test builds a tiny random Llama twice, once with ``attn_implementation="sdpa"`` (Transformers' own path and
+its default `DynamicCache`) and once with ``"hf_paged"`` sharing the same weights, and checks that the paged model
+gives what Transformers gives: pipelines, streamers, `GenerationConfig` objects, stop strings, custom logits
+processors and stopping criteria, chunked prefill, prompt-lookup and assisted decoding (which crop the cache),
+continuing from a returned cache, ``use_cache=False``, dtypes, concurrent ``generate`` calls, cache statistics and
+beam search's block sharing.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerFast,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    TextStreamer,
+    pipeline,
+)
+from transformers.cache_utils import DynamicCache
+
+from hf_paged import PagedCache
+from hf_paged import backend as paged_backend
+
+VOCAB = 128
+PAD, EOS, BOS = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def tiny_config(**overrides) -> LlamaConfig:
+    """A 2-layer GQA Llama small enough for CPU; initializer_range 0.1 keeps greedy outputs from looping at once."""
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=BOS,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def model_pair(config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(sdpa reference, hf_paged model) with identical weights.
+
+    `from_config` writes ``_attn_implementation`` into the config object it is given, so each model gets its own
+    copy: sharing one config would silently switch the reference to hf_paged as well.
+    """
+    torch.manual_seed(seed)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    paged = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="hf_paged")
+    paged.load_state_dict(ref.state_dict())
+    ref, paged = ref.to(dtype).eval(), paged.to(dtype).eval()
+    assert ref.config._attn_implementation == "sdpa"
+    assert paged.config._attn_implementation == "hf_paged"
+    return ref, paged
+
+
+def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (batch, length), generator=generator)
+
+
+def left_padded(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch (input_ids, attention_mask) of prompts with the given lengths."""
+    width = max(lengths)
+    ids = random_ids(len(lengths), width, seed)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, : width - length] = PAD
+        mask[row, : width - length] = 0
+    return ids, mask
+
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog while paged attention keeps every key and value in blocks",
+    "beam search shares the prompt blocks between beams and copies a block only when a beam writes into it",
+    "a small random model generates text one token at a time from a cache of keys and values",
+]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """An offline BPE tokenizer trained on a few sentences to exactly the models' vocabulary size (ids 0-3 special)."""
+    backend_tok = Tokenizer(tokenizer_models.BPE(unk_token="<unk>"))
+    backend_tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend_tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<pad>", "</s>", "<s>", "<unk>"], show_progress=False
+    )
+    backend_tok.train_from_iterator(CORPUS * 20, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend_tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+    tok.padding_side = "left"
+    assert len(tok) == VOCAB and (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (PAD, EOS, BOS)
+    return tok
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's spinning makes them
+    up to 100x slower; restore the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return model_pair(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def paged_steps(monkeypatch):
+    """Counts forward steps stored in a PagedCache (proves the paged path really ran)."""
+    calls = []
+    original = PagedCache._begin_step
+
+    def counting(self, batch, q_len):
+        calls.append((batch, q_len))
+        return original(self, batch, q_len)
+
+    monkeypatch.setattr(PagedCache, "_begin_step", counting)
+    return calls
+
+
+@pytest.fixture
+def crops(monkeypatch):
+    """Records every `PagedCache.crop` argument."""
+    calls = []
+    original = PagedCache.crop
+
+    def recording(self, tokens_to_remove):
+        calls.append(tokens_to_remove)
+        return original(self, tokens_to_remove)
+
+    monkeypatch.setattr(PagedCache, "crop", recording)
+    return calls
+
+
+def greedy(model, ids, mask=None, **kwargs):
+    kwargs.setdefault("max_new_tokens", 10)
+    return model.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
+
+
+def assert_stats_consistent(cache: PagedCache) -> None:
+    stats = cache.stats()
+    assert stats.used_blocks + stats.free_blocks == stats.num_blocks
+    assert stats.used_bytes == stats.used_blocks * cache.bytes_per_block
+    assert stats.pool_bytes == stats.num_blocks * cache.bytes_per_block
+    assert stats.logical_tokens == sum(cache.manager.lengths)
+    assert stats.num_rows == cache.manager.num_rows
+    assert stats.block_size == cache.block_size
+    assert 0 <= stats.shared_blocks <= stats.used_blocks <= stats.peak_used_blocks <= stats.num_blocks
+    assert stats.cow_copies >= 0
+    cache.manager.check()
+
+
+# ------------------------------------------------------------------------------------------------- pipelines
+def test_pipeline_text_generation_matches_sdpa(models, tok, paged_steps):
+    ref, paged = models
+    prompts = ["the quick brown fox", "a beam", "paged attention keeps every key and value in blocks"]
+    expected = pipeline("text-generation", model=ref, tokenizer=tok)(
+        prompts, max_new_tokens=8, do_sample=False, batch_size=3
+    )
+    got = pipeline("text-generation", model=paged, tokenizer=tok)(
+        prompts, max_new_tokens=8, do_sample=False, batch_size=3
+    )
+    assert got == expected
+    assert paged_steps, "the pipeline did not run on a PagedCache"
+
+
+# ------------------------------------------------------------------------------------------------- streamers
+def test_text_streamer_prints_the_returned_text(models, tok, capsys, paged_steps):
+    ref, paged = models
+    inputs = tok("the lazy dog jumps over", return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    out = paged.generate(**inputs, max_new_tokens=12, do_sample=False, streamer=TextStreamer(tok, skip_prompt=True))
+    streamed = capsys.readouterr().out
+    assert streamed.strip() == tok.decode(out[0, prompt_len:]).strip()
+    assert torch.equal(out, ref.generate(**inputs, max_new_tokens=12, do_sample=False))
+    assert paged_steps
+
+
+def test_text_iterator_streamer_yields_the_returned_text(models, tok, paged_steps):
+    ref, paged = models
+    inputs = tok("a small random model", return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=60)
+    result = {}
+
+    def run():
+        result["out"] = paged.generate(**inputs, max_new_tokens=12, do_sample=False, streamer=streamer)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join(timeout=60)
+    out = result["out"]
+    assert streamed.strip() == tok.decode(out[0, prompt_len:]).strip()
+    assert torch.equal(out, ref.generate(**inputs, max_new_tokens=12, do_sample=False))
+    assert paged_steps
+
+
+# ----------------------------------------------------------------------------------------- GenerationConfig
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(do_sample=False, max_new_tokens=10, repetition_penalty=1.3, no_repeat_ngram_size=2),
+        dict(do_sample=True, max_new_tokens=10, temperature=0.7, top_k=20, top_p=0.9),
+        dict(do_sample=False, max_new_tokens=6, num_beams=2, num_return_sequences=2, length_penalty=0.5),
+        dict(do_sample=True, max_new_tokens=6, num_return_sequences=3, min_new_tokens=6),
+    ],
+    ids=["greedy-penalties", "sampling", "beams", "return-sequences"],
+)
+def test_generation_config_object(models, settings, paged_steps):
+    ref, paged = models
+    ids, mask = left_padded([9, 6], seed=3)
+    config = GenerationConfig(pad_token_id=PAD, eos_token_id=EOS, **settings)
+    outs = []
+    for model in (ref, paged):
+        torch.manual_seed(1234)
+        outs.append(model.generate(ids, attention_mask=mask, generation_config=config))
+    assert torch.equal(outs[1], outs[0])
+    assert paged_steps
+
+
+def test_model_generation_config_defaults_are_used(tok):
+    config = tiny_config()
+    ref, paged = model_pair(config, seed=5)
+    for model in (ref, paged):
+        model.generation_config = GenerationConfig(
+            max_new_tokens=7, do_sample=False, repetition_penalty=1.2, pad_token_id=PAD, eos_token_id=EOS
+        )
+    ids = random_ids(2, 8, seed=4)
+    expected, got = ref.generate(ids), paged.generate(ids, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, expected)
+    assert got.sequences.shape[1] == 8 + 7 or (got.sequences == EOS).any()
+    assert isinstance(got.past_key_values, PagedCache)
+
+
+# -------------------------------------------------------------------------------- stop strings and criteria
+def test_stop_strings(models, tok, paged_steps):
+    ref, paged = models
+    inputs = tok("beam search shares", return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    max_new = 16
+    full = ref.generate(**inputs, max_new_tokens=max_new, do_sample=False)[0]
+    # A stop string taken from the reference's own continuation, so that generation ends early.
+    for cut in range(3, max_new):
+        stop = tok.decode(full[: prompt_len + cut])[-3:]
+        if stop.strip():
+            expected = ref.generate(**inputs, max_new_tokens=max_new, do_sample=False, stop_strings=stop, tokenizer=tok)
+            if expected.shape[1] < prompt_len + max_new:
+                break
+    else:
+        pytest.fail("no stop string taken from the reference output stopped it early")
+    got = paged.generate(**inputs, max_new_tokens=max_new, do_sample=False, stop_strings=stop, tokenizer=tok)
+    assert torch.equal(got, expected)
+    assert stop in tok.decode(got[0])
+    assert paged_steps
+
+
+class BanTokens(LogitsProcessor):
+    """Forbids some token ids and records the sequences it was shown."""
+
+    def __init__(self, banned):
+        self.banned = list(banned)
+        self.seen = []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(input_ids.clone())
+        scores = scores.clone()
+        scores[:, self.banned] = -float("inf")
+        return scores
+
+
+class StopAfter(StoppingCriteria):
+    """Stops every row once it has `n` tokens beyond `prompt_len`."""
+
+    def __init__(self, prompt_len, n):
+        self.limit = prompt_len + n
+        self.calls = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.limit, dtype=torch.bool)
+
+
+def test_custom_logits_processor_and_stopping_criteria(models, paged_steps):
+    ref, paged = models
+    ids, mask = left_padded([10, 7], seed=21)
+    plain = greedy(ref, ids, mask, max_new_tokens=12)
+    banned = sorted(set(plain[:, 10:13].flatten().tolist()) - {PAD, EOS})
+    results = []
+    for model in (ref, paged):
+        processor, criterion = BanTokens(banned), StopAfter(10, 7)
+        out = greedy(
+            model, ids, mask, max_new_tokens=30,
+            logits_processor=LogitsProcessorList([processor]),
+            stopping_criteria=StoppingCriteriaList([criterion]),
+        )
+        results.append((out, processor, criterion))
+    (expected, ref_proc, ref_crit), (got, proc, crit) = results
+    assert torch.equal(got, expected)
+    assert got.shape[1] == 10 + 7
+    assert not any(token in banned for token in got[:, 10:].flatten().tolist())
+    assert len(proc.seen) == len(ref_proc.seen)
+    assert all(torch.equal(a, b) for a, b in zip(proc.seen, ref_proc.seen, strict=True))
+    assert crit.calls == ref_crit.calls
+    assert paged_steps
+
+
+# --------------------------------------------------------------------------------------------- prefill chunks
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_prefill_chunk_size(models, chunk, paged_steps):
+    ref, paged = models
+    ids, mask = left_padded([37, 30], seed=31)
+    expected = greedy(ref, ids, mask, max_new_tokens=8)
+    expected_chunked = greedy(ref, ids, mask, max_new_tokens=8, prefill_chunk_size=chunk)
+    got = greedy(paged, ids, mask, max_new_tokens=8, prefill_chunk_size=chunk)
+    assert torch.equal(got, expected_chunked)
+    assert torch.equal(got, expected)
+    prefill_steps = [q for _, q in paged_steps if q > 1]
+    assert prefill_steps == [len(c) for c in torch.arange(37).split(chunk)], "prefill was not chunked"
+
+
+# ------------------------------------------------------------------------------- decoding that crops the cache
+def test_prompt_lookup_decoding(models, crops, paged_steps):
+    ref, paged = models
+    pattern = random_ids(1, 6, seed=41)
+    ids = torch.cat([pattern, random_ids(1, 3, seed=42), pattern, pattern[:, :3]], dim=1)
+    expected = greedy(ref, ids, max_new_tokens=20)
+    got = greedy(paged, ids, max_new_tokens=20, prompt_lookup_num_tokens=4)
+    assert torch.equal(got, expected)
+    assert torch.equal(greedy(ref, ids, max_new_tokens=20, prompt_lookup_num_tokens=4), expected)
+    assert any(n < 0 for n in crops), "prompt lookup never rejected a candidate; the test did not exercise crop"
+    assert any(q > 1 for _, q in paged_steps[1:]), "no multi-token verification step ran on the PagedCache"
+
+
+def test_assistant_model_decoding(models, crops, paged_steps):
+    ref, paged = models
+    _, assistant = model_pair(tiny_config(num_hidden_layers=1), seed=7)
+    ids = random_ids(1, 11, seed=51)
+    expected = greedy(ref, ids, max_new_tokens=20)
+    got = greedy(paged, ids, max_new_tokens=20, assistant_model=assistant, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, expected)
+    assert isinstance(got.past_key_values, PagedCache)
+    assert any(n < 0 for n in crops), "the assistant never had a candidate rejected; crop was not exercised"
+    assert_stats_consistent(got.past_key_values)
+    assert got.past_key_values.get_seq_length() == got.sequences.shape[1] - 1
+
+
+# ------------------------------------------------------------------------------------ continuing from a cache
+@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "batch2-left-padded"])
+def test_continue_from_returned_cache(models, padded):
+    ref, paged = models
+    if padded:
+        ids, mask = left_padded([12, 8], seed=61)
+    else:
+        ids, mask = random_ids(1, 12, seed=61), torch.ones(1, 12, dtype=torch.long)
+    extra = random_ids(ids.shape[0], 3, seed=62)
+    results = []
+    for model in (ref, paged):
+        first = greedy(model, ids, mask, max_new_tokens=5, return_dict_in_generate=True)
+        new_ids = torch.cat([first.sequences, extra], dim=1)
+        new_mask = torch.cat([mask, torch.ones(ids.shape[0], new_ids.shape[1] - ids.shape[1], dtype=torch.long)], 1)
+        second = greedy(
+            model, new_ids, new_mask, max_new_tokens=6, past_key_values=first.past_key_values,
+            return_dict_in_generate=True,
+        )
+        results.append((first, second))
+    (ref_first, ref_second), (first, second) = results
+    assert isinstance(ref_first.past_key_values, DynamicCache)
+    assert isinstance(first.past_key_values, PagedCache)
+    assert second.past_key_values is first.past_key_values
+    assert torch.equal(first.sequences, ref_first.sequences)
+    assert torch.equal(second.sequences, ref_second.sequences)
+    assert second.past_key_values.get_seq_length() == ref_second.past_key_values.get_seq_length()
+    assert_stats_consistent(second.past_key_values)
+
+
+def test_use_cache_false(models, paged_steps):
+    ref, paged = models
+    ids, mask = left_padded([9, 5], seed=71)
+    expected = greedy(ref, ids, mask, max_new_tokens=8)
+    assert torch.equal(greedy(paged, ids, mask, max_new_tokens=8, use_cache=False), expected)
+    assert torch.equal(greedy(ref, ids, mask, max_new_tokens=8, use_cache=False), expected)
+    assert not paged_steps, "use_cache=False still stored keys in a PagedCache"
+
+
+# ----------------------------------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dtype_greedy_matches_sdpa(dtype):
+    ref, paged = model_pair(tiny_config(), seed=0, dtype=dtype)
+    ids, mask = left_padded([14, 9], seed=81)
+    expected = greedy(ref, ids, mask, max_new_tokens=10)
+    got = greedy(paged, ids, mask, max_new_tokens=10, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, expected)
+    cache = got.past_key_values
+    assert isinstance(cache, PagedCache)
+    assert cache.kv_pool.dtype == dtype
+    assert cache.bytes_per_block == 2 * 2 * 16 * 2 * 16 * torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------------------------------------------- threads
+def test_two_threads_generate_on_one_model(models):
+    _, paged = models
+    jobs = [left_padded([13, 7], seed=91), (random_ids(3, 21, seed=92), torch.ones(3, 21, dtype=torch.long))]
+    alone = [greedy(paged, ids, mask, max_new_tokens=12) for ids, mask in jobs]
+    rounds = 5
+    barrier = threading.Barrier(len(jobs))
+    results = [[None] * rounds for _ in jobs]
+    errors = []
+
+    def worker(index):
+        ids, mask = jobs[index]
+        try:
+            for r in range(rounds):
+                barrier.wait(timeout=60)
+                results[index][r] = greedy(paged, ids, mask, max_new_tokens=12)
+        except BaseException as error:  # reported in the main thread
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    for index, expected in enumerate(alone):
+        for r in range(rounds):
+            assert torch.equal(results[index][r], expected), f"thread {index} round {r} differs from running alone"
+
+
+# ------------------------------------------------------------------------------------------------------ stats
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(do_sample=False),
+        dict(do_sample=True, num_return_sequences=3),
+        dict(do_sample=False, num_beams=3, num_return_sequences=2),
+    ],
+    ids=["greedy", "return-sequences", "beams"],
+)
+def test_returned_cache_stats_are_consistent(models, settings):
+    ref, paged = models
+    ids, mask = left_padded([20, 13], seed=101)
+    torch.manual_seed(0)
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=9, **settings)
+    torch.manual_seed(0)
+    out = paged.generate(ids, attention_mask=mask, max_new_tokens=9, return_dict_in_generate=True, **settings)
+    assert torch.equal(out.sequences, expected)
+    cache = out.past_key_values
+    assert isinstance(cache, PagedCache)
+    assert_stats_consistent(cache)
+    stats = cache.stats()
+    rows = ids.shape[0] * max(settings.get("num_beams", 1), settings.get("num_return_sequences", 1))
+    assert stats.num_rows == rows
+    assert stats.logical_tokens == rows * cache.get_seq_length()
+    assert cache.get_seq_length() == out.sequences.shape[1] - 1
+    assert stats.logical_bytes == stats.logical_tokens * cache.bytes_per_block // cache.block_size
+
+
+# ------------------------------------------------------------------------------------------------ beam search
+def test_beam_search_shares_the_prompt_and_reorder_copies_nothing(monkeypatch):
+    ref, paged = model_pair(tiny_config(), seed=2)
+    copied = []
+    original_copy = paged_backend.copy_blocks
+
+    def counting_copy(kv_pool, src, dst):
+        copied.append(len(src))
+        return original_copy(kv_pool, src, dst)
+
+    monkeypatch.setattr(paged_backend, "copy_blocks", counting_copy)
+    prompt_len, num_beams, new_tokens = 70, 3, 10
+    ids = random_ids(1, prompt_len, seed=111)
+    expected = ref.generate(ids, num_beams=num_beams, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    out = paged.generate(
+        ids, num_beams=num_beams, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, expected)
+    cache = out.past_key_values
+    assert_stats_consistent(cache)
+    stats = cache.stats()
+    assert stats.block_size == 16
+    assert stats.num_rows == num_beams
+    assert stats.shared_blocks >= prompt_len // 16, stats
+    # Every beam row points at the same blocks for the prompt's full blocks.
+    tables = cache.manager.tables
+    assert all(table[: prompt_len // 16] == tables[0][: prompt_len // 16] for table in tables)
+    assert 0 < stats.cow_copies <= new_tokens * num_beams, stats
+    # The only K/V copies are copy-on-write copies: the reorders themselves copied nothing.
+    assert sum(copied) == stats.cow_copies
+
+
+def test_reorder_cache_remaps_tables_without_touching_kv(models, monkeypatch):
+    _, paged = models
+    ids = random_ids(3, 21, seed=121)
+    cache = greedy(paged, ids, max_new_tokens=4, return_dict_in_generate=True).past_key_values
+    copied = []
+    monkeypatch.setattr(paged_backend, "copy_blocks", lambda *args: copied.append(args))
+    pool_before = cache.kv_pool.clone()
+    tables_before = [list(t) for t in cache.manager.tables]
+    lengths_before = list(cache.manager.lengths)
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    assert not copied
+    assert torch.equal(cache.kv_pool, pool_before)
+    assert cache.manager.tables == [tables_before[2], tables_before[0], tables_before[0]]
+    assert cache.manager.lengths == [lengths_before[2], lengths_before[0], lengths_before[0]]
+    assert_stats_consistent(cache)
+    assert cache.stats().shared_blocks == len(tables_before[0])
+    # Row 1 (the old row 1) was dropped: its blocks went back to the free list.
+    assert cache.stats().used_blocks == len(tables_before[0]) + len(tables_before[2])
+
