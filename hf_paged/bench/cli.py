@@ -115,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=IMPL_CHOICES,
         help=f"implementations, from {','.join(IMPL_CHOICES)} (sdpa is always run: it is the reference)",
     )
+    parser.add_argument(
+        "--threads", type=_positive, help="torch CPU threads (default: torch's); 1 avoids spin-waits on a busy machine"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed set before every generate() call")
     parser.add_argument("--out", type=Path, help="write results.json, results.md and PNG plots here")
     args = parser.parse_args(argv)
@@ -208,6 +211,10 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import Runner
     from .suite import Settings, Suite
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(f"{PROG}: loading the model ...", file=sys.stderr)
     model, tokenizer, model_name = _load(args)
     hf_logging.set_verbosity_error()

@@ -45,7 +45,9 @@ def notes(rss_note: str) -> list[str]:
 
 
 def _mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / _MIB:.1f}"
+    if value is None:
+        return "-"
+    return f"{value / _MIB:.3f}" if value < _MIB else f"{value / _MIB:.1f}"
 
 
 def _cells(row: Row) -> list[str]:

@@ -1,0 +1,124 @@
+"""The benchmark command (`python -m hf_paged.bench`) on a tiny random-weight Llama: outputs and bad input.
+
+Never checks timings: only exit codes, the keys of results.json, that the plots exist and the one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_paged.bench import main
+from hf_paged.bench.prompts import TEXT
+from hf_paged.bench.runner import paged_attention_registered
+
+ROW_KEYS = {
+    "scenario", "prompt_length", "impl", "status", "reason", "seconds", "seconds_median", "tokens", "tokens_per_s",
+    "time_ratio", "kv_bytes", "peak_kv_bytes", "pool_bytes", "peak_rss_bytes", "tokens_match",
+}
+SWEEP_KEYS = {"kind", "k", "prompt_length", "impl", "kv_bytes", "peak_kv_bytes", "pool_bytes", "seconds"}
+QUICK = ["--prompt-lengths", "16", "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads) with a 384-token byte-level BPE tokenizer, saved to disk."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator([TEXT], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+    config = LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_console_script_points_at_main():
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "hf-paged-bench"]
+    assert script.value == "hf_paged.bench:main"
+    assert script.load() is main
+
+
+def test_command_writes_results_and_plots(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "hf_paged.bench", "--model", str(tiny_model), *QUICK, "--sweep-k", "1,2",
+               "--scenarios", "greedy,batch8,sample8,beams8_ret4,prefix", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "scenario" in done.stdout and "x sdpa" in done.stdout  # the terminal table
+
+    data = json.loads((out / "results.json").read_text())
+    assert set(data) == {"meta", "results", "sweep"}
+    assert {"model", "dtype", "prompt_lengths", "new_tokens", "repeats", "notes", "rss_note"} <= set(data["meta"])
+    rows = data["results"]
+    assert all(set(row) == ROW_KEYS for row in rows)
+    by_case = {(row["scenario"], row["impl"]): row for row in rows}
+    assert {s for s, _ in by_case} == {"greedy", "batch8", "sample8", "beams8_ret4", "prefix"}
+    for scenario in ("greedy", "batch8", "sample8", "beams8_ret4"):
+        reference = by_case[scenario, "sdpa"]
+        assert reference["status"] == "ok" and reference["kv_bytes"] > 0 and reference["tokens"] > 0
+        paged = by_case[scenario, "hf_paged"]
+        if paged_attention_registered():
+            assert paged["status"] == "ok" and paged["kv_bytes"] > 0 and isinstance(paged["tokens_match"], bool)
+    assert by_case["beams8_ret4", "generate_batch"]["status"] == "n/a"
+    assert by_case["prefix", "sdpa"]["status"] in ("ok", "skipped")
+    assert by_case["beams8_ret4", "sdpa"]["tokens"] == 4 * 4  # 4 returned sequences x 4 new tokens
+
+    assert all(set(point) == SWEEP_KEYS for point in data["sweep"])
+    assert {(p["kind"], p["k"]) for p in data["sweep"]} == {("beams", 1), ("beams", 2), ("sample", 1), ("sample", 2)}
+
+    for name in ("time_vs_prompt_length.png", "kv_vs_k.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| scenario |" in (out / "results.md").read_text()
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-paged-bench: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--scenarios", "greedy,nope"], "unknown scenario 'nope'"),
+        (["--model", "/definitely/not/here"], "no config.json"),
+        (["--prompt-lengths", "16,x"], "comma-separated integers"),
+        (["--repeats", "0"], "positive integer"),
+        (["--max-memory", "lots"], "byte size"),
+        (["--impls", "sdpa,vllm"], "unknown implementation 'vllm'"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(argv, expected, capsys):
+    assert main(argv) == 2
+    assert expected in _error_line(capsys)
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert main(["--model", str(tmp_path)]) == 2
+    assert "no config.json" in _error_line(capsys)
+
+
+@pytest.mark.skipif(not paged_attention_registered(), reason="needs the hf_paged attention")
+def test_pool_too_small_is_a_one_line_error(tiny_model, capsys):
+    argv = ["--model", str(tiny_model), *QUICK, "--prompt-lengths", "32", "--num-blocks", "1", "--scenarios",
+            "greedy", "--impls", "hf_paged,sdpa", "--sweep-k", "none"]
+    assert main(argv) == 2
+    assert "block" in _error_line(capsys)
