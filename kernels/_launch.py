@@ -11,6 +11,8 @@ import triton
 
 #: Storage dtypes the kernels accept for queries, keys and values.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Compile options every launch passes: FMA contraction on, as Triton 3.9 defaults to (3.10 will default to off).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 #: Dtypes accepted for slot mappings and block-id lists (block tables and lengths must be int32).
 INDEX_DTYPES = (torch.int32, torch.int64)
 

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from hf_paged.ops import copy_blocks as copy_blocks_reference
 
-from ._launch import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_shape
+from ._launch import COMPILE_OPTIONS, FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_shape
 
 __all__ = ["copy_blocks", "copy_blocks_kernel", "copy_blocks_reference"]
 
@@ -70,4 +70,5 @@ def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> 
         kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2),
         block_size * kv_heads * head_dim,
         CHUNK=_CHUNK,
+        **COMPILE_OPTIONS,
     )

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from hf_paged.ops import paged_attention as paged_attention_reference
 
-from ._launch import FLOAT_DTYPES, check_device, check_dtype, check_shape, next_power_of_2
+from ._launch import COMPILE_OPTIONS, FLOAT_DTYPES, check_device, check_dtype, check_shape, next_power_of_2
 
 __all__ = [
     "choose_num_splits",
@@ -361,6 +361,7 @@ def launch_paged_attention(
         *target.stride()[:3], target.stride(3) if num_splits > 1 else 0,
         *stat_strides,
         **meta,
+        **COMPILE_OPTIONS,
     )
     if num_splits > 1:
         reduce_splits_kernel[(batch * q_len * heads,)](
@@ -370,6 +371,7 @@ def launch_paged_attention(
             NUM_SPLITS=num_splits,
             SPLITS_PAD=next_power_of_2(num_splits),
             num_warps=1 if head_dim <= 64 else 2,
+            **COMPILE_OPTIONS,
         )
     return out
 

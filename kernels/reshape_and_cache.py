@@ -12,7 +12,15 @@ import triton.language as tl
 
 from hf_paged.ops import reshape_and_cache as reshape_and_cache_reference
 
-from ._launch import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_shape, next_power_of_2
+from ._launch import (
+    COMPILE_OPTIONS,
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_device,
+    check_dtype,
+    check_shape,
+    next_power_of_2,
+)
 
 __all__ = ["reshape_and_cache", "reshape_and_cache_kernel", "reshape_and_cache_reference"]
 
@@ -92,4 +100,5 @@ def reshape_and_cache(
         HEADS_PAD=next_power_of_2(kv_heads),
         HEAD_DIM_PAD=next_power_of_2(head_dim),
         num_warps=1 if kv_heads * head_dim <= 512 else 4,
+        **COMPILE_OPTIONS,
     )

@@ -1,0 +1,289 @@
+"""Ahead-of-time compile of every kernel for sm_80 and sm_90, without a GPU or a CUDA driver.
+
+`triton.compile` with an explicit `GPUTarget` runs the whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) on the
+CPU; the ptxas, cuobjdump and nvdisasm shipped in Triton's wheel then give registers, spills and the SASS. Each
+config mimics what the launcher would run: the same constexprs (from the launchers' own helpers) and the JIT's
+specialisation of runtime arguments (an integer equal to 1 becomes a constant, a multiple of 16 is marked divisible
+by 16, pointers are 16-byte aligned).
+
+Run it as ``python -m hf_paged.kernels``; it exits non-zero if a kernel fails to compile or spills registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from ._launch import COMPILE_OPTIONS
+from .copy_blocks import _CHUNK, copy_blocks_kernel
+from .paged_attention import kernel_meta, paged_attention_kernel, reduce_splits_kernel
+from .reshape_and_cache import reshape_and_cache_kernel
+
+__all__ = ["ARCHS", "CONFIGS", "CompileResult", "KernelConfig", "compile_config", "main"]
+
+#: (label, compute capability) pairs compiled by default.
+ARCHS = (("sm_80", 80), ("sm_90", 90))
+
+
+class Pointer(str):
+    """A pointer argument's Triton type, e.g. ``Pointer("*bf16")`` (16-byte aligned, as torch allocations are)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One representative launch: the kernel, a sample value per runtime argument and the constexprs."""
+
+    kernel: Any
+    label: str
+    args: dict[str, Any]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    mma_expected: bool = False  # the kernel's inner loop is tl.dot on 16-bit operands
+
+
+@dataclasses.dataclass
+class CompileResult:
+    config: KernelConfig
+    arch: str
+    registers: int = 0
+    spill_bytes: int = 0  # spill stores + spill loads reported by ptxas
+    stack_bytes: int = 0
+    shared_bytes: int = 0
+    mma: str = "-"  # matrix instructions found in the SASS
+    error: str = ""
+
+
+def _specialize(config: KernelConfig) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int, ...], list]]:
+    """The signature, constants and attributes the JIT would build for `config`'s sample arguments."""
+    arg_names = config.kernel.arg_names
+    signature: dict[str, str] = {}
+    constants = dict(config.constexprs)
+    attrs: dict[tuple[int, ...], list] = {}
+    for name in arg_names:
+        if name in config.constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = config.args[name]
+        index = (arg_names.index(name),)
+        if isinstance(value, Pointer):
+            signature[name] = str(value)
+            attrs[index] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name] = "constexpr"
+            constants[name] = 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[index] = [["tt.divisibility", 16]]
+    missing = set(config.args) - set(arg_names)
+    if missing:
+        raise ValueError(f"{config.label}: unknown arguments {sorted(missing)}")
+    return signature, constants, attrs
+
+
+def _ptxas_usage(ptx: str, capability: int, workdir: Path) -> tuple[int, int, int]:
+    """Registers, spill bytes (stores + loads) and stack frame bytes as reported by ``ptxas -v``.
+
+    Re-runs the ptxas Triton itself picks for `capability` (the wheel ships an older one for sm_80 and a newer one
+    for sm_90+) with Triton's register-allocation flag, so the numbers are those of the cubin Triton built.
+    """
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.MULTILINE).group(1)
+    path = workdir / "kernel.ptx"
+    path.write_text(ptx)
+    command = [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(path),
+               "-o", str(workdir / "kernel.o")]
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"ptxas failed: {run.stderr.strip().splitlines()[-1]}")
+    log = run.stdout + run.stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    stack, spill_st, spill_ld = (int(x) for x in re.search(
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    return registers, spill_st + spill_ld, stack
+
+
+def _sass_mma(cubin: bytes, workdir: Path) -> str:
+    """Summary of the matrix instructions (HMMA = mma.sync, HGMMA = wgmma) in the SASS, or ``none``."""
+    path = workdir / "kernel.cubin"
+    path.write_bytes(cubin)
+    run = subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", str(path)], capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"nvdisasm failed: {run.stderr.strip().splitlines()[-1]}")
+    sass = run.stdout
+    found = re.findall(r"\b(HGMMA|HMMA|IMMA)\.(\S+?)[\s;]", sass)
+    if not found:
+        return "none"
+    counts: dict[str, int] = {}
+    for op, shape in found:
+        key = f"{op}.{shape.split('.')[0]}"
+        counts[key] = counts.get(key, 0) + 1
+    return " ".join(f"{key} x{n}" for key, n in sorted(counts.items()))
+
+
+def compile_config(config: KernelConfig, arch: str, capability: int) -> CompileResult:
+    """Compile `config` for one architecture and measure it; compile errors are captured in ``error``."""
+    result = CompileResult(config, arch)
+    signature, constants, attrs = _specialize(config)
+    source = ASTSource(fn=config.kernel, signature=signature, constexprs=constants, attrs=attrs)
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": config.num_warps, **COMPILE_OPTIONS})
+        with tempfile.TemporaryDirectory() as tmp:
+            result.registers, result.spill_bytes, result.stack_bytes = _ptxas_usage(compiled.asm["ptx"], capability, Path(tmp))
+            result.mma = _sass_mma(compiled.asm["cubin"], Path(tmp))
+        result.shared_bytes = compiled.metadata.shared
+    except Exception as exc:  # report every failing config, not just the first
+        lines = str(exc).strip().splitlines()
+        result.error = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+    return result
+
+
+def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_heads: int, head_dim: int,
+                      block_size: int = 16, num_splits: int = 1, window: int | None = None,
+                      softcap: float | None = None, key_start: bool = True) -> KernelConfig:
+    batch, num_blocks, nb = 8, 4096, 64
+    meta = kernel_meta(q_len, heads // kv_heads, head_dim, block_size, num_splits,
+                       has_key_start=key_start, has_window=window is not None, has_softcap=softcap is not None,
+                       upcast=dtype == "fp32")
+    num_warps = meta.pop("num_warps")
+    out = Pointer("*fp32") if num_splits > 1 else Pointer(f"*{dtype}")
+    cache_strides = (block_size * kv_heads * head_dim, kv_heads * head_dim, head_dim, 1)
+    out_strides = (q_len * heads * head_dim * num_splits, heads * head_dim * num_splits, head_dim * num_splits)
+    args = {
+        "out_ptr": out, "max_ptr": Pointer("*fp32"), "sum_ptr": Pointer("*fp32"),
+        "query_ptr": Pointer(f"*{dtype}"), "key_cache_ptr": Pointer(f"*{dtype}"),
+        "value_cache_ptr": Pointer(f"*{dtype}"), "block_tables_ptr": Pointer("*i32"),
+        "seq_lens_ptr": Pointer("*i32"), "key_start_ptr": Pointer("*i32"),
+        "scale": 0.125, "softcap": float(softcap or 1.0), "window": window or 0,
+        "q_len": q_len, "num_q_tiles": triton.cdiv(q_len, meta["BLOCK_Q"]) + 2,  # not 1: a runtime value in general
+        # query is Transformers' [B, q, H, D] tensor seen as [B, H, q, D]
+        "stride_qb": q_len * heads * head_dim, "stride_qh": head_dim, "stride_qt": heads * head_dim, "stride_qd": 1,
+        **dict(zip(("stride_kn", "stride_kt", "stride_kh", "stride_kd"), cache_strides, strict=True)),
+        **dict(zip(("stride_vn", "stride_vt", "stride_vh", "stride_vd"), cache_strides, strict=True)),
+        "stride_btb": nb, "stride_btn": 1,
+        "stride_ob": out_strides[0], "stride_ot": out_strides[1], "stride_oh": out_strides[2],
+        "stride_os": head_dim if num_splits > 1 else 0,
+        "stride_mb": q_len * heads * num_splits, "stride_mt": heads * num_splits, "stride_mh": num_splits,
+    }
+    del batch, num_blocks
+    return KernelConfig(paged_attention_kernel, label, args, meta, num_warps, mma_expected=dtype != "fp32")
+
+
+def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16
+                              ) -> KernelConfig:
+    token_stride = 3 * kv_heads * head_dim  # k and v are views into a fused qkv projection
+    cache_strides = (block_size * kv_heads * head_dim, kv_heads * head_dim, head_dim, 1)
+    args = {
+        "key_ptr": Pointer(f"*{dtype}"), "value_ptr": Pointer(f"*{dtype}"),
+        "key_cache_ptr": Pointer(f"*{dtype}"), "value_cache_ptr": Pointer(f"*{dtype}"),
+        "slot_mapping_ptr": Pointer("*i64"), "num_slots": 4096 * block_size, "num_kv_heads": kv_heads,
+        "stride_kt": token_stride, "stride_kh": head_dim, "stride_kd": 1,
+        "stride_vt": token_stride, "stride_vh": head_dim, "stride_vd": 1,
+        **dict(zip(("stride_kcn", "stride_kcs", "stride_kch", "stride_kcd"), cache_strides, strict=True)),
+        **dict(zip(("stride_vcn", "stride_vcs", "stride_vch", "stride_vcd"), cache_strides, strict=True)),
+    }
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_SIZE": block_size,
+                  "HEADS_PAD": triton.next_power_of_2(kv_heads), "HEAD_DIM_PAD": triton.next_power_of_2(head_dim)}
+    return KernelConfig(reshape_and_cache_kernel, label, args, constexprs, 1 if kv_heads * head_dim <= 512 else 4)
+
+
+def _copy_blocks_config(label: str, dtype: str, layers: int, kv_heads: int, head_dim: int, block_size: int = 16,
+                        num_blocks: int = 4096) -> KernelConfig:
+    block = block_size * kv_heads * head_dim
+    args = {"pool_ptr": Pointer(f"*{dtype}"), "src_ptr": Pointer("*i64"), "dst_ptr": Pointer("*i64"),
+            "stride_layer": 2 * num_blocks * block, "stride_kv": num_blocks * block, "stride_block": block,
+            "block_numel": block}
+    del layers
+    return KernelConfig(copy_blocks_kernel, label, args, {"CHUNK": _CHUNK})
+
+
+def _reduce_config(label: str, dtype: str, head_dim: int, num_splits: int) -> KernelConfig:
+    args = {"out_ptr": Pointer(f"*{dtype}"), "partial_ptr": Pointer("*fp32"), "max_ptr": Pointer("*fp32"),
+            "sum_ptr": Pointer("*fp32")}
+    constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": triton.next_power_of_2(head_dim), "NUM_SPLITS": num_splits,
+                  "SPLITS_PAD": triton.next_power_of_2(num_splits)}
+    return KernelConfig(reduce_splits_kernel, label, args, constexprs, 1 if head_dim <= 64 else 2)
+
+
+#: Shapes: SmolLM2-135M (9 heads, 3 KV heads, D 64), Llama-3-8B (32 heads, 8 KV heads, D 128) and Gemma-2-2B
+#: (8 heads, 4 KV heads, D 256, sliding window 4096, softcap 50).
+CONFIGS: tuple[KernelConfig, ...] = (
+    _reshape_and_cache_config("SmolLM2 fp16", "fp16", kv_heads=3, head_dim=64),
+    _reshape_and_cache_config("Llama-8B bf16", "bf16", kv_heads=8, head_dim=128),
+    _attention_config("decode SmolLM2 fp16", "fp16", q_len=1, heads=9, kv_heads=3, head_dim=64),
+    _attention_config("decode SmolLM2 bf16 split=8", "bf16", q_len=1, heads=9, kv_heads=3, head_dim=64,
+                      num_splits=8),
+    _attention_config("decode Llama-8B bf16", "bf16", q_len=1, heads=32, kv_heads=8, head_dim=128),
+    _attention_config("decode Llama-8B bf16 split=16", "bf16", q_len=1, heads=32, kv_heads=8, head_dim=128,
+                      num_splits=16),
+    _attention_config("prefill q=512 Llama-8B bf16", "bf16", q_len=512, heads=32, kv_heads=8, head_dim=128),
+    _attention_config("decode Gemma2-2B bf16 window+softcap", "bf16", q_len=1, heads=8, kv_heads=4, head_dim=256,
+                      window=4096, softcap=50.0),
+    _attention_config("decode SmolLM2 fp32 (ieee dot)", "fp32", q_len=1, heads=9, kv_heads=3, head_dim=64),
+    _reduce_config("D=64 splits=8", "bf16", head_dim=64, num_splits=8),
+    _reduce_config("D=128 splits=16", "bf16", head_dim=128, num_splits=16),
+    _copy_blocks_config("SmolLM2 fp16", "fp16", layers=30, kv_heads=3, head_dim=64),
+    _copy_blocks_config("Llama-8B bf16", "bf16", layers=32, kv_heads=8, head_dim=128),
+)
+
+
+def format_table(results: Iterable[CompileResult]) -> str:
+    """A fixed-width table, one line per (kernel, config, arch)."""
+    header = ("kernel", "config", "arch", "warps", "regs", "spill B", "stack B", "smem B", "matrix units (SASS)")
+    rows = [header]
+    for r in results:
+        name = r.config.kernel.__name__ if hasattr(r.config.kernel, "__name__") else r.config.kernel.fn.__name__
+        if r.error:
+            rows.append((name, r.config.label, r.arch, str(r.config.num_warps), "-", "-", "-", "-",
+                         f"COMPILE FAILED {r.error}"))
+            continue
+        rows.append((name, r.config.label, r.arch, str(r.config.num_warps), str(r.registers), str(r.spill_bytes),
+                     str(r.stack_bytes), str(r.shared_bytes), r.mma))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def failures(results: Iterable[CompileResult]) -> list[str]:
+    """Why the check fails: compile errors, spills, and dot loops that did not reach the matrix units."""
+    problems = []
+    for r in results:
+        where = f"{r.config.label} on {r.arch}"
+        if r.error:
+            problems.append(f"{where}: compile failed ({r.error})")
+        elif r.spill_bytes:
+            problems.append(f"{where}: {r.spill_bytes} bytes of register spills")
+        elif r.config.mma_expected and r.mma == "none":
+            problems.append(f"{where}: tl.dot did not lower to matrix instructions")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile every config for every arch, print the table, return 0 if nothing failed or spilled."""
+    del argv
+    if triton.knobs.runtime.interpret:
+        print("TRITON_INTERPRET=1 is set: the kernels are interpreter functions and cannot be compiled; unset it",
+              file=sys.stderr)
+        return 2
+    results = [compile_config(config, arch, cap) for config in CONFIGS for arch, cap in ARCHS]
+    print(f"Triton {triton.__version__}: ahead-of-time compile for {', '.join(a for a, _ in ARCHS)} (no GPU used)")
+    print(format_table(results))
+    problems = failures(results)
+    for problem in problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    print(f"{len(results)} compiles, {len(problems)} problems")
+    return 1 if problems else 0

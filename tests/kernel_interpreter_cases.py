@@ -1,0 +1,267 @@
+"""The Triton kernels against their PyTorch references, run by Triton's CPU interpreter.
+
+Not collected by a plain ``pytest`` run (the name does not start with ``test_``): Triton decides at decoration time
+whether kernels are compiled or interpreted, so these cases need ``TRITON_INTERPRET=1`` before ``hf_paged.kernels``
+is imported. ``tests/test_kernels.py`` runs this file in a subprocess with that variable set; to run it directly:
+
+    TRITON_INTERPRET=1 python -m pytest tests/kernel_interpreter_cases.py
+
+The cases are a covering subset of GQA ratio x head dim x block size x query length x left padding x dtype x
+window x softcap x split-KV, with lengths that do not divide the block size. Shapes stay tiny: the interpreter runs
+each program instance in Python.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (tests/test_kernels.py sets it)",
+                allow_module_level=True)
+
+from hf_paged.kernels import HAS_TRITON, copy_blocks, paged_attention, reshape_and_cache  # noqa: E402
+from hf_paged.kernels.paged_attention import choose_num_splits, launch_paged_attention  # noqa: E402
+
+from hf_paged import ops  # noqa: E402
+
+assert HAS_TRITON
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def make_paged_inputs(
+    *, group: int, kv_heads: int, head_dim: int, block_size: int, q_len: int, seq_lens: list[int],
+    key_start: list[int] | None, dtype: torch.dtype, seed: int,
+) -> dict:
+    """Random paged inputs; every slot a kernel must not read (outside ``[key_start, seq_len)``) holds NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(seq_lens)
+    heads = group * kv_heads
+    nb = max(triton_cdiv(n, block_size) for n in seq_lens) + 1  # one spare column: entries past the end are ignored
+    num_blocks = batch * nb + 3
+    physical = torch.randperm(num_blocks, generator=gen)[: batch * nb].view(batch, nb).to(torch.int32)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = torch.full(shape, float("nan"))
+    value_cache = torch.full(shape, float("nan"))
+    starts = key_start or [0] * batch
+    for b, (length, start) in enumerate(zip(seq_lens, starts, strict=True)):
+        for pos in range(start, length):
+            block, offset = physical[b, pos // block_size], pos % block_size
+            key_cache[block, offset] = torch.randn(kv_heads, head_dim, generator=gen)
+            value_cache[block, offset] = torch.randn(kv_heads, head_dim, generator=gen)
+    # Transformers passes the query as a transposed view of [B, q, H, D].
+    query = torch.randn(batch, q_len, heads, head_dim, generator=gen).transpose(1, 2)
+    return {
+        "query": query.to(dtype),
+        "key_cache": key_cache.to(dtype),
+        "value_cache": value_cache.to(dtype),
+        "block_tables": physical,
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
+        "key_start": None if key_start is None else torch.tensor(key_start, dtype=torch.int32),
+    }
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def reference_attention(inputs: dict, **kwargs) -> torch.Tensor:
+    """`hf_paged.ops.paged_attention` in fp32 on the same stored values (unread NaN slots zeroed)."""
+    return ops.paged_attention(
+        inputs["query"].float(), inputs["key_cache"].float().nan_to_num(0.0),
+        inputs["value_cache"].float().nan_to_num(0.0), inputs["block_tables"], inputs["seq_lens"],
+        inputs["key_start"], **kwargs,
+    )
+
+
+# (group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, dtype, window, softcap, num_splits)
+ATTENTION_CASES = [
+    (1, 2, 64, 16, 1, [37, 5, 16], None, torch.float32, None, None, 1),
+    (3, 1, 64, 16, 1, [37, 70, 9], [0, 11, 8], torch.float16, 8, None, 4),
+    (8, 1, 128, 32, 1, [45, 33], [2, 0], torch.bfloat16, None, 30.0, 1),
+    (3, 2, 128, 32, 5, [41, 5], [3, 1], torch.float32, 9, 5.0, 1),
+    (1, 2, 128, 16, 7, [23, 30], None, torch.float16, None, None, 2),
+    (8, 1, 64, 32, 3, [70, 3, 34], [0, 0, 33], torch.bfloat16, 6, None, 3),
+    (3, 1, 64, 16, 4, [50, 19], None, torch.bfloat16, None, 2.0, 4),
+    (8, 1, 64, 16, 1, [90, 17], [4, 16], torch.float32, 20, 10.0, 4),
+    (1, 1, 64, 32, 9, [9, 40], [0, 7], torch.float32, None, None, 1),
+    (2, 2, 80, 16, 2, [21, 50], [1, 0], torch.float16, None, None, 2),
+    # several query tiles per row (prefill / chunked prefill shapes)
+    (8, 1, 64, 16, 12, [40, 12], [0, 2], torch.float32, 5, None, 2),
+    (1, 2, 64, 16, 70, [75, 70], [0, 3], torch.float16, None, None, 1),
+    (3, 1, 128, 32, 30, [64, 31], None, torch.bfloat16, 16, None, 2),
+]
+
+
+def _case_id(case: tuple) -> str:
+    group, kv_heads, head_dim, block_size, q_len, _, key_start, dtype, window, softcap, splits = case
+    parts = [f"g{group}x{kv_heads}", f"D{head_dim}", f"bs{block_size}", f"q{q_len}", str(dtype).split(".")[-1]]
+    parts += ["leftpad"] if key_start else []
+    parts += [f"window{window}"] if window else []
+    parts += [f"softcap{softcap:g}"] if softcap else []
+    return "-".join([*parts, f"splits{splits}"])
+
+
+@pytest.mark.parametrize(
+    "group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, dtype, window, softcap, num_splits",
+    ATTENTION_CASES, ids=[_case_id(case) for case in ATTENTION_CASES],
+)
+def test_paged_attention_matches_reference(
+    group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, dtype, window, softcap, num_splits,
+):
+    inputs = make_paged_inputs(group=group, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                               q_len=q_len, seq_lens=seq_lens, key_start=key_start, dtype=dtype, seed=len(seq_lens))
+    kwargs = {"scale": head_dim**-0.5, "max_seq_len": max(seq_lens), "sliding_window": window, "softcap": softcap}
+    out = launch_paged_attention(**inputs, **kwargs, num_splits=num_splits)
+    expected = reference_attention(inputs, **kwargs)
+    assert out.shape == (len(seq_lens), q_len, group * kv_heads, head_dim)
+    assert out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_fully_masked_queries_are_zero():
+    # Row 1 starts attending at key 6 but its first two queries sit at positions 4 and 5.
+    inputs = make_paged_inputs(group=2, kv_heads=1, head_dim=64, block_size=16, q_len=3, seq_lens=[20, 7],
+                               key_start=[0, 6], dtype=torch.float32, seed=0)
+    kwargs = {"scale": 0.125, "max_seq_len": 20}
+    for splits in (1, 2):
+        out = launch_paged_attention(**inputs, **kwargs, num_splits=splits)
+        assert torch.equal(out[1, :2], torch.zeros_like(out[1, :2]))
+        torch.testing.assert_close(out, reference_attention(inputs, **kwargs), atol=2e-5, rtol=2e-5)
+
+
+def test_public_signature_is_a_drop_in_for_the_reference():
+    inputs = make_paged_inputs(group=3, kv_heads=1, head_dim=64, block_size=16, q_len=1, seq_lens=[30, 12],
+                               key_start=[0, 2], dtype=torch.float32, seed=1)
+    args = (inputs["query"], inputs["key_cache"], inputs["value_cache"], inputs["block_tables"], inputs["seq_lens"],
+            inputs["key_start"])
+    out = paged_attention(*args, scale=0.125, max_seq_len=30)
+    torch.testing.assert_close(out, reference_attention(inputs, scale=0.125, max_seq_len=30), atol=2e-5, rtol=2e-5)
+
+
+def test_split_heuristic_splits_long_contexts_at_small_batch_only():
+    cpu = torch.device("cpu")
+    assert choose_num_splits(programs=3, max_seq_len=64, block_n=64, device=cpu) == 1
+    assert choose_num_splits(programs=3, max_seq_len=4096, block_n=64, device=cpu) == 16
+    assert choose_num_splits(programs=8, max_seq_len=1024, block_n=32, device=cpu) == 8
+    assert choose_num_splits(programs=512, max_seq_len=32768, block_n=64, device=cpu) == 1
+
+
+def test_split_heuristic_path_matches_reference():
+    # Long enough that the heuristic picks split-KV for one row and one KV head.
+    inputs = make_paged_inputs(group=3, kv_heads=1, head_dim=64, block_size=32, q_len=1, seq_lens=[520],
+                               key_start=None, dtype=torch.float16, seed=2)
+    kwargs = {"scale": 0.125, "max_seq_len": 520}
+    assert choose_num_splits(programs=1, max_seq_len=520, block_n=64, device=torch.device("cpu")) == 2
+    out = paged_attention(**inputs, **kwargs)
+    torch.testing.assert_close(out.float(), reference_attention(inputs, **kwargs), atol=2e-3, rtol=2e-3)
+
+
+# (kv_heads, head_dim, block_size, key dtype, cache dtype, slot dtype)
+CACHE_CASES = [
+    (1, 64, 16, torch.float32, torch.float32, torch.int64),
+    (3, 64, 32, torch.float16, torch.float16, torch.int32),
+    (8, 128, 16, torch.bfloat16, torch.bfloat16, torch.int64),
+    (3, 128, 16, torch.float32, torch.float16, torch.int32),
+    (2, 64, 16, torch.float32, torch.bfloat16, torch.int64),
+]
+
+
+@pytest.mark.parametrize("kv_heads, head_dim, block_size, key_dtype, cache_dtype, slot_dtype", CACHE_CASES)
+def test_reshape_and_cache_matches_reference(kv_heads, head_dim, block_size, key_dtype, cache_dtype, slot_dtype):
+    gen = torch.Generator().manual_seed(kv_heads)
+    num_blocks, tokens = 5, 11
+    # key and value are strided views into one fused projection, as in a model's qkv output
+    fused = torch.randn(tokens, 3, kv_heads, head_dim, generator=gen).to(key_dtype)
+    key, value = fused[:, 1], fused[:, 2]
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[[2, 7]] = torch.tensor([-1, -3])  # skipped
+    slots = slots.to(slot_dtype)
+    initial = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(cache_dtype)
+    expected_k, expected_v = initial[0].clone(), initial[1].clone()
+    key_cache, value_cache = initial[0].clone(), initial[1].clone()
+    reshape_and_cache(key, value, key_cache, value_cache, slots)
+    ops.reshape_and_cache(key, value, expected_k, expected_v, slots)
+    if key_dtype == cache_dtype:
+        assert torch.equal(key_cache, expected_k) and torch.equal(value_cache, expected_v)
+    else:
+        # The interpreter narrows fp32 by truncation, a GPU (and torch) round to nearest: one ulp apart at most.
+        ulp = torch.finfo(cache_dtype).eps
+        torch.testing.assert_close(key_cache, expected_k, atol=0, rtol=ulp)
+        torch.testing.assert_close(value_cache, expected_v, atol=0, rtol=ulp)
+
+
+@pytest.mark.parametrize("dtype, index_dtype", [(torch.float16, torch.int32), (torch.bfloat16, torch.int64),
+                                                (torch.float32, torch.int64)])
+def test_copy_blocks_matches_reference(dtype, index_dtype):
+    gen = torch.Generator().manual_seed(3)
+    # A pool whose N dim is a slice of a bigger one: outer strides are not those of a contiguous tensor.
+    backing = torch.randn(3, 2, 9, 16, 2, 64, generator=gen).to(dtype)
+    pool = backing[:, :, 1:8]
+    expected = pool.clone()
+    outside = backing[:, :, [0, 8]].clone()
+    src = torch.tensor([0, 3, 3], dtype=index_dtype)
+    dst = torch.tensor([5, 1, 6], dtype=index_dtype)
+    copy_blocks(pool, src, dst)
+    ops.copy_blocks(expected, src, dst)
+    assert torch.equal(pool, expected)
+    assert torch.equal(backing[:, :, [0, 8]], outside)
+
+
+def test_empty_launches_are_no_ops():
+    pool = torch.randn(1, 2, 3, 16, 1, 64)
+    before = pool.clone()
+    copy_blocks(pool, torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+    reshape_and_cache(torch.empty(0, 1, 64), torch.empty(0, 1, 64), pool[0, 0], pool[0, 1],
+                      torch.empty(0, dtype=torch.int64))
+    assert torch.equal(pool, before)
+
+
+def _attention_args(**overrides):
+    inputs = make_paged_inputs(group=2, kv_heads=2, head_dim=64, block_size=16, q_len=1, seq_lens=[20],
+                               key_start=None, dtype=torch.float32, seed=4)
+    kwargs = {"scale": 0.125, "max_seq_len": 20}
+    for name, value in overrides.items():
+        (inputs if name in inputs else kwargs)[name] = value
+    return inputs, kwargs
+
+
+@pytest.mark.parametrize("override, error, match", [
+    ({"block_tables": torch.zeros(1, 3, dtype=torch.int64)}, TypeError, "block_tables must have dtype int32"),
+    ({"seq_lens": torch.tensor([20.0])}, TypeError, "seq_lens must have dtype int32"),
+    ({"query": torch.randn(1, 3, 1, 64)}, ValueError, "multiple of the cache's KV heads"),
+    ({"query": torch.randn(1, 4, 1, 32)}, ValueError, "key_cache must be"),
+    ({"block_tables": torch.zeros(2, 3, dtype=torch.int32)}, ValueError, r"block_tables must be \[B, nb\]"),
+    ({"key_start": torch.zeros(2, dtype=torch.int32)}, ValueError, r"key_start must be \[B\]"),
+    ({"max_seq_len": 1000}, ValueError, "exceeds what block_tables can address"),
+    ({"sliding_window": 0}, ValueError, "sliding_window must be a positive"),
+    ({"query": torch.randn(1, 4, 1, 64, dtype=torch.float64)}, TypeError, "query must have dtype"),
+    ({"query": torch.randn(1, 4, 1, 64, device="meta")}, ValueError, "one device"),
+])
+def test_paged_attention_rejects_bad_inputs(override, error, match):
+    inputs, kwargs = _attention_args(**override)
+    with pytest.raises(error, match=match):
+        paged_attention(**inputs, **kwargs)
+
+
+def test_copy_blocks_and_reshape_and_cache_reject_bad_inputs():
+    pool = torch.zeros(1, 2, 4, 16, 2, 64)
+    ids = torch.tensor([0])
+    with pytest.raises(ValueError, match="must be contiguous"):
+        copy_blocks(pool.transpose(4, 5), ids, ids)
+    with pytest.raises(ValueError, match=r"kv_pool must be \[L, 2, N, bs, Hkv, D\]"):
+        copy_blocks(pool[0], ids, ids)
+    with pytest.raises(TypeError, match="src must have dtype"):
+        copy_blocks(pool, ids.float(), ids)
+    with pytest.raises(ValueError, match=r"dst must be \[C\] like src"):
+        copy_blocks(pool, ids, torch.tensor([1, 2]))
+    key = torch.zeros(3, 2, 64)
+    with pytest.raises(ValueError, match=r"slot_mapping must be \[T\]"):
+        reshape_and_cache(key, key, pool[0, 0], pool[0, 1], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"key must be \[T, Hkv, D\]"):
+        reshape_and_cache(torch.zeros(3, 1, 64), key, pool[0, 0], pool[0, 1], torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="slot_mapping must have dtype"):
+        reshape_and_cache(key, key, pool[0, 0], pool[0, 1], torch.tensor([0.0, 1.0, 2.0]))
