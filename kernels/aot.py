@@ -61,6 +61,7 @@ class CompileResult:
     stack_bytes: int = 0
     shared_bytes: int = 0
     mma: str = "-"  # matrix instructions found in the SASS
+    wide_memory_ops: str = "-"  # "16-byte global memory instructions / all global memory instructions"
     error: str = ""
 
 
@@ -115,22 +116,23 @@ def _ptxas_usage(ptx: str, capability: int, workdir: Path) -> tuple[int, int, in
     return registers, spill_st + spill_ld, stack
 
 
-def _sass_mma(cubin: bytes, workdir: Path) -> str:
-    """Summary of the matrix instructions (HMMA = mma.sync, HGMMA = wgmma) in the SASS, or ``none``."""
+def _sass_summary(cubin: bytes, workdir: Path) -> tuple[str, str]:
+    """From the SASS: the matrix instructions (HMMA = mma.sync, HGMMA = wgmma; ``none`` if absent), and how many
+    global memory instructions move 16 bytes per thread (LDG/STG/LDGSTS ``.128``) out of all of them."""
     path = workdir / "kernel.cubin"
     path.write_bytes(cubin)
     run = subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", str(path)], capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"nvdisasm failed: {run.stderr.strip().splitlines()[-1]}")
     sass = run.stdout
-    found = re.findall(r"\b(HGMMA|HMMA|IMMA)\.(\S+?)[\s;]", sass)
-    if not found:
-        return "none"
     counts: dict[str, int] = {}
-    for op, shape in found:
+    for op, shape in re.findall(r"\b(HGMMA|HMMA|IMMA)\.(\S+?)[\s;]", sass):
         key = f"{op}.{shape.split('.')[0]}"
         counts[key] = counts.get(key, 0) + 1
-    return " ".join(f"{key} x{n}" for key, n in sorted(counts.items()))
+    mma = " ".join(f"{key} x{n}" for key, n in sorted(counts.items())) or "none"
+    memory = re.findall(r"\b(?:LDGSTS|LDG|STG)(?:\.[A-Z0-9]+)*\b", sass)
+    wide = sum(op.endswith(".128") for op in memory)
+    return mma, f"{wide}/{len(memory)}"
 
 
 def compile_config(config: KernelConfig, arch: str, capability: int) -> CompileResult:
@@ -143,7 +145,7 @@ def compile_config(config: KernelConfig, arch: str, capability: int) -> CompileR
                                   options={"num_warps": config.num_warps, **COMPILE_OPTIONS})
         with tempfile.TemporaryDirectory() as tmp:
             result.registers, result.spill_bytes, result.stack_bytes = _ptxas_usage(compiled.asm["ptx"], capability, Path(tmp))
-            result.mma = _sass_mma(compiled.asm["cubin"], Path(tmp))
+            result.mma, result.wide_memory_ops = _sass_summary(compiled.asm["cubin"], Path(tmp))
         result.shared_bytes = compiled.metadata.shared
     except Exception as exc:  # report every failing config, not just the first
         lines = str(exc).strip().splitlines()
@@ -242,16 +244,17 @@ CONFIGS: tuple[KernelConfig, ...] = (
 
 def format_table(results: Iterable[CompileResult]) -> str:
     """A fixed-width table, one line per (kernel, config, arch)."""
-    header = ("kernel", "config", "arch", "warps", "regs", "spill B", "stack B", "smem B", "matrix units (SASS)")
+    header = ("kernel", "config", "arch", "warps", "regs", "spill B", "stack B", "smem B", "16B ld/st",
+              "matrix units (SASS)")
     rows = [header]
     for r in results:
         name = r.config.kernel.__name__ if hasattr(r.config.kernel, "__name__") else r.config.kernel.fn.__name__
         if r.error:
-            rows.append((name, r.config.label, r.arch, str(r.config.num_warps), "-", "-", "-", "-",
+            rows.append((name, r.config.label, r.arch, str(r.config.num_warps), "-", "-", "-", "-", "-",
                          f"COMPILE FAILED {r.error}"))
             continue
         rows.append((name, r.config.label, r.arch, str(r.config.num_warps), str(r.registers), str(r.spill_bytes),
-                     str(r.stack_bytes), str(r.shared_bytes), r.mma))
+                     str(r.stack_bytes), str(r.shared_bytes), r.wide_memory_ops, r.mma))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -18,6 +18,8 @@ Layout of the work (see docs/KERNELS.md for the cost model):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -251,6 +253,11 @@ def kernel_meta(
     }
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
     """Flash-decoding heuristic: how many pieces to cut each program's key range into.
 
@@ -258,10 +265,8 @@ def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: tor
     and only as far as every split keeps at least ``_MIN_TILES_PER_SPLIT`` key tiles; a power of two, at most
     ``_MAX_SPLITS``.
     """
-    if device.type == "cuda":
-        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sm_count = _DEFAULT_SM_COUNT
+    sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else _DEFAULT_SM_COUNT
     if programs >= sm_count:
         return 1
     by_occupancy = triton.cdiv(2 * sm_count, programs)

@@ -1,10 +1,11 @@
-"""The Triton kernels against their PyTorch references, run by Triton's CPU interpreter.
+"""The Triton kernels against their PyTorch references, run by Triton's CPU interpreter (or on a GPU).
 
 Not collected by a plain ``pytest`` run (the name does not start with ``test_``): Triton decides at decoration time
 whether kernels are compiled or interpreted, so these cases need ``TRITON_INTERPRET=1`` before ``hf_paged.kernels``
 is imported. ``tests/test_kernels.py`` runs this file in a subprocess with that variable set; to run it directly:
 
-    TRITON_INTERPRET=1 python -m pytest tests/kernel_interpreter_cases.py
+    TRITON_INTERPRET=1 python -m pytest tests/kernel_interpreter_cases.py   # CPU tensors, interpreter
+    python -m pytest tests/kernel_interpreter_cases.py                      # CUDA tensors, compiled kernels
 
 The cases are a covering subset of GQA ratio x head dim x block size x query length x left padding x dtype x
 window x softcap x split-KV, with lengths that do not divide the block size. Shapes stay tiny: the interpreter runs
@@ -18,8 +19,12 @@ import os
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (tests/test_kernels.py sets it)",
+if os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = torch.device("cpu")
+elif torch.cuda.is_available():
+    DEVICE = torch.device("cuda")
+else:
+    pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (tests/test_kernels.py sets it) or a GPU",
                 allow_module_level=True)
 
 from hf_paged.kernels import HAS_TRITON, copy_blocks, paged_attention, reshape_and_cache  # noqa: E402
@@ -36,7 +41,7 @@ def make_paged_inputs(
     *, group: int, kv_heads: int, head_dim: int, block_size: int, q_len: int, seq_lens: list[int],
     key_start: list[int] | None, dtype: torch.dtype, seed: int,
 ) -> dict:
-    """Random paged inputs; every slot a kernel must not read (outside ``[key_start, seq_len)``) holds NaN."""
+    """Random paged inputs on DEVICE; every slot a kernel must not read (outside ``[key_start, seq_len)``) is NaN."""
     gen = torch.Generator().manual_seed(seed)
     batch = len(seq_lens)
     heads = group * kv_heads
@@ -54,7 +59,7 @@ def make_paged_inputs(
             value_cache[block, offset] = torch.randn(kv_heads, head_dim, generator=gen)
     # Transformers passes the query as a transposed view of [B, q, H, D].
     query = torch.randn(batch, q_len, heads, head_dim, generator=gen).transpose(1, 2)
-    return {
+    inputs = {
         "query": query.to(dtype),
         "key_cache": key_cache.to(dtype),
         "value_cache": value_cache.to(dtype),
@@ -62,6 +67,7 @@ def make_paged_inputs(
         "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
         "key_start": None if key_start is None else torch.tensor(key_start, dtype=torch.int32),
     }
+    return {name: None if t is None else t.to(DEVICE) for name, t in inputs.items()}
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -179,8 +185,8 @@ def test_reshape_and_cache_matches_reference(kv_heads, head_dim, block_size, key
     key, value = fused[:, 1], fused[:, 2]
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
     slots[[2, 7]] = torch.tensor([-1, -3])  # skipped
-    slots = slots.to(slot_dtype)
-    initial = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(cache_dtype)
+    key, value, slots = key.to(DEVICE), value.to(DEVICE), slots.to(slot_dtype).to(DEVICE)
+    initial = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(cache_dtype).to(DEVICE)
     expected_k, expected_v = initial[0].clone(), initial[1].clone()
     key_cache, value_cache = initial[0].clone(), initial[1].clone()
     reshape_and_cache(key, value, key_cache, value_cache, slots)
@@ -199,18 +205,26 @@ def test_reshape_and_cache_matches_reference(kv_heads, head_dim, block_size, key
 def test_copy_blocks_matches_reference(dtype, index_dtype):
     gen = torch.Generator().manual_seed(3)
     # A pool whose N dim is a slice of a bigger one: outer strides are not those of a contiguous tensor.
-    backing = torch.randn(3, 2, 9, 16, 2, 64, generator=gen).to(dtype)
+    backing = torch.randn(3, 2, 9, 16, 2, 64, generator=gen).to(dtype).to(DEVICE)
     pool = backing[:, :, 1:8]
     expected = pool.clone()
     outside = backing[:, :, [0, 8]].clone()
-    src = torch.tensor([0, 3, 3], dtype=index_dtype)
-    dst = torch.tensor([5, 1, 6], dtype=index_dtype)
+    src = torch.tensor([0, 3, 3], dtype=index_dtype, device=DEVICE)
+    dst = torch.tensor([5, 1, 6], dtype=index_dtype, device=DEVICE)
     copy_blocks(pool, src, dst)
     ops.copy_blocks(expected, src, dst)
     assert torch.equal(pool, expected)
     assert torch.equal(backing[:, :, [0, 8]], outside)
 
 
+@pytest.fixture
+def default_device():
+    """Make DEVICE the default for tensors the test creates."""
+    with torch.device(DEVICE):
+        yield
+
+
+@pytest.mark.usefixtures("default_device")
 def test_empty_launches_are_no_ops():
     pool = torch.randn(1, 2, 3, 16, 1, 64)
     before = pool.clone()
@@ -225,6 +239,8 @@ def _attention_args(**overrides):
                                key_start=None, dtype=torch.float32, seed=4)
     kwargs = {"scale": 0.125, "max_seq_len": 20}
     for name, value in overrides.items():
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            value = value.to(DEVICE)
         (inputs if name in inputs else kwargs)[name] = value
     return inputs, kwargs
 
@@ -247,6 +263,7 @@ def test_paged_attention_rejects_bad_inputs(override, error, match):
         paged_attention(**inputs, **kwargs)
 
 
+@pytest.mark.usefixtures("default_device")
 def test_copy_blocks_and_reshape_and_cache_reject_bad_inputs():
     pool = torch.zeros(1, 2, 4, 16, 2, 64)
     ids = torch.tensor([0])
