@@ -414,6 +414,35 @@ def test_use_cache_false(models, paged_steps):
     assert not paged_steps, "use_cache=False still stored keys in a PagedCache"
 
 
+@pytest.mark.parametrize(
+    "cache_kwargs",
+    [
+        lambda config: dict(past_key_values=DynamicCache(config=config)),
+        lambda config: dict(cache_implementation="dynamic"),
+        pytest.param(
+            lambda config: dict(cache_implementation="static"),
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=AssertionError,
+                reason="paged_attention_mask ignores q_offset/kv_length: with a StaticCache the keys include the "
+                "unfilled slots up to max_cache_len, the mask function returns None (no padding) and the contiguous "
+                "attention attends to them",
+            ),
+        ),
+    ],
+    ids=["DynamicCache-object", "cache_implementation=dynamic", "cache_implementation=static"],
+)
+def test_other_caches_with_an_hf_paged_model(models, cache_kwargs, paged_steps):
+    """A non-paged cache is used as is: the hf_paged attention runs over its complete keys and values."""
+    ref, paged = models
+    for ids, mask in (left_padded([12, 8], seed=75), (random_ids(1, 12, seed=76), None)):
+        expected = greedy(ref, ids, mask, max_new_tokens=8)
+        got = greedy(paged, ids, mask, max_new_tokens=8, return_dict_in_generate=True, **cache_kwargs(paged.config))
+        assert not isinstance(got.past_key_values, PagedCache)
+        assert torch.equal(got.sequences, expected)
+    assert not paged_steps
+
+
 # ----------------------------------------------------------------------------------------------------- dtypes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_dtype_greedy_matches_sdpa(dtype):
@@ -430,20 +459,26 @@ def test_dtype_greedy_matches_sdpa(dtype):
 
 # ---------------------------------------------------------------------------------------------------- threads
 def test_two_threads_generate_on_one_model(models):
+    """Concurrent generate() calls on one model (one greedy, one beam search) each get what they get alone."""
     _, paged = models
-    jobs = [left_padded([13, 7], seed=91), (random_ids(3, 21, seed=92), torch.ones(3, 21, dtype=torch.long))]
-    alone = [greedy(paged, ids, mask, max_new_tokens=12) for ids, mask in jobs]
+    jobs = [
+        (*left_padded([13, 7], seed=91), dict()),
+        (random_ids(1, 21, seed=92), None, dict(num_beams=2)),
+    ]
+    alone = [greedy(paged, ids, mask, max_new_tokens=12, **kwargs) for ids, mask, kwargs in jobs]
     rounds = 5
     barrier = threading.Barrier(len(jobs))
     results = [[None] * rounds for _ in jobs]
     errors = []
 
     def worker(index):
-        ids, mask = jobs[index]
+        ids, mask, kwargs = jobs[index]
         try:
             for r in range(rounds):
                 barrier.wait(timeout=60)
-                results[index][r] = greedy(paged, ids, mask, max_new_tokens=12)
+                out = greedy(paged, ids, mask, max_new_tokens=12, return_dict_in_generate=True, **kwargs)
+                assert isinstance(out.past_key_values, PagedCache)
+                results[index][r] = out.sequences
         except BaseException as error:  # reported in the main thread
             errors.append(error)
             barrier.abort()
