@@ -9,23 +9,37 @@ dispatch between the two:
 * `copy_blocks` -- copy-on-write of whole blocks in every layer at once.
 
 They run compiled on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package was
-imported (Triton decides at decoration time). Without Triton (macOS, Windows) the package still imports:
-`HAS_TRITON` is False and the launchers raise `RuntimeError`. ``python -m hf_paged.kernels`` compiles every kernel
-ahead of time for sm_80 and sm_90 and prints their resource usage (no GPU needed).
+imported (Triton decides at decoration time). Without Triton >= 3.8 (macOS, Windows) the package still imports:
+`HAS_TRITON` is False, `TRITON_PROBLEM` says why, and the launchers raise `RuntimeError`.
+``python -m hf_paged.kernels`` compiles every kernel ahead of time for sm_80 and sm_90 and prints their resource
+usage (no GPU needed).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-__all__ = ["HAS_TRITON", "copy_blocks", "paged_attention", "reshape_and_cache"]
+__all__ = ["HAS_TRITON", "TRITON_PROBLEM", "copy_blocks", "paged_attention", "reshape_and_cache"]
 
-try:
-    import triton  # noqa: F401
-except ImportError:
-    HAS_TRITON = False
-else:
-    HAS_TRITON = True
+#: Oldest Triton whose interpreter works with numpy 2 and whose knobs/compile API the kernels use.
+MIN_TRITON = (3, 8)
+
+
+def _triton_problem() -> str | None:
+    """Why the kernels cannot run here, or None if Triton is usable."""
+    try:
+        import triton
+    except ImportError:
+        return "needs Triton, which is not installed (it ships for Linux only: pip install 'triton>=3.8')"
+    found = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if found < MIN_TRITON:
+        return f"needs Triton >= {'.'.join(map(str, MIN_TRITON))}, found {triton.__version__}"
+    return None
+
+
+TRITON_PROBLEM = _triton_problem()
+HAS_TRITON = TRITON_PROBLEM is None
 
 if HAS_TRITON:
     from .copy_blocks import copy_blocks
@@ -36,8 +50,7 @@ else:
     def _missing(name: str):
         def launcher(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError(
-                f"hf_paged.kernels.{name} needs Triton, which is not installed (it ships for Linux only: "
-                f"pip install 'triton>=3.8'); use hf_paged.ops.{name}, the PyTorch implementation, instead"
+                f"hf_paged.kernels.{name} {TRITON_PROBLEM}; use hf_paged.ops.{name}, the PyTorch implementation"
             )
 
         launcher.__name__ = launcher.__qualname__ = name
