@@ -38,7 +38,8 @@ def notes(rss_note: str) -> list[str]:
         "KV peak: hf_paged: stats().peak_used_bytes (most blocks in use during the call); sdpa: the end value "
         "(a DynamicCache only grows; beam search's reorder copies are transient and not counted).",
         "generate_batch (Transformers continuous batching, sdpa): KV not measured (its pool is preallocated); "
-        "it stops only at max_new_tokens (eos disabled), which may differ from min_new_tokens' EOS suppression.",
+        "it stops only at max_new_tokens (eos disabled), which may differ from min_new_tokens' EOS suppression; "
+        "its time includes starting and stopping its manager thread on every call.",
         f"peak RSS: {rss_note}.",
         "match: the new tokens equal sdpa's exactly (greedy and beams; sampling with the same seed).",
     ]
@@ -120,20 +121,30 @@ def render_markdown(meta: dict, rows: list[Row], sweep: list[SweepPoint], plots:
 def _plot_times(rows: list[Row], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    scenarios = list(dict.fromkeys(r.scenario for r in rows if r.status == "ok"))
+    ok = [r for r in rows if r.status == "ok"]
+    scenarios = list(dict.fromkeys(r.scenario for r in ok))
     if not scenarios:
         return False
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(3.6 * len(scenarios), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], scenarios, strict=True):
-        mine = [r for r in rows if r.scenario == name and r.status == "ok"]
-        for impl in dict.fromkeys(r.impl for r in mine):
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    colors = {impl: f"C{i}" for i, impl in enumerate(impls)}
+    cols = min(3, len(scenarios))
+    nrows = -(-len(scenarios) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(scenarios) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, scenarios, strict=False):
+        mine = [r for r in ok if r.scenario == name]
+        for impl in impls:
             points = sorted((r.prompt_length, r.seconds_median) for r in mine if r.impl == impl)
-            ax.plot([p for p, _ in points], [t for _, t in points], marker="o", label=impl)
+            if points:
+                ax.plot([p for p, _ in points], [t for _, t in points], marker="o", color=colors[impl], label=impl)
         ax.set_title(name)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("median time (s)")
+        ax.set_xticks(sorted({r.prompt_length for r in mine}))
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
