@@ -30,11 +30,13 @@ def paged_attention_mask(
 ) -> torch.Tensor | None:
     """Mask function for ``"hf_paged"``: the 2-D padding mask ``[B, kv_length]`` (None when nothing is padded).
 
-    Causality and sliding windows are applied by the attention function itself. When the model asks for a custom
-    pattern (``or``/``and`` mask functions, packed sequences, block-wise attention), Transformers' full 4-D
-    boolean mask is built instead and used as is.
+    Causality and sliding windows are applied by the attention function itself, which takes the queries to be the
+    last ``q_length`` keys. When that does not hold (a `StaticCache` has spare slots after the queries) or the model
+    asks for a custom pattern (``or``/``and`` mask functions, packed sequences, block-wise attention),
+    Transformers' full 4-D boolean mask is built instead and used as is.
     """
-    if not allow_is_causal_skip or kwargs.get("use_vmap", False):
+    queries_end_keys = int(q_offset) + q_length == kv_offset + kv_length  # False for a StaticCache's spare slots
+    if not allow_is_causal_skip or kwargs.get("use_vmap", False) or not queries_end_keys:
         return sdpa_mask(
             batch_size=batch_size,
             q_length=q_length,
@@ -81,7 +83,7 @@ def paged_attention_forward(
     if cache is None:
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,
                                      softcap, is_causal), None
-    step = cache.attention_inputs(module.layer_idx)
+    step, key, value = cache.attention_inputs(module.layer_idx)
     mask = step.mask(attention_mask, sliding_window)
     if backend.use_triton(query.device) and (attention_mask is None or attention_mask.dim() == 2):
         window = sliding_window if sliding_window is not None and sliding_window < step.max_seq_len else None

@@ -86,16 +86,19 @@ class BlockManager:
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks `append(num_tokens)` would take from the free list (new blocks and copy-on-write copies)."""
-        needed = 0
-        for table, length in zip(self.tables, self.lengths, strict=False):
-            needed += self._row_blocks_needed(table, length, num_tokens)
-        return needed
-
-    def _row_blocks_needed(self, table: list[int], length: int, num_tokens: int) -> int:
+        if num_tokens <= 0:
+            return 0
         bs = self.block_size
-        new_blocks = _blocks_for(length + num_tokens, bs) - len(table)
-        writes_into_shared_tail = length % bs != 0 and num_tokens > 0 and self.ref_counts[table[-1]] > 1
-        return new_blocks + int(writes_into_shared_tail)
+        needed = 0
+        writers: dict[int, int] = {}  # shared partial tail block -> rows about to write into it
+        for table, length in zip(self.tables, self.lengths, strict=True):
+            needed += _blocks_for(length + num_tokens, bs) - len(table)
+            if length % bs and self.ref_counts[table[-1]] > 1:
+                writers[table[-1]] = writers.get(table[-1], 0) + 1
+        # Every writer copies the shared block, except the last one when nothing else references it any more.
+        for block, count in writers.items():
+            needed += count if self.ref_counts[block] > count else count - 1
+        return needed
 
     # ---------------------------------------------------------------------------------------------- mutators
     def grow(self, num_new_blocks: int) -> None:

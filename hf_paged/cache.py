@@ -88,6 +88,26 @@ def key_padding_mask(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:
     return mask
 
 
+class PagedPool(torch.Tensor):
+    """A layer's pool as `PagedCache.update` returns it: only the "hf_paged" attention may read it.
+
+    Any other attention implementation (sdpa, eager, ...) that received it would compute garbage from a
+    ``[N, bs, Hkv, D]`` block pool taken for ``[B, Hkv, kv, D]`` keys; every torch operation on it therefore raises
+    a clear error instead. Reading metadata (shape, dtype, device) stays allowed.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("__get__", "__repr__", "__format__"):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise RuntimeError(
+            "hf_paged: a PagedCache's block pool reached an attention implementation other than \"hf_paged\" "
+            f"(it called {getattr(func, '__name__', func)}). Load the model with attn_implementation=\"hf_paged\" "
+            '(or call model.set_attn_implementation("hf_paged")) before using a PagedCache.'
+        )
+
+
 class PagedLayer(CacheLayerMixin):
     """One layer's view of the shared pool. `keys` / `values` are that layer's pools ``[N, bs, Hkv, D]``.
 
@@ -224,8 +244,9 @@ class PagedCache(Cache):
         self.manager.grow(num_blocks - self.manager.num_blocks)
         for layer_idx, layer in enumerate(self.layers):
             layer.keys, layer.values = new[layer_idx, 0], new[layer_idx, 1]
-            setattr(layer.keys, _OWNER_ATTR, weakref.ref(self))
-            setattr(layer.values, _OWNER_ATTR, weakref.ref(self))
+            layer.guarded = (layer.keys.as_subclass(PagedPool), layer.values.as_subclass(PagedPool))
+            for pool in layer.guarded:
+                setattr(pool, _OWNER_ATTR, weakref.ref(self))
             layer.is_initialized = True
 
     def _ensure_free(self, needed: int) -> None:
@@ -251,8 +272,8 @@ class PagedCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``key_states`` / ``value_states`` (``[B, Hkv, q, D]``) for `layer_idx`.
 
-        Returns that layer's key and value pools ``[N, bs, Hkv, D]``: the "hf_paged" attention function reads
-        them through this step's block tables.
+        Returns that layer's key and value pools ``[N, bs, Hkv, D]`` as `PagedPool`: the "hf_paged" attention
+        function reads them through this step's block tables; any other attention raises.
         """
         if self._pending_layer is not None:
             pending, self._pending_layer = self._pending_layer, None
@@ -281,7 +302,7 @@ class PagedCache(Cache):
         layer = self.layers[layer_idx]
         backend.reshape_and_cache(keys, values, layer.keys, layer.values, self._step.slot_mapping)
         self._pending_layer = layer_idx
-        return layer.keys, layer.values
+        return layer.guarded
 
     def _begin_step(self, batch: int, q_len: int) -> None:
         """Reserve slots for ``q_len`` new tokens in every row and build this step's metadata."""
@@ -314,14 +335,18 @@ class PagedCache(Cache):
         self._step = _build_step(manager, lengths_before, q_len, device)
         self._step_layers = set()
 
-    def attention_inputs(self, layer_idx: int) -> StepMetadata:
-        """This step's metadata, for the attention function of `layer_idx` (marks the layer's keys as read)."""
+    def attention_inputs(self, layer_idx: int) -> tuple[StepMetadata, torch.Tensor, torch.Tensor]:
+        """This step's metadata and the key and value pools of `layer_idx`, for its attention function.
+
+        Marks the layer's new keys as read.
+        """
         if self._pending_layer != layer_idx:
             raise RuntimeError(
                 f"hf_paged: attention of layer {layer_idx} ran without storing its keys in this step first."
             )
         self._pending_layer = None
-        return self._step
+        layer = self.layers[layer_idx]
+        return self._step, layer.keys, layer.values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""

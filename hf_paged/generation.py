@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+from transformers import PreTrainedModel
 from transformers.generation.utils import GenerationMixin
 
 from .cache import PagedCache
@@ -22,19 +23,24 @@ def uses_hf_paged(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
 
 
-def check_supported(model) -> None:
+def check_attention_interface(model_class: type) -> None:
     """Raise a clear error for model families whose attention ignores Transformers' attention interface."""
+    if not model_class._can_set_attn_implementation():
+        raise NotImplementedError(
+            f'hf_paged: {model_class.__name__} does not support attn_implementation="hf_paged": its attention does '
+            "not go through Transformers' attention interface, so it would ignore the paged cache. Load it with "
+            'attn_implementation="sdpa" (or "eager") instead.'
+        )
+
+
+def check_supported(model) -> None:
+    """Raise a clear error for models hf_paged cannot serve (see `check_attention_interface`; encoder-decoders)."""
     if model.config.is_encoder_decoder:
         raise NotImplementedError(
             f"hf_paged: {type(model).__name__} is an encoder-decoder model; hf_paged supports decoder-only models. "
             'Load it with attn_implementation="sdpa" instead.'
         )
-    if not type(model)._can_set_attn_implementation():
-        raise NotImplementedError(
-            f'hf_paged: {type(model).__name__} does not support attn_implementation="hf_paged": its attention does '
-            "not go through Transformers' attention interface, so it would ignore the paged cache. Load it with "
-            'attn_implementation="sdpa" (or "eager") instead.'
-        )
+    check_attention_interface(type(model))
 
 
 def _prepare_cache_for_generation(original, self, generation_config, model_kwargs, generation_mode, batch_size,
@@ -61,7 +67,7 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
 
 
 def install_generate_hook() -> None:
-    """Wrap ``GenerationMixin._prepare_cache_for_generation`` (idempotent)."""
+    """Wrap ``GenerationMixin._prepare_cache_for_generation`` and the load-time attention check (idempotent)."""
     original = GenerationMixin._prepare_cache_for_generation
     if getattr(original, "_hf_paged_hook", False):
         return
@@ -72,3 +78,15 @@ def install_generate_hook() -> None:
 
     hooked._hf_paged_hook = True
     GenerationMixin._prepare_cache_for_generation = hooked
+
+    # Families with their own attention classes look "hf_paged" up in their own dicts while being built and fail
+    # with a bare KeyError; Transformers checks the requested implementation first, so fail clearly there.
+    original_check = PreTrainedModel._check_and_adjust_attn_implementation
+
+    @functools.wraps(original_check)
+    def checked(self, attn_implementation, *args, **kwargs):
+        if attn_implementation == ATTN_IMPLEMENTATION:
+            check_attention_interface(type(self))
+        return original_check(self, attn_implementation, *args, **kwargs)
+
+    PreTrainedModel._check_and_adjust_attn_implementation = checked

@@ -363,17 +363,21 @@ def test_prompt_lookup_decoding(models, crops, paged_steps):
     assert any(q > 1 for _, q in paged_steps[1:]), "no multi-token verification step ran on the PagedCache"
 
 
-def test_assistant_model_decoding(models, crops, paged_steps):
+@pytest.mark.parametrize("main, helper", [("hf_paged", "hf_paged"), ("hf_paged", "sdpa"), ("sdpa", "hf_paged")])
+def test_assistant_model_decoding(models, crops, main, helper):
     ref, paged = models
-    _, assistant = model_pair(tiny_config(num_hidden_layers=1), seed=7)
+    assistants = dict(zip(("sdpa", "hf_paged"), model_pair(tiny_config(num_hidden_layers=1), seed=7), strict=True))
+    model = paged if main == "hf_paged" else ref
     ids = random_ids(1, 11, seed=51)
     expected = greedy(ref, ids, max_new_tokens=20)
-    got = greedy(paged, ids, max_new_tokens=20, assistant_model=assistant, return_dict_in_generate=True)
+    got = greedy(model, ids, max_new_tokens=20, assistant_model=assistants[helper], return_dict_in_generate=True)
     assert torch.equal(got.sequences, expected)
-    assert isinstance(got.past_key_values, PagedCache)
-    assert any(n < 0 for n in crops), "the assistant never had a candidate rejected; crop was not exercised"
-    assert_stats_consistent(got.past_key_values)
-    assert got.past_key_values.get_seq_length() == got.sequences.shape[1] - 1
+    assert any(n < 0 for n in crops), "no candidate was rejected; crop was not exercised"
+    if main == "hf_paged":
+        cache = got.past_key_values
+        assert isinstance(cache, PagedCache)
+        assert_stats_consistent(cache)
+        assert cache.get_seq_length() == got.sequences.shape[1] - 1
 
 
 # ------------------------------------------------------------------------------------ continuing from a cache
@@ -419,16 +423,7 @@ def test_use_cache_false(models, paged_steps):
     [
         lambda config: dict(past_key_values=DynamicCache(config=config)),
         lambda config: dict(cache_implementation="dynamic"),
-        pytest.param(
-            lambda config: dict(cache_implementation="static"),
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="paged_attention_mask ignores q_offset/kv_length: with a StaticCache the keys include the "
-                "unfilled slots up to max_cache_len, the mask function returns None (no padding) and the contiguous "
-                "attention attends to them",
-            ),
-        ),
+        lambda config: dict(cache_implementation="static"),
     ],
     ids=["DynamicCache-object", "cache_implementation=dynamic", "cache_implementation=static"],
 )
