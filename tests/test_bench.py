@@ -122,3 +122,22 @@ def test_pool_too_small_is_a_one_line_error(tiny_model, capsys):
             "greedy", "--impls", "hf_paged,sdpa", "--sweep-k", "none"]
     assert main(argv) == 2
     assert "block" in _error_line(capsys)
+
+
+@pytest.mark.skipif(not paged_attention_registered(), reason="needs the hf_paged attention")
+def test_prefix_scenario_brackets_hf_paged_runs_with_prefix_caching(tiny_model, tmp_path, monkeypatch, capsys):
+    """With a stand-in for ``enable_prefix_caching`` the prefix scenario runs, and turns caching on and off again."""
+    import hf_paged
+
+    calls = []
+    monkeypatch.setattr(hf_paged, "enable_prefix_caching", lambda model, **kw: calls.append(("on", kw)), raising=False)
+    monkeypatch.setattr(hf_paged, "disable_prefix_caching", lambda model: calls.append(("off", {})), raising=False)
+    argv = ["--model", str(tiny_model), *QUICK, "--scenarios", "prefix", "--prefix-calls", "3", "--impls",
+            "hf_paged,sdpa", "--sweep-k", "none", "--out", str(tmp_path)]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert calls == [("on", {"num_blocks": None, "max_memory": None}), ("off", {})]
+    rows = {row["impl"]: row for row in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert rows["hf_paged"]["status"] == rows["sdpa"]["status"] == "ok"
+    assert rows["hf_paged"]["tokens"] == rows["sdpa"]["tokens"] == 3 * 4  # 3 calls x 4 new tokens
+    assert set(rows) == {"hf_paged", "sdpa"}  # generate_batch was not selected
+    assert not (tmp_path / "kv_vs_k.png").exists()  # no sweep, no plot

@@ -109,7 +109,7 @@ def render_table(rows: list[Row], sweep: list[SweepPoint], rss_note: str) -> str
 
 def render_markdown(meta: dict, rows: list[Row], sweep: list[SweepPoint], plots: list[str]) -> str:
     """``results.md``: the settings, the tables, the notes and the plots."""
-    settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("notes", "rss_note"))
+    settings = "\n".join(f"* {k}: {v}" for k, v in meta.items() if k not in ("notes", "rss_note"))
     parts = ["# hf_paged benchmark", settings, _markdown_table(_HEADERS, [_cells(r) for r in rows])]
     if sweep:
         parts += ["## KV memory vs k", _markdown_table(_SWEEP_HEADERS, [_sweep_cells(p) for p in sweep])]
