@@ -235,21 +235,27 @@ def test_paged_cache_passed_to_an_sdpa_model_generate(models):
     assert cache.stats().used_blocks == 0
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize(
     "num_layers, block_size",
-    [
-        (2, 16),
-        (2, 4),
-        (1, 4),
-    ],
-    ids=["2-layers-block16", "2-layers-block4", "1-layer-block4"],
+    [(2, 16), (2, 4), (1, 4), (1, 16)],
+    ids=["2-layers-block16", "2-layers-block4", "1-layer-block4", "1-layer-block16"],
 )
-def test_direct_forward_of_an_sdpa_model_with_a_paged_cache(num_layers, block_size):
-    ref, paged = model_pair(tiny_config(num_hidden_layers=num_layers), seed=3)
+def test_direct_forward_of_a_non_paged_model_with_a_paged_cache(num_layers, block_size, attention):
+    """Never logits computed from a block pool taken for keys: a RuntimeError naming hf_paged instead.
+
+    (With 4 heads and block_size 4, a ``[N, bs, Hkv, D]`` pool has a shape sdpa accepts as ``[B, H, kv, D]``.)
+    """
+    config = tiny_config(num_hidden_layers=num_layers)
+    _, paged = model_pair(config, seed=3)
+    other = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attention).eval()
     cache = PagedCache(paged.config, block_size=block_size)
     ids = random_ids(1, 3, seed=71)
-    with torch.no_grad(), pytest.raises(RuntimeError):
-        ref(ids, past_key_values=cache, use_cache=True)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="hf_paged"):
+        other(ids, past_key_values=cache, use_cache=True)
+    # A second forward on the same cache does not give logits either.
+    with torch.no_grad(), pytest.raises(RuntimeError, match="hf_paged"):
+        other(random_ids(1, 1, seed=72), past_key_values=cache, use_cache=True)
 
 
 # ---------------------------------------------------------------------------------- unsupported model families
