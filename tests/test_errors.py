@@ -284,6 +284,27 @@ def test_unsupported_family_fails_clearly(family):
     assert type(info.value).__name__ in ("NotImplementedError", "ValueError")
 
 
+def test_unsupported_family_from_pretrained(tmp_path):
+    AutoModelForCausalLM.from_config(copy.deepcopy(UNSUPPORTED["bloom"])).save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="hf_paged.*not support"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="hf_paged")
+
+
+@pytest.mark.parametrize("family", ["gptj", "bloom"])
+def test_unsupported_family_is_never_switched_to_hf_paged(family):
+    """``set_attn_implementation("hf_paged")`` on such a model only warns (Transformers' rule): the model keeps its
+    own attention and cache, and never claims to run hf_paged."""
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(UNSUPPORTED[family])).eval()
+    before = model.config._attn_implementation
+    ids = random_ids(1, 5, seed=85)
+    expected = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    model.set_attn_implementation("hf_paged")
+    assert model.config._attn_implementation == before != "hf_paged"
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    assert not isinstance(out.past_key_values, PagedCache)
+
+
 def test_encoder_decoder_model_fails_clearly():
     config = T5Config(vocab_size=VOCAB, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
                       decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
