@@ -117,9 +117,10 @@ def test_missing_model_folder(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not paged_attention_registered(), reason="needs the hf_paged attention")
-def test_pool_too_small_is_a_one_line_error(tiny_model, capsys):
-    argv = ["--model", str(tiny_model), *QUICK, "--prompt-lengths", "32", "--num-blocks", "1", "--scenarios",
-            "greedy", "--impls", "hf_paged,sdpa", "--sweep-k", "none"]
+@pytest.mark.parametrize("pool", [["--num-blocks", "1"], ["--max-memory", "1KB"]])
+def test_pool_too_small_is_a_one_line_error(tiny_model, pool, capsys):
+    argv = ["--model", str(tiny_model), *QUICK, "--prompt-lengths", "32", *pool, "--scenarios", "greedy",
+            "--impls", "hf_paged,sdpa", "--sweep-k", "none"]
     assert main(argv) == 2
     assert "block" in _error_line(capsys)
 

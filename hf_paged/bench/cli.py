@@ -122,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write results.json, results.md and PNG plots here")
     args = parser.parse_args(argv)
 
+    args.scenarios = tuple(dict.fromkeys(args.scenarios))
+    args.prompt_lengths = tuple(dict.fromkeys(args.prompt_lengths))
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown or not args.scenarios:
         parser.error(
@@ -237,9 +239,10 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     stream = token_stream(tokenizer, max(args.prompt_lengths))
-    suite = Suite(runner, stream, settings, progress=None)
-    with tqdm(total=suite.planned_runs(), desc=PROG, unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
-        suite.progress = bar
+    with tqdm(desc=PROG, unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
+        suite = Suite(runner, stream, settings, bar)
+        bar.total = suite.planned_runs()
+        bar.refresh()
         rows, sweep = suite.run()
     print(render_table(rows, sweep, runner.rss_note))
     if args.out is not None:
@@ -253,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m hf_paged.bench`` and ``hf-paged-bench``; returns the exit code."""
     try:
         return _run(parse_args(argv))
-    except (BenchError, hf_paged.OutOfBlocksError) as error:
+    except (BenchError, hf_paged.OutOfBlocksError, ValueError) as error:
+        if isinstance(error, ValueError) and not str(error).startswith("hf_paged:"):
+            raise  # a bug, not bad input: hf_paged's own messages (e.g. max_memory too small) start with "hf_paged:"
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2

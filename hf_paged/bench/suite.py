@@ -75,7 +75,7 @@ class Suite:
         self.stream = stream
         self.settings = settings
         self.progress = progress
-        self._first_runs: dict[tuple, Run] = {}
+        self._first_runs: dict[tuple, Run] = {}  # the first timed run of each workload, reused by the sweep
 
     def skipped(self, scenario: Scenario) -> str | None:
         """Why the whole `scenario` is skipped, or None."""
@@ -114,7 +114,6 @@ class Suite:
             run = self.runner.run(impl, scenario, calls, self.settings.new_tokens)
         finally:
             self.progress.update(1)
-        self._first_runs.setdefault((impl, scenario.workload_key, length), run)
         return run
 
     def _case(self, scenario: Scenario, length: int) -> list[Row]:
@@ -143,6 +142,7 @@ class Suite:
                     continue
                 if repeat >= 0:
                     runs[impl].append(run)
+                    self._first_runs.setdefault((impl, scenario.workload_key, length), run)
         return [self._summary(scenario, length, impl, runs, failures) for impl in s.impls]
 
     def _summary(
