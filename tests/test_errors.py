@@ -152,20 +152,22 @@ def test_cache_for_a_config_without_layers():
 
 # ----------------------------------------------------------------------------------------- OutOfBlocksError
 @pytest.mark.parametrize(
-    "pool, batch, prompt_len, new_tokens",
+    "pool, batch, prompt_len, new_tokens, extra",
     [
-        (dict(num_blocks=2), 2, 20, 4),  # the prompt itself does not fit
-        (dict(num_blocks=5), 2, 20, 30),  # fits at first, runs out while decoding
-        (dict(max_memory=5 * BLOCK_BYTES_16 + 100), 2, 20, 30),  # the same, sized in bytes
+        (dict(num_blocks=2), 2, 20, 4, {}),  # the prompt itself does not fit
+        (dict(num_blocks=5), 2, 20, 30, {}),  # fits at first, runs out while decoding
+        (dict(max_memory=5 * BLOCK_BYTES_16 + 100), 2, 20, 30, {}),  # the same, sized in bytes
+        (dict(num_blocks=5), 2, 40, 4, dict(prefill_chunk_size=8)),  # runs out in the middle of a chunked prefill
+        (dict(num_blocks=4), 1, 20, 30, dict(num_beams=2, min_new_tokens=30)),  # beams: shared prompt, copy-on-write
     ],
-    ids=["prefill", "decode", "max_memory"],
+    ids=["prefill", "decode", "max_memory", "chunked-prefill", "beams"],
 )
-def test_out_of_blocks(models, pool, batch, prompt_len, new_tokens):
+def test_out_of_blocks(models, pool, batch, prompt_len, new_tokens, extra):
     ref, paged = models
     cache = PagedCache(paged.config, **pool)
     ids = random_ids(batch, prompt_len, seed=11)
     with pytest.raises(OutOfBlocksError) as info:
-        greedy(paged, ids, max_new_tokens=new_tokens, past_key_values=cache)
+        greedy(paged, ids, max_new_tokens=new_tokens, past_key_values=cache, **extra)
     error = info.value
     assert isinstance(error, RuntimeError)
     message = str(error)
@@ -222,6 +224,32 @@ def test_a_step_that_fits_does_not_raise(models):
         paged(random_ids(2, 1, seed=52), past_key_values=cache)
     stats = cache.stats()
     assert stats.cow_copies == 1 and stats.free_blocks == 0
+    assert_consistent(cache)
+
+
+def test_growing_pool_out_of_device_memory(models, monkeypatch):
+    """A growable pool whose growth hits OutOfMemoryError raises OutOfBlocksError saying so, and stays usable."""
+    ref, paged = models
+    original = PagedCache._resize
+
+    def resize_or_oom(self, num_blocks):
+        if num_blocks > 2:
+            raise torch.OutOfMemoryError("injected: no memory for more blocks")
+        return original(self, num_blocks)
+
+    monkeypatch.setattr(PagedCache, "_resize", resize_or_oom)
+    cache = PagedCache(paged.config)
+    ids = random_ids(2, 12, seed=45)
+    with pytest.raises(OutOfBlocksError, match="ran out of device memory") as info:
+        greedy(paged, ids, max_new_tokens=30, past_key_values=cache)
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert "num_blocks" in str(info.value) and "max_memory" in str(info.value)
+    assert cache.stats().num_blocks == 2
+    assert_consistent(cache)
+    monkeypatch.setattr(PagedCache, "_resize", original)
+    cache.reset()
+    out = greedy(paged, ids, max_new_tokens=8, past_key_values=cache)
+    assert torch.equal(out, greedy(ref, ids, max_new_tokens=8))
     assert_consistent(cache)
 
 
