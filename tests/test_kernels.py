@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS = Path(__file__).parent
 
@@ -61,14 +62,11 @@ def test_package_imports_without_triton():
 
 def test_cpu_tensors_without_the_interpreter_fail_clearly():
     pytest.importorskip("triton")
-    code = (
-        "import torch\n"
-        "from hf_paged.kernels import copy_blocks\n"
-        "try:\n"
-        "    copy_blocks(torch.zeros(1, 2, 2, 16, 1, 64), torch.tensor([0]), torch.tensor([1]))\n"
-        "except ValueError as exc:\n"
-        "    assert 'TRITON_INTERPRET=1' in str(exc) and 'hf_paged.ops' in str(exc), exc\n"
-        "    print('ok')\n"
-    )
-    run = run_python("-c", code, interpret=False, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+    from hf_paged.kernels import HAS_TRITON, copy_blocks
+    from hf_paged.kernels._launch import interpreting
+
+    if not HAS_TRITON or interpreting():
+        pytest.skip("needs a usable Triton and kernels compiled for the GPU (no TRITON_INTERPRET=1)")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1") as error:
+        copy_blocks(torch.zeros(1, 2, 2, 16, 1, 64), torch.tensor([0]), torch.tensor([1]))
+    assert "hf_paged.ops" in str(error.value)
