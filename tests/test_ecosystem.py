@@ -439,6 +439,34 @@ def test_deepcopy_of_a_prefilled_prompt_cache(models):
     assert_stats_consistent(cache)
 
 
+def test_manual_decoding_loop_with_forward_calls(models):
+    """The documented manual loop: ``model(ids, past_key_values=cache)`` step by step, PagedCache vs DynamicCache."""
+    ref, paged = models
+    ids = random_ids(2, 18, seed=67)
+    ref_cache, cache = DynamicCache(config=ref.config), PagedCache(paged.config, block_size=8)
+    ref_next, next_ids = ids, ids
+    with torch.no_grad():
+        for _ in range(10):
+            ref_logits = ref(ref_next, past_key_values=ref_cache).logits[:, -1]
+            logits = paged(next_ids, past_key_values=cache).logits[:, -1]
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+            ref_next, next_ids = ref_logits.argmax(-1, keepdim=True), logits.argmax(-1, keepdim=True)
+            assert torch.equal(next_ids, ref_next)
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == 18 + 9
+    assert_stats_consistent(cache)
+
+
+def test_forward_without_a_cache_argument(models, paged_steps):
+    """A plain forward of an hf_paged model (no generate) gets Transformers' default cache and sdpa's logits."""
+    ref, paged = models
+    ids = random_ids(2, 9, seed=68)
+    with torch.no_grad():
+        expected, got = ref(ids, use_cache=True), paged(ids, use_cache=True)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    assert type(got.past_key_values) is type(expected.past_key_values)
+    assert not paged_steps
+
+
 def test_use_cache_false(models, paged_steps):
     ref, paged = models
     ids, mask = left_padded([9, 5], seed=71)
