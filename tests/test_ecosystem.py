@@ -4,8 +4,8 @@ Every test builds a tiny random Llama twice, once with ``attn_implementation="sd
 its default `DynamicCache`) and once with ``"hf_paged"`` sharing the same weights, and checks that the paged model
 gives what Transformers gives: pipelines, streamers, `GenerationConfig` objects, stop strings, custom logits
 processors and stopping criteria, chunked prefill, prompt-lookup and assisted decoding (which crop the cache),
-continuing from a returned cache, ``use_cache=False``, dtypes, concurrent ``generate`` calls, cache statistics and
-beam search's block sharing.
+continuing from a returned (or deep-copied) cache, manual forward loops, other cache classes, ``use_cache=False``,
+dtypes, concurrent ``generate`` calls, cache statistics and beam search's block sharing.
 """
 
 from __future__ import annotations
@@ -173,6 +173,8 @@ def assert_stats_consistent(cache: PagedCache) -> None:
     assert stats.used_blocks + stats.free_blocks == stats.num_blocks
     assert stats.used_bytes == stats.used_blocks * cache.bytes_per_block
     assert stats.pool_bytes == stats.num_blocks * cache.bytes_per_block
+    assert stats.peak_used_bytes == stats.peak_used_blocks * cache.bytes_per_block
+    assert stats.logical_bytes == stats.logical_tokens * cache.bytes_per_block // cache.block_size
     assert stats.logical_tokens == sum(cache.manager.lengths)
     assert stats.num_rows == cache.manager.num_rows
     assert stats.block_size == cache.block_size
