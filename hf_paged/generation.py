@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
 from .cache import PagedCache
@@ -66,6 +68,52 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
     return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
 
+_PLAIN_KWARG_TYPES = (bool, int, float, str, type(None), Cache)
+
+
+def _prefill_once(original, self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+    """Run the prompt's forward pass once per distinct prompt row, then fork each row's blocks k ways.
+
+    ``generate()`` has already repeated every prompt row k = max(num_beams, num_return_sequences) times. When the
+    cache is a `PagedCache` and the k copies are identical, the forward pass sees only every k-th row; the cache
+    then forks each row k ways (ref counts only, no copy) and the outputs are repeated to the k rows, so the
+    decoding loop sees exactly what it would have seen. Anything this cannot reproduce falls back to the ordinary
+    prefill.
+    """
+    cache = model_kwargs.get("past_key_values")
+    k = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+    rows = input_ids.shape[0]
+    if not isinstance(cache, PagedCache) or k == 1 or rows % k or cache.manager.num_rows not in (0, rows // k):
+        return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+    reduced_ids = _every_kth_row(input_ids, k, dim=0)
+    reduced_kwargs = {}
+    for key, value in model_kwargs.items():
+        if isinstance(value, torch.Tensor):
+            dim = 1 if key == "position_ids" and value.ndim == 3 else 0
+            value = _every_kth_row(value, k, dim) if value.shape[dim] == rows else None
+        elif not isinstance(value, _PLAIN_KWARG_TYPES):
+            value = None  # a structure we do not know how to reduce (multimodal features, ...)
+        if value is None and model_kwargs[key] is not None:
+            return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+        reduced_kwargs[key] = value
+    if reduced_ids is None:
+        return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+    outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
+    cache.batch_repeat_interleave(k)
+    for key, value in outputs.items():
+        if isinstance(value, torch.Tensor):
+            outputs[key] = value.repeat_interleave(k, dim=0)
+        elif isinstance(value, tuple) and all(isinstance(item, torch.Tensor) for item in value):
+            outputs[key] = tuple(item.repeat_interleave(k, dim=0) for item in value)
+    return outputs
+
+
+def _every_kth_row(tensor: torch.Tensor, k: int, dim: int) -> torch.Tensor | None:
+    """``tensor`` without its repeats along `dim` (rows ``0, k, 2k, ...``), or None if the k copies differ."""
+    reduced = tensor.unflatten(dim, (-1, k)).select(dim + 1, 0)
+    return reduced if torch.equal(reduced.repeat_interleave(k, dim=dim), tensor) else None
+
+
 def install_generate_hook() -> None:
     """Wrap ``GenerationMixin._prepare_cache_for_generation`` and the load-time attention check (idempotent)."""
     original = GenerationMixin._prepare_cache_for_generation
@@ -78,6 +126,14 @@ def install_generate_hook() -> None:
 
     hooked._hf_paged_hook = True
     GenerationMixin._prepare_cache_for_generation = hooked
+
+    original_prefill = GenerationMixin._prefill
+
+    @functools.wraps(original_prefill)
+    def prefill(self, *args, **kwargs):
+        return _prefill_once(original_prefill, self, *args, **kwargs)
+
+    GenerationMixin._prefill = prefill
 
     # Families with their own attention classes look "hf_paged" up in their own dicts while being built and fail
     # with a bare KeyError; Transformers checks the requested implementation first, so fail clearly there.

@@ -65,12 +65,14 @@ REFERENCE_ATTENTION = {"gemma2": "eager"}
 
 def make_pair(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """``(reference, paged)``: the same random weights under the reference attention and under "hf_paged"."""
-    config = _family_configs()[family]
     torch.manual_seed(seed)
+    # Each model gets its own config object: a model keeps its config, attention implementation included.
     reference = AutoModelForCausalLM.from_config(
-        config, attn_implementation=REFERENCE_ATTENTION.get(family, "sdpa"), dtype=dtype
+        _family_configs()[family], attn_implementation=REFERENCE_ATTENTION.get(family, "sdpa"), dtype=dtype
     ).eval()
-    paged = AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged", dtype=dtype).eval()
+    paged = AutoModelForCausalLM.from_config(_family_configs()[family], attn_implementation="hf_paged",
+                                             dtype=dtype).eval()
+    assert reference.config._attn_implementation != paged.config._attn_implementation
     paged.load_state_dict(reference.state_dict())
     for model in (reference, paged):
         model.generation_config.pad_token_id = 0
