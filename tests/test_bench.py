@@ -56,13 +56,23 @@ def test_console_script_points_at_main():
     assert script.load() is main
 
 
-def test_command_writes_results_and_plots(tiny_model, tmp_path):
+def test_python_dash_m_reports_bad_input_in_one_line(tmp_path):
+    """The module entry point in a real subprocess: exit code 2 and a single line on stderr, no traceback."""
+    command = [sys.executable, "-m", "hf_paged.bench", "--model", str(tmp_path / "missing")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"hf-paged-bench: error: --model {tmp_path / 'missing'}: not a Transformers checkpoint (no config.json there)"
+    ]
+
+
+def test_command_writes_results_and_plots(tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "hf_paged.bench", "--model", str(tiny_model), *QUICK, "--sweep-k", "1,2",
-               "--scenarios", "greedy,batch8,sample8,beams8_ret4,prefix", "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "scenario" in done.stdout and "x sdpa" in done.stdout  # the terminal table
+    argv = ["--model", str(tiny_model), *QUICK, "--sweep-k", "1,2", "--scenarios",
+            "greedy,batch8,sample8,beams8_ret4,prefix", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    stdout = capsys.readouterr().out
+    assert "scenario" in stdout and "x sdpa" in stdout  # the terminal table
 
     data = json.loads((out / "results.json").read_text())
     assert set(data) == {"meta", "results", "sweep"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import re
 import resource
 import sys
@@ -152,7 +151,6 @@ class Runner:
 
     def run(self, impl: str, scenario: Scenario, calls: list[list[list[int]]], new_tokens: int) -> Run:
         """Run every call of `calls` (see `Scenario.prompts`) with `impl` and measure it."""
-        gc.collect()
         reset = _reset_peak_rss()
         if impl == "generate_batch":
             run = self._run_generate_batch(scenario, calls, new_tokens)
