@@ -16,8 +16,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_paged.bench import main
-from hf_paged.bench.prompts import TEXT
+from hf_paged.bench.prompts import TEXT, left_pad, token_stream
 from hf_paged.bench.runner import paged_attention_registered
+from hf_paged.bench.scenarios import SCENARIOS
 
 ROW_KEYS = {
     "scenario", "prompt_length", "impl", "status", "reason", "seconds", "seconds_median", "tokens", "tokens_per_s",
@@ -48,6 +49,22 @@ def tiny_model(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def test_prompts_have_exact_lengths_and_left_padding(tiny_model):
+    from transformers import AutoTokenizer
+
+    stream = token_stream(AutoTokenizer.from_pretrained(tiny_model), 64)
+    (batch,) = SCENARIOS["batch8"].prompts(stream, 64)
+    assert [len(p) for p in batch] == [64, 60, 56, 52, 48, 44, 40, 36]
+    assert len({tuple(p[:30]) for p in batch}) == 8  # different texts, not prefixes of one another
+    inputs = left_pad(batch, pad_token_id=1, device=torch.device("cpu"))
+    assert inputs["input_ids"].shape == (8, 64)
+    assert inputs["attention_mask"].sum(dim=1).tolist() == [len(p) for p in batch]
+    assert inputs["attention_mask"][:, -1].all() and inputs["input_ids"][-1, :28].eq(1).all()
+    prefix_calls = SCENARIOS["prefix"].prompts(stream, 64)
+    assert all(len(call) == 1 and call[0][:64] == prefix_calls[0][0][:64] for call in prefix_calls)
+    assert len({tuple(call[0][64:]) for call in prefix_calls}) == len(prefix_calls)  # distinct suffixes
 
 
 def test_console_script_points_at_main():

@@ -197,8 +197,7 @@ class Runner:
                 sequences += out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
                 if paged:
                     stats = out.past_key_values.stats()
-                    kv_bytes, pool_bytes = stats.used_bytes, stats.pool_bytes
-                    call_peak = getattr(stats, "peak_used_bytes", stats.used_bytes)
+                    kv_bytes, pool_bytes, call_peak = stats.used_bytes, stats.pool_bytes, stats.peak_used_bytes
                 else:
                     kv_bytes = call_peak = _dynamic_cache_bytes(out.past_key_values)
                 peak_kv = max(peak_kv or 0, call_peak)
