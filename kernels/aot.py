@@ -159,7 +159,7 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
     batch, num_blocks, nb = 8, 4096, 64
     meta = kernel_meta(q_len, heads // kv_heads, head_dim, block_size, num_splits,
                        has_key_start=key_start, has_window=window is not None, has_softcap=softcap is not None,
-                       upcast=dtype == "fp32")
+                       fp32_storage=dtype == "fp32", upcast=dtype == "fp32")
     num_warps = meta.pop("num_warps")
     out = Pointer("*fp32") if num_splits > 1 else Pointer(f"*{dtype}")
     cache_strides = (block_size * kv_heads * head_dim, kv_heads * head_dim, head_dim, 1)
@@ -235,6 +235,8 @@ CONFIGS: tuple[KernelConfig, ...] = (
     _attention_config("decode Gemma2-2B bf16 window+softcap", "bf16", q_len=1, heads=8, kv_heads=4, head_dim=256,
                       window=4096, softcap=50.0),
     _attention_config("decode SmolLM2 fp32 (ieee dot)", "fp32", q_len=1, heads=9, kv_heads=3, head_dim=64),
+    _attention_config("prefill q=64 Gemma2-2B fp32 (ieee dot)", "fp32", q_len=64, heads=8, kv_heads=4, head_dim=256,
+                      window=4096, softcap=50.0),
     _reduce_config("D=64 splits=8", "bf16", head_dim=64, num_splits=8),
     _reduce_config("D=128 splits=16", "bf16", head_dim=128, num_splits=16),
     _copy_blocks_config("SmolLM2 fp16", "fp16", layers=30, kv_heads=3, head_dim=64),

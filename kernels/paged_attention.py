@@ -213,17 +213,22 @@ def reduce_splits_kernel(
     tl.store(out_ptr + i * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dim_valid)
 
 
-def tile_config(q_len: int, group: int, head_dim: int) -> dict[str, int]:
+def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = False) -> dict[str, int]:
     """Tile sizes for a launch: ``BLOCK_M`` (>= 16, power of two), ``BLOCK_Q``, ``BLOCK_N``, ``num_warps``.
 
     Decode packs the ``group`` heads of one token into 16 rows; multi-token queries use up to 64 rows so a tile of
-    keys is reused by several tokens. ``BLOCK_N`` keeps the K and V tiles near 8 KB each in 16-bit storage.
+    keys is reused by several tokens. ``BLOCK_N`` keeps the K and V tiles near 8 KB each in 16-bit storage. fp32
+    storage (fp32 operands, no tensor cores) gets 16-key tiles and at most 32 rows, which keeps head_dim 256 free of
+    register spills (see ``python -m hf_paged.kernels``).
     """
     rows = max(16, next_power_of_2(group))
     if q_len > 1:
-        rows = max(rows, min(64, next_power_of_2(q_len * group)))
-    block_n = 64 if head_dim <= 64 else 32
-    return {"BLOCK_M": rows, "BLOCK_Q": rows // group, "BLOCK_N": block_n, "num_warps": 4 if rows <= 32 else 8}
+        rows = max(rows, min(32 if fp32_storage else 64, next_power_of_2(q_len * group)))
+    if fp32_storage:
+        block_n = 16
+    else:
+        block_n = 64 if head_dim <= 64 else 32
+    return {"BLOCK_M": rows, "BLOCK_Q": rows // group, "BLOCK_N": block_n, "num_warps": 4 if rows <= 16 else 8}
 
 
 def kernel_meta(
@@ -236,11 +241,12 @@ def kernel_meta(
     has_key_start: bool,
     has_window: bool,
     has_softcap: bool,
+    fp32_storage: bool,
     upcast: bool,
 ) -> dict[str, int | bool]:
     """Every constexpr of `paged_attention_kernel` plus ``num_warps`` (shared by the launcher and the AOT check)."""
     return {
-        **tile_config(q_len, group, head_dim),
+        **tile_config(q_len, group, head_dim, fp32_storage),
         "HEAD_DIM": head_dim,
         "HEAD_DIM_PAD": next_power_of_2(head_dim),
         "GROUP": group,
@@ -331,7 +337,8 @@ def launch_paged_attention(
             f"({block_tables.shape[1]} blocks x {block_size} tokens)"
         )
     group = heads // kv_heads
-    tiles = tile_config(q_len, group, head_dim)
+    fp32_storage = key_cache.dtype == torch.float32
+    tiles = tile_config(q_len, group, head_dim, fp32_storage)
     if num_splits is None:
         programs = batch * triton.cdiv(q_len, tiles["BLOCK_Q"]) * kv_heads
         num_splits = choose_num_splits(programs, max_seq_len, tiles["BLOCK_N"], query.device)
@@ -353,7 +360,7 @@ def launch_paged_attention(
     meta = kernel_meta(
         q_len, group, head_dim, block_size, num_splits,
         has_key_start=key_start is not None, has_window=sliding_window is not None, has_softcap=softcap is not None,
-        upcast=query.device.type == "cpu" or key_cache.dtype == torch.float32,
+        fp32_storage=fp32_storage, upcast=fp32_storage or query.device.type == "cpu",
     )
     paged_attention_kernel[(batch * triton.cdiv(q_len, meta["BLOCK_Q"]), kv_heads, num_splits)](
         target, running_max, running_sum,
