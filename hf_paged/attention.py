@@ -84,19 +84,35 @@ def paged_attention_forward(
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,
                                      softcap, is_causal), None
     step, key, value = cache.attention_inputs(module.layer_idx)
-    mask = step.mask(attention_mask, sliding_window)
-    if backend.use_triton(query.device) and (attention_mask is None or attention_mask.dim() == 2):
-        window = sliding_window if sliding_window is not None and sliding_window < step.max_seq_len else None
+    if sliding_window is not None and sliding_window >= step.max_seq_len:
+        sliding_window = None  # the window covers every key: no mask needed
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap), None
+    if backend.use_triton(query.device):
         key_start = _key_start(step, attention_mask)
         if key_start is not None or attention_mask is None:
             out = backend.paged_attention(
                 query, key, value, step.block_tables, step.seq_lens, key_start,
-                scale=scale, max_seq_len=step.max_seq_len, sliding_window=window, softcap=softcap,
+                scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
             )
             return out, None
+    elif step.shared is not None and sliding_window is None:
+        masks = step.shared_masks(attention_mask)
+        if masks is not None:
+            shared = step.shared
+            out = ops.shared_prefix_attention(
+                query, key, value, shared.prefix_blocks, shared.tail_tables, step.max_seq_len - shared.prefix_len,
+                *masks, scale=scale, softcap=softcap, prefix_start=shared.prefix_start,
+            )
+            return out, None
+    return _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap), None
+
+
+def _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap) -> torch.Tensor:
+    """Gather each row's keys and values out of the pools, then attend as over contiguous tensors."""
     keys = ops.gather_kv(key, step.block_tables, step.max_seq_len)
     values = ops.gather_kv(value, step.block_tables, step.max_seq_len)
-    return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap), None
+    return ops.attend(query, keys, values, step.mask(attention_mask, sliding_window), scale=scale, softcap=softcap)
 
 
 def _key_start(step, attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -37,6 +37,25 @@ class CacheStats:
     num_rows: int
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Rows ``[g * R, (g + 1) * R)`` share their first ``len(prefix_blocks[g])`` blocks (built once per step).
+
+    Attributes:
+        group_size: ``R``, rows per group.
+        prefix_blocks: ``[G, F]`` int32, each group's shared blocks.
+        prefix_start: the first block when there is one group and its blocks are consecutive (read in place).
+        tail_tables: ``[B, nt]`` int32, each row's blocks after the prefix.
+        prefix_len: ``F * block_size`` tokens.
+    """
+
+    group_size: int
+    prefix_blocks: torch.Tensor
+    prefix_start: int | None
+    tail_tables: torch.Tensor
+    prefix_len: int
+
+
 @dataclass
 class StepMetadata:
     """What one forward step's attention calls share, built once per step (not once per layer).
@@ -47,6 +66,7 @@ class StepMetadata:
         slot_mapping: ``[B * q]`` int64, where each new token is written.
         q_len: query tokens per row in this step.
         max_seq_len: ``max(seq_lens)`` as a Python int.
+        shared: how rows share leading blocks (beams, samples of one prompt), or None.
     """
 
     block_tables: torch.Tensor
@@ -54,12 +74,19 @@ class StepMetadata:
     slot_mapping: torch.Tensor
     q_len: int
     max_seq_len: int
+    shared: SharedPrefix | None = None
     _masks: dict = field(default_factory=dict)
+
+    def shared_masks(self, attention_mask: torch.Tensor | None):
+        """``(prefix_mask [G, 1, 1, S] | None, tail_mask [B, 1, q, T] | None)`` for `shared_prefix_attention`, or
+        None when the rows of a group are padded differently inside the prefix (memoised per step)."""
+        key = ("shared", id(attention_mask))
+        if key not in self._masks:
+            self._masks[key] = _shared_masks(self, attention_mask)
+        return self._masks[key]
 
     def mask(self, attention_mask: torch.Tensor | None, sliding_window: int | None) -> torch.Tensor | None:
         """The boolean ``[B, 1, q, kv]`` mask for this step (None when nothing is masked), memoised per step."""
-        if sliding_window is not None and sliding_window >= self.max_seq_len:
-            sliding_window = None
         key = (id(attention_mask), sliding_window)
         if key not in self._masks:
             self._masks[key] = _step_mask(self, attention_mask, sliding_window)
@@ -78,6 +105,26 @@ def _step_mask(step: StepMetadata, attention_mask: torch.Tensor | None, window: 
     if attention_mask is not None:
         mask = mask & key_padding_mask(attention_mask, kv_len)[:, None, None, :]
     return mask
+
+
+def _shared_masks(step: StepMetadata, attention_mask: torch.Tensor | None):
+    from .ops import causal_mask
+
+    shared = step.shared
+    prefix_len, tail_len = shared.prefix_len, step.max_seq_len - shared.prefix_len
+    tail_mask = None
+    if step.q_len > 1:
+        tail_mask = causal_mask(step.seq_lens - prefix_len, None, step.q_len, tail_len)
+    if attention_mask is None:
+        return None, tail_mask
+    keys = key_padding_mask(attention_mask, step.max_seq_len)
+    prefix_keys = keys[:, :prefix_len].unflatten(0, (-1, shared.group_size))
+    if not bool((prefix_keys == prefix_keys[:, :1]).all()):
+        return None
+    tail_keys = keys[:, None, None, prefix_len:]
+    tail_mask = tail_keys if tail_mask is None else tail_mask & tail_keys
+    prefix_mask = prefix_keys[:, 0, None, None, :]
+    return (None if bool(prefix_mask.all()) else prefix_mask), tail_mask
 
 
 def key_padding_mask(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -444,6 +491,44 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
         slot_mapping=slots.reshape(-1),
         q_len=q_len,
         max_seq_len=max(manager.lengths),
+        shared=_shared_prefix(manager, q_len, device),
+    )
+
+
+def _shared_prefix(manager: BlockManager, q_len: int, device: torch.device) -> SharedPrefix | None:
+    """Find consecutive, equal-size groups of rows that share leading blocks (as ``generate`` lays out the k
+    copies of each prompt), or None when no block is shared."""
+    tables, rows = manager.tables, manager.num_rows
+    if rows < 2 or not tables[0]:
+        return None
+    group_size = 1
+    while group_size < rows and tables[group_size][:1] == tables[0][:1]:
+        group_size += 1
+    if group_size == 1 or rows % group_size:
+        return None
+    # Shared blocks must hold no token of this step (those are written to private blocks anyway).
+    shared = (min(manager.lengths) - q_len) // manager.block_size
+    groups = [tables[start:start + group_size] for start in range(0, rows, group_size)]
+    for group in groups:
+        first = group[0]
+        for table in group[1:]:
+            common = 0
+            while common < shared and table[common] == first[common]:
+                common += 1
+            shared = common
+    if shared == 0:
+        return None
+    prefixes = [group[0][:shared] for group in groups]
+    start = prefixes[0][0]
+    consecutive = len(prefixes) == 1 and prefixes[0] == list(range(start, start + shared))
+    width = max(len(table) for table in tables) - shared
+    tails = [table[shared:] + [0] * (width - len(table) + shared) for table in tables]
+    return SharedPrefix(
+        group_size=group_size,
+        prefix_blocks=torch.tensor(prefixes, dtype=torch.int32).to(device),
+        prefix_start=start if consecutive else None,
+        tail_tables=torch.tensor(tails, dtype=torch.int32).to(device),
+        prefix_len=shared * manager.block_size,
     )
 
 

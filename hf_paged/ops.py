@@ -190,3 +190,119 @@ def paged_attention(
     values = gather_kv(value_cache, block_tables, max_seq_len)
     mask = causal_mask(seq_lens, key_start, query.shape[2], max_seq_len, sliding_window)
     return attend(query, keys, values, mask, scale=scale, softcap=softcap)
+
+
+def attention_with_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention in fp32 that also returns the log-sum-exp of each query's scores, for merging partial results.
+
+    Args:
+        query: ``[..., M, D]``.
+        key, value: ``[..., kv, D]`` (same leading dims as ``query``).
+        mask: boolean broadcastable to ``[..., M, kv]`` (True = attend), or None.
+
+    Returns:
+        ``(out [..., M, D], lse [..., M])`` in fp32; a query with no key gets ``out = 0`` and ``lse = -inf``.
+    """
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
+    return torch.matmul(probs, value.float()), lse
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Combine attention over two disjoint key sets from their outputs ``[..., M, D]`` and log-sum-exps ``[..., M]``."""
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weight_a, weight_b = torch.exp(lse_a - top)[..., None], torch.exp(lse_b - top)[..., None]
+    total = (weight_a + weight_b).clamp_min(torch.finfo(weight_a.dtype).tiny)
+    return (out_a * weight_a + out_b * weight_b) / total
+
+
+def shared_prefix_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    prefix_blocks: torch.Tensor,
+    tail_tables: torch.Tensor,
+    tail_len: int,
+    prefix_mask: torch.Tensor | None,
+    tail_mask: torch.Tensor | None,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    prefix_start: int | None = None,
+) -> torch.Tensor:
+    """Paged attention where groups of rows share their leading blocks: the shared keys are read once per group.
+
+    The ``B`` rows form ``G`` consecutive groups of ``R = B / G`` rows (the k beams or samples of one prompt). The
+    rows of a group share their first ``S = F * bs`` tokens (blocks ``prefix_blocks[g]``); each row's remaining
+    ``tail_len`` tokens live in ``tail_tables``. Attention over the shared prefix runs once for all ``R * H * q``
+    queries of a group, attention over each row's tail runs per row, and the two are merged by log-sum-exp.
+    The prefix holds no token of this step, so it needs no causal mask.
+
+    Args:
+        query: ``[B, H, q, D]``.
+        key_cache, value_cache: ``[N, bs, Hkv, D]``.
+        prefix_blocks: ``[G, F]`` block ids of each group's shared prefix.
+        tail_tables: ``[B, nt]`` block ids of each row after its prefix.
+        tail_len: tokens read from the tails (the longest row's tail).
+        prefix_mask: boolean ``[G, 1, 1, S]`` (left padding inside the prefix), or None.
+        tail_mask: boolean ``[B, 1, q, tail_len]`` (causal and padding within the tails), or None.
+        prefix_start: with one group whose prefix blocks are consecutive, the first of them: the prefix is then read
+            in place, without a gather.
+
+    Returns:
+        ``[B, q, H, D]`` in ``query``'s dtype.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key_cache.shape[2]
+    groups, per_group, gq = prefix_blocks.shape[0], batch // prefix_blocks.shape[0], heads // kv_heads * q_len
+    packed = query.reshape(batch, kv_heads, gq, dim)  # the query heads of one KV head, as rows
+
+    def packed_mask(mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        if mask is None or mask.shape[-2] == 1:
+            return mask
+        return mask[:, :, None].expand(-1, -1, gq // q_len, -1, -1).reshape(mask.shape[0], 1, rows, mask.shape[-1])
+
+    tail_keys = gather_kv(key_cache, tail_tables, tail_len)
+    tail_values = gather_kv(value_cache, tail_tables, tail_len)
+    out_tail, lse_tail = attention_with_lse(
+        packed, tail_keys, tail_values, packed_mask(tail_mask, gq), scale=scale, softcap=softcap
+    )
+
+    num_prefix_blocks = prefix_blocks.shape[1]
+    if prefix_start is not None:
+        in_place = slice(prefix_start, prefix_start + num_prefix_blocks)
+        prefix_keys = key_cache[in_place].flatten(0, 1)[None].transpose(1, 2)
+        prefix_values = value_cache[in_place].flatten(0, 1)[None].transpose(1, 2)
+    else:
+        prefix_len = num_prefix_blocks * key_cache.shape[1]
+        prefix_keys = gather_kv(key_cache, prefix_blocks, prefix_len)
+        prefix_values = gather_kv(value_cache, prefix_blocks, prefix_len)
+    grouped = packed.reshape(groups, per_group, kv_heads, gq, dim).transpose(1, 2).reshape(
+        groups, kv_heads, per_group * gq, dim
+    )
+    out_prefix, lse_prefix = attention_with_lse(
+        grouped, prefix_keys, prefix_values, prefix_mask, scale=scale, softcap=softcap
+    )
+    out_prefix = out_prefix.view(groups, kv_heads, per_group, gq, dim).transpose(1, 2).reshape(
+        batch, kv_heads, gq, dim
+    )
+    lse_prefix = lse_prefix.view(groups, kv_heads, per_group, gq).transpose(1, 2).reshape(batch, kv_heads, gq)
+
+    out = merge_attention(out_prefix, lse_prefix, out_tail, lse_tail)
+    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).to(query.dtype).contiguous()

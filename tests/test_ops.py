@@ -1,0 +1,97 @@
+"""The PyTorch paged ops against plain attention over contiguous keys and values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_paged import ops
+
+
+def _random_paged(batch, kv_heads, dim, block_size, lengths, num_blocks=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator)
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator)
+    perm = torch.randperm(num_blocks, generator=generator).tolist()
+    width = max(-(-n // block_size) for n in lengths)
+    tables = [[perm.pop() for _ in range(width)] for _ in range(batch)]
+    return key_cache, value_cache, tables
+
+
+def test_paged_attention_matches_contiguous_attention():
+    batch, heads, kv_heads, dim, bs, q = 3, 6, 2, 16, 4, 3
+    lengths = [13, 9, 13]
+    key_cache, value_cache, tables = _random_paged(batch, kv_heads, dim, bs, lengths)
+    block_tables = torch.tensor(tables, dtype=torch.int32)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    key_start = torch.tensor([0, 2, 5], dtype=torch.int32)
+    query = torch.randn(batch, heads, q, dim)
+    out = ops.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, key_start, scale=0.3,
+                              max_seq_len=13, sliding_window=6)
+    for row in range(batch):
+        n = lengths[row]
+        keys = key_cache[block_tables[row].long()].flatten(0, 1)[:n]
+        values = value_cache[block_tables[row].long()].flatten(0, 1)[:n]
+        for i in range(q):
+            pos = n - q + i
+            visible = [j for j in range(n) if key_start[row] <= j <= pos and j > pos - 6]
+            for h in range(heads):
+                k, v = keys[visible, h // 3], values[visible, h // 3]
+                weights = torch.softmax(query[row, h, i] @ k.T * 0.3, dim=-1)
+                torch.testing.assert_close(out[row, i, h], weights @ v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize(
+    "groups, per_group, consecutive", [(1, 4, True), (1, 4, False), (2, 3, False)],
+    ids=["one-group-in-place", "one-group-gathered", "two-groups"],
+)
+def test_shared_prefix_attention_equals_gathered_attention(q_len, groups, per_group, softcap, consecutive):
+    kv_heads, heads, dim, bs = 2, 6, 8, 4
+    batch = groups * per_group
+    prefix_blocks_per_group, tail_blocks = 3, 2
+    generator = torch.Generator().manual_seed(groups * 10 + per_group)
+    num_blocks = 40
+    key_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=generator)
+    value_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=generator)
+    free = list(range(num_blocks))[::-1]
+    prefixes = [[5, 6, 7]] if consecutive else [[free.pop() for _ in range(3)] for _ in range(groups)]
+    free = [b for b in free if b not in {5, 6, 7}]
+    tables = [prefixes[row // per_group] + [free.pop() for _ in range(tail_blocks)] for row in range(batch)]
+    length = prefix_blocks_per_group * bs + 6  # the tails hold 6 tokens
+    seq_lens = torch.full((batch,), length, dtype=torch.int32)
+    padding = torch.ones(batch, length, dtype=torch.bool)
+    padding[:per_group, :3] = False  # the first group's prompt is left-padded by 3
+    query = torch.randn(batch, heads, q_len, dim, generator=generator)
+    block_tables = torch.tensor(tables, dtype=torch.int32)
+
+    keys = ops.gather_kv(key_cache, block_tables, length)
+    values = ops.gather_kv(value_cache, block_tables, length)
+    mask = ops.causal_mask(seq_lens, None, q_len, length) & padding[:, None, None, :]
+    expected = ops.attend(query, keys, values, mask, scale=0.25, softcap=softcap)
+
+    prefix_len = prefix_blocks_per_group * bs
+    tail_mask = ops.causal_mask(seq_lens - prefix_len, None, q_len, length - prefix_len) & padding[
+        :, None, None, prefix_len:]
+    prefix_mask = padding[::per_group, None, None, :prefix_len]
+    got = ops.shared_prefix_attention(
+        query, key_cache, value_cache, torch.tensor(prefixes, dtype=torch.int32),
+        block_tables[:, prefix_blocks_per_group:], length - prefix_len, prefix_mask, tail_mask,
+        scale=0.25, softcap=softcap, prefix_start=5 if consecutive else None,
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reshape_and_cache_skips_negative_slots_and_copy_blocks_copies_every_layer():
+    key_cache = torch.zeros(4, 2, 1, 3)
+    value_cache = torch.zeros(4, 2, 1, 3)
+    key = torch.arange(9.0).view(3, 1, 3)
+    ops.reshape_and_cache(key, -key, key_cache, value_cache, torch.tensor([5, -1, 0]))
+    assert torch.equal(key_cache[2, 1, 0], key[0, 0]) and torch.equal(key_cache[0, 0, 0], key[2, 0])
+    assert torch.equal(value_cache[2, 1, 0], -key[0, 0]) and key_cache.count_nonzero() == 5
+    pool = torch.randn(3, 2, 4, 2, 1, 3)
+    before = pool.clone()
+    ops.copy_blocks(pool, torch.tensor([0, 1]), torch.tensor([3, 2]))
+    assert torch.equal(pool[:, :, 3], before[:, :, 0]) and torch.equal(pool[:, :, 2], before[:, :, 1])
+    assert torch.equal(pool[:, :, :2], before[:, :, :2])
