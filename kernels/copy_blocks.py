@@ -66,7 +66,7 @@ def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> 
     if src.shape[0] == 0 or layers == 0:
         return
     copy_blocks_kernel[(src.shape[0], layers * 2)](
-        kv_pool, src, dst,
+        kv_pool, src.contiguous(), dst.contiguous(),
         kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2),
         block_size * kv_heads * head_dim,
         CHUNK=_CHUNK,

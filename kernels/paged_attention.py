@@ -364,8 +364,8 @@ def launch_paged_attention(
     )
     paged_attention_kernel[(batch * triton.cdiv(q_len, meta["BLOCK_Q"]), kv_heads, num_splits)](
         target, running_max, running_sum,
-        query, key_cache, value_cache, block_tables, seq_lens,
-        key_start if key_start is not None else seq_lens,
+        query, key_cache, value_cache, block_tables, seq_lens.contiguous(),
+        key_start.contiguous() if key_start is not None else seq_lens,
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
         q_len, triton.cdiv(q_len, meta["BLOCK_Q"]),

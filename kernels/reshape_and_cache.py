@@ -75,7 +75,7 @@ def reshape_and_cache(
     Args:
         key, value: ``[T, Hkv, D]`` new states, any strides; cast to the pools' dtype on store.
         key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, written in place (any strides).
-        slot_mapping: ``[T]`` int32/int64 slots ``block * bs + offset``; negative slots are skipped. Slots past the
+        slot_mapping: ``[T]`` int32/int64 slots (any stride) ``block * bs + offset``; negative slots are skipped. Slots past the
             end of the pool are skipped too (the reference raises instead; the kernel cannot).
     """
     check_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
@@ -92,7 +92,7 @@ def reshape_and_cache(
     if tokens == 0:
         return
     reshape_and_cache_kernel[(tokens,)](
-        key, value, key_cache, value_cache, slot_mapping,
+        key, value, key_cache, value_cache, slot_mapping.contiguous(),
         num_blocks * block_size, kv_heads,
         *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
         HEAD_DIM=head_dim,

@@ -142,8 +142,11 @@ def test_fully_masked_queries_are_zero():
 def test_public_signature_is_a_drop_in_for_the_reference():
     inputs = make_paged_inputs(group=3, kv_heads=1, head_dim=64, block_size=16, q_len=1, seq_lens=[30, 12],
                                key_start=[0, 2], dtype=torch.float32, seed=1)
-    args = (inputs["query"], inputs["key_cache"], inputs["value_cache"], inputs["block_tables"], inputs["seq_lens"],
-            inputs["key_start"])
+    # index tensors as strided views, as a caller slicing bigger buffers would pass them
+    tables = torch.zeros(2, 2 * inputs["block_tables"].shape[1], dtype=torch.int32, device=DEVICE)
+    tables[:, ::2] = inputs["block_tables"]
+    lens = torch.stack([inputs["seq_lens"], inputs["key_start"]], dim=1)
+    args = (inputs["query"], inputs["key_cache"], inputs["value_cache"], tables[:, ::2], lens[:, 0], lens[:, 1])
     out = paged_attention(*args, scale=0.125, max_seq_len=30)
     torch.testing.assert_close(out, reference_attention(inputs, scale=0.125, max_seq_len=30), atol=2e-5, rtol=2e-5)
 
@@ -185,6 +188,7 @@ def test_reshape_and_cache_matches_reference(kv_heads, head_dim, block_size, key
     key, value = fused[:, 1], fused[:, 2]
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
     slots[[2, 7]] = torch.tensor([-1, -3])  # skipped
+    slots = torch.stack([slots, slots], dim=1)[:, 0]  # a strided view
     key, value, slots = key.to(DEVICE), value.to(DEVICE), slots.to(slot_dtype).to(DEVICE)
     initial = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(cache_dtype).to(DEVICE)
     expected_k, expected_v = initial[0].clone(), initial[1].clone()
