@@ -26,9 +26,9 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from ._launch import COMPILE_OPTIONS
-from .copy_blocks import _CHUNK, copy_blocks_kernel
-from .paged_attention import kernel_meta, paged_attention_kernel, reduce_splits_kernel
-from .reshape_and_cache import reshape_and_cache_kernel
+from .copy_blocks import copy_blocks_kernel, copy_blocks_meta
+from .paged_attention import paged_attention_kernel, paged_attention_meta, reduce_splits_kernel, reduce_splits_meta
+from .reshape_and_cache import reshape_and_cache_kernel, reshape_and_cache_meta
 
 __all__ = ["ARCHS", "CONFIGS", "CompileResult", "KernelConfig", "compile_config", "main"]
 
@@ -153,14 +153,20 @@ def compile_config(config: KernelConfig, arch: str, capability: int) -> CompileR
     return result
 
 
+def _split_meta(meta: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A launcher's ``*_meta`` dict as (constexprs, num_warps)."""
+    constexprs = dict(meta)
+    return constexprs, constexprs.pop("num_warps")
+
+
 def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_heads: int, head_dim: int,
                       block_size: int = 16, num_splits: int = 1, window: int | None = None,
-                      softcap: float | None = None, key_start: bool = True) -> KernelConfig:
-    batch, num_blocks, nb = 8, 4096, 64
-    meta = kernel_meta(q_len, heads // kv_heads, head_dim, block_size, num_splits,
-                       has_key_start=key_start, has_window=window is not None, has_softcap=softcap is not None,
-                       fp32_storage=dtype == "fp32", upcast=dtype == "fp32")
-    num_warps = meta.pop("num_warps")
+                      softcap: float | None = None) -> KernelConfig:
+    constexprs, num_warps = _split_meta(paged_attention_meta(
+        q_len, heads // kv_heads, head_dim, block_size, num_splits,
+        has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
+        fp32_storage=dtype == "fp32", upcast=dtype == "fp32",
+    ))
     out = Pointer("*fp32") if num_splits > 1 else Pointer(f"*{dtype}")
     cache_strides = (block_size * kv_heads * head_dim, kv_heads * head_dim, head_dim, 1)
     out_strides = (q_len * heads * head_dim * num_splits, heads * head_dim * num_splits, head_dim * num_splits)
@@ -170,18 +176,18 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
         "value_cache_ptr": Pointer(f"*{dtype}"), "block_tables_ptr": Pointer("*i32"),
         "seq_lens_ptr": Pointer("*i32"), "key_start_ptr": Pointer("*i32"),
         "scale": 0.125, "softcap": float(softcap or 1.0), "window": window or 0,
-        "q_len": q_len, "num_q_tiles": triton.cdiv(q_len, meta["BLOCK_Q"]) + 2,  # not 1: a runtime value in general
+        # num_q_tiles: a batch of rows makes it a runtime value (a 1 would be specialised away)
+        "q_len": q_len, "num_q_tiles": triton.cdiv(q_len, constexprs["BLOCK_Q"]) + 2,
         # query is Transformers' [B, q, H, D] tensor seen as [B, H, q, D]
         "stride_qb": q_len * heads * head_dim, "stride_qh": head_dim, "stride_qt": heads * head_dim, "stride_qd": 1,
         **dict(zip(("stride_kn", "stride_kt", "stride_kh", "stride_kd"), cache_strides, strict=True)),
         **dict(zip(("stride_vn", "stride_vt", "stride_vh", "stride_vd"), cache_strides, strict=True)),
-        "stride_btb": nb, "stride_btn": 1,
+        "stride_btb": 64, "stride_btn": 1,  # a block table 64 blocks wide
         "stride_ob": out_strides[0], "stride_ot": out_strides[1], "stride_oh": out_strides[2],
         "stride_os": head_dim if num_splits > 1 else 0,
         "stride_mb": q_len * heads * num_splits, "stride_mt": heads * num_splits, "stride_mh": num_splits,
     }
-    del batch, num_blocks
-    return KernelConfig(paged_attention_kernel, label, args, meta, num_warps, mma_expected=dtype != "fp32")
+    return KernelConfig(paged_attention_kernel, label, args, constexprs, num_warps, mma_expected=dtype != "fp32")
 
 
 def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16
@@ -197,27 +203,25 @@ def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: i
         **dict(zip(("stride_kcn", "stride_kcs", "stride_kch", "stride_kcd"), cache_strides, strict=True)),
         **dict(zip(("stride_vcn", "stride_vcs", "stride_vch", "stride_vcd"), cache_strides, strict=True)),
     }
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_SIZE": block_size,
-                  "HEADS_PAD": triton.next_power_of_2(kv_heads), "HEAD_DIM_PAD": triton.next_power_of_2(head_dim)}
-    return KernelConfig(reshape_and_cache_kernel, label, args, constexprs, 1 if kv_heads * head_dim <= 512 else 4)
+    constexprs, num_warps = _split_meta(reshape_and_cache_meta(kv_heads, head_dim, block_size))
+    return KernelConfig(reshape_and_cache_kernel, label, args, constexprs, num_warps)
 
 
-def _copy_blocks_config(label: str, dtype: str, layers: int, kv_heads: int, head_dim: int, block_size: int = 16,
+def _copy_blocks_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16,
                         num_blocks: int = 4096) -> KernelConfig:
     block = block_size * kv_heads * head_dim
     args = {"pool_ptr": Pointer(f"*{dtype}"), "src_ptr": Pointer("*i64"), "dst_ptr": Pointer("*i64"),
             "stride_layer": 2 * num_blocks * block, "stride_kv": num_blocks * block, "stride_block": block,
             "block_numel": block}
-    del layers
-    return KernelConfig(copy_blocks_kernel, label, args, {"CHUNK": _CHUNK})
+    constexprs, num_warps = _split_meta(copy_blocks_meta())
+    return KernelConfig(copy_blocks_kernel, label, args, constexprs, num_warps)
 
 
 def _reduce_config(label: str, dtype: str, head_dim: int, num_splits: int) -> KernelConfig:
     args = {"out_ptr": Pointer(f"*{dtype}"), "partial_ptr": Pointer("*fp32"), "max_ptr": Pointer("*fp32"),
             "sum_ptr": Pointer("*fp32")}
-    constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": triton.next_power_of_2(head_dim), "NUM_SPLITS": num_splits,
-                  "SPLITS_PAD": triton.next_power_of_2(num_splits)}
-    return KernelConfig(reduce_splits_kernel, label, args, constexprs, 1 if head_dim <= 64 else 2)
+    constexprs, num_warps = _split_meta(reduce_splits_meta(head_dim, num_splits))
+    return KernelConfig(reduce_splits_kernel, label, args, constexprs, num_warps)
 
 
 #: Shapes: SmolLM2-135M (9 heads, 3 KV heads, D 64), Llama-3-8B (32 heads, 8 KV heads, D 128) and Gemma-2-2B
@@ -239,8 +243,8 @@ CONFIGS: tuple[KernelConfig, ...] = (
                       window=4096, softcap=50.0),
     _reduce_config("D=64 splits=8", "bf16", head_dim=64, num_splits=8),
     _reduce_config("D=128 splits=16", "bf16", head_dim=128, num_splits=16),
-    _copy_blocks_config("SmolLM2 fp16", "fp16", layers=30, kv_heads=3, head_dim=64),
-    _copy_blocks_config("Llama-8B bf16", "bf16", layers=32, kv_heads=8, head_dim=128),
+    _copy_blocks_config("SmolLM2 fp16", "fp16", kv_heads=3, head_dim=64),
+    _copy_blocks_config("Llama-8B bf16", "bf16", kv_heads=8, head_dim=128),
 )
 
 

@@ -14,11 +14,7 @@ from hf_paged.ops import copy_blocks as copy_blocks_reference
 
 from ._launch import COMPILE_OPTIONS, FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_shape
 
-__all__ = ["copy_blocks", "copy_blocks_kernel", "copy_blocks_reference"]
-
-#: Elements each program copies per loop step.
-_CHUNK = 1024
-
+__all__ = ["copy_blocks", "copy_blocks_kernel", "copy_blocks_meta", "copy_blocks_reference"]
 
 @triton.jit
 def copy_blocks_kernel(
@@ -40,6 +36,11 @@ def copy_blocks_kernel(
     for start in range(0, block_numel, CHUNK):
         mask = start + offsets < block_numel
         tl.store(dst_base + start + offsets, tl.load(src_base + start + offsets, mask=mask), mask=mask)
+
+
+def copy_blocks_meta() -> dict[str, int]:
+    """Every constexpr of `copy_blocks_kernel` plus ``num_warps``: 1024 elements per loop step (shared with AOT)."""
+    return {"CHUNK": 1024, "num_warps": 4}
 
 
 def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -69,6 +70,6 @@ def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> 
         kv_pool, src.contiguous(), dst.contiguous(),
         kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2),
         block_size * kv_heads * head_dim,
-        CHUNK=_CHUNK,
+        **copy_blocks_meta(),
         **COMPILE_OPTIONS,
     )

@@ -30,12 +30,13 @@ from ._launch import COMPILE_OPTIONS, FLOAT_DTYPES, check_device, check_dtype, c
 
 __all__ = [
     "choose_num_splits",
-    "kernel_meta",
     "launch_paged_attention",
     "paged_attention",
     "paged_attention_kernel",
+    "paged_attention_meta",
     "paged_attention_reference",
     "reduce_splits_kernel",
+    "reduce_splits_meta",
     "tile_config",
 ]
 
@@ -231,7 +232,7 @@ def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = Fals
     return {"BLOCK_M": rows, "BLOCK_Q": rows // group, "BLOCK_N": block_n, "num_warps": 4 if rows <= 16 else 8}
 
 
-def kernel_meta(
+def paged_attention_meta(
     q_len: int,
     group: int,
     head_dim: int,
@@ -262,6 +263,17 @@ def kernel_meta(
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def reduce_splits_meta(head_dim: int, num_splits: int) -> dict[str, int]:
+    """Every constexpr of `reduce_splits_kernel` plus ``num_warps`` (shared by the launcher and the AOT check)."""
+    return {
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": next_power_of_2(head_dim),
+        "NUM_SPLITS": num_splits,
+        "SPLITS_PAD": next_power_of_2(num_splits),
+        "num_warps": 1 if head_dim <= 64 else 2,
+    }
 
 
 def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
@@ -357,7 +369,7 @@ def launch_paged_attention(
         running_max = running_sum = out  # never read or written by the single-pass kernel
         target, stat_strides = out, (0, 0, 0)
 
-    meta = kernel_meta(
+    meta = paged_attention_meta(
         q_len, group, head_dim, block_size, num_splits,
         has_key_start=key_start is not None, has_window=sliding_window is not None, has_softcap=softcap is not None,
         fp32_storage=fp32_storage, upcast=fp32_storage or query.device.type == "cpu",
@@ -378,11 +390,7 @@ def launch_paged_attention(
     if num_splits > 1:
         reduce_splits_kernel[(batch * q_len * heads,)](
             out, partial, running_max, running_sum,
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=next_power_of_2(head_dim),
-            NUM_SPLITS=num_splits,
-            SPLITS_PAD=next_power_of_2(num_splits),
-            num_warps=1 if head_dim <= 64 else 2,
+            **reduce_splits_meta(head_dim, num_splits),
             **COMPILE_OPTIONS,
         )
     return out

@@ -22,7 +22,7 @@ from ._launch import (
     next_power_of_2,
 )
 
-__all__ = ["reshape_and_cache", "reshape_and_cache_kernel", "reshape_and_cache_reference"]
+__all__ = ["reshape_and_cache", "reshape_and_cache_kernel", "reshape_and_cache_meta", "reshape_and_cache_reference"]
 
 
 @triton.jit
@@ -63,6 +63,17 @@ def reshape_and_cache_kernel(
                  value.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
+def reshape_and_cache_meta(kv_heads: int, head_dim: int, block_size: int) -> dict[str, int]:
+    """Every constexpr of `reshape_and_cache_kernel` plus ``num_warps`` (shared by the launcher and the AOT check)."""
+    return {
+        "HEAD_DIM": head_dim,
+        "BLOCK_SIZE": block_size,
+        "HEADS_PAD": next_power_of_2(kv_heads),
+        "HEAD_DIM_PAD": next_power_of_2(head_dim),
+        "num_warps": 1 if kv_heads * head_dim <= 512 else 4,
+    }
+
+
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -95,10 +106,6 @@ def reshape_and_cache(
         key, value, key_cache, value_cache, slot_mapping.contiguous(),
         num_blocks * block_size, kv_heads,
         *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        HEADS_PAD=next_power_of_2(kv_heads),
-        HEAD_DIM_PAD=next_power_of_2(head_dim),
-        num_warps=1 if kv_heads * head_dim <= 512 else 4,
+        **reshape_and_cache_meta(kv_heads, head_dim, block_size),
         **COMPILE_OPTIONS,
     )
