@@ -1,12 +1,13 @@
 """Ahead-of-time compile of every kernel for sm_80 and sm_90, without a GPU or a CUDA driver.
 
 `triton.compile` with an explicit `GPUTarget` runs the whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) on the
-CPU; the ptxas, cuobjdump and nvdisasm shipped in Triton's wheel then give registers, spills and the SASS. Each
+CPU; the ptxas and nvdisasm shipped in Triton's wheel then give registers, spills and the SASS. Each
 config mimics what the launcher would run: the same constexprs (from the launchers' own helpers) and the JIT's
 specialisation of runtime arguments (an integer equal to 1 becomes a constant, a multiple of 16 is marked divisible
 by 16, pointers are 16-byte aligned).
 
-Run it as ``python -m hf_paged.kernels``; it exits non-zero if a kernel fails to compile or spills registers.
+Run it as ``python -m hf_paged.kernels``; it exits non-zero if a kernel fails to compile or spills registers, or
+if a 16-bit attention config's ``tl.dot`` did not become matrix instructions.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def format_table(results: Iterable[CompileResult]) -> str:
               "matrix units (SASS)")
     rows = [header]
     for r in results:
-        name = r.config.kernel.__name__ if hasattr(r.config.kernel, "__name__") else r.config.kernel.fn.__name__
+        name = r.config.kernel.__name__
         if r.error:
             rows.append((name, r.config.label, r.arch, str(r.config.num_warps), "-", "-", "-", "-", "-",
                          f"COMPILE FAILED {r.error}"))
