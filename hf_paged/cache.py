@@ -9,9 +9,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import backend
-from .block_manager import BlockManager, OutOfBlocksError
+from .block_manager import BlockManager, BlockPool, OutOfBlocksError
 
-__all__ = ["CacheStats", "PagedCache", "StepMetadata"]
+__all__ = ["CacheStats", "KVPool", "PagedCache", "StepMetadata"]
 
 # When the pool must grow, it grows to at least this factor of its current size (amortises the copy).
 _GROWTH_FACTOR = 1.5
@@ -20,13 +20,18 @@ _OWNER_ATTR = "_hf_paged_owner"
 
 @dataclass(frozen=True)
 class CacheStats:
-    """A snapshot of a `PagedCache`'s pool. Byte counts cover keys and values of all layers."""
+    """A snapshot of a `PagedCache`. Byte counts cover keys and values of all layers.
+
+    ``num_blocks``, ``free_blocks``, ``pool_bytes`` and ``cached_blocks`` describe the pool (shared by the caches of
+    a model when prefix caching is on); the other fields describe this cache's rows. For a cache with a pool of
+    its own, ``used_blocks + free_blocks == num_blocks``.
+    """
 
     block_size: int
     num_blocks: int
-    used_blocks: int  # physical blocks referenced by at least one row
-    free_blocks: int
-    shared_blocks: int  # blocks referenced more than once (a shared prompt, beams)
+    used_blocks: int  # physical blocks referenced by at least one row of this cache
+    free_blocks: int  # blocks a step may take (free, or cached but unreferenced)
+    shared_blocks: int  # blocks referenced more than once by this cache's rows (a shared prompt, beams)
     logical_tokens: int  # sum of the rows' lengths: what a contiguous cache would hold
     used_bytes: int  # bytes of the used blocks
     logical_bytes: int  # bytes a contiguous (DynamicCache-like) cache would need for the same rows
@@ -35,6 +40,8 @@ class CacheStats:
     peak_used_bytes: int
     cow_copies: int  # block copies made by copy-on-write so far
     num_rows: int
+    prefix_hit_tokens: int  # prompt tokens taken from the prefix cache instead of computed, per row summed
+    cached_blocks: int  # blocks in the pool's prefix index
 
 
 @dataclass(frozen=True)
@@ -155,8 +162,108 @@ class PagedPool(torch.Tensor):
         )
 
 
+class KVPool:
+    """Keys and values of all layers in blocks: one tensor ``[L, 2, N, bs, Hkv, D]`` and its `BlockPool`.
+
+    Created empty; the tensor is allocated at the first write, when the KV head count, head size, dtype and device
+    are known. A pool belongs to one `PagedCache`, or is shared by the caches of one model when prefix caching is
+    on (`hf_paged.enable_prefix_caching`); `active` is the cache whose layer wrote last, which the attention of
+    that layer then reads.
+
+    Args:
+        num_layers: model layers.
+        block_size: tokens per block.
+        num_blocks, max_memory: a fixed size (see `PagedCache`); with neither the pool grows on demand.
+        device, dtype: where and how to store keys and values (default: those of the first keys written).
+    """
+
+    def __init__(self, num_layers: int, block_size: int, num_blocks: int | None = None,
+                 max_memory: int | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.requested_blocks = num_blocks
+        self.max_memory = max_memory
+        self.growable = num_blocks is None and max_memory is None
+        self.device, self.dtype = device, dtype
+        self.shared = False  # set by enable_prefix_caching: the pool outlives the caches that use it
+        self.blocks = BlockPool(0, block_size)
+        self.tensor: torch.Tensor | None = None
+        self.plain: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.guarded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.active: weakref.ref | None = None
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block across keys and values of all layers (0 before the tensor exists)."""
+        if self.tensor is None:
+            return 0
+        return self.tensor[:, :, 0].numel() * self.tensor.element_size()
+
+    def allocate(self, key_states: torch.Tensor) -> None:
+        """Create the tensor for keys like ``key_states`` (``[B, Hkv, q, D]``), sized by the pool's rule."""
+        device = self.device or key_states.device
+        dtype = self.dtype or key_states.dtype
+        num_kv_heads, head_dim = key_states.shape[1], key_states.shape[3]
+        tensor = torch.empty((self.num_layers, 2, 0, self.block_size, num_kv_heads, head_dim), device=device,
+                             dtype=dtype)
+        blocks = self.requested_blocks or 0
+        if self.max_memory is not None:
+            per_block = self.num_layers * 2 * self.block_size * num_kv_heads * head_dim * tensor.element_size()
+            blocks = self.max_memory // per_block
+            if blocks <= 0:
+                raise ValueError(
+                    f"hf_paged: max_memory={self.max_memory} bytes holds no block; one block of {self.block_size} "
+                    f"tokens takes {per_block} bytes for this model. Raise max_memory or lower block_size."
+                )
+        self.device, self.dtype = device, dtype
+        self.tensor = tensor
+        self._bind(tensor)
+        if blocks:
+            self.resize(blocks)
+
+    def matches(self, key_states: torch.Tensor) -> bool:
+        return key_states.shape[1] == self.tensor.shape[4] and key_states.shape[3] == self.tensor.shape[5]
+
+    def resize(self, num_blocks: int) -> None:
+        """Grow the tensor to `num_blocks` blocks, keeping the contents of the existing ones."""
+        old = self.tensor
+        new = torch.empty((*old.shape[:2], num_blocks, *old.shape[3:]), device=old.device, dtype=old.dtype)
+        if old.shape[2]:
+            new[:, :, : old.shape[2]] = old
+        self._bind(new)
+        self.blocks.grow(num_blocks - self.blocks.num_blocks)
+
+    def ensure_free(self, needed: int) -> None:
+        """Make `needed` blocks available, growing the pool if it may, else raise `OutOfBlocksError`."""
+        free = self.blocks.num_free
+        if needed <= free:
+            return
+        current = self.blocks.num_blocks
+        if not self.growable:
+            raise OutOfBlocksError(needed, free, current, self.block_size)
+        target = max(current + needed - free, int(current * _GROWTH_FACTOR))
+        try:
+            self.resize(target)
+        except torch.OutOfMemoryError as error:
+            raise OutOfBlocksError(
+                needed, free, current, self.block_size,
+                hint=f"Growing the pool to {target} blocks ran out of device memory ({error}). Pass a smaller batch "
+                "or fix the pool size with num_blocks / max_memory.",
+            ) from error
+
+    def _bind(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.plain = [(tensor[layer, 0], tensor[layer, 1]) for layer in range(self.num_layers)]
+        self.guarded = []
+        for keys, values in self.plain:
+            pair = (keys.as_subclass(PagedPool), values.as_subclass(PagedPool))
+            for pool in pair:
+                setattr(pool, _OWNER_ATTR, weakref.ref(self))
+            self.guarded.append(pair)
+
+
 class PagedLayer(CacheLayerMixin):
-    """One layer's view of the shared pool. `keys` / `values` are that layer's pools ``[N, bs, Hkv, D]``.
+    """One layer's entry in a `PagedCache`. `keys` / `values` are that layer's pools ``[N, bs, Hkv, D]``.
 
     All bookkeeping is per cache, not per layer: every method delegates to the owning `PagedCache`.
     """
@@ -166,13 +273,26 @@ class PagedLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, cache: PagedCache, layer_idx: int):
-        super().__init__()
+    def __init__(self, cache: PagedCache, layer_idx: int):  # no super().__init__: keys/values are properties
         self._cache = weakref.proxy(cache)
         self.layer_idx = layer_idx
 
+    @property
+    def is_initialized(self) -> bool:
+        return self._cache.pool.tensor is not None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        plain = self._cache.pool.plain
+        return plain[self.layer_idx][0] if plain else None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        plain = self._cache.pool.plain
+        return plain[self.layer_idx][1] if plain else None
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self._cache._allocate_pool(key_states)
+        self._cache.pool.allocate(key_states)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self._cache.update(key_states, value_states, self.layer_idx)
@@ -208,6 +328,8 @@ class PagedCache(Cache):
         num_blocks: fixed pool size in blocks.
         max_memory: fixed pool size in bytes (an int, or a string such as ``"512MiB"`` / ``"2GB"``).
         device, dtype: where and how to store keys and values; by default those of the first keys written.
+        pool: a `KVPool` to share with other caches (what `enable_prefix_caching` sets up); the sizing arguments
+            must then be left unset.
     """
 
     def __init__(
@@ -219,6 +341,7 @@ class PagedCache(Cache):
         max_memory: int | str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        pool: KVPool | None = None,
     ):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"hf_paged: block_size must be a positive int, got {block_size!r}.")
@@ -226,7 +349,7 @@ class PagedCache(Cache):
             raise ValueError("hf_paged: pass either num_blocks or max_memory to PagedCache, not both.")
         if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0):
             raise ValueError(f"hf_paged: num_blocks must be a positive int, got {num_blocks!r}.")
-        self.max_memory = _parse_bytes(max_memory) if max_memory is not None else None
+        max_memory = _parse_bytes(max_memory) if max_memory is not None else None
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers <= 0:
@@ -237,81 +360,54 @@ class PagedCache(Cache):
                 f"hf_paged: this config uses attn_implementation={attn!r}; a PagedCache only works with models loaded "
                 'with attn_implementation="hf_paged" (its attention reads the block tables).'
             )
+        if pool is None:
+            pool = KVPool(num_layers, block_size, num_blocks, max_memory,
+                          torch.device(device) if device is not None else None, dtype)
+        elif (num_blocks, max_memory, device, dtype) != (None, None, None, None) or pool.num_layers != num_layers:
+            raise ValueError("hf_paged: a PagedCache given a shared pool takes its size, device and dtype from it.")
+        self._init_state(num_layers, pool)
+
+    def _init_state(self, num_layers: int, pool: KVPool) -> None:
         super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
-        self.block_size = block_size
-        self.requested_blocks = num_blocks
-        self.growable = num_blocks is None and self.max_memory is None
-        self.device = torch.device(device) if device is not None else None
-        self.dtype = dtype
-        self.manager = BlockManager(0, block_size)
-        self.kv_pool: torch.Tensor | None = None
+        self.block_size = pool.block_size
+        self.pool = pool
+        self.manager = BlockManager(block_size=pool.block_size, pool=pool.blocks)
+        if pool.shared:
+            # A shared pool outlives this cache: give the rows' blocks back when the cache is collected.
+            weakref.finalize(self, _release_rows, self.manager)
         self.peak_used_blocks = 0
+        self.prefix_hit_tokens = 0
         self._step: StepMetadata | None = None
         self._step_layers: set[int] = set()
         self._pending_layer: int | None = None
 
     # ---------------------------------------------------------------------------------------- the pool
     @property
+    def kv_pool(self) -> torch.Tensor | None:
+        """The pool tensor ``[L, 2, N, bs, Hkv, D]`` (None before the first write)."""
+        return self.pool.tensor
+
+    @property
     def is_initialized(self) -> bool:
-        return self.kv_pool is not None
+        return self.pool.tensor is not None
+
+    @property
+    def max_memory(self) -> int | None:
+        """The pool's byte budget, if it was sized by ``max_memory``."""
+        return self.pool.max_memory
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.pool.device
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.pool.dtype
 
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across keys and values of all layers (0 before the pool exists)."""
-        if self.kv_pool is None:
-            return 0
-        return self.kv_pool[:, :, 0].numel() * self.kv_pool.element_size()
-
-    def _allocate_pool(self, key_states: torch.Tensor) -> None:
-        """Create the pool from the first keys written: ``key_states`` is ``[B, Hkv, q, D]``."""
-        self.device = self.device or key_states.device
-        self.dtype = self.dtype or key_states.dtype
-        num_kv_heads, head_dim = key_states.shape[1], key_states.shape[3]
-        shape = (len(self.layers), 2, 0, self.block_size, num_kv_heads, head_dim)
-        self.kv_pool = torch.empty(shape, device=self.device, dtype=self.dtype)
-        if self.requested_blocks is not None:
-            self._resize(self.requested_blocks)
-        elif self.max_memory is not None:
-            per_block = len(self.layers) * 2 * self.block_size * num_kv_heads * head_dim * self.kv_pool.element_size()
-            blocks = self.max_memory // per_block
-            if blocks <= 0:
-                self.kv_pool = None
-                raise ValueError(
-                    f"hf_paged: max_memory={self.max_memory} bytes holds no block; one block of {self.block_size} "
-                    f"tokens takes {per_block} bytes for this model. Raise max_memory or lower block_size."
-                )
-            self._resize(blocks)
-
-    def _resize(self, num_blocks: int) -> None:
-        old = self.kv_pool
-        new = torch.empty((*old.shape[:2], num_blocks, *old.shape[3:]), device=old.device, dtype=old.dtype)
-        if old.shape[2]:
-            new[:, :, : old.shape[2]] = old
-        self.kv_pool = new
-        self.manager.grow(num_blocks - self.manager.num_blocks)
-        for layer_idx, layer in enumerate(self.layers):
-            layer.keys, layer.values = new[layer_idx, 0], new[layer_idx, 1]
-            layer.guarded = (layer.keys.as_subclass(PagedPool), layer.values.as_subclass(PagedPool))
-            for pool in layer.guarded:
-                setattr(pool, _OWNER_ATTR, weakref.ref(self))
-            layer.is_initialized = True
-
-    def _ensure_free(self, needed: int) -> None:
-        free = self.manager.num_free
-        if needed <= free:
-            return
-        if not self.growable:
-            raise OutOfBlocksError(needed, free, self.manager.num_blocks, self.block_size)
-        current = self.manager.num_blocks
-        target = max(current + needed - free, int(current * _GROWTH_FACTOR))
-        try:
-            self._resize(target)
-        except torch.OutOfMemoryError as error:
-            raise OutOfBlocksError(
-                needed, free, current, self.block_size,
-                hint=f"Growing the pool to {target} blocks ran out of device memory ({error}). Pass a smaller batch "
-                "or fix the pool size with num_blocks / max_memory.",
-            ) from error
+        return self.pool.bytes_per_block
 
     # ------------------------------------------------------------------------------------ Cache API
     def update(
@@ -329,16 +425,15 @@ class PagedCache(Cache):
                 'does not run attn_implementation="hf_paged". Load it with attn_implementation="hf_paged" (or call '
                 'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
             )
-        if self.kv_pool is None:
-            self._allocate_pool(key_states)
-        pool = self.kv_pool
-        if key_states.shape[1] != pool.shape[4] or key_states.shape[3] != pool.shape[5] or (
-            value_states.shape != key_states.shape
-        ):
+        pool = self.pool
+        if pool.tensor is None:
+            pool.allocate(key_states)
+        if not pool.matches(key_states) or value_states.shape != key_states.shape:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} gives keys {tuple(key_states.shape)} and values "
-                f"{tuple(value_states.shape)}, but the pool holds {pool.shape[4]} heads of dim {pool.shape[5]}; "
-                "PagedCache needs every layer to have the same number of KV heads and head_dim."
+                f"{tuple(value_states.shape)}, but the pool holds {pool.tensor.shape[4]} heads of dim "
+                f"{pool.tensor.shape[5]}; PagedCache needs every layer to have the same number of KV heads and "
+                "head_dim."
             )
         if self._step is None or layer_idx in self._step_layers:
             self._begin_step(key_states.shape[0], key_states.shape[2])
@@ -346,10 +441,11 @@ class PagedCache(Cache):
         batch, heads, q_len, dim = key_states.shape
         keys = key_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
         values = value_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
-        layer = self.layers[layer_idx]
-        backend.reshape_and_cache(keys, values, layer.keys, layer.values, self._step.slot_mapping)
+        key_pool, value_pool = pool.plain[layer_idx]
+        backend.reshape_and_cache(keys, values, key_pool, value_pool, self._step.slot_mapping)
         self._pending_layer = layer_idx
-        return layer.guarded
+        pool.active = weakref.ref(self)
+        return pool.guarded[layer_idx]
 
     def _begin_step(self, batch: int, q_len: int) -> None:
         """Reserve slots for ``q_len`` new tokens in every row and build this step's metadata."""
@@ -363,18 +459,18 @@ class PagedCache(Cache):
         if new_rows:
             manager.add_rows(batch)
         try:
-            self._ensure_free(manager.blocks_needed(q_len))
+            self.pool.ensure_free(manager.blocks_needed(q_len))
             lengths_before = list(manager.lengths)
             copies = manager.append(q_len)
         except BaseException:
             if new_rows:
                 manager.reset()
             raise
-        device = self.kv_pool.device
+        device = self.pool.tensor.device
         if copies:
-            src, dst = zip(*copies, strict=False)
+            src, dst = zip(*copies, strict=True)
             backend.copy_blocks(
-                self.kv_pool,
+                self.pool.tensor,
                 torch.tensor(src, dtype=torch.int32, device=device),
                 torch.tensor(dst, dtype=torch.int32, device=device),
             )
@@ -392,8 +488,7 @@ class PagedCache(Cache):
                 f"hf_paged: attention of layer {layer_idx} ran without storing its keys in this step first."
             )
         self._pending_layer = None
-        layer = self.layers[layer_idx]
-        return self._step, layer.keys, layer.values
+        return (self._step, *self.pool.plain[layer_idx])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""
@@ -458,7 +553,33 @@ class PagedCache(Cache):
             peak_used_bytes=self.peak_used_blocks * per_block,
             cow_copies=manager.cow_copies,
             num_rows=manager.num_rows,
+            prefix_hit_tokens=self.prefix_hit_tokens,
+            cached_blocks=self.pool.blocks.num_cached,
         )
+
+    def __deepcopy__(self, memo: dict) -> PagedCache:
+        """An independent copy with a pool of its own holding just this cache's blocks (Transformers' prompt-reuse
+        recipe: ``copy.deepcopy(prompt_cache)``). Sharing between rows is kept."""
+        used = sorted({block for table in self.manager.tables for block in table})
+        renumber = {block: new for new, block in enumerate(used)}
+        old = self.pool
+        pool = KVPool(old.num_layers, old.block_size, device=old.device, dtype=old.dtype)
+        if old.tensor is not None:
+            pool._bind(old.tensor[:, :, used])  # advanced indexing copies
+            pool.blocks.grow(len(used))
+            pool.blocks.free_blocks.clear()
+        clone = PagedCache.__new__(PagedCache)
+        memo[id(self)] = clone
+        clone._init_state(len(self.layers), pool)
+        manager = clone.manager
+        manager.tables = [[renumber[block] for block in table] for table in self.manager.tables]
+        manager.lengths = list(self.manager.lengths)
+        manager.cow_copies = self.manager.cow_copies
+        for table in manager.tables:
+            for block in table:
+                pool.blocks.ref_counts[block] += 1
+        clone.peak_used_blocks, clone.prefix_hit_tokens = self.peak_used_blocks, self.prefix_hit_tokens
+        return clone
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -469,9 +590,15 @@ class PagedCache(Cache):
 
 
 def owner_of(tensor: torch.Tensor) -> PagedCache | None:
-    """The `PagedCache` whose pool `tensor` is, or None for ordinary key/value tensors."""
-    ref = getattr(tensor, _OWNER_ATTR, None)
-    return ref() if ref is not None else None
+    """The `PagedCache` that just wrote into the pool `tensor` belongs to, or None for ordinary key/value tensors."""
+    pool_ref = getattr(tensor, _OWNER_ATTR, None)
+    pool = pool_ref() if pool_ref is not None else None
+    return pool.active() if pool is not None and pool.active is not None else None
+
+
+def _release_rows(manager: BlockManager) -> None:
+    with manager.pool.lock:
+        manager.reset()
 
 
 def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, device: torch.device) -> StepMetadata:

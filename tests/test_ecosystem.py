@@ -411,13 +411,6 @@ def test_continue_from_returned_cache(models, padded):
     assert_stats_consistent(second.past_key_values)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="copy.deepcopy(PagedCache) fails: PagedPool.__torch_function__ refuses __deepcopy__ ('reached an "
-    "attention implementation other than hf_paged'); PagedCache needs its own __deepcopy__ (its layers hold a "
-    "weakref.proxy to the cache, so a generic deepcopy would also keep pointing at the original)",
-)
 def test_deepcopy_of_a_prefilled_prompt_cache(models):
     """Transformers' documented prompt reuse: prefill a shared prefix once, then generate from a deepcopy of that
     cache for each prompt. Each copy gives sdpa's tokens and the original stays untouched."""

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from hf_paged import OutOfBlocksError, PagedCache
+from hf_paged.cache import KVPool
 
 VOCAB = 128
 PAD, EOS, BOS = 0, 1, 2
@@ -230,14 +231,14 @@ def test_a_step_that_fits_does_not_raise(models):
 def test_growing_pool_out_of_device_memory(models, monkeypatch):
     """A growable pool whose growth hits OutOfMemoryError raises OutOfBlocksError saying so, and stays usable."""
     ref, paged = models
-    original = PagedCache._resize
+    original = KVPool.resize
 
     def resize_or_oom(self, num_blocks):
         if num_blocks > 2:
             raise torch.OutOfMemoryError("injected: no memory for more blocks")
         return original(self, num_blocks)
 
-    monkeypatch.setattr(PagedCache, "_resize", resize_or_oom)
+    monkeypatch.setattr(KVPool, "resize", resize_or_oom)
     cache = PagedCache(paged.config)
     ids = random_ids(2, 12, seed=45)
     with pytest.raises(OutOfBlocksError, match="ran out of device memory") as info:
@@ -246,7 +247,7 @@ def test_growing_pool_out_of_device_memory(models, monkeypatch):
     assert "num_blocks" in str(info.value) and "max_memory" in str(info.value)
     assert cache.stats().num_blocks == 2
     assert_consistent(cache)
-    monkeypatch.setattr(PagedCache, "_resize", original)
+    monkeypatch.setattr(KVPool, "resize", original)
     cache.reset()
     out = greedy(paged, ids, max_new_tokens=8, past_key_values=cache)
     assert torch.equal(out, greedy(ref, ids, max_new_tokens=8))

@@ -217,6 +217,11 @@ def _run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.out is not None:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BenchError(f"--out {args.out}: {error.strerror or error}") from None
     print(f"{PROG}: loading the model ...", file=sys.stderr)
     model, tokenizer, model_name = _load(args)
     hf_logging.set_verbosity_error()
