@@ -131,6 +131,8 @@ def _error_line(capsys) -> str:
         (["--repeats", "0"], "positive integer"),
         (["--max-memory", "lots"], "byte size"),
         (["--impls", "sdpa,vllm"], "unknown implementation 'vllm'"),
+        (["--device", "nonsense"], "--device nonsense"),
+        (["--out", "/proc/version/results"], "--out /proc/version/results"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(argv, expected, capsys):
