@@ -137,9 +137,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--prompt-lengths needs at least one length")
     if args.num_blocks is not None and args.max_memory is not None:
         parser.error("pass either --num-blocks or --max-memory, not both")
+    _check_device(parser, args.device)
     if args.model is not None and not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model}: not a Transformers checkpoint (no config.json there)")
     return args
+
+
+def _check_device(parser: argparse.ArgumentParser, name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        parser.error(f"--device {name}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: CUDA is not available on this machine")
 
 
 def _load(args: argparse.Namespace):
@@ -147,12 +159,7 @@ def _load(args: argparse.Namespace):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError) as error:
-        raise BenchError(f"--device {args.device}: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {args.device}: CUDA is not available on this machine")
+    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if args.model is None:
         from hf_paged.models import SMOLLM2_GGUF, load_smollm2
