@@ -12,8 +12,18 @@ from .attention import paged_attention_forward, paged_attention_mask
 from .block_manager import BlockManager, OutOfBlocksError
 from .cache import CacheStats, PagedCache
 from .generation import ATTN_IMPLEMENTATION, install_generate_hook
+from .prefix import PrefixCache, disable_prefix_caching, enable_prefix_caching
 
-__all__ = ["ATTN_IMPLEMENTATION", "BlockManager", "CacheStats", "OutOfBlocksError", "PagedCache"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "BlockManager",
+    "CacheStats",
+    "OutOfBlocksError",
+    "PagedCache",
+    "PrefixCache",
+    "disable_prefix_caching",
+    "enable_prefix_caching",
+]
 __version__ = "0.1.0"
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
+from . import prefix
 from .cache import PagedCache
 
 __all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "uses_hf_paged"]
@@ -63,7 +64,10 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
         and generation_config.cache_implementation is None
         and self._supports_default_dynamic_cache()
     ):
-        model_kwargs["past_key_values"] = PagedCache(self.config, device=self.device)
+        shared = prefix.prefix_cache_of(self)
+        model_kwargs["past_key_values"] = (
+            shared.new_cache(self.config) if shared is not None else PagedCache(self.config, device=self.device)
+        )
         return None
     return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
@@ -71,8 +75,9 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
 _PLAIN_KWARG_TYPES = (bool, int, float, str, type(None), Cache)
 
 
-def _prefill_once(original, self, input_ids, generation_config, model_kwargs, *args, **kwargs):
-    """Run the prompt's forward pass once per distinct prompt row, then fork each row's blocks k ways.
+def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+    """The prompt's forward pass, computed once per distinct prompt row and, with prefix caching, only past the
+    blocks an earlier call already holds.
 
     ``generate()`` has already repeated every prompt row k = max(num_beams, num_return_sequences) times. When the
     cache is a `PagedCache` and the k copies are identical, the forward pass sees only every k-th row; the cache
@@ -81,10 +86,41 @@ def _prefill_once(original, self, input_ids, generation_config, model_kwargs, *a
     prefill.
     """
     cache = model_kwargs.get("past_key_values")
-    k = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
-    rows = input_ids.shape[0]
-    if not isinstance(cache, PagedCache) or k == 1 or rows % k or cache.manager.num_rows not in (0, rows // k):
+    if not isinstance(cache, PagedCache):
         return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+    k = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+    reduced = _reduce(input_ids, model_kwargs, k) if k > 1 and cache.manager.num_rows in (0, len(input_ids) // k) \
+        else None
+    if reduced is None:
+        k = 1
+        reduced = (input_ids, model_kwargs)
+    reduced_ids, reduced_kwargs = reduced
+    shared = prefix.prefix_cache_of(self)
+    hashes = None
+    if shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0:
+        hashes = prefix.block_hashes(reduced_ids, reduced_kwargs.get("attention_mask"), cache.block_size,
+                                     salt=str(self.dtype))
+        with shared.pool.blocks.lock:
+            prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
+    outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
+    if hashes is not None:
+        with shared.pool.blocks.lock:
+            prefix.index_prompt_blocks(cache, hashes)
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+        for key, value in outputs.items():
+            if isinstance(value, torch.Tensor):
+                outputs[key] = value.repeat_interleave(k, dim=0)
+            elif isinstance(value, tuple) and all(isinstance(item, torch.Tensor) for item in value):
+                outputs[key] = tuple(item.repeat_interleave(k, dim=0) for item in value)
+    return outputs
+
+
+def _reduce(input_ids: torch.Tensor, model_kwargs: dict, k: int) -> tuple[torch.Tensor, dict] | None:
+    """``input_ids`` and the per-row model kwargs without their k repeats, or None if they cannot be undone."""
+    rows = input_ids.shape[0]
+    if rows % k:
+        return None
     reduced_ids = _every_kth_row(input_ids, k, dim=0)
     reduced_kwargs = {}
     for key, value in model_kwargs.items():
@@ -94,18 +130,9 @@ def _prefill_once(original, self, input_ids, generation_config, model_kwargs, *a
         elif not isinstance(value, _PLAIN_KWARG_TYPES):
             value = None  # a structure we do not know how to reduce (multimodal features, ...)
         if value is None and model_kwargs[key] is not None:
-            return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+            return None
         reduced_kwargs[key] = value
-    if reduced_ids is None:
-        return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
-    outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
-    cache.batch_repeat_interleave(k)
-    for key, value in outputs.items():
-        if isinstance(value, torch.Tensor):
-            outputs[key] = value.repeat_interleave(k, dim=0)
-        elif isinstance(value, tuple) and all(isinstance(item, torch.Tensor) for item in value):
-            outputs[key] = tuple(item.repeat_interleave(k, dim=0) for item in value)
-    return outputs
+    return None if reduced_ids is None else (reduced_ids, reduced_kwargs)
 
 
 def _every_kth_row(tensor: torch.Tensor, k: int, dim: int) -> torch.Tensor | None:
@@ -131,9 +158,21 @@ def install_generate_hook() -> None:
 
     @functools.wraps(original_prefill)
     def prefill(self, *args, **kwargs):
-        return _prefill_once(original_prefill, self, *args, **kwargs)
+        return _prefill(original_prefill, self, *args, **kwargs)
 
     GenerationMixin._prefill = prefill
+
+    original_generate = GenerationMixin.generate
+
+    @functools.wraps(original_generate)
+    def generate(self, *args, **kwargs):
+        shared = prefix.prefix_cache_of(self)
+        if shared is None:
+            return original_generate(self, *args, **kwargs)
+        with shared.lock:  # calls sharing one pool run one at a time
+            return original_generate(self, *args, **kwargs)
+
+    GenerationMixin.generate = generate
 
     # Families with their own attention classes look "hf_paged" up in their own dicts while being built and fail
     # with a bare KeyError; Transformers checks the requested implementation first, so fail clearly there.

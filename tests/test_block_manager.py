@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_paged.block_manager import BlockManager, OutOfBlocksError
+from hf_paged.block_manager import BlockManager, BlockPool, OutOfBlocksError
 
 
 def test_append_allocates_blocks_and_forks_share_them():
@@ -125,3 +125,49 @@ def test_forked_rows_copy_at_most_their_partial_block(block_size, forks, prompt,
     assert copies == (forks - 1 if prompt % block_size else 0)
     assert manager.num_used == prompt // block_size + forks * (-(-(prompt % block_size + steps) // block_size))
     manager.check()
+
+
+shared_pool_ops = st.lists(
+    st.tuples(st.sampled_from(["append", "index", "hit", "select", "truncate", "reset"]), st.integers(0, 2),
+              st.integers(0, 9)),
+    max_size=50,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(block_size=st.integers(1, 4), num_blocks=st.integers(0, 20), ops=shared_pool_ops)
+def test_shared_pool_with_prefix_index_keeps_invariants(block_size, num_blocks, ops):
+    """Three caches share one pool; full blocks get indexed, found again, evicted; nothing leaks."""
+    pool = BlockPool(num_blocks, block_size)
+    managers = [BlockManager(block_size=block_size, pool=pool) for _ in range(3)]
+    for manager in managers:
+        manager.add_rows(2)
+    for name, which, arg in ops:
+        manager = managers[which]
+        if name == "append":
+            try:
+                manager.append(arg)
+            except OutOfBlocksError:
+                pass
+        elif name == "index":  # register the full blocks of row 0 under keys that name their contents' origin
+            for position, block in enumerate(manager.tables[0][: manager.lengths[0] // block_size]):
+                pool.index(block, (arg % 3, position))
+        elif name == "hit" and all(not table for table in manager.tables):
+            found = []
+            while (block := pool.lookup((arg % 3, len(found)))) is not None:
+                found.append(block)
+            if found:
+                for row in range(manager.num_rows):
+                    manager.set_row(row, found, len(found) * block_size)
+        elif name == "select":
+            manager.select([arg % 2, (arg + 1) % 2])
+        elif name == "truncate":
+            manager.truncate(arg)
+        elif name == "reset":
+            manager.reset()
+            manager.add_rows(2)
+        pool.check()
+    for manager in managers:
+        manager.reset()
+    pool.check()
+    assert pool.num_free == pool.num_blocks  # every block free or evictable: nothing leaks

@@ -184,12 +184,13 @@ def _meta(args: argparse.Namespace, model_name: str, settings, rss_note: str) ->
     import transformers
 
     from .report import notes
+    from .runner import LIBRARY_BLOCK_SIZE
 
     return {
         "model": model_name,
         "dtype": args.dtype,
         "device": args.device,
-        "block_size": args.block_size or 16,
+        "block_size": args.block_size or LIBRARY_BLOCK_SIZE,
         "num_blocks": args.num_blocks,
         "max_memory": args.max_memory,
         "scenarios": [s.name for s in settings.scenarios],

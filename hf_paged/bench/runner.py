@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import resource
 import sys
@@ -17,9 +18,18 @@ import hf_paged
 from .prompts import left_pad
 from .scenarios import Scenario
 
-__all__ = ["IMPLEMENTATIONS", "REFERENCE", "Run", "Runner", "paged_attention_registered", "prefix_caching_available"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "LIBRARY_BLOCK_SIZE",
+    "REFERENCE",
+    "Run",
+    "Runner",
+    "paged_attention_registered",
+    "prefix_caching_available",
+]
 
 REFERENCE = "sdpa"
+LIBRARY_BLOCK_SIZE: int = inspect.signature(hf_paged.PagedCache).parameters["block_size"].default
 IMPLEMENTATIONS = ("hf_paged", REFERENCE, "generate_batch")
 
 _PROC_STATUS = Path("/proc/self/status")
@@ -163,13 +173,15 @@ class Runner:
         if self.model.config._attn_implementation != name:
             self.model.set_attn_implementation(name)
 
+    def _pool_options(self) -> dict:
+        """The hf_paged pool options the user gave (``block_size``, ``num_blocks``, ``max_memory``)."""
+        options = {"block_size": self.block_size, "num_blocks": self.num_blocks, "max_memory": self.max_memory}
+        return {name: value for name, value in options.items() if value is not None}
+
     def _paged_cache(self):
-        """An explicit `hf_paged.PagedCache` when the user asked for pool options, else None."""
-        if self.block_size is None and self.num_blocks is None and self.max_memory is None:
-            return None
-        return hf_paged.PagedCache(
-            self.model.config, block_size=self.block_size or 16, num_blocks=self.num_blocks, max_memory=self.max_memory
-        )
+        """An explicit `hf_paged.PagedCache` when the user gave pool options, else None (generate() builds one)."""
+        options = self._pool_options()
+        return hf_paged.PagedCache(self.model.config, **options) if options else None
 
     def _run_generate(self, impl: str, scenario: Scenario, calls, new_tokens: int) -> Run:
         paged = impl == "hf_paged"
@@ -178,7 +190,7 @@ class Runner:
         sequences: list[list[int]] = []
         kv_bytes = peak_kv = pool_bytes = None
         if paged and scenario.prefix_cache:
-            hf_paged.enable_prefix_caching(self.model, num_blocks=self.num_blocks, max_memory=self.max_memory)
+            hf_paged.enable_prefix_caching(self.model, **self._pool_options())
         try:
             elapsed = 0.0
             for prompts in calls:
@@ -211,7 +223,7 @@ class Runner:
         from transformers import ContinuousBatchingConfig
 
         self._set_attention(REFERENCE)
-        block_size = self.block_size or 16
+        block_size = self.block_size or LIBRARY_BLOCK_SIZE
         config = copy.deepcopy(self.model.generation_config)
         config.update(
             max_new_tokens=new_tokens,
