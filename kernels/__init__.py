@@ -17,45 +17,54 @@ usage (no GPU needed).
 
 from __future__ import annotations
 
-import re
-from typing import Any
-
-__all__ = ["HAS_TRITON", "TRITON_PROBLEM", "copy_blocks", "paged_attention", "reshape_and_cache"]
-
-#: Oldest Triton whose interpreter works with numpy 2 and whose knobs/compile API the kernels use.
-MIN_TRITON = (3, 8)
-
-
-def _triton_problem() -> str | None:
-    """Why the kernels cannot run here, or None if Triton is usable."""
-    try:
-        import triton
-    except ImportError:
-        return "needs Triton, which is not installed (it ships for Linux only: pip install 'triton>=3.8')"
-    found = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-    if found < MIN_TRITON:
-        return f"needs Triton >= {'.'.join(map(str, MIN_TRITON))}, found {triton.__version__}"
-    return None
-
-
-TRITON_PROBLEM = _triton_problem()
-HAS_TRITON = TRITON_PROBLEM is None
-
-if HAS_TRITON:
-    from .copy_blocks import copy_blocks
-    from .paged_attention import paged_attention
-    from .reshape_and_cache import reshape_and_cache
+if __name__ != "hf_paged.kernels":
+    # This folder is installed as `hf_paged.kernels`, but with a checkout's root on sys.path (`python -c ...` or
+    # `python -m pytest` run from the checkout) it is also found as the top-level module `kernels`. Transformers
+    # probes at import time for the Hub's own `kernels` distribution (`is_kernels_available()` ->
+    # `_is_package_available("kernels", return_version=True)`): finding no dist metadata for "kernels", it imports
+    # the module to read its `__version__`. Importing the real package here would import hf_paged, hence
+    # transformers, which is still half-initialised: `import transformers.activations` then dies with a circular
+    # ImportError. Under any other name the module therefore stays inert: it imports nothing and defines no
+    # `__version__`, so Transformers reads version "N/A" and concludes that the Hub `kernels` package is unavailable.
+    __all__: list[str] = []
 else:
+    import re
+    from typing import Any
 
-    def _missing(name: str):
-        def launcher(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError(
-                f"hf_paged.kernels.{name} {TRITON_PROBLEM}; use hf_paged.ops.{name}, the PyTorch implementation"
-            )
+    __all__ = ["HAS_TRITON", "TRITON_PROBLEM", "copy_blocks", "paged_attention", "reshape_and_cache"]
 
-        launcher.__name__ = launcher.__qualname__ = name
-        return launcher
+    #: Oldest Triton whose interpreter works with numpy 2 and whose knobs/compile API the kernels use.
+    MIN_TRITON = (3, 8)
 
-    copy_blocks = _missing("copy_blocks")
-    paged_attention = _missing("paged_attention")
-    reshape_and_cache = _missing("reshape_and_cache")
+    def _triton_problem() -> str | None:
+        """Why the kernels cannot run here, or None if Triton is usable."""
+        try:
+            import triton
+        except ImportError:
+            return "needs Triton, which is not installed (it ships for Linux only: pip install 'triton>=3.8')"
+        found = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+        if found < MIN_TRITON:
+            return f"needs Triton >= {'.'.join(map(str, MIN_TRITON))}, found {triton.__version__}"
+        return None
+
+    TRITON_PROBLEM = _triton_problem()
+    HAS_TRITON = TRITON_PROBLEM is None
+
+    if HAS_TRITON:
+        from .copy_blocks import copy_blocks
+        from .paged_attention import paged_attention
+        from .reshape_and_cache import reshape_and_cache
+    else:
+
+        def _missing(name: str):
+            def launcher(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError(
+                    f"hf_paged.kernels.{name} {TRITON_PROBLEM}; use hf_paged.ops.{name}, the PyTorch implementation"
+                )
+
+            launcher.__name__ = launcher.__qualname__ = name
+            return launcher
+
+        copy_blocks = _missing("copy_blocks")
+        paged_attention = _missing("paged_attention")
+        reshape_and_cache = _missing("reshape_and_cache")

@@ -1,0 +1,88 @@
+"""Packaging: `kernels/` is only ever `hf_paged.kernels`, in a checkout and in a wheel.
+
+* From the repository root (on ``sys.path`` as ``''`` for ``python -c``), the folder is also found as a top-level
+  module ``kernels``, which Transformers imports while probing for the Hub's ``kernels`` package. It must stay inert
+  there, so ``import transformers`` / ``import hf_paged`` work and ``is_kernels_available()`` is False.
+* A built wheel holds ``hf_paged/kernels/*`` (and every other subpackage), no top-level ``kernels``, and imports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_imports_from_the_repository_root():
+    code = (
+        "import sys\n"
+        "import hf_paged\n"
+        "import hf_paged.kernels as real\n"
+        "import transformers.activations\n"
+        "import transformers.integrations.hub_kernels as hub\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "assert sys.path[0] == '', sys.path[:2]\n"
+        "stray = sys.modules['kernels']  # imported by Transformers' probe, from this checkout\n"
+        "assert stray.__file__.startswith(sys.argv[1]), stray.__file__\n"
+        "assert not hasattr(stray, '__version__') and not hasattr(stray, 'paged_attention'), vars(stray).keys()\n"
+        "assert stray is not real and real.__name__ == 'hf_paged.kernels'\n"
+        "assert callable(real.paged_attention)\n"
+        "print('kernels available:', is_kernels_available(), hub.is_kernels_available())\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
+    assert run.stdout.strip().splitlines()[-1] == "kernels available: False False", run.stdout
+
+
+def test_wheel_contains_the_kernels_subpackage_and_no_top_level_kernels(tmp_path):
+    # Build from a copy, so the checkout gets no build/ or egg-info and concurrent edits do not matter.
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("hf_paged", "kernels"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        cwd=source, capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = tmp_path.glob("hf_paged-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        top_level = archive.read(next(n for n in names if n.endswith(".dist-info/top_level.txt"))).decode().split()
+        archive.extractall(tmp_path / "site")
+
+    assert top_level == ["hf_paged"]
+    assert not any(name.startswith("kernels/") for name in names), sorted(names)
+    assert {name.split("/")[0] for name in names} == {"hf_paged", wheel.name.split("-py")[0] + ".dist-info"}
+    expected = {f"hf_paged/kernels/{path.relative_to(ROOT / 'kernels').as_posix()}"
+                for path in (ROOT / "kernels").rglob("*.py")}
+    expected |= {f"hf_paged/{path.relative_to(ROOT / 'hf_paged').as_posix()}"
+                 for path in (ROOT / "hf_paged").rglob("*.py")}  # subpackages such as hf_paged.bench too
+    assert expected <= names, sorted(expected - names)
+
+    # The unpacked wheel imports, and wins over the editable install (its finder comes after sys.path).
+    site = tmp_path / "site"
+    code = (
+        "import sys\n"
+        "import importlib.util\n"
+        "import hf_paged, hf_paged.bench, hf_paged.kernels as k\n"
+        "for module in (hf_paged, hf_paged.bench, k):\n"
+        "    assert module.__file__.startswith(sys.argv[1]), module.__file__\n"
+        "assert k.HAS_TRITON == (k.TRITON_PROBLEM is None) and callable(k.paged_attention)\n"
+        "spec = importlib.util.find_spec('kernels')  # None, or the Hub's package if installed: never ours\n"
+        "assert spec is None or not spec.origin.startswith(sys.argv[1]), spec\n"
+        "print('ok')\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environ["PYTHONPATH"] = str(site)
+    run = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, env=environ, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr[-4000:]
