@@ -17,12 +17,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_paged.bench import main
 from hf_paged.bench.prompts import TEXT, left_pad, token_stream
-from hf_paged.bench.runner import paged_attention_registered
+from hf_paged.bench.runner import paged_attention_registered, prefix_caching_available
 from hf_paged.bench.scenarios import SCENARIOS
 
 ROW_KEYS = {
     "scenario", "prompt_length", "impl", "status", "reason", "seconds", "seconds_median", "tokens", "tokens_per_s",
-    "time_ratio", "kv_bytes", "peak_kv_bytes", "pool_bytes", "peak_rss_bytes", "tokens_match",
+    "time_ratio", "kv_bytes", "peak_kv_bytes", "pool_bytes", "prefix_hit_tokens", "prompt_tokens", "peak_rss_bytes",
+    "tokens_match",
 }
 SWEEP_KEYS = {"kind", "k", "prompt_length", "impl", "kv_bytes", "peak_kv_bytes", "pool_bytes", "seconds"}
 QUICK = ["--prompt-lengths", "16", "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1"]
@@ -106,6 +107,9 @@ def test_command_writes_results_and_plots(tiny_model, tmp_path, capsys):
             assert paged["status"] == "ok" and paged["kv_bytes"] > 0 and isinstance(paged["tokens_match"], bool)
     assert by_case["beams8_ret4", "generate_batch"]["status"] == "n/a"
     assert by_case["prefix", "sdpa"]["status"] in ("ok", "skipped")
+    if prefix_caching_available() and paged_attention_registered():
+        assert by_case["prefix", "hf_paged"]["prefix_hit_tokens"] > 0  # later calls reuse the system prompt
+        assert by_case["prefix", "hf_paged"]["tokens_match"] is True
     assert by_case["beams8_ret4", "sdpa"]["tokens"] == 4 * 4  # 4 returned sequences x 4 new tokens
 
     assert all(set(point) == SWEEP_KEYS for point in data["sweep"])
@@ -165,7 +169,7 @@ def test_prefix_scenario_brackets_hf_paged_runs_with_prefix_caching(tiny_model, 
     argv = ["--model", str(tiny_model), *QUICK, "--scenarios", "prefix", "--prefix-calls", "3", "--impls",
             "hf_paged,sdpa", "--sweep-k", "none", "--out", str(tmp_path)]
     assert main(argv) == 0, capsys.readouterr().err[-2000:]
-    assert calls == [("on", {"num_blocks": None, "max_memory": None}), ("off", {})]
+    assert calls == [("on", {}), ("off", {})]
     rows = {row["impl"]: row for row in json.loads((tmp_path / "results.json").read_text())["results"]}
     assert rows["hf_paged"]["status"] == rows["sdpa"]["status"] == "ok"
     assert rows["hf_paged"]["tokens"] == rows["sdpa"]["tokens"] == 3 * 4  # 3 calls x 4 new tokens

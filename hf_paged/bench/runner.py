@@ -46,15 +46,17 @@ class Run:
         kv_bytes: KV-cache bytes held when the last call returned (None: not measured).
         peak_kv_bytes: the largest KV-cache bytes held during the run (None: not measured).
         pool_bytes: bytes allocated for hf_paged's block pool (used or not) at the end; None for the others.
+        prefix_hit_tokens: hf_paged only: prompt tokens taken from the prefix cache instead of computed, all calls.
         peak_rss_bytes: the process's peak resident set size during the run (see `Runner.rss_note`).
     """
 
     seconds: float
     sequences: list[list[int]]
-    kv_bytes: int | None
-    peak_kv_bytes: int | None
-    pool_bytes: int | None
-    peak_rss_bytes: int | None
+    kv_bytes: int | None = None
+    peak_kv_bytes: int | None = None
+    pool_bytes: int | None = None
+    prefix_hit_tokens: int | None = None
+    peak_rss_bytes: int | None = None
 
 
 class NotApplicable(Exception):
@@ -188,7 +190,7 @@ class Runner:
         self._set_attention(impl)
         kwargs = scenario.generate_kwargs(new_tokens)
         sequences: list[list[int]] = []
-        kv_bytes = peak_kv = pool_bytes = None
+        kv_bytes = peak_kv = pool_bytes = prefix_hits = None
         if paged and scenario.prefix_cache:
             hf_paged.enable_prefix_caching(self.model, **self._pool_options())
         try:
@@ -210,6 +212,7 @@ class Runner:
                 if paged:
                     stats = out.past_key_values.stats()
                     kv_bytes, pool_bytes, call_peak = stats.used_bytes, stats.pool_bytes, stats.peak_used_bytes
+                    prefix_hits = (prefix_hits or 0) + stats.prefix_hit_tokens
                 else:
                     kv_bytes = call_peak = _dynamic_cache_bytes(out.past_key_values)
                 peak_kv = max(peak_kv or 0, call_peak)
@@ -217,7 +220,7 @@ class Runner:
         finally:
             if paged and scenario.prefix_cache:
                 hf_paged.disable_prefix_caching(self.model)
-        return Run(elapsed, sequences, kv_bytes, peak_kv, pool_bytes, None)
+        return Run(elapsed, sequences, kv_bytes, peak_kv, pool_bytes, prefix_hits)
 
     def _run_generate_batch(self, scenario: Scenario, calls, new_tokens: int) -> Run:
         from transformers import ContinuousBatchingConfig
@@ -256,4 +259,4 @@ class Runner:
                 reason = failed[0] if failed else f"returned {len(results)} of {rows} sequences"
                 raise NotApplicable(f"generate_batch failed: {reason}")
             sequences += [list(r.generated_tokens) for r in results.values()]
-        return Run(elapsed, sequences, None, None, None, None)
+        return Run(elapsed, sequences)

@@ -33,7 +33,9 @@ class Row:
 
     ``status`` is ``"ok"``, ``"n/a"`` (this implementation cannot run it; ``reason`` says why) or ``"skipped"``
     (the scenario needs something this hf_paged lacks). Times are seconds; bytes are bytes; ``tokens`` counts the
-    new tokens of every returned sequence in one run; ``time_ratio`` is this median over the sdpa median.
+    new tokens of every returned sequence in one run; ``time_ratio`` is this median over the sdpa median;
+    ``prompt_tokens`` counts the distinct prompts' tokens of one run (no padding, no k-fold repeats) and
+    ``prefix_hit_tokens`` (hf_paged) how many prompt tokens its caches took from the prefix cache.
     """
 
     scenario: str
@@ -49,6 +51,8 @@ class Row:
     kv_bytes: int | None = None
     peak_kv_bytes: int | None = None
     pool_bytes: int | None = None
+    prefix_hit_tokens: int | None = None
+    prompt_tokens: int | None = None
     peak_rss_bytes: int | None = None
     tokens_match: bool | None = None
 
@@ -143,10 +147,10 @@ class Suite:
                 if repeat >= 0:
                     runs[impl].append(run)
                     self._first_runs.setdefault((impl, scenario.workload_key, length), run)
-        return [self._summary(scenario, length, impl, runs, failures) for impl in s.impls]
+        return [self._summary(scenario, length, calls, impl, runs, failures) for impl in s.impls]
 
     def _summary(
-        self, scenario: Scenario, length: int, impl: str, runs: dict[str, list[Run]], failures: dict[str, str]
+        self, scenario: Scenario, length: int, calls, impl: str, runs: dict[str, list[Run]], failures: dict[str, str]
     ) -> Row:
         row = Row(scenario.name, length, impl)
         reason = self.runner.unavailable(impl, scenario) or failures.get(impl)
@@ -161,7 +165,8 @@ class Suite:
         reference_median = statistics.median(r.seconds for r in reference)
         row.time_ratio = row.seconds_median / reference_median if reference_median > 0 else None
         last = mine[-1]
-        row.kv_bytes, row.pool_bytes = last.kv_bytes, last.pool_bytes
+        row.kv_bytes, row.pool_bytes, row.prefix_hit_tokens = last.kv_bytes, last.pool_bytes, last.prefix_hit_tokens
+        row.prompt_tokens = sum(len(prompt) for call in calls for prompt in call)
         peaks = [r.peak_kv_bytes for r in mine if r.peak_kv_bytes is not None]
         row.peak_kv_bytes = max(peaks) if peaks else None
         rss = [r.peak_rss_bytes for r in mine if r.peak_rss_bytes is not None]
@@ -173,6 +178,8 @@ class Suite:
         else:
             expected = reference[0].sequences
             row.tokens_match = all(r.sequences == expected for r in mine)
+        if scenario.prefix_cache and row.prefix_hit_tokens is not None:
+            row.reason = f"prefix cache: {row.prefix_hit_tokens} of {row.prompt_tokens} prompt tokens reused"
         return row
 
     def _sweep(self) -> list[SweepPoint]:
