@@ -1,0 +1,157 @@
+"""A whole ``model.generate()`` through the Triton kernels, on CPU, under Triton's interpreter.
+
+``HF_PAGED_BACKEND=triton`` sends every paged op of ``"hf_paged"`` to ``hf_paged.kernels`` and ``TRITON_INTERPRET=1``
+lets those kernels run on CPU tensors. Both must be set before ``hf_paged.kernels`` is imported, and must not leak
+into this process, so the models run in a subprocess. That script counts the calls of each launcher
+(``reshape_and_cache``, ``paged_attention``, ``copy_blocks``) and of the PyTorch fallbacks, and compares tokens and
+logits with Transformers' own attention (``sdpa``; ``eager`` for Gemma2's softcap) on tiny random-weight models with
+left-padded prompts, for greedy search and for beam search.
+
+The script runs from a temporary directory, never the repository root: with the root on ``sys.path`` its
+``kernels/`` folder would also be found as a top-level ``kernels`` module (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r'''
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+assert os.environ["TRITON_INTERPRET"] == "1" and os.environ["HF_PAGED_BACKEND"] == "triton"
+assert all(Path(entry or ".").resolve() != Path(sys.argv[1]) for entry in sys.path), sys.path
+
+import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
+
+import hf_paged
+from hf_paged import PagedCache, backend, ops
+
+kernels = backend._kernels()
+assert kernels is not None and kernels.__name__ == "hf_paged.kernels", kernels
+calls = {}
+
+
+def count(module, name, key):
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[key] = calls.get(key, 0) + 1
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+
+
+# The launchers backend.py dispatches to, and every PyTorch path the attention function could fall back to.
+for name in ("reshape_and_cache", "paged_attention", "copy_blocks"):
+    count(kernels, name, name)
+for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv", "shared_prefix_attention"):
+    count(ops, name, "ops." + name)
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+CONFIGS = {
+    "llama": (LlamaConfig(**COMMON, initializer_range=0.1), "sdpa"),
+    "gemma2": (Gemma2Config(**COMMON, head_dim=16, sliding_window=6, attn_logit_softcapping=5.0,
+                            final_logit_softcapping=3.0, query_pre_attn_scalar=24), "eager"),
+}
+MODES = {
+    "greedy": dict(do_sample=False),
+    "beams": dict(num_beams=3, num_return_sequences=2, length_penalty=0.7, early_stopping=True),
+}
+NEW_TOKENS = 6
+
+
+def pair(family):
+    config, reference_attention = CONFIGS[family]
+    torch.manual_seed(0)
+    # Each model gets its own config: from_config writes the attention implementation into it.
+    reference = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference_attention)
+    paged = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="hf_paged")
+    assert reference.config._attn_implementation == reference_attention
+    assert paged.config._attn_implementation == "hf_paged"
+    paged.load_state_dict(reference.state_dict())
+    for model in (reference, paged):
+        model.eval()
+        model.generation_config.pad_token_id = 0
+    return reference, paged
+
+
+def prompts(lengths, seed):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=generator)
+        attention_mask[row, width - length:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def generate(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                              return_dict_in_generate=True, output_logits=True, **kwargs)
+
+
+results = {}
+for family in sys.argv[2].split(","):
+    reference, paged = pair(family)
+    # Unequal left-padded rows; 11 tokens fill 2 blocks of 5 and start a third, so beams share a partial block.
+    inputs = prompts([11, 4, 8], seed=1)
+    for mode, kwargs in MODES.items():
+        expected = generate(reference, inputs, **kwargs)
+        calls.clear()
+        cache = PagedCache(paged.config, block_size=5)
+        got = generate(paged, inputs, past_key_values=cache, **kwargs)
+        assert got.past_key_values is cache
+        cache.manager.check()
+        results[f"{family}-{mode}"] = {
+            "calls": dict(calls),
+            "same_tokens": torch.equal(got.sequences, expected.sequences),
+            "shape": list(got.sequences.shape),
+            "max_logit_diff": (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max().item(),
+        }
+print(json.dumps(results))
+'''
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(tmp_path, families: list[str]) -> dict:
+    pytest.importorskip("triton")
+    script = tmp_path / "triton_generate.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(TRITON_INTERPRET="1", HF_PAGED_BACKEND="triton", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(script), ROOT, ",".join(families)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_generate_runs_through_the_triton_kernels(tmp_path):
+    results = run_script(tmp_path, ["llama", "gemma2"])
+    assert set(results) == {"llama-greedy", "llama-beams", "gemma2-greedy", "gemma2-beams"}
+    for case, result in results.items():
+        calls = result["calls"]
+        # 2 layers x (1 prefill + NEW_TOKENS - 1 decode steps), at least; never a PyTorch fallback.
+        assert calls.get("reshape_and_cache", 0) >= 12 and calls.get("paged_attention", 0) >= 12, (case, calls)
+        assert not any(key.startswith("ops.") for key in calls), (case, calls)
+        if case.endswith("beams"):
+            assert calls.get("copy_blocks", 0) >= 1, (case, calls)  # beams forked inside a partial block
+            assert result["shape"] == [6, 11 + 6], result
+        else:
+            assert result["shape"] == [3, 11 + 6], result
+        assert result["same_tokens"], (case, result)
+        assert result["max_logit_diff"] < 2e-4, (case, result)
