@@ -15,11 +15,16 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_imports_from_the_repository_root():
+@pytest.mark.parametrize("first", ["transformers.activations", "hf_paged"])
+def test_imports_from_the_repository_root(first, root=ROOT):
+    # Importing Transformers first is what used to crash (a circular import through the probe); hf_paged first too.
     code = (
+        f"import {first}\n"
         "import sys\n"
         "import hf_paged\n"
         "import hf_paged.kernels as real\n"
@@ -34,7 +39,7 @@ def test_imports_from_the_repository_root():
         "assert callable(real.paged_attention)\n"
         "print('kernels available:', is_kernels_available(), hub.is_kernels_available())\n"
     )
-    run = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, capture_output=True, text=True,
                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
     assert run.stdout.strip().splitlines()[-1] == "kernels available: False False", run.stdout
