@@ -201,24 +201,37 @@ def attention_with_lse(
     scale: float,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention in fp32 that also returns the log-sum-exp of each query's scores, for merging partial results.
+    """Attention that also returns the log-sum-exp of each query's scores, for merging partial results.
 
     Args:
-        query: ``[..., M, D]``.
-        key, value: ``[..., kv, D]`` (same leading dims as ``query``).
-        mask: boolean broadcastable to ``[..., M, kv]`` (True = attend), or None.
+        query: ``[B, Hq, M, D]``.
+        key, value: ``[B, Hq, kv, D]`` (any strides; GQA is handled by packing query heads into ``M``).
+        mask: boolean broadcastable to ``[B, Hq, M, kv]`` (True = attend), or None.
 
     Returns:
-        ``(out [..., M, D], lse [..., M])`` in fp32; a query with no key gets ``out = 0`` and ``lse = -inf``.
+        ``(out [B, Hq, M, D], lse [B, Hq, M])`` in fp32; a query with no key gets ``out = 0`` and ``lse = -inf``.
     """
+    if softcap is None and query.device.type == "cpu" and _FLASH_CPU is not None:
+        additive = None
+        if mask is not None:
+            additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, -torch.inf)
+        out, lse = _FLASH_CPU(query, key.to(query.dtype), value.to(query.dtype), 0.0, False, attn_mask=additive,
+                              scale=scale)
+        if mask is not None:
+            lse = lse.masked_fill(~mask.any(dim=-1), -torch.inf)
+        return out.float(), lse.float()
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, -torch.inf)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
-    return torch.matmul(probs, value.float()), lse
+    finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.matmul(torch.exp(scores - finite[..., None]), value.float()), lse
+
+
+# PyTorch's fused CPU attention kernel, which also returns the log-sum-exp (a private but long-standing op).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def merge_attention(
