@@ -110,8 +110,8 @@ def paged_attention_forward(
 
 def _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap) -> torch.Tensor:
     """Gather each row's keys and values out of the pools, then attend as over contiguous tensors."""
-    keys = ops.gather_kv(key, step.block_tables, step.max_seq_len)
-    values = ops.gather_kv(value, step.block_tables, step.max_seq_len)
+    keys = ops.gather_kv(key, step.block_tables, step.max_seq_len, step.first_block)
+    values = ops.gather_kv(value, step.block_tables, step.max_seq_len, step.first_block)
     return ops.attend(query, keys, values, step.mask(attention_mask, sliding_window), scale=scale, softcap=softcap)
 
 

@@ -74,6 +74,7 @@ class StepMetadata:
         q_len: query tokens per row in this step.
         max_seq_len: ``max(seq_lens)`` as a Python int.
         shared: how rows share leading blocks (beams, samples of one prompt), or None.
+        first_block: with a single row whose blocks are consecutive, the first one (keys are read in place).
     """
 
     block_tables: torch.Tensor
@@ -82,6 +83,7 @@ class StepMetadata:
     q_len: int
     max_seq_len: int
     shared: SharedPrefix | None = None
+    first_block: int | None = None
     _masks: dict = field(default_factory=dict)
 
     def shared_masks(self, attention_mask: torch.Tensor | None):
@@ -619,7 +621,14 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
         q_len=q_len,
         max_seq_len=max(manager.lengths),
         shared=_shared_prefix(manager, q_len, device),
+        first_block=_consecutive_start(manager.tables[0]) if manager.num_rows == 1 else None,
     )
+
+
+def _consecutive_start(blocks: list[int]) -> int | None:
+    """``blocks[0]`` if the blocks are ``b, b + 1, b + 2, ...``, else None."""
+    start = blocks[0]
+    return start if blocks == list(range(start, start + len(blocks))) else None
 
 
 def _shared_prefix(manager: BlockManager, q_len: int, device: torch.device) -> SharedPrefix | None:
@@ -646,14 +655,12 @@ def _shared_prefix(manager: BlockManager, q_len: int, device: torch.device) -> S
     if shared == 0:
         return None
     prefixes = [group[0][:shared] for group in groups]
-    start = prefixes[0][0]
-    consecutive = len(prefixes) == 1 and prefixes[0] == list(range(start, start + shared))
     width = max(len(table) for table in tables) - shared
     tails = [table[shared:] + [0] * (width - len(table) + shared) for table in tables]
     return SharedPrefix(
         group_size=group_size,
         prefix_blocks=torch.tensor(prefixes, dtype=torch.int32).to(device),
-        prefix_start=start if consecutive else None,
+        prefix_start=_consecutive_start(prefixes[0]) if len(prefixes) == 1 else None,
         tail_tables=torch.tensor(tails, dtype=torch.int32).to(device),
         prefix_len=shared * manager.block_size,
     )

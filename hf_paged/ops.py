@@ -67,7 +67,7 @@ def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> 
 
 
 def gather_kv(
-    cache: torch.Tensor, block_tables: torch.Tensor, kv_len: int
+    cache: torch.Tensor, block_tables: torch.Tensor, kv_len: int, first_block: int | None = None
 ) -> torch.Tensor:
     """Read each row's first `kv_len` tokens out of a pool.
 
@@ -75,12 +75,17 @@ def gather_kv(
         cache: ``[N, bs, Hkv, D]`` pool.
         block_tables: ``[B, nb]`` integer block ids (entries past a row's length are ignored).
         kv_len: tokens to read per row, at most ``nb * bs``.
+        first_block: set when there is one row and its blocks are ``first_block, first_block + 1, ...``: the
+            tokens are then read in place, without a copy.
 
     Returns:
-        ``[B, Hkv, kv_len, D]`` (a strided view of a fresh gather).
+        ``[B, Hkv, kv_len, D]`` (a strided view, of the pool itself or of a fresh gather).
     """
     batch, nb = block_tables.shape
-    gathered = cache.index_select(0, block_tables.reshape(-1))
+    if first_block is not None:
+        gathered = cache[first_block:first_block + nb]
+    else:
+        gathered = cache.index_select(0, block_tables.reshape(-1))
     return gathered.view(batch, nb * cache.shape[1], *cache.shape[2:])[:, :kv_len].transpose(1, 2)
 
 
@@ -297,15 +302,9 @@ def shared_prefix_attention(
         packed, tail_keys, tail_values, packed_mask(tail_mask, gq), scale=scale, softcap=softcap
     )
 
-    num_prefix_blocks = prefix_blocks.shape[1]
-    if prefix_start is not None:
-        in_place = slice(prefix_start, prefix_start + num_prefix_blocks)
-        prefix_keys = key_cache[in_place].flatten(0, 1)[None].transpose(1, 2)
-        prefix_values = value_cache[in_place].flatten(0, 1)[None].transpose(1, 2)
-    else:
-        prefix_len = num_prefix_blocks * key_cache.shape[1]
-        prefix_keys = gather_kv(key_cache, prefix_blocks, prefix_len)
-        prefix_values = gather_kv(value_cache, prefix_blocks, prefix_len)
+    prefix_len = prefix_blocks.shape[1] * key_cache.shape[1]
+    prefix_keys = gather_kv(key_cache, prefix_blocks, prefix_len, prefix_start)
+    prefix_values = gather_kv(value_cache, prefix_blocks, prefix_len, prefix_start)
     grouped = packed.reshape(groups, per_group, kv_heads, gq, dim).transpose(1, 2).reshape(
         groups, kv_heads, per_group * gq, dim
     )

@@ -50,3 +50,15 @@ def test_prompt_without_padding_spanning_many_blocks(family):
     expected = _generate(reference, inputs, num_beams=2)
     got = _generate(paged, inputs, num_beams=2, past_key_values=PagedCache(paged.config, block_size=4))
     assert torch.equal(got.sequences, expected.sequences)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral_window"])
+def test_single_sequence_reads_its_blocks_in_place(family):
+    """One row with consecutive blocks is attended in place (no gather); tokens are unchanged."""
+    reference, paged = make_pair(family)
+    inputs = left_padded_batch([29], seed=4)
+    cache = PagedCache(paged.config, block_size=4)
+    expected = _generate(reference, inputs)
+    got = _generate(paged, inputs, past_key_values=cache)
+    assert cache._step.first_block == cache.manager.tables[0][0]
+    assert torch.equal(got.sequences, expected.sequences)

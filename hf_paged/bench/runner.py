@@ -152,6 +152,8 @@ class Runner:
         """Why `impl` cannot run `scenario`, or None when it can."""
         if impl == "hf_paged" and not paged_attention_registered():
             return 'attn_implementation "hf_paged" is not registered by this hf_paged'
+        if impl == "hf_paged" and not type(self.model)._can_set_attn_implementation():
+            return f"{type(self.model).__name__}'s attention does not go through Transformers' attention interface"
         if impl == "generate_batch":
             if not hasattr(self.model, "generate_batch"):
                 return "this Transformers has no model.generate_batch"
@@ -174,6 +176,8 @@ class Runner:
     def _set_attention(self, name: str) -> None:
         if self.model.config._attn_implementation != name:
             self.model.set_attn_implementation(name)
+        if self.model.config._attn_implementation != name:  # Transformers only logs when it cannot switch
+            raise RuntimeError(f"{type(self.model).__name__} did not switch to attn_implementation={name!r}")
 
     def _pool_options(self) -> dict:
         """The hf_paged pool options the user gave (``block_size``, ``num_blocks``, ``max_memory``)."""
