@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from .runner import REFERENCE, Run, Runner, prefix_caching_available
+from .runner import REFERENCE, NotApplicable, Run, Runner, prefix_caching_available
 from .scenarios import Scenario, sweep_scenario
 
 __all__ = ["SWEEP_KINDS", "Row", "Settings", "Suite", "SweepPoint"]
@@ -205,4 +205,6 @@ class Suite:
 
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
+    if isinstance(error, NotApplicable) and text:
+        return text[0]
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
