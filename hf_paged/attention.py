@@ -112,7 +112,10 @@ def _gathered_attention(step, query, key, value, attention_mask, scale, sliding_
     """Gather each row's keys and values out of the pools, then attend as over contiguous tensors."""
     keys = ops.gather_kv(key, step.block_tables, step.max_seq_len, step.first_block)
     values = ops.gather_kv(value, step.block_tables, step.max_seq_len, step.first_block)
-    return ops.attend(query, keys, values, step.mask(attention_mask, sliding_window), scale=scale, softcap=softcap)
+    mask = step.mask(attention_mask, sliding_window)
+    # Every row holds exactly this step's tokens: a mask-free causal attention is the whole story.
+    is_causal = mask is None and 1 < step.q_len == step.max_seq_len
+    return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap, is_causal=is_causal)
 
 
 def _key_start(step, attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -108,8 +108,8 @@ def _step_mask(step: StepMetadata, attention_mask: torch.Tensor | None, window: 
     kv_len = step.max_seq_len
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask[..., :kv_len].to(torch.bool)
-    if attention_mask is None and window is None and step.q_len == 1:
-        return None
+    if attention_mask is None and window is None and step.q_len in (1, kv_len):
+        return None  # nothing to mask (decode), or a plain causal mask `attend` applies itself (first prefill)
     mask = causal_mask(step.seq_lens, None, step.q_len, kv_len, window)
     if attention_mask is not None:
         mask = mask & key_padding_mask(attention_mask, kv_len)[:, None, None, :]

@@ -150,7 +150,7 @@ def attend(
     scores = softcap * torch.tanh(scores / softcap)
     if mask is None and is_causal:
         kv_len = key.shape[2]
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
     if mask is not None:
         mask = mask.reshape(mask.shape[0], -1, 1, *mask.shape[-2:]) if mask.shape[1] == 1 else mask.view(
             mask.shape[0], kv_heads, groups, *mask.shape[-2:]
