@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import backend
+from . import backend, ops
 from .block_manager import BlockManager, BlockPool, OutOfBlocksError
 
 __all__ = ["CacheStats", "KVPool", "PagedCache", "StepMetadata"]
@@ -103,27 +103,23 @@ class StepMetadata:
 
 
 def _step_mask(step: StepMetadata, attention_mask: torch.Tensor | None, window: int | None) -> torch.Tensor | None:
-    from .ops import causal_mask
-
     kv_len = step.max_seq_len
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask[..., :kv_len].to(torch.bool)
     if attention_mask is None and window is None and step.q_len in (1, kv_len):
         return None  # nothing to mask (decode), or a plain causal mask `attend` applies itself (first prefill)
-    mask = causal_mask(step.seq_lens, None, step.q_len, kv_len, window)
+    mask = ops.causal_mask(step.seq_lens, None, step.q_len, kv_len, window)
     if attention_mask is not None:
         mask = mask & key_padding_mask(attention_mask, kv_len)[:, None, None, :]
     return mask
 
 
 def _shared_masks(step: StepMetadata, attention_mask: torch.Tensor | None):
-    from .ops import causal_mask
-
     shared = step.shared
     prefix_len, tail_len = shared.prefix_len, step.max_seq_len - shared.prefix_len
     tail_mask = None
     if step.q_len > 1:
-        tail_mask = causal_mask(step.seq_lens - prefix_len, None, step.q_len, tail_len)
+        tail_mask = ops.causal_mask(step.seq_lens - prefix_len, None, step.q_len, tail_len)
     if attention_mask is None:
         return None, tail_mask
     keys = key_padding_mask(attention_mask, step.max_seq_len)
