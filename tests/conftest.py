@@ -29,6 +29,10 @@ from transformers import (  # noqa: E402
 
 import hf_paged  # noqa: E402, F401  (registers "hf_paged")
 
+# Tiny models gain nothing from a second thread, and OpenMP's spinning threads make them up to 100x slower when
+# anything else runs on this 2-core machine: run the suite single-threaded.
+torch.set_num_threads(1)
+
 VOCAB = 96
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
