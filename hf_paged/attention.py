@@ -1,10 +1,11 @@
 """The ``"hf_paged"`` attention and mask functions registered with Transformers.
 
 Transformers calls the attention function with whatever the cache's ``update`` returned. For a `PagedCache` that
-is the layer's block pool, which carries a weak reference to its cache: the step's block tables travel with the
-cache object of *this* ``generate`` call, so concurrent calls on one model never see each other's metadata. For
-plain tensors (``use_cache=False``, a `DynamicCache` or a `StaticCache` the user passed) the function computes
-ordinary attention over them.
+is the layer's block pool, which carries a weak reference to its `KVPool`, whose ``active`` cache wrote it just
+before: the step's block tables travel with the cache object of *this* ``generate`` call, so concurrent calls on
+one model never see each other's metadata (calls sharing a prefix-cache pool run one at a time). For plain
+tensors (``use_cache=False``, a `DynamicCache` or a `StaticCache` the user passed) the function computes ordinary
+attention over them.
 """
 
 from __future__ import annotations

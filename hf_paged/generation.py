@@ -1,7 +1,14 @@
-"""The hook that makes ``generate()`` build a `PagedCache` for models loaded with ``attn_implementation="hf_paged"``.
+"""The hooks that fit hf_paged into ``generate()`` for models loaded with ``attn_implementation="hf_paged"``.
 
-Transformers has no registry for new cache implementations, so ``GenerationMixin._prepare_cache_for_generation``
-(which sees the unexpanded batch size and writes the cache into ``model_kwargs``) is wrapped once, at import.
+Transformers has no registry for new cache implementations, so ``import hf_paged`` wraps, once:
+
+* ``GenerationMixin._prepare_cache_for_generation`` (it writes the cache into ``model_kwargs``): build a
+  `PagedCache` (on the model's prefix-cache pool, if any); refuse a `PagedCache` given to another attention;
+* ``GenerationMixin._prefill`` (the first forward): run each distinct prompt row once and fork it k ways; map
+  prefix-cache hits before it and index the prompt's full blocks after it;
+* ``GenerationMixin.generate``: calls on a model with prefix caching run one at a time;
+* ``PreTrainedModel._check_and_adjust_attn_implementation``: families outside the attention interface fail at
+  load with a clear error.
 """
 
 from __future__ import annotations
@@ -142,7 +149,7 @@ def _every_kth_row(tensor: torch.Tensor, k: int, dim: int) -> torch.Tensor | Non
 
 
 def install_generate_hook() -> None:
-    """Wrap ``GenerationMixin._prepare_cache_for_generation`` and the load-time attention check (idempotent)."""
+    """Install the wrappers listed in the module docstring (idempotent)."""
     original = GenerationMixin._prepare_cache_for_generation
     if getattr(original, "_hf_paged_hook", False):
         return
