@@ -319,15 +319,3 @@ class BlockManager:
     def check(self) -> None:
         """Assert the invariants of the module docstring for the pool and every manager sharing it."""
         self.pool.check()
-
-    # ------------------------------------------------------------------------- pool pass-throughs (private)
-    def grow(self, num_new_blocks: int) -> None:
-        self.pool.grow(num_new_blocks)
-
-    @property
-    def ref_counts(self) -> list[int]:
-        return self.pool.ref_counts
-
-    @property
-    def free_blocks(self) -> deque[int]:
-        return self.pool.free_blocks

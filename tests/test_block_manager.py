@@ -97,7 +97,7 @@ def test_invariants_hold_under_random_operations(block_size, num_blocks, rows, o
         elif name == "truncate":
             manager.truncate(arg)
         elif name == "grow":
-            manager.grow(arg)
+            manager.pool.grow(arg)
         else:
             manager.reset()
             manager.add_rows(rows)
@@ -120,7 +120,7 @@ def test_forked_rows_copy_at_most_their_partial_block(block_size, forks, prompt,
             copies += 1
             assert src != dst
         for table in manager.tables:  # after append every row's last block is private
-            assert manager.ref_counts[table[-1]] == 1
+            assert manager.pool.ref_counts[table[-1]] == 1
     # Only the shared partial last block of the prompt is ever copied, once per row but one.
     assert copies == (forks - 1 if prompt % block_size else 0)
     assert manager.num_used == prompt // block_size + forks * (-(-(prompt % block_size + steps) // block_size))
