@@ -644,10 +644,8 @@ def _shared_prefix(manager: BlockManager, q_len: int, device: torch.device) -> S
     for group in groups:
         first = group[0]
         for table in group[1:]:
-            common = 0
-            while common < shared and table[common] == first[common]:
-                common += 1
-            shared = common
+            if table[:shared] != first[:shared]:  # compared in C; the first difference is looked up only then
+                shared = next(i for i, (a, b) in enumerate(zip(table[:shared], first[:shared], strict=True)) if a != b)
     if shared == 0:
         return None
     prefixes = [group[0][:shared] for group in groups]
