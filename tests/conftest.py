@@ -95,6 +95,18 @@ def left_padded_batch(lengths: list[int], seed: int = 0) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def count_prefill_positions(model, run):
+    """Run `run()` and return how many positions the input embeddings saw in the first forward pass."""
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.shape[:2]))
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    batch, length = seen[0]
+    return batch * length, result
+
+
 @pytest.fixture(scope="session")
 def llama_pair():
     return make_pair("llama")

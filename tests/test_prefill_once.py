@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import left_padded_batch, make_pair
+from conftest import count_prefill_positions, left_padded_batch, make_pair
 
 from hf_paged import PagedCache
 
 NEW = 12
-
-
-def _count_prefill_positions(model, run):
-    """Run `run()` and return how many positions the input embeddings saw in the first forward pass."""
-    seen = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.shape[:2]))
-    try:
-        result = run()
-    finally:
-        handle.remove()
-    batch, length = seen[0]
-    return batch * length, result
 
 
 @pytest.mark.parametrize(
@@ -43,8 +31,8 @@ def test_prompt_is_computed_once_and_tokens_match(family, mode):
         torch.manual_seed(7)
         return model.generate(**inputs, **kwargs)
 
-    ref_positions, expected = _count_prefill_positions(reference, lambda: generate(reference))
-    positions, got = _count_prefill_positions(paged, lambda: generate(paged))
+    ref_positions, expected = count_prefill_positions(reference, lambda: generate(reference))
+    positions, got = count_prefill_positions(paged, lambda: generate(paged))
     k = max(mode.get("num_beams", 1), mode.get("num_return_sequences", 1))
     assert ref_positions == 2 * k * 21  # Transformers computes the prompt k times...
     assert positions == 2 * 21  # ...hf_paged once per prompt row.
@@ -78,7 +66,7 @@ def test_continuing_a_cache_with_beams_prefills_once():
     inputs = left_padded_batch([17], seed=2)
     first = paged.generate(**inputs, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True)
     more = torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], dim=1)
-    positions, got = _count_prefill_positions(
+    positions, got = count_prefill_positions(
         paged, lambda: paged.generate(more, past_key_values=first.past_key_values, num_beams=3, max_new_tokens=5,
                                       min_new_tokens=5))
     assert positions == 4  # the last generated token (not yet cached) and the 3 new ones, once

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import torch
-from conftest import VOCAB, make_pair
+from conftest import VOCAB, count_prefill_positions, make_pair
 
 import hf_paged
 
@@ -17,16 +17,6 @@ def _prompt(suffix_len: int, seed: int, system_seed: int = 0) -> torch.Tensor:
     system = torch.randint(3, VOCAB, (1, SYSTEM), generator=torch.Generator().manual_seed(system_seed))
     suffix = torch.randint(3, VOCAB, (1, suffix_len), generator=torch.Generator().manual_seed(seed))
     return torch.cat([system, suffix], dim=1)
-
-
-def _prefill_positions(model, run):
-    seen = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape[:2]))
-    try:
-        result = run()
-    finally:
-        handle.remove()
-    return seen[0][0] * seen[0][1], result
 
 
 @pytest.fixture
@@ -43,13 +33,13 @@ def test_second_call_computes_only_the_new_suffix(pair, mode):
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True, **mode)
     first_ids, second_ids = _prompt(9, seed=1), _prompt(21, seed=2)
 
-    positions, first = _prefill_positions(paged, lambda: paged.generate(first_ids, **kwargs))
+    positions, first = count_prefill_positions(paged, lambda: paged.generate(first_ids, **kwargs))
     assert positions == first_ids.shape[1]
     assert first.past_key_values.stats().prefix_hit_tokens == 0
     del first
     gc.collect()
 
-    positions, second = _prefill_positions(paged, lambda: paged.generate(second_ids, **kwargs))
+    positions, second = count_prefill_positions(paged, lambda: paged.generate(second_ids, **kwargs))
     assert positions <= 21 + 16  # the new suffix, plus at most one block
     stats = second.past_key_values.stats()
     assert stats.prefix_hit_tokens == SYSTEM  # 10 full blocks of the system prompt
@@ -62,7 +52,7 @@ def test_hits_are_shared_by_a_live_cache_and_never_cross_prompts(pair):
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True)
     first = paged.generate(_prompt(3, seed=1), **kwargs)  # kept alive: its blocks are shared, not copied
     other_system = _prompt(3, seed=1, system_seed=99)
-    positions, other = _prefill_positions(paged, lambda: paged.generate(other_system, **kwargs))
+    positions, other = count_prefill_positions(paged, lambda: paged.generate(other_system, **kwargs))
     assert positions == other_system.shape[1] and other.past_key_values.stats().prefix_hit_tokens == 0
     again = paged.generate(_prompt(5, seed=3), **kwargs)
     assert again.past_key_values.stats().prefix_hit_tokens == SYSTEM
