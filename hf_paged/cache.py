@@ -214,7 +214,6 @@ class KVPool:
                     f"tokens takes {per_block} bytes for this model. Raise max_memory or lower block_size."
                 )
         self.device, self.dtype = device, dtype
-        self.tensor = tensor
         self._bind(tensor)
         if blocks:
             self.resize(blocks)

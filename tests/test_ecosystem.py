@@ -115,16 +115,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's spinning makes them
-    up to 100x slower; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def models():
     return model_pair(tiny_config())

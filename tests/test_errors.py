@@ -75,15 +75,6 @@ def assert_consistent(cache: PagedCache) -> None:
     cache.manager.check()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from intra-op threads (and OpenMP spinning is very slow on a loaded 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def models():
     return model_pair(tiny_config())
