@@ -89,7 +89,7 @@ def paged_attention_forward(
         sliding_window = None  # the window covers every key: no mask needed
     if attention_mask is not None and attention_mask.dim() == 4:
         return _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap), None
-    if backend.use_triton(query.device):
+    if step.triton:
         key_start = _key_start(step, attention_mask)
         if key_start is not None or attention_mask is None:
             out = backend.paged_attention(
@@ -97,6 +97,10 @@ def paged_attention_forward(
                 scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
             )
             return out, None
+    elif step.window is not None:
+        mask = step.window_mask(attention_mask, sliding_window)
+        out = ops.window_attention(query, key, value, *step.window, mask, scale=scale, softcap=softcap)
+        return out, None
     elif step.shared is not None and sliding_window is None:
         masks = step.shared_masks(attention_mask)
         if masks is not None:

@@ -14,11 +14,12 @@ import torch
 
 from . import ops
 
-__all__ = ["copy_blocks", "paged_attention", "reshape_and_cache", "use_triton"]
+__all__ = ["copy_blocks", "kernels", "paged_attention", "use_triton"]
 
 
 @cache
-def _kernels():
+def kernels():
+    """`hf_paged.kernels` if Triton is importable, else None."""
     try:
         from . import kernels
     except ImportError:
@@ -27,28 +28,24 @@ def _kernels():
 
 
 def use_triton(device: torch.device) -> bool:
-    """Whether the Triton kernels serve tensors on `device` (reads ``HF_PAGED_BACKEND`` on every call)."""
+    """Whether the Triton kernels serve tensors on `device` (reads ``HF_PAGED_BACKEND`` on every call; a
+    `PagedCache` asks once per forward step)."""
     choice = os.environ.get("HF_PAGED_BACKEND", "").strip().lower()
     if choice not in ("", "auto", "triton", "torch"):
         raise ValueError(f"hf_paged: HF_PAGED_BACKEND must be 'triton', 'torch' or unset, got {choice!r}.")
     if choice == "torch":
         return False
     if choice == "triton":
-        if _kernels() is None:
+        if kernels() is None:
             raise RuntimeError("hf_paged: HF_PAGED_BACKEND=triton but Triton (and hf_paged.kernels) cannot be imported.")
         return True
-    return device.type == "cuda" and _kernels() is not None
-
-
-def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
-    impl = _kernels() if use_triton(key_cache.device) else ops
-    impl.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    return device.type == "cuda" and kernels() is not None
 
 
 def copy_blocks(kv_pool, src, dst) -> None:
-    impl = _kernels() if use_triton(kv_pool.device) else ops
+    impl = kernels() if use_triton(kv_pool.device) else ops
     impl.copy_blocks(kv_pool, src, dst)
 
 
 def paged_attention(*args, **kwargs) -> torch.Tensor:
-    return _kernels().paged_attention(*args, **kwargs)
+    return kernels().paged_attention(*args, **kwargs)

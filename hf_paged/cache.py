@@ -15,6 +15,13 @@ __all__ = ["CacheStats", "KVPool", "PagedCache", "StepMetadata"]
 
 # When the pool must grow, it grows to at least this factor of its current size (amortises the copy).
 _GROWTH_FACTOR = 1.5
+# On the PyTorch path a step reads all rows' keys as one block range (`ops.window_attention`) when the range holds
+# at most `_WINDOW_EXTRA_KEYS` keys (or a quarter of the longest row, if more) beyond the longest row's: every
+# query scores those other rows' keys for nothing, which costs less than the gathers, the second attention call
+# and the merge of `ops.shared_prefix_attention` up to about that many keys (measured on SmolLM2-135M, 8 rows).
+# Only for steps of at most `_WINDOW_MAX_QUERIES` new tokens per row (decoding, assisted decoding; not prefill).
+_WINDOW_EXTRA_KEYS = 1024
+_WINDOW_MAX_QUERIES = 16
 _OWNER_ATTR = "_hf_paged_owner"
 
 
@@ -73,8 +80,13 @@ class StepMetadata:
         slot_mapping: ``[B * q]`` int64, where each new token is written.
         q_len: query tokens per row in this step.
         max_seq_len: ``max(seq_lens)`` as a Python int.
-        shared: how rows share leading blocks (beams, samples of one prompt), or None.
+        block_size: tokens per block.
+        triton: whether this step's paged operations run the Triton kernels (`backend.use_triton`).
+        shared: how rows share leading blocks (beams, samples of one prompt), or None; only planned for the
+            PyTorch path when `window` is None.
         first_block: with a single row whose blocks are consecutive, the first one (keys are read in place).
+        window: ``(first_block, num_blocks)``, a block range holding every row's blocks and not much else (see
+            `_WINDOW_EXTRA_KEYS`), or None.
     """
 
     block_tables: torch.Tensor
@@ -82,9 +94,23 @@ class StepMetadata:
     slot_mapping: torch.Tensor
     q_len: int
     max_seq_len: int
+    block_size: int
+    triton: bool = False
     shared: SharedPrefix | None = None
     first_block: int | None = None
+    window: tuple[int, int] | None = None
     _masks: dict = field(default_factory=dict)
+
+    def window_mask(self, attention_mask: torch.Tensor | None, sliding_window: int | None) -> torch.Tensor:
+        """The boolean ``[B, q, W]`` mask of `ops.window_attention` over `window` (memoised per step)."""
+        key = ("window", id(attention_mask), sliding_window)
+        if key not in self._masks:
+            padding = None if attention_mask is None else key_padding_mask(attention_mask, self.max_seq_len)
+            self._masks[key] = ops.window_mask(
+                self.block_tables, self.seq_lens, self.q_len, *self.window, self.block_size,
+                key_padding=padding, sliding_window=sliding_window,
+            )
+        return self._masks[key]
 
     def shared_masks(self, attention_mask: torch.Tensor | None):
         """``(prefix_mask [G, 1, 1, S] | None, tail_mask [B, 1, q, T] | None)`` for `shared_prefix_attention`, or
@@ -222,11 +248,15 @@ class KVPool:
         return key_states.shape[1] == self.tensor.shape[4] and key_states.shape[3] == self.tensor.shape[5]
 
     def resize(self, num_blocks: int) -> None:
-        """Grow the tensor to `num_blocks` blocks, keeping the contents of the existing ones."""
+        """Grow the tensor to `num_blocks` blocks, keeping the contents of the existing ones.
+
+        New blocks are zeroed: `ops.window_attention` scores every slot of its block range, unused ones included,
+        and masks them, and a masked score is only harmless if the slot's key and value are finite.
+        """
         old = self.tensor
         new = torch.empty((*old.shape[:2], num_blocks, *old.shape[3:]), device=old.device, dtype=old.dtype)
-        if old.shape[2]:
-            new[:, :, : old.shape[2]] = old
+        new[:, :, : old.shape[2]] = old
+        new[:, :, old.shape[2]:].zero_()
         self._bind(new)
         self.blocks.grow(num_blocks - self.blocks.num_blocks)
 
@@ -439,7 +469,10 @@ class PagedCache(Cache):
         keys = key_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
         values = value_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
         key_pool, value_pool = pool.plain[layer_idx]
-        backend.reshape_and_cache(keys, values, key_pool, value_pool, self._step.slot_mapping)
+        if self._step.triton:
+            backend.kernels().reshape_and_cache(keys, values, key_pool, value_pool, self._step.slot_mapping)
+        else:
+            ops.reshape_and_cache(keys, values, key_pool, value_pool, self._step.slot_mapping, skip_negative=False)
         self._pending_layer = layer_idx
         pool.active = weakref.ref(self)
         return pool.guarded[layer_idx]
@@ -609,15 +642,31 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
         q_len, device=device
     )
     slots = block_tables.to(torch.long).gather(1, positions // bs) * bs + positions % bs
+    max_seq_len = max(manager.lengths)
+    triton = backend.use_triton(device)
+    window = None
+    if not triton and manager.num_rows > 1 and q_len <= _WINDOW_MAX_QUERIES:
+        window = _window(manager.tables, max_seq_len, bs)
     return StepMetadata(
         block_tables=block_tables,
         seq_lens=seq_lens,
         slot_mapping=slots.reshape(-1),
         q_len=q_len,
-        max_seq_len=max(manager.lengths),
-        shared=_shared_prefix(manager, q_len, device),
+        max_seq_len=max_seq_len,
+        block_size=bs,
+        triton=triton,
+        shared=_shared_prefix(manager, q_len, device) if not triton and window is None else None,
         first_block=_consecutive_start(manager.tables[0]) if manager.num_rows == 1 else None,
+        window=window,
     )
+
+
+def _window(tables: list[list[int]], max_seq_len: int, block_size: int) -> tuple[int, int] | None:
+    """``(first, count)``: the range of blocks from the lowest to the highest any row uses, if it is compact."""
+    first = min(min(table) for table in tables)
+    count = max(max(table) for table in tables) + 1 - first
+    extra = count * block_size - max_seq_len
+    return (first, count) if extra <= max(_WINDOW_EXTRA_KEYS, max_seq_len // 4) else None
 
 
 def _consecutive_start(blocks: list[int]) -> int | None:

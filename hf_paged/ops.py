@@ -28,6 +28,8 @@ __all__ = [
     "gather_kv",
     "paged_attention",
     "reshape_and_cache",
+    "window_attention",
+    "window_mask",
 ]
 
 
@@ -37,6 +39,8 @@ def reshape_and_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    skip_negative: bool = True,
 ) -> None:
     """Write new keys and values into their slots.
 
@@ -44,16 +48,19 @@ def reshape_and_cache(
         key, value: ``[T, Hkv, D]`` new states, one row per token.
         key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, written in place.
         slot_mapping: ``[T]`` integer slots ``block * bs + offset``; a negative slot means "do not store".
+        skip_negative: False when the caller knows no slot is negative: saves the check, which reads the slots
+            on the host (a `PagedCache` step never has one).
     """
     num_blocks, block_size = key_cache.shape[:2]
     flat_k = key_cache.view(num_blocks * block_size, *key_cache.shape[2:])
     flat_v = value_cache.view(num_blocks * block_size, *value_cache.shape[2:])
-    slots = slot_mapping.to(torch.long)
-    keep = slots >= 0
-    if not bool(keep.all()):
-        slots, key, value = slots[keep], key[keep], value[keep]
-    flat_k.index_copy_(0, slots, key.to(flat_k.dtype))
-    flat_v.index_copy_(0, slots, value.to(flat_v.dtype))
+    slots = slot_mapping if slot_mapping.dtype == torch.long else slot_mapping.to(torch.long)
+    if skip_negative:
+        keep = slots >= 0
+        if not bool(keep.all()):
+            slots, key, value = slots[keep], key[keep], value[keep]
+    flat_k.index_copy_(0, slots, key if key.dtype == flat_k.dtype else key.to(flat_k.dtype))
+    flat_v.index_copy_(0, slots, value if value.dtype == flat_v.dtype else value.to(flat_v.dtype))
 
 
 def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -318,3 +325,90 @@ def shared_prefix_attention(
 
     out = merge_attention(out_prefix, lse_prefix, out_tail, lse_tail)
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).to(query.dtype).contiguous()
+
+
+
+def window_mask(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_len: int,
+    first_block: int,
+    num_blocks: int,
+    block_size: int,
+    *,
+    key_padding: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Which slots of the blocks ``[first_block, first_block + num_blocks)`` each query may attend to.
+
+    Every row's blocks must lie in that range; rows may share blocks, and blocks no row uses are never visible.
+    The slot holding token ``j`` of row ``b`` is visible to the row's query ``i`` when ``j`` passes the module
+    docstring's rule (causal, window) and, if given, ``key_padding[b, j]``.
+
+    Args:
+        block_tables: ``[B, nb]`` integer block ids (entries past a row's length are ignored).
+        seq_lens: ``[B]`` tokens of each row including this step's ``q_len``.
+        key_padding: boolean ``[B, >= max(seq_lens)]`` (True = a real token), or None.
+
+    Returns:
+        Boolean ``[B, q, num_blocks * block_size]``.
+    """
+    batch, width = block_tables.shape
+    device = block_tables.device
+    lengths = seq_lens.to(torch.long)
+    # token[b, s]: which of row b's tokens slot s holds (-1: none). A row's unused table entries go to a spare
+    # block past the range, cut off below.
+    used = torch.arange(width, device=device)[None, :] < (lengths[:, None] + block_size - 1) // block_size
+    target = torch.where(used, block_tables.to(torch.long) - first_block, num_blocks)
+    tokens = torch.arange(width * block_size, device=device).view(1, width, block_size).expand(batch, -1, -1)
+    token = torch.full((batch, num_blocks + 1, block_size), -1, dtype=torch.long, device=device)
+    token.scatter_(1, target[:, :, None].expand(-1, -1, block_size), tokens)
+    token = token[:, :num_blocks].reshape(batch, num_blocks * block_size)[:, None, :]  # [B, 1, W]
+    positions = lengths[:, None] - q_len + torch.arange(q_len, device=device)  # [B, q]
+    visible = (token >= 0) & (token <= positions[:, :, None])
+    if sliding_window is not None:
+        visible &= token > positions[:, :, None] - sliding_window
+    if key_padding is not None:
+        visible &= key_padding.gather(1, token[:, 0].clamp(0, key_padding.shape[1] - 1))[:, None, :]
+    return visible
+
+
+def window_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    first_block: int,
+    num_blocks: int,
+    mask: torch.Tensor,
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Paged attention of all rows at once over one range of consecutive blocks that holds every row's keys.
+
+    When the rows' blocks are packed together (the k samples or beams of one prompt share its blocks, and their
+    own blocks follow), the range is read in place as one key sequence: all ``B * H * q`` queries attend to it in a
+    single call, and `mask` keeps each query to its own row's keys. Nothing is gathered and nothing is merged; the
+    price is the other rows' private keys, which every query scores and the mask discards. Every slot of the range
+    must hold finite values, used or not (a masked NaN still spoils the softmax): a `PagedCache` zeroes new blocks.
+
+    Args:
+        query: ``[B, H, q, D]``.
+        key_cache, value_cache: ``[N, bs, Hkv, D]``.
+        first_block, num_blocks: the range ``[first_block, first_block + num_blocks)``.
+        mask: boolean ``[B, q, W]`` from `window_mask` (``W = num_blocks * bs``).
+
+    Returns:
+        ``[B, q, H, D]``.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key_cache.shape[2]
+    groups = heads // kv_heads
+    # One row of queries per (row, query head of the KV head, query token), for each KV head.
+    packed = query.reshape(batch, kv_heads, groups * q_len, dim).transpose(0, 1).reshape(1, kv_heads, -1, dim)
+    span = slice(first_block, first_block + num_blocks)
+    keys = key_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
+    values = value_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
+    rows_mask = mask[:, None].expand(-1, groups, -1, -1).reshape(1, 1, batch * groups * q_len, -1)
+    out = attend(packed, keys, values, rows_mask, scale=scale, softcap=softcap)  # [1, B * g * q, Hkv, D]
+    return out.view(batch, groups, q_len, kv_heads, dim).permute(0, 2, 3, 1, 4).reshape(batch, q_len, heads, dim)

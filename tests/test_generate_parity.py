@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from conftest import FAMILIES, left_padded_batch, make_pair
 
-from hf_paged import PagedCache
+import hf_paged.cache
+from hf_paged import PagedCache, ops
 
 NEW_TOKENS = 10
 MODES = {
@@ -43,6 +46,40 @@ def test_same_tokens_as_reference(pair, mode, block_size):
     got.past_key_values.manager.check()
 
 
+@pytest.mark.parametrize("mode", ["beams", "sample"])
+@pytest.mark.parametrize("path", ["window", "split"])
+def test_both_attention_paths_for_rows_sharing_prompts(pair, mode, path, monkeypatch):
+    """Rows that share their prompt's blocks are attended either over one block range holding all rows' keys
+    (`ops.window_attention`) or over the shared prefix once plus each row's tail (`ops.shared_prefix_attention`;
+    layers with a sliding window gather instead). Both give sdpa's tokens."""
+    family, reference, paged = pair
+    calls = collections.Counter()
+
+    def counting(name):
+        original = getattr(ops, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return counted
+
+    for name in ("window_attention", "shared_prefix_attention"):
+        monkeypatch.setattr(ops, name, counting(name))
+    if path == "split":
+        monkeypatch.setattr(hf_paged.cache, "_window", lambda *args: None)
+    inputs = left_padded_batch([37, 12, 26], seed=1)
+    expected = _generate(reference, inputs, **MODES[mode])
+    got = _generate(paged, inputs, **MODES[mode], past_key_values=PagedCache(paged.config, block_size=5))
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-4, rtol=1e-4)
+    assert torch.equal(got.sequences, expected.sequences), f"{family}/{mode}/{path}: tokens differ"
+    if path == "window":
+        assert calls["window_attention"] > 0 and calls["shared_prefix_attention"] == 0
+    else:
+        assert calls["window_attention"] == 0
+        assert calls["shared_prefix_attention"] > 0 or family == "mistral_window"  # every layer has a window
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral_window", "gemma2"])
 def test_prompt_without_padding_spanning_many_blocks(family):
     reference, paged = make_pair(family)
@@ -62,3 +99,21 @@ def test_single_sequence_reads_its_blocks_in_place(family):
     got = _generate(paged, inputs, past_key_values=cache)
     assert cache._step.first_block == cache.manager.tables[0][0]
     assert torch.equal(got.sequences, expected.sequences)
+
+
+@pytest.mark.parametrize("num_blocks", [None, 40])
+def test_blocks_no_row_has_written_hold_zeros(num_blocks):
+    """`ops.window_attention` scores every slot of its range: the pool must never expose garbage (a NaN left by
+    an earlier tensor in the same memory would survive the mask)."""
+    reference, paged = make_pair("llama")
+    inputs = left_padded_batch([9], seed=5)
+    for _ in range(3):  # leave NaN-filled memory of the pool's size behind for the allocator to hand out again
+        garbage = torch.full((2 * 2 * 64 * 4 * 2 * 16,), float("nan"))
+        del garbage
+        cache = PagedCache(paged.config, block_size=4, num_blocks=num_blocks)
+        got = _generate(paged, inputs, num_return_sequences=3, do_sample=True, past_key_values=cache)
+        used = {block for table in cache.manager.tables for block in table}
+        unused = [block for block in range(cache.manager.num_blocks) if block not in used]
+        assert unused and torch.count_nonzero(cache.kv_pool[:, :, unused]) == 0
+        expected = _generate(reference, inputs, num_return_sequences=3, do_sample=True)
+        assert torch.equal(got.sequences, expected.sequences)

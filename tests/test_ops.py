@@ -83,6 +83,40 @@ def test_shared_prefix_attention_equals_gathered_attention(q_len, groups, per_gr
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("sliding_window", [None, 7])
+def test_window_attention_equals_paged_attention(q_len, softcap, sliding_window):
+    """Rows share leading blocks (one of them a partial block), own interleaved tails of different lengths, and the
+    range holds a block no row uses; one row is left-padded and another has a padding hole."""
+    kv_heads, heads, dim, bs = 2, 6, 8, 4
+    generator = torch.Generator().manual_seed(q_len)
+    key_cache = torch.randn(30, bs, kv_heads, dim, generator=generator)
+    value_cache = torch.randn(30, bs, kv_heads, dim, generator=generator)
+    shared = [10, 11, 12]
+    tails = [[13, 17], [14], [15, 18], [12, 19]]  # the last row still shares the partial block 12; 16 is unused
+    lengths = [20, 16, 19, 13]
+    tables = [shared + tail if row < 3 else shared[:2] + tail for row, tail in enumerate(tails)]
+    width = max(len(table) for table in tables)
+    block_tables = torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=torch.int32)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    padding = torch.ones(4, 20, dtype=torch.bool)
+    padding[1, :3] = False
+    padding[2, 5] = False
+    query = torch.randn(4, heads, q_len, dim, generator=generator)
+
+    keys = ops.gather_kv(key_cache, block_tables, 20)
+    values = ops.gather_kv(value_cache, block_tables, 20)
+    mask = ops.causal_mask(seq_lens, None, q_len, 20, sliding_window) & padding[:, None, None, :]
+    expected = ops.attend(query, keys, values, mask, scale=0.25, softcap=softcap)
+
+    window = ops.window_mask(block_tables, seq_lens, q_len, 10, 10, bs, key_padding=padding,
+                             sliding_window=sliding_window)
+    assert window.shape == (4, q_len, 40) and not window[:, :, 6 * bs:7 * bs].any()  # block 16: nobody's
+    got = ops.window_attention(query, key_cache, value_cache, 10, 10, window, scale=0.25, softcap=softcap)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_reshape_and_cache_skips_negative_slots_and_copy_blocks_copies_every_layer():
     key_cache = torch.zeros(4, 2, 1, 3)
     value_cache = torch.zeros(4, 2, 1, 3)

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 import hf_paged
 from hf_paged import PagedCache, backend, ops
 
-kernels = backend._kernels()
+kernels = backend.kernels()
 assert kernels is not None and kernels.__name__ == "hf_paged.kernels", kernels
 calls = {}
 
