@@ -98,7 +98,7 @@ def paged_attention_forward(
             )
             return out, None
     elif step.window is not None:
-        mask = step.window_mask(attention_mask, sliding_window)
+        mask = step.window_mask(attention_mask, sliding_window, query.shape[1] // key.shape[2], query.dtype)
         out = ops.window_attention(query, key, value, *step.window, mask, scale=scale, softcap=softcap)
         return out, None
     elif step.shared is not None and sliding_window is None:

@@ -101,14 +101,15 @@ class StepMetadata:
     window: tuple[int, int] | None = None
     _masks: dict = field(default_factory=dict)
 
-    def window_mask(self, attention_mask: torch.Tensor | None, sliding_window: int | None) -> torch.Tensor:
-        """The boolean ``[B, q, W]`` mask of `ops.window_attention` over `window` (memoised per step)."""
-        key = ("window", id(attention_mask), sliding_window)
+    def window_mask(self, attention_mask: torch.Tensor | None, sliding_window: int | None, groups: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """The mask of `ops.window_attention` over `window` (built once per step for all layers)."""
+        key = ("window", id(attention_mask), sliding_window, groups, dtype)
         if key not in self._masks:
             padding = None if attention_mask is None else key_padding_mask(attention_mask, self.max_seq_len)
             self._masks[key] = ops.window_mask(
-                self.block_tables, self.seq_lens, self.q_len, *self.window, self.block_size,
-                key_padding=padding, sliding_window=sliding_window,
+                self.block_tables, self.seq_lens, self.q_len, *self.window, self.block_size, groups=groups,
+                dtype=dtype, key_padding=padding, sliding_window=sliding_window,
             )
         return self._masks[key]
 

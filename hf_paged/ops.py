@@ -131,7 +131,7 @@ def attend(
     Args:
         query: ``[B, H, q, D]``.
         key, value: ``[B, Hkv, kv, D]``.
-        mask: boolean, broadcastable to ``[B, H, q, kv]`` (True = attend), or None.
+        mask: broadcastable to ``[B, H, q, kv]``: boolean (True = attend) or additive (0 / -inf), or None.
         scale: multiplies ``q @ k^T``.
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before masking.
         is_causal: with ``mask=None`` and as many queries as keys, apply a causal mask.
@@ -162,7 +162,7 @@ def attend(
         mask = mask.reshape(mask.shape[0], -1, 1, *mask.shape[-2:]) if mask.shape[1] == 1 else mask.view(
             mask.shape[0], kv_heads, groups, *mask.shape[-2:]
         )
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     if dropout:
         probs = F.dropout(probs, p=dropout)
@@ -336,22 +336,28 @@ def window_mask(
     num_blocks: int,
     block_size: int,
     *,
+    groups: int,
+    dtype: torch.dtype,
     key_padding: torch.Tensor | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Which slots of the blocks ``[first_block, first_block + num_blocks)`` each query may attend to.
+    """The additive mask of `window_attention`: which slots of the blocks ``[first_block, first_block +
+    num_blocks)`` each packed query may attend to.
 
     Every row's blocks must lie in that range; rows may share blocks, and blocks no row uses are never visible.
-    The slot holding token ``j`` of row ``b`` is visible to the row's query ``i`` when ``j`` passes the module
+    The slot holding token ``j`` of row ``b`` is visible to the row's queries ``i`` when ``j`` passes the module
     docstring's rule (causal, window) and, if given, ``key_padding[b, j]``.
 
     Args:
         block_tables: ``[B, nb]`` integer block ids (entries past a row's length are ignored).
         seq_lens: ``[B]`` tokens of each row including this step's ``q_len``.
+        groups: query heads per KV head.
+        dtype: the queries' dtype.
         key_padding: boolean ``[B, >= max(seq_lens)]`` (True = a real token), or None.
 
     Returns:
-        Boolean ``[B, q, num_blocks * block_size]``.
+        ``[1, 1, B * groups * q, num_blocks * block_size]``: 0 where visible, -inf elsewhere; packed query rows in
+        `window_attention`'s order (row, query head of the KV head, query token).
     """
     batch, width = block_tables.shape
     device = block_tables.device
@@ -363,14 +369,15 @@ def window_mask(
     tokens = torch.arange(width * block_size, device=device).view(1, width, block_size).expand(batch, -1, -1)
     token = torch.full((batch, num_blocks + 1, block_size), -1, dtype=torch.long, device=device)
     token.scatter_(1, target[:, :, None].expand(-1, -1, block_size), tokens)
-    token = token[:, :num_blocks].reshape(batch, num_blocks * block_size)[:, None, :]  # [B, 1, W]
+    token = token[:, :num_blocks].reshape(batch, 1, num_blocks * block_size)
     positions = lengths[:, None] - q_len + torch.arange(q_len, device=device)  # [B, q]
-    visible = (token >= 0) & (token <= positions[:, :, None])
+    visible = (token >= 0) & (token <= positions[:, :, None])  # [B, q, W]
     if sliding_window is not None:
         visible &= token > positions[:, :, None] - sliding_window
     if key_padding is not None:
         visible &= key_padding.gather(1, token[:, 0].clamp(0, key_padding.shape[1] - 1))[:, None, :]
-    return visible
+    visible = visible[:, None].expand(-1, groups, -1, -1).reshape(1, 1, batch * groups * q_len, -1)
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, -torch.inf)
 
 
 def window_attention(
@@ -396,7 +403,7 @@ def window_attention(
         query: ``[B, H, q, D]``.
         key_cache, value_cache: ``[N, bs, Hkv, D]``.
         first_block, num_blocks: the range ``[first_block, first_block + num_blocks)``.
-        mask: boolean ``[B, q, W]`` from `window_mask` (``W = num_blocks * bs``).
+        mask: ``[1, 1, B * H / Hkv * q, num_blocks * bs]`` from `window_mask`.
 
     Returns:
         ``[B, q, H, D]``.
@@ -409,6 +416,5 @@ def window_attention(
     span = slice(first_block, first_block + num_blocks)
     keys = key_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
     values = value_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
-    rows_mask = mask[:, None].expand(-1, groups, -1, -1).reshape(1, 1, batch * groups * q_len, -1)
-    out = attend(packed, keys, values, rows_mask, scale=scale, softcap=softcap)  # [1, B * g * q, Hkv, D]
+    out = attend(packed, keys, values, mask, scale=scale, softcap=softcap)  # [1, B * g * q, Hkv, D]
     return out.view(batch, groups, q_len, kv_heads, dim).permute(0, 2, 3, 1, 4).reshape(batch, q_len, heads, dim)

@@ -110,9 +110,10 @@ def test_window_attention_equals_paged_attention(q_len, softcap, sliding_window)
     mask = ops.causal_mask(seq_lens, None, q_len, 20, sliding_window) & padding[:, None, None, :]
     expected = ops.attend(query, keys, values, mask, scale=0.25, softcap=softcap)
 
-    window = ops.window_mask(block_tables, seq_lens, q_len, 10, 10, bs, key_padding=padding,
-                             sliding_window=sliding_window)
-    assert window.shape == (4, q_len, 40) and not window[:, :, 6 * bs:7 * bs].any()  # block 16: nobody's
+    window = ops.window_mask(block_tables, seq_lens, q_len, 10, 10, bs, groups=3, dtype=query.dtype,
+                             key_padding=padding, sliding_window=sliding_window)
+    assert window.shape == (1, 1, 4 * 3 * q_len, 40)
+    assert torch.all(window[..., 6 * bs:7 * bs] == -torch.inf)  # block 16 is nobody's
     got = ops.window_attention(query, key_cache, value_cache, 10, 10, window, scale=0.25, softcap=softcap)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
