@@ -209,6 +209,7 @@ class KVPool:
         self.requested_blocks = num_blocks
         self.max_memory = max_memory
         self.growable = num_blocks is None and max_memory is None
+        self.forecast_blocks = 0  # a growable pool starts with this many blocks (what `generate` expects to use)
         self.device, self.dtype = device, dtype
         self.shared = False  # set by enable_prefix_caching: the pool outlives the caches that use it
         self.blocks = BlockPool(0, block_size)
@@ -244,6 +245,11 @@ class KVPool:
         self._bind(tensor)
         if blocks:
             self.resize(blocks)
+        elif self.growable and self.forecast_blocks:
+            try:
+                self.resize(self.forecast_blocks)
+            except torch.OutOfMemoryError:
+                pass  # only a forecast: the pool grows on demand instead, and says so if it cannot
 
     def matches(self, key_states: torch.Tensor) -> bool:
         return key_states.shape[1] == self.tensor.shape[4] and key_states.shape[3] == self.tensor.shape[5]
@@ -346,9 +352,9 @@ class PagedCache(Cache):
     Sizing rule:
         * ``num_blocks=n``: a fixed pool of ``n`` blocks.
         * ``max_memory=bytes``: a fixed pool of as many blocks as fit in ``bytes`` (keys and values, all layers).
-        * neither: the pool starts empty and grows on demand (to at least 1.5x its size each time), so it holds
-          about what the rows use. A fixed pool that cannot hold a step raises `OutOfBlocksError` before anything
-          is written.
+        * neither: the pool grows on demand (to at least 1.5x its size each time), so it holds about what the rows
+          use; ``generate()`` sizes it at its first write for the whole call (`KVPool.forecast_blocks`). A fixed
+          pool that cannot hold a step raises `OutOfBlocksError` before anything is written.
 
     Args:
         config: the model's config (``num_hidden_layers`` is read from its text config).

@@ -79,6 +79,15 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
     return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
 
+def forecast_blocks(batch_size: int, k: int, prompt_len: int, max_cache_length: int, block_size: int) -> int:
+    """The most blocks a ``generate`` call holds: the full blocks of each of the `batch_size` prompts once, and for
+    each of its k sequences the blocks from the prompt's partial last block up to `max_cache_length` (beams share
+    some of those, so this bounds them too). Sizing the pool to this at its first write saves growing (and
+    copying) it mid-generation; a cache reused for more tokens still grows."""
+    own_tokens = prompt_len % block_size + max(max_cache_length - prompt_len, 0)
+    return batch_size * (prompt_len // block_size + k * -(-own_tokens // block_size))
+
+
 _PLAIN_KWARG_TYPES = (bool, int, float, str, type(None), Cache)
 
 
@@ -102,6 +111,9 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
         k = 1
         reduced = (input_ids, model_kwargs)
     reduced_ids, reduced_kwargs = reduced
+    if cache.pool.tensor is None and cache.pool.growable:
+        cache.pool.forecast_blocks = forecast_blocks(len(reduced_ids), k, input_ids.shape[1],
+                                                     generation_config.max_length - 1, cache.block_size)
     shared = prefix.prefix_cache_of(self)
     hashes = None
     if shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0:
