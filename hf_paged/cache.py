@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import backend, ops
 from .block_manager import BlockManager, BlockPool, OutOfBlocksError
 
-__all__ = ["CacheStats", "KVPool", "PagedCache", "StepMetadata"]
+__all__ = ["CacheStats", "KVPool", "PagedCache", "StepMetadata", "pool_tensor"]
 
 # When the pool must grow, it grows to at least this factor of its current size (amortises the copy).
 _GROWTH_FACTOR = 1.5
@@ -187,8 +187,22 @@ class PagedPool(torch.Tensor):
         )
 
 
+def pool_tensor(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised pool ``[L, 2, N, bs, Hkv, D]`` stored head-major: ``[L, 2, Hkv, N * bs, D]`` in memory.
+
+    Every operation sees the logical shape, through strides. Storing each (layer, key/value, head) as one run of
+    all the pool's slots makes any range of consecutive blocks one contiguous ``[tokens, D]`` matrix per head,
+    which is how the attention kernels read keys best (twice as fast on CPU as token-major rows, in which a
+    head's keys are strided by ``Hkv * D``); a block stays ``Hkv`` runs of ``bs * D`` elements for copies.
+    """
+    storage = torch.empty((num_layers, 2, kv_heads, num_blocks, block_size, head_dim), device=device, dtype=dtype)
+    return storage.permute(0, 1, 3, 4, 2, 5)
+
+
 class KVPool:
-    """Keys and values of all layers in blocks: one tensor ``[L, 2, N, bs, Hkv, D]`` and its `BlockPool`.
+    """Keys and values of all layers in blocks: one tensor ``[L, 2, N, bs, Hkv, D]`` (see `pool_tensor` for its
+    memory layout) and its `BlockPool`.
 
     Created empty; the tensor is allocated at the first write, when the KV head count, head size, dtype and device
     are known. A pool belongs to one `PagedCache`, or is shared by the caches of one model when prefix caching is
@@ -230,8 +244,7 @@ class KVPool:
         device = self.device or key_states.device
         dtype = self.dtype or key_states.dtype
         num_kv_heads, head_dim = key_states.shape[1], key_states.shape[3]
-        tensor = torch.empty((self.num_layers, 2, 0, self.block_size, num_kv_heads, head_dim), device=device,
-                             dtype=dtype)
+        tensor = pool_tensor(self.num_layers, 0, self.block_size, num_kv_heads, head_dim, device, dtype)
         blocks = self.requested_blocks or 0
         if self.max_memory is not None:
             per_block = self.num_layers * 2 * self.block_size * num_kv_heads * head_dim * tensor.element_size()
@@ -261,7 +274,7 @@ class KVPool:
         and masks them, and a masked score is only harmless if the slot's key and value are finite.
         """
         old = self.tensor
-        new = torch.empty((*old.shape[:2], num_blocks, *old.shape[3:]), device=old.device, dtype=old.dtype)
+        new = pool_tensor(self.num_layers, num_blocks, *old.shape[3:], old.device, old.dtype)
         new[:, :, : old.shape[2]] = old
         new[:, :, old.shape[2]:].zero_()
         self._bind(new)
@@ -602,7 +615,9 @@ class PagedCache(Cache):
         old = self.pool
         pool = KVPool(old.num_layers, old.block_size, device=old.device, dtype=old.dtype)
         if old.tensor is not None:
-            pool._bind(old.tensor[:, :, used])  # advanced indexing copies
+            tensor = pool_tensor(old.num_layers, len(used), *old.tensor.shape[3:], old.device, old.dtype)
+            tensor.copy_(old.tensor[:, :, used])
+            pool._bind(tensor)
             pool.blocks.grow(len(used))
             pool.blocks.free_blocks.clear()
         clone = PagedCache.__new__(PagedCache)

@@ -8,8 +8,10 @@ against. Shapes use these letters:
     H  query heads                          Hkv key/value heads (H is a multiple of Hkv: GQA)
     D  head dimension                       nb  blocks in the longest block table
 
-A KV pool is ``[N, bs, Hkv, D]`` (token-major "NHD", as vLLM's Triton backend). The whole cache keeps all layers in
-one tensor ``[L, 2, N, bs, Hkv, D]`` so that copy-on-write copies every layer in one operation.
+A KV pool is ``[N, bs, Hkv, D]`` (the "NHD" shape of vLLM's Triton backend); every function here and every kernel
+takes it with any strides but a unit stride along ``D``. The whole cache keeps all layers in one tensor
+``[L, 2, N, bs, Hkv, D]``, so that copy-on-write copies every layer in one operation, stored head-major (see
+`hf_paged.cache.pool_tensor`): a range of consecutive blocks is then one contiguous ``[tokens, D]`` matrix per head.
 
 Attention semantics shared by every implementation: query ``i`` of row ``b`` sits at position
 ``p = seq_lens[b] - q + i`` and attends to the keys ``j`` with ``key_start[b] <= j <= p`` (``key_start`` skips left
@@ -325,7 +327,6 @@ def shared_prefix_attention(
 
     out = merge_attention(out_prefix, lse_prefix, out_tail, lse_tail)
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).to(query.dtype).contiguous()
-
 
 
 def window_mask(

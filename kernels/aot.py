@@ -160,6 +160,14 @@ def _split_meta(meta: dict[str, Any]) -> tuple[dict[str, Any], int]:
     return constexprs, constexprs.pop("num_warps")
 
 
+_NUM_BLOCKS = 4096  # pool size the configs assume (it only sets the head stride of the head-major pool)
+
+
+def _cache_strides(block_size: int, kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """Strides of one layer's ``[N, bs, Hkv, D]`` pool as `hf_paged.cache.pool_tensor` lays it out (head-major)."""
+    return block_size * head_dim, head_dim, _NUM_BLOCKS * block_size * head_dim, 1
+
+
 def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_heads: int, head_dim: int,
                       block_size: int = 16, num_splits: int = 1, window: int | None = None,
                       softcap: float | None = None) -> KernelConfig:
@@ -169,7 +177,7 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
         fp32_storage=dtype == "fp32", upcast=dtype == "fp32",
     ))
     out = Pointer("*fp32") if num_splits > 1 else Pointer(f"*{dtype}")
-    cache_strides = (block_size * kv_heads * head_dim, kv_heads * head_dim, head_dim, 1)
+    cache_strides = _cache_strides(block_size, kv_heads, head_dim)
     out_strides = (q_len * heads * head_dim * num_splits, heads * head_dim * num_splits, head_dim * num_splits)
     args = {
         "out_ptr": out, "max_ptr": Pointer("*fp32"), "sum_ptr": Pointer("*fp32"),
@@ -194,7 +202,7 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
 def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16
                               ) -> KernelConfig:
     token_stride = 3 * kv_heads * head_dim  # k and v are views into a fused qkv projection
-    cache_strides = (block_size * kv_heads * head_dim, kv_heads * head_dim, head_dim, 1)
+    cache_strides = _cache_strides(block_size, kv_heads, head_dim)
     args = {
         "key_ptr": Pointer(f"*{dtype}"), "value_ptr": Pointer(f"*{dtype}"),
         "key_cache_ptr": Pointer(f"*{dtype}"), "value_cache_ptr": Pointer(f"*{dtype}"),
@@ -208,13 +216,14 @@ def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: i
     return KernelConfig(reshape_and_cache_kernel, label, args, constexprs, num_warps)
 
 
-def _copy_blocks_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16,
-                        num_blocks: int = 4096) -> KernelConfig:
+def _copy_blocks_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16
+                        ) -> KernelConfig:
     block = block_size * kv_heads * head_dim
+    stride_block, stride_token, stride_head, _ = _cache_strides(block_size, kv_heads, head_dim)
     args = {"pool_ptr": Pointer(f"*{dtype}"), "src_ptr": Pointer("*i64"), "dst_ptr": Pointer("*i64"),
-            "stride_layer": 2 * num_blocks * block, "stride_kv": num_blocks * block, "stride_block": block,
-            "block_numel": block}
-    constexprs, num_warps = _split_meta(copy_blocks_meta())
+            "stride_layer": 2 * _NUM_BLOCKS * block, "stride_kv": _NUM_BLOCKS * block, "stride_block": stride_block,
+            "stride_token": stride_token, "stride_head": stride_head, "block_numel": block}
+    constexprs, num_warps = _split_meta(copy_blocks_meta(kv_heads, head_dim))
     return KernelConfig(copy_blocks_kernel, label, args, constexprs, num_warps)
 
 

@@ -18,10 +18,12 @@ __all__ = ["copy_blocks", "copy_blocks_kernel", "copy_blocks_meta", "copy_blocks
 
 @triton.jit
 def copy_blocks_kernel(
-    pool_ptr,  # [L, 2, N, bs, Hkv, D]; each block's bs * Hkv * D elements are contiguous
+    pool_ptr,  # [L, 2, N, bs, Hkv, D]; any strides but a unit stride along D
     src_ptr, dst_ptr,  # [C] block ids
-    stride_layer, stride_kv, stride_block,
+    stride_layer, stride_kv, stride_block, stride_token, stride_head,
     block_numel,  # bs * Hkv * D
+    HEAD_DIM: tl.constexpr,
+    KV_HEADS: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     """Program (c, l * 2 + kv): copy block ``src[c]`` to ``dst[c]`` in layer ``l``'s key (kv=0) or value pool."""
@@ -34,21 +36,25 @@ def copy_blocks_kernel(
     dst_base = pool_ptr + base + dst * stride_block
     offsets = tl.arange(0, CHUNK)
     for start in range(0, block_numel, CHUNK):
-        mask = start + offsets < block_numel
-        tl.store(dst_base + start + offsets, tl.load(src_base + start + offsets, mask=mask), mask=mask)
+        index = start + offsets  # element (token, head, dim) of the block, in logical order
+        mask = index < block_numel
+        token = index // (KV_HEADS * HEAD_DIM)
+        head = index // HEAD_DIM % KV_HEADS
+        at = token.to(tl.int64) * stride_token + head.to(tl.int64) * stride_head + index % HEAD_DIM
+        tl.store(dst_base + at, tl.load(src_base + at, mask=mask), mask=mask)
 
 
-def copy_blocks_meta() -> dict[str, int]:
+def copy_blocks_meta(kv_heads: int, head_dim: int) -> dict[str, int]:
     """Every constexpr of `copy_blocks_kernel` plus ``num_warps``: 1024 elements per loop step (shared with AOT)."""
-    return {"CHUNK": 1024, "num_warps": 4}
+    return {"HEAD_DIM": head_dim, "KV_HEADS": kv_heads, "CHUNK": 1024, "num_warps": 4}
 
 
 def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy blocks ``src[i] -> dst[i]`` in every layer's key and value pool (Triton; same as `hf_paged.ops`).
 
     Args:
-        kv_pool: ``[L, 2, N, bs, Hkv, D]``; the last three dims must be contiguous (a block is one run of memory),
-            the first three may have any strides.
+        kv_pool: ``[L, 2, N, bs, Hkv, D]`` with any strides but a unit stride along ``D`` (a `PagedCache`'s
+            pool is stored head-major: see `hf_paged.cache.pool_tensor`).
         src, dst: ``[C]`` int32/int64 block ids in ``[0, N)``; ``dst`` holds distinct blocks not in ``src``
             (not checked: that would need a device sync).
     """
@@ -60,16 +66,14 @@ def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> 
     check_shape("src", src, (None,), "[C]")
     check_shape("dst", dst, (src.shape[0],), "[C] like src")
     layers, _, _, block_size, kv_heads, head_dim = kv_pool.shape
-    if kv_pool.stride()[3:] != (kv_heads * head_dim, head_dim, 1):
-        raise ValueError(
-            f"kv_pool's last three dims [bs, Hkv, D] must be contiguous, got strides {kv_pool.stride()}"
-        )
+    if kv_pool.stride(5) != 1:
+        raise ValueError(f"kv_pool's last dim D must have stride 1, got strides {kv_pool.stride()}")
     if src.shape[0] == 0 or layers == 0:
         return
     copy_blocks_kernel[(src.shape[0], layers * 2)](
         kv_pool, src.contiguous(), dst.contiguous(),
-        kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2),
+        *kv_pool.stride()[:5],
         block_size * kv_heads * head_dim,
-        **copy_blocks_meta(),
+        **copy_blocks_meta(kv_heads, head_dim),
         **COMPILE_OPTIONS,
     )

@@ -206,10 +206,14 @@ def test_reshape_and_cache_matches_reference(kv_heads, head_dim, block_size, key
 
 @pytest.mark.parametrize("dtype, index_dtype", [(torch.float16, torch.int32), (torch.bfloat16, torch.int64),
                                                 (torch.float32, torch.int64)])
-def test_copy_blocks_matches_reference(dtype, index_dtype):
+@pytest.mark.parametrize("head_major", [False, True], ids=["token-major", "head-major"])
+def test_copy_blocks_matches_reference(dtype, index_dtype, head_major):
     gen = torch.Generator().manual_seed(3)
-    # A pool whose N dim is a slice of a bigger one: outer strides are not those of a contiguous tensor.
+    # A pool whose N dim is a slice of a bigger one: outer strides are not those of a contiguous tensor. Head-major
+    # is how a PagedCache stores its pool (hf_paged.cache.pool_tensor): a block is one run per head.
     backing = torch.randn(3, 2, 9, 16, 2, 64, generator=gen).to(dtype).to(DEVICE)
+    if head_major:
+        backing = backing.permute(0, 1, 4, 2, 3, 5).contiguous().permute(0, 1, 3, 4, 2, 5)
     pool = backing[:, :, 1:8]
     expected = pool.clone()
     outside = backing[:, :, [0, 8]].clone()
@@ -271,7 +275,7 @@ def test_paged_attention_rejects_bad_inputs(override, error, match):
 def test_copy_blocks_and_reshape_and_cache_reject_bad_inputs():
     pool = torch.zeros(1, 2, 4, 16, 2, 64)
     ids = torch.tensor([0])
-    with pytest.raises(ValueError, match="must be contiguous"):
+    with pytest.raises(ValueError, match="last dim D must have stride 1"):
         copy_blocks(pool.transpose(4, 5), ids, ids)
     with pytest.raises(ValueError, match=r"kv_pool must be \[L, 2, N, bs, Hkv, D\]"):
         copy_blocks(pool[0], ids, ids)

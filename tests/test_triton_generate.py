@@ -54,7 +54,8 @@ def count(module, name, key):
 # The launchers backend.py dispatches to, and every PyTorch path the attention function could fall back to.
 for name in ("reshape_and_cache", "paged_attention", "copy_blocks"):
     count(kernels, name, name)
-for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv", "shared_prefix_attention"):
+for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv", "shared_prefix_attention",
+             "window_attention"):
     count(ops, name, "ops." + name)
 
 VOCAB = 96
