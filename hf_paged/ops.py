@@ -8,8 +8,8 @@ against. Shapes use these letters:
     H  query heads                          Hkv key/value heads (H is a multiple of Hkv: GQA)
     D  head dimension                       nb  blocks in the longest block table
 
-A KV pool is ``[N, bs, Hkv, D]`` (the "NHD" shape of vLLM's Triton backend); every function here and every kernel
-takes it with any strides but a unit stride along ``D``. The whole cache keeps all layers in one tensor
+A KV pool is ``[N, bs, Hkv, D]`` (the "NHD" shape of vLLM's Triton backend), token-major (contiguous) or head-major
+in memory; every function here and every kernel takes either. The whole cache keeps all layers in one tensor
 ``[L, 2, N, bs, Hkv, D]``, so that copy-on-write copies every layer in one operation, stored head-major (see
 `hf_paged.cache.pool_tensor`): a range of consecutive blocks is then one contiguous ``[tokens, D]`` matrix per head.
 
