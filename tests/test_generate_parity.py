@@ -107,8 +107,11 @@ def test_blocks_no_row_has_written_hold_zeros(num_blocks):
     an earlier tensor in the same memory would survive the mask)."""
     reference, paged = make_pair("llama")
     inputs = left_padded_batch([9], seed=5)
-    for _ in range(3):  # leave NaN-filled memory of the pool's size behind for the allocator to hand out again
-        garbage = torch.full((2 * 2 * 64 * 4 * 2 * 16,), float("nan"))
+    config = paged.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    block_numel = config.num_hidden_layers * 2 * 4 * config.num_key_value_heads * head_dim  # all layers, K and V
+    for _ in range(3):  # leave NaN-filled memory behind, about a pool's size, for the allocator to hand out again
+        garbage = torch.full((64 * block_numel,), float("nan"))
         del garbage
         cache = PagedCache(paged.config, block_size=4, num_blocks=num_blocks)
         got = _generate(paged, inputs, num_return_sequences=3, do_sample=True, past_key_values=cache)
