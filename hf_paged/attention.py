@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import sdpa_mask
 
-from . import backend, ops
+from . import backend, masks, ops
 from .cache import key_padding_mask, owner_of
 
 __all__ = ["paged_attention_forward", "paged_attention_mask"]
@@ -27,17 +27,37 @@ def paged_attention_mask(
     kv_offset: int = 0,
     attention_mask: torch.Tensor | None = None,
     allow_is_causal_skip: bool = True,
+    mask_function=None,
     **kwargs,
-) -> torch.Tensor | None:
-    """Mask function for ``"hf_paged"``: the 2-D padding mask ``[B, kv_length]`` (None when nothing is padded).
+) -> torch.Tensor:
+    """Mask function for ``"hf_paged"``: the 2-D padding mask ``[B, kv_length]``, carrying the mask's pattern.
 
-    Causality and sliding windows are applied by the attention function itself, which takes the queries to be the
-    last ``q_length`` keys. When that does not hold (a `StaticCache` has spare slots after the queries) or the model
-    asks for a custom pattern (``or``/``and`` mask functions, packed sequences, block-wise attention),
-    Transformers' full 4-D boolean mask is built instead and used as is.
+    Causality, sliding windows and chunked attention are applied by the attention function itself, which takes the
+    queries to be the last ``q_length`` keys: `hf_paged.masks.describe` reads them off ``mask_function`` and the
+    returned mask carries them (`hf_paged.masks.attach`; it is all True when nothing is padded). When that does not
+    hold (a `StaticCache` has spare slots after the queries, a sliding-window cache dropped the first keys of a
+    chunked layer) or the model asks for a pattern `describe` does not know (``or`` masks, packed sequences,
+    block-wise attention, a model's own function), Transformers' full 4-D boolean mask is built instead and used
+    as is.
     """
     queries_end_keys = int(q_offset) + q_length == kv_offset + kv_length  # False for a StaticCache's spare slots
-    if not allow_is_causal_skip or kwargs.get("use_vmap", False) or not queries_end_keys:
+    pattern = masks.describe(mask_function)
+    device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else None)
+    padding = None
+    if pattern is not None:
+        if attention_mask is None:
+            padding = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+        else:
+            padding = key_padding_mask(attention_mask[:, kv_offset:], kv_length)
+        if pattern.chunk_size is not None:
+            # Chunks start at each row's first real token, counted from key 0: the keys must all be there.
+            leading = (~padding).to(torch.long).cumprod(dim=1).sum(dim=1)
+            if kv_offset != 0 or not torch.equal(leading.cpu(), pattern.chunk_start.to(torch.long).cpu().expand(
+                    batch_size)):
+                pattern = None
+    if pattern is None or not allow_is_causal_skip or kwargs.get("use_vmap", False) or not queries_end_keys:
+        if mask_function is not None:
+            kwargs["mask_function"] = mask_function
         return sdpa_mask(
             batch_size=batch_size,
             q_length=q_length,
@@ -48,10 +68,7 @@ def paged_attention_mask(
             allow_is_causal_skip=False,
             **kwargs,
         )
-    if attention_mask is None:
-        return None
-    mask = key_padding_mask(attention_mask[:, kv_offset:], kv_length)
-    return None if bool(mask.all()) else mask
+    return masks.attach(padding, pattern)
 
 
 def paged_attention_forward(
@@ -65,6 +82,7 @@ def paged_attention_forward(
     sliding_window: int | None = None,
     softcap: float | None = None,
     is_causal: bool | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention function for ``"hf_paged"``.
@@ -72,55 +90,72 @@ def paged_attention_forward(
     Args:
         query: ``[B, H, q, D]`` with rotary embeddings applied.
         key, value: a layer's block pools ``[N, bs, Hkv, D]`` (from a `PagedCache`) or plain ``[B, Hkv, kv, D]``.
-        attention_mask: what `paged_attention_mask` returned: None, a 2-D padding mask or a 4-D boolean mask.
+        attention_mask: what `paged_attention_mask` returned: a 2-D padding mask carrying the mask's pattern
+            (`hf_paged.masks`), a 4-D boolean mask, or (from elsewhere) None or a plain 2-D padding mask.
         scaling: multiplies ``q @ k^T`` (``1/sqrt(D)`` when None).
-        sliding_window, softcap: as the model passes them.
+        sliding_window, softcap: as the model passes them; a pattern carried by the mask (what eager and sdpa
+            apply) takes precedence over the ``sliding_window`` kwarg.
+        s_aux: attention sinks ``[H]`` (gpt-oss and others), or None.
 
     Returns:
         ``(output [B, q, H, D], None)``: attention weights are never materialised.
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    pattern, attention_mask = masks.detach(attention_mask)
+    chunk_size = None
+    if pattern is not None:
+        sliding_window, chunk_size = pattern.sliding_window, pattern.chunk_size
+    sinks = s_aux
     cache = owner_of(key)
     if cache is None:
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,
-                                     softcap, is_causal), None
+                                     softcap, is_causal, chunk_size, sinks), None
     step, key, value = cache.attention_inputs(module.layer_idx)
     if sliding_window is not None and sliding_window >= step.max_seq_len:
         sliding_window = None  # the window covers every key: no mask needed
+    if chunk_size is not None and chunk_size >= step.max_seq_len:
+        chunk_size = None  # every key is in the first chunk
     if attention_mask is not None and attention_mask.dim() == 4:
-        return _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap), None
+        return _gathered_attention(step, query, key, value, attention_mask, scale, None, softcap, None, sinks), None
     if step.triton:
         key_start = _key_start(step, attention_mask)
         if key_start is not None or attention_mask is None:
+            features = {"chunk_size": chunk_size} if chunk_size is not None else {}
+            if sinks is not None:
+                features["sinks"] = sinks
             out = backend.paged_attention(
                 query, key, value, step.block_tables, step.seq_lens, key_start,
                 scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
+                **features,
             )
             return out, None
     elif step.window is not None:
-        mask = step.window_mask(attention_mask, sliding_window, query.shape[1] // key.shape[2], query.dtype)
-        out = ops.window_attention(query, key, value, *step.window, mask, scale=scale, softcap=softcap)
+        mask = step.window_mask(attention_mask, sliding_window, query.shape[1] // key.shape[2], query.dtype,
+                                chunk_size)
+        out = ops.window_attention(query, key, value, *step.window, mask, scale=scale, softcap=softcap, sinks=sinks)
         return out, None
-    elif step.shared is not None and sliding_window is None:
-        masks = step.shared_masks(attention_mask)
-        if masks is not None:
+    elif step.shared is not None and sliding_window is None and chunk_size is None:
+        shared_masks = step.shared_masks(attention_mask)
+        if shared_masks is not None:
             shared = step.shared
             out = ops.shared_prefix_attention(
                 query, key, value, shared.prefix_blocks, shared.tail_tables, step.max_seq_len - shared.prefix_len,
-                *masks, scale=scale, softcap=softcap, prefix_start=shared.prefix_start,
+                *shared_masks, scale=scale, softcap=softcap, prefix_start=shared.prefix_start, sinks=sinks,
             )
             return out, None
-    return _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap), None
+    return _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap, chunk_size,
+                               sinks), None
 
 
-def _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap) -> torch.Tensor:
+def _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap, chunk_size=None,
+                        sinks=None) -> torch.Tensor:
     """Gather each row's keys and values out of the pools, then attend as over contiguous tensors."""
     keys = ops.gather_kv(key, step.block_tables, step.max_seq_len, step.first_block)
     values = ops.gather_kv(value, step.block_tables, step.max_seq_len, step.first_block)
-    mask = step.mask(attention_mask, sliding_window)
+    mask = step.mask(attention_mask, sliding_window, chunk_size)
     # Every row holds exactly this step's tokens: a mask-free causal attention is the whole story.
     is_causal = mask is None and 1 < step.q_len == step.max_seq_len
-    return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap, is_causal=is_causal)
+    return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap, is_causal=is_causal, sinks=sinks)
 
 
 def _key_start(step, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -138,24 +173,27 @@ def _key_start(step, attention_mask: torch.Tensor | None) -> torch.Tensor | None
 
 
 def _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window, softcap,
-                          is_causal) -> torch.Tensor:
+                          is_causal, chunk_size=None, sinks=None) -> torch.Tensor:
     """Attention over ordinary ``[B, Hkv, kv, D]`` keys and values (no paged cache involved)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     dropout = dropout if module.training else 0.0
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is not None and attention_mask.dim() == 4:
         mask = attention_mask[..., :kv_len].to(torch.bool)
-        return ops.attend(query, key, value, mask, scale=scale, softcap=softcap, dropout=dropout)
+        return ops.attend(query, key, value, mask, scale=scale, softcap=softcap, dropout=dropout, sinks=sinks)
     window = sliding_window if sliding_window is not None and sliding_window < kv_len else None
-    if attention_mask is None and window is None and (q_len == kv_len or q_len == 1 or not causal):
+    chunk = chunk_size if chunk_size is not None and chunk_size < kv_len else None
+    if attention_mask is None and window is None and chunk is None and (q_len == kv_len or q_len == 1 or not causal):
         return ops.attend(query, key, value, None, scale=scale, softcap=softcap, dropout=dropout,
-                          is_causal=causal and q_len > 1)
+                          is_causal=causal and q_len > 1, sinks=sinks)
     batch = query.shape[0]
+    padding = None if attention_mask is None else key_padding_mask(attention_mask, kv_len)
     if causal:
         seq_lens = torch.full((batch,), kv_len, dtype=torch.long, device=query.device)
-        mask = ops.causal_mask(seq_lens, None, q_len, kv_len, window)
+        chunk_start = None if padding is None or chunk is None else (~padding).to(torch.long).cumprod(dim=1).sum(dim=1)
+        mask = ops.causal_mask(seq_lens, None, q_len, kv_len, window, chunk, chunk_start)
     else:
         mask = torch.ones(batch, 1, q_len, kv_len, dtype=torch.bool, device=query.device)
-    if attention_mask is not None:
-        mask = mask & key_padding_mask(attention_mask, kv_len)[:, None, None, :]
-    return ops.attend(query, key, value, mask, scale=scale, softcap=softcap, dropout=dropout)
+    if padding is not None:
+        mask = mask & padding[:, None, None, :]
+    return ops.attend(query, key, value, mask, scale=scale, softcap=softcap, dropout=dropout, sinks=sinks)

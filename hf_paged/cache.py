@@ -102,14 +102,14 @@ class StepMetadata:
     _masks: dict = field(default_factory=dict)
 
     def window_mask(self, attention_mask: torch.Tensor | None, sliding_window: int | None, groups: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, chunk_size: int | None = None) -> torch.Tensor:
         """The mask of `ops.window_attention` over `window` (built once per step for all layers)."""
-        key = ("window", id(attention_mask), sliding_window, groups, dtype)
+        key = ("window", id(attention_mask), sliding_window, groups, dtype, chunk_size)
         if key not in self._masks:
             padding = None if attention_mask is None else key_padding_mask(attention_mask, self.max_seq_len)
             self._masks[key] = ops.window_mask(
                 self.block_tables, self.seq_lens, self.q_len, *self.window, self.block_size, groups=groups,
-                dtype=dtype, key_padding=padding, sliding_window=sliding_window,
+                dtype=dtype, key_padding=padding, sliding_window=sliding_window, chunk_size=chunk_size,
             )
         return self._masks[key]
 
@@ -121,23 +121,29 @@ class StepMetadata:
             self._masks[key] = _shared_masks(self, attention_mask)
         return self._masks[key]
 
-    def mask(self, attention_mask: torch.Tensor | None, sliding_window: int | None) -> torch.Tensor | None:
+    def mask(self, attention_mask: torch.Tensor | None, sliding_window: int | None,
+             chunk_size: int | None = None) -> torch.Tensor | None:
         """The boolean ``[B, 1, q, kv]`` mask for this step (None when nothing is masked), memoised per step."""
-        key = (id(attention_mask), sliding_window)
+        key = (id(attention_mask), sliding_window, chunk_size)
         if key not in self._masks:
-            self._masks[key] = _step_mask(self, attention_mask, sliding_window)
+            self._masks[key] = _step_mask(self, attention_mask, sliding_window, chunk_size)
         return self._masks[key]
 
 
-def _step_mask(step: StepMetadata, attention_mask: torch.Tensor | None, window: int | None) -> torch.Tensor | None:
+def _step_mask(step: StepMetadata, attention_mask: torch.Tensor | None, window: int | None,
+               chunk_size: int | None = None) -> torch.Tensor | None:
     kv_len = step.max_seq_len
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask[..., :kv_len].to(torch.bool)
-    if attention_mask is None and window is None and step.q_len in (1, kv_len):
+    if attention_mask is None and window is None and chunk_size is None and step.q_len in (1, kv_len):
         return None  # nothing to mask (decode), or a plain causal mask `attend` applies itself (first prefill)
-    mask = ops.causal_mask(step.seq_lens, None, step.q_len, kv_len, window)
-    if attention_mask is not None:
-        mask = mask & key_padding_mask(attention_mask, kv_len)[:, None, None, :]
+    padding = None if attention_mask is None else key_padding_mask(attention_mask, kv_len)
+    chunk_start = None
+    if chunk_size is not None and padding is not None:  # chunks start at each row's first real token
+        chunk_start = (~padding).to(torch.long).cumprod(dim=1).sum(dim=1)
+    mask = ops.causal_mask(step.seq_lens, None, step.q_len, kv_len, window, chunk_size, chunk_start)
+    if padding is not None:
+        mask = mask & padding[:, None, None, :]
     return mask
 
 

@@ -15,7 +15,10 @@ in memory; every function here and every kernel takes either. The whole cache ke
 
 Attention semantics shared by every implementation: query ``i`` of row ``b`` sits at position
 ``p = seq_lens[b] - q + i`` and attends to the keys ``j`` with ``key_start[b] <= j <= p`` (``key_start`` skips left
-padding) and, with a sliding window ``w``, ``j > p - w``. A query with no key to attend to gets a zero output.
+padding) and, with a sliding window ``w``, ``j > p - w``; with chunked attention of chunk size ``c`` (Llama 4),
+only keys of the query's own chunk, ``(j - s) // c == (p - s) // c`` where ``s`` is the row's first real token. With
+attention sinks (gpt-oss), one extra logit per query head joins the softmax denominator (it has no value). A query
+with no key to attend to gets a zero output.
 """
 
 from __future__ import annotations
@@ -104,8 +107,14 @@ def causal_mask(
     q_len: int,
     kv_len: int,
     sliding_window: int | None = None,
+    chunk_size: int | None = None,
+    chunk_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean ``[B, 1, q, kv_len]`` mask (True = attend) following the module docstring's semantics."""
+    """Boolean ``[B, 1, q, kv_len]`` mask (True = attend) following the module docstring's semantics.
+
+    ``chunk_start`` (``[B]``, the first real token of each row) is where the chunks start; it defaults to
+    ``key_start`` (or 0).
+    """
     device = seq_lens.device
     positions = seq_lens.to(torch.long)[:, None] - q_len + torch.arange(q_len, device=device)  # [B, q]
     keys = torch.arange(kv_len, device=device)
@@ -114,6 +123,11 @@ def causal_mask(
         allowed &= keys[None, None, :] >= key_start.to(torch.long)[:, None, None]
     if sliding_window is not None:
         allowed &= keys[None, None, :] > positions[:, :, None] - sliding_window
+    if chunk_size is not None:
+        origin = chunk_start if chunk_start is not None else key_start
+        origin = torch.zeros_like(seq_lens, dtype=torch.long) if origin is None else origin.to(torch.long)
+        own = (positions - origin[:, None]).clamp_min(0) // chunk_size * chunk_size + origin[:, None]  # [B, q]
+        allowed &= keys[None, None, :] >= own[:, :, None]
     return allowed[:, None]
 
 
@@ -127,6 +141,7 @@ def attend(
     softcap: float | None = None,
     is_causal: bool = False,
     dropout: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over contiguous keys and values.
 
@@ -138,6 +153,8 @@ def attend(
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before masking.
         is_causal: with ``mask=None`` and as many queries as keys, apply a causal mask.
         dropout: dropout probability on the attention weights (training only).
+        sinks: attention sinks, ``[H]`` (one logit per query head) or broadcastable to ``[B, H, q]``: an extra
+            logit in each softmax denominator, with no value (gpt-oss's ``s_aux``), or None.
 
     Returns:
         ``[B, q, H, D]`` contiguous; rows with no key to attend to are zero.
@@ -145,7 +162,7 @@ def attend(
     key = key.to(query.dtype)
     value = value.to(query.dtype)
     heads, kv_heads = query.shape[1], key.shape[1]
-    if softcap is None:
+    if softcap is None and sinks is None:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=is_causal and mask is None,
             enable_gqa=heads != kv_heads,
@@ -156,7 +173,8 @@ def attend(
     groups = heads // kv_heads
     q = query.reshape(batch, kv_heads, groups, q_len, dim)
     scores = torch.matmul(q.float(), key.float()[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, g, q, kv]
-    scores = softcap * torch.tanh(scores / softcap)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is None and is_causal:
         kv_len = key.shape[2]
         mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
@@ -165,7 +183,13 @@ def attend(
             mask.shape[0], kv_heads, groups, *mask.shape[-2:]
         )
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    else:
+        sink = sinks.float()[None, :, None] if sinks.dim() == 1 else sinks.float()
+        sink = sink.expand(batch, heads, q_len).reshape(batch, kv_heads, groups, q_len, 1)
+        total = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1, keepdim=True)
+        probs = torch.exp(scores - total)
     if dropout:
         probs = F.dropout(probs, p=dropout)
     out = torch.matmul(probs, value.float()[:, :, None]).to(query.dtype)  # [B, Hkv, g, q, D]
@@ -184,6 +208,8 @@ def paged_attention(
     max_seq_len: int,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    chunk_size: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` against the paged keys and values (reference semantics: see module docstring).
 
@@ -195,15 +221,16 @@ def paged_attention(
         key_start: ``[B]`` int32 first attended key (left padding), or None for 0.
         scale: multiplies ``q @ k^T``.
         max_seq_len: ``max(seq_lens)`` as a Python int (avoids a device sync).
-        sliding_window, softcap: see `attend`.
+        sliding_window, softcap, sinks: see `attend`.
+        chunk_size: chunked attention (chunks start at ``key_start``), or None.
 
     Returns:
         ``[B, q, H, D]``.
     """
     keys = gather_kv(key_cache, block_tables, max_seq_len)
     values = gather_kv(value_cache, block_tables, max_seq_len)
-    mask = causal_mask(seq_lens, key_start, query.shape[2], max_seq_len, sliding_window)
-    return attend(query, keys, values, mask, scale=scale, softcap=softcap)
+    mask = causal_mask(seq_lens, key_start, query.shape[2], max_seq_len, sliding_window, chunk_size)
+    return attend(query, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)
 
 
 def attention_with_lse(
@@ -272,6 +299,7 @@ def shared_prefix_attention(
     scale: float,
     softcap: float | None = None,
     prefix_start: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paged attention where groups of rows share their leading blocks: the shared keys are read once per group.
 
@@ -291,6 +319,7 @@ def shared_prefix_attention(
         tail_mask: boolean ``[B, 1, q, tail_len]`` (causal and padding within the tails), or None.
         prefix_start: with one group whose prefix blocks are consecutive, the first of them: the prefix is then read
             in place, without a gather.
+        sinks: ``[H]`` attention sinks (see `attend`), or None.
 
     Returns:
         ``[B, q, H, D]`` in ``query``'s dtype.
@@ -326,6 +355,11 @@ def shared_prefix_attention(
     lse_prefix = lse_prefix.view(groups, kv_heads, per_group, gq).transpose(1, 2).reshape(batch, kv_heads, gq)
 
     out = merge_attention(out_prefix, lse_prefix, out_tail, lse_tail)
+    if sinks is not None:
+        # The sink joins the denominator: scale by exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink).
+        lse = torch.logaddexp(lse_prefix, lse_tail)
+        sink = sinks.float().view(1, kv_heads, heads // kv_heads, 1).expand(-1, -1, -1, q_len).reshape(1, kv_heads, gq)
+        out = out * torch.sigmoid(lse - sink)[..., None]
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).to(query.dtype).contiguous()
 
 
@@ -341,6 +375,7 @@ def window_mask(
     dtype: torch.dtype,
     key_padding: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """The additive mask of `window_attention`: which slots of the blocks ``[first_block, first_block +
     num_blocks)`` each packed query may attend to.
@@ -355,6 +390,7 @@ def window_mask(
         groups: query heads per KV head.
         dtype: the queries' dtype.
         key_padding: boolean ``[B, >= max(seq_lens)]`` (True = a real token), or None.
+        chunk_size: chunked attention, the chunks starting at each row's first real token, or None.
 
     Returns:
         ``[1, 1, B * groups * q, num_blocks * block_size]``: 0 where visible, -inf elsewhere; packed query rows in
@@ -375,6 +411,11 @@ def window_mask(
     visible = (token >= 0) & (token <= positions[:, :, None])  # [B, q, W]
     if sliding_window is not None:
         visible &= token > positions[:, :, None] - sliding_window
+    if chunk_size is not None:
+        origin = torch.zeros(batch, 1, dtype=torch.long, device=device) if key_padding is None else (
+            (~key_padding).to(torch.long).cumprod(dim=1).sum(dim=1, keepdim=True))
+        own = (positions - origin).clamp_min(0) // chunk_size * chunk_size + origin  # [B, q]
+        visible &= token >= own[:, :, None]
     if key_padding is not None:
         visible &= key_padding.gather(1, token[:, 0].clamp(0, key_padding.shape[1] - 1))[:, None, :]
     visible = visible[:, None].expand(-1, groups, -1, -1).reshape(1, 1, batch * groups * q_len, -1)
@@ -391,6 +432,7 @@ def window_attention(
     *,
     scale: float,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paged attention of all rows at once over one range of consecutive blocks that holds every row's keys.
 
@@ -405,6 +447,7 @@ def window_attention(
         key_cache, value_cache: ``[N, bs, Hkv, D]``.
         first_block, num_blocks: the range ``[first_block, first_block + num_blocks)``.
         mask: ``[1, 1, B * H / Hkv * q, num_blocks * bs]`` from `window_mask`.
+        sinks: ``[H]`` attention sinks (see `attend`), or None.
 
     Returns:
         ``[B, q, H, D]``.
@@ -417,5 +460,8 @@ def window_attention(
     span = slice(first_block, first_block + num_blocks)
     keys = key_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
     values = value_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
-    out = attend(packed, keys, values, mask, scale=scale, softcap=softcap)  # [1, B * g * q, Hkv, D]
+    if sinks is not None:  # one logit per packed query row: the sink of its query head
+        sinks = sinks.float().view(1, kv_heads, groups, 1).expand(batch, -1, -1, q_len).transpose(0, 1).reshape(
+            1, kv_heads, -1)
+    out = attend(packed, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)  # [1, B * g * q, Hkv, D]
     return out.view(batch, groups, q_len, kv_heads, dim).permute(0, 2, 3, 1, 4).reshape(batch, q_len, heads, dim)
