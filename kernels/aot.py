@@ -170,11 +170,12 @@ def _cache_strides(block_size: int, kv_heads: int, head_dim: int) -> tuple[int, 
 
 def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_heads: int, head_dim: int,
                       block_size: int = 16, num_splits: int = 1, window: int | None = None,
-                      softcap: float | None = None) -> KernelConfig:
+                      softcap: float | None = None, sinks: bool = False, chunk: int | None = None
+                      ) -> KernelConfig:
     constexprs, num_warps = _split_meta(paged_attention_meta(
         q_len, heads // kv_heads, head_dim, block_size, num_splits,
         has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
-        fp32_storage=dtype == "fp32", upcast=dtype == "fp32",
+        fp32_storage=dtype == "fp32", upcast=dtype == "fp32", has_sinks=sinks, has_chunk=chunk is not None,
     ))
     out = Pointer("*fp32") if num_splits > 1 else Pointer(f"*{dtype}")
     cache_strides = _cache_strides(block_size, kv_heads, head_dim)
@@ -185,6 +186,7 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
         "value_cache_ptr": Pointer(f"*{dtype}"), "block_tables_ptr": Pointer("*i32"),
         "seq_lens_ptr": Pointer("*i32"), "key_start_ptr": Pointer("*i32"),
         "scale": 0.125, "softcap": float(softcap or 1.0), "window": window or 0,
+        "sinks_ptr": Pointer("*fp32"), "chunk": chunk or 0,
         # num_q_tiles: a batch of rows makes it a runtime value (a 1 would be specialised away)
         "q_len": q_len, "num_q_tiles": triton.cdiv(q_len, constexprs["BLOCK_Q"]) + 2,
         # query is Transformers' [B, q, H, D] tensor seen as [B, H, q, D]
@@ -235,7 +237,8 @@ def _reduce_config(label: str, dtype: str, head_dim: int, num_splits: int) -> Ke
 
 
 #: Shapes: SmolLM2-135M (9 heads, 3 KV heads, D 64), Llama-3-8B (32 heads, 8 KV heads, D 128) and Gemma-2-2B
-#: (8 heads, 4 KV heads, D 256, sliding window 4096, softcap 50).
+#: (8 heads, 4 KV heads, D 256, sliding window 4096, softcap 50), gpt-oss-20b (64 heads, 8 KV heads, D 64, sinks,
+#: window 128) and Llama-4-Scout (40 heads, 8 KV heads, D 128, chunks of 8192).
 CONFIGS: tuple[KernelConfig, ...] = (
     _reshape_and_cache_config("SmolLM2 fp16", "fp16", kv_heads=3, head_dim=64),
     _reshape_and_cache_config("Llama-8B bf16", "bf16", kv_heads=8, head_dim=128),
@@ -251,6 +254,16 @@ CONFIGS: tuple[KernelConfig, ...] = (
     _attention_config("decode SmolLM2 fp32 (ieee dot)", "fp32", q_len=1, heads=9, kv_heads=3, head_dim=64),
     _attention_config("prefill q=64 Gemma2-2B fp32 (ieee dot)", "fp32", q_len=64, heads=8, kv_heads=4, head_dim=256,
                       window=4096, softcap=50.0),
+    _attention_config("decode gpt-oss-20b bf16 sinks+window", "bf16", q_len=1, heads=64, kv_heads=8, head_dim=64,
+                      window=128, sinks=True),
+    _attention_config("decode gpt-oss-20b bf16 sinks split=8", "bf16", q_len=1, heads=64, kv_heads=8, head_dim=64,
+                      num_splits=8, sinks=True),
+    _attention_config("decode Llama4-Scout bf16 chunk", "bf16", q_len=1, heads=40, kv_heads=8, head_dim=128,
+                      chunk=8192),
+    _attention_config("prefill q=512 Llama4-Scout bf16 chunk", "bf16", q_len=512, heads=40, kv_heads=8,
+                      head_dim=128, chunk=8192),
+    _attention_config("prefill q=64 gpt-oss fp32 (ieee dot) sinks+window+chunk", "fp32", q_len=64, heads=64,
+                      kv_heads=8, head_dim=64, window=128, sinks=True, chunk=8192),
     _reduce_config("D=64 splits=8", "bf16", head_dim=64, num_splits=8),
     _reduce_config("D=128 splits=16", "bf16", head_dim=128, num_splits=16),
     _copy_blocks_config("SmolLM2 fp16", "fp16", kv_heads=3, head_dim=64),

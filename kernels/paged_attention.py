@@ -2,7 +2,9 @@
 
 One kernel family serves decode (``q == 1``) and multi-token queries over cached context (prefill, chunked prefill,
 speculative verification): query ``i`` of row ``b`` sits at ``p = seq_lens[b] - q + i`` and attends to keys
-``key_start[b] <= j <= p`` (and ``j > p - window``), as in `hf_paged.ops`.
+``key_start[b] <= j <= p`` (and ``j > p - window``; with chunked attention only keys of its own chunk,
+``(j - key_start) // chunk == (p - key_start) // chunk``), as in `hf_paged.ops`. Attention sinks add one logit per
+query head to every softmax denominator: the running max and sum start from it (in the first split only).
 
 Layout of the work (see docs/KERNELS.md for the cost model):
 
@@ -65,6 +67,8 @@ def paged_attention_kernel(
     key_start_ptr,  # [B] int32 (read only if HAS_KEY_START)
     scale, softcap,  # fp32; softcap read only if USE_SOFTCAP
     window,  # int; read only if USE_WINDOW
+    sinks_ptr,  # [H] fp32 sink logits (read only if HAS_SINKS)
+    chunk,  # int chunk size; read only if USE_CHUNK
     q_len, num_q_tiles,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kn, stride_kt, stride_kh, stride_kd,
@@ -83,6 +87,8 @@ def paged_attention_kernel(
     HAS_KEY_START: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    USE_CHUNK: tl.constexpr,
     UPCAST: tl.constexpr,  # do both products in fp32 (fp32 storage, or the interpreter, which has no bf16 dot)
 ):
     """Program (b * num_q_tiles + tile, kv_head, split): one query tile of one row against one KV head."""
@@ -124,6 +130,11 @@ def paged_attention_kernel(
     lo = key_start
     if USE_WINDOW:
         lo = tl.maximum(lo, seq_len - q_len + first_token - window + 1)
+    if USE_CHUNK:
+        # A row's first visible key: the start of its chunk (a padded query's own position is below key_start).
+        chunk_lo = key_start + tl.maximum(position - key_start, 0) // chunk * chunk  # [BLOCK_M]
+        first_position = tl.maximum(seq_len - q_len + first_token - key_start, 0)
+        lo = tl.maximum(lo, key_start + first_position // chunk * chunk)
     tile_lo = lo // BLOCK_N
     tile_hi = tl.where(hi >= lo, hi // BLOCK_N + 1, tile_lo)
     if NUM_SPLITS > 1:
@@ -133,6 +144,10 @@ def paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:  # the sink is one more score (base 2) with no value: it starts the first split's max and sum
+        starts = row_valid & (split == 0)
+        m_i = tl.where(starts, tl.load(sinks_ptr + head, mask=row_valid, other=0.0) * LOG2E, float("-inf"))
+        l_i = tl.where(starts, 1.0, 0.0)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     table_ptr = block_tables_ptr + b64 * stride_btb
@@ -161,6 +176,8 @@ def paged_attention_kernel(
         visible = row_valid[:, None] & (keys[None, :] <= position[:, None]) & (keys[None, :] >= key_start)
         if USE_WINDOW:
             visible = visible & (keys[None, :] > position[:, None] - window)
+        if USE_CHUNK:
+            visible = visible & (keys[None, :] >= chunk_lo[:, None])
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -244,6 +261,8 @@ def paged_attention_meta(
     has_softcap: bool,
     fp32_storage: bool,
     upcast: bool,
+    has_sinks: bool = False,
+    has_chunk: bool = False,
 ) -> dict[str, int | bool]:
     """Every constexpr of `paged_attention_kernel` plus ``num_warps`` (shared by the launcher and the AOT check)."""
     return {
@@ -256,6 +275,8 @@ def paged_attention_meta(
         "HAS_KEY_START": has_key_start,
         "USE_WINDOW": has_window,
         "USE_SOFTCAP": has_softcap,
+        "HAS_SINKS": has_sinks,
+        "USE_CHUNK": has_chunk,
         "UPCAST": upcast,
     }
 
@@ -301,6 +322,8 @@ def _check_inputs(
     seq_lens: torch.Tensor,
     key_start: torch.Tensor | None,
     sliding_window: int | None,
+    chunk_size: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     check_device(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                  seq_lens=seq_lens, key_start=key_start)
@@ -322,6 +345,12 @@ def _check_inputs(
         check_shape("key_start", key_start, (batch,), "[B]")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}")
+    if sinks is not None:
+        check_device(query=query, sinks=sinks)
+        check_dtype("sinks", sinks, FLOAT_DTYPES)
+        check_shape("sinks", sinks, (heads,), "[H], one logit per query head")
 
 
 def launch_paged_attention(
@@ -337,10 +366,12 @@ def launch_paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     num_splits: int | None = None,
+    chunk_size: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the split-KV choice exposed: ``num_splits=None`` asks `choose_num_splits`,
     1 forces the single-pass kernel, more forces split-KV with that many splits."""
-    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window)
+    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size, sinks)
     batch, heads, q_len, head_dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
     if max_seq_len > block_tables.shape[1] * block_size:
@@ -373,6 +404,7 @@ def launch_paged_attention(
         q_len, group, head_dim, block_size, num_splits,
         has_key_start=key_start is not None, has_window=sliding_window is not None, has_softcap=softcap is not None,
         fp32_storage=fp32_storage, upcast=fp32_storage or query.device.type == "cpu",
+        has_sinks=sinks is not None, has_chunk=chunk_size is not None,
     )
     paged_attention_kernel[(batch * triton.cdiv(q_len, meta["BLOCK_Q"]), kv_heads, num_splits)](
         target, running_max, running_sum,
@@ -380,6 +412,8 @@ def launch_paged_attention(
         key_start.contiguous() if key_start is not None else seq_lens,
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
+        sinks.float().contiguous() if sinks is not None else seq_lens,
+        int(chunk_size) if chunk_size is not None else 0,
         q_len, triton.cdiv(q_len, meta["BLOCK_Q"]),
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride(),
         *target.stride()[:3], target.stride(3) if num_splits > 1 else 0,
@@ -408,6 +442,8 @@ def paged_attention(
     max_seq_len: int,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    chunk_size: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of `query` against the paged keys and values (Triton; same contract as `hf_paged.ops`).
 
@@ -421,6 +457,8 @@ def paged_attention(
         max_seq_len: ``max(seq_lens)`` as a Python int (sizes the split-KV choice; no device sync).
         sliding_window: attend only to the last `sliding_window` positions (the query's own included), or None.
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` after scaling.
+        chunk_size: chunked attention (chunks start at ``key_start``), or None.
+        sinks: ``[H]`` attention-sink logits joining each softmax denominator, or None.
 
     Returns:
         ``[B, q, H, D]`` contiguous, in the query's dtype; query rows with no visible key are zero.
@@ -428,4 +466,5 @@ def paged_attention(
     return launch_paged_attention(
         query, key_cache, value_cache, block_tables, seq_lens, key_start,
         scale=scale, max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap,
+        chunk_size=chunk_size, sinks=sinks,
     )

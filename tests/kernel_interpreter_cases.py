@@ -128,6 +128,47 @@ def test_paged_attention_matches_reference(
     torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+# (group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, dtype, window, chunk, sinks, num_splits)
+FEATURE_CASES = [
+    (2, 2, 64, 16, 1, [37, 5, 16], [0, 2, 3], torch.float32, None, None, True, 1),
+    (3, 1, 64, 16, 1, [70, 37], [0, 11], torch.float16, None, None, True, 4),
+    (8, 1, 64, 32, 5, [41, 9], [3, 1], torch.bfloat16, 9, None, True, 1),
+    (2, 2, 64, 16, 1, [37, 50], [0, 5], torch.float32, None, 8, False, 1),
+    (1, 2, 64, 16, 12, [40, 13], [0, 2], torch.float32, None, 8, True, 2),
+    (3, 1, 128, 16, 7, [30, 61], [4, 0], torch.float16, None, 16, False, 2),
+    (8, 1, 64, 32, 30, [64, 31], None, torch.bfloat16, 6, 10, True, 1),
+    (2, 1, 64, 16, 1, [90, 17], [4, 16], torch.float32, None, 20, True, 4),
+]
+
+
+def _feature_id(case: tuple) -> str:
+    group, kv_heads, head_dim, block_size, q_len, _, key_start, dtype, window, chunk, sinks, splits = case
+    parts = [f"g{group}x{kv_heads}", f"D{head_dim}", f"bs{block_size}", f"q{q_len}", str(dtype).split(".")[-1]]
+    parts += ["leftpad"] if key_start else []
+    parts += [f"window{window}"] if window else []
+    parts += [f"chunk{chunk}"] if chunk else []
+    parts += ["sinks"] if sinks else []
+    return "-".join([*parts, f"splits{splits}"])
+
+
+@pytest.mark.parametrize(
+    "group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, dtype, window, chunk, sinks, num_splits",
+    FEATURE_CASES, ids=[_feature_id(case) for case in FEATURE_CASES],
+)
+def test_sinks_and_chunks_match_reference(
+    group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, dtype, window, chunk, sinks, num_splits,
+):
+    inputs = make_paged_inputs(group=group, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                               q_len=q_len, seq_lens=seq_lens, key_start=key_start, dtype=dtype, seed=len(seq_lens))
+    sink_logits = 2 * torch.randn(group * kv_heads, generator=torch.Generator().manual_seed(7)) if sinks else None
+    kwargs = {"scale": head_dim**-0.5, "max_seq_len": max(seq_lens), "sliding_window": window, "chunk_size": chunk,
+              "sinks": None if sink_logits is None else sink_logits.to(DEVICE)}
+    out = launch_paged_attention(**inputs, **kwargs, num_splits=num_splits)
+    expected = reference_attention(inputs, **kwargs)
+    assert out.shape == (len(seq_lens), q_len, group * kv_heads, head_dim) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
 def test_fully_masked_queries_are_zero():
     # Row 1 starts attending at key 6 but its first two queries sit at positions 4 and 5.
     inputs = make_paged_inputs(group=2, kv_heads=1, head_dim=64, block_size=16, q_len=3, seq_lens=[20, 7],
@@ -262,6 +303,8 @@ def _attention_args(**overrides):
     ({"key_start": torch.zeros(2, dtype=torch.int32)}, ValueError, r"key_start must be \[B\]"),
     ({"max_seq_len": 1000}, ValueError, "exceeds what block_tables can address"),
     ({"sliding_window": 0}, ValueError, "sliding_window must be a positive"),
+    ({"chunk_size": 0}, ValueError, "chunk_size must be a positive"),
+    ({"sinks": torch.zeros(3)}, ValueError, r"sinks must be \[H\]"),
     ({"query": torch.randn(1, 4, 1, 64, dtype=torch.float64)}, TypeError, "query must have dtype"),
     ({"query": torch.randn(1, 4, 1, 64, device="meta")}, ValueError, "one device"),
 ])
