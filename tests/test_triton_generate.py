@@ -31,7 +31,7 @@ assert os.environ["TRITON_INTERPRET"] == "1" and os.environ["HF_PAGED_BACKEND"] 
 assert all(Path(entry or ".").resolve() != Path(sys.argv[1]) for entry in sys.path), sys.path
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, GptOssConfig, Llama4TextConfig, LlamaConfig
 
 import hf_paged
 from hf_paged import PagedCache, backend, ops
@@ -65,6 +65,11 @@ CONFIGS = {
     "llama": (LlamaConfig(**COMMON, initializer_range=0.1), "sdpa"),
     "gemma2": (Gemma2Config(**COMMON, head_dim=16, sliding_window=6, attn_logit_softcapping=5.0,
                             final_logit_softcapping=3.0, query_pre_attn_scalar=24), "eager"),
+    # attention sinks on a sliding layer and a full one; chunked attention (chunks of 4) on layer 0
+    "gpt_oss": (GptOssConfig(**COMMON, head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=6,
+                             layer_types=["sliding_attention", "full_attention"]), "eager"),
+    "llama4_text": (Llama4TextConfig(**COMMON, head_dim=16, intermediate_size_mlp=64, num_local_experts=2,
+                                     attention_chunk_size=4, no_rope_layers=[1, 0]), "eager"),
 }
 MODES = {
     "greedy": dict(do_sample=False),
@@ -81,7 +86,12 @@ def pair(family):
     paged = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="hf_paged")
     assert reference.config._attn_implementation == reference_attention
     assert paged.config._attn_implementation == "hf_paged"
-    paged.load_state_dict(reference.state_dict())
+    state = reference.state_dict()
+    for name in state:
+        if name.endswith("sinks"):  # initialised near 0: make them matter
+            state[name].copy_(torch.randn_like(state[name]))
+    reference.load_state_dict(state)
+    paged.load_state_dict(state)
     for model in (reference, paged):
         model.eval()
         model.generation_config.pad_token_id = 0
@@ -154,5 +164,18 @@ def test_generate_runs_through_the_triton_kernels(tmp_path):
             assert result["shape"] == [6, 11 + 6], result
         else:
             assert result["shape"] == [3, 11 + 6], result
+        assert result["same_tokens"], (case, result)
+        assert result["max_logit_diff"] < 2e-4, (case, result)
+
+
+def test_sinks_and_chunks_run_through_the_triton_kernels(tmp_path):
+    """gpt-oss's attention sinks and Llama 4's chunked layers reach the kernel (no PyTorch fallback) and give
+    eager's tokens."""
+    results = run_script(tmp_path, ["gpt_oss", "llama4_text"])
+    assert set(results) == {f"{family}-{mode}" for family in ("gpt_oss", "llama4_text") for mode in ("greedy", "beams")}
+    for case, result in results.items():
+        calls = result["calls"]
+        assert calls.get("paged_attention", 0) >= 12, (case, calls)
+        assert not any(key.startswith("ops.") for key in calls), (case, calls)
         assert result["same_tokens"], (case, result)
         assert result["max_logit_diff"] < 2e-4, (case, result)
