@@ -18,6 +18,7 @@ import torch
 from conftest import VOCAB, left_padded_batch
 from transformers import (
     AutoModelForCausalLM,
+    DynamicCache,
     FlintConfig,
     Gemma3TextConfig,
     GptOssConfig,
@@ -314,3 +315,37 @@ def test_shared_prefix_attention_with_sinks(with_sinks):
     got = ops.shared_prefix_attention(query, key_cache, value_cache, tables[::2, :2].contiguous(),
                                       tables[:, 2:].contiguous(), 8, None, tail_mask, scale=0.5, sinks=sinks)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beams"])
+def test_with_a_dynamic_cache(pair, mode):
+    """A `DynamicCache` the user passes (plain tensors; sliding and chunked layers keep only their last keys, so
+    chunked layers get Transformers' 4-D mask) gives eager's tokens."""
+    family, reference, paged = pair
+    inputs = left_padded_batch([21, 9, 15], seed=4)
+    expected = _generate(reference, inputs, past_key_values=DynamicCache(config=reference.config), **MODES[mode])
+    got = _generate(paged, inputs, past_key_values=DynamicCache(config=paged.config), **MODES[mode])
+    assert isinstance(got.past_key_values, DynamicCache)
+    _assert_same(got, expected, f"{family}/dynamic/{mode}")
+
+
+@pytest.mark.parametrize("family", [*SINK_FAMILIES, "llama4_text"])
+def test_training_dropout(family):
+    """In training, attention dropout is applied as eager applies it: same seed, same logits; another seed, other
+    logits (the dropout is really on)."""
+    reference, paged = make_pair(family)
+    for model in (reference, paged):
+        model.train()
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.3
+    inputs = left_padded_batch([21, 9, 15], seed=5)
+    real = inputs["attention_mask"].bool()
+    torch.manual_seed(0)
+    expected = reference(**inputs, use_cache=False).logits[real]
+    torch.manual_seed(0)
+    got = paged(**inputs, use_cache=False).logits[real]
+    torch.manual_seed(1)
+    other = paged(**inputs, use_cache=False).logits[real]
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    assert (other - expected).abs().max() > 1e-2
