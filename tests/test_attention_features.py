@@ -349,3 +349,18 @@ def test_training_dropout(family):
     other = paged(**inputs, use_cache=False).logits[real]
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
     assert (other - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "mistral"])
+def test_packed_sequences(family):
+    """Two sequences packed in one row (``position_ids`` restart, no attention mask): Transformers' packed mask
+    function is not one `hf_paged.masks.describe` knows, so its 4-D mask is used, and logits are eager's."""
+    reference, paged = make_pair(family)
+    input_ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(6))
+    position_ids = torch.cat([torch.arange(12), torch.arange(8)])[None]
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        got = paged(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        unpacked = paged(input_ids=input_ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    assert (unpacked[0, 12:] - expected[0, 12:]).abs().max() > 1e-3  # the packing really changes the second part
