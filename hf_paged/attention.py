@@ -92,10 +92,10 @@ def paged_attention_forward(
     if step.triton:
         key_start = _key_start(step, attention_mask)
         if key_start is not None or attention_mask is None:
-            if step.shared is not None and sliding_window is None:  # each group's shared blocks read once
+            if step.shared is not None:  # each group's shared blocks read once
                 out = backend.shared_prefix_paged_attention(
                     query, key, value, step.shared.prefix_blocks, step.shared.tail_tables, step.seq_lens, key_start,
-                    scale=scale, max_seq_len=step.max_seq_len, softcap=softcap,
+                    scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
                 )
             else:
                 out = backend.paged_attention(

@@ -341,6 +341,7 @@ def shared_prefix_paged_attention(
     *,
     scale: float,
     max_seq_len: int,
+    sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """`paged_attention` for rows that share leading blocks, with the block tables given as prefix and tails.
@@ -357,7 +358,7 @@ def shared_prefix_paged_attention(
         key_cache, value_cache: ``[N, bs, Hkv, D]``.
         prefix_blocks: ``[G, F]`` int32, each group's shared blocks (``G`` divides ``B``).
         tail_tables: ``[B, nt]`` int32, each row's blocks after its prefix.
-        seq_lens, key_start, scale, max_seq_len, softcap: as in `paged_attention` (whole-row lengths and
+        seq_lens, key_start, scale, max_seq_len, sliding_window, softcap: as in `paged_attention` (whole-row lengths and
             positions, prefix included).
 
     Returns:
@@ -366,7 +367,7 @@ def shared_prefix_paged_attention(
     group_size = query.shape[0] // prefix_blocks.shape[0]
     tables = torch.cat([prefix_blocks.repeat_interleave(group_size, dim=0), tail_tables], dim=1)
     return paged_attention(query, key_cache, value_cache, tables, seq_lens, key_start, scale=scale,
-                           max_seq_len=max_seq_len, softcap=softcap)
+                           max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap)
 
 
 def window_mask(

@@ -202,11 +202,12 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
 
 def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int, heads: int, kv_heads: int,
                           head_dim: int, block_size: int = 16, num_splits: int = 1, tail_splits: int = 2,
-                          softcap: float | None = None) -> KernelConfig:
+                          window: int | None = None, softcap: float | None = None) -> KernelConfig:
     """`shared_prefix_kernel` for one group of `group_rows` rows (beams or samples) over a 2048-token prefix."""
     constexprs, num_warps = _split_meta(shared_prefix_meta(
         group_rows, q_len, heads // kv_heads, head_dim, block_size, num_splits,
-        has_key_start=True, has_softcap=softcap is not None, fp32_storage=dtype == "fp32", upcast=dtype == "fp32",
+        has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
+        fp32_storage=dtype == "fp32", upcast=dtype == "fp32",
     ))
     splits = num_splits + tail_splits
     cache_strides = _cache_strides(block_size, kv_heads, head_dim)
@@ -215,7 +216,7 @@ def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int
         "tail_lens_ptr": Pointer("*i32"), "query_ptr": Pointer(f"*{dtype}"), "key_cache_ptr": Pointer(f"*{dtype}"),
         "value_cache_ptr": Pointer(f"*{dtype}"), "prefix_blocks_ptr": Pointer("*i32"),
         "seq_lens_ptr": Pointer("*i32"), "key_start_ptr": Pointer("*i32"),
-        "scale": 0.125, "softcap": float(softcap or 1.0),
+        "scale": 0.125, "softcap": float(softcap or 1.0), "window": window or 0,
         "batch": group_rows, "q_len": q_len, "group_rows": group_rows, "prefix_len": 2048,
         "num_m_tiles": triton.cdiv(group_rows * q_len, constexprs["BLOCK_Q"]), "first_split": tail_splits,
         "stride_qb": q_len * heads * head_dim, "stride_qh": head_dim, "stride_qt": heads * head_dim, "stride_qd": 1,
@@ -291,6 +292,8 @@ CONFIGS: tuple[KernelConfig, ...] = (
                           head_dim=128),
     _shared_prefix_config("n=8 decode Gemma2-2B bf16 softcap", "bf16", group_rows=8, q_len=1, heads=8, kv_heads=4,
                           head_dim=256, softcap=50.0),
+    _shared_prefix_config("n=8 decode Gemma2-2B bf16 window+softcap", "bf16", group_rows=8, q_len=1, heads=8,
+                          kv_heads=4, head_dim=256, window=4096, softcap=50.0),
     _shared_prefix_config("n=8 decode SmolLM2 fp32 (ieee dot)", "fp32", group_rows=8, q_len=1, heads=9, kv_heads=3,
                           head_dim=64),
     _reduce_config("D=64 splits=8", "bf16", head_dim=64, num_splits=8),

@@ -16,7 +16,8 @@ launches:
 
 The reference is `hf_paged.ops.shared_prefix_paged_attention`: paged attention over the tables
 ``prefix_blocks[g] + tail_tables[b]``. Masks are per query row, so rows of a group may differ in left padding
-inside the prefix, and a prefix may even hold keys later than some queries (causal masking applies there too).
+inside the prefix, and a prefix may even hold keys later than some queries (causal masking applies there too);
+a sliding window applies in both passes.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def shared_prefix_kernel(
     seq_lens_ptr,  # [B] int32
     key_start_ptr,  # [B] int32 (read only if HAS_KEY_START)
     scale, softcap,  # fp32; softcap read only if USE_SOFTCAP
+    window,  # int; read only if USE_WINDOW
     batch, q_len, group_rows, prefix_len, num_m_tiles, first_split,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kn, stride_kt, stride_kh, stride_kd,
@@ -75,6 +77,7 @@ def shared_prefix_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     NUM_SPLITS: tl.constexpr,  # pieces the prefix is cut into (grid axis 2)
     HAS_KEY_START: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,  # both products in fp32 (fp32 storage, or the interpreter, which has no bf16 dot)
 ):
@@ -119,6 +122,8 @@ def shared_prefix_kernel(
 
     # Prefix keys any row of this tile can see: [lo, hi].
     lo = tl.min(tl.where(row_valid, key_start, prefix_len), axis=0)
+    if USE_WINDOW:
+        lo = tl.maximum(lo, tl.min(tl.where(row_valid, position, prefix_len + window), axis=0) - window + 1)
     hi = tl.minimum(tl.max(tl.where(row_valid, position, -1), axis=0), prefix_len - 1)
     tile_lo = lo // BLOCK_N
     tile_hi = tl.where(hi >= lo, hi // BLOCK_N + 1, tile_lo)
@@ -156,6 +161,8 @@ def shared_prefix_kernel(
 
         visible = (row_valid[:, None] & key_valid[None, :] & (keys[None, :] <= position[:, None])
                    & (keys[None, :] >= key_start[:, None]))
+        if USE_WINDOW:
+            visible = visible & (keys[None, :] > position[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -188,6 +195,7 @@ def shared_prefix_meta(
     num_splits: int,
     *,
     has_key_start: bool,
+    has_window: bool,
     has_softcap: bool,
     fp32_storage: bool,
     upcast: bool,
@@ -205,6 +213,7 @@ def shared_prefix_meta(
         "BLOCK_SIZE": block_size,
         "NUM_SPLITS": num_splits,
         "HAS_KEY_START": has_key_start,
+        "USE_WINDOW": has_window,
         "USE_SOFTCAP": has_softcap,
         "UPCAST": upcast,
     }
@@ -220,7 +229,8 @@ def shared_prefix_splits(
     return prefix, tail
 
 
-def _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, max_seq_len):
+def _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, max_seq_len,
+                  sliding_window):
     check_device(query=query, key_cache=key_cache, value_cache=value_cache, prefix_blocks=prefix_blocks,
                  tail_tables=tail_tables, seq_lens=seq_lens, key_start=key_start)
     for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
@@ -249,6 +259,8 @@ def _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq
             f"max_seq_len ({max_seq_len}) exceeds what prefix_blocks and tail_tables can address "
             f"({width} blocks x {key_cache.shape[1]} tokens)"
         )
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
 
 
 def launch_shared_prefix_attention(
@@ -262,12 +274,14 @@ def launch_shared_prefix_attention(
     *,
     scale: float,
     max_seq_len: int,
+    sliding_window: int | None = None,
     softcap: float | None = None,
     num_splits: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`shared_prefix_paged_attention` with the split choice exposed: ``num_splits=(prefix, tail)`` forces them
     (the tail needs at least 2), None asks `shared_prefix_splits`."""
-    _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, max_seq_len)
+    _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, max_seq_len,
+                  sliding_window)
     batch, heads, q_len, head_dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
     groups, prefix_width = prefix_blocks.shape
@@ -275,8 +289,8 @@ def launch_shared_prefix_attention(
     prefix_len = prefix_width * block_size
     fp32_storage = key_cache.dtype == torch.float32
     upcast = fp32_storage or query.device.type == "cpu"
-    flags = {"has_key_start": key_start is not None, "has_softcap": softcap is not None,
-             "fp32_storage": fp32_storage, "upcast": upcast}
+    flags = {"has_key_start": key_start is not None, "has_window": sliding_window is not None,
+             "has_softcap": softcap is not None, "fp32_storage": fp32_storage, "upcast": upcast}
     prefix_tiles = tile_config(group_rows * q_len, group, head_dim, fp32_storage)
     num_m_tiles = triton.cdiv(group_rows * q_len, prefix_tiles["BLOCK_Q"])
     tail_tiles = tile_config(q_len, group, head_dim, fp32_storage)
@@ -304,20 +318,19 @@ def launch_shared_prefix_attention(
         partial, running_max, running_sum, tail_lens,
         query, key_cache, value_cache, prefix_blocks, seq_lens, key_start if key_start is not None else seq_lens,
         float(scale), float(softcap) if softcap is not None else 1.0,
+        int(sliding_window) if sliding_window is not None else 0,
         batch, q_len, group_rows, prefix_len, num_m_tiles, tail_splits,
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *prefix_blocks.stride(),
         *partial.stride()[:4], *running_max.stride()[:3],
         **meta,
         **COMPILE_OPTIONS,
     )
-    tail_meta = paged_attention_meta(
-        q_len, group, head_dim, block_size, tail_splits, has_key_start=key_start is not None, has_window=False,
-        has_softcap=softcap is not None, fp32_storage=fp32_storage, upcast=upcast,
-    )
+    tail_meta = paged_attention_meta(q_len, group, head_dim, block_size, tail_splits, **flags)
     paged_attention_kernel[(batch * num_q_tiles, kv_heads, tail_splits)](
         partial, running_max, running_sum,
         query, key_cache, value_cache, tail_tables, tail_lens[0], tail_lens[1],
-        float(scale), float(softcap) if softcap is not None else 1.0, 0,
+        float(scale), float(softcap) if softcap is not None else 1.0,
+        int(sliding_window) if sliding_window is not None else 0,
         q_len, num_q_tiles,
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *tail_tables.stride(),
         *partial.stride()[:4], *running_max.stride()[:3],
@@ -343,6 +356,7 @@ def shared_prefix_paged_attention(
     *,
     scale: float,
     max_seq_len: int,
+    sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Paged attention where groups of rows share leading blocks, reading them once per group (Triton; same
@@ -357,6 +371,7 @@ def shared_prefix_paged_attention(
         key_start: ``[B]`` int32 first attended key (left padding), or None for 0.
         scale: multiplies ``q @ k^T``.
         max_seq_len: ``max(seq_lens)`` as a Python int (sizes the split choice; no device sync).
+        sliding_window: attend only to the last `sliding_window` positions (the query's own included), or None.
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` after scaling.
 
     Returns:
@@ -364,5 +379,5 @@ def shared_prefix_paged_attention(
     """
     return launch_shared_prefix_attention(
         query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start,
-        scale=scale, max_seq_len=max_seq_len, softcap=softcap,
+        scale=scale, max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap,
     )

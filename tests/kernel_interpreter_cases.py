@@ -353,47 +353,52 @@ def reference_shared_prefix(inputs: dict, **kwargs) -> torch.Tensor:
     )
 
 
-# (group, kv_heads, head_dim, block_size, q_len, groups, prefix blocks, tail_lens, key_start, dtype, softcap,
-#  num_splits (prefix, tail) or None for the heuristic)
+# (group, kv_heads, head_dim, block_size, q_len, groups, prefix blocks, tail_lens, key_start, dtype, window,
+#  softcap, num_splits (prefix, tail) or None for the heuristic)
 SHARED_PREFIX_CASES = [
-    (1, 2, 64, 16, 1, 1, 2, [3, 5, 1, 16], None, torch.float32, None, (1, 2)),
+    (1, 2, 64, 16, 1, 1, 2, [3, 5, 1, 16], None, torch.float32, None, None, (1, 2)),
     # padding inside the prefix, different for the rows of a group (row 4 starts inside the prefix's last block)
-    (3, 1, 64, 16, 1, 2, 3, [7, 2, 9, 1, 1, 20], [5, 5, 19, 0, 40, 2], torch.float16, None, (2, 2)),
+    (3, 1, 64, 16, 1, 2, 3, [7, 2, 9, 1, 1, 20], [5, 5, 19, 0, 40, 2], torch.float16, None, None, (2, 2)),
     # 8 beams; the last row's padding covers the whole prefix
-    (4, 2, 128, 32, 1, 1, 1, [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 33], torch.bfloat16, 30.0, (1, 4)),
+    (4, 2, 128, 32, 1, 1, 1, [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 33], torch.bfloat16, None, 30.0,
+     (1, 4)),
     # q > 1; row 3's tail is shorter than q, so some of its queries sit inside the prefix (causal there too)
-    (2, 2, 64, 16, 4, 2, 2, [4, 9, 6, 2], [3, 0, 0, 17], torch.float32, 5.0, (2, 3)),
+    (2, 2, 64, 16, 4, 2, 2, [4, 9, 6, 2], [3, 0, 0, 17], torch.float32, None, 5.0, (2, 3)),
+    # a sliding window that cuts into the prefix (some queries see none of it), with softcap and q > 1
+    (2, 2, 64, 16, 4, 2, 2, [4, 9, 6, 2], [3, 0, 0, 17], torch.float32, 9, 5.0, (2, 3)),
     # three groups of two rows
-    (8, 1, 64, 32, 3, 3, 1, [5, 3, 3, 10, 4, 4], None, torch.bfloat16, None, (1, 2)),
-    (1, 1, 80, 16, 2, 1, 3, [2, 7, 2], [0, 1, 47], torch.float16, None, (4, 2)),
+    (8, 1, 64, 32, 3, 3, 1, [5, 3, 3, 10, 4, 4], None, torch.bfloat16, 30, None, (1, 2)),
+    (1, 1, 80, 16, 2, 1, 3, [2, 7, 2], [0, 1, 47], torch.float16, None, None, (4, 2)),
     # several packed-row tiles per group and several query tiles per tail (chunked prefill over a shared prompt)
-    (3, 1, 64, 16, 12, 1, 2, [12, 20], [0, 9], torch.float32, None, (1, 2)),
-    (8, 1, 128, 16, 1, 1, 4, [1, 2, 3, 4, 5, 6, 7, 8], [1, 0, 0, 0, 0, 0, 0, 2], torch.float16, None, None),
+    (3, 1, 64, 16, 12, 1, 2, [12, 20], [0, 9], torch.float32, 16, None, (1, 2)),
+    (8, 1, 128, 16, 1, 1, 4, [1, 2, 3, 4, 5, 6, 7, 8], [1, 0, 0, 0, 0, 0, 0, 2], torch.float16, None, None, None),
 ]
 
 
 def _shared_case_id(case: tuple) -> str:
-    group, kv_heads, head_dim, block_size, q_len, groups, prefix, tails, key_start, dtype, softcap, splits = case
+    group, kv_heads, head_dim, block_size, q_len, groups, prefix, tails, key_start, dtype, window, softcap, splits = case
     parts = [f"g{group}x{kv_heads}", f"D{head_dim}", f"bs{block_size}", f"q{q_len}", f"{groups}x{len(tails) // groups}",
              f"F{prefix}", str(dtype).split(".")[-1]]
     parts += ["leftpad"] if key_start else []
+    parts += [f"window{window}"] if window else []
     parts += [f"softcap{softcap:g}"] if softcap else []
     return "-".join([*parts, f"splits{splits[0]}+{splits[1]}" if splits else "auto"])
 
 
 @pytest.mark.parametrize(
-    "group, kv_heads, head_dim, block_size, q_len, groups, prefix_blocks, tail_lens, key_start, dtype, softcap, "
-    "num_splits", SHARED_PREFIX_CASES, ids=[_shared_case_id(case) for case in SHARED_PREFIX_CASES],
+    "group, kv_heads, head_dim, block_size, q_len, groups, prefix_blocks, tail_lens, key_start, dtype, window, "
+    "softcap, num_splits", SHARED_PREFIX_CASES, ids=[_shared_case_id(case) for case in SHARED_PREFIX_CASES],
 )
 def test_shared_prefix_attention_matches_reference(
-    group, kv_heads, head_dim, block_size, q_len, groups, prefix_blocks, tail_lens, key_start, dtype, softcap,
-    num_splits,
+    group, kv_heads, head_dim, block_size, q_len, groups, prefix_blocks, tail_lens, key_start, dtype, window,
+    softcap, num_splits,
 ):
     inputs = make_shared_prefix_inputs(
         group=group, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, q_len=q_len, groups=groups,
         prefix_blocks=prefix_blocks, tail_lens=tail_lens, key_start=key_start, dtype=dtype, seed=len(tail_lens),
     )
-    kwargs = {"scale": head_dim**-0.5, "max_seq_len": int(inputs["seq_lens"].max()), "softcap": softcap}
+    kwargs = {"scale": head_dim**-0.5, "max_seq_len": int(inputs["seq_lens"].max()), "sliding_window": window,
+              "softcap": softcap}
     out = launch_shared_prefix_attention(**inputs, **kwargs, num_splits=num_splits)
     expected = reference_shared_prefix(inputs, **kwargs)
     assert out.shape == (len(tail_lens), q_len, group * kv_heads, head_dim)
@@ -423,6 +428,7 @@ def test_shared_prefix_public_signature_is_a_drop_in_for_the_reference():
     ({"tail_tables": torch.zeros(3, 2, dtype=torch.int32)}, ValueError, r"tail_tables must be \[B, nt\]"),
     ({"max_seq_len": 1000}, ValueError, "exceeds what prefix_blocks and tail_tables can address"),
     ({"num_splits": (1, 1)}, ValueError, r"num_splits must be \(prefix >= 1, tail >= 2\)"),
+    ({"sliding_window": 0}, ValueError, "sliding_window must be a positive"),
 ])
 def test_shared_prefix_attention_rejects_bad_inputs(override, error, match):
     inputs = make_shared_prefix_inputs(group=2, kv_heads=1, head_dim=64, block_size=16, q_len=1, groups=2,
