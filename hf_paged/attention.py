@@ -120,14 +120,20 @@ def paged_attention_forward(
     if step.triton:
         key_start = _key_start(step, attention_mask)
         if key_start is not None or attention_mask is None:
-            features = {"chunk_size": chunk_size} if chunk_size is not None else {}
-            if sinks is not None:
-                features["sinks"] = sinks
-            out = backend.paged_attention(
-                query, key, value, step.block_tables, step.seq_lens, key_start,
-                scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
-                **features,
-            )
+            if step.shared is not None and sinks is None and chunk_size is None:  # shared blocks read once
+                out = backend.shared_prefix_paged_attention(
+                    query, key, value, step.shared.prefix_blocks, step.shared.tail_tables, step.seq_lens, key_start,
+                    scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
+                )
+            else:
+                features = {"chunk_size": chunk_size} if chunk_size is not None else {}
+                if sinks is not None:
+                    features["sinks"] = sinks
+                out = backend.paged_attention(
+                    query, key, value, step.block_tables, step.seq_lens, key_start,
+                    scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
+                    **features,
+                )
             return out, None
     elif step.window is not None:
         mask = step.window_mask(attention_mask, sliding_window, query.shape[1] // key.shape[2], query.dtype,

@@ -14,7 +14,7 @@ import torch
 
 from . import ops
 
-__all__ = ["copy_blocks", "kernels", "paged_attention", "use_triton"]
+__all__ = ["copy_blocks", "kernels", "paged_attention", "shared_prefix_paged_attention", "use_triton"]
 
 
 @cache
@@ -49,3 +49,7 @@ def copy_blocks(kv_pool, src, dst) -> None:
 
 def paged_attention(*args, **kwargs) -> torch.Tensor:
     return kernels().paged_attention(*args, **kwargs)
+
+
+def shared_prefix_paged_attention(*args, **kwargs) -> torch.Tensor:
+    return kernels().shared_prefix_paged_attention(*args, **kwargs)

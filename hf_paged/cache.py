@@ -82,8 +82,8 @@ class StepMetadata:
         max_seq_len: ``max(seq_lens)`` as a Python int.
         block_size: tokens per block.
         triton: whether this step's paged operations run the Triton kernels (`backend.use_triton`).
-        shared: how rows share leading blocks (beams, samples of one prompt), or None; only planned for the
-            PyTorch path when `window` is None.
+        shared: how rows share leading blocks (beams, samples of one prompt), or None; planned whenever `window`
+            is None (always so on the Triton path, which plans no window).
         first_block: with a single row whose blocks are consecutive, the first one (keys are read in place).
         window: ``(first_block, num_blocks)``, a block range holding every row's blocks and not much else (see
             `_WINDOW_EXTRA_KEYS`), or None.
@@ -683,7 +683,7 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
         max_seq_len=max_seq_len,
         block_size=bs,
         triton=triton,
-        shared=_shared_prefix(manager, q_len, device) if not triton and window is None else None,
+        shared=_shared_prefix(manager, q_len, device) if window is None else None,
         first_block=_consecutive_start(manager.tables[0]) if manager.num_rows == 1 else None,
         window=window,
     )

@@ -33,6 +33,7 @@ __all__ = [
     "gather_kv",
     "paged_attention",
     "reshape_and_cache",
+    "shared_prefix_paged_attention",
     "window_attention",
     "window_mask",
 ]
@@ -361,6 +362,46 @@ def shared_prefix_attention(
         sink = sinks.float().view(1, kv_heads, heads // kv_heads, 1).expand(-1, -1, -1, q_len).reshape(1, kv_heads, gq)
         out = out * torch.sigmoid(lse - sink)[..., None]
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).to(query.dtype).contiguous()
+
+
+def shared_prefix_paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    prefix_blocks: torch.Tensor,
+    tail_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    key_start: torch.Tensor | None = None,
+    *,
+    scale: float,
+    max_seq_len: int,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """`paged_attention` for rows that share leading blocks, with the block tables given as prefix and tails.
+
+    The ``B`` rows form ``G`` consecutive groups of ``R = B / G`` rows; row ``b`` of group ``g = b // R`` has the
+    block table ``prefix_blocks[g]`` followed by ``tail_tables[b]``. The result is that of `paged_attention` over
+    those tables (module docstring's semantics). This is the reference of the Triton kernel
+    ``hf_paged.kernels.shared_prefix_paged_attention``, which reads each group's prefix once for all its rows'
+    queries and merges it with each row's tail by log-sum-exp; `shared_prefix_attention` is the PyTorch path's
+    version of the same idea.
+
+    Args:
+        query: ``[B, H, q, D]``.
+        key_cache, value_cache: ``[N, bs, Hkv, D]``.
+        prefix_blocks: ``[G, F]`` int32, each group's shared blocks (``G`` divides ``B``).
+        tail_tables: ``[B, nt]`` int32, each row's blocks after its prefix.
+        seq_lens, key_start, scale, max_seq_len, sliding_window, softcap: as in `paged_attention` (whole-row lengths and
+            positions, prefix included).
+
+    Returns:
+        ``[B, q, H, D]``.
+    """
+    group_size = query.shape[0] // prefix_blocks.shape[0]
+    tables = torch.cat([prefix_blocks.repeat_interleave(group_size, dim=0), tail_tables], dim=1)
+    return paged_attention(query, key_cache, value_cache, tables, seq_lens, key_start, scale=scale,
+                           max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap)
 
 
 def window_mask(

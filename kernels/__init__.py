@@ -1,12 +1,14 @@
 """Triton kernels that read block tables (installed as ``hf_paged.kernels``).
 
-Three launchers with the same signatures and results as their PyTorch references in `hf_paged.ops`, so callers can
+Four launchers with the same signatures and results as their PyTorch references in `hf_paged.ops`, so callers can
 dispatch between the two:
 
 * `reshape_and_cache` -- scatter this step's keys and values into their cache slots;
 * `paged_attention` -- attention over paged keys and values (decode and multi-token queries, GQA, left padding,
   sliding window, softcap, split-KV for long contexts);
-* `copy_blocks` -- copy-on-write of whole blocks in every layer at once.
+* `copy_blocks` -- copy-on-write of whole blocks in every layer at once;
+* `shared_prefix_paged_attention` -- paged attention for rows that share leading blocks (beams, samples of one
+  prompt): the shared blocks are read once per group and merged with each row's tail by log-sum-exp.
 
 They run compiled on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package was
 imported (Triton decides at decoration time). Without Triton >= 3.8 (macOS, Windows) the package still imports:
@@ -31,7 +33,8 @@ else:
     import re
     from typing import Any
 
-    __all__ = ["HAS_TRITON", "TRITON_PROBLEM", "copy_blocks", "paged_attention", "reshape_and_cache"]
+    __all__ = ["HAS_TRITON", "TRITON_PROBLEM", "copy_blocks", "paged_attention", "reshape_and_cache",
+               "shared_prefix_paged_attention"]
 
     #: Oldest Triton whose interpreter works with numpy 2 and whose knobs/compile API the kernels use.
     MIN_TRITON = (3, 8)
@@ -54,6 +57,7 @@ else:
         from .copy_blocks import copy_blocks
         from .paged_attention import paged_attention
         from .reshape_and_cache import reshape_and_cache
+        from .shared_prefix_attention import shared_prefix_paged_attention
     else:
 
         def _missing(name: str):
@@ -68,3 +72,4 @@ else:
         copy_blocks = _missing("copy_blocks")
         paged_attention = _missing("paged_attention")
         reshape_and_cache = _missing("reshape_and_cache")
+        shared_prefix_paged_attention = _missing("shared_prefix_paged_attention")

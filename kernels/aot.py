@@ -30,6 +30,7 @@ from ._launch import COMPILE_OPTIONS
 from .copy_blocks import copy_blocks_kernel, copy_blocks_meta
 from .paged_attention import paged_attention_kernel, paged_attention_meta, reduce_splits_kernel, reduce_splits_meta
 from .reshape_and_cache import reshape_and_cache_kernel, reshape_and_cache_meta
+from .shared_prefix_attention import shared_prefix_kernel, shared_prefix_meta
 
 __all__ = ["ARCHS", "CONFIGS", "CompileResult", "KernelConfig", "compile_config", "main"]
 
@@ -201,6 +202,36 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
     return KernelConfig(paged_attention_kernel, label, args, constexprs, num_warps, mma_expected=dtype != "fp32")
 
 
+def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int, heads: int, kv_heads: int,
+                          head_dim: int, block_size: int = 16, num_splits: int = 1, tail_splits: int = 2,
+                          window: int | None = None, softcap: float | None = None) -> KernelConfig:
+    """`shared_prefix_kernel` for one group of `group_rows` rows (beams or samples) over a 2048-token prefix."""
+    constexprs, num_warps = _split_meta(shared_prefix_meta(
+        group_rows, q_len, heads // kv_heads, head_dim, block_size, num_splits,
+        has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
+        fp32_storage=dtype == "fp32", upcast=dtype == "fp32",
+    ))
+    splits = num_splits + tail_splits
+    cache_strides = _cache_strides(block_size, kv_heads, head_dim)
+    args = {
+        "partial_ptr": Pointer("*fp32"), "max_ptr": Pointer("*fp32"), "sum_ptr": Pointer("*fp32"),
+        "tail_lens_ptr": Pointer("*i32"), "query_ptr": Pointer(f"*{dtype}"), "key_cache_ptr": Pointer(f"*{dtype}"),
+        "value_cache_ptr": Pointer(f"*{dtype}"), "prefix_blocks_ptr": Pointer("*i32"),
+        "seq_lens_ptr": Pointer("*i32"), "key_start_ptr": Pointer("*i32"),
+        "scale": 0.125, "softcap": float(softcap or 1.0), "window": window or 0,
+        "batch": group_rows, "q_len": q_len, "group_rows": group_rows, "prefix_len": 2048,
+        "num_m_tiles": triton.cdiv(group_rows * q_len, constexprs["BLOCK_Q"]), "first_split": tail_splits,
+        "stride_qb": q_len * heads * head_dim, "stride_qh": head_dim, "stride_qt": heads * head_dim, "stride_qd": 1,
+        **dict(zip(("stride_kn", "stride_kt", "stride_kh", "stride_kd"), cache_strides, strict=True)),
+        **dict(zip(("stride_vn", "stride_vt", "stride_vh", "stride_vd"), cache_strides, strict=True)),
+        "stride_pbg": 2048 // block_size, "stride_pbn": 1,
+        "stride_ob": q_len * heads * splits * head_dim, "stride_ot": heads * splits * head_dim,
+        "stride_oh": splits * head_dim, "stride_os": head_dim,
+        "stride_mb": q_len * heads * splits, "stride_mt": heads * splits, "stride_mh": splits,
+    }
+    return KernelConfig(shared_prefix_kernel, label, args, constexprs, num_warps, mma_expected=dtype != "fp32")
+
+
 def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16
                               ) -> KernelConfig:
     token_stride = 3 * kv_heads * head_dim  # k and v are views into a fused qkv projection
@@ -251,6 +282,8 @@ CONFIGS: tuple[KernelConfig, ...] = (
     _attention_config("prefill q=512 Llama-8B bf16", "bf16", q_len=512, heads=32, kv_heads=8, head_dim=128),
     _attention_config("decode Gemma2-2B bf16 window+softcap", "bf16", q_len=1, heads=8, kv_heads=4, head_dim=256,
                       window=4096, softcap=50.0),
+    _attention_config("tail decode Llama-8B bf16 split=2", "bf16", q_len=1, heads=32, kv_heads=8, head_dim=128,
+                      num_splits=2),
     _attention_config("decode SmolLM2 fp32 (ieee dot)", "fp32", q_len=1, heads=9, kv_heads=3, head_dim=64),
     _attention_config("prefill q=64 Gemma2-2B fp32 (ieee dot)", "fp32", q_len=64, heads=8, kv_heads=4, head_dim=256,
                       window=4096, softcap=50.0),
@@ -264,8 +297,22 @@ CONFIGS: tuple[KernelConfig, ...] = (
                       head_dim=128, chunk=8192),
     _attention_config("prefill q=64 gpt-oss fp32 (ieee dot) sinks+window+chunk", "fp32", q_len=64, heads=64,
                       kv_heads=8, head_dim=64, window=128, sinks=True, chunk=8192),
+    _shared_prefix_config("n=8 SmolLM2 fp16", "fp16", group_rows=8, q_len=1, heads=9, kv_heads=3,
+                          head_dim=64),
+    _shared_prefix_config("beams=8 Llama-8B bf16 split=8", "bf16", group_rows=8, q_len=1, heads=32,
+                          kv_heads=8, head_dim=128, num_splits=8),
+    _shared_prefix_config("n=4 q=16 Llama-8B bf16", "bf16", group_rows=4, q_len=16, heads=32, kv_heads=8,
+                          head_dim=128),
+    _shared_prefix_config("n=8 Gemma2-2B bf16 softcap", "bf16", group_rows=8, q_len=1, heads=8, kv_heads=4,
+                          head_dim=256, softcap=50.0),
+    _shared_prefix_config("n=8 Gemma2-2B bf16 window+softcap", "bf16", group_rows=8, q_len=1, heads=8,
+                          kv_heads=4, head_dim=256, window=4096, softcap=50.0),
+    _shared_prefix_config("n=8 SmolLM2 fp32 (ieee dot)", "fp32", group_rows=8, q_len=1, heads=9, kv_heads=3,
+                          head_dim=64),
     _reduce_config("D=64 splits=8", "bf16", head_dim=64, num_splits=8),
     _reduce_config("D=128 splits=16", "bf16", head_dim=128, num_splits=16),
+    _reduce_config("D=128 splits=16+16 (shared prefix)", "bf16", head_dim=128, num_splits=32),
+    _reduce_config("D=256 splits=1+2 (shared prefix)", "bf16", head_dim=256, num_splits=3),
     _copy_blocks_config("SmolLM2 fp16", "fp16", kv_heads=3, head_dim=64),
     _copy_blocks_config("Llama-8B bf16", "bf16", kv_heads=8, head_dim=128),
 )

@@ -27,8 +27,15 @@ else:
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (tests/test_kernels.py sets it) or a GPU",
                 allow_module_level=True)
 
-from hf_paged.kernels import HAS_TRITON, copy_blocks, paged_attention, reshape_and_cache  # noqa: E402
+from hf_paged.kernels import (  # noqa: E402
+    HAS_TRITON,
+    copy_blocks,
+    paged_attention,
+    reshape_and_cache,
+    shared_prefix_paged_attention,
+)
 from hf_paged.kernels.paged_attention import choose_num_splits, launch_paged_attention  # noqa: E402
+from hf_paged.kernels.shared_prefix_attention import launch_shared_prefix_attention  # noqa: E402
 
 from hf_paged import ops  # noqa: E402
 
@@ -333,3 +340,145 @@ def test_copy_blocks_and_reshape_and_cache_reject_bad_inputs():
         reshape_and_cache(torch.zeros(3, 1, 64), key, pool[0, 0], pool[0, 1], torch.tensor([0, 1, 2]))
     with pytest.raises(TypeError, match="slot_mapping must have dtype"):
         reshape_and_cache(key, key, pool[0, 0], pool[0, 1], torch.tensor([0.0, 1.0, 2.0]))
+
+
+def make_shared_prefix_inputs(
+    *, group: int, kv_heads: int, head_dim: int, block_size: int, q_len: int, groups: int, prefix_blocks: int,
+    tail_lens: list[int], key_start: list[int] | None, dtype: torch.dtype, seed: int,
+) -> dict:
+    """Random inputs of `shared_prefix_paged_attention` on DEVICE: ``groups`` groups of ``len(tail_lens) /
+    groups`` rows share ``prefix_blocks`` blocks; row b holds ``prefix_blocks * block_size + tail_lens[b]`` tokens.
+    Every slot no row may read (before a row's key_start, past its length) is NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(tail_lens)
+    rows = batch // groups
+    prefix_len = prefix_blocks * block_size
+    seq_lens = [prefix_len + n for n in tail_lens]
+    starts = key_start or [0] * batch
+    tail_width = max(triton_cdiv(n, block_size) for n in tail_lens) + 1
+    num_blocks = groups * prefix_blocks + batch * tail_width + 3
+    physical = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    prefix = physical[: groups * prefix_blocks].view(groups, prefix_blocks)
+    tails = physical[groups * prefix_blocks: groups * prefix_blocks + batch * tail_width].view(batch, tail_width)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = torch.full(shape, float("nan"))
+    value_cache = torch.full(shape, float("nan"))
+
+    def fill(block: int, offset: int) -> None:
+        key_cache[block, offset] = torch.randn(kv_heads, head_dim, generator=gen)
+        value_cache[block, offset] = torch.randn(kv_heads, head_dim, generator=gen)
+
+    for g in range(groups):
+        for pos in range(min(starts[g * rows:(g + 1) * rows]), prefix_len):
+            fill(prefix[g, pos // block_size], pos % block_size)
+    for b in range(batch):
+        for pos in range(max(starts[b], prefix_len), seq_lens[b]):
+            fill(tails[b, (pos - prefix_len) // block_size], (pos - prefix_len) % block_size)
+    query = torch.randn(batch, q_len, group * kv_heads, head_dim, generator=gen).transpose(1, 2)
+    inputs = {
+        "query": query.to(dtype),
+        "key_cache": key_cache.to(dtype),
+        "value_cache": value_cache.to(dtype),
+        "prefix_blocks": prefix,
+        "tail_tables": tails,
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
+        "key_start": None if key_start is None else torch.tensor(key_start, dtype=torch.int32),
+    }
+    return {name: None if t is None else t.to(DEVICE) for name, t in inputs.items()}
+
+
+def reference_shared_prefix(inputs: dict, **kwargs) -> torch.Tensor:
+    """`hf_paged.ops.shared_prefix_paged_attention` in fp32 on the same stored values (unread NaN slots zeroed)."""
+    return ops.shared_prefix_paged_attention(
+        inputs["query"].float(), inputs["key_cache"].float().nan_to_num(0.0),
+        inputs["value_cache"].float().nan_to_num(0.0), inputs["prefix_blocks"], inputs["tail_tables"],
+        inputs["seq_lens"], inputs["key_start"], **kwargs,
+    )
+
+
+# (group, kv_heads, head_dim, block_size, q_len, groups, prefix blocks, tail_lens, key_start, dtype, window,
+#  softcap, num_splits (prefix, tail) or None for the heuristic)
+SHARED_PREFIX_CASES = [
+    (1, 2, 64, 16, 1, 1, 2, [3, 5, 1, 16], None, torch.float32, None, None, (1, 2)),
+    # padding inside the prefix, different for the rows of a group (row 4 starts inside the prefix's last block)
+    (3, 1, 64, 16, 1, 2, 3, [7, 2, 9, 1, 1, 20], [5, 5, 19, 0, 40, 2], torch.float16, None, None, (2, 2)),
+    # 8 beams; the last row's padding covers the whole prefix
+    (4, 2, 128, 32, 1, 1, 1, [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 33], torch.bfloat16, None, 30.0,
+     (1, 4)),
+    # q > 1; row 3's tail is shorter than q, so some of its queries sit inside the prefix (causal there too)
+    (2, 2, 64, 16, 4, 2, 2, [4, 9, 6, 2], [3, 0, 0, 17], torch.float32, None, 5.0, (2, 3)),
+    # a sliding window that cuts into the prefix (some queries see none of it), with softcap and q > 1
+    (2, 2, 64, 16, 4, 2, 2, [4, 9, 6, 2], [3, 0, 0, 17], torch.float32, 9, 5.0, (2, 3)),
+    # three groups of two rows
+    (8, 1, 64, 32, 3, 3, 1, [5, 3, 3, 10, 4, 4], None, torch.bfloat16, 30, None, (1, 2)),
+    (1, 1, 80, 16, 2, 1, 3, [2, 7, 2], [0, 1, 47], torch.float16, None, None, (4, 2)),
+    # several packed-row tiles per group and several query tiles per tail (chunked prefill over a shared prompt)
+    (3, 1, 64, 16, 12, 1, 2, [12, 20], [0, 9], torch.float32, 16, None, (1, 2)),
+    (8, 1, 128, 16, 1, 1, 4, [1, 2, 3, 4, 5, 6, 7, 8], [1, 0, 0, 0, 0, 0, 0, 2], torch.float16, None, None, None),
+]
+
+
+def _shared_case_id(case: tuple) -> str:
+    group, kv_heads, head_dim, block_size, q_len, groups, prefix, tails, key_start, dtype, window, softcap, splits = case
+    parts = [f"g{group}x{kv_heads}", f"D{head_dim}", f"bs{block_size}", f"q{q_len}", f"{groups}x{len(tails) // groups}",
+             f"F{prefix}", str(dtype).split(".")[-1]]
+    parts += ["leftpad"] if key_start else []
+    parts += [f"window{window}"] if window else []
+    parts += [f"softcap{softcap:g}"] if softcap else []
+    return "-".join([*parts, f"splits{splits[0]}+{splits[1]}" if splits else "auto"])
+
+
+@pytest.mark.parametrize(
+    "group, kv_heads, head_dim, block_size, q_len, groups, prefix_blocks, tail_lens, key_start, dtype, window, "
+    "softcap, num_splits", SHARED_PREFIX_CASES, ids=[_shared_case_id(case) for case in SHARED_PREFIX_CASES],
+)
+def test_shared_prefix_attention_matches_reference(
+    group, kv_heads, head_dim, block_size, q_len, groups, prefix_blocks, tail_lens, key_start, dtype, window,
+    softcap, num_splits,
+):
+    inputs = make_shared_prefix_inputs(
+        group=group, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, q_len=q_len, groups=groups,
+        prefix_blocks=prefix_blocks, tail_lens=tail_lens, key_start=key_start, dtype=dtype, seed=len(tail_lens),
+    )
+    kwargs = {"scale": head_dim**-0.5, "max_seq_len": int(inputs["seq_lens"].max()), "sliding_window": window,
+              "softcap": softcap}
+    out = launch_shared_prefix_attention(**inputs, **kwargs, num_splits=num_splits)
+    expected = reference_shared_prefix(inputs, **kwargs)
+    assert out.shape == (len(tail_lens), q_len, group * kv_heads, head_dim)
+    assert out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    # The reference is plain paged attention over prefix + tail tables: the kernels agree with that one too.
+    plain = launch_paged_attention(
+        inputs["query"], inputs["key_cache"], inputs["value_cache"],
+        torch.cat([inputs["prefix_blocks"].repeat_interleave(len(tail_lens) // groups, 0), inputs["tail_tables"]], 1),
+        inputs["seq_lens"], inputs["key_start"], **kwargs,
+    )
+    torch.testing.assert_close(out.float(), plain.float(), atol=2 * TOLERANCE[dtype], rtol=2 * TOLERANCE[dtype])
+
+
+def test_shared_prefix_public_signature_is_a_drop_in_for_the_reference():
+    inputs = make_shared_prefix_inputs(group=2, kv_heads=1, head_dim=64, block_size=16, q_len=1, groups=1,
+                                       prefix_blocks=2, tail_lens=[3, 4], key_start=[0, 2], dtype=torch.float32,
+                                       seed=5)
+    out = shared_prefix_paged_attention(*inputs.values(), scale=0.125, max_seq_len=36)
+    torch.testing.assert_close(out, reference_shared_prefix(inputs, scale=0.125, max_seq_len=36), atol=2e-5,
+                               rtol=2e-5)
+
+
+@pytest.mark.parametrize("override, error, match", [
+    ({"prefix_blocks": torch.zeros(1, 2, dtype=torch.int64)}, TypeError, "prefix_blocks must have dtype int32"),
+    ({"prefix_blocks": torch.zeros(3, 2, dtype=torch.int32)}, ValueError, "must divide the 4 rows"),
+    ({"tail_tables": torch.zeros(3, 2, dtype=torch.int32)}, ValueError, r"tail_tables must be \[B, nt\]"),
+    ({"max_seq_len": 1000}, ValueError, "exceeds what prefix_blocks and tail_tables can address"),
+    ({"num_splits": (1, 1)}, ValueError, r"num_splits must be \(prefix >= 1, tail >= 2\)"),
+    ({"sliding_window": 0}, ValueError, "sliding_window must be a positive"),
+])
+def test_shared_prefix_attention_rejects_bad_inputs(override, error, match):
+    inputs = make_shared_prefix_inputs(group=2, kv_heads=1, head_dim=64, block_size=16, q_len=1, groups=2,
+                                       prefix_blocks=1, tail_lens=[3, 4, 1, 2], key_start=None, dtype=torch.float32,
+                                       seed=6)
+    kwargs = {"scale": 0.125, "max_seq_len": 20}
+    for name, value in override.items():
+        (inputs if name in inputs else kwargs)[name] = value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+    with pytest.raises(error, match=match):
+        launch_shared_prefix_attention(**inputs, **kwargs)

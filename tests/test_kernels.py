@@ -47,7 +47,7 @@ def test_package_imports_without_triton():
         "import sys; sys.modules['triton'] = None\n"
         "import hf_paged.kernels as k\n"
         "assert not k.HAS_TRITON\n"
-        "for name in ('reshape_and_cache', 'paged_attention', 'copy_blocks'):\n"
+        "for name in ('reshape_and_cache', 'paged_attention', 'copy_blocks', 'shared_prefix_paged_attention'):\n"
         "    try:\n"
         "        getattr(k, name)()\n"
         "    except RuntimeError as exc:\n"

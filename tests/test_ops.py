@@ -81,6 +81,14 @@ def test_shared_prefix_attention_equals_gathered_attention(q_len, groups, per_gr
         scale=0.25, softcap=softcap, prefix_start=5 if consecutive else None,
     )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # The Triton kernel's reference takes the same plan with lengths and left padding instead of masks.
+    key_start = torch.tensor([3] * per_group + [0] * (batch - per_group), dtype=torch.int32)
+    got = ops.shared_prefix_paged_attention(
+        query, key_cache, value_cache, torch.tensor(prefixes, dtype=torch.int32),
+        block_tables[:, prefix_blocks_per_group:], seq_lens, key_start, scale=0.25, max_seq_len=length,
+        softcap=softcap,
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("q_len", [1, 3])

@@ -3,9 +3,11 @@
 ``HF_PAGED_BACKEND=triton`` sends every paged op of ``"hf_paged"`` to ``hf_paged.kernels`` and ``TRITON_INTERPRET=1``
 lets those kernels run on CPU tensors. Both must be set before ``hf_paged.kernels`` is imported, and must not leak
 into this process, so the models run in a subprocess. That script counts the calls of each launcher
-(``reshape_and_cache``, ``paged_attention``, ``copy_blocks``) and of the PyTorch fallbacks, and compares tokens and
-logits with Transformers' own attention (``sdpa``; ``eager`` for Gemma2's softcap) on tiny random-weight models with
-left-padded prompts, for greedy search and for beam search.
+(``reshape_and_cache``, ``paged_attention``, ``shared_prefix_paged_attention``, ``copy_blocks``) and of the PyTorch
+fallbacks, and compares tokens and logits with Transformers' own attention (``sdpa``; ``eager`` for Gemma2's softcap)
+on tiny random-weight models with left-padded prompts, for greedy search, beam search and seeded sampling with
+``num_return_sequences``. In the last two the rows of a prompt share its blocks, and decoding must read them once
+per prompt through ``shared_prefix_paged_attention``.
 
 The script runs from a temporary directory, never the repository root: with the root on ``sys.path`` its
 ``kernels/`` folder would also be found as a top-level ``kernels`` module (see conftest.py).
@@ -52,10 +54,10 @@ def count(module, name, key):
 
 
 # The launchers backend.py dispatches to, and every PyTorch path the attention function could fall back to.
-for name in ("reshape_and_cache", "paged_attention", "copy_blocks"):
+for name in ("reshape_and_cache", "paged_attention", "shared_prefix_paged_attention", "copy_blocks"):
     count(kernels, name, name)
 for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv", "shared_prefix_attention",
-             "window_attention"):
+             "shared_prefix_paged_attention", "window_attention"):
     count(ops, name, "ops." + name)
 
 VOCAB = 96
@@ -74,8 +76,9 @@ CONFIGS = {
 MODES = {
     "greedy": dict(do_sample=False),
     "beams": dict(num_beams=3, num_return_sequences=2, length_penalty=0.7, early_stopping=True),
+    "sampling": dict(do_sample=True, num_return_sequences=3, top_k=20),
 }
-NEW_TOKENS = 6
+NEW_TOKENS = int(sys.argv[3])
 
 
 def pair(family):
@@ -110,6 +113,7 @@ def prompts(lengths, seed):
 
 
 def generate(model, inputs, **kwargs):
+    torch.manual_seed(0)  # the same draws for both models when sampling
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                               return_dict_in_generate=True, output_logits=True, **kwargs)
@@ -137,6 +141,7 @@ print(json.dumps(results))
 '''
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEW_TOKENS = 6
 
 
 def run_script(tmp_path, families: list[str]) -> dict:
@@ -145,7 +150,7 @@ def run_script(tmp_path, families: list[str]) -> dict:
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(TRITON_INTERPRET="1", HF_PAGED_BACKEND="triton", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(script), ROOT, ",".join(families)], cwd=tmp_path, env=env,
+    run = subprocess.run([sys.executable, str(script), ROOT, ",".join(families), str(NEW_TOKENS)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -153,17 +158,24 @@ def run_script(tmp_path, families: list[str]) -> dict:
 
 def test_generate_runs_through_the_triton_kernels(tmp_path):
     results = run_script(tmp_path, ["llama", "gemma2"])
-    assert set(results) == {"llama-greedy", "llama-beams", "gemma2-greedy", "gemma2-beams"}
+    assert set(results) == {f"{family}-{mode}" for family in ("llama", "gemma2")
+                            for mode in ("greedy", "beams", "sampling")}
     for case, result in results.items():
         calls = result["calls"]
+        attention = calls.get("paged_attention", 0) + calls.get("shared_prefix_paged_attention", 0)
         # 2 layers x (1 prefill + NEW_TOKENS - 1 decode steps), at least; never a PyTorch fallback.
-        assert calls.get("reshape_and_cache", 0) >= 12 and calls.get("paged_attention", 0) >= 12, (case, calls)
+        assert calls.get("reshape_and_cache", 0) >= 12 and attention >= 12, (case, calls)
         assert not any(key.startswith("ops.") for key in calls), (case, calls)
-        if case.endswith("beams"):
-            assert calls.get("copy_blocks", 0) >= 1, (case, calls)  # beams forked inside a partial block
-            assert result["shape"] == [6, 11 + 6], result
-        else:
+        if case.endswith("greedy"):
             assert result["shape"] == [3, 11 + 6], result
+            assert "shared_prefix_paged_attention" not in calls, (case, calls)  # three prompts share no block
+        else:
+            assert calls.get("copy_blocks", 0) >= 1, (case, calls)  # rows forked inside a partial block
+            assert result["shape"] == [6 if case.endswith("beams") else 9, 11 + 6], result
+            # Every decode step reads the shared prompt blocks once per prompt, in both layers (Gemma2's
+            # sliding-window layer included); only the prefill runs the plain kernel.
+            assert calls.get("shared_prefix_paged_attention", 0) == 2 * (NEW_TOKENS - 1), (case, calls)
+            assert calls.get("paged_attention", 0) == 2, (case, calls)
         assert result["same_tokens"], (case, result)
         assert result["max_logit_diff"] < 2e-4, (case, result)
 
