@@ -427,6 +427,7 @@ class PagedCache(Cache):
         self._step: StepMetadata | None = None
         self._step_layers: set[int] = set()
         self._pending_layer: int | None = None
+        self._ended: torch.Tensor | None = None
 
     # ---------------------------------------------------------------------------------------- the pool
     @property
@@ -473,6 +474,12 @@ class PagedCache(Cache):
                 'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
             )
         pool = self.pool
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < pool.num_layers:
+            raise ValueError(
+                f"hf_paged: layer {layer_idx!r} wrote to a PagedCache built for {pool.num_layers} layer(s) (layers "
+                f"0..{pool.num_layers - 1}, from the num_hidden_layers of the config it was given). Build the cache "
+                "from the config of the model that uses it: PagedCache(model.config)."
+            )
         if pool.tensor is None:
             pool.allocate(key_states)
         if not pool.matches(key_states) or value_states.shape != key_states.shape:
@@ -508,10 +515,12 @@ class PagedCache(Cache):
             )
         if new_rows:
             manager.add_rows(batch)
+        ended = self._ended.tolist() if self._ended is not None and len(self._ended) == manager.num_rows else None
+        ended = ended if ended is not None and any(ended) else None
         try:
-            self.pool.ensure_free(manager.blocks_needed(q_len))
+            self.pool.ensure_free(manager.blocks_needed(q_len, ended))
             lengths_before = list(manager.lengths)
-            copies = manager.append(q_len)
+            copies = manager.append(q_len, ended)
         except BaseException:
             if new_rows:
                 manager.reset()
@@ -577,11 +586,25 @@ class PagedCache(Cache):
     def reset(self) -> None:
         """Forget every sequence; the pool is kept for reuse."""
         self.manager.reset()
-        self._step, self._step_layers, self._pending_layer = None, set(), None
+        self._step, self._step_layers, self._pending_layer, self._ended = None, set(), None, None
+
+    def end_rows(self, done: torch.Tensor | None) -> None:
+        """Mark the rows where ``done`` (``[B]`` bool) is True as ended: ``generate`` feeds them padding from now on
+        and returns nothing computed from it, so their next tokens are not stored (see `BlockManager.append`).
+        ``None`` clears the marks (a new call continues every row)."""
+        if done is None:
+            self._ended = None
+        else:
+            done = done.detach().to(torch.bool)
+            self._ended = done if self._ended is None or self._ended.shape != done.shape else self._ended | done
 
     def _select(self, indices: list[int]) -> None:
+        ended, rows = self._ended, self.manager.num_rows
         self.manager.select(indices)
         self._step = None
+        if ended is not None:
+            keep = ended.shape == (rows,)
+            self._ended = ended[torch.tensor(indices, dtype=torch.long, device=ended.device)] if keep else None
 
     # ------------------------------------------------------------------------------------------- stats
     def stats(self) -> CacheStats:
