@@ -29,9 +29,12 @@ _OWNER_ATTR = "_hf_paged_owner"
 class CacheStats:
     """A snapshot of a `PagedCache`. Byte counts cover keys and values of all layers.
 
-    ``num_blocks``, ``free_blocks``, ``pool_bytes`` and ``cached_blocks`` describe the pool (shared by the caches of
-    a model when prefix caching is on); the other fields describe this cache's rows. For a cache with a pool of
-    its own, ``used_blocks + free_blocks == num_blocks``.
+    ``num_blocks``, ``free_blocks``, ``pool_bytes``, ``peak_pool_bytes`` and ``cached_blocks`` describe the pool
+    (shared by the caches of a model when prefix caching is on); the other fields describe this cache's rows. For a
+    cache with a pool of its own, ``used_blocks + free_blocks == num_blocks``.
+
+    Referenced and allocated bytes differ: ``used_bytes`` counts the blocks this cache's rows point at,
+    ``pool_bytes`` what the pool has allocated (used or not), which is what the device's memory pays for.
     """
 
     block_size: int
@@ -42,9 +45,10 @@ class CacheStats:
     logical_tokens: int  # sum of the rows' lengths: what a contiguous cache would hold
     used_bytes: int  # bytes of the used blocks
     logical_bytes: int  # bytes a contiguous (DynamicCache-like) cache would need for the same rows
-    pool_bytes: int  # bytes allocated for the whole pool
+    pool_bytes: int  # bytes allocated for the whole pool (referenced or not)
     peak_used_blocks: int
     peak_used_bytes: int
+    peak_pool_bytes: int  # the most bytes the pool has had allocated
     cow_copies: int  # block copies made by copy-on-write so far
     num_rows: int
     prefix_hit_tokens: int  # prompt tokens taken from the prefix cache instead of computed, per row summed
@@ -227,6 +231,7 @@ class KVPool:
         self.device, self.dtype = device, dtype
         self.shared = False  # set by enable_prefix_caching: the pool outlives the caches that use it
         self.blocks = BlockPool(0, block_size)
+        self.peak_blocks = 0  # the most blocks the tensor has had
         self.tensor: torch.Tensor | None = None
         self.plain: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.guarded: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -279,6 +284,7 @@ class KVPool:
         new[:, :, old.shape[2]:].zero_()
         self._bind(new)
         self.blocks.grow(num_blocks - self.blocks.num_blocks)
+        self.peak_blocks = max(self.peak_blocks, num_blocks)
 
     def ensure_free(self, needed: int) -> None:
         """Make `needed` blocks available, growing the pool if it may, else raise `OutOfBlocksError`."""
@@ -624,6 +630,7 @@ class PagedCache(Cache):
             pool_bytes=manager.num_blocks * per_block,
             peak_used_blocks=self.peak_used_blocks,
             peak_used_bytes=self.peak_used_blocks * per_block,
+            peak_pool_bytes=self.pool.peak_blocks * per_block,
             cow_copies=manager.cow_copies,
             num_rows=manager.num_rows,
             prefix_hit_tokens=self.prefix_hit_tokens,
@@ -643,6 +650,7 @@ class PagedCache(Cache):
             pool._bind(tensor)
             pool.blocks.grow(len(used))
             pool.blocks.free_blocks.clear()
+            pool.peak_blocks = len(used)
         clone = PagedCache.__new__(PagedCache)
         memo[id(self)] = clone
         clone._init_state(len(self.layers), pool)
