@@ -120,3 +120,17 @@ def test_beam_search_with_eos_matches(setup):
     out = paged.generate(**batch, **kwargs)
     assert torch.equal(out.sequences, expected.sequences)
     torch.testing.assert_close(out.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_copies_with_eos_match(setup):
+    """num_return_sequences copies of a prompt share its blocks; the ones that end early stop growing."""
+    reference, paged, batch, eos = setup
+    kwargs = dict(do_sample=True, num_return_sequences=4, max_new_tokens=NEW_TOKENS, eos_token_id=eos,
+                  pad_token_id=0, return_dict_in_generate=True)
+    torch.manual_seed(11)
+    expected = reference.generate(**batch, **kwargs)
+    torch.manual_seed(11)
+    out = paged.generate(**batch, **kwargs)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert (expected.sequences[:, batch["input_ids"].shape[1]:] == eos).any(dim=1).sum() >= 2
+    out.past_key_values.manager.check()
