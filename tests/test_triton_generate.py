@@ -100,9 +100,10 @@ def prompts(lengths, seed):
 
 
 def generate(model, inputs, **kwargs):
+    kwargs.setdefault("min_new_tokens", NEW_TOKENS)
     with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                              return_dict_in_generate=True, output_logits=True, **kwargs)
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, return_dict_in_generate=True,
+                              output_logits=True, **kwargs)
 
 
 results = {}
@@ -110,18 +111,24 @@ for family in sys.argv[2].split(","):
     reference, paged = pair(family)
     # Unequal left-padded rows; 11 tokens fill 2 blocks of 5 and start a third, so beams share a partial block.
     inputs = prompts([11, 4, 8], seed=1)
-    for mode, kwargs in MODES.items():
+    # Greedy with EOS: the token row 1 generates second ends it there; its padding then goes to the scratch block.
+    eos = int(generate(reference, inputs, do_sample=False).sequences[1, 12])
+    modes = {**MODES, "greedy_eos": dict(do_sample=False, min_new_tokens=0, eos_token_id=eos)}
+    for mode, kwargs in modes.items():
         expected = generate(reference, inputs, **kwargs)
         calls.clear()
         cache = PagedCache(paged.config, block_size=5)
         got = generate(paged, inputs, past_key_values=cache, **kwargs)
         assert got.past_key_values is cache
         cache.manager.check()
+        live_steps = 2 if mode == "greedy_eos" else len(expected.logits)  # an ended row's logits are padding's
         results[f"{family}-{mode}"] = {
             "calls": dict(calls),
             "same_tokens": torch.equal(got.sequences, expected.sequences),
             "shape": list(got.sequences.shape),
-            "max_logit_diff": (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max().item(),
+            "max_logit_diff": (torch.stack(got.logits[:live_steps]) - torch.stack(expected.logits[:live_steps]))
+            .abs().max().item(),
+            "scratch": cache.manager.scratch is not None,
         }
 print(json.dumps(results))
 '''
@@ -143,7 +150,8 @@ def run_script(tmp_path, families: list[str]) -> dict:
 
 def test_generate_runs_through_the_triton_kernels(tmp_path):
     results = run_script(tmp_path, ["llama", "gemma2"])
-    assert set(results) == {"llama-greedy", "llama-beams", "gemma2-greedy", "gemma2-beams"}
+    assert set(results) == {f"{family}-{mode}" for family in ("llama", "gemma2")
+                            for mode in ("greedy", "beams", "greedy_eos")}
     for case, result in results.items():
         calls = result["calls"]
         # 2 layers x (1 prefill + NEW_TOKENS - 1 decode steps), at least; never a PyTorch fallback.
@@ -152,6 +160,8 @@ def test_generate_runs_through_the_triton_kernels(tmp_path):
         if case.endswith("beams"):
             assert calls.get("copy_blocks", 0) >= 1, (case, calls)  # beams forked inside a partial block
             assert result["shape"] == [6, 11 + 6], result
+        elif case.endswith("eos"):
+            assert result["scratch"] and result["shape"][0] == 3, result  # row 1 ended and stopped growing
         else:
             assert result["shape"] == [3, 11 + 6], result
         assert result["same_tokens"], (case, result)
