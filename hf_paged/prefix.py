@@ -55,7 +55,8 @@ class PrefixCache:
 def weights_version(model) -> object:
     """What identifies the current values of `model`'s parameters and buffers, cheaply: each tensor's storage
     address and version counter (every in-place write, such as ``load_state_dict``'s copies or an optimizer step,
-    bumps it). A tensor without a version counter (created in inference mode) makes every call look new."""
+    bumps it). A tensor without a version counter (created in inference mode) makes every call look new. Writes
+    through ``tensor.data`` bypass the counter: after those, call `enable_prefix_caching` again."""
     version = []
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         try:
