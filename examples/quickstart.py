@@ -61,9 +61,10 @@ def main() -> None:
     print(f"  block size          {stats.block_size} tokens")
     print(f"  blocks used         {stats.used_blocks} of {stats.num_blocks} ({stats.shared_blocks} shared by beams)")
     print(f"  copy-on-write       {stats.cow_copies} block copies")
-    print(f"  hf_paged holds      {mib(stats.used_bytes)}")
+    print(f"  hf_paged allocated  {mib(stats.pool_bytes)}  (the pool: what memory pays for)")
+    print(f"  hf_paged references {mib(stats.used_bytes)}  (blocks the beams point at)")
     print(f"  a DynamicCache      {mib(stats.logical_bytes)}  ({stats.logical_tokens} tokens stored row by row)")
-    print(f"  ratio               {stats.used_bytes / stats.logical_bytes:.2f}x")
+    print(f"  allocated / Dynamic {stats.pool_bytes / stats.logical_bytes:.2f}x")
 
 
 if __name__ == "__main__":

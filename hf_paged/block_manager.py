@@ -16,10 +16,13 @@ Vocabulary
 Invariants (checked by `BlockPool.check` and by the property tests)
     1. Every block is exactly one of: free, evictable (indexed, ref count 0), or referenced (ref count > 0).
     2. A block's ref count equals the number of block-table entries, over all rows of all managers of the pool,
-       that point at it.
+       that point at it, plus one for each manager whose scratch block it is.
     3. A row of length ``n`` has exactly ``ceil(n / block_size)`` blocks.
     4. The block receiving a row's next token has ref count 1 and is not indexed: `append` copies a shared partial
        block first (copy-on-write, reported to the caller) and un-indexes a private one before it is written.
+       The one exception is a *finished* row (`append`'s ``finished``): tokens past its own blocks go to its
+       manager's scratch block, which many entries share, which is never indexed, and whose contents no returned
+       token depends on.
     5. The index maps each hash to one block and each indexed block to one hash.
     6. After every manager is reset, every block is free or evictable: nothing leaks.
 """
@@ -153,6 +156,9 @@ class BlockPool:
             for table in manager.tables:
                 for block in table:
                     counts[block] += 1
+            if manager.scratch is not None:
+                counts[manager.scratch] += 1
+                assert manager.scratch not in self.block_to_hash, "a scratch block is indexed"
         assert counts == self.ref_counts, "ref counts differ from table entries"
         free, evictable = set(self.free_blocks), set(self.evictable)
         assert len(free) == len(self.free_blocks), "a block is on the free list twice"
@@ -180,6 +186,7 @@ class BlockManager:
         self.tables: list[list[int]] = []
         self.lengths: list[int] = []
         self.cow_copies = 0
+        self.scratch: int | None = None  # the block finished rows write into (held while this manager has rows)
         self.pool.managers.add(self)
 
     # ----------------------------------------------------------------------------------------------- queries
@@ -197,8 +204,9 @@ class BlockManager:
 
     @property
     def num_used(self) -> int:
-        """Distinct blocks referenced by this manager's rows."""
-        return len({block for table in self.tables for block in table})
+        """Distinct blocks referenced by this manager's rows (and its scratch block)."""
+        used = {block for table in self.tables for block in table}
+        return len(used) + (self.scratch is not None and self.scratch not in used)
 
     @property
     def num_shared(self) -> int:
@@ -210,21 +218,27 @@ class BlockManager:
                 (shared if block in seen else seen).add(block)
         return len(shared)
 
-    def blocks_needed(self, num_tokens: int) -> int:
-        """Blocks `append(num_tokens)` would take from the pool (new blocks and copy-on-write copies)."""
+    def blocks_needed(self, num_tokens: int, finished: Sequence[bool] | None = None) -> int:
+        """Blocks `append(num_tokens, finished)` would take from the pool (new blocks and copy-on-write copies)."""
         if num_tokens <= 0:
             return 0
         bs, refs = self.block_size, self.pool.ref_counts
         needed = 0
         writers: dict[int, int] = {}  # shared partial tail block -> rows about to write into it
-        for table, length in zip(self.tables, self.lengths, strict=True):
-            needed += _blocks_for(length + num_tokens, bs) - len(table)
-            if length % bs and refs[table[-1]] > 1:
+        scratch_needed = False
+        for row, (table, length) in enumerate(zip(self.tables, self.lengths, strict=True)):
+            ended = finished is not None and finished[row]
+            missing = _blocks_for(length + num_tokens, bs) - len(table)
+            if ended:
+                scratch_needed = scratch_needed or missing > 0
+            else:
+                needed += missing
+            if length % bs and refs[table[-1]] > 1 and not (ended and table[-1] == self.scratch):
                 writers[table[-1]] = writers.get(table[-1], 0) + 1
         # Every writer copies the shared block, except the last one when nothing else references it any more.
         for block, count in writers.items():
             needed += count if refs[block] > count else count - 1
-        return needed
+        return needed + (scratch_needed and self.scratch is None)
 
     # ---------------------------------------------------------------------------------------------- mutators
     def add_rows(self, num_rows: int) -> None:
@@ -232,24 +246,31 @@ class BlockManager:
         self.tables.extend([] for _ in range(num_rows))
         self.lengths.extend([0] * num_rows)
 
-    def append(self, num_tokens: int) -> list[tuple[int, int]]:
+    def append(self, num_tokens: int, finished: Sequence[bool] | None = None) -> list[tuple[int, int]]:
         """Make room for `num_tokens` more tokens at the end of every row.
 
         Returns the copy-on-write copies ``(src, dst)`` the caller must perform *before* writing the new tokens:
         a row whose partial last block is shared gets a private copy of it. Raises `OutOfBlocksError` (having
         changed nothing) when the pool cannot cover the step.
+
+        ``finished[row]`` marks rows whose new tokens nobody will read (``generate`` feeds padding to rows that
+        have ended): they still grow by `num_tokens`, so every row keeps its positions, but the tokens that fall
+        past their own blocks go to this manager's scratch block instead of new blocks.
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        if finished is not None and len(finished) != self.num_rows:
+            raise ValueError(f"finished has {len(finished)} entries for {self.num_rows} rows")
         pool = self.pool
-        needed = self.blocks_needed(num_tokens)
+        needed = self.blocks_needed(num_tokens, finished)
         if needed > pool.num_free:
             raise OutOfBlocksError(needed, pool.num_free, pool.num_blocks, self.block_size)
         copies: list[tuple[int, int]] = []
         bs = self.block_size
         for row, table in enumerate(self.tables):
             length = self.lengths[row]
-            if length % bs and num_tokens > 0:
+            ended = finished is not None and finished[row]
+            if length % bs and num_tokens > 0 and not (ended and table[-1] == self.scratch):
                 tail = table[-1]
                 if pool.ref_counts[tail] > 1:
                     dst = pool.take()
@@ -258,8 +279,16 @@ class BlockManager:
                     copies.append((tail, dst))
                 else:
                     pool.unindex(tail)  # about to be written: its old contents are no longer what was indexed
-            for _ in range(_blocks_for(length + num_tokens, bs) - len(table)):
-                table.append(pool.take())
+            missing = _blocks_for(length + num_tokens, bs) - len(table)
+            if missing > 0 and ended:
+                if self.scratch is None:
+                    self.scratch = pool.take()
+                for _ in range(missing):
+                    pool.acquire(self.scratch)
+                    table.append(self.scratch)
+            else:
+                for _ in range(missing):
+                    table.append(pool.take())
             self.lengths[row] = length + num_tokens
         self.cow_copies += len(copies)
         return copies
@@ -305,10 +334,13 @@ class BlockManager:
             self.lengths[row] = length
 
     def reset(self) -> None:
-        """Drop every row and release all its blocks."""
+        """Drop every row and release all its blocks (and the scratch block)."""
         for table in self.tables:
             self.pool.release(table)
         self.tables, self.lengths = [], []
+        if self.scratch is not None:
+            self.pool.release([self.scratch])
+            self.scratch = None
 
     # ------------------------------------------------------------------------------------------------ checks
     def check_rows(self) -> None:

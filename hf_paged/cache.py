@@ -29,9 +29,12 @@ _OWNER_ATTR = "_hf_paged_owner"
 class CacheStats:
     """A snapshot of a `PagedCache`. Byte counts cover keys and values of all layers.
 
-    ``num_blocks``, ``free_blocks``, ``pool_bytes`` and ``cached_blocks`` describe the pool (shared by the caches of
-    a model when prefix caching is on); the other fields describe this cache's rows. For a cache with a pool of
-    its own, ``used_blocks + free_blocks == num_blocks``.
+    ``num_blocks``, ``free_blocks``, ``pool_bytes``, ``peak_pool_bytes`` and ``cached_blocks`` describe the pool
+    (shared by the caches of a model when prefix caching is on); the other fields describe this cache's rows. For a
+    cache with a pool of its own, ``used_blocks + free_blocks == num_blocks``.
+
+    Referenced and allocated bytes differ: ``used_bytes`` counts the blocks this cache's rows point at,
+    ``pool_bytes`` what the pool has allocated (used or not), which is what the device's memory pays for.
     """
 
     block_size: int
@@ -42,9 +45,10 @@ class CacheStats:
     logical_tokens: int  # sum of the rows' lengths: what a contiguous cache would hold
     used_bytes: int  # bytes of the used blocks
     logical_bytes: int  # bytes a contiguous (DynamicCache-like) cache would need for the same rows
-    pool_bytes: int  # bytes allocated for the whole pool
+    pool_bytes: int  # bytes allocated for the whole pool (referenced or not)
     peak_used_blocks: int
     peak_used_bytes: int
+    peak_pool_bytes: int  # the most bytes the pool has had allocated
     cow_copies: int  # block copies made by copy-on-write so far
     num_rows: int
     prefix_hit_tokens: int  # prompt tokens taken from the prefix cache instead of computed, per row summed
@@ -233,6 +237,7 @@ class KVPool:
         self.device, self.dtype = device, dtype
         self.shared = False  # set by enable_prefix_caching: the pool outlives the caches that use it
         self.blocks = BlockPool(0, block_size)
+        self.peak_blocks = 0  # the most blocks the tensor has had
         self.tensor: torch.Tensor | None = None
         self.plain: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.guarded: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -285,6 +290,7 @@ class KVPool:
         new[:, :, old.shape[2]:].zero_()
         self._bind(new)
         self.blocks.grow(num_blocks - self.blocks.num_blocks)
+        self.peak_blocks = max(self.peak_blocks, num_blocks)
 
     def ensure_free(self, needed: int) -> None:
         """Make `needed` blocks available, growing the pool if it may, else raise `OutOfBlocksError`."""
@@ -433,6 +439,7 @@ class PagedCache(Cache):
         self._step: StepMetadata | None = None
         self._step_layers: set[int] = set()
         self._pending_layer: int | None = None
+        self._ended: torch.Tensor | None = None
 
     # ---------------------------------------------------------------------------------------- the pool
     @property
@@ -479,6 +486,12 @@ class PagedCache(Cache):
                 'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
             )
         pool = self.pool
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < pool.num_layers:
+            raise ValueError(
+                f"hf_paged: layer {layer_idx!r} wrote to a PagedCache built for {pool.num_layers} layer(s) (layers "
+                f"0..{pool.num_layers - 1}, from the num_hidden_layers of the config it was given). Build the cache "
+                "from the config of the model that uses it: PagedCache(model.config)."
+            )
         if pool.tensor is None:
             pool.allocate(key_states)
         if not pool.matches(key_states) or value_states.shape != key_states.shape:
@@ -514,10 +527,12 @@ class PagedCache(Cache):
             )
         if new_rows:
             manager.add_rows(batch)
+        ended = self._ended.tolist() if self._ended is not None and len(self._ended) == manager.num_rows else None
+        ended = ended if ended is not None and any(ended) else None
         try:
-            self.pool.ensure_free(manager.blocks_needed(q_len))
+            self.pool.ensure_free(manager.blocks_needed(q_len, ended))
             lengths_before = list(manager.lengths)
-            copies = manager.append(q_len)
+            copies = manager.append(q_len, ended)
         except BaseException:
             if new_rows:
                 manager.reset()
@@ -583,11 +598,25 @@ class PagedCache(Cache):
     def reset(self) -> None:
         """Forget every sequence; the pool is kept for reuse."""
         self.manager.reset()
-        self._step, self._step_layers, self._pending_layer = None, set(), None
+        self._step, self._step_layers, self._pending_layer, self._ended = None, set(), None, None
+
+    def end_rows(self, done: torch.Tensor | None) -> None:
+        """Mark the rows where ``done`` (``[B]`` bool) is True as ended: ``generate`` feeds them padding from now on
+        and returns nothing computed from it, so their next tokens are not stored (see `BlockManager.append`).
+        ``None`` clears the marks (a new call continues every row)."""
+        if done is None:
+            self._ended = None
+        else:
+            done = done.detach().to(torch.bool)
+            self._ended = done if self._ended is None or self._ended.shape != done.shape else self._ended | done
 
     def _select(self, indices: list[int]) -> None:
+        ended, rows = self._ended, self.manager.num_rows
         self.manager.select(indices)
         self._step = None
+        if ended is not None:
+            keep = ended.shape == (rows,)
+            self._ended = ended[torch.tensor(indices, dtype=torch.long, device=ended.device)] if keep else None
 
     # ------------------------------------------------------------------------------------------- stats
     def stats(self) -> CacheStats:
@@ -607,6 +636,7 @@ class PagedCache(Cache):
             pool_bytes=manager.num_blocks * per_block,
             peak_used_blocks=self.peak_used_blocks,
             peak_used_bytes=self.peak_used_blocks * per_block,
+            peak_pool_bytes=self.pool.peak_blocks * per_block,
             cow_copies=manager.cow_copies,
             num_rows=manager.num_rows,
             prefix_hit_tokens=self.prefix_hit_tokens,
@@ -626,6 +656,7 @@ class PagedCache(Cache):
             pool._bind(tensor)
             pool.blocks.grow(len(used))
             pool.blocks.free_blocks.clear()
+            pool.peak_blocks = len(used)
         clone = PagedCache.__new__(PagedCache)
         memo[id(self)] = clone
         clone._init_state(len(self.layers), pool)

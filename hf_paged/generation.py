@@ -6,18 +6,23 @@ Transformers has no registry for new cache implementations, so ``import hf_paged
   `PagedCache` (on the model's prefix-cache pool, if any); refuse a `PagedCache` given to another attention;
 * ``GenerationMixin._prefill`` (the first forward): run each distinct prompt row once and fork it k ways; map
   prefix-cache hits before it and index the prompt's full blocks after it;
-* ``GenerationMixin.generate``: calls on a model with prefix caching run one at a time;
+* ``GenerationMixin._sample`` (greedy and sampling): rows the stopping criteria have ended are marked in the
+  `PagedCache` (`PagedCache.end_rows`), so the padding ``generate`` feeds them takes no new blocks;
+* ``GenerationMixin.generate``: calls on a model with prefix caching run one at a time; a call that fails
+  releases at once the rows of the caches it built (and of an empty cache it was given);
 * ``PreTrainedModel._check_and_adjust_attn_implementation``: families outside the attention interface fail at
   load with a clear error.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerationMixin
 
 from . import prefix
@@ -26,6 +31,10 @@ from .cache import PagedCache
 __all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "uses_hf_paged"]
 
 ATTN_IMPLEMENTATION = "hf_paged"
+
+# The caches the current ``generate`` call built (released at once if the call fails).
+_CALL_CACHES: contextvars.ContextVar[list[PagedCache] | None] = contextvars.ContextVar("hf_paged_call_caches",
+                                                                                        default=None)
 
 
 def uses_hf_paged(model) -> bool:
@@ -72,9 +81,11 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
         and self._supports_default_dynamic_cache()
     ):
         shared = prefix.prefix_cache_of(self)
-        model_kwargs["past_key_values"] = (
-            shared.new_cache(self.config) if shared is not None else PagedCache(self.config, device=self.device)
-        )
+        cache = shared.new_cache(self.config) if shared is not None else PagedCache(self.config, device=self.device)
+        created = _CALL_CACHES.get()
+        if created is not None:
+            created.append(cache)
+        model_kwargs["past_key_values"] = cache
         return None
     return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
@@ -104,6 +115,14 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
     cache = model_kwargs.get("past_key_values")
     if not isinstance(cache, PagedCache):
         return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+    held = cache.get_seq_length()
+    if held and held >= input_ids.shape[1]:
+        raise ValueError(
+            f"hf_paged: the PagedCache passed to generate already holds {held} tokens per row, but input_ids has "
+            f"only {input_ids.shape[1]}: a cache can only be continued by input_ids that extend what it holds. Call "
+            "cache.reset() to start over (a call that failed, e.g. with OutOfBlocksError, leaves the tokens it had "
+            "stored in a cache that was not empty)."
+        )
     k = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     reduced = _reduce(input_ids, model_kwargs, k) if k > 1 and cache.manager.num_rows in (0, len(input_ids) // k) \
         else None
@@ -118,7 +137,7 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
     hashes = None
     if shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0:
         hashes = prefix.block_hashes(reduced_ids, reduced_kwargs.get("attention_mask"), cache.block_size,
-                                     salt=str(self.dtype))
+                                     salt=shared.salt_for(self))
         with shared.pool.blocks.lock:
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
     outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
@@ -160,6 +179,48 @@ def _every_kth_row(tensor: torch.Tensor, k: int, dim: int) -> torch.Tensor | Non
     return reduced if torch.equal(reduced.repeat_interleave(k, dim=dim), tensor) else None
 
 
+class _EndedRowsCriteria(StoppingCriteriaList):
+    """The stopping criteria of one ``_sample`` call, also telling `cache` which rows they have ended."""
+
+    def __init__(self, criteria: StoppingCriteriaList, cache: PagedCache):
+        super().__init__(criteria)
+        self.cache = cache
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = super().__call__(input_ids, scores, **kwargs)
+        self.cache.end_rows(done)
+        return done
+
+
+def _sample(original, self, *args, **kwargs):
+    """Greedy and sampling: once a row has ended, ``_sample`` feeds it padding and returns nothing computed from
+    it, so the cache need not store it. That holds only when an EOS criterion is among the stopping criteria
+    (Transformers' own test for feeding padding); otherwise ended rows keep producing returned tokens and
+    everything is stored as usual."""
+    cache = next((value for value in kwargs.values() if isinstance(value, PagedCache)), None)
+    criteria = kwargs.get("stopping_criteria", args[2] if len(args) > 2 else None)
+    if (cache is None or not isinstance(criteria, StoppingCriteriaList)
+            or not any(hasattr(item, "eos_token_id") for item in criteria)):
+        return original(self, *args, **kwargs)
+    recording = _EndedRowsCriteria(criteria, cache)
+    if "stopping_criteria" in kwargs:
+        kwargs["stopping_criteria"] = recording
+    else:
+        args = (*args[:2], recording, *args[3:])
+    cache.end_rows(None)
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        cache.end_rows(None)  # the returned cache continues every row in a later call
+
+
+def _release_failed(caches: list[PagedCache]) -> None:
+    """Give back the rows of `caches` now, not when the failed call's traceback is collected."""
+    for cache in caches:
+        with cache.manager.pool.lock:
+            cache.reset()
+
+
 def install_generate_hook() -> None:
     """Install the wrappers listed in the module docstring (idempotent)."""
     original = GenerationMixin._prepare_cache_for_generation
@@ -181,15 +242,33 @@ def install_generate_hook() -> None:
 
     GenerationMixin._prefill = prefill
 
+    original_sample = getattr(GenerationMixin, "_sample", None)
+    if original_sample is not None:
+
+        @functools.wraps(original_sample)
+        def sample(self, *args, **kwargs):
+            return _sample(original_sample, self, *args, **kwargs)
+
+        GenerationMixin._sample = sample
+
     original_generate = GenerationMixin.generate
 
     @functools.wraps(original_generate)
     def generate(self, *args, **kwargs):
-        shared = prefix.prefix_cache_of(self)
-        if shared is None:
-            return original_generate(self, *args, **kwargs)
-        with shared.lock:  # calls sharing one pool run one at a time
-            return original_generate(self, *args, **kwargs)
+        created: list[PagedCache] = []
+        given_empty = [v for v in kwargs.values() if isinstance(v, PagedCache) and v.manager.num_rows == 0]
+        token = _CALL_CACHES.set(created)
+        try:
+            shared = prefix.prefix_cache_of(self)
+            if shared is None:
+                return original_generate(self, *args, **kwargs)
+            with shared.lock:  # calls sharing one pool run one at a time
+                return original_generate(self, *args, **kwargs)
+        except BaseException:
+            _release_failed(created + given_empty)
+            raise
+        finally:
+            _CALL_CACHES.reset(token)
 
     GenerationMixin.generate = generate
 

@@ -10,6 +10,7 @@ references stay indexed until the pool needs room, evicted least recently releas
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 from dataclasses import dataclass, field
 
@@ -25,13 +26,44 @@ _ATTR = "_hf_paged_prefix_cache"
 
 @dataclass
 class PrefixCache:
-    """A model's persistent pool; `lock` serialises the ``generate`` calls that use it."""
+    """A model's persistent pool; `lock` serialises the ``generate`` calls that use it.
+
+    ``weights`` is the `weights_version` the index was filled with and ``epoch`` counts the changes seen: keys and
+    values computed with other weights are never served (see `salt_for`).
+    """
 
     pool: KVPool
     lock: threading.RLock = field(default_factory=threading.RLock)
+    weights: object = None
+    epoch: int = 0
 
     def new_cache(self, config) -> PagedCache:
         return PagedCache(config, pool=self.pool)
+
+    def salt_for(self, model) -> str:
+        """The hash salt of a call on `model`: its dtype and the weights epoch. When the weights changed since the
+        last call (`load_state_dict`, an optimizer step, ``model.to(...)``), the index is emptied first."""
+        version = weights_version(model)
+        if version != self.weights:
+            if self.weights is not None:
+                self.pool.blocks.clear_index()
+                self.epoch += 1
+            self.weights = version
+        return f"{model.dtype}:{self.epoch}"
+
+
+def weights_version(model) -> object:
+    """What identifies the current values of `model`'s parameters and buffers, cheaply: each tensor's storage
+    address and version counter (every in-place write, such as ``load_state_dict``'s copies or an optimizer step,
+    bumps it). A tensor without a version counter (created in inference mode) makes every call look new. Writes
+    through ``tensor.data`` bypass the counter: after those, call `enable_prefix_caching` again."""
+    version = []
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        try:
+            version.append((tensor.data_ptr(), tensor._version))
+        except RuntimeError:  # inference tensors have no version counter: nothing can prove they are unchanged
+            return object()
+    return tuple(version)
 
 
 def enable_prefix_caching(model, *, num_blocks: int | None = None, max_memory: int | str | None = None,
@@ -83,7 +115,8 @@ def block_hashes(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, b
     Args:
         input_ids: ``[B, L]``.
         attention_mask: ``[B, L]`` (0 = padding) or None.
-        salt: what besides the tokens decides the keys and values (the model's dtype).
+        salt: what besides the tokens decides the keys and values (`PrefixCache.salt_for`: the model's dtype and
+            the version of its weights).
     """
     ids = input_ids.detach().to("cpu", torch.int64)
     if attention_mask is not None:

@@ -18,14 +18,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from hf_paged.bench import main
 from hf_paged.bench.prompts import TEXT, left_pad, token_stream
 from hf_paged.bench.runner import paged_attention_registered, prefix_caching_available
-from hf_paged.bench.scenarios import SCENARIOS
+from hf_paged.bench.scenarios import SCENARIOS, SLIDING_MODEL
 
 ROW_KEYS = {
     "scenario", "prompt_length", "impl", "status", "reason", "seconds", "seconds_median", "tokens", "tokens_per_s",
-    "time_ratio", "kv_bytes", "peak_kv_bytes", "pool_bytes", "prefix_hit_tokens", "prompt_tokens", "peak_rss_bytes",
-    "tokens_match",
+    "time_ratio", "kv_bytes", "peak_kv_bytes", "kv_ratio", "used_bytes", "peak_used_bytes", "prefix_hit_tokens",
+    "prompt_tokens", "peak_rss_bytes", "tokens_match",
 }
-SWEEP_KEYS = {"kind", "k", "prompt_length", "impl", "kv_bytes", "peak_kv_bytes", "pool_bytes", "seconds"}
+SWEEP_KEYS = {"kind", "k", "prompt_length", "impl", "kv_bytes", "peak_kv_bytes", "used_bytes", "seconds"}
 QUICK = ["--prompt-lengths", "16", "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1"]
 
 
@@ -175,3 +175,41 @@ def test_prefix_scenario_brackets_hf_paged_runs_with_prefix_caching(tiny_model, 
     assert rows["hf_paged"]["tokens"] == rows["sdpa"]["tokens"] == 3 * 4  # 3 calls x 4 new tokens
     assert set(rows) == {"hf_paged", "sdpa"}  # generate_batch was not selected
     assert not (tmp_path / "kv_vs_k.png").exists()  # no sweep, no plot
+
+
+def test_chat_prompts_wrap_the_text_in_the_template(tiny_model):
+    from transformers import AutoTokenizer
+
+    from hf_paged.bench.prompts import chat_wrap
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert chat_wrap(tokenizer) is None  # no template: the scenario's prompts are plain text
+    tokenizer.chat_template = "{% for m in messages %}<pad>{{ m['content'] }}<eos>{% endfor %}<pad>"
+    before, after = chat_wrap(tokenizer)
+    assert before[0] == tokenizer.pad_token_id and after[-1] == tokenizer.pad_token_id and len(after) >= 2
+    stream = token_stream(tokenizer, 64)
+    (batch,) = SCENARIOS["batch8_eos"].prompts(stream, 64, (before, after))
+    assert [len(p) for p in batch] == [64, 60, 56, 52, 48, 44, 40, 36]
+    assert all(p[: len(before)] == before and p[-len(after):] == after for p in batch)
+    assert "summarise" in tokenizer.decode(before).lower()
+
+
+@pytest.mark.skipif(not paged_attention_registered(), reason="needs the hf_paged attention")
+def test_memory_scenarios_sliding_window_and_eos(tiny_model, tmp_path, capsys):
+    """The sliding-window model and the left-padded batch stopping at EOS run, match sdpa and report allocated KV."""
+    argv = ["--model", str(tiny_model), *QUICK, "--prompt-lengths", "80", "--new-tokens", "8", "--scenarios",
+            "batch8_eos,sliding,sliding_beams4", "--impls", "hf_paged,sdpa", "--sweep-k", "none", "--out",
+            str(tmp_path)]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    rows = {(row["scenario"], row["impl"]): row for row in json.loads((tmp_path / "results.json").read_text())["results"]}
+    for scenario in ("batch8_eos", "sliding", "sliding_beams4"):
+        paged, reference = rows[scenario, "hf_paged"], rows[scenario, "sdpa"]
+        assert paged["status"] == reference["status"] == "ok"
+        assert paged["tokens_match"] is True
+        assert paged["peak_kv_bytes"] >= paged["peak_used_bytes"] >= paged["used_bytes"] > 0  # allocated >= referenced
+        assert paged["kv_ratio"] == pytest.approx(paged["peak_kv_bytes"] / reference["peak_kv_bytes"])
+    # The sliding model really has sliding windows: its DynamicCache holds less than all 88 tokens in every layer.
+    spec = SLIDING_MODEL
+    full = spec["num_hidden_layers"] * 88 * 2 * spec["num_key_value_heads"] * spec["head_dim"] * 4  # float32
+    assert rows["sliding", "sdpa"]["peak_kv_bytes"] < full
+    assert "| batch8_eos |" in (tmp_path / "results.md").read_text()

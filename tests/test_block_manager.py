@@ -43,6 +43,25 @@ def test_out_of_blocks_changes_nothing():
     manager.check()
 
 
+def test_ended_rows_write_past_their_blocks_into_one_scratch_block():
+    manager = BlockManager(num_blocks=10, block_size=4)
+    manager.add_rows(3)
+    manager.append(3)  # three private blocks, partly filled
+    assert manager.blocks_needed(3, [True, True, False]) == 2  # row 2 needs a block, rows 0 and 1 the scratch one
+    assert manager.append(3, [True, True, False]) == []
+    scratch = manager.scratch
+    assert [table[1] for table in manager.tables[:2]] == [scratch, scratch] and manager.lengths == [6, 6, 6]
+    assert manager.blocks_needed(4, [True, True, False]) == 1  # the ended rows keep writing into the scratch block
+    manager.append(4, [True, True, False])
+    assert manager.tables[0] == [0, scratch, scratch] and manager.num_used == 6
+    copies = manager.append(1)  # a row that goes on after ending gets a private copy of its scratch tail
+    assert [src for src, _ in copies] == [scratch, scratch]
+    manager.check()
+    manager.reset()
+    assert manager.scratch is None and manager.num_free == 10
+    manager.check()
+
+
 def test_truncate_and_reset_free_everything():
     manager = BlockManager(num_blocks=8, block_size=4)
     manager.add_rows(2)
@@ -65,6 +84,7 @@ def test_select_rejects_bad_rows():
 operations = st.lists(
     st.one_of(
         st.tuples(st.just("append"), st.integers(0, 9)),
+        st.tuples(st.just("append_ended"), st.tuples(st.integers(0, 9), st.integers(0, 255))),
         st.tuples(st.just("select"), st.lists(st.integers(0, 7), min_size=0, max_size=8)),
         st.tuples(st.just("truncate"), st.integers(0, 40)),
         st.tuples(st.just("grow"), st.integers(1, 4)),
@@ -80,14 +100,18 @@ def test_invariants_hold_under_random_operations(block_size, num_blocks, rows, o
     manager = BlockManager(num_blocks, block_size)
     manager.add_rows(rows)
     for name, arg in ops:
-        if name == "append":
-            needed, free = manager.blocks_needed(arg), manager.num_free
+        if name in ("append", "append_ended"):
+            finished = None
+            if name == "append_ended":  # some rows have ended: their new tokens go to the scratch block
+                arg, bits = arg
+                finished = [bool(bits >> row & 1) for row in range(manager.num_rows)]
+            needed, free = manager.blocks_needed(arg, finished), manager.num_free
             if needed > free:
                 with pytest.raises(OutOfBlocksError):
-                    manager.append(arg)
+                    manager.append(arg, finished)
                 assert manager.num_free == free
             else:  # the forecast is exact: a step that fits never raises
-                manager.append(arg)
+                manager.append(arg, finished)
                 assert manager.num_free == free - needed
         elif name == "select":
             indices = [i % manager.num_rows for i in arg] if manager.num_rows else []

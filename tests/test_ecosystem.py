@@ -164,6 +164,7 @@ def assert_stats_consistent(cache: PagedCache) -> None:
     assert stats.used_bytes == stats.used_blocks * cache.bytes_per_block
     assert stats.pool_bytes == stats.num_blocks * cache.bytes_per_block
     assert stats.peak_used_bytes == stats.peak_used_blocks * cache.bytes_per_block
+    assert stats.used_bytes <= stats.pool_bytes <= stats.peak_pool_bytes  # referenced <= allocated <= its peak
     assert stats.logical_bytes == stats.logical_tokens * cache.bytes_per_block // cache.block_size
     assert stats.logical_tokens == sum(cache.manager.lengths)
     assert stats.num_rows == cache.manager.num_rows

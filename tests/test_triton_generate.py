@@ -114,9 +114,10 @@ def prompts(lengths, seed):
 
 def generate(model, inputs, **kwargs):
     torch.manual_seed(0)  # the same draws for both models when sampling
+    kwargs.setdefault("min_new_tokens", NEW_TOKENS)
+    kwargs.setdefault("output_logits", True)
     with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                              return_dict_in_generate=True, output_logits=True, **kwargs)
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, return_dict_in_generate=True, **kwargs)
 
 
 results = {}
@@ -124,7 +125,12 @@ for family in sys.argv[2].split(","):
     reference, paged = pair(family)
     # Unequal left-padded rows; 11 tokens fill 2 blocks of 5 and start a third, so beams share a partial block.
     inputs = prompts([11, 4, 8], seed=1)
-    for mode, kwargs in MODES.items():
+    # Greedy with EOS: the token row 1 generates second ends it there; its padding then goes to the scratch block.
+    eos = int(generate(reference, inputs, do_sample=False).sequences[1, 12])
+    # (without output_logits: a call returning scores stores ended rows too, so that their scores stay exact)
+    modes = {**MODES, "greedy_eos": dict(do_sample=False, min_new_tokens=0, eos_token_id=eos, output_logits=False)}
+    for mode in sys.argv[4].split(","):
+        kwargs = modes[mode]
         expected = generate(reference, inputs, **kwargs)
         calls.clear()
         cache = PagedCache(paged.config, block_size=5)
@@ -135,7 +141,9 @@ for family in sys.argv[2].split(","):
             "calls": dict(calls),
             "same_tokens": torch.equal(got.sequences, expected.sequences),
             "shape": list(got.sequences.shape),
-            "max_logit_diff": (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max().item(),
+            "max_logit_diff": 0.0 if expected.logits is None else
+            (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max().item(),
+            "scratch": cache.manager.scratch is not None,
         }
 print(json.dumps(results))
 '''
@@ -144,29 +152,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_TOKENS = 6
 
 
-def run_script(tmp_path, families: list[str]) -> dict:
+def run_script(tmp_path, families: list[str], modes: list[str]) -> dict:
     pytest.importorskip("triton")
     script = tmp_path / "triton_generate.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(TRITON_INTERPRET="1", HF_PAGED_BACKEND="triton", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(script), ROOT, ",".join(families), str(NEW_TOKENS)], cwd=tmp_path, env=env,
+    run = subprocess.run([sys.executable, str(script), ROOT, ",".join(families), str(NEW_TOKENS), ",".join(modes)],
+                         cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def test_generate_runs_through_the_triton_kernels(tmp_path):
-    results = run_script(tmp_path, ["llama", "gemma2"])
-    assert set(results) == {f"{family}-{mode}" for family in ("llama", "gemma2")
-                            for mode in ("greedy", "beams", "sampling")}
+    modes = ["greedy", "beams", "sampling", "greedy_eos"]
+    results = run_script(tmp_path, ["llama", "gemma2"], modes)
+    assert set(results) == {f"{family}-{mode}" for family in ("llama", "gemma2") for mode in modes}
     for case, result in results.items():
         calls = result["calls"]
         attention = calls.get("paged_attention", 0) + calls.get("shared_prefix_paged_attention", 0)
         # 2 layers x (1 prefill + NEW_TOKENS - 1 decode steps), at least; never a PyTorch fallback.
         assert calls.get("reshape_and_cache", 0) >= 12 and attention >= 12, (case, calls)
         assert not any(key.startswith("ops.") for key in calls), (case, calls)
-        if case.endswith("greedy"):
+        if case.endswith("eos"):
+            assert result["scratch"] and result["shape"][0] == 3, result  # row 1 ended and stopped growing
+        elif case.endswith("greedy"):
             assert result["shape"] == [3, 11 + 6], result
             assert "shared_prefix_paged_attention" not in calls, (case, calls)  # three prompts share no block
         else:
@@ -183,7 +194,7 @@ def test_generate_runs_through_the_triton_kernels(tmp_path):
 def test_sinks_and_chunks_run_through_the_triton_kernels(tmp_path):
     """gpt-oss's attention sinks and Llama 4's chunked layers reach the kernel (no PyTorch fallback) and give
     eager's tokens."""
-    results = run_script(tmp_path, ["gpt_oss", "llama4_text"])
+    results = run_script(tmp_path, ["gpt_oss", "llama4_text"], ["greedy", "beams"])
     assert set(results) == {f"{family}-{mode}" for family in ("gpt_oss", "llama4_text") for mode in ("greedy", "beams")}
     for case, result in results.items():
         calls = result["calls"]

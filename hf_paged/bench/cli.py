@@ -216,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
-    from .prompts import token_stream
+    from .prompts import chat_wrap, token_stream
     from .report import render_table, write_outputs
     from .runner import Runner
     from .suite import Settings, Suite
@@ -253,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     stream = token_stream(tokenizer, max(args.prompt_lengths))
     with tqdm(desc=PROG, unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
-        suite = Suite(runner, stream, settings, bar)
+        suite = Suite(runner, stream, settings, bar, chat=chat_wrap(tokenizer))
         bar.total = suite.planned_runs()
         bar.refresh()
         rows, sweep = suite.run()

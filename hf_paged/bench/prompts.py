@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TEXT", "batch_lengths", "left_pad", "make_prompt", "token_stream"]
+__all__ = ["TEXT", "batch_lengths", "chat_wrap", "left_pad", "make_prompt", "token_stream"]
 
 # Plain English prose (written for this benchmark), repeated as needed to reach any prompt length.
 TEXT = (
@@ -27,6 +27,19 @@ def token_stream(tokenizer, min_tokens: int) -> list[int]:
         raise ValueError("the tokenizer turned the benchmark text into no tokens")
     repeats = -(-min_tokens // len(paragraph))
     return paragraph * max(repeats, 1)
+
+
+def chat_wrap(tokenizer) -> tuple[list[int], list[int]] | None:
+    """The token ids the tokenizer's chat template puts before and after a user's request to summarise a text,
+    or None when it has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "\x00TEXT\x00"
+    messages = [{"role": "user", "content": f"Summarise this text in one sentence.\n\n{marker}"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    before, after = text.split(marker)
+    return (tokenizer(before, add_special_tokens=False)["input_ids"],
+            tokenizer(after, add_special_tokens=False)["input_ids"])
 
 
 def make_prompt(stream: list[int], length: int, offset: int = 0) -> list[int]:

@@ -19,9 +19,10 @@ _HEADERS = (
     "median s",
     "tok/s",
     "x sdpa",
-    "KV end MiB",
-    "KV peak MiB",
-    "pool MiB",
+    "KV MiB",
+    "KV x sdpa",
+    "used MiB",
+    "used peak MiB",
     "peak RSS MiB",
     "match",
     "note",
@@ -33,10 +34,12 @@ def notes(rss_note: str) -> list[str]:
     return [
         "tok/s: new tokens of all returned sequences of one run (calls x rows x G) over the median wall time.",
         "x sdpa: median time over the sdpa (DynamicCache) median for the same case; below 1 is faster.",
-        "KV end: bytes of keys and values held when generate() returned; sdpa: the DynamicCache's tensors; "
-        "hf_paged: stats().used_bytes (used blocks). pool: bytes hf_paged allocated for its block pool.",
-        "KV peak: hf_paged: stats().peak_used_bytes (most blocks in use during the call); sdpa: the end value "
-        "(a DynamicCache only grows; beam search's reorder copies are transient and not counted).",
+        "KV: the most bytes of keys and values allocated during the run; hf_paged: stats().peak_pool_bytes "
+        "(its block pool, referenced or not); sdpa: the DynamicCache's tensors when generate() returned (it only "
+        "grows; sliding-window layers keep their window; beam search's reorder copies are transient and not "
+        "counted). KV x sdpa: that over sdpa's.",
+        "used, used peak: hf_paged's referenced bytes (stats().used_bytes when generate() returned, "
+        "stats().peak_used_bytes): the blocks its rows point at, a part of what it allocated.",
         "generate_batch (Transformers continuous batching, sdpa): KV not measured (its pool is preallocated); "
         "it stops only at max_new_tokens (eos disabled), which may differ from min_new_tokens' EOS suppression; "
         "its time includes starting and stopping its manager thread on every call.",
@@ -54,15 +57,16 @@ def _mib(value: int | None) -> str:
 def _cells(row: Row) -> list[str]:
     base = [row.scenario, str(row.prompt_length), row.impl]
     if row.status != "ok":
-        return base + ["-"] * 8 + [f"{row.status}: {row.reason}"]
+        return base + ["-"] * 9 + [f"{row.status}: {row.reason}"]
     match = {True: "yes", False: "NO", None: "-"}[row.tokens_match]
     return base + [
         f"{row.seconds_median:.3f}",
         "-" if row.tokens_per_s is None else f"{row.tokens_per_s:.1f}",
         "-" if row.time_ratio is None else f"{row.time_ratio:.2f}",
-        _mib(row.kv_bytes),
         _mib(row.peak_kv_bytes),
-        _mib(row.pool_bytes),
+        "-" if row.kv_ratio is None else f"{row.kv_ratio:.2f}",
+        _mib(row.used_bytes),
+        _mib(row.peak_used_bytes),
         _mib(row.peak_rss_bytes),
         match,
         row.reason or "",
@@ -75,13 +79,13 @@ def _sweep_cells(point: SweepPoint) -> list[str]:
         str(point.k),
         str(point.prompt_length),
         point.impl,
-        _mib(point.kv_bytes),
         _mib(point.peak_kv_bytes),
-        _mib(point.pool_bytes),
+        _mib(point.kv_bytes),
+        _mib(point.used_bytes),
     ]
 
 
-_SWEEP_HEADERS = ("sweep", "k", "P", "impl", "KV end MiB", "KV peak MiB", "pool MiB")
+_SWEEP_HEADERS = ("sweep", "k", "P", "impl", "KV MiB", "KV end MiB", "used end MiB")
 
 
 def _aligned(headers, lines: list[list[str]]) -> str:
@@ -161,11 +165,12 @@ def _plot_kv(sweep: list[SweepPoint], path: Path) -> bool:
     for ax, kind in zip(axes[0], SWEEP_KINDS, strict=True):
         mine = [p for p in sweep if p.kind == kind]
         for impl in dict.fromkeys(p.impl for p in mine):
-            points = sorted((p.k, p.kv_bytes, p.peak_kv_bytes) for p in mine if p.impl == impl)
+            points = sorted((p.k, p.peak_kv_bytes, p.used_bytes) for p in mine if p.impl == impl)
             ks = [k for k, _, _ in points]
-            ax.plot(ks, [(e or 0) / _MIB for _, e, _ in points], marker="o", label=f"{impl} end")
+            ax.plot(ks, [(a or 0) / _MIB for _, a, _ in points], marker="o", label=f"{impl} allocated")
             if impl != "sdpa":
-                ax.plot(ks, [(p or 0) / _MIB for _, _, p in points], marker="x", linestyle="--", label=f"{impl} peak")
+                ax.plot(ks, [(u or 0) / _MIB for _, _, u in points], marker="x", linestyle="--",
+                        label=f"{impl} referenced")
         ax.set_title(f"{titles[kind]}, P={mine[0].prompt_length}" if mine else titles[kind])
         ax.set_xlabel("k")
         ax.set_ylabel("KV cache (MiB)")

@@ -16,7 +16,7 @@ import torch
 import hf_paged
 
 from .prompts import left_pad
-from .scenarios import Scenario
+from .scenarios import SLIDING_MODEL, Scenario
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -43,9 +43,12 @@ class Run:
     Attributes:
         seconds: wall time of the ``generate`` calls.
         sequences: the new token ids of every returned sequence, call after call.
-        kv_bytes: KV-cache bytes held when the last call returned (None: not measured).
-        peak_kv_bytes: the largest KV-cache bytes held during the run (None: not measured).
-        pool_bytes: bytes allocated for hf_paged's block pool (used or not) at the end; None for the others.
+        kv_bytes: KV-cache bytes allocated when the last call returned (hf_paged: ``stats().pool_bytes``, the
+            block pool, referenced or not; sdpa: the `DynamicCache`'s tensors). None: not measured.
+        peak_kv_bytes: the most KV-cache bytes allocated during the run (hf_paged: ``stats().peak_pool_bytes``;
+            sdpa: the end value, as a `DynamicCache` only grows). None: not measured.
+        used_bytes: hf_paged only: bytes of the blocks the rows reference at the end (``stats().used_bytes``).
+        peak_used_bytes: hf_paged only: the most referenced bytes during the run (``stats().peak_used_bytes``).
         prefix_hit_tokens: hf_paged only: prompt tokens taken from the prefix cache instead of computed, all calls.
         peak_rss_bytes: the process's peak resident set size during the run (see `Runner.rss_note`).
     """
@@ -54,7 +57,8 @@ class Run:
     sequences: list[list[int]]
     kv_bytes: int | None = None
     peak_kv_bytes: int | None = None
-    pool_bytes: int | None = None
+    used_bytes: int | None = None
+    peak_used_bytes: int | None = None
     prefix_hit_tokens: int | None = None
     peak_rss_bytes: int | None = None
 
@@ -96,6 +100,21 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def sliding_window_model(vocab_size: int, max_positions: int, pad_token_id: int, dtype, device):
+    """The `sliding` scenarios' model (`scenarios.SLIDING_MODEL`): random weights (seed 0), sdpa attention."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(**SLIDING_MODEL, vocab_size=vocab_size, max_position_embeddings=max_positions,
+                              pad_token_id=pad_token_id, bos_token_id=None, eos_token_id=None)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.to(device).eval()
+
+
 def _dynamic_cache_bytes(cache) -> int:
     """Bytes of the key and value tensors a `DynamicCache` holds, over all layers."""
     total = 0
@@ -134,6 +153,7 @@ class Runner:
         self.max_memory = max_memory
         self.seed = seed
         self.per_run_rss = _reset_peak_rss()
+        self._sliding = None
 
     @property
     def rss_note(self) -> str:
@@ -161,7 +181,21 @@ class Runner:
                 return "continuous batching has no beam search"
             if scenario.prefix_cache:
                 return "prefix reuse across separate calls needs a persistent manager; not the same workload"
+            if scenario.eos or scenario.model is not None:
+                return "compared here only on the loaded model without EOS"
         return None
+
+    def model_for(self, scenario: Scenario):
+        """The model `scenario` runs on: the loaded one, or the `sliding` scenarios' tiny model (built once)."""
+        if scenario.model is None:
+            return self.model
+        if scenario.model != "sliding":
+            raise ValueError(f"unknown scenario model {scenario.model!r}")
+        if self._sliding is None:
+            config = self.model.config.get_text_config()
+            self._sliding = sliding_window_model(config.vocab_size, 32768, self.pad_token_id, self.model.dtype,
+                                                 self.model.device)
+        return self._sliding
 
     def run(self, impl: str, scenario: Scenario, calls: list[list[list[int]]], new_tokens: int) -> Run:
         """Run every call of `calls` (see `Scenario.prompts`) with `impl` and measure it."""
@@ -173,49 +207,52 @@ class Runner:
         run.peak_rss_bytes = _peak_rss_bytes() if reset or not self.per_run_rss else None
         return run
 
-    def _set_attention(self, name: str) -> None:
-        if self.model.config._attn_implementation != name:
-            self.model.set_attn_implementation(name)
-        if self.model.config._attn_implementation != name:  # Transformers only logs when it cannot switch
-            raise RuntimeError(f"{type(self.model).__name__} did not switch to attn_implementation={name!r}")
+    def _set_attention(self, name: str, model=None) -> None:
+        model = self.model if model is None else model
+        if model.config._attn_implementation != name:
+            model.set_attn_implementation(name)
+        if model.config._attn_implementation != name:  # Transformers only logs when it cannot switch
+            raise RuntimeError(f"{type(model).__name__} did not switch to attn_implementation={name!r}")
 
     def _pool_options(self) -> dict:
         """The hf_paged pool options the user gave (``block_size``, ``num_blocks``, ``max_memory``)."""
         options = {"block_size": self.block_size, "num_blocks": self.num_blocks, "max_memory": self.max_memory}
         return {name: value for name, value in options.items() if value is not None}
 
-    def _paged_cache(self):
+    def _paged_cache(self, model):
         """An explicit `hf_paged.PagedCache` when the user gave pool options, else None (generate() builds one)."""
         options = self._pool_options()
-        return hf_paged.PagedCache(self.model.config, **options) if options else None
+        return hf_paged.PagedCache(model.config, **options) if options else None
 
     def _run_generate(self, impl: str, scenario: Scenario, calls, new_tokens: int) -> Run:
         paged = impl == "hf_paged"
-        self._set_attention(impl)
+        model = self.model_for(scenario)
+        self._set_attention(impl, model)
         kwargs = scenario.generate_kwargs(new_tokens)
         sequences: list[list[int]] = []
-        kv_bytes = peak_kv = pool_bytes = prefix_hits = None
+        kv_bytes = peak_kv = used = peak_used = prefix_hits = None
         if paged and scenario.prefix_cache:
-            hf_paged.enable_prefix_caching(self.model, **self._pool_options())
+            hf_paged.enable_prefix_caching(model, **self._pool_options())
         try:
             elapsed = 0.0
             for prompts in calls:
-                inputs = left_pad(prompts, self.pad_token_id, self.model.device)
+                inputs = left_pad(prompts, self.pad_token_id, model.device)
                 extra = {}
                 if paged and not scenario.prefix_cache:
-                    cache = self._paged_cache()
+                    cache = self._paged_cache(model)
                     if cache is not None:
                         extra["past_key_values"] = cache
                 torch.manual_seed(self.seed)
                 start = time.perf_counter()
-                out = self.model.generate(
+                out = model.generate(
                     **inputs, **kwargs, **extra, pad_token_id=self.pad_token_id, return_dict_in_generate=True
                 )
                 elapsed += time.perf_counter() - start
                 sequences += out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
                 if paged:
                     stats = out.past_key_values.stats()
-                    kv_bytes, pool_bytes, call_peak = stats.used_bytes, stats.pool_bytes, stats.peak_used_bytes
+                    kv_bytes, call_peak, used = stats.pool_bytes, stats.peak_pool_bytes, stats.used_bytes
+                    peak_used = max(peak_used or 0, stats.peak_used_bytes)
                     prefix_hits = (prefix_hits or 0) + stats.prefix_hit_tokens
                 else:
                     kv_bytes = call_peak = _dynamic_cache_bytes(out.past_key_values)
@@ -223,8 +260,8 @@ class Runner:
                 del out
         finally:
             if paged and scenario.prefix_cache:
-                hf_paged.disable_prefix_caching(self.model)
-        return Run(elapsed, sequences, kv_bytes, peak_kv, pool_bytes, prefix_hits)
+                hf_paged.disable_prefix_caching(model)
+        return Run(elapsed, sequences, kv_bytes, peak_kv, used, peak_used, prefix_hits)
 
     def _run_generate_batch(self, scenario: Scenario, calls, new_tokens: int) -> Run:
         from transformers import ContinuousBatchingConfig

@@ -6,10 +6,14 @@ from dataclasses import dataclass
 
 from .prompts import batch_lengths, make_prompt
 
-__all__ = ["DEFAULT_SCENARIOS", "PREFIX_SUFFIX_TOKENS", "SCENARIOS", "Scenario", "sweep_scenario"]
+__all__ = ["DEFAULT_SCENARIOS", "PREFIX_SUFFIX_TOKENS", "SCENARIOS", "SLIDING_MODEL", "Scenario", "sweep_scenario"]
 
 # Tokens of the distinct "user question" appended to the shared system prompt in each call of `prefix`.
 PREFIX_SUFFIX_TOKENS = 16
+# The `sliding` scenarios' model: Gemma3TextConfig arguments besides the vocabulary and the positions.
+SLIDING_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=1, head_dim=32, sliding_window=64,
+                     layer_types=["sliding_attention"] * 5 + ["full_attention"])
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,11 @@ class Scenario:
         do_sample: multinomial sampling (seeded) instead of greedy / beam search.
         calls: sequential ``generate()`` calls (more than one only for `prefix`).
         prefix_cache: the calls share a system prompt, and hf_paged runs them with ``enable_prefix_caching``.
+        eos: rows stop at EOS (no ``min_new_tokens``), so they end at different steps.
+        chat: each prompt is wrapped in the tokenizer's chat template (when it has one) as a request to summarise.
+        model: ``None`` for the loaded model, or ``"sliding"``: a tiny random-weight Gemma-3-like model with the
+            loaded model's vocabulary (`SLIDING_MODEL`: 5 sliding-window layers to 1 full, window 64); its tokens
+            mean nothing, its KV bytes are what the scenario measures.
     """
 
     name: str
@@ -35,6 +44,9 @@ class Scenario:
     do_sample: bool = False
     calls: int = 1
     prefix_cache: bool = False
+    eos: bool = False
+    chat: bool = False
+    model: str | None = None
 
     @property
     def k(self) -> int:
@@ -44,23 +56,30 @@ class Scenario:
     @property
     def workload_key(self) -> tuple:
         """Identifies the work done, whatever the name: equal keys (and prompt length) give equal runs."""
-        return (self.batch, self.num_beams, self.num_return_sequences, self.do_sample, self.calls, self.prefix_cache)
+        return (self.batch, self.num_beams, self.num_return_sequences, self.do_sample, self.calls, self.prefix_cache,
+                self.eos, self.chat, self.model)
 
     def generate_kwargs(self, new_tokens: int) -> dict:
-        """Keyword arguments for ``generate()``: exactly `new_tokens` new tokens per sequence."""
-        return {
+        """Keyword arguments for ``generate()``: exactly `new_tokens` new tokens per sequence (at most, with `eos`)."""
+        kwargs = {
             "max_new_tokens": new_tokens,
             "min_new_tokens": new_tokens,
             "do_sample": self.do_sample,
             "num_beams": self.num_beams,
             "num_return_sequences": self.num_return_sequences,
         }
+        if self.eos:
+            del kwargs["min_new_tokens"]
+        return kwargs
 
-    def prompts(self, stream: list[int], length: int) -> list[list[list[int]]]:
+    def prompts(self, stream: list[int], length: int,
+                chat: tuple[list[int], list[int]] | None = None) -> list[list[list[int]]]:
         """The prompts of each call: ``calls`` lists of ``batch`` token-id lists.
 
         The batch's prompts start at different places of the text and have different lengths (<= `length`);
         `prefix` calls share a `length`-token system prompt followed by a distinct `PREFIX_SUFFIX_TOKENS` suffix.
+        With `chat` (`prompts.chat_wrap`: the template's tokens before and after the message) and ``self.chat``,
+        each prompt is those tokens around a piece of the text, `length` tokens in all where it can be.
         """
         if self.prefix_cache:
             system = make_prompt(stream, length)
@@ -69,6 +88,10 @@ class Scenario:
                 for call in range(self.calls)
             ]
         lengths = batch_lengths(length, self.batch) if self.batch > 1 else [length]
+        if self.chat and chat is not None:
+            before, after = chat
+            return [[before + make_prompt(stream, max(n - len(before) - len(after), 1), offset=37 * row) + after
+                     for row, n in enumerate(lengths)]]
         return [[make_prompt(stream, n, offset=37 * row) for row, n in enumerate(lengths)]]
 
 
@@ -83,6 +106,12 @@ SCENARIOS: dict[str, Scenario] = {
             "beams8_ret4", "beam search, num_beams=8, num_return_sequences=4", num_beams=8, num_return_sequences=4
         ),
         Scenario("prefix", "greedy calls sharing a long system prompt (prefix cache)", calls=4, prefix_cache=True),
+        Scenario("batch8_eos", "greedy, 8 different left-padded chat prompts, each stopping at EOS", batch=8,
+                 eos=True, chat=True),
+        Scenario("sliding", "greedy, tiny random Gemma-3-like model (5 sliding layers : 1 full, window 64)",
+                 model="sliding"),
+        Scenario("sliding_beams4", "beam search, num_beams=4, the same sliding-window model", num_beams=4,
+                 model="sliding"),
     )
 }
 DEFAULT_SCENARIOS = tuple(SCENARIOS)

@@ -35,7 +35,9 @@ class Row:
     (the scenario needs something this hf_paged lacks). Times are seconds; bytes are bytes; ``tokens`` counts the
     new tokens of every returned sequence in one run; ``time_ratio`` is this median over the sdpa median;
     ``prompt_tokens`` counts the distinct prompts' tokens of one run (no padding, no k-fold repeats) and
-    ``prefix_hit_tokens`` (hf_paged) how many prompt tokens its caches took from the prefix cache.
+    ``prefix_hit_tokens`` (hf_paged) how many prompt tokens its caches took from the prefix cache. KV bytes are
+    allocated bytes (see `runner.Run`); ``kv_ratio`` is this peak over the sdpa peak; ``used_bytes`` and
+    ``peak_used_bytes`` are hf_paged's referenced bytes.
     """
 
     scenario: str
@@ -50,7 +52,9 @@ class Row:
     time_ratio: float | None = None
     kv_bytes: int | None = None
     peak_kv_bytes: int | None = None
-    pool_bytes: int | None = None
+    kv_ratio: float | None = None
+    used_bytes: int | None = None
+    peak_used_bytes: int | None = None
     prefix_hit_tokens: int | None = None
     prompt_tokens: int | None = None
     peak_rss_bytes: int | None = None
@@ -67,16 +71,19 @@ class SweepPoint:
     impl: str
     kv_bytes: int | None
     peak_kv_bytes: int | None
-    pool_bytes: int | None
+    used_bytes: int | None
     seconds: float
 
 
 class Suite:
-    """Runs `Settings` with a `Runner`; `progress` is a tqdm bar (``update`` and ``set_postfix_str`` are used)."""
+    """Runs `Settings` with a `Runner`; `progress` is a tqdm bar (``update`` and ``set_postfix_str`` are used);
+    `chat` is `prompts.chat_wrap` of the tokenizer, for the scenarios with ``chat``."""
 
-    def __init__(self, runner: Runner, stream: list[int], settings: Settings, progress):
+    def __init__(self, runner: Runner, stream: list[int], settings: Settings, progress,
+                 chat: tuple[list[int], list[int]] | None = None):
         self.runner = runner
         self.stream = stream
+        self.chat = chat
         self.settings = settings
         self.progress = progress
         self._first_runs: dict[tuple, Run] = {}  # the first timed run of each workload, reused by the sweep
@@ -125,7 +132,7 @@ class Suite:
         reason = self.skipped(scenario)
         if reason is not None:
             return [Row(scenario.name, length, impl, status="skipped", reason=reason) for impl in s.impls]
-        calls = scenario.prompts(self.stream, length)
+        calls = scenario.prompts(self.stream, length, self.chat)
         impls = [i for i in s.impls if self.runner.unavailable(i, scenario) is None]
         runs: dict[str, list[Run]] = {impl: [] for impl in impls}
         failures: dict[str, str] = {}
@@ -165,10 +172,13 @@ class Suite:
         reference_median = statistics.median(r.seconds for r in reference)
         row.time_ratio = row.seconds_median / reference_median if reference_median > 0 else None
         last = mine[-1]
-        row.kv_bytes, row.pool_bytes, row.prefix_hit_tokens = last.kv_bytes, last.pool_bytes, last.prefix_hit_tokens
+        row.kv_bytes, row.used_bytes, row.prefix_hit_tokens = last.kv_bytes, last.used_bytes, last.prefix_hit_tokens
         row.prompt_tokens = sum(len(prompt) for call in calls for prompt in call)
-        peaks = [r.peak_kv_bytes for r in mine if r.peak_kv_bytes is not None]
-        row.peak_kv_bytes = max(peaks) if peaks else None
+        row.peak_kv_bytes = _largest(r.peak_kv_bytes for r in mine)
+        row.peak_used_bytes = _largest(r.peak_used_bytes for r in mine)
+        reference_peak = _largest(r.peak_kv_bytes for r in reference)
+        if row.peak_kv_bytes is not None and reference_peak:
+            row.kv_ratio = row.peak_kv_bytes / reference_peak
         rss = [r.peak_rss_bytes for r in mine if r.peak_rss_bytes is not None]
         row.peak_rss_bytes = max(rss) if rss else None
         if impl == REFERENCE:
@@ -198,9 +208,14 @@ class Suite:
                     else:
                         self.progress.update(1)
                     points.append(
-                        SweepPoint(kind, k, length, impl, run.kv_bytes, run.peak_kv_bytes, run.pool_bytes, run.seconds)
+                        SweepPoint(kind, k, length, impl, run.kv_bytes, run.peak_kv_bytes, run.used_bytes, run.seconds)
                     )
         return points
+
+
+def _largest(values) -> int | None:
+    present = [value for value in values if value is not None]
+    return max(present) if present else None
 
 
 def _one_line(error: BaseException) -> str:
