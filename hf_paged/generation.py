@@ -7,8 +7,8 @@ Transformers has no registry for new cache implementations, so ``import hf_paged
 * ``GenerationMixin._prefill`` (the first forward): run each distinct prompt row once and fork it k ways; map
   prefix-cache hits before it and index the prompt's full blocks after it;
 * ``GenerationMixin.generate``: calls on a model with prefix caching run one at a time;
-* ``PreTrainedModel._check_and_adjust_attn_implementation``: families outside the attention interface fail at
-  load with a clear error.
+* ``PreTrainedModel._check_and_adjust_attn_implementation``: families outside the attention interface, and those
+  `hf_paged.support` finds it cannot serve, fail at load with a clear error.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
-from . import prefix
+from . import prefix, support
 from .cache import PagedCache
 
 __all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "uses_hf_paged"]
@@ -201,6 +201,7 @@ def install_generate_hook() -> None:
     def checked(self, attn_implementation, *args, **kwargs):
         if attn_implementation == ATTN_IMPLEMENTATION:
             check_attention_interface(type(self))
+            support.check_model_class(type(self), self.config)
         return original_check(self, attn_implementation, *args, **kwargs)
 
     PreTrainedModel._check_and_adjust_attn_implementation = checked
