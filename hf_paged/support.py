@@ -4,6 +4,8 @@ A family hf_paged cannot serve must fail when it is loaded with ``attn_implement
 (``from_pretrained``, ``from_config``, ``set_attn_implementation``) with a `NotImplementedError` that says why, not
 halfway through ``generate``. The checks are generic, read from the config and the family's modeling code:
 
+* the family builds a cache of its own instead of the default `DynamicCache` (MiniMax, RWKV, xLSTM, ...), so
+  ``generate`` would never use a `PagedCache`;
 * `check_layer_kinds`: ``config.layer_types`` names a kind of layer whose cache hf_paged does not know, or the
   model has no attention layer at all (a pure state-space model: paged attention has nothing to page);
 * `check_cached_kv_use`: an attention module changes the keys or values the cache returned before (or instead of)
@@ -68,6 +70,10 @@ def check_cached_kv_use(model_name: str, module_classes) -> None:
 
 def check_model_class(model_class: type, config) -> None:
     """All load-time checks for `model_class` built from `config` (see the module docstring)."""
+    supports_cache = getattr(model_class, "_supports_default_dynamic_cache", None)
+    if supports_cache is not None and not supports_cache():
+        raise _refuse(model_class.__name__, "it keeps its cache in a class of its own instead of a Transformers "
+                                            "Cache that hf_paged can replace")
     check_layer_kinds(model_class.__name__, config)
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     try:
