@@ -47,7 +47,7 @@ def check_layer_kinds(model_name: str, config) -> None:
         layer_types = getattr(text_config, "layer_types", None)
     except Exception:  # a per-layer attribute some configs refuse to read globally
         return
-    if not isinstance(layer_types, list | tuple) or not layer_types:
+    if not isinstance(layer_types, list | tuple) or not layer_types or not all(isinstance(t, str) for t in layer_types):
         return
     kinds = set(layer_types)
     unknown = sorted(kinds - ATTENTION_KINDS - STATE_KINDS)
