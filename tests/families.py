@@ -147,6 +147,10 @@ OVERRIDES: dict[str, dict] = {
               "attention_head_dim": 32, "mamba_dt_rank": 8},
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},
     "xmod": {"default_language": "en_XX"},
+    # windows off by default, common in checkpoints: a window shorter than the prompt is what is worth testing
+    "phimoe": {"sliding_window": 8},
+    "mixtral": {"sliding_window": 8},
+    "starcoder2": {"sliding_window": 8},
     "musicgen_decoder": {"num_codebooks": 1},  # one row of input ids per sequence
     "musicgen_melody_decoder": {"num_codebooks": 1},
 }
