@@ -23,6 +23,7 @@ _GROWTH_FACTOR = 1.5
 _WINDOW_EXTRA_KEYS = 1024
 _WINDOW_MAX_QUERIES = 16
 _OWNER_ATTR = "_hf_paged_owner"
+_LAYER_ATTR = "_hf_paged_layer"
 
 
 @dataclass(frozen=True)
@@ -314,15 +315,20 @@ class KVPool:
         self.tensor = tensor
         self.plain = [(tensor[layer, 0], tensor[layer, 1]) for layer in range(self.num_layers)]
         self.guarded = []
-        for keys, values in self.plain:
+        for layer, (keys, values) in enumerate(self.plain):
             pair = (keys.as_subclass(PagedPool), values.as_subclass(PagedPool))
             for pool in pair:
                 setattr(pool, _OWNER_ATTR, weakref.ref(self))
+                setattr(pool, _LAYER_ATTR, layer)
             self.guarded.append(pair)
 
 
 class PagedLayer(CacheLayerMixin):
-    """One layer's entry in a `PagedCache`. `keys` / `values` are that layer's pools ``[N, bs, Hkv, D]``.
+    """One layer's entry in a `PagedCache`.
+
+    `keys` / `values` have their Transformers meaning: each row's keys (values) gathered out of the blocks,
+    ``[B, Hkv, seq, D]``, computed on every access (a copy: writing into it changes nothing in the cache). The
+    layer's block pools ``[N, bs, Hkv, D]`` themselves are `key_pool` / `value_pool`.
 
     All bookkeeping is per cache, not per layer: every method delegates to the owning `PagedCache`.
     """
@@ -341,14 +347,36 @@ class PagedLayer(CacheLayerMixin):
         return self._cache.pool.tensor is not None
 
     @property
-    def keys(self) -> torch.Tensor | None:
+    def key_pool(self) -> torch.Tensor | None:
+        """This layer's key pool ``[N, bs, Hkv, D]`` (None before the first write)."""
         plain = self._cache.pool.plain
         return plain[self.layer_idx][0] if plain else None
 
     @property
-    def values(self) -> torch.Tensor | None:
+    def value_pool(self) -> torch.Tensor | None:
+        """This layer's value pool ``[N, bs, Hkv, D]`` (None before the first write)."""
         plain = self._cache.pool.plain
         return plain[self.layer_idx][1] if plain else None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Each row's keys ``[B, Hkv, seq, D]``, gathered (None before the first write)."""
+        return self._gather(self.key_pool)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Each row's values ``[B, Hkv, seq, D]``, gathered (None before the first write)."""
+        return self._gather(self.value_pool)
+
+    def _gather(self, pool: torch.Tensor | None) -> torch.Tensor | None:
+        if pool is None:
+            return None
+        manager = self._cache.manager
+        kv_len = max(manager.lengths, default=0)
+        width = max((len(table) for table in manager.tables), default=0)
+        tables = torch.tensor([table + [0] * (width - len(table)) for table in manager.tables],
+                              dtype=torch.int32, device=pool.device).reshape(manager.num_rows, width)
+        return ops.gather_kv(pool, tables, kv_len)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._cache.pool.allocate(key_states)
@@ -683,6 +711,12 @@ def owner_of(tensor: torch.Tensor) -> PagedCache | None:
     pool_ref = getattr(tensor, _OWNER_ATTR, None)
     pool = pool_ref() if pool_ref is not None else None
     return pool.active() if pool is not None and pool.active is not None else None
+
+
+def layer_of(tensor: torch.Tensor, default: int) -> int:
+    """The cache layer whose pool `tensor` is (what `PagedCache.update` was called with), else `default`. Differs
+    from the module's ``layer_idx`` in models that run one module for several cache layers (HRM's cycles)."""
+    return getattr(tensor, _LAYER_ATTR, default)
 
 
 def _release_rows(manager: BlockManager) -> None:

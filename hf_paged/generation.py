@@ -10,8 +10,8 @@ Transformers has no registry for new cache implementations, so ``import hf_paged
   `PagedCache` (`PagedCache.end_rows`), so the padding ``generate`` feeds them takes no new blocks;
 * ``GenerationMixin.generate``: calls on a model with prefix caching run one at a time; a call that fails
   releases at once the rows of the caches it built (and of an empty cache it was given);
-* ``PreTrainedModel._check_and_adjust_attn_implementation``: families outside the attention interface fail at
-  load with a clear error.
+* ``PreTrainedModel._check_and_adjust_attn_implementation``: families outside the attention interface, and those
+  `hf_paged.support` finds it cannot serve, fail at load with a clear error.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerationMixin
 
-from . import prefix
+from . import prefix, support
 from .cache import PagedCache
 
 __all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "uses_hf_paged"]
@@ -280,6 +280,7 @@ def install_generate_hook() -> None:
     def checked(self, attn_implementation, *args, **kwargs):
         if attn_implementation == ATTN_IMPLEMENTATION:
             check_attention_interface(type(self))
+            support.check_model_class(type(self), self.config)
         return original_check(self, attn_implementation, *args, **kwargs)
 
     PreTrainedModel._check_and_adjust_attn_implementation = checked

@@ -1,0 +1,131 @@
+"""Load-time checks: which models hf_paged can serve, decided before any forward pass.
+
+A family hf_paged cannot serve must fail when it is loaded with ``attn_implementation="hf_paged"``
+(``from_pretrained``, ``from_config``, ``set_attn_implementation``) with a `NotImplementedError` that says why, not
+halfway through ``generate``. The checks are generic, read from the config and the family's modeling code:
+
+* the family builds a cache of its own instead of the default `DynamicCache` (MiniMax, RWKV, xLSTM, ...), so
+  ``generate`` would never use a `PagedCache`;
+* `check_layer_kinds`: ``config.layer_types`` names a kind of layer whose cache hf_paged does not know, or the
+  model has no attention layer at all (a pure state-space model: paged attention has nothing to page);
+* `check_cached_kv_use`: an attention module changes the keys or values the cache returned before (or instead of)
+  handing them to the attention function: those are then a `PagedCache`'s block pools, not ``[B, Hkv, kv, D]``.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+import textwrap
+from functools import cache
+
+import torch
+
+__all__ = ["ATTENTION_KINDS", "STATE_KINDS", "check_cached_kv_use", "check_layer_kinds", "check_model_class"]
+
+# Kinds of layer (values of ``config.layer_types``) whose cache is keys and values that the attention reads.
+ATTENTION_KINDS = frozenset({
+    "full_attention", "sliding_attention", "chunked_attention", "indexed_attention", "attention", "hybrid",
+    "hybrid_sliding",
+})
+# Kinds whose cache, if any, is a per-row state (convolution, recurrence) or nothing (MLP-only layers).
+STATE_KINDS = frozenset({"linear_attention", "mamba", "conv", "recurrent", "mlp", "moe"})
+
+
+def _refuse(model_name: str, reason: str) -> NotImplementedError:
+    return NotImplementedError(
+        f'hf_paged: {model_name} does not support attn_implementation="hf_paged": {reason}. Load it with '
+        'attn_implementation="sdpa" (or "eager") instead.'
+    )
+
+
+def check_layer_kinds(model_name: str, config) -> None:
+    """Raise `NotImplementedError` if ``config.layer_types`` has a kind hf_paged does not know, or no attention."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:
+        layer_types = getattr(text_config, "layer_types", None)
+    except Exception:  # a per-layer attribute some configs refuse to read globally
+        return
+    if not isinstance(layer_types, list | tuple) or not layer_types or not all(isinstance(t, str) for t in layer_types):
+        return
+    kinds = set(layer_types)
+    unknown = sorted(kinds - ATTENTION_KINDS - STATE_KINDS)
+    if unknown:
+        raise _refuse(model_name, f"its layers of kind {', '.join(map(repr, unknown))} keep a cache hf_paged does not "
+                                  "know how to page")
+    if not kinds & ATTENTION_KINDS:
+        raise _refuse(model_name, f"it has no attention layer (its layers are {', '.join(sorted(kinds))}), so there "
+                                  "are no keys and values to page")
+
+
+def check_cached_kv_use(model_name: str, module_classes) -> None:
+    """Raise `NotImplementedError` if one of `module_classes` transforms the cache's keys or values itself."""
+    for module_class in module_classes:
+        use = _cached_kv_use(module_class)
+        if use is not None:
+            raise _refuse(model_name, f"{module_class.__name__}.forward uses the keys/values the cache returns "
+                                      f"outside the attention function ({use}), and a PagedCache returns block pools")
+
+
+def check_model_class(model_class: type, config) -> None:
+    """All load-time checks for `model_class` built from `config` (see the module docstring)."""
+    supports_cache = getattr(model_class, "_supports_default_dynamic_cache", None)
+    if supports_cache is not None and not supports_cache():
+        raise _refuse(model_class.__name__, "it keeps its cache in a class of its own instead of a Transformers "
+                                            "Cache that hf_paged can replace")
+    check_layer_kinds(model_class.__name__, config)
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:
+        mla = getattr(text_config, "kv_lora_rank", None)
+    except Exception:  # per-layer (some layers MLA)
+        mla = True
+    if mla:
+        return  # MLA: the module expands cached latents into keys and values; the MLA support decides about those
+    module = sys.modules.get(model_class.__module__)
+    classes = [value for value in vars(module).values()
+               if isinstance(value, type) and issubclass(value, torch.nn.Module)
+               and value.__module__ == model_class.__module__] if module is not None else []
+    check_cached_kv_use(model_class.__name__, classes)
+
+
+@cache
+def _cached_kv_use(module_class: type) -> str | None:
+    """The first expression of ``module_class.forward`` that uses the keys or values a cache ``update`` returned
+    other than as an argument of the attention function (a call whose name mentions attention), or None."""
+    forward = module_class.__dict__.get("forward")
+    if forward is None:
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Attribute) and node.value.func.attr == "update"
+                and len(node.value.args) >= 3 and isinstance(node.targets[0], ast.Tuple)):
+            continue
+        names = {target.id for target in node.targets[0].elts if isinstance(target, ast.Name)}
+        for use in ast.walk(tree):
+            if (isinstance(use, ast.Name) and use.id in names and isinstance(use.ctx, ast.Load)
+                    and use.lineno > node.end_lineno and not _is_attention_argument(use, parents)):
+                return ast.unparse(parents.get(use, use))
+    return None
+
+
+def _is_attention_argument(name: ast.Name, parents: dict) -> bool:
+    """Whether this use of the cached keys/values is harmless: an argument of the attention function, metadata
+    (``.shape``, ``.dtype``, ``.device``), or packed into a tuple (layers that share their keys with later ones)."""
+    parent = parents.get(name)
+    if isinstance(parent, ast.Attribute) and parent.attr in ("shape", "dtype", "device"):
+        return True
+    if isinstance(parent, ast.Tuple | ast.List | ast.Compare):
+        return True
+    if isinstance(parent, ast.keyword):
+        parent = parents.get(parent)
+    if not isinstance(parent, ast.Call):
+        return False
+    func = parent.func
+    called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+    return "attention" in called or "attn" in called
