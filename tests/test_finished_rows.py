@@ -1,8 +1,8 @@
 """Rows that have ended (EOS) stop growing: the padding generate feeds them takes no new block.
 
 A SmolLM-like tiny Llama (tied embeddings), a left-padded batch, and an EOS id chosen from what the model really
-generates so that rows end at different steps. Tokens, and the scores of every step up to each row's end, must equal
-sdpa's; the cache must hold fewer blocks than when every row stores its padding.
+generates so that rows end at different steps. Tokens must equal sdpa's and the cache must hold fewer blocks than
+when every row stores its padding; a call that returns scores stores every row, and its scores equal sdpa's.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_paged  # noqa: F401  (registers "hf_paged")
 from hf_paged import PagedCache
-from hf_paged.generation import _EndedRowsCriteria
 
 NEW_TOKENS = 40
 LENGTHS = [21, 9, 17, 4, 13, 30]
@@ -49,7 +48,7 @@ def setup():
 
 def _run(model, batch, eos, **kwargs):
     return model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=0,
-                          return_dict_in_generate=True, output_scores=True, **kwargs)
+                          return_dict_in_generate=True, **kwargs)
 
 
 def _end_steps(sequences: torch.Tensor, prompt_len: int, eos: int) -> list[int]:
@@ -59,27 +58,28 @@ def _end_steps(sequences: torch.Tensor, prompt_len: int, eos: int) -> list[int]:
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_ended_rows_take_no_new_blocks_and_tokens_match(setup, block_size, monkeypatch):
+def test_ended_rows_take_no_new_blocks_and_tokens_match(setup, block_size):
     reference, paged, batch, eos = setup
-    expected = _run(reference, batch, eos)
+    expected = _run(reference, batch, eos, output_scores=True)
     ends = _end_steps(expected.sequences, batch["input_ids"].shape[1], eos)
     assert len(set(ends)) > 2 and min(ends) < NEW_TOKENS // 2  # rows really end at different steps
 
     out = _run(paged, batch, eos, past_key_values=PagedCache(paged.config, block_size=block_size))
     assert torch.equal(out.sequences, expected.sequences)
-    assert len(out.scores) == len(expected.scores)
-    for step, (mine, theirs) in enumerate(zip(out.scores, expected.scores, strict=True)):
-        live = [row for row, end in enumerate(ends) if step <= end]  # after its end a row's scores are padding's
-        torch.testing.assert_close(mine[live], theirs[live], rtol=1e-4, atol=1e-4)
     stats = out.past_key_values.stats()
     out.past_key_values.manager.check()
+    assert out.past_key_values.manager.scratch is not None
 
-    # The same call with every row storing its padding, as before (the ended rows are never reported).
-    monkeypatch.setattr(_EndedRowsCriteria, "__call__", lambda self, ids, scores, **kw: super(
-        _EndedRowsCriteria, self).__call__(ids, scores, **kw))
-    old = _run(paged, batch, eos, past_key_values=PagedCache(paged.config, block_size=block_size))
-    assert torch.equal(old.sequences, expected.sequences)
-    old_stats = old.past_key_values.stats()
+    # A call that returns scores stores every row, so that the scores of ended rows (computed from their padding)
+    # stay exactly sdpa's; this is also the block count of storing the padding.
+    scored = _run(paged, batch, eos, output_scores=True,
+                  past_key_values=PagedCache(paged.config, block_size=block_size))
+    assert torch.equal(scored.sequences, expected.sequences)
+    assert len(scored.scores) == len(expected.scores)
+    for mine, theirs in zip(scored.scores, expected.scores, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    assert scored.past_key_values.manager.scratch is None
+    old_stats = scored.past_key_values.stats()
     assert stats.logical_tokens == old_stats.logical_tokens  # the same rows, as long as a DynamicCache's
     assert stats.peak_used_blocks < old_stats.peak_used_blocks
     assert stats.used_blocks < old_stats.used_blocks
