@@ -115,6 +115,15 @@ def paged_attention_forward(
         sliding_window = None  # the window covers every key: no mask needed
     if chunk_size is not None and chunk_size >= step.max_seq_len:
         chunk_size = None  # every key is in the first chunk
+    if sliding_window is None and chunk_size is None and (attention_mask is None or attention_mask.dim() == 2):
+        # Keys Transformers' own DynamicCache would already have dropped for this layer (Moshi's cache window)
+        window = masks.cache_window(getattr(module, "config", None), module.layer_idx)
+        if window is not None and step.max_seq_len - step.q_len > window - 1:
+            memo_key = ("cache_window", id(attention_mask), window)  # memoised per step: the masks below key by id
+            if memo_key not in step._masks:
+                step._masks[memo_key] = masks.drop_keys_before(
+                    attention_mask, step.seq_lens - step.q_len - (window - 1), step.max_seq_len)
+            attention_mask = step._masks[memo_key]
     if attention_mask is not None and attention_mask.dim() == 4:
         return _gathered_attention(step, query, key, value, attention_mask, scale, None, softcap, None, sinks), None
     if step.triton:

@@ -195,11 +195,15 @@ class _EndedRowsCriteria(StoppingCriteriaList):
 def _sample(original, self, *args, **kwargs):
     """Greedy and sampling: once a row has ended, ``_sample`` feeds it padding and returns nothing computed from
     it, so the cache need not store it. That holds only when an EOS criterion is among the stopping criteria
-    (Transformers' own test for feeding padding); otherwise ended rows keep producing returned tokens and
-    everything is stored as usual."""
+    (Transformers' own test for feeding padding) and the call returns no scores or logits (those of an ended row
+    are computed from its padding); otherwise everything is stored as usual."""
     cache = next((value for value in kwargs.values() if isinstance(value, PagedCache)), None)
     criteria = kwargs.get("stopping_criteria", args[2] if len(args) > 2 else None)
-    if (cache is None or not isinstance(criteria, StoppingCriteriaList)
+    config = kwargs.get("generation_config", args[3] if len(args) > 3 else None)
+    # Scores and logits are returned for ended rows too (computed from their padding): keep them exact by storing.
+    returns_scores = bool(getattr(config, "return_dict_in_generate", False)) and bool(
+        getattr(config, "output_scores", False) or getattr(config, "output_logits", False))
+    if (cache is None or returns_scores or not isinstance(criteria, StoppingCriteriaList)
             or not any(hasattr(item, "eos_token_id") for item in criteria)):
         return original(self, *args, **kwargs)
     recording = _EndedRowsCriteria(criteria, cache)

@@ -14,12 +14,13 @@ The mask function returns a 2-D boolean padding mask ``[B, kv]`` that carries th
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
 from transformers import masking_utils
 
-__all__ = ["MaskPattern", "attach", "describe", "detach"]
+__all__ = ["MaskPattern", "attach", "cache_window", "describe", "detach", "drop_keys_before"]
 
 _PATTERN_ATTR = "_hf_paged_pattern"
 _PADDED_ATTR = "_hf_paged_padded"
@@ -99,3 +100,50 @@ def detach(attention_mask: torch.Tensor | None) -> tuple[MaskPattern | None, tor
     if pattern is None:
         return None, attention_mask
     return pattern, attention_mask if getattr(attention_mask, _PADDED_ATTR, True) else None
+
+
+_CACHE_WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cache_window(config, layer_idx: int) -> int | None:
+    """The window Transformers' own `DynamicCache` keeps for layer `layer_idx` of a model with `config`, or None.
+
+    A `DynamicCache` built from a config with a ``sliding_window`` (or ``layer_types`` of sliding / chunked
+    layers) keeps only the last ``window - 1`` keys of those layers between steps. For models whose mask has the
+    same window or chunk, that changes nothing; but a model whose config has a ``sliding_window`` its attention
+    never applies (Moshi) attends, in Transformers' cached decoding, only to what the cache kept. hf_paged mirrors
+    that: it asks Transformers' `DynamicCache` which of its layers slide, so the answer follows the installed
+    release.
+    """
+    try:
+        windows = _CACHE_WINDOWS.get(config)
+    except TypeError:  # not weak-referenceable
+        windows = None
+    if windows is None:
+        windows = _dynamic_cache_windows(config)
+        try:
+            _CACHE_WINDOWS[config] = windows
+        except TypeError:
+            pass
+    return windows[layer_idx] if 0 <= layer_idx < len(windows) else None
+
+
+def _dynamic_cache_windows(config) -> tuple[int | None, ...]:
+    from transformers.cache_utils import DynamicCache
+
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # a config DynamicCache cannot read: assume no layer slides (the model's own mask decides)
+        return ()
+    return tuple(getattr(layer, "sliding_window", None) if "Sliding" in type(layer).__name__ else None
+                 for layer in layers)
+
+
+def drop_keys_before(attention_mask: torch.Tensor | None, first_kept: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """`attention_mask` (2-D ``[B, >= kv_len]`` or None) with every key before ``first_kept[b]`` masked out in row
+    ``b``: the keys a window-keeping `DynamicCache` has already dropped (see `cache_window`)."""
+    keys = torch.arange(kv_len, device=first_kept.device)
+    kept = keys[None, :] >= first_kept.to(torch.long)[:, None]
+    if attention_mask is None:
+        return kept
+    return attention_mask[:, :kv_len].to(torch.bool) & kept

@@ -60,9 +60,6 @@ BEING_FIXED_IN_PARALLEL: dict[str, str] = {
     **dict.fromkeys(["qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "kimi_linear",
                      "falcon_h1", "nemotron_h", "olmo_hybrid", "bailing_hybrid", "lfm3", "zaya", "inkling_text",
                      "inkling2_text", "bamba", "jamba", "granitemoehybrid", "lfm2_moe", "zamba2"], _HYBRID),
-    # config.sliding_window makes Transformers' DynamicCache keep only a window for every layer while the model's
-    # mask has none: eager's cached decoding attends to a window (sliding windows by layer type)
-    "moshi": _MASKS,
 }
 
 # Families whose eager reference cannot be built or run on a tiny config, because of Transformers itself or of
