@@ -168,8 +168,8 @@ def attend(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     if dropout:
         probs = F.dropout(probs, p=dropout)
-    out = torch.matmul(probs, value.float()[:, :, None]).to(query.dtype)  # [B, Hkv, g, q, D]
-    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
+    out = torch.matmul(probs, value.float()[:, :, None]).to(query.dtype)  # [B, Hkv, g, q, Dv]
+    return out.reshape(batch, heads, q_len, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 def paged_attention(
@@ -225,7 +225,7 @@ def attention_with_lse(
     Returns:
         ``(out [B, Hq, M, D], lse [B, Hq, M])`` in fp32; a query with no key gets ``out = 0`` and ``lse = -inf``.
     """
-    if softcap is None and query.device.type == "cpu" and _FLASH_CPU is not None:
+    if softcap is None and query.device.type == "cpu" and _FLASH_CPU is not None and value.shape[-1] == query.shape[-1]:
         additive = None
         if mask is not None:
             additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, -torch.inf)
@@ -320,13 +320,14 @@ def shared_prefix_attention(
     out_prefix, lse_prefix = attention_with_lse(
         grouped, prefix_keys, prefix_values, prefix_mask, scale=scale, softcap=softcap
     )
-    out_prefix = out_prefix.view(groups, kv_heads, per_group, gq, dim).transpose(1, 2).reshape(
-        batch, kv_heads, gq, dim
+    value_dim = value_cache.shape[-1]  # may differ from the keys' (multi-head latent attention)
+    out_prefix = out_prefix.view(groups, kv_heads, per_group, gq, value_dim).transpose(1, 2).reshape(
+        batch, kv_heads, gq, value_dim
     )
     lse_prefix = lse_prefix.view(groups, kv_heads, per_group, gq).transpose(1, 2).reshape(batch, kv_heads, gq)
 
     out = merge_attention(out_prefix, lse_prefix, out_tail, lse_tail)
-    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).to(query.dtype).contiguous()
+    return out.reshape(batch, heads, q_len, value_dim).transpose(1, 2).to(query.dtype).contiguous()
 
 
 def window_mask(
@@ -416,6 +417,8 @@ def window_attention(
     packed = query.reshape(batch, kv_heads, groups * q_len, dim).transpose(0, 1).reshape(1, kv_heads, -1, dim)
     span = slice(first_block, first_block + num_blocks)
     keys = key_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
-    values = value_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
-    out = attend(packed, keys, values, mask, scale=scale, softcap=softcap)  # [1, B * g * q, Hkv, D]
-    return out.view(batch, groups, q_len, kv_heads, dim).permute(0, 2, 3, 1, 4).reshape(batch, q_len, heads, dim)
+    value_dim = value_cache.shape[-1]  # may differ from the keys' (multi-head latent attention)
+    values = value_cache[span].view(1, -1, kv_heads, value_dim).transpose(1, 2)
+    out = attend(packed, keys, values, mask, scale=scale, softcap=softcap)  # [1, B * g * q, Hkv, Dv]
+    return out.view(batch, groups, q_len, kv_heads, value_dim).permute(0, 2, 3, 1, 4).reshape(
+        batch, q_len, heads, value_dim)
