@@ -202,3 +202,72 @@ def test_every_attention_path_with_narrower_values(path, monkeypatch):
     _assert_same(got, expected, f"mimo_v2_flash/{path}")
     assert (calls["window_attention"] > 0) == (path == "window")
     assert (calls["shared_prefix_attention"] > 0) == (path == "split")
+
+
+_TRITON_SCRIPT = r'''
+import json
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, sys.argv[1])
+from test_mla_hybrid import _config, _generate, left_padded_batch  # noqa: E402
+
+from hf_paged import PagedCache, backend  # noqa: E402
+
+kernels = backend.kernels()
+calls = {}
+for name in ("reshape_and_cache", "paged_attention", "copy_blocks"):
+    original = getattr(kernels, name)
+
+    def counted(*args, _name=name, _original=original, **kwargs):
+        calls[_name] = calls.get(_name, 0) + 1
+        return _original(*args, **kwargs)
+
+    setattr(kernels, name, counted)
+results = {}
+for family in sys.argv[2:]:
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(_config(family), attn_implementation="eager").eval()
+    paged = AutoModelForCausalLM.from_config(_config(family), attn_implementation="hf_paged").eval()
+    paged.load_state_dict(reference.state_dict())
+    inputs = left_padded_batch([9, 4], seed=1)
+    for mode in ("greedy", "beams"):
+        calls.clear()
+        expected = _generate(reference, inputs, mode)
+        got = _generate(paged, inputs, mode, past_key_values=PagedCache(paged.config, block_size=4))
+        diff = (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max().item()
+        results[f"{family}/{mode}"] = {"same": bool(torch.equal(got.sequences, expected.sequences)), "diff": diff,
+                                       "calls": dict(calls)}
+print(json.dumps(results))
+'''
+
+
+def test_triton_kernels_under_the_interpreter(tmp_path):
+    """``generate`` through the Triton kernels (``HF_PAGED_BACKEND=triton``, interpreter on CPU): values narrower
+    than keys read by the paged-attention kernel (MiMo-V2-Flash), latents of two widths written by
+    reshape_and_cache and copied by copy_blocks (DeepSeek-V3), a hybrid (Qwen3-Next)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    families = [name for name in ("mimo_v2_flash", "deepseek_v3", "qwen3_next") if name in FAMILIES]
+    script = tmp_path / "run.py"
+    script.write_text(_TRITON_SCRIPT)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_PAGED_BACKEND": "triton", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(script), str(Path(__file__).parent), *families], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for label, result in results.items():
+        assert result["same"] and result["diff"] < 2e-4, (label, result)
+        assert result["calls"].get("reshape_and_cache", 0) > 0, (label, result)
+        if label.endswith("/beams"):
+            assert result["calls"].get("copy_blocks", 0) > 0, (label, result)  # copy-on-write of shared blocks
+    for mode in ("greedy", "beams"):
+        if "mimo_v2_flash" in families:
+            assert results[f"mimo_v2_flash/{mode}"]["calls"].get("paged_attention", 0) > 0
