@@ -446,6 +446,38 @@ def layer_plan(config) -> tuple[list[str], list[dict]]:
     return kinds, [dict(kwargs) for kwargs in layer_kwargs]
 
 
+# Layer types whose attention reads more than the keys and values a PagedCache pages: hf_paged refuses them at load.
+_UNSUPPORTED_LAYER_TYPES = {
+    "indexed_attention": "its dynamic sparse attention (DeepSeek-V3.2 style) selects keys with an indexer over a 4-D "
+                         "mask and passes the top-k indices to the attention, which hf_paged does not apply",
+}
+
+
+# Families whose attention hf_paged does not reproduce yet.
+_UNSUPPORTED_MODEL_TYPES = {
+    "inkling_text": "its attention adds relative-position logits (`position_bias`) that hf_paged does not apply, and "
+                    "its beam search through a PagedCache does not yet give Transformers' results",
+}
+_UNSUPPORTED_MODEL_TYPES["inkling2_text"] = _UNSUPPORTED_MODEL_TYPES["inkling_text"]
+
+
+def check_layer_types(config) -> None:
+    """Raise `NotImplementedError` naming hf_paged for a model whose cache layers hf_paged cannot serve."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    model_type = getattr(text_config, "model_type", None)
+    if model_type in _UNSUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"hf_paged: {type(text_config).__name__} is not supported: {_UNSUPPORTED_MODEL_TYPES[model_type]}. "
+            'Load this model with attn_implementation="sdpa" (or "eager") instead.'
+        )
+    for layer_type in dict.fromkeys(getattr(text_config, "layer_types", None) or []):
+        if layer_type in _UNSUPPORTED_LAYER_TYPES:
+            raise NotImplementedError(
+                f"hf_paged: {type(config).__name__} has {layer_type!r} layers: {_UNSUPPORTED_LAYER_TYPES[layer_type]}. "
+                'Load this model with attn_implementation="sdpa" (or "eager") instead.'
+            )
+
+
 class PagedCache(Cache):
     """A KV cache held in fixed-size blocks that sequences share by reference.
 
@@ -493,6 +525,7 @@ class PagedCache(Cache):
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError("hf_paged: PagedCache needs a model config with `num_hidden_layers`.")
+        check_layer_types(config)
         kinds, layer_kwargs = layer_plan(config)
         # Multi-head latent attention (DeepSeek-V2/V3, Kimi, ...) caches the compressed latents and expands them into
         # keys and values after the cache: those layers get their rows' latents back, gathered out of the blocks.

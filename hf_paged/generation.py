@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
 from . import prefix
-from .cache import PagedCache
+from .cache import PagedCache, check_layer_types
 
 __all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "uses_hf_paged"]
 
@@ -201,6 +201,7 @@ def install_generate_hook() -> None:
     def checked(self, attn_implementation, *args, **kwargs):
         if attn_implementation == ATTN_IMPLEMENTATION:
             check_attention_interface(type(self))
+            check_layer_types(self.config)
         return original_check(self, attn_implementation, *args, **kwargs)
 
     PreTrainedModel._check_and_adjust_attn_implementation = checked

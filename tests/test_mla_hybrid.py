@@ -47,6 +47,21 @@ CONFIGS = {
     "nemotron_h": dict(layers_block_type=["linear_attention", "full_attention", "mlp"], head_dim=8,
                        ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=8, n_groups=1, conv_kernel=4,
                        chunk_size=8, num_hidden_layers=3),
+    "qwen3_5_moe_text": dict(**_GATED_DELTA, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                             num_experts=4, num_experts_per_tok=2),
+    "olmo_hybrid": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+                        linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
+                        linear_value_head_dim=16, linear_conv_kernel_dim=4),
+    "lfm3": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], head_dim=8, conv_L_cache=3),
+    "zaya": dict(num_hidden_layers=2, layer_types=["hybrid", "hybrid"], head_dim=8, moe_intermediate_size=16,
+                 num_experts=2, num_experts_per_tok=1, router_hidden_size=16),
+    "bailing_hybrid": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+                           mlp_layer_types=["dense", "dense"], first_k_dense_replace=2, linear_head_dim=8,
+                           linear_num_heads=2, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_token=2,
+                           num_shared_experts=1, num_expert_group=1, topk_group=1, moe_intermediate_size=16,
+                           kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+                           num_key_value_heads=4, q_lora_rank=None, head_dim=8, num_nextn_predict_layers=0),
+    "axk1": dict(num_hidden_layers=2, mlp_layer_types=["dense", "sparse"], **_MOE, **{**_MLA, "q_lora_rank": 16}),
     "falcon_h1": dict(num_hidden_layers=2, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
                       mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=8),
 }
@@ -271,3 +286,21 @@ def test_triton_kernels_under_the_interpreter(tmp_path):
     for mode in ("greedy", "beams"):
         if "mimo_v2_flash" in families:
             assert results[f"mimo_v2_flash/{mode}"]["calls"].get("paged_attention", 0) > 0
+
+
+@pytest.mark.parametrize("family", [name for name in ("deepseek_v32", "axk2") if name in CONFIG_MAPPING_NAMES])
+def test_dynamic_sparse_attention_is_refused_at_load(family):
+    """DeepSeek-V3.2-style indexer layers (top-k keys per query) are refused when the model is loaded."""
+    config = AutoConfig.for_model(family, **{**_BASE, "num_hidden_layers": 1, **_MLA, "q_lora_rank": 16})
+    with pytest.raises(NotImplementedError, match=r"hf_paged: .*'indexed_attention' layers"):
+        AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged")
+    with pytest.raises(NotImplementedError, match="hf_paged"):
+        PagedCache(config)
+
+
+@pytest.mark.parametrize("family", [name for name in ("inkling_text", "inkling2_text") if name in CONFIG_MAPPING_NAMES])
+def test_inkling_is_refused_at_load(family):
+    """Inkling's attention takes a `position_bias` hf_paged does not apply: refused at load, not silently wrong."""
+    config = AutoConfig.for_model(family, **{**_BASE, "num_hidden_layers": 1, "layer_types": ["hybrid"]})
+    with pytest.raises(NotImplementedError, match="hf_paged: .*position_bias"):
+        AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged")
