@@ -129,7 +129,8 @@ def paged_attention_forward(
     if step.triton:
         key_start = _key_start(step, attention_mask)
         if key_start is not None or attention_mask is None:
-            if step.shared is not None and sinks is None and chunk_size is None:  # shared blocks read once
+            same_width = value.shape[-1] == key.shape[-1]  # the shared-prefix kernel reads values of the keys' width
+            if step.shared is not None and sinks is None and chunk_size is None and same_width:  # shared blocks once
                 out = backend.shared_prefix_paged_attention(
                     query, key, value, step.shared.prefix_blocks, step.shared.tail_tables, step.seq_lens, key_start,
                     scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,

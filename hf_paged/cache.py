@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
+    get_layer_types_and_kwargs,
+)
 
 from . import backend, ops
 from .block_manager import BlockManager, BlockPool, OutOfBlocksError
@@ -199,21 +207,27 @@ class PagedPool(torch.Tensor):
 
 
 def pool_tensor(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+                device: torch.device, dtype: torch.dtype, kinds: int = 2) -> torch.Tensor:
     """An uninitialised pool ``[L, 2, N, bs, Hkv, D]`` stored head-major: ``[L, 2, Hkv, N * bs, D]`` in memory.
+
+    ``kinds=1`` makes a ``[L, 1, N, bs, Hkv, D]`` pool of keys or of values alone: what a model whose keys and values
+    differ in width (multi-head latent attention) gets, one for each (see `KVPool`).
 
     Every operation sees the logical shape, through strides. Storing each (layer, key/value, head) as one run of
     all the pool's slots makes any range of consecutive blocks one contiguous ``[tokens, D]`` matrix per head,
     which is how the attention kernels read keys best (twice as fast on CPU as token-major rows, in which a
     head's keys are strided by ``Hkv * D``); a block stays ``Hkv`` runs of ``bs * D`` elements for copies.
     """
-    storage = torch.empty((num_layers, 2, kv_heads, num_blocks, block_size, head_dim), device=device, dtype=dtype)
+    storage = torch.empty((num_layers, kinds, kv_heads, num_blocks, block_size, head_dim), device=device, dtype=dtype)
     return storage.permute(0, 1, 3, 4, 2, 5)
 
 
 class KVPool:
     """Keys and values of all layers in blocks: one tensor ``[L, 2, N, bs, Hkv, D]`` (see `pool_tensor` for its
-    memory layout) and its `BlockPool`.
+    memory layout) and its `BlockPool`. When keys and values differ in width or head count (multi-head latent
+    attention: DeepSeek-V2/V3, Kimi, MiMo-V2), they are stored as such, without padding, in two tensors
+    ``[L, 1, N, bs, Hk, Dk]`` and ``[L, 1, N, bs, Hv, Dv]``; `tensors` lists the pool's tensors (one or two, each
+    indexed by block along dim 2) and `tensor` is the first.
 
     Created empty; the tensor is allocated at the first write, when the KV head count, head size, dtype and device
     are known. A pool belongs to one `PagedCache`, or is shared by the caches of one model when prefix caching is
@@ -240,6 +254,7 @@ class KVPool:
         self.blocks = BlockPool(0, block_size)
         self.peak_blocks = 0  # the most blocks the tensor has had
         self.tensor: torch.Tensor | None = None
+        self.tensors: list[torch.Tensor] = []
         self.plain: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.guarded: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.active: weakref.ref | None = None
@@ -247,19 +262,25 @@ class KVPool:
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across keys and values of all layers (0 before the tensor exists)."""
-        if self.tensor is None:
-            return 0
-        return self.tensor[:, :, 0].numel() * self.tensor.element_size()
+        return sum(tensor[:, :, 0].numel() * tensor.element_size() for tensor in self.tensors)
 
-    def allocate(self, key_states: torch.Tensor) -> None:
-        """Create the tensor for keys like ``key_states`` (``[B, Hkv, q, D]``), sized by the pool's rule."""
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        """Create the tensors for keys like ``key_states`` (``[B, Hk, q, Dk]``) and values like ``value_states``
+        (``[B, Hv, q, Dv]``, default: as the keys), sized by the pool's rule."""
         device = self.device or key_states.device
         dtype = self.dtype or key_states.dtype
-        num_kv_heads, head_dim = key_states.shape[1], key_states.shape[3]
-        tensor = pool_tensor(self.num_layers, 0, self.block_size, num_kv_heads, head_dim, device, dtype)
+        value_states = key_states if value_states is None else value_states
+        key_shape = (key_states.shape[1], key_states.shape[3])
+        value_shape = (value_states.shape[1], value_states.shape[3])
+        if key_shape == value_shape:
+            tensors = [pool_tensor(self.num_layers, 0, self.block_size, *key_shape, device, dtype)]
+        else:
+            tensors = [pool_tensor(self.num_layers, 0, self.block_size, *shape, device, dtype, kinds=1)
+                       for shape in (key_shape, value_shape)]
         blocks = self.requested_blocks or 0
         if self.max_memory is not None:
-            per_block = self.num_layers * 2 * self.block_size * num_kv_heads * head_dim * tensor.element_size()
+            per_block = (self.num_layers * self.block_size * (key_shape[0] * key_shape[1] + value_shape[0] * value_shape[1])
+                         * tensors[0].element_size())
             blocks = self.max_memory // per_block
             if blocks <= 0:
                 raise ValueError(
@@ -267,7 +288,7 @@ class KVPool:
                     f"tokens takes {per_block} bytes for this model. Raise max_memory or lower block_size."
                 )
         self.device, self.dtype = device, dtype
-        self._bind(tensor)
+        self._bind(tensors)
         if blocks:
             self.resize(blocks)
         elif self.growable and self.forecast_blocks:
@@ -276,8 +297,16 @@ class KVPool:
             except torch.OutOfMemoryError:
                 pass  # only a forecast: the pool grows on demand instead, and says so if it cannot
 
-    def matches(self, key_states: torch.Tensor) -> bool:
-        return key_states.shape[1] == self.tensor.shape[4] and key_states.shape[3] == self.tensor.shape[5]
+    def matches(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        keys, values = self.tensors[0], self.tensors[-1]
+        return (key_states.shape[1], key_states.shape[3]) == (keys.shape[4], keys.shape[5]) and (
+            value_states.shape[1], value_states.shape[3]) == (values.shape[4], values.shape[5])
+
+    def describe(self) -> str:
+        """The stored key and value shapes, for error messages."""
+        keys, values = self.tensors[0], self.tensors[-1]
+        return f"keys of {keys.shape[4]} heads of dim {keys.shape[5]}, values of {values.shape[4]} heads of dim " \
+            f"{values.shape[5]}"
 
     def resize(self, num_blocks: int) -> None:
         """Grow the tensor to `num_blocks` blocks, keeping the contents of the existing ones.
@@ -285,11 +314,13 @@ class KVPool:
         New blocks are zeroed: `ops.window_attention` scores every slot of its block range, unused ones included,
         and masks them, and a masked score is only harmless if the slot's key and value are finite.
         """
-        old = self.tensor
-        new = pool_tensor(self.num_layers, num_blocks, *old.shape[3:], old.device, old.dtype)
-        new[:, :, : old.shape[2]] = old
-        new[:, :, old.shape[2]:].zero_()
-        self._bind(new)
+        tensors = []
+        for old in self.tensors:
+            new = pool_tensor(self.num_layers, num_blocks, *old.shape[3:], old.device, old.dtype, kinds=old.shape[1])
+            new[:, :, : old.shape[2]] = old
+            new[:, :, old.shape[2]:].zero_()
+            tensors.append(new)
+        self._bind(tensors)
         self.blocks.grow(num_blocks - self.blocks.num_blocks)
         self.peak_blocks = max(self.peak_blocks, num_blocks)
 
@@ -311,9 +342,10 @@ class KVPool:
                 "or fix the pool size with num_blocks / max_memory.",
             ) from error
 
-    def _bind(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.plain = [(tensor[layer, 0], tensor[layer, 1]) for layer in range(self.num_layers)]
+    def _bind(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors, self.tensor = tensors, tensors[0]
+        keys, values = tensors[0], tensors[-1]
+        self.plain = [(keys[layer, 0], values[layer, -1]) for layer in range(self.num_layers)]
         self.guarded = []
         for layer, (keys, values) in enumerate(self.plain):
             pair = (keys.as_subclass(PagedPool), values.as_subclass(PagedPool))
@@ -338,9 +370,10 @@ class PagedLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, cache: PagedCache, layer_idx: int):  # no super().__init__: keys/values are properties
+    def __init__(self, cache: PagedCache, layer_idx: int, slot: int | None = None):  # no super().__init__: keys/values are properties
         self._cache = weakref.proxy(cache)
         self.layer_idx = layer_idx
+        self.slot = layer_idx if slot is None else slot  # this layer's index in the pool (attention layers only)
 
     @property
     def is_initialized(self) -> bool:
@@ -350,13 +383,13 @@ class PagedLayer(CacheLayerMixin):
     def key_pool(self) -> torch.Tensor | None:
         """This layer's key pool ``[N, bs, Hkv, D]`` (None before the first write)."""
         plain = self._cache.pool.plain
-        return plain[self.layer_idx][0] if plain else None
+        return plain[self.slot][0] if plain else None
 
     @property
     def value_pool(self) -> torch.Tensor | None:
         """This layer's value pool ``[N, bs, Hkv, D]`` (None before the first write)."""
         plain = self._cache.pool.plain
-        return plain[self.layer_idx][1] if plain else None
+        return plain[self.slot][1] if plain else None
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -379,7 +412,7 @@ class PagedLayer(CacheLayerMixin):
         return ops.gather_kv(pool, tables, kv_len)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self._cache.pool.allocate(key_states)
+        self._cache.pool.allocate(key_states, value_states)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self._cache.update(key_states, value_states, self.layer_idx)
@@ -392,6 +425,97 @@ class PagedLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+
+class PagedHybridLayer(PagedLayer, LinearAttentionLayer):
+    """A layer with both attention (paged, as `PagedLayer`) and linear-attention / Mamba states (Transformers' own
+    `LinearAttentionLayer` bookkeeping: ``conv_states`` / ``recurrent_states`` ``[B, ...]`` per row)."""
+
+    is_compileable = False
+
+    def __init__(self, cache: PagedCache, layer_idx: int, slot: int, number_of_states: int = 1):
+        PagedLayer.__init__(self, cache, layer_idx, slot)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        if len(args) == 2 and not kwargs:
+            PagedLayer.lazy_initialization(self, *args)
+        else:
+            LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+    @property
+    def is_croppable(self) -> bool:
+        return LinearAttentionLayer.is_croppable.fget(self)
+
+
+def _state_layers(layers: list) -> list:
+    """The layers of a cache that hold Transformers' per-row linear-attention / Mamba states."""
+    return [layer for layer in layers if isinstance(layer, LinearAttentionCacheLayerMixin)]
+
+
+def _select_states(layer: LinearAttentionCacheLayerMixin, index: torch.Tensor) -> None:
+    """Row ``i`` of every conv / recurrent state of `layer` becomes old row ``index[i]``."""
+    for states, ready in ((layer.conv_states, layer.is_conv_states_initialized),
+                          (layer.recurrent_states, layer.is_recurrent_states_initialized)):
+        for i in states:
+            if ready[i]:
+                states[i] = states[i].index_select(0, index.to(states[i].device))
+    if hasattr(layer, "batch_size"):
+        layer.batch_size = len(index)
+
+
+def layer_plan(config) -> tuple[list[str], list[dict]]:
+    """Per layer, its kind for a `PagedCache` (``"paged"``, ``"state"`` or ``"hybrid"``) and the keyword arguments
+    of Transformers' cache layer class for it, read from the config's ``layer_types`` as `DynamicCache` does."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    try:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    except Exception:  # a config Transformers' own helper cannot read: every layer is plain attention
+        layer_types, layer_kwargs = [], []
+    if not isinstance(num_layers, int) or len(layer_types) != num_layers:
+        return ["paged"] * (num_layers if isinstance(num_layers, int) and num_layers > 0 else 0), [{}] * (
+            num_layers if isinstance(num_layers, int) and num_layers > 0 else 0)
+    kinds = []
+    for layer_type in layer_types:
+        cls = DYNAMIC_LAYER_TYPE_MAPPING.get(layer_type)
+        if isinstance(cls, type) and issubclass(cls, LinearAttentionCacheLayerMixin):
+            kinds.append("hybrid" if issubclass(cls, CacheLayerMixin) else "state")
+        else:
+            kinds.append("paged")
+    return kinds, [dict(kwargs) for kwargs in layer_kwargs]
+
+
+# Layer types whose attention reads more than the keys and values a PagedCache pages: hf_paged refuses them at load.
+_UNSUPPORTED_LAYER_TYPES = {
+    "indexed_attention": "its dynamic sparse attention (DeepSeek-V3.2 style) selects keys with an indexer over a 4-D "
+                         "mask and passes the top-k indices to the attention, which hf_paged does not apply",
+}
+
+
+# Families whose attention hf_paged does not reproduce yet.
+_UNSUPPORTED_MODEL_TYPES = {
+    "inkling_text": "its attention adds relative-position logits (`position_bias`) that hf_paged does not apply, and "
+                    "its beam search through a PagedCache does not yet give Transformers' results",
+}
+_UNSUPPORTED_MODEL_TYPES["inkling2_text"] = _UNSUPPORTED_MODEL_TYPES["inkling_text"]
+
+
+def check_layer_types(config) -> None:
+    """Raise `NotImplementedError` naming hf_paged for a model whose cache layers hf_paged cannot serve."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    model_type = getattr(text_config, "model_type", None)
+    if model_type in _UNSUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"hf_paged: {type(text_config).__name__} is not supported: {_UNSUPPORTED_MODEL_TYPES[model_type]}. "
+            'Load this model with attn_implementation="sdpa" (or "eager") instead.'
+        )
+    for layer_type in dict.fromkeys(getattr(text_config, "layer_types", None) or []):
+        if layer_type in _UNSUPPORTED_LAYER_TYPES:
+            raise NotImplementedError(
+                f"hf_paged: {type(config).__name__} has {layer_type!r} layers: {_UNSUPPORTED_LAYER_TYPES[layer_type]}. "
+                'Load this model with attn_implementation="sdpa" (or "eager") instead.'
+            )
 
 
 class PagedCache(Cache):
@@ -441,6 +565,12 @@ class PagedCache(Cache):
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError("hf_paged: PagedCache needs a model config with `num_hidden_layers`.")
+        check_layer_types(config)
+        kinds, layer_kwargs = layer_plan(config)
+        # Multi-head latent attention (DeepSeek-V2/V3, Kimi, ...) caches the compressed latents and expands them into
+        # keys and values after the cache: those layers get their rows' latents back, gathered out of the blocks.
+        latent = getattr(text_config, "kv_lora_rank", None) is not None
+        paged_layers = sum(kind != "state" for kind in kinds)
         attn = getattr(config, "_attn_implementation", None)
         if attn is not None and attn != "hf_paged":
             raise ValueError(
@@ -448,14 +578,27 @@ class PagedCache(Cache):
                 'with attn_implementation="hf_paged" (its attention reads the block tables).'
             )
         if pool is None:
-            pool = KVPool(num_layers, block_size, num_blocks, max_memory,
+            pool = KVPool(paged_layers, block_size, num_blocks, max_memory,
                           torch.device(device) if device is not None else None, dtype)
-        elif (num_blocks, max_memory, device, dtype) != (None, None, None, None) or pool.num_layers != num_layers:
+        elif (num_blocks, max_memory, device, dtype) != (None, None, None, None) or pool.num_layers != paged_layers:
             raise ValueError("hf_paged: a PagedCache given a shared pool takes its size, device and dtype from it.")
-        self._init_state(num_layers, pool)
+        self._init_state(pool, kinds, layer_kwargs, latent)
 
-    def _init_state(self, num_layers: int, pool: KVPool) -> None:
-        super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
+    def _init_state(self, pool: KVPool, kinds: list[str], layer_kwargs: list[dict], latent: bool = False) -> None:
+        self._kinds, self._layer_kwargs, self.latent = kinds, layer_kwargs, latent
+        layers, slot = [], 0
+        for i, (kind, kwargs) in enumerate(zip(kinds, layer_kwargs, strict=True)):
+            if kind == "state":
+                layers.append(LinearAttentionLayer(**{k: v for k, v in kwargs.items() if k == "number_of_states"}))
+                continue
+            if kind == "hybrid":
+                layers.append(PagedHybridLayer(self, i, slot, kwargs.get("number_of_states", 1)))
+            else:
+                layers.append(PagedLayer(self, i, slot))
+            slot += 1
+        super().__init__(layers=layers)
+        self._slots = [getattr(layer, "slot", None) for layer in layers]
+        self.state_layers = _state_layers(layers)
         self.block_size = pool.block_size
         self.pool = pool
         self.manager = BlockManager(block_size=pool.block_size, pool=pool.blocks)
@@ -472,7 +615,8 @@ class PagedCache(Cache):
     # ---------------------------------------------------------------------------------------- the pool
     @property
     def kv_pool(self) -> torch.Tensor | None:
-        """The pool tensor ``[L, 2, N, bs, Hkv, D]`` (None before the first write)."""
+        """The pool tensor ``[L, 2, N, bs, Hkv, D]`` (None before the first write); for keys and values of different
+        widths, the keys' ``[L, 1, N, bs, Hk, Dk]`` (all of them: ``cache.pool.tensors``)."""
         return self.pool.tensor
 
     @property
@@ -514,35 +658,48 @@ class PagedCache(Cache):
                 'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
             )
         pool = self.pool
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < pool.num_layers:
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self._slots):
             raise ValueError(
-                f"hf_paged: layer {layer_idx!r} wrote to a PagedCache built for {pool.num_layers} layer(s) (layers "
-                f"0..{pool.num_layers - 1}, from the num_hidden_layers of the config it was given). Build the cache "
+                f"hf_paged: layer {layer_idx!r} wrote to a PagedCache built for {len(self._slots)} layer(s) (layers "
+                f"0..{len(self._slots) - 1}, from the num_hidden_layers of the config it was given). Build the cache "
                 "from the config of the model that uses it: PagedCache(model.config)."
             )
+        slot = self._slots[layer_idx]
+        if slot is None:
+            raise ValueError(
+                f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes it a "
+                "linear-attention / state-space layer. The cache must be built from this model's config."
+            )
         if pool.tensor is None:
-            pool.allocate(key_states)
-        if not pool.matches(key_states) or value_states.shape != key_states.shape:
+            pool.allocate(key_states, value_states)
+        if not pool.matches(key_states, value_states) or value_states.shape[:3] != key_states.shape[:3]:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} gives keys {tuple(key_states.shape)} and values "
-                f"{tuple(value_states.shape)}, but the pool holds {pool.tensor.shape[4]} heads of dim "
-                f"{pool.tensor.shape[5]}; PagedCache needs every layer to have the same number of KV heads and "
-                "head_dim."
+                f"{tuple(value_states.shape)}, but the pool holds {pool.describe()}; PagedCache needs every "
+                "attention layer to have the same number of KV heads and head_dim (keys and values may differ in "
+                "width, the same way in every layer)."
             )
         if self._step is None or layer_idx in self._step_layers:
             self._begin_step(key_states.shape[0], key_states.shape[2])
         self._step_layers.add(layer_idx)
-        batch, heads, q_len, dim = key_states.shape
-        keys = key_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
-        values = value_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
-        key_pool, value_pool = pool.plain[layer_idx]
-        if self._step.triton:
-            backend.kernels().reshape_and_cache(keys, values, key_pool, value_pool, self._step.slot_mapping)
+        batch, _, q_len, _ = key_states.shape
+        keys = key_states.transpose(1, 2).reshape(batch * q_len, *key_states.shape[1:2], key_states.shape[3])
+        values = value_states.transpose(1, 2).reshape(batch * q_len, value_states.shape[1], value_states.shape[3])
+        key_pool, value_pool = pool.plain[slot]
+        step = self._step
+        if step.triton:
+            backend.kernels().reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping)
         else:
-            ops.reshape_and_cache(keys, values, key_pool, value_pool, self._step.slot_mapping, skip_negative=False)
+            ops.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, skip_negative=False)
+        if self.latent:
+            # The model expands the latents of all its tokens into keys and values itself: give them back per row.
+            return tuple(
+                ops.gather_kv(cache, step.block_tables, step.max_seq_len, step.first_block).to(states.dtype)
+                for cache, states in ((key_pool, key_states), (value_pool, value_states))
+            )
         self._pending_layer = layer_idx
         pool.active = weakref.ref(self)
-        return pool.guarded[layer_idx]
+        return pool.guarded[slot]
 
     def _begin_step(self, batch: int, q_len: int) -> None:
         """Reserve slots for ``q_len`` new tokens in every row and build this step's metadata."""
@@ -568,11 +725,10 @@ class PagedCache(Cache):
         device = self.pool.tensor.device
         if copies:
             src, dst = zip(*copies, strict=True)
-            backend.copy_blocks(
-                self.pool.tensor,
-                torch.tensor(src, dtype=torch.int32, device=device),
-                torch.tensor(dst, dtype=torch.int32, device=device),
-            )
+            src = torch.tensor(src, dtype=torch.int32, device=device)
+            dst = torch.tensor(dst, dtype=torch.int32, device=device)
+            for tensor in self.pool.tensors:
+                backend.copy_blocks(tensor, src, dst)
         self.peak_used_blocks = max(self.peak_used_blocks, manager.num_used)
         self._step = _build_step(manager, lengths_before, q_len, device)
         self._step_layers = set()
@@ -587,7 +743,7 @@ class PagedCache(Cache):
                 f"hf_paged: attention of layer {layer_idx} ran without storing its keys in this step first."
             )
         self._pending_layer = None
-        return (self._step, *self.pool.plain[layer_idx])
+        return (self._step, *self.pool.plain[self._slots[layer_idx]])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""
@@ -600,16 +756,26 @@ class PagedCache(Cache):
         return -1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row ``i`` becomes old row ``beam_idx[i]``. Remaps block tables; copies no keys or values."""
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]``. Remaps block tables; copies no keys or values
+        (linear-attention / Mamba states, one per row, are reordered as Transformers does)."""
         self._select(beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every row `repeats` times (each copy shares the original's blocks)."""
-        self._select([row for row in range(self.manager.num_rows) for _ in range(repeats)])
+        rows = self.manager.num_rows or self._state_rows()
+        self._select([row for row in range(rows) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the rows `indices` (in that order)."""
         self._select(torch.as_tensor(indices).tolist())
+
+    def _state_rows(self) -> int:
+        for layer in self.state_layers:
+            for states in (layer.conv_states, layer.recurrent_states):
+                for state in states.values():
+                    if state is not None:
+                        return state.shape[0]
+        return 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens of every row (``tokens_to_remove`` <= 0, as `DynamicCache`)."""
@@ -618,6 +784,8 @@ class PagedCache(Cache):
                 f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
                 "Please use a negative integer to remove that number of tokens from the cache instead."
             )
+        for layer in self.state_layers:
+            layer.crop(tokens_to_remove)  # as Transformers: only when recording past states (assisted decoding)
         if tokens_to_remove == 0:
             return
         self.manager.truncate(max(self.get_seq_length() + tokens_to_remove, 0))
@@ -627,6 +795,8 @@ class PagedCache(Cache):
         """Forget every sequence; the pool is kept for reuse."""
         self.manager.reset()
         self._step, self._step_layers, self._pending_layer, self._ended = None, set(), None, None
+        for layer in self.state_layers:
+            layer.reset()
 
     def end_rows(self, done: torch.Tensor | None) -> None:
         """Mark the rows where ``done`` (``[B]`` bool) is True as ended: ``generate`` feeds them padding from now on
@@ -640,7 +810,12 @@ class PagedCache(Cache):
 
     def _select(self, indices: list[int]) -> None:
         ended, rows = self._ended, self.manager.num_rows
-        self.manager.select(indices)
+        if self.manager.num_rows or not self.state_layers:
+            self.manager.select(indices)
+        if self.state_layers:
+            index = torch.tensor(indices, dtype=torch.long)
+            for layer in self.state_layers:
+                _select_states(layer, index)
         self._step = None
         if ended is not None:
             keep = ended.shape == (rows,)
@@ -679,15 +854,25 @@ class PagedCache(Cache):
         old = self.pool
         pool = KVPool(old.num_layers, old.block_size, device=old.device, dtype=old.dtype)
         if old.tensor is not None:
-            tensor = pool_tensor(old.num_layers, len(used), *old.tensor.shape[3:], old.device, old.dtype)
-            tensor.copy_(old.tensor[:, :, used])
-            pool._bind(tensor)
+            tensors = []
+            for tensor in old.tensors:
+                new = pool_tensor(old.num_layers, len(used), *tensor.shape[3:], old.device, old.dtype,
+                                  kinds=tensor.shape[1])
+                new.copy_(tensor[:, :, used])
+                tensors.append(new)
+            pool._bind(tensors)
             pool.blocks.grow(len(used))
             pool.blocks.free_blocks.clear()
             pool.peak_blocks = len(used)
         clone = PagedCache.__new__(PagedCache)
         memo[id(self)] = clone
-        clone._init_state(len(self.layers), pool)
+        clone._init_state(pool, self._kinds, self._layer_kwargs, self.latent)
+        for mine, theirs in zip(self.layers, clone.layers, strict=True):
+            if isinstance(mine, LinearAttentionCacheLayerMixin):
+                for name in ("conv_states", "recurrent_states", "is_conv_states_initialized",
+                             "is_recurrent_states_initialized", "has_previous_state", "conv_kernel_size", "device",
+                             "dtype", "record_past"):
+                    setattr(theirs, name, copy.deepcopy(getattr(mine, name), memo))
         manager = clone.manager
         manager.tables = [[renumber[block] for block in table] for table in self.manager.tables]
         manager.lengths = list(self.manager.lengths)

@@ -193,8 +193,8 @@ def attend(
         probs = torch.exp(scores - total)
     if dropout:
         probs = F.dropout(probs, p=dropout)
-    out = torch.matmul(probs, value.float()[:, :, None]).to(query.dtype)  # [B, Hkv, g, q, D]
-    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
+    out = torch.matmul(probs, value.float()[:, :, None]).to(query.dtype)  # [B, Hkv, g, q, Dv]
+    return out.reshape(batch, heads, q_len, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 def paged_attention(
@@ -253,7 +253,7 @@ def attention_with_lse(
     Returns:
         ``(out [B, Hq, M, D], lse [B, Hq, M])`` in fp32; a query with no key gets ``out = 0`` and ``lse = -inf``.
     """
-    if softcap is None and query.device.type == "cpu" and _FLASH_CPU is not None:
+    if softcap is None and query.device.type == "cpu" and _FLASH_CPU is not None and value.shape[-1] == query.shape[-1]:
         additive = None
         if mask is not None:
             additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, -torch.inf)
@@ -350,8 +350,9 @@ def shared_prefix_attention(
     out_prefix, lse_prefix = attention_with_lse(
         grouped, prefix_keys, prefix_values, prefix_mask, scale=scale, softcap=softcap
     )
-    out_prefix = out_prefix.view(groups, kv_heads, per_group, gq, dim).transpose(1, 2).reshape(
-        batch, kv_heads, gq, dim
+    value_dim = value_cache.shape[-1]  # may differ from the keys' (multi-head latent attention)
+    out_prefix = out_prefix.view(groups, kv_heads, per_group, gq, value_dim).transpose(1, 2).reshape(
+        batch, kv_heads, gq, value_dim
     )
     lse_prefix = lse_prefix.view(groups, kv_heads, per_group, gq).transpose(1, 2).reshape(batch, kv_heads, gq)
 
@@ -361,7 +362,7 @@ def shared_prefix_attention(
         lse = torch.logaddexp(lse_prefix, lse_tail)
         sink = sinks.float().view(1, kv_heads, heads // kv_heads, 1).expand(-1, -1, -1, q_len).reshape(1, kv_heads, gq)
         out = out * torch.sigmoid(lse - sink)[..., None]
-    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).to(query.dtype).contiguous()
+    return out.reshape(batch, heads, q_len, value_dim).transpose(1, 2).to(query.dtype).contiguous()
 
 
 def shared_prefix_paged_attention(
@@ -500,9 +501,11 @@ def window_attention(
     packed = query.reshape(batch, kv_heads, groups * q_len, dim).transpose(0, 1).reshape(1, kv_heads, -1, dim)
     span = slice(first_block, first_block + num_blocks)
     keys = key_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
-    values = value_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
+    value_dim = value_cache.shape[-1]  # may differ from the keys' (multi-head latent attention)
+    values = value_cache[span].view(1, -1, kv_heads, value_dim).transpose(1, 2)
     if sinks is not None:  # one logit per packed query row: the sink of its query head
         sinks = sinks.float().view(1, kv_heads, groups, 1).expand(batch, -1, -1, q_len).transpose(0, 1).reshape(
             1, kv_heads, -1)
-    out = attend(packed, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)  # [1, B * g * q, Hkv, D]
-    return out.view(batch, groups, q_len, kv_heads, dim).permute(0, 2, 3, 1, 4).reshape(batch, q_len, heads, dim)
+    out = attend(packed, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)  # [1, B * g * q, Hkv, Dv]
+    return out.view(batch, groups, q_len, kv_heads, value_dim).permute(0, 2, 3, 1, 4).reshape(
+        batch, q_len, heads, value_dim)

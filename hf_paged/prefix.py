@@ -140,6 +140,8 @@ def map_cached_prefix(cache: PagedCache, hashes: list[list[bytes]], prompt_len: 
     Returns the number of prompt tokens per row taken from the index (a multiple of the block size, less than
     `prompt_len`).
     """
+    if cache.state_layers:
+        return 0  # linear-attention / Mamba states need every prompt token: nothing can be skipped
     blocks = cache.pool.blocks
     bs = cache.block_size
     limit = (prompt_len - 1) // bs  # always compute at least the last prompt token

@@ -171,16 +171,19 @@ def _cache_strides(block_size: int, kv_heads: int, head_dim: int) -> tuple[int, 
 
 def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_heads: int, head_dim: int,
                       block_size: int = 16, num_splits: int = 1, window: int | None = None,
-                      softcap: float | None = None, sinks: bool = False, chunk: int | None = None
-                      ) -> KernelConfig:
+                      softcap: float | None = None, sinks: bool = False, chunk: int | None = None,
+                      value_dim: int | None = None) -> KernelConfig:
     constexprs, num_warps = _split_meta(paged_attention_meta(
         q_len, heads // kv_heads, head_dim, block_size, num_splits,
         has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
         fp32_storage=dtype == "fp32", upcast=dtype == "fp32", has_sinks=sinks, has_chunk=chunk is not None,
+        value_dim=value_dim,
     ))
+    value_dim = head_dim if value_dim is None else value_dim
     out = Pointer("*fp32") if num_splits > 1 else Pointer(f"*{dtype}")
     cache_strides = _cache_strides(block_size, kv_heads, head_dim)
-    out_strides = (q_len * heads * head_dim * num_splits, heads * head_dim * num_splits, head_dim * num_splits)
+    value_strides = _cache_strides(block_size, kv_heads, value_dim)
+    out_strides = (q_len * heads * value_dim * num_splits, heads * value_dim * num_splits, value_dim * num_splits)
     args = {
         "out_ptr": out, "max_ptr": Pointer("*fp32"), "sum_ptr": Pointer("*fp32"),
         "query_ptr": Pointer(f"*{dtype}"), "key_cache_ptr": Pointer(f"*{dtype}"),
@@ -193,10 +196,10 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
         # query is Transformers' [B, q, H, D] tensor seen as [B, H, q, D]
         "stride_qb": q_len * heads * head_dim, "stride_qh": head_dim, "stride_qt": heads * head_dim, "stride_qd": 1,
         **dict(zip(("stride_kn", "stride_kt", "stride_kh", "stride_kd"), cache_strides, strict=True)),
-        **dict(zip(("stride_vn", "stride_vt", "stride_vh", "stride_vd"), cache_strides, strict=True)),
+        **dict(zip(("stride_vn", "stride_vt", "stride_vh", "stride_vd"), value_strides, strict=True)),
         "stride_btb": 64, "stride_btn": 1,  # a block table 64 blocks wide
         "stride_ob": out_strides[0], "stride_ot": out_strides[1], "stride_oh": out_strides[2],
-        "stride_os": head_dim if num_splits > 1 else 0,
+        "stride_os": value_dim if num_splits > 1 else 0,
         "stride_mb": q_len * heads * num_splits, "stride_mt": heads * num_splits, "stride_mh": num_splits,
     }
     return KernelConfig(paged_attention_kernel, label, args, constexprs, num_warps, mma_expected=dtype != "fp32")
@@ -232,29 +235,32 @@ def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int
     return KernelConfig(shared_prefix_kernel, label, args, constexprs, num_warps, mma_expected=dtype != "fp32")
 
 
-def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16
-                              ) -> KernelConfig:
-    token_stride = 3 * kv_heads * head_dim  # k and v are views into a fused qkv projection
+def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16,
+                              value_dim: int | None = None) -> KernelConfig:
+    value_dim = head_dim if value_dim is None else value_dim
+    token_stride = kv_heads * (2 * head_dim + value_dim)  # k and v are views into a fused qkv projection
     cache_strides = _cache_strides(block_size, kv_heads, head_dim)
+    value_strides = _cache_strides(block_size, kv_heads, value_dim)
     args = {
         "key_ptr": Pointer(f"*{dtype}"), "value_ptr": Pointer(f"*{dtype}"),
         "key_cache_ptr": Pointer(f"*{dtype}"), "value_cache_ptr": Pointer(f"*{dtype}"),
         "slot_mapping_ptr": Pointer("*i64"), "num_slots": 4096 * block_size, "num_kv_heads": kv_heads,
+        "num_v_heads": kv_heads,
         "stride_kt": token_stride, "stride_kh": head_dim, "stride_kd": 1,
-        "stride_vt": token_stride, "stride_vh": head_dim, "stride_vd": 1,
+        "stride_vt": token_stride, "stride_vh": value_dim, "stride_vd": 1,
         **dict(zip(("stride_kcn", "stride_kcs", "stride_kch", "stride_kcd"), cache_strides, strict=True)),
-        **dict(zip(("stride_vcn", "stride_vcs", "stride_vch", "stride_vcd"), cache_strides, strict=True)),
+        **dict(zip(("stride_vcn", "stride_vcs", "stride_vch", "stride_vcd"), value_strides, strict=True)),
     }
-    constexprs, num_warps = _split_meta(reshape_and_cache_meta(kv_heads, head_dim, block_size))
+    constexprs, num_warps = _split_meta(reshape_and_cache_meta(kv_heads, head_dim, block_size, kv_heads, value_dim))
     return KernelConfig(reshape_and_cache_kernel, label, args, constexprs, num_warps)
 
 
-def _copy_blocks_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16
-                        ) -> KernelConfig:
+def _copy_blocks_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16,
+                        kinds: int = 2) -> KernelConfig:
     block = block_size * kv_heads * head_dim
     stride_block, stride_token, stride_head, _ = _cache_strides(block_size, kv_heads, head_dim)
     args = {"pool_ptr": Pointer(f"*{dtype}"), "src_ptr": Pointer("*i64"), "dst_ptr": Pointer("*i64"),
-            "stride_layer": 2 * _NUM_BLOCKS * block, "stride_kv": _NUM_BLOCKS * block, "stride_block": stride_block,
+            "num_kinds": kinds, "stride_layer": kinds * _NUM_BLOCKS * block, "stride_kv": _NUM_BLOCKS * block, "stride_block": stride_block,
             "stride_token": stride_token, "stride_head": stride_head, "block_numel": block}
     constexprs, num_warps = _split_meta(copy_blocks_meta(kv_heads, head_dim))
     return KernelConfig(copy_blocks_kernel, label, args, constexprs, num_warps)
@@ -313,6 +319,17 @@ CONFIGS: tuple[KernelConfig, ...] = (
     _reduce_config("D=128 splits=16", "bf16", head_dim=128, num_splits=16),
     _reduce_config("D=128 splits=16+16 (shared prefix)", "bf16", head_dim=128, num_splits=32),
     _reduce_config("D=256 splits=1+2 (shared prefix)", "bf16", head_dim=256, num_splits=3),
+    # Keys and values of different widths: MiMo-V2-Flash (64 heads, 4 KV heads, keys 192 wide, values 128), its
+    # separate key and value pools ([L, 1, N, bs, Hkv, D] each) and DeepSeek-V3's latents (1 head: 512 and 64).
+    _reshape_and_cache_config("MiMo-V2-Flash bf16 Dk=192 Dv=128", "bf16", kv_heads=4, head_dim=192, value_dim=128),
+    _attention_config("decode MiMo-V2-Flash bf16 Dk=192 Dv=128", "bf16", q_len=1, heads=64, kv_heads=4,
+                      head_dim=192, value_dim=128),
+    _attention_config("decode MiMo-V2-Flash bf16 Dk=192 Dv=128 split=8", "bf16", q_len=1, heads=64, kv_heads=4,
+                      head_dim=192, value_dim=128, num_splits=8),
+    _attention_config("prefill q=128 MiMo-V2-Flash bf16 Dk=192 Dv=128", "bf16", q_len=128, heads=64, kv_heads=4,
+                      head_dim=192, value_dim=128),
+    _reshape_and_cache_config("DeepSeek-V3 latents bf16 Dk=512 Dv=64", "bf16", kv_heads=1, head_dim=512, value_dim=64),
+    _copy_blocks_config("DeepSeek-V3 latents bf16 (one pool of two)", "bf16", kv_heads=1, head_dim=512, kinds=1),
     _copy_blocks_config("SmolLM2 fp16", "fp16", kv_heads=3, head_dim=64),
     _copy_blocks_config("Llama-8B bf16", "bf16", kv_heads=8, head_dim=128),
 )

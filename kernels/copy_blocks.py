@@ -18,20 +18,21 @@ __all__ = ["copy_blocks", "copy_blocks_kernel", "copy_blocks_meta", "copy_blocks
 
 @triton.jit
 def copy_blocks_kernel(
-    pool_ptr,  # [L, 2, N, bs, Hkv, D]; any strides but a unit stride along D
+    pool_ptr,  # [L, K, N, bs, Hkv, D] (K = 2: keys and values; 1: keys or values alone); unit stride along D
     src_ptr, dst_ptr,  # [C] block ids
+    num_kinds,  # K
     stride_layer, stride_kv, stride_block, stride_token, stride_head,
     block_numel,  # bs * Hkv * D
     HEAD_DIM: tl.constexpr,
     KV_HEADS: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Program (c, l * 2 + kv): copy block ``src[c]`` to ``dst[c]`` in layer ``l``'s key (kv=0) or value pool."""
+    """Program (c, l * K + kv): copy block ``src[c]`` to ``dst[c]`` in layer ``l``'s key (kv=0) or value pool."""
     pair = tl.program_id(0)
     layer_kv = tl.program_id(1)
     src = tl.load(src_ptr + pair).to(tl.int64)
     dst = tl.load(dst_ptr + pair).to(tl.int64)
-    base = (layer_kv // 2).to(tl.int64) * stride_layer + (layer_kv % 2).to(tl.int64) * stride_kv
+    base = (layer_kv // num_kinds).to(tl.int64) * stride_layer + (layer_kv % num_kinds).to(tl.int64) * stride_kv
     src_base = pool_ptr + base + src * stride_block
     dst_base = pool_ptr + base + dst * stride_block
     offsets = tl.arange(0, CHUNK)
@@ -54,7 +55,8 @@ def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> 
 
     Args:
         kv_pool: ``[L, 2, N, bs, Hkv, D]`` with any strides but a unit stride along ``D`` (a `PagedCache`'s
-            pool is stored head-major: see `hf_paged.cache.pool_tensor`).
+            pool is stored head-major: see `hf_paged.cache.pool_tensor`), or ``[L, 1, N, bs, Hkv, D]`` (the key or
+            the value pool of a model whose keys and values differ in width).
         src, dst: ``[C]`` int32/int64 block ids in ``[0, N)``; ``dst`` holds distinct blocks not in ``src``
             (not checked: that would need a device sync).
     """
@@ -62,16 +64,17 @@ def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> 
     check_dtype("kv_pool", kv_pool, FLOAT_DTYPES)
     check_dtype("src", src, INDEX_DTYPES)
     check_dtype("dst", dst, INDEX_DTYPES)
-    check_shape("kv_pool", kv_pool, (None, 2, None, None, None, None), "[L, 2, N, bs, Hkv, D]")
+    if kv_pool.dim() != 6 or kv_pool.shape[1] not in (1, 2):
+        check_shape("kv_pool", kv_pool, (None, 2, None, None, None, None), "[L, 2, N, bs, Hkv, D]")
     check_shape("src", src, (None,), "[C]")
     check_shape("dst", dst, (src.shape[0],), "[C] like src")
-    layers, _, _, block_size, kv_heads, head_dim = kv_pool.shape
+    layers, kinds, _, block_size, kv_heads, head_dim = kv_pool.shape
     if kv_pool.stride(5) != 1:
         raise ValueError(f"kv_pool's last dim D must have stride 1, got strides {kv_pool.stride()}")
     if src.shape[0] == 0 or layers == 0:
         return
-    copy_blocks_kernel[(src.shape[0], layers * 2)](
-        kv_pool, src.contiguous(), dst.contiguous(),
+    copy_blocks_kernel[(src.shape[0], layers * kinds)](
+        kv_pool, src.contiguous(), dst.contiguous(), kinds,
         *kv_pool.stride()[:5],
         block_size * kv_heads * head_dim,
         **copy_blocks_meta(kv_heads, head_dim),

@@ -58,10 +58,10 @@ def _tanh(x):
 
 @triton.jit
 def paged_attention_kernel(
-    out_ptr,  # [B, q, H, D] output, or with NUM_SPLITS > 1 fp32 partials [B, q, H, S, D]
+    out_ptr,  # [B, q, H, Dv] output, or with NUM_SPLITS > 1 fp32 partials [B, q, H, S, Dv]
     max_ptr, sum_ptr,  # NUM_SPLITS > 1: fp32 [B, q, H, S] running max (base 2) and sum; unused otherwise
     query_ptr,  # [B, H, q, D], any strides
-    key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D], any strides
+    key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D] and [N, bs, Hkv, Dv], any strides
     block_tables_ptr,  # [B, nb] int32
     seq_lens_ptr,  # [B] int32
     key_start_ptr,  # [B] int32 (read only if HAS_KEY_START)
@@ -78,6 +78,8 @@ def paged_attention_kernel(
     stride_mb, stride_mt, stride_mh,  # max/sum partials; their split stride is 1
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    V_DIM: tl.constexpr,  # the values' head dim (differs from HEAD_DIM in multi-head latent attention)
+    V_DIM_PAD: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_M: tl.constexpr,  # rows per tile = BLOCK_Q * GROUP rounded up to a power of two (>= 16)
     BLOCK_Q: tl.constexpr,  # query tokens per tile
@@ -113,6 +115,8 @@ def paged_attention_kernel(
     position = seq_len - q_len + token  # [BLOCK_M]
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_valid = dims < HEAD_DIM
+    vdims = tl.arange(0, V_DIM_PAD)
+    vdim_valid = vdims < V_DIM
 
     b64 = b.to(tl.int64)
     q_ptrs = (query_ptr + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh
@@ -148,7 +152,7 @@ def paged_attention_kernel(
         starts = row_valid & (split == 0)
         m_i = tl.where(starts, tl.load(sinks_ptr + head, mask=row_valid, other=0.0) * LOG2E, float("-inf"))
         l_i = tl.where(starts, 1.0, 0.0)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, V_DIM_PAD], dtype=tl.float32)
 
     table_ptr = block_tables_ptr + b64 * stride_btb
     k_head_ptr = key_cache_ptr + kv_head.to(tl.int64) * stride_kh
@@ -162,8 +166,8 @@ def paged_attention_kernel(
         v_slot = block * stride_vn + (keys % BLOCK_SIZE) * stride_vt
         k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                     mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
-        v = tl.load(v_head_ptr + v_slot[:, None] + dims[None, :] * stride_vd,
-                    mask=key_valid[:, None] & dim_valid[None, :], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_head_ptr + v_slot[:, None] + vdims[None, :] * stride_vd,
+                    mask=key_valid[:, None] & vdim_valid[None, :], other=0.0)  # [BLOCK_N, Dv]
         if UPCAST:
             s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
         else:
@@ -191,9 +195,9 @@ def paged_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    out_mask = row_valid[:, None] & dim_valid[None, :]
+    out_mask = row_valid[:, None] & vdim_valid[None, :]
     out_ptrs = (out_ptr + b64 * stride_ob + token[:, None].to(tl.int64) * stride_ot
-                + head[:, None].to(tl.int64) * stride_oh + dims[None, :])
+                + head[:, None].to(tl.int64) * stride_oh + vdims[None, :])
     if NUM_SPLITS > 1:
         tl.store(out_ptrs + split * stride_os, acc, mask=out_mask)
         stat_offsets = b64 * stride_mb + token.to(tl.int64) * stride_mt + head.to(tl.int64) * stride_mh + split
@@ -231,17 +235,20 @@ def reduce_splits_kernel(
     tl.store(out_ptr + i * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dim_valid)
 
 
-def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = False) -> dict[str, int]:
+def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = False,
+                value_dim: int | None = None) -> dict[str, int]:
     """Tile sizes for a launch: ``BLOCK_M`` (>= 16, power of two), ``BLOCK_Q``, ``BLOCK_N``, ``num_warps``.
 
     Decode packs the ``group`` heads of one token into 16 rows; multi-token queries use up to 64 rows so a tile of
     keys is reused by several tokens. ``BLOCK_N`` keeps the K and V tiles near 8 KB each in 16-bit storage. fp32
     storage (fp32 operands, no tensor cores) gets 16-key tiles and at most 32 rows, which keeps head_dim 256 free of
-    register spills (see ``python -m hf_paged.kernels``).
+    register spills (see ``python -m hf_paged.kernels``). Keys and values of different widths (``value_dim``) wider
+    than two 128-wide tiles together also get at most 32 rows (MiMo-V2-Flash's 192 + 128 spills at 64 on sm_80).
     """
     rows = max(16, next_power_of_2(group))
+    wide = value_dim is not None and next_power_of_2(head_dim) + next_power_of_2(value_dim) > 256
     if q_len > 1:
-        rows = max(rows, min(32 if fp32_storage else 64, next_power_of_2(q_len * group)))
+        rows = max(rows, min(32 if fp32_storage or wide else 64, next_power_of_2(q_len * group)))
     if fp32_storage:
         block_n = 16
     else:
@@ -263,12 +270,18 @@ def paged_attention_meta(
     upcast: bool,
     has_sinks: bool = False,
     has_chunk: bool = False,
+    value_dim: int | None = None,
 ) -> dict[str, int | bool]:
-    """Every constexpr of `paged_attention_kernel` plus ``num_warps`` (shared by the launcher and the AOT check)."""
+    """Every constexpr of `paged_attention_kernel` plus ``num_warps`` (shared by the launcher and the AOT check).
+    ``value_dim``: the values' head dim when it differs from the keys' `head_dim`."""
+    value_dim = head_dim if value_dim is None else value_dim
     return {
-        **tile_config(q_len, group, head_dim, fp32_storage),
+        **tile_config(q_len, group, max(head_dim, value_dim), fp32_storage,
+                      value_dim if value_dim != head_dim else None),
         "HEAD_DIM": head_dim,
         "HEAD_DIM_PAD": next_power_of_2(head_dim),
+        "V_DIM": value_dim,
+        "V_DIM_PAD": next_power_of_2(value_dim),
         "GROUP": group,
         "BLOCK_SIZE": block_size,
         "NUM_SPLITS": num_splits,
@@ -334,7 +347,7 @@ def _check_inputs(
     check_shape("query", query, (None, None, None, None), "[B, H, q, D]")
     batch, heads, _, head_dim = query.shape
     check_shape("key_cache", key_cache, (None, None, None, head_dim), "[N, bs, Hkv, D] with the query's D")
-    check_shape("value_cache", value_cache, tuple(key_cache.shape), "[N, bs, Hkv, D] like key_cache")
+    check_shape("value_cache", value_cache, (*key_cache.shape[:3], None), "[N, bs, Hkv, Dv] like key_cache")
     kv_heads = key_cache.shape[2]
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
@@ -374,6 +387,7 @@ def launch_paged_attention(
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size, sinks)
     batch, heads, q_len, head_dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
+    value_dim = value_cache.shape[3]
     if max_seq_len > block_tables.shape[1] * block_size:
         raise ValueError(
             f"max_seq_len ({max_seq_len}) exceeds what block_tables can address "
@@ -381,18 +395,19 @@ def launch_paged_attention(
         )
     group = heads // kv_heads
     fp32_storage = key_cache.dtype == torch.float32
-    tiles = tile_config(q_len, group, head_dim, fp32_storage)
+    tiles = tile_config(q_len, group, max(head_dim, value_dim), fp32_storage,
+                        value_dim if value_dim != head_dim else None)
     if num_splits is None:
         programs = batch * triton.cdiv(q_len, tiles["BLOCK_Q"]) * kv_heads
         num_splits = choose_num_splits(programs, max_seq_len, tiles["BLOCK_N"], query.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
-    out = torch.empty(batch, q_len, heads, head_dim, dtype=query.dtype, device=query.device)
+    out = torch.empty(batch, q_len, heads, value_dim, dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
     if num_splits > 1:
-        partial = torch.empty(batch, q_len, heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        partial = torch.empty(batch, q_len, heads, num_splits, value_dim, dtype=torch.float32, device=query.device)
         running_max = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=query.device)
         running_sum = torch.empty_like(running_max)
         target, stat_strides = partial, running_max.stride()[:3]
@@ -404,7 +419,7 @@ def launch_paged_attention(
         q_len, group, head_dim, block_size, num_splits,
         has_key_start=key_start is not None, has_window=sliding_window is not None, has_softcap=softcap is not None,
         fp32_storage=fp32_storage, upcast=fp32_storage or query.device.type == "cpu",
-        has_sinks=sinks is not None, has_chunk=chunk_size is not None,
+        has_sinks=sinks is not None, has_chunk=chunk_size is not None, value_dim=value_dim,
     )
     paged_attention_kernel[(batch * triton.cdiv(q_len, meta["BLOCK_Q"]), kv_heads, num_splits)](
         target, running_max, running_sum,
@@ -424,7 +439,7 @@ def launch_paged_attention(
     if num_splits > 1:
         reduce_splits_kernel[(batch * q_len * heads,)](
             out, partial, running_max, running_sum,
-            **reduce_splits_meta(head_dim, num_splits),
+            **reduce_splits_meta(value_dim, num_splits),
             **COMPILE_OPTIONS,
         )
     return out
@@ -449,7 +464,8 @@ def paged_attention(
 
     Args:
         query: ``[B, H, q, D]``, any strides (Transformers passes a transposed view).
-        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, any strides.
+        key_cache, value_cache: ``[N, bs, Hkv, D]`` and ``[N, bs, Hkv, Dv]`` pools, any strides (``Dv`` may differ
+            from ``D``: multi-head latent attention).
         block_tables: ``[B, nb]`` int32 block ids.
         seq_lens: ``[B]`` int32, tokens of each row including this step's ``q``.
         key_start: ``[B]`` int32 first attended key (left padding), or None for 0.
@@ -461,7 +477,7 @@ def paged_attention(
         sinks: ``[H]`` attention-sink logits joining each softmax denominator, or None.
 
     Returns:
-        ``[B, q, H, D]`` contiguous, in the query's dtype; query rows with no visible key are zero.
+        ``[B, q, H, Dv]`` contiguous, in the query's dtype; query rows with no visible key are zero.
     """
     return launch_paged_attention(
         query, key_cache, value_cache, block_tables, seq_lens, key_start,

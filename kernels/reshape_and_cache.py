@@ -27,11 +27,12 @@ __all__ = ["reshape_and_cache", "reshape_and_cache_kernel", "reshape_and_cache_m
 
 @triton.jit
 def reshape_and_cache_kernel(
-    key_ptr, value_ptr,  # [T, Hkv, D]
-    key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D]
+    key_ptr, value_ptr,  # [T, Hk, Dk], [T, Hv, Dv]
+    key_cache_ptr, value_cache_ptr,  # [N, bs, Hk, Dk], [N, bs, Hv, Dv]
     slot_mapping_ptr,  # [T]
     num_slots,  # N * bs: slots outside [0, num_slots) are skipped
     num_kv_heads,
+    num_v_heads,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_kcn, stride_kcs, stride_kch, stride_kcd,
@@ -40,6 +41,9 @@ def reshape_and_cache_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     HEADS_PAD: tl.constexpr,  # next power of two >= num_kv_heads
     HEAD_DIM_PAD: tl.constexpr,  # next power of two >= HEAD_DIM
+    V_HEAD_DIM: tl.constexpr,  # the values' (multi-head latent attention: other than the keys')
+    V_HEADS_PAD: tl.constexpr,
+    V_HEAD_DIM_PAD: tl.constexpr,
 ):
     """One program per token: copy its ``[Hkv, D]`` key and value tiles into slot ``slot_mapping[t]``."""
     token = tl.program_id(0).to(tl.int64)
@@ -56,21 +60,31 @@ def reshape_and_cache_kernel(
         tl.store(key_dst + heads[:, None] * stride_kch + dims[None, :] * stride_kcd,
                  key.to(key_cache_ptr.dtype.element_ty), mask=mask)
 
-        value = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :] * stride_vd,
-                        mask=mask)
+        v_heads = tl.arange(0, V_HEADS_PAD)
+        v_dims = tl.arange(0, V_HEAD_DIM_PAD)
+        v_mask = (v_heads[:, None] < num_v_heads) & (v_dims[None, :] < V_HEAD_DIM)
+        value = tl.load(value_ptr + token * stride_vt + v_heads[:, None] * stride_vh + v_dims[None, :] * stride_vd,
+                        mask=v_mask)
         value_dst = value_cache_ptr + block * stride_vcn + offset * stride_vcs
-        tl.store(value_dst + heads[:, None] * stride_vch + dims[None, :] * stride_vcd,
-                 value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(value_dst + v_heads[:, None] * stride_vch + v_dims[None, :] * stride_vcd,
+                 value.to(value_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
-def reshape_and_cache_meta(kv_heads: int, head_dim: int, block_size: int) -> dict[str, int]:
-    """Every constexpr of `reshape_and_cache_kernel` plus ``num_warps`` (shared by the launcher and the AOT check)."""
+def reshape_and_cache_meta(kv_heads: int, head_dim: int, block_size: int, v_heads: int | None = None,
+                           v_head_dim: int | None = None) -> dict[str, int]:
+    """Every constexpr of `reshape_and_cache_kernel` plus ``num_warps`` (shared by the launcher and the AOT check).
+    ``v_heads`` / ``v_head_dim``: the values', when they differ from the keys'."""
+    v_heads = kv_heads if v_heads is None else v_heads
+    v_head_dim = head_dim if v_head_dim is None else v_head_dim
     return {
         "HEAD_DIM": head_dim,
         "BLOCK_SIZE": block_size,
         "HEADS_PAD": next_power_of_2(kv_heads),
         "HEAD_DIM_PAD": next_power_of_2(head_dim),
-        "num_warps": 1 if kv_heads * head_dim <= 512 else 4,
+        "V_HEAD_DIM": v_head_dim,
+        "V_HEADS_PAD": next_power_of_2(v_heads),
+        "V_HEAD_DIM_PAD": next_power_of_2(v_head_dim),
+        "num_warps": 1 if max(kv_heads * head_dim, v_heads * v_head_dim) <= 512 else 4,
     }
 
 
@@ -84,8 +98,9 @@ def reshape_and_cache(
     """Write new keys and values into their slots (Triton; same contract as `hf_paged.ops.reshape_and_cache`).
 
     Args:
-        key, value: ``[T, Hkv, D]`` new states, any strides; cast to the pools' dtype on store.
-        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, written in place (any strides).
+        key, value: ``[T, Hk, Dk]`` and ``[T, Hv, Dv]`` new states, any strides; cast to the pools' dtype on store
+            (values may differ from keys in heads and width: multi-head latent attention).
+        key_cache, value_cache: ``[N, bs, Hk, Dk]`` and ``[N, bs, Hv, Dv]`` pools, written in place (any strides).
         slot_mapping: ``[T]`` int32/int64 slots (any stride) ``block * bs + offset``; negative slots are skipped. Slots past the
             end of the pool are skipped too (the reference raises instead; the kernel cannot).
     """
@@ -95,17 +110,18 @@ def reshape_and_cache(
     check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES)
     check_shape("key_cache", key_cache, (None, None, None, None), "[N, bs, Hkv, D]")
     num_blocks, block_size, kv_heads, head_dim = key_cache.shape
-    check_shape("value_cache", value_cache, tuple(key_cache.shape), "[N, bs, Hkv, D] like key_cache")
+    check_shape("value_cache", value_cache, (num_blocks, block_size, None, None), "[N, bs, Hv, Dv] like key_cache")
+    v_heads, v_head_dim = value_cache.shape[2:]
     check_shape("key", key, (None, kv_heads, head_dim), "[T, Hkv, D]")
     tokens = key.shape[0]
-    check_shape("value", value, (tokens, kv_heads, head_dim), "[T, Hkv, D] like key")
+    check_shape("value", value, (tokens, v_heads, v_head_dim), "[T, Hv, Dv] like key and value_cache")
     check_shape("slot_mapping", slot_mapping, (tokens,), "[T]")
     if tokens == 0:
         return
     reshape_and_cache_kernel[(tokens,)](
         key, value, key_cache, value_cache, slot_mapping.contiguous(),
-        num_blocks * block_size, kv_heads,
+        num_blocks * block_size, kv_heads, v_heads,
         *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
-        **reshape_and_cache_meta(kv_heads, head_dim, block_size),
+        **reshape_and_cache_meta(kv_heads, head_dim, block_size, v_heads, v_head_dim),
         **COMPILE_OPTIONS,
     )

@@ -53,14 +53,7 @@ _MLA = "keys and values of different widths (MLA)"
 _WIDTHS = "layers with different KV widths"
 _HYBRID = "hybrid: state-space / linear-attention layers beside attention layers"
 _MASKS = "attention sinks, chunked attention or sliding windows beyond the sliding_window kwarg"
-BEING_FIXED_IN_PARALLEL: dict[str, str] = {
-    **dict.fromkeys(["deepseek_v2", "deepseek_v3", "deepseek_v32", "axk1", "axk2", "dots3_note", "dots3_note_text",
-                     "glm4_moe_lite", "glm_moe_dsa", "hy_v4", "minicpm3", "youtu", "longcat_flash"], _MLA),
-    **dict.fromkeys(["mimo_v2_flash", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"], _WIDTHS),
-    **dict.fromkeys(["qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "kimi_linear",
-                     "falcon_h1", "nemotron_h", "olmo_hybrid", "bailing_hybrid", "lfm3", "zaya", "inkling_text",
-                     "inkling2_text", "bamba", "jamba", "granitemoehybrid", "lfm2_moe", "zamba2"], _HYBRID),
-}
+BEING_FIXED_IN_PARALLEL: dict[str, str] = {}
 
 # Families whose eager reference cannot be built or run on a tiny config, because of Transformers itself or of
 # what the family needs (keep this short: a tiny config in OVERRIDES is the better fix).

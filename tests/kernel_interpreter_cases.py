@@ -46,9 +46,11 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 def make_paged_inputs(
     *, group: int, kv_heads: int, head_dim: int, block_size: int, q_len: int, seq_lens: list[int],
-    key_start: list[int] | None, dtype: torch.dtype, seed: int,
+    key_start: list[int] | None, dtype: torch.dtype, seed: int, value_dim: int | None = None,
 ) -> dict:
-    """Random paged inputs on DEVICE; every slot a kernel must not read (outside ``[key_start, seq_len)``) is NaN."""
+    """Random paged inputs on DEVICE; every slot a kernel must not read (outside ``[key_start, seq_len)``) is NaN.
+    ``value_dim``: the values' head dim, when it differs from the keys' (multi-head latent attention)."""
+    value_dim = head_dim if value_dim is None else value_dim
     gen = torch.Generator().manual_seed(seed)
     batch = len(seq_lens)
     heads = group * kv_heads
@@ -57,13 +59,13 @@ def make_paged_inputs(
     physical = torch.randperm(num_blocks, generator=gen)[: batch * nb].view(batch, nb).to(torch.int32)
     shape = (num_blocks, block_size, kv_heads, head_dim)
     key_cache = torch.full(shape, float("nan"))
-    value_cache = torch.full(shape, float("nan"))
+    value_cache = torch.full((*shape[:3], value_dim), float("nan"))
     starts = key_start or [0] * batch
     for b, (length, start) in enumerate(zip(seq_lens, starts, strict=True)):
         for pos in range(start, length):
             block, offset = physical[b, pos // block_size], pos % block_size
             key_cache[block, offset] = torch.randn(kv_heads, head_dim, generator=gen)
-            value_cache[block, offset] = torch.randn(kv_heads, head_dim, generator=gen)
+            value_cache[block, offset] = torch.randn(kv_heads, value_dim, generator=gen)
     # Transformers passes the query as a transposed view of [B, q, H, D].
     query = torch.randn(batch, q_len, heads, head_dim, generator=gen).transpose(1, 2)
     inputs = {
@@ -174,6 +176,63 @@ def test_sinks_and_chunks_match_reference(
     expected = reference_attention(inputs, **kwargs)
     assert out.shape == (len(seq_lens), q_len, group * kv_heads, head_dim) and out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+# (group, kv_heads, head_dim, value_dim, block_size, q_len, seq_lens, key_start, dtype, num_splits)
+NARROW_VALUE_CASES = [
+    (4, 1, 48, 32, 16, 1, [37, 5], [0, 2], torch.float32, 1),
+    (2, 2, 96, 64, 16, 1, [50, 21], None, torch.bfloat16, 4),
+    (3, 1, 64, 24, 8, 5, [29, 9], [1, 0], torch.float16, 2),
+    (1, 2, 32, 80, 16, 12, [40, 12], [0, 3], torch.float32, 1),  # values wider than keys
+]
+
+
+@pytest.mark.parametrize("group, kv_heads, head_dim, value_dim, block_size, q_len, seq_lens, key_start, dtype, "
+                         "num_splits", NARROW_VALUE_CASES)
+def test_paged_attention_with_values_of_another_width(
+    group, kv_heads, head_dim, value_dim, block_size, q_len, seq_lens, key_start, dtype, num_splits,
+):
+    """Keys and values of different widths (MiMo-V2-Flash: keys 192 wide, values 128): the output has the values'."""
+    inputs = make_paged_inputs(group=group, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                               q_len=q_len, seq_lens=seq_lens, key_start=key_start, dtype=dtype, seed=7,
+                               value_dim=value_dim)
+    kwargs = {"scale": head_dim**-0.5, "max_seq_len": max(seq_lens)}
+    out = launch_paged_attention(**inputs, **kwargs, num_splits=num_splits)
+    expected = reference_attention(inputs, **kwargs)
+    assert out.shape == (len(seq_lens), q_len, group * kv_heads, value_dim)
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_reshape_and_cache_with_values_of_another_shape():
+    """DeepSeek-V3's latents: one 'key' head of kv_lora_rank and one 'value' head of qk_rope_head_dim; MiMo: keys
+    wider than values."""
+    gen = torch.Generator().manual_seed(5)
+    num_blocks, block_size, tokens = 4, 8, 9
+    for (k_heads, k_dim), (v_heads, v_dim) in (((1, 48), (1, 16)), ((2, 64), (2, 24))):
+        key = torch.randn(tokens, k_heads, k_dim, generator=gen).to(DEVICE)
+        value = torch.randn(tokens, v_heads, v_dim, generator=gen).to(DEVICE)
+        slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+        slots[3] = -1
+        slots = slots.to(DEVICE)
+        key_cache = torch.zeros(num_blocks, block_size, k_heads, k_dim, device=DEVICE)
+        value_cache = torch.zeros(num_blocks, block_size, v_heads, v_dim, device=DEVICE)
+        expected_k, expected_v = key_cache.clone(), value_cache.clone()
+        reshape_and_cache(key, value, key_cache, value_cache, slots)
+        ops.reshape_and_cache(key, value, expected_k, expected_v, slots)
+        assert torch.equal(key_cache, expected_k) and torch.equal(value_cache, expected_v)
+
+
+def test_copy_blocks_of_a_key_or_value_pool_alone():
+    """A model whose keys and values differ in width has a key pool and a value pool ``[L, 1, N, bs, H, D]``."""
+    gen = torch.Generator().manual_seed(6)
+    storage = torch.randn(3, 1, 2, 7, 8, 40, generator=gen).to(DEVICE)  # head-major, as pool_tensor(kinds=1)
+    pool = storage.permute(0, 1, 3, 4, 2, 5)
+    expected = pool.clone()
+    src = torch.tensor([0, 4], device=DEVICE)
+    dst = torch.tensor([2, 6], device=DEVICE)
+    copy_blocks(pool, src, dst)
+    ops.copy_blocks(expected, src, dst)
+    assert torch.equal(pool, expected)
 
 
 def test_fully_masked_queries_are_zero():
