@@ -733,17 +733,19 @@ class PagedCache(Cache):
         self._step = _build_step(manager, lengths_before, q_len, device)
         self._step_layers = set()
 
-    def attention_inputs(self, layer_idx: int) -> tuple[StepMetadata, torch.Tensor, torch.Tensor]:
-        """This step's metadata and the key and value pools of `layer_idx`, for its attention function.
+    def attention_inputs(self, slot: int) -> tuple[StepMetadata, torch.Tensor, torch.Tensor]:
+        """This step's metadata and the key and value pools of pool slot `slot` (`layer_of` the pool the layer's
+        ``update`` returned), for its attention function.
 
         Marks the layer's new keys as read.
         """
-        if self._pending_layer != layer_idx:
+        pending = self._pending_layer
+        if pending is None or self._slots[pending] != slot:
             raise RuntimeError(
-                f"hf_paged: attention of layer {layer_idx} ran without storing its keys in this step first."
+                f"hf_paged: attention over pool slot {slot} ran without storing its keys in this step first."
             )
         self._pending_layer = None
-        return (self._step, *self.pool.plain[self._slots[layer_idx]])
+        return (self._step, *self.pool.plain[slot])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""
@@ -899,8 +901,9 @@ def owner_of(tensor: torch.Tensor) -> PagedCache | None:
 
 
 def layer_of(tensor: torch.Tensor, default: int) -> int:
-    """The cache layer whose pool `tensor` is (what `PagedCache.update` was called with), else `default`. Differs
-    from the module's ``layer_idx`` in models that run one module for several cache layers (HRM's cycles)."""
+    """The pool slot of the layer whose ``update`` returned the pool `tensor`, else `default`. Attention layers get
+    slots in order (state-space layers have none), and a model that runs one module for several cache layers (HRM's
+    cycles) reads the slot of the layer ``update`` was called with, not its module's ``layer_idx``."""
     return getattr(tensor, _LAYER_ATTR, default)
 
 
