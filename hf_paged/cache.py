@@ -10,6 +10,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import backend, ops
 from .block_manager import BlockManager, BlockPool, OutOfBlocksError
+from .devices import as_device
 
 __all__ = ["CacheStats", "KVPool", "PagedCache", "StepMetadata", "pool_tensor"]
 
@@ -330,16 +331,16 @@ class PagedLayer(CacheLayerMixin):
 
     @property
     def keys(self) -> torch.Tensor | None:
-        plain = self._cache.pool.plain
-        return plain[self.layer_idx][0] if plain else None
+        pool, local = self._cache.layer_pools[self.layer_idx]
+        return pool.plain[local][0] if pool.plain else None
 
     @property
     def values(self) -> torch.Tensor | None:
-        plain = self._cache.pool.plain
-        return plain[self.layer_idx][1] if plain else None
+        pool, local = self._cache.layer_pools[self.layer_idx]
+        return pool.plain[local][1] if pool.plain else None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self._cache.pool.allocate(key_states)
+        self._cache.layer_pools[self.layer_idx][0].allocate(key_states)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self._cache.update(key_states, value_states, self.layer_idx)
@@ -377,6 +378,11 @@ class PagedCache(Cache):
         device, dtype: where and how to store keys and values; by default those of the first keys written.
         pool: a `KVPool` to share with other caches (what `enable_prefix_caching` sets up); the sizing arguments
             must then be left unset.
+        layer_devices: for a model split across devices (``device_map``), one entry per layer: the device its
+            attention runs on, or a ``(name, device)`` pair (`hf_paged.devices.layer_placements`, which
+            ``generate()`` passes). Layers with equal entries share a pool on that device; all pools share one
+            set of block ids and block tables, and each device gets its own copy of a step's metadata.
+            ``num_blocks`` sizes every pool; ``max_memory`` and ``device`` cannot be combined with it.
     """
 
     def __init__(
@@ -389,6 +395,7 @@ class PagedCache(Cache):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         pool: KVPool | None = None,
+        layer_devices: list | tuple | None = None,
     ):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"hf_paged: block_size must be a positive int, got {block_size!r}.")
@@ -407,6 +414,14 @@ class PagedCache(Cache):
                 f"hf_paged: this config uses attn_implementation={attn!r}; a PagedCache only works with models loaded "
                 'with attn_implementation="hf_paged" (its attention reads the block tables).'
             )
+        if layer_devices is not None:
+            if pool is not None or device is not None or max_memory is not None:
+                raise ValueError(
+                    "hf_paged: layer_devices places every layer's pool itself; leave pool, device and max_memory "
+                    "unset (num_blocks may size the pools)."
+                )
+            self._init_state(num_layers, *_device_pools(layer_devices, num_layers, block_size, num_blocks, dtype))
+            return
         if pool is None:
             pool = KVPool(num_layers, block_size, num_blocks, max_memory,
                           torch.device(device) if device is not None else None, dtype)
@@ -414,10 +429,16 @@ class PagedCache(Cache):
             raise ValueError("hf_paged: a PagedCache given a shared pool takes its size, device and dtype from it.")
         self._init_state(num_layers, pool)
 
-    def _init_state(self, num_layers: int, pool: KVPool) -> None:
+    def _init_state(self, num_layers: int, pool: KVPool,
+                    layer_pools: list[tuple[KVPool, int]] | None = None) -> None:
         super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
         self.block_size = pool.block_size
-        self.pool = pool
+        self.pool = pool  # layer 0's pool; it owns the block ids (`KVPool.blocks`) that every pool shares
+        # Per layer, its pool and its index in that pool; `pools` lists each pool once, `pool` first.
+        self.layer_pools = layer_pools or [(pool, layer) for layer in range(num_layers)]
+        self.pools = list({id(p): p for p, _ in self.layer_pools}.values())
+        self._device_steps: dict[torch.device, StepMetadata] = {}
+        self._lengths_before: list[int] = []
         self.manager = BlockManager(block_size=pool.block_size, pool=pool.blocks)
         if pool.shared:
             # A shared pool outlives this cache: give the rows' blocks back when the cache is collected.
@@ -431,7 +452,8 @@ class PagedCache(Cache):
     # ---------------------------------------------------------------------------------------- the pool
     @property
     def kv_pool(self) -> torch.Tensor | None:
-        """The pool tensor ``[L, 2, N, bs, Hkv, D]`` (None before the first write)."""
+        """The pool tensor ``[L, 2, N, bs, Hkv, D]`` (None before the first write); with `layer_devices`, that of
+        layer 0's pool, holding only its layers."""
         return self.pool.tensor
 
     @property
@@ -454,7 +476,7 @@ class PagedCache(Cache):
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across keys and values of all layers (0 before the pool exists)."""
-        return self.pool.bytes_per_block
+        return sum(pool.bytes_per_block for pool in self.pools)
 
     # ------------------------------------------------------------------------------------ Cache API
     def update(
@@ -472,9 +494,17 @@ class PagedCache(Cache):
                 'does not run attn_implementation="hf_paged". Load it with attn_implementation="hf_paged" (or call '
                 'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
             )
-        pool = self.pool
+        pool, local = self.layer_pools[layer_idx]
         if pool.tensor is None:
             pool.allocate(key_states)
+            if pool is not self.pool and self.pool.tensor is not None and pool.tensor.shape[2] < self.pool.blocks.num_blocks:
+                pool.resize(self.pool.blocks.num_blocks)  # block ids are shared: every pool holds all of them
+        if key_states.device != pool.tensor.device:
+            raise ValueError(
+                f"hf_paged: layer {layer_idx} computes its keys on {key_states.device}, but its PagedCache pool is on "
+                f"{pool.tensor.device}. For a model split across devices (device_map), let generate() build the cache "
+                "or pass PagedCache(config, layer_devices=hf_paged.devices.layer_placements(model))."
+            )
         if not pool.matches(key_states) or value_states.shape != key_states.shape:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} gives keys {tuple(key_states.shape)} and values "
@@ -488,14 +518,15 @@ class PagedCache(Cache):
         batch, heads, q_len, dim = key_states.shape
         keys = key_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
         values = value_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
-        key_pool, value_pool = pool.plain[layer_idx]
-        if self._step.triton:
-            backend.kernels().reshape_and_cache(keys, values, key_pool, value_pool, self._step.slot_mapping)
+        key_pool, value_pool = pool.plain[local]
+        step = self._step_on(pool.tensor.device)
+        if step.triton:
+            backend.kernels().reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping)
         else:
-            ops.reshape_and_cache(keys, values, key_pool, value_pool, self._step.slot_mapping, skip_negative=False)
+            ops.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, skip_negative=False)
         self._pending_layer = layer_idx
         pool.active = weakref.ref(self)
-        return pool.guarded[layer_idx]
+        return pool.guarded[local]
 
     def _begin_step(self, batch: int, q_len: int) -> None:
         """Reserve slots for ``q_len`` new tokens in every row and build this step's metadata."""
@@ -510,6 +541,9 @@ class PagedCache(Cache):
             manager.add_rows(batch)
         try:
             self.pool.ensure_free(manager.blocks_needed(q_len))
+            for pool in self.pools[1:]:
+                if pool.tensor is not None and pool.tensor.shape[2] < self.pool.blocks.num_blocks:
+                    pool.resize(self.pool.blocks.num_blocks)
             lengths_before = list(manager.lengths)
             copies = manager.append(q_len)
         except BaseException:
@@ -519,14 +553,25 @@ class PagedCache(Cache):
         device = self.pool.tensor.device
         if copies:
             src, dst = zip(*copies, strict=True)
-            backend.copy_blocks(
-                self.pool.tensor,
-                torch.tensor(src, dtype=torch.int32, device=device),
-                torch.tensor(dst, dtype=torch.int32, device=device),
-            )
+            for pool in self.pools:
+                if pool.tensor is not None:
+                    backend.copy_blocks(
+                        pool.tensor,
+                        torch.tensor(src, dtype=torch.int32, device=pool.tensor.device),
+                        torch.tensor(dst, dtype=torch.int32, device=pool.tensor.device),
+                    )
         self.peak_used_blocks = max(self.peak_used_blocks, manager.num_used)
         self._step = _build_step(manager, lengths_before, q_len, device)
+        self._device_steps, self._lengths_before = {device: self._step}, lengths_before
         self._step_layers = set()
+
+    def _step_on(self, device: torch.device) -> StepMetadata:
+        """This step's metadata with its tensors on `device` (built from the same block tables, once per device)."""
+        step = self._device_steps.get(device)
+        if step is None:
+            step = _build_step(self.manager, self._lengths_before, self._step.q_len, device)
+            self._device_steps[device] = step
+        return step
 
     def attention_inputs(self, layer_idx: int) -> tuple[StepMetadata, torch.Tensor, torch.Tensor]:
         """This step's metadata and the key and value pools of `layer_idx`, for its attention function.
@@ -538,7 +583,8 @@ class PagedCache(Cache):
                 f"hf_paged: attention of layer {layer_idx} ran without storing its keys in this step first."
             )
         self._pending_layer = None
-        return (self._step, *self.pool.plain[layer_idx])
+        pool, local = self.layer_pools[layer_idx]
+        return (self._step_on(pool.tensor.device), *pool.plain[local])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""
@@ -610,6 +656,9 @@ class PagedCache(Cache):
     def __deepcopy__(self, memo: dict) -> PagedCache:
         """An independent copy with a pool of its own holding just this cache's blocks (Transformers' prompt-reuse
         recipe: ``copy.deepcopy(prompt_cache)``). Sharing between rows is kept."""
+        if len(self.pools) > 1:
+            raise NotImplementedError("hf_paged: copying a PagedCache whose layers are on several devices is not "
+                                      "supported; run the prompt again for each copy instead.")
         used = sorted({block for table in self.manager.tables for block in table})
         renumber = {block: new for new, block in enumerate(used)}
         old = self.pool
@@ -639,6 +688,28 @@ class PagedCache(Cache):
             f"PagedCache(block_size={s.block_size}, rows={s.num_rows}, tokens={s.logical_tokens}, "
             f"blocks={s.used_blocks}/{s.num_blocks} used, {s.shared_blocks} shared)"
         )
+
+
+def _device_pools(layer_devices, num_layers: int, block_size: int, num_blocks: int | None,
+                  dtype: torch.dtype | None) -> tuple[KVPool, list[tuple[KVPool, int]]]:
+    """``(layer 0's pool, per layer (its pool, its index there))`` for `PagedCache`'s ``layer_devices``."""
+    if len(layer_devices) != num_layers:
+        raise ValueError(f"hf_paged: layer_devices has {len(layer_devices)} entries but the model has {num_layers} "
+                         "layers; give one device (or (name, device) pair) per layer.")
+    keys = []
+    for entry in layer_devices:
+        name, device = entry if isinstance(entry, tuple) else (None, entry)
+        device = as_device(device)
+        keys.append((str(device) if name is None else str(name), device))
+    groups: dict[tuple[str, torch.device], list[int]] = {}
+    for layer, key in enumerate(keys):
+        groups.setdefault(key, []).append(layer)
+    pools = {key: KVPool(len(layers), block_size, num_blocks, device=key[1], dtype=dtype)
+             for key, layers in groups.items()}
+    first = pools[keys[0]]
+    for pool in pools.values():
+        pool.blocks = first.blocks  # one set of block ids; every other pool follows the first one's size
+    return first, [(pools[key], groups[key].index(layer)) for layer, key in enumerate(keys)]
 
 
 def owner_of(tensor: torch.Tensor) -> PagedCache | None:

@@ -22,6 +22,7 @@ from transformers.generation.utils import GenerationMixin
 
 from . import prefix
 from .cache import PagedCache
+from .devices import layer_placements
 
 __all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "uses_hf_paged"]
 
@@ -73,10 +74,18 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
     ):
         shared = prefix.prefix_cache_of(self)
         model_kwargs["past_key_values"] = (
-            shared.new_cache(self.config) if shared is not None else PagedCache(self.config, device=self.device)
+            shared.new_cache(self.config) if shared is not None else _new_cache(self)
         )
         return None
     return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+
+
+def _new_cache(model) -> PagedCache:
+    """The cache ``generate()`` builds: one pool on the model's device, or one per device-map entry of its layers."""
+    placements = layer_placements(model)
+    if placements is None:
+        return PagedCache(model.config, device=model.device)
+    return PagedCache(model.config, layer_devices=placements)
 
 
 def forecast_blocks(batch_size: int, k: int, prompt_len: int, max_cache_length: int, block_size: int) -> int:
