@@ -50,6 +50,7 @@ def test_dry_run_of_the_device_check(tmp_path):
     assert phases["bandwidth"]["bytes_per_second"] > 0
     decode = phases["decode_bytes"]
     assert all(decode[name]["must_read_bytes"] > 0 for name in ("greedy", "batch4", "sample4"))
+    assert len(record["targets"]) == 6 and record["targets"]["kernels exact within tolerance"] is True
     markdown = (out / "results.md").read_text()
     assert "| P | scenario |" in markdown and "Parity with sdpa" in markdown and "Copy bandwidth" in markdown
 
