@@ -497,8 +497,7 @@ class PagedCache(Cache):
         pool, local = self.layer_pools[layer_idx]
         if pool.tensor is None:
             pool.allocate(key_states)
-            if pool is not self.pool and self.pool.tensor is not None and pool.tensor.shape[2] < self.pool.blocks.num_blocks:
-                pool.resize(self.pool.blocks.num_blocks)  # block ids are shared: every pool holds all of them
+            self._grow_to_first(pool)
         if key_states.device != pool.tensor.device:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} computes its keys on {key_states.device}, but its PagedCache pool is on "
@@ -542,8 +541,7 @@ class PagedCache(Cache):
         try:
             self.pool.ensure_free(manager.blocks_needed(q_len))
             for pool in self.pools[1:]:
-                if pool.tensor is not None and pool.tensor.shape[2] < self.pool.blocks.num_blocks:
-                    pool.resize(self.pool.blocks.num_blocks)
+                self._grow_to_first(pool)
             lengths_before = list(manager.lengths)
             copies = manager.append(q_len)
         except BaseException:
@@ -564,6 +562,11 @@ class PagedCache(Cache):
         self._step = _build_step(manager, lengths_before, q_len, device)
         self._device_steps, self._lengths_before = {device: self._step}, lengths_before
         self._step_layers = set()
+
+    def _grow_to_first(self, pool: KVPool) -> None:
+        """Give `pool` as many blocks as layer 0's pool: the block ids are shared, so every pool holds all of them."""
+        if pool.tensor is not None and pool.tensor.shape[2] < self.pool.blocks.num_blocks:
+            pool.resize(self.pool.blocks.num_blocks)
 
     def _step_on(self, device: torch.device) -> StepMetadata:
         """This step's metadata with its tensors on `device` (built from the same block tables, once per device)."""

@@ -72,3 +72,13 @@ def test_layer_devices_in_a_fixed_pool_and_bad_arguments():
         hf_paged.PagedCache(config, layer_devices=["cpu"] * 3)
     with pytest.raises(ValueError, match="hf_paged: layer_devices places"):
         hf_paged.PagedCache(config, max_memory="1MiB", layer_devices=["cpu"] * LAYERS)
+
+
+def test_a_fixed_size_cache_placed_by_the_user(models):
+    reference, mapped = models
+    batch = left_padded_batch([30, 19], seed=2)
+    cache = hf_paged.PagedCache(mapped.config, num_blocks=12, layer_devices=layer_placements(mapped))
+    kwargs = {"max_new_tokens": 10, "min_new_tokens": 10, "pad_token_id": 0}
+    expected = reference.generate(**batch, **kwargs)
+    assert torch.equal(mapped.generate(**batch, **kwargs, past_key_values=cache), expected)
+    assert [pool.tensor.shape[2] for pool in cache.pools] == [12, 12] and cache.stats().num_blocks == 12
