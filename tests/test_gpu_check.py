@@ -62,3 +62,12 @@ def test_phases_out_of_time_are_skipped_not_run(tmp_path):
     assert record["phases"]["kernels"]["skipped"] == "out of time"
     rows = record["phases"]["bench"]["rows"]
     assert len(rows) == 8 and all(row.get("skipped") == "out of time" for row in rows)
+
+
+def test_isolated_phases_run_in_processes_of_their_own(tmp_path):
+    code = gpu_check.main(["--dry", "--isolate", "--out", str(tmp_path), "--phases", "bandwidth,nonsense"])
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert code == 1
+    assert record["phases"]["bandwidth"]["ok"] and record["phases"]["bandwidth"]["bytes_per_second"] > 0
+    assert record["phases"]["nonsense"]["error"] == "ValueError: unknown phase 'nonsense'"
+    assert (tmp_path / "logs" / "bandwidth.log").exists() and (tmp_path / "logs" / "bandwidth.json").exists()

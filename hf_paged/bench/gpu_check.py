@@ -472,6 +472,59 @@ def _device_name(plan: Plan) -> str:
     return f"CPU ({platform.machine()}, dry run)"
 
 
+def run_phase(name: str, plan: Plan, clock: Clock, args: argparse.Namespace) -> dict:
+    """Run one phase in this process and return its result (a failure is recorded, not raised)."""
+    started = time.perf_counter()
+    try:
+        if name == "kernels":
+            result = phase_kernels(plan, clock, args.repo.resolve(), args.out.resolve(), args.dry)
+        elif name == "split":
+            result = phase_split(plan, clock)
+        elif name == "bandwidth":
+            result = phase_bandwidth(plan)
+        elif name in ("parity", "bench", "decode_bytes"):
+            model = _build_model(plan.model, plan)
+            parameters = sum(p.numel() for p in model.parameters())
+            if name == "parity":
+                result = phase_parity(plan, clock, model)
+            elif name == "bench":
+                result = phase_bench(plan, clock, model)
+            else:
+                bandwidth = args.bandwidth or phase_bandwidth(plan)["bytes_per_second"]
+                result = phase_decode_bytes(plan, clock, model, bandwidth)
+            result["parameters"] = parameters
+        else:
+            raise ValueError(f"unknown phase {name!r}")
+    except Exception as error:  # a failed phase is recorded and the next one still runs
+        result = {"ok": False, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _run_phase_process(name: str, clock: Clock, args: argparse.Namespace, bandwidth: float | None) -> dict:
+    """Run one phase in a process of its own, so that a crash or a hang (a CUDA fault) costs only that phase."""
+    logs = args.out / "logs"
+    logs.mkdir(exist_ok=True)
+    result_file = logs / f"{name}.json"
+    result_file.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "hf_paged.bench.gpu_check", "--child", str(result_file), "--phases", name,
+               "--out", str(args.out), "--repo", str(args.repo), "--budget", f"{clock.left:.0f}"]
+    command += ["--dry"] if args.dry else []
+    command += ["--bandwidth", str(bandwidth)] if bandwidth else []
+    started = time.perf_counter()
+    with open(logs / f"{name}.log", "w") as log:
+        try:
+            code = subprocess.run(command, cwd=args.out, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=max(clock.left, 5) + 10).returncode
+        except subprocess.TimeoutExpired:
+            code = "killed: out of time"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    tail = (logs / f"{name}.log").read_text()[-3000:]
+    return {"ok": False, "error": f"the phase's process ended ({code}) without a result", "tail": tail,
+            "seconds": time.perf_counter() - started}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hf_paged.bench.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--dry", action="store_true", help="tiny, on the CPU (the suite's check of this script)")
@@ -480,6 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[2],
                         help="the checkout (its tests/ hold the kernel cases)")
     parser.add_argument("--phases", default="kernels,parity,split,bandwidth,bench,decode_bytes")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="one process per phase, so a crash or hang costs only that phase (default: on a GPU)")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # run one phase, write its result there
+    parser.add_argument("--bandwidth", type=float, help=argparse.SUPPRESS)  # bytes/s measured by an earlier phase
     args = parser.parse_args(argv)
     plan = make_plan(args.dry)
     if plan.device == "cuda" and not torch.cuda.is_available():
@@ -488,41 +545,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     import hf_paged  # noqa: F401  (registers "hf_paged")
 
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     clock = Clock(args.budget)
+    if args.child is not None:
+        args.child.write_text(json.dumps(run_phase(args.phases, plan, clock, args), indent=1, default=str))
+        return 0
     record = {"device": _device_name(plan), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "dry": args.dry, "versions": _versions(), "plan": {k: str(v) for k, v in asdict(plan).items()},
               "phases": {}}
-    wanted = args.phases.split(",")
-    model = None
-    for name in wanted:
-        started = time.perf_counter()
-        try:
-            if name == "kernels":
-                result = phase_kernels(plan, clock, args.repo.resolve(), args.out.resolve(), args.dry)
-            elif name == "split":
-                result = phase_split(plan, clock)
-            elif name == "bandwidth":
-                result = phase_bandwidth(plan)
-            else:
-                if model is None:
-                    model = _build_model(plan.model, plan)
-                    record["parameters"] = sum(p.numel() for p in model.parameters())
-                if name == "parity":
-                    result = phase_parity(plan, clock, model)
-                elif name == "bench":
-                    result = phase_bench(plan, clock, model)
-                elif name == "decode_bytes":
-                    bandwidth = record["phases"].get("bandwidth", {}).get("bytes_per_second")
-                    result = phase_decode_bytes(plan, clock, model, bandwidth or phase_bandwidth(plan)["bytes_per_second"])
-                else:
-                    raise ValueError(f"unknown phase {name!r}")
-        except Exception as error:  # a failed phase is recorded and the next one still runs
-            result = {"ok": False, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-        result["seconds"] = time.perf_counter() - started
+    for name in args.phases.split(","):
+        bandwidth = record["phases"].get("bandwidth", {}).get("bytes_per_second")
+        if args.isolate if args.isolate is not None else not args.dry:
+            result = _run_phase_process(name, clock, args, bandwidth)
+        else:
+            args.bandwidth = bandwidth
+            result = run_phase(name, plan, clock, args)
         record["phases"][name] = result
-        print(f"[gpu_check] {name}: ok={result.get('ok')} in {result['seconds']:.1f} s, {clock.left:.0f} s left",
-              flush=True)
+        print(f"[gpu_check] {name}: ok={result.get('ok')} in {result.get('seconds', 0):.1f} s, "
+              f"{clock.left:.0f} s left", flush=True)
         (args.out / "results.json").write_text(json.dumps(record, indent=1, default=str))
     record["targets"] = targets(record, plan)
     (args.out / "results.json").write_text(json.dumps(record, indent=1, default=str))
