@@ -1,7 +1,8 @@
 """The prepared device check (``scripts/gpu_check.sh`` runs ``python -m hf_paged.bench.gpu_check``).
 
 A GPU is lent only at times and for minutes, so one command does everything, within a time budget, and writes
-what it saw as it goes (``results.json`` after every phase, ``results.md`` at the end) under ``--out``:
+what it saw as it goes (``results.json`` after every phase, ``results.md`` at the end) under ``--out``. On a GPU
+each phase runs in a process of its own (its output in ``logs/``), so a CUDA fault or a hang costs only that phase:
 
 1. ``kernels``: ``tests/kernel_*cases.py`` (the interpreter cases and the device grid of
    ``tests/kernel_device_cases.py``) on CUDA against the PyTorch references, in a pytest subprocess.
