@@ -502,7 +502,8 @@ class PagedCache(Cache):
             raise ValueError(
                 f"hf_paged: layer {layer_idx} computes its keys on {key_states.device}, but its PagedCache pool is on "
                 f"{pool.tensor.device}. For a model split across devices (device_map), let generate() build the cache "
-                "or pass PagedCache(config, layer_devices=hf_paged.devices.layer_placements(model))."
+                "or pass PagedCache(config, layer_devices=hf_paged.devices.layer_placements(model)); prefix caching "
+                "(enable_prefix_caching) keeps one pool on one device and does not support such models yet."
             )
         if not pool.matches(key_states) or value_states.shape != key_states.shape:
             raise ValueError(

@@ -82,3 +82,10 @@ def test_a_fixed_size_cache_placed_by_the_user(models):
     expected = reference.generate(**batch, **kwargs)
     assert torch.equal(mapped.generate(**batch, **kwargs, past_key_values=cache), expected)
     assert [pool.tensor.shape[2] for pool in cache.pools] == [12, 12] and cache.stats().num_blocks == 12
+
+
+def test_keys_on_another_device_than_their_pool_fail_clearly():
+    cache = hf_paged.PagedCache(LlamaConfig(**CONFIG), device="meta")
+    keys = torch.zeros(1, 2, 3, 16)
+    with pytest.raises(ValueError, match="hf_paged: layer 0 computes its keys on cpu, but its PagedCache pool is on meta"):
+        cache.update(keys, keys, 0)
