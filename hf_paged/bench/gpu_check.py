@@ -422,7 +422,8 @@ def _mib(value) -> str:
 def markdown(record: dict) -> str:
     """A short summary of `record`: phase status, the bench table, bandwidth and the decode bytes ratio."""
     lines = [f"# hf_paged device check: {record['device']} ({record['date']})", "",
-             ", ".join(f"{k} {v}" for k, v in record["versions"].items()), "", "| phase | ok | seconds | note |",
+             ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+             + f"; hf_paged's {record['hf_paged_backend']} path", "", "| phase | ok | seconds | note |",
              "|---|---|---|---|"]
     for name, phase in record["phases"].items():
         note = phase.get("error") or phase.get("skipped") or ""
@@ -545,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry:
         torch.set_num_threads(1)
     import hf_paged  # noqa: F401  (registers "hf_paged")
+    from hf_paged import backend
 
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -554,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     record = {"device": _device_name(plan), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "dry": args.dry, "versions": _versions(), "plan": {k: str(v) for k, v in asdict(plan).items()},
+              "hf_paged_backend": "triton" if backend.use_triton(torch.device(plan.device)) else "torch",
               "phases": {}}
     for name in args.phases.split(","):
         bandwidth = record["phases"].get("bandwidth", {}).get("bytes_per_second")
