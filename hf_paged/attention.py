@@ -14,7 +14,7 @@ import torch
 from transformers.masking_utils import sdpa_mask
 
 from . import backend, masks, ops
-from .cache import key_padding_mask, layer_of, owner_of
+from .cache import key_padding_mask, owner_of
 
 __all__ = ["paged_attention_forward", "paged_attention_mask"]
 
@@ -110,7 +110,7 @@ def paged_attention_forward(
     if cache is None:
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,
                                      softcap, is_causal, chunk_size, sinks), None
-    step, key, value = cache.attention_inputs(layer_of(key, module.layer_idx))
+    step, key, value = cache.attention_inputs(key)
     if sliding_window is not None and sliding_window >= step.max_seq_len:
         sliding_window = None  # the window covers every key: no mask needed
     if chunk_size is not None and chunk_size >= step.max_seq_len:

@@ -18,6 +18,7 @@ from transformers.cache_utils import (
 
 from . import backend, ops
 from .block_manager import BlockManager, BlockPool, OutOfBlocksError
+from .devices import as_device
 
 __all__ = ["CacheStats", "KVPool", "PagedCache", "StepMetadata", "pool_tensor"]
 
@@ -377,19 +378,19 @@ class PagedLayer(CacheLayerMixin):
 
     @property
     def is_initialized(self) -> bool:
-        return self._cache.pool.tensor is not None
+        return self._cache.layer_pools[self.layer_idx][0].tensor is not None
 
     @property
     def key_pool(self) -> torch.Tensor | None:
         """This layer's key pool ``[N, bs, Hkv, D]`` (None before the first write)."""
-        plain = self._cache.pool.plain
-        return plain[self.slot][0] if plain else None
+        pool, slot = self._cache.layer_pools[self.layer_idx]
+        return pool.plain[slot][0] if pool.plain else None
 
     @property
     def value_pool(self) -> torch.Tensor | None:
         """This layer's value pool ``[N, bs, Hkv, D]`` (None before the first write)."""
-        plain = self._cache.pool.plain
-        return plain[self.slot][1] if plain else None
+        pool, slot = self._cache.layer_pools[self.layer_idx]
+        return pool.plain[slot][1] if pool.plain else None
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -412,7 +413,7 @@ class PagedLayer(CacheLayerMixin):
         return ops.gather_kv(pool, tables, kv_len)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self._cache.pool.allocate(key_states, value_states)
+        self._cache.layer_pools[self.layer_idx][0].allocate(key_states, value_states)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self._cache.update(key_states, value_states, self.layer_idx)
@@ -541,6 +542,11 @@ class PagedCache(Cache):
         device, dtype: where and how to store keys and values; by default those of the first keys written.
         pool: a `KVPool` to share with other caches (what `enable_prefix_caching` sets up); the sizing arguments
             must then be left unset.
+        layer_devices: for a model split across devices (``device_map``), one entry per layer: the device its
+            attention runs on, or a ``(name, device)`` pair (`hf_paged.devices.layer_placements`, which
+            ``generate()`` passes). Attention layers with equal entries share a pool on that device; all pools share
+            one set of block ids and block tables, and each device gets its own copy of a step's metadata.
+            ``num_blocks`` sizes every pool; ``max_memory`` and ``device`` cannot be combined with it.
     """
 
     def __init__(
@@ -553,6 +559,7 @@ class PagedCache(Cache):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         pool: KVPool | None = None,
+        layer_devices: list | tuple | None = None,
     ):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"hf_paged: block_size must be a positive int, got {block_size!r}.")
@@ -577,6 +584,19 @@ class PagedCache(Cache):
                 f"hf_paged: this config uses attn_implementation={attn!r}; a PagedCache only works with models loaded "
                 'with attn_implementation="hf_paged" (its attention reads the block tables).'
             )
+        if layer_devices is not None:
+            if pool is not None or device is not None or max_memory is not None:
+                raise ValueError(
+                    "hf_paged: layer_devices places every layer's pool itself; leave pool, device and max_memory "
+                    "unset (num_blocks may size the pools)."
+                )
+            if len(layer_devices) != num_layers:
+                raise ValueError(f"hf_paged: layer_devices has {len(layer_devices)} entries but the model has "
+                                 f"{num_layers} layers; give one device (or (name, device) pair) per layer.")
+            attention_devices = [entry for entry, kind in zip(layer_devices, kinds, strict=True) if kind != "state"]
+            pool, slot_pools = _device_pools(attention_devices, block_size, num_blocks, dtype)
+            self._init_state(pool, kinds, layer_kwargs, latent, slot_pools)
+            return
         if pool is None:
             pool = KVPool(paged_layers, block_size, num_blocks, max_memory,
                           torch.device(device) if device is not None else None, dtype)
@@ -584,7 +604,8 @@ class PagedCache(Cache):
             raise ValueError("hf_paged: a PagedCache given a shared pool takes its size, device and dtype from it.")
         self._init_state(pool, kinds, layer_kwargs, latent)
 
-    def _init_state(self, pool: KVPool, kinds: list[str], layer_kwargs: list[dict], latent: bool = False) -> None:
+    def _init_state(self, pool: KVPool, kinds: list[str], layer_kwargs: list[dict], latent: bool = False,
+                    slot_pools: list[tuple[KVPool, int]] | None = None) -> None:
         self._kinds, self._layer_kwargs, self.latent = kinds, layer_kwargs, latent
         layers, slot = [], 0
         for i, (kind, kwargs) in enumerate(zip(kinds, layer_kwargs, strict=True)):
@@ -598,9 +619,16 @@ class PagedCache(Cache):
             slot += 1
         super().__init__(layers=layers)
         self._slots = [getattr(layer, "slot", None) for layer in layers]
+        # Per layer, the pool holding it and its index there (None for state layers); `pools` lists each pool once,
+        # `pool` (which owns the block ids every pool shares) first.
+        slot_pools = slot_pools or [(pool, slot) for slot in range(slot)]
+        self.layer_pools = [None if slot is None else slot_pools[slot] for slot in self._slots]
+        self.pools = list({id(p): p for p, _ in slot_pools}.values()) or [pool]
+        self._device_steps: dict[torch.device, StepMetadata] = {}
+        self._lengths_before: list[int] = []
         self.state_layers = _state_layers(layers)
         self.block_size = pool.block_size
-        self.pool = pool
+        self.pool = pool  # it owns the block ids (`KVPool.blocks`) that every pool of `pools` shares
         self.manager = BlockManager(block_size=pool.block_size, pool=pool.blocks)
         if pool.shared:
             # A shared pool outlives this cache: give the rows' blocks back when the cache is collected.
@@ -639,7 +667,7 @@ class PagedCache(Cache):
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across keys and values of all layers (0 before the pool exists)."""
-        return self.pool.bytes_per_block
+        return sum(pool.bytes_per_block for pool in self.pools)
 
     # ------------------------------------------------------------------------------------ Cache API
     def update(
@@ -657,21 +685,28 @@ class PagedCache(Cache):
                 'does not run attn_implementation="hf_paged". Load it with attn_implementation="hf_paged" (or call '
                 'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
             )
-        pool = self.pool
         if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self._slots):
             raise ValueError(
                 f"hf_paged: layer {layer_idx!r} wrote to a PagedCache built for {len(self._slots)} layer(s) (layers "
                 f"0..{len(self._slots) - 1}, from the num_hidden_layers of the config it was given). Build the cache "
                 "from the config of the model that uses it: PagedCache(model.config)."
             )
-        slot = self._slots[layer_idx]
-        if slot is None:
+        if self.layer_pools[layer_idx] is None:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes it a "
                 "linear-attention / state-space layer. The cache must be built from this model's config."
             )
+        pool, slot = self.layer_pools[layer_idx]
         if pool.tensor is None:
             pool.allocate(key_states, value_states)
+            self._grow_to_first(pool)
+        if key_states.device != pool.tensor.device:
+            raise ValueError(
+                f"hf_paged: layer {layer_idx} computes its keys on {key_states.device}, but its PagedCache pool is on "
+                f"{pool.tensor.device}. For a model split across devices (device_map), let generate() build the cache "
+                "or pass PagedCache(config, layer_devices=hf_paged.devices.layer_placements(model)); prefix caching "
+                "(enable_prefix_caching) keeps one pool on one device and does not support such models yet."
+            )
         if not pool.matches(key_states, value_states) or value_states.shape[:3] != key_states.shape[:3]:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} gives keys {tuple(key_states.shape)} and values "
@@ -686,7 +721,7 @@ class PagedCache(Cache):
         keys = key_states.transpose(1, 2).reshape(batch * q_len, *key_states.shape[1:2], key_states.shape[3])
         values = value_states.transpose(1, 2).reshape(batch * q_len, value_states.shape[1], value_states.shape[3])
         key_pool, value_pool = pool.plain[slot]
-        step = self._step
+        step = self._step_on(pool.tensor.device)
         if step.triton:
             backend.kernels().reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping)
         else:
@@ -716,6 +751,8 @@ class PagedCache(Cache):
         ended = ended if ended is not None and any(ended) else None
         try:
             self.pool.ensure_free(manager.blocks_needed(q_len, ended))
+            for pool in self.pools[1:]:
+                self._grow_to_first(pool)
             lengths_before = list(manager.lengths)
             copies = manager.append(q_len, ended)
         except BaseException:
@@ -725,27 +762,47 @@ class PagedCache(Cache):
         device = self.pool.tensor.device
         if copies:
             src, dst = zip(*copies, strict=True)
-            src = torch.tensor(src, dtype=torch.int32, device=device)
-            dst = torch.tensor(dst, dtype=torch.int32, device=device)
-            for tensor in self.pool.tensors:
-                backend.copy_blocks(tensor, src, dst)
+            for pool in self.pools:
+                for tensor in pool.tensors if pool.tensor is not None else ():
+                    backend.copy_blocks(tensor, torch.tensor(src, dtype=torch.int32, device=tensor.device),
+                                        torch.tensor(dst, dtype=torch.int32, device=tensor.device))
         self.peak_used_blocks = max(self.peak_used_blocks, manager.num_used)
         self._step = _build_step(manager, lengths_before, q_len, device)
+        self._device_steps, self._lengths_before = {device: self._step}, lengths_before
         self._step_layers = set()
 
-    def attention_inputs(self, slot: int) -> tuple[StepMetadata, torch.Tensor, torch.Tensor]:
-        """This step's metadata and the key and value pools of pool slot `slot` (`layer_of` the pool the layer's
-        ``update`` returned), for its attention function.
+    def _grow_to_first(self, pool: KVPool) -> None:
+        """Give `pool` as many blocks as the first pool: the block ids are shared, so every pool holds all of them."""
+        if pool is not self.pool and pool.tensor is not None and pool.tensor.shape[2] < self.pool.blocks.num_blocks:
+            pool.resize(self.pool.blocks.num_blocks)
 
-        Marks the layer's new keys as read.
+    def _step_on(self, device: torch.device) -> StepMetadata:
+        """This step's metadata with its tensors on `device` (built from the same block tables, once per device)."""
+        step = self._device_steps.get(device)
+        if step is None:
+            step = _build_step(self.manager, self._lengths_before, self._step.q_len, device)
+            self._device_steps[device] = step
+        return step
+
+    def attention_inputs(self, key: torch.Tensor) -> tuple[StepMetadata, torch.Tensor, torch.Tensor]:
+        """This step's metadata (on the pool's device) and the plain key and value pools behind `key`, the guarded
+        key pool the layer's ``update`` returned, for its attention function.
+
+        Marks the layer's new keys as read. Reading the layer off the pool (not the module's ``layer_idx``) serves
+        models that run one module for several cache layers (HRM's cycles).
         """
+        pool_ref = getattr(key, _OWNER_ATTR, None)
+        place = (pool_ref() if pool_ref is not None else None, getattr(key, _LAYER_ATTR, None))
         pending = self._pending_layer
-        if pending is None or self._slots[pending] != slot:
+        expected = self.layer_pools[pending] if pending is not None else None
+        if expected is None or expected[0] is not place[0] or expected[1] != place[1]:
             raise RuntimeError(
-                f"hf_paged: attention over pool slot {slot} ran without storing its keys in this step first."
+                "hf_paged: an attention layer ran without storing its keys in this step first (last layer stored: "
+                f"{pending})."
             )
         self._pending_layer = None
-        return (self._step, *self.pool.plain[slot])
+        pool, slot = expected
+        return (self._step_on(pool.tensor.device), *pool.plain[slot])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""
@@ -851,6 +908,9 @@ class PagedCache(Cache):
     def __deepcopy__(self, memo: dict) -> PagedCache:
         """An independent copy with a pool of its own holding just this cache's blocks (Transformers' prompt-reuse
         recipe: ``copy.deepcopy(prompt_cache)``). Sharing between rows is kept."""
+        if len(self.pools) > 1:
+            raise NotImplementedError("hf_paged: copying a PagedCache whose layers are on several devices is not "
+                                      "supported; run the prompt again for each copy instead.")
         used = sorted({block for table in self.manager.tables for block in table})
         renumber = {block: new for new, block in enumerate(used)}
         old = self.pool
@@ -898,13 +958,6 @@ def owner_of(tensor: torch.Tensor) -> PagedCache | None:
     pool_ref = getattr(tensor, _OWNER_ATTR, None)
     pool = pool_ref() if pool_ref is not None else None
     return pool.active() if pool is not None and pool.active is not None else None
-
-
-def layer_of(tensor: torch.Tensor, default: int) -> int:
-    """The pool slot of the layer whose ``update`` returned the pool `tensor`, else `default`. Attention layers get
-    slots in order (state-space layers have none), and a model that runs one module for several cache layers (HRM's
-    cycles) reads the slot of the layer ``update`` was called with, not its module's ``layer_idx``."""
-    return getattr(tensor, _LAYER_ATTR, default)
 
 
 def _release_rows(manager: BlockManager) -> None:
@@ -1007,3 +1060,23 @@ def _parse_bytes(value: int | str) -> int:
     if number <= 0:
         raise ValueError(f"hf_paged: max_memory must be positive, got {value!r}.")
     return number
+
+
+def _device_pools(attention_devices, block_size: int, num_blocks: int | None,
+                  dtype: torch.dtype | None) -> tuple[KVPool, list[tuple[KVPool, int]]]:
+    """``(the first pool, per attention layer (its pool, its index there))`` for `PagedCache`'s ``layer_devices``:
+    one pool per distinct entry, all sharing the first pool's block ids."""
+    keys = []
+    for entry in attention_devices:
+        name, device = entry if isinstance(entry, tuple) else (None, entry)
+        device = as_device(device)
+        keys.append((str(device) if name is None else str(name), device))
+    groups: dict[tuple[str, torch.device], list[int]] = {}
+    for layer, key in enumerate(keys):
+        groups.setdefault(key, []).append(layer)
+    pools = {key: KVPool(len(layers), block_size, num_blocks, device=key[1], dtype=dtype)
+             for key, layers in groups.items()}
+    first = pools[keys[0]]
+    for pool in pools.values():
+        pool.blocks = first.blocks  # one set of block ids; every other pool follows the first one's size
+    return first, [(pools[key], groups[key].index(layer)) for layer, key in enumerate(keys)]

@@ -27,6 +27,7 @@ from transformers.generation.utils import GenerationMixin
 
 from . import prefix, support
 from .cache import PagedCache, check_layer_types
+from .devices import layer_placements
 
 __all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "uses_hf_paged"]
 
@@ -81,13 +82,21 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
         and self._supports_default_dynamic_cache()
     ):
         shared = prefix.prefix_cache_of(self)
-        cache = shared.new_cache(self.config) if shared is not None else PagedCache(self.config, device=self.device)
+        cache = shared.new_cache(self.config) if shared is not None else _new_cache(self)
         created = _CALL_CACHES.get()
         if created is not None:
             created.append(cache)
         model_kwargs["past_key_values"] = cache
         return None
     return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+
+
+def _new_cache(model) -> PagedCache:
+    """The cache ``generate()`` builds: one pool on the model's device, or one per device-map entry of its layers."""
+    placements = layer_placements(model)
+    if placements is None:
+        return PagedCache(model.config, device=model.device)
+    return PagedCache(model.config, layer_devices=placements)
 
 
 def forecast_blocks(batch_size: int, k: int, prompt_len: int, max_cache_length: int, block_size: int) -> int:
