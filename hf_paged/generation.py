@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
-from . import prefix
+from . import compat, prefix
 from .cache import PagedCache
 
 __all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "uses_hf_paged"]
@@ -55,7 +55,7 @@ def check_supported(model) -> None:
 
 def _prepare_cache_for_generation(original, self, generation_config, model_kwargs, generation_mode, batch_size,
                                   max_cache_length):
-    user_cache = model_kwargs.get("past_key_values")
+    user_cache = compat.get_cache(model_kwargs)
     if not uses_hf_paged(self):
         if isinstance(user_cache, PagedCache):
             raise ValueError(
@@ -72,8 +72,9 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
         and self._supports_default_dynamic_cache()
     ):
         shared = prefix.prefix_cache_of(self)
-        model_kwargs["past_key_values"] = (
-            shared.new_cache(self.config) if shared is not None else PagedCache(self.config, device=self.device)
+        compat.set_cache(
+            model_kwargs,
+            shared.new_cache(self.config) if shared is not None else PagedCache(self.config, device=self.device),
         )
         return None
     return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
@@ -101,7 +102,7 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
     decoding loop sees exactly what it would have seen. Anything this cannot reproduce falls back to the ordinary
     prefill.
     """
-    cache = model_kwargs.get("past_key_values")
+    cache = compat.get_cache(model_kwargs)
     if not isinstance(cache, PagedCache):
         return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
     k = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)

@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicCache
 
 from hf_paged import PagedCache
 from hf_paged import backend as paged_backend
+from hf_paged.compat import cache_kwargs
 
 VOCAB = 128
 PAD, EOS, BOS = 0, 1, 2
@@ -387,7 +388,7 @@ def test_continue_from_returned_cache(models, padded):
         new_ids = torch.cat([first.sequences, extra], dim=1)
         new_mask = torch.cat([mask, torch.ones(ids.shape[0], new_ids.shape[1] - ids.shape[1], dtype=torch.long)], 1)
         second = greedy(
-            model, new_ids, new_mask, max_new_tokens=6, past_key_values=first.past_key_values,
+            model, new_ids, new_mask, max_new_tokens=6, **cache_kwargs(first.past_key_values),
             return_dict_in_generate=True,
         )
         results.append((first, second))
@@ -408,15 +409,15 @@ def test_deepcopy_of_a_prefilled_prompt_cache(models):
     prefix = random_ids(1, 20, seed=65)
     prompts = [torch.cat([prefix, random_ids(1, n, seed=66 + n)], dim=1) for n in (5, 13)]
     with torch.no_grad():
-        ref_cache = ref(prefix, past_key_values=DynamicCache(config=ref.config)).past_key_values
-        cache = paged(prefix, past_key_values=PagedCache(paged.config)).past_key_values
+        ref_cache = ref(prefix, **cache_kwargs(DynamicCache(config=ref.config))).past_key_values
+        cache = paged(prefix, **cache_kwargs(PagedCache(paged.config))).past_key_values
     stats_before, pool_before = cache.stats(), cache.kv_pool.clone()
     for ids in prompts:
-        expected = greedy(ref, ids, max_new_tokens=6, past_key_values=copy.deepcopy(ref_cache))
+        expected = greedy(ref, ids, max_new_tokens=6, **cache_kwargs(copy.deepcopy(ref_cache)))
         assert torch.equal(expected, greedy(ref, ids, max_new_tokens=6))
         copied = copy.deepcopy(cache)
         assert isinstance(copied, PagedCache) and copied is not cache
-        got = greedy(paged, ids, max_new_tokens=6, past_key_values=copied)
+        got = greedy(paged, ids, max_new_tokens=6, **cache_kwargs(copied))
         assert torch.equal(got, expected)
         assert_stats_consistent(copied)
     assert cache.stats() == stats_before
@@ -432,8 +433,8 @@ def test_manual_decoding_loop_with_forward_calls(models):
     ref_next, next_ids = ids, ids
     with torch.no_grad():
         for _ in range(10):
-            ref_logits = ref(ref_next, past_key_values=ref_cache).logits[:, -1]
-            logits = paged(next_ids, past_key_values=cache).logits[:, -1]
+            ref_logits = ref(ref_next, **cache_kwargs(ref_cache)).logits[:, -1]
+            logits = paged(next_ids, **cache_kwargs(cache)).logits[:, -1]
             torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
             ref_next, next_ids = ref_logits.argmax(-1, keepdim=True), logits.argmax(-1, keepdim=True)
             assert torch.equal(next_ids, ref_next)
@@ -464,7 +465,7 @@ def test_use_cache_false(models, paged_steps):
 @pytest.mark.parametrize(
     "cache_kwargs",
     [
-        lambda config: dict(past_key_values=DynamicCache(config=config)),
+        lambda config: cache_kwargs(DynamicCache(config=config)),
         lambda config: dict(cache_implementation="dynamic"),
         lambda config: dict(cache_implementation="static"),
     ],

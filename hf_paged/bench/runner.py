@@ -15,6 +15,7 @@ import torch
 
 import hf_paged
 
+from .. import compat
 from .prompts import left_pad
 from .scenarios import Scenario
 
@@ -205,7 +206,7 @@ class Runner:
                 if paged and not scenario.prefix_cache:
                     cache = self._paged_cache()
                     if cache is not None:
-                        extra["past_key_values"] = cache
+                        extra.update(compat.cache_kwargs(cache))
                 torch.manual_seed(self.seed)
                 start = time.perf_counter()
                 out = self.model.generate(
@@ -214,11 +215,11 @@ class Runner:
                 elapsed += time.perf_counter() - start
                 sequences += out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
                 if paged:
-                    stats = out.past_key_values.stats()
+                    stats = compat.output_cache(out).stats()
                     kv_bytes, pool_bytes, call_peak = stats.used_bytes, stats.pool_bytes, stats.peak_used_bytes
                     prefix_hits = (prefix_hits or 0) + stats.prefix_hit_tokens
                 else:
-                    kv_bytes = call_peak = _dynamic_cache_bytes(out.past_key_values)
+                    kv_bytes = call_peak = _dynamic_cache_bytes(compat.output_cache(out))
                 peak_kv = max(peak_kv or 0, call_peak)
                 del out
         finally:
