@@ -8,6 +8,7 @@ KV cache of every ``generate`` call in blocks.
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from . import compat
 from .attention import paged_attention_forward, paged_attention_mask
 from .block_manager import BlockManager, OutOfBlocksError
 from .cache import CacheStats, PagedCache
@@ -27,5 +28,5 @@ __all__ = [
 __version__ = "0.1.0"
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, paged_attention_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, compat.mask_function(paged_attention_mask))
 install_generate_hook()

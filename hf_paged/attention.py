@@ -11,10 +11,10 @@ attention over them.
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import sdpa_mask
 
 from . import backend, ops
 from .cache import key_padding_mask, owner_of
+from .compat import bool_mask, sdpa_mask
 
 __all__ = ["paged_attention_forward", "paged_attention_mask"]
 
@@ -80,6 +80,8 @@ def paged_attention_forward(
         ``(output [B, q, H, D], None)``: attention weights are never materialised.
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = bool_mask(attention_mask)  # a family's own additive mask (older releases)
     cache = owner_of(key)
     if cache is None:
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,

@@ -123,6 +123,8 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
         with shared.pool.blocks.lock:
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
     outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
+    for key in reduced_kwargs.keys() - model_kwargs.keys():
+        model_kwargs[key] = reduced_kwargs[key]  # what the prefill adds for the decoding loop (5.0: cache_position)
     if hashes is not None:
         with shared.pool.blocks.lock:
             prefix.index_prompt_blocks(cache, hashes)

@@ -32,7 +32,7 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache
 
-from hf_paged import PagedCache
+from hf_paged import PagedCache, compat
 from hf_paged import backend as paged_backend
 from hf_paged.compat import cache_kwargs
 
@@ -142,13 +142,15 @@ def paged_steps(monkeypatch):
 
 @pytest.fixture
 def crops(monkeypatch):
-    """Records every `PagedCache.crop` argument."""
+    """Records every `PagedCache.crop` call as the (negative) change of the cache's length."""
     calls = []
     original = PagedCache.crop
 
     def recording(self, tokens_to_remove):
-        calls.append(tokens_to_remove)
-        return original(self, tokens_to_remove)
+        before = self.get_seq_length()
+        result = original(self, tokens_to_remove)
+        calls.append(self.get_seq_length() - before)
+        return result
 
     monkeypatch.setattr(PagedCache, "crop", recording)
     return calls
@@ -335,7 +337,11 @@ def test_prefill_chunk_size(models, chunk, paged_steps):
     ref, paged = models
     ids, mask = left_padded([37, 30], seed=31)
     expected = greedy(ref, ids, mask, max_new_tokens=8)
-    expected_chunked = greedy(ref, ids, mask, max_new_tokens=8, prefill_chunk_size=chunk)
+    try:
+        expected_chunked = greedy(ref, ids, mask, max_new_tokens=8, prefill_chunk_size=chunk)
+    except ValueError as error:  # 5.0's own chunked prefill fails for sdpa ("without a cache"); hf_paged's must not
+        assert "hf_paged" not in str(error) and compat.TRANSFORMERS_VERSION < (5, 17), error
+        expected_chunked = expected
     got = greedy(paged, ids, mask, max_new_tokens=8, prefill_chunk_size=chunk)
     assert torch.equal(got, expected_chunked)
     assert torch.equal(got, expected)
@@ -365,7 +371,9 @@ def test_assistant_model_decoding(models, crops, main, helper):
     expected = greedy(ref, ids, max_new_tokens=20)
     got = greedy(model, ids, max_new_tokens=20, assistant_model=assistants[helper], return_dict_in_generate=True)
     assert torch.equal(got.sequences, expected)
-    assert any(n < 0 for n in crops), "no candidate was rejected; crop was not exercised"
+    # 5.0 gives the assistant cache_implementation="dynamic_full": an hf_paged assistant then runs its attention on
+    # Transformers' DynamicCache (the plain path), and only the main model's cache can be a PagedCache.
+    assert any(n < 0 for n in crops) or (compat.CROP_TAKES_LENGTH and main == "sdpa"), "crop was not exercised"
     if main == "hf_paged":
         cache = got.past_key_values
         assert isinstance(cache, PagedCache)
