@@ -17,6 +17,9 @@ What differs between the 5.x releases hf_paged supports:
   boolean mask hf_paged's attention takes.
 * **crop.** In 5.0 ``Cache.crop`` takes the length to keep (or, negative, the tokens to remove), and assisted
   and prompt-lookup decoding pass the length; later releases take only the negative form. `CROP_TAKES_LENGTH`.
+* **tensor parallelism.** ``from_pretrained(tp_plan="auto")`` in 5.0; ``distributed_config=DistributedConfig(
+  tp_plan="auto")`` once `DistributedConfig` takes ``tp_plan`` (the bare keyword is deprecated there).
+  `tensor_parallel_kwargs`.
 * **the hooks.** `GenerationMixin` methods hf_paged wraps (`HOOKS`); every 5.x release has them with the
   signatures hf_paged calls them with, and `missing_hooks` names any that a future release drops, so that
   feature falls back to Transformers' own path instead of breaking.
@@ -36,7 +39,7 @@ from transformers.cache_utils import DynamicLayer as _DynamicLayer
 from transformers.generation import utils as _generation_utils
 
 __all__ = ["CACHE_KWARG", "HOOKS", "MASK_TAKES_CACHE_POSITION", "TRANSFORMERS_VERSION", "cache_kwargs", "get_cache",
-           "CROP_TAKES_LENGTH", "bool_mask", "builds_own_mask", "mask_function", "missing_hooks", "output_cache", "query_length", "sdpa_mask", "set_cache"]
+           "CROP_TAKES_LENGTH", "bool_mask", "builds_own_mask", "mask_function", "missing_hooks", "output_cache", "query_length", "sdpa_mask", "set_cache", "tensor_parallel_kwargs"]
 
 TRANSFORMERS_VERSION: tuple[int, ...] = tuple(
     int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit()
@@ -140,3 +143,14 @@ def builds_own_mask(model: torch.nn.Module) -> bool:
 
 CROP_TAKES_LENGTH: bool = list(inspect.signature(_DynamicLayer.crop).parameters)[1:2] == ["max_length"]
 """Whether this release's ``Cache.crop`` takes a positive length to keep (5.0) besides negative token counts."""
+
+
+def tensor_parallel_kwargs(tp_plan: str | dict = "auto") -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for tensor parallelism under ``torchrun`` on this release."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return {"tp_plan": tp_plan}
+    if "tp_plan" not in inspect.signature(DistributedConfig).parameters:
+        return {"tp_plan": tp_plan}
+    return {"distributed_config": DistributedConfig(tp_plan=tp_plan)}

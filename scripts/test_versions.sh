@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 VERSIONS=("$@")
 [ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(5.0.0 5.17.0 5.24.0)
 TESTS=(tests/test_generate_parity.py tests/test_prefill_once.py tests/test_prefix_cache.py tests/test_errors.py
-       tests/test_ecosystem.py tests/test_triton_generate.py)
+       tests/test_ecosystem.py tests/test_triton_generate.py tests/test_tensor_parallel.py)
 status=0
 for version in "${VERSIONS[@]}"; do
     venv=.venv-tf/$version
