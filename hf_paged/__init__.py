@@ -13,6 +13,7 @@ from .attention import paged_attention_forward, paged_attention_mask
 from .block_manager import BlockManager, OutOfBlocksError
 from .cache import CacheStats, PagedCache
 from .generation import ATTN_IMPLEMENTATION, install_generate_hook
+from .models import load, load_smollm2
 from .prefix import PrefixCache, disable_prefix_caching, enable_prefix_caching
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "PrefixCache",
     "disable_prefix_caching",
     "enable_prefix_caching",
+    "load",
+    "load_smollm2",
 ]
 __version__ = "0.1.0"
 
