@@ -598,11 +598,14 @@ class PagedCache(Cache):
         manager, per_block = self.manager, self.bytes_per_block
         per_token = per_block // self.block_size
         logical_tokens = sum(manager.lengths)
+        # A fixed pool of num_blocks is allocated at the first write: report its configured size before that.
+        unallocated = self.pool.tensor is None and self.pool.requested_blocks is not None
+        num_blocks = self.pool.requested_blocks if unallocated else manager.num_blocks
         return CacheStats(
             block_size=self.block_size,
-            num_blocks=manager.num_blocks,
+            num_blocks=num_blocks,
             used_blocks=manager.num_used,
-            free_blocks=manager.num_free,
+            free_blocks=num_blocks - manager.num_used if unallocated else manager.num_free,
             shared_blocks=manager.num_shared,
             logical_tokens=logical_tokens,
             used_bytes=manager.num_used * per_block,

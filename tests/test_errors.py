@@ -415,3 +415,15 @@ def test_invalid_backend_environment_variable(models, monkeypatch):
     monkeypatch.setenv("HF_PAGED_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="HF_PAGED_BACKEND"):
         greedy(paged, random_ids(1, 6, seed=141))
+
+
+def test_stats_of_a_fixed_pool_show_its_size_before_the_first_write(models):
+    """``stats()`` of ``PagedCache(num_blocks=n)`` reports n blocks (all free) before anything is written, and the
+    same n after the first write."""
+    _, paged = models
+    cache = PagedCache(paged.config, block_size=16, num_blocks=7)
+    before = cache.stats()
+    assert (before.num_blocks, before.free_blocks, before.used_blocks) == (7, 7, 0)
+    greedy(paged, random_ids(1, 5, seed=141), max_new_tokens=2, **cache_kwargs(cache))
+    after = cache.stats()
+    assert after.num_blocks == 7 and after.free_blocks + after.used_blocks == 7
