@@ -12,6 +12,8 @@ import time
 import torch
 
 import hf_paged  # noqa: F401  (registers attn_implementation="hf_paged")
+from hf_paged import compat
+from hf_paged.bench.threads import choose_threads
 from hf_paged.models import load_smollm2
 
 
@@ -25,7 +27,11 @@ def main() -> None:
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--num-return-sequences", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores by load average)")
     args = parser.parse_args()
+    threads, why = choose_threads(args.threads)
+    torch.set_num_threads(threads)
+    print(f"Using {threads} CPU thread(s): {why}.")
 
     print("Loading SmolLM2-135M-Instruct (GGUF, offline) with attn_implementation='hf_paged' ...")
     model, tokenizer = load_smollm2(attn_implementation="hf_paged")
@@ -55,7 +61,7 @@ def main() -> None:
         answer = tokenizer.decode(sequence[prompt_len:], skip_special_tokens=True).strip()
         print(f"\n[answer {i + 1}] {answer}")
 
-    stats = out.past_key_values.stats()
+    stats = compat.output_cache(out).stats()
     print("\nKV cache after the beam search (keys + values, all layers):")
     print(f"  rows (beams)        {stats.num_rows}")
     print(f"  block size          {stats.block_size} tokens")

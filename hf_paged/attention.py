@@ -11,10 +11,10 @@ attention over them.
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import sdpa_mask
 
 from . import backend, masks, ops
 from .cache import key_padding_mask, owner_of
+from .compat import bool_mask, sdpa_mask
 
 __all__ = ["paged_attention_forward", "paged_attention_mask"]
 
@@ -101,6 +101,8 @@ def paged_attention_forward(
         ``(output [B, q, H, D], None)``: attention weights are never materialised.
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = bool_mask(attention_mask)  # a family's own additive mask (older releases)
     pattern, attention_mask = masks.detach(attention_mask)
     chunk_size = None
     if pattern is not None:

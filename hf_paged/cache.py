@@ -7,17 +7,16 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import (
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import backend, compat, ops
+from .block_manager import BlockManager, BlockPool, OutOfBlocksError
+from .compat import (
     DYNAMIC_LAYER_TYPE_MAPPING,
-    Cache,
-    CacheLayerMixin,
     LinearAttentionCacheLayerMixin,
     LinearAttentionLayer,
     get_layer_types_and_kwargs,
 )
-
-from . import backend, ops
-from .block_manager import BlockManager, BlockPool, OutOfBlocksError
 from .devices import as_device
 
 __all__ = ["CacheStats", "KVPool", "PagedCache", "StepMetadata", "pool_tensor"]
@@ -418,13 +417,16 @@ class PagedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self._cache.update(key_states, value_states, self.layer_idx)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         return self._cache.get_mask_sizes(query_length, self.layer_idx)
 
     def get_seq_length(self) -> int:
         return self._cache.get_seq_length()
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of `get_max_length` in older 5.x releases
         return -1
 
 
@@ -808,10 +810,14 @@ class PagedCache(Cache):
         """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""
         return max(self.manager.lengths, default=0)
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for a query of `query_length` tokens (older releases pass its positions)."""
+        return self.get_seq_length() + compat.query_length(query_length), 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # the name of `get_max_length` in older 5.x releases
         return -1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -838,6 +844,8 @@ class PagedCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens of every row (``tokens_to_remove`` <= 0, as `DynamicCache`)."""
+        if tokens_to_remove > 0 and compat.CROP_TAKES_LENGTH:  # the length to keep, as older releases pass it
+            tokens_to_remove = min(tokens_to_remove - self.get_seq_length(), 0)
         if tokens_to_remove > 0:
             raise ValueError(
                 f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
@@ -886,11 +894,14 @@ class PagedCache(Cache):
         manager, per_block = self.manager, self.bytes_per_block
         per_token = per_block // self.block_size
         logical_tokens = sum(manager.lengths)
+        # A fixed pool of num_blocks is allocated at the first write: report its configured size before that.
+        unallocated = self.pool.tensor is None and self.pool.requested_blocks is not None
+        num_blocks = self.pool.requested_blocks if unallocated else manager.num_blocks
         return CacheStats(
             block_size=self.block_size,
-            num_blocks=manager.num_blocks,
+            num_blocks=num_blocks,
             used_blocks=manager.num_used,
-            free_blocks=manager.num_free,
+            free_blocks=num_blocks - manager.num_used if unallocated else manager.num_free,
             shared_blocks=manager.num_shared,
             logical_tokens=logical_tokens,
             used_bytes=manager.num_used * per_block,

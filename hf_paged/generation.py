@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerationMixin
 
-from . import prefix, support
+from . import compat, prefix, support
 from .cache import PagedCache, check_layer_types
 from .devices import layer_placements
 
@@ -65,7 +65,7 @@ def check_supported(model) -> None:
 
 def _prepare_cache_for_generation(original, self, generation_config, model_kwargs, generation_mode, batch_size,
                                   max_cache_length):
-    user_cache = model_kwargs.get("past_key_values")
+    user_cache = compat.get_cache(model_kwargs)
     if not uses_hf_paged(self):
         if isinstance(user_cache, PagedCache):
             raise ValueError(
@@ -86,7 +86,7 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
         created = _CALL_CACHES.get()
         if created is not None:
             created.append(cache)
-        model_kwargs["past_key_values"] = cache
+        compat.set_cache(model_kwargs, cache)
         return None
     return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
@@ -121,7 +121,7 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
     decoding loop sees exactly what it would have seen. Anything this cannot reproduce falls back to the ordinary
     prefill.
     """
-    cache = model_kwargs.get("past_key_values")
+    cache = compat.get_cache(model_kwargs)
     if not isinstance(cache, PagedCache):
         return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
     held = cache.get_seq_length()
@@ -150,6 +150,8 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
         with shared.pool.blocks.lock:
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
     outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
+    for key in reduced_kwargs.keys() - model_kwargs.keys():
+        model_kwargs[key] = reduced_kwargs[key]  # what the prefill adds for the decoding loop (5.0: cache_position)
     if hashes is not None:
         with shared.pool.blocks.lock:
             prefix.index_prompt_blocks(cache, hashes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-__all__ = ["SMOLLM2_GGUF", "load_smollm2", "smollm2_path"]
+__all__ = ["SMOLLM2_GGUF", "load", "load_smollm2", "smollm2_path"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,3 +43,17 @@ def load_smollm2(attn_implementation: str = "hf_paged", dtype=None):
         folder, gguf_file=SMOLLM2_GGUF, attn_implementation=attn_implementation, dtype=dtype or torch.float32
     )
     return model.eval(), tokenizer
+
+
+def load(name_or_path: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="hf_paged", **kwargs)``, in eval mode.
+
+    Importing this module has registered ``"hf_paged"`` already, so this cannot fail with Transformers'
+    ``Specified attn_implementation="hf_paged" is not supported`` (what a forgotten ``import hf_paged`` gives).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if kwargs.setdefault("attn_implementation", "hf_paged") != "hf_paged":
+        raise ValueError(f"hf_paged.load loads models with attn_implementation=\"hf_paged\", got "
+                         f"{kwargs['attn_implementation']!r}; call AutoModelForCausalLM.from_pretrained for others.")
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).eval()

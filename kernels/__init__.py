@@ -11,7 +11,8 @@ dispatch between the two:
   prompt): the shared blocks are read once per group and merged with each row's tail by log-sum-exp.
 
 They run compiled on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package was
-imported (Triton decides at decoration time). Without Triton >= 3.8 (macOS, Windows) the package still imports:
+imported (Triton decides at decoration time). Compiled use needs Triton >= 3.4, the interpreter Triton >= 3.8.
+Without a usable Triton (macOS, Windows, an older release) the package still imports:
 `HAS_TRITON` is False, `TRITON_PROBLEM` says why, and the launchers raise `RuntimeError`.
 ``python -m hf_paged.kernels`` compiles every kernel ahead of time for sm_80 and sm_90 and prints their resource
 usage (no GPU needed).
@@ -36,18 +37,25 @@ else:
     __all__ = ["HAS_TRITON", "TRITON_PROBLEM", "copy_blocks", "paged_attention", "reshape_and_cache",
                "shared_prefix_paged_attention"]
 
-    #: Oldest Triton whose interpreter works with numpy 2 and whose knobs/compile API the kernels use.
-    MIN_TRITON = (3, 8)
+    import os
+
+    #: Oldest Triton that compiles the kernels for the GPU (checked with ``python -m hf_paged.kernels``).
+    MIN_TRITON = (3, 4)
+    #: Oldest Triton whose interpreter (``TRITON_INTERPRET=1``, CPU tensors) runs them: it needs numpy 2.
+    MIN_TRITON_INTERPRETER = (3, 8)
 
     def _triton_problem() -> str | None:
         """Why the kernels cannot run here, or None if Triton is usable."""
+        interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+        need = ".".join(map(str, MIN_TRITON_INTERPRETER if interpreting else MIN_TRITON))
         try:
             import triton
         except ImportError:
-            return "needs Triton, which is not installed (it ships for Linux only: pip install 'triton>=3.8')"
+            return f"needs Triton, which is not installed (it ships for Linux only: pip install 'triton>={need}')"
         found = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-        if found < MIN_TRITON:
-            return f"needs Triton >= {'.'.join(map(str, MIN_TRITON))}, found {triton.__version__}"
+        if found < (MIN_TRITON_INTERPRETER if interpreting else MIN_TRITON):
+            under = " under TRITON_INTERPRET=1 (its interpreter)" if interpreting else ""
+            return f"needs Triton >= {need}{under}, found {triton.__version__}"
         return None
 
     TRITON_PROBLEM = _triton_problem()

@@ -13,6 +13,7 @@ if a 16-bit attention config's ``tl.dot`` did not become matrix instructions.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import subprocess
 import sys
@@ -106,7 +107,9 @@ def _ptxas_usage(ptx: str, capability: int, workdir: Path) -> tuple[int, int, in
     arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.MULTILINE).group(1)
     path = workdir / "kernel.ptx"
     path.write_text(ptx)
-    command = [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(path),
+    # Triton < 3.5 ships one ptxas for every architecture: its `get_ptxas` takes no argument.
+    ptxas = get_ptxas(capability) if inspect.signature(get_ptxas).parameters else get_ptxas()
+    command = [ptxas.path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(path),
                "-o", str(workdir / "kernel.o")]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode:

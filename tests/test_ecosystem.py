@@ -32,8 +32,9 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache
 
-from hf_paged import PagedCache
+from hf_paged import PagedCache, compat
 from hf_paged import backend as paged_backend
+from hf_paged.compat import cache_kwargs
 
 VOCAB = 128
 PAD, EOS, BOS = 0, 1, 2
@@ -141,13 +142,15 @@ def paged_steps(monkeypatch):
 
 @pytest.fixture
 def crops(monkeypatch):
-    """Records every `PagedCache.crop` argument."""
+    """Records every `PagedCache.crop` call as the (negative) change of the cache's length."""
     calls = []
     original = PagedCache.crop
 
     def recording(self, tokens_to_remove):
-        calls.append(tokens_to_remove)
-        return original(self, tokens_to_remove)
+        before = self.get_seq_length()
+        result = original(self, tokens_to_remove)
+        calls.append(self.get_seq_length() - before)
+        return result
 
     monkeypatch.setattr(PagedCache, "crop", recording)
     return calls
@@ -335,7 +338,11 @@ def test_prefill_chunk_size(models, chunk, paged_steps):
     ref, paged = models
     ids, mask = left_padded([37, 30], seed=31)
     expected = greedy(ref, ids, mask, max_new_tokens=8)
-    expected_chunked = greedy(ref, ids, mask, max_new_tokens=8, prefill_chunk_size=chunk)
+    try:
+        expected_chunked = greedy(ref, ids, mask, max_new_tokens=8, prefill_chunk_size=chunk)
+    except ValueError as error:  # 5.0's own chunked prefill fails for sdpa ("without a cache"); hf_paged's must not
+        assert "hf_paged" not in str(error) and compat.TRANSFORMERS_VERSION < (5, 17), error
+        expected_chunked = expected
     got = greedy(paged, ids, mask, max_new_tokens=8, prefill_chunk_size=chunk)
     assert torch.equal(got, expected_chunked)
     assert torch.equal(got, expected)
@@ -365,7 +372,9 @@ def test_assistant_model_decoding(models, crops, main, helper):
     expected = greedy(ref, ids, max_new_tokens=20)
     got = greedy(model, ids, max_new_tokens=20, assistant_model=assistants[helper], return_dict_in_generate=True)
     assert torch.equal(got.sequences, expected)
-    assert any(n < 0 for n in crops), "no candidate was rejected; crop was not exercised"
+    # 5.0 gives the assistant cache_implementation="dynamic_full": an hf_paged assistant then runs its attention on
+    # Transformers' DynamicCache (the plain path), and only the main model's cache can be a PagedCache.
+    assert any(n < 0 for n in crops) or (compat.CROP_TAKES_LENGTH and main == "sdpa"), "crop was not exercised"
     if main == "hf_paged":
         cache = got.past_key_values
         assert isinstance(cache, PagedCache)
@@ -388,7 +397,7 @@ def test_continue_from_returned_cache(models, padded):
         new_ids = torch.cat([first.sequences, extra], dim=1)
         new_mask = torch.cat([mask, torch.ones(ids.shape[0], new_ids.shape[1] - ids.shape[1], dtype=torch.long)], 1)
         second = greedy(
-            model, new_ids, new_mask, max_new_tokens=6, past_key_values=first.past_key_values,
+            model, new_ids, new_mask, max_new_tokens=6, **cache_kwargs(first.past_key_values),
             return_dict_in_generate=True,
         )
         results.append((first, second))
@@ -409,15 +418,15 @@ def test_deepcopy_of_a_prefilled_prompt_cache(models):
     prefix = random_ids(1, 20, seed=65)
     prompts = [torch.cat([prefix, random_ids(1, n, seed=66 + n)], dim=1) for n in (5, 13)]
     with torch.no_grad():
-        ref_cache = ref(prefix, past_key_values=DynamicCache(config=ref.config)).past_key_values
-        cache = paged(prefix, past_key_values=PagedCache(paged.config)).past_key_values
+        ref_cache = ref(prefix, **cache_kwargs(DynamicCache(config=ref.config))).past_key_values
+        cache = paged(prefix, **cache_kwargs(PagedCache(paged.config))).past_key_values
     stats_before, pool_before = cache.stats(), cache.kv_pool.clone()
     for ids in prompts:
-        expected = greedy(ref, ids, max_new_tokens=6, past_key_values=copy.deepcopy(ref_cache))
+        expected = greedy(ref, ids, max_new_tokens=6, **cache_kwargs(copy.deepcopy(ref_cache)))
         assert torch.equal(expected, greedy(ref, ids, max_new_tokens=6))
         copied = copy.deepcopy(cache)
         assert isinstance(copied, PagedCache) and copied is not cache
-        got = greedy(paged, ids, max_new_tokens=6, past_key_values=copied)
+        got = greedy(paged, ids, max_new_tokens=6, **cache_kwargs(copied))
         assert torch.equal(got, expected)
         assert_stats_consistent(copied)
     assert cache.stats() == stats_before
@@ -433,8 +442,8 @@ def test_manual_decoding_loop_with_forward_calls(models):
     ref_next, next_ids = ids, ids
     with torch.no_grad():
         for _ in range(10):
-            ref_logits = ref(ref_next, past_key_values=ref_cache).logits[:, -1]
-            logits = paged(next_ids, past_key_values=cache).logits[:, -1]
+            ref_logits = ref(ref_next, **cache_kwargs(ref_cache)).logits[:, -1]
+            logits = paged(next_ids, **cache_kwargs(cache)).logits[:, -1]
             torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
             ref_next, next_ids = ref_logits.argmax(-1, keepdim=True), logits.argmax(-1, keepdim=True)
             assert torch.equal(next_ids, ref_next)
@@ -465,7 +474,7 @@ def test_use_cache_false(models, paged_steps):
 @pytest.mark.parametrize(
     "cache_kwargs",
     [
-        lambda config: dict(past_key_values=DynamicCache(config=config)),
+        lambda config: cache_kwargs(DynamicCache(config=config)),
         lambda config: dict(cache_implementation="dynamic"),
         lambda config: dict(cache_implementation="static"),
     ],

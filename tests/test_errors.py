@@ -25,8 +25,9 @@ from transformers import (
     T5Config,
 )
 
-from hf_paged import OutOfBlocksError, PagedCache
+from hf_paged import OutOfBlocksError, PagedCache, compat
 from hf_paged.cache import KVPool
+from hf_paged.compat import cache_kwargs, output_cache
 
 VOCAB = 128
 PAD, EOS, BOS = 0, 1, 2
@@ -127,7 +128,7 @@ def test_max_memory_smaller_than_one_block(models):
     _, paged = models
     cache = PagedCache(paged.config, max_memory=BLOCK_BYTES_16 - 1)
     with pytest.raises(ValueError, match="max_memory") as info:
-        greedy(paged, random_ids(1, 5, seed=1), past_key_values=cache)
+        greedy(paged, random_ids(1, 5, seed=1), **cache_kwargs(cache))
     assert str(BLOCK_BYTES_16) in str(info.value)
 
 
@@ -159,7 +160,7 @@ def test_out_of_blocks(models, pool, batch, prompt_len, new_tokens, extra):
     cache = PagedCache(paged.config, **pool)
     ids = random_ids(batch, prompt_len, seed=11)
     with pytest.raises(OutOfBlocksError) as info:
-        greedy(paged, ids, max_new_tokens=new_tokens, past_key_values=cache, **extra)
+        greedy(paged, ids, max_new_tokens=new_tokens, **cache_kwargs(cache), **extra)
     error = info.value
     assert isinstance(error, RuntimeError)
     message = str(error)
@@ -175,7 +176,7 @@ def test_out_of_blocks(models, pool, batch, prompt_len, new_tokens, extra):
     cache.reset()
     assert cache.stats().used_blocks == 0
     small = random_ids(1, 6, seed=12)
-    out = greedy(paged, small, max_new_tokens=4, past_key_values=cache, return_dict_in_generate=True)
+    out = greedy(paged, small, max_new_tokens=4, **cache_kwargs(cache), return_dict_in_generate=True)
     assert torch.equal(out.sequences, greedy(ref, small, max_new_tokens=4))
     assert out.past_key_values is cache
     assert cache.stats().num_blocks == error.num_blocks
@@ -186,13 +187,13 @@ def test_out_of_blocks_is_raised_before_anything_is_written(models):
     _, paged = models
     cache = PagedCache(paged.config, num_blocks=4)
     with torch.no_grad():
-        paged(random_ids(2, 20, seed=21), past_key_values=cache)  # 2 rows x 2 blocks: the pool is full
+        paged(random_ids(2, 20, seed=21), **cache_kwargs(cache))  # 2 rows x 2 blocks: the pool is full
         for step in range(12):  # positions 20..31 still fit in the rows' second blocks
-            paged(random_ids(2, 1, seed=22 + step), past_key_values=cache)
+            paged(random_ids(2, 1, seed=22 + step), **cache_kwargs(cache))
         pool_before = cache.kv_pool.clone()
         tables_before = [list(t) for t in cache.manager.tables]
         with pytest.raises(OutOfBlocksError):
-            paged(random_ids(2, 1, seed=40), past_key_values=cache)  # position 32 needs a third block per row
+            paged(random_ids(2, 1, seed=40), **cache_kwargs(cache))  # position 32 needs a third block per row
     assert torch.equal(cache.kv_pool, pool_before)
     assert cache.manager.tables == tables_before
     assert cache.manager.lengths == [32, 32]
@@ -201,7 +202,7 @@ def test_out_of_blocks_is_raised_before_anything_is_written(models):
     # Still usable after making room.
     cache.crop(-4)
     with torch.no_grad():
-        paged(random_ids(2, 1, seed=41), past_key_values=cache)
+        paged(random_ids(2, 1, seed=41), **cache_kwargs(cache))
     assert cache.manager.lengths == [29, 29]
     assert_consistent(cache)
 
@@ -210,10 +211,10 @@ def test_a_step_that_fits_does_not_raise(models):
     _, paged = models
     cache = PagedCache(paged.config, num_blocks=3)
     with torch.no_grad():
-        paged(random_ids(1, 20, seed=51), past_key_values=cache)  # 2 blocks, the second partly filled
+        paged(random_ids(1, 20, seed=51), **cache_kwargs(cache))  # 2 blocks, the second partly filled
         cache.batch_repeat_interleave(2)  # two rows share both blocks; 1 block free
         # Writing one token per row copies the shared tail once (the second row keeps the original): 1 block.
-        paged(random_ids(2, 1, seed=52), past_key_values=cache)
+        paged(random_ids(2, 1, seed=52), **cache_kwargs(cache))
     stats = cache.stats()
     assert stats.cow_copies == 1 and stats.free_blocks == 0
     assert_consistent(cache)
@@ -233,14 +234,14 @@ def test_growing_pool_out_of_device_memory(models, monkeypatch):
     cache = PagedCache(paged.config)
     ids = random_ids(2, 12, seed=45)
     with pytest.raises(OutOfBlocksError, match="ran out of device memory") as info:
-        greedy(paged, ids, max_new_tokens=30, past_key_values=cache)
+        greedy(paged, ids, max_new_tokens=30, **cache_kwargs(cache))
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
     assert "num_blocks" in str(info.value) and "max_memory" in str(info.value)
     assert cache.stats().num_blocks == 2
     assert_consistent(cache)
     monkeypatch.setattr(KVPool, "resize", original)
     cache.reset()
-    out = greedy(paged, ids, max_new_tokens=8, past_key_values=cache)
+    out = greedy(paged, ids, max_new_tokens=8, **cache_kwargs(cache))
     assert torch.equal(out, greedy(ref, ids, max_new_tokens=8))
     assert_consistent(cache)
 
@@ -250,7 +251,7 @@ def test_paged_cache_passed_to_an_sdpa_model_generate(models):
     ref, paged = models
     cache = PagedCache(paged.config)
     with pytest.raises(ValueError, match="hf_paged") as info:
-        greedy(ref, random_ids(1, 8, seed=61), past_key_values=cache)
+        greedy(ref, random_ids(1, 8, seed=61), **cache_kwargs(cache))
     assert "attn_implementation" in str(info.value)
     assert cache.stats().used_blocks == 0
 
@@ -272,10 +273,10 @@ def test_direct_forward_of_a_non_paged_model_with_a_paged_cache(num_layers, bloc
     cache = PagedCache(paged.config, block_size=block_size)
     ids = random_ids(1, 3, seed=71)
     with torch.no_grad(), pytest.raises(RuntimeError, match="hf_paged"):
-        other(ids, past_key_values=cache, use_cache=True)
+        other(ids, **cache_kwargs(cache), use_cache=True)
     # A second forward on the same cache does not give logits either.
     with torch.no_grad(), pytest.raises(RuntimeError, match="hf_paged"):
-        other(random_ids(1, 1, seed=72), past_key_values=cache, use_cache=True)
+        other(random_ids(1, 1, seed=72), **cache_kwargs(cache), use_cache=True)
 
 
 # ---------------------------------------------------------------------------------- unsupported model families
@@ -293,8 +294,22 @@ UNSUPPORTED = {
     ["gptj", "falcon", "bloom", "mpt", "codegen"],
 )
 def test_unsupported_family_fails_clearly(family):
-    """Load with hf_paged and generate: a clear error naming hf_paged, at load or at the first generate."""
+    """Load with hf_paged and generate: a clear error naming hf_paged, at load or at the first generate.
+
+    Transformers ports families to its attention interface over time (GPT-J and CodeGen in 5.24): on a release
+    where this family goes through the interface, hf_paged must instead give eager's tokens."""
     config = copy.deepcopy(UNSUPPORTED[family])
+    if AutoModelForCausalLM._model_mapping[type(config)]._can_set_attn_implementation():
+        torch.manual_seed(0)
+        ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+        paged = AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged").eval()
+        paged.load_state_dict(ref.state_dict())
+        ids = random_ids(2, 7, seed=81)
+        expected = ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+        got = paged.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True)
+        assert isinstance(output_cache(got), PagedCache)
+        assert torch.equal(got.sequences, expected)
+        return
     with pytest.raises((NotImplementedError, ValueError)) as info:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged").eval()
         model.generate(random_ids(1, 5, seed=81), max_new_tokens=3, do_sample=False, pad_token_id=PAD)
@@ -310,7 +325,7 @@ def test_unsupported_family_from_pretrained(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="hf_paged")
 
 
-@pytest.mark.parametrize("family", ["gptj", "bloom"])
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
 def test_unsupported_family_is_never_switched_to_hf_paged(family):
     """``set_attn_implementation("hf_paged")`` on such a model only warns (Transformers' rule): the model keeps its
     own attention and cache, and never claims to run hf_paged."""
@@ -328,6 +343,10 @@ def test_unsupported_family_is_never_switched_to_hf_paged(family):
 def test_encoder_decoder_model_fails_clearly():
     config = T5Config(vocab_size=VOCAB, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
                       decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
+    if not AutoModelForSeq2SeqLM._model_mapping[T5Config]._can_set_attn_implementation():  # 5.0: refused at load
+        with pytest.raises(NotImplementedError, match="hf_paged.*not support"):
+            AutoModelForSeq2SeqLM.from_config(config, attn_implementation="hf_paged")
+        return
     model = AutoModelForSeq2SeqLM.from_config(config, attn_implementation="hf_paged").eval()
     with pytest.raises(NotImplementedError, match="hf_paged.*encoder-decoder"):
         model.generate(random_ids(1, 6, seed=91), max_new_tokens=3)
@@ -341,16 +360,16 @@ def test_batch_size_change_with_an_existing_cache(models):
     cache = first.past_key_values
     before = cache.stats()
     with pytest.raises(ValueError, match="holds 2 sequences.*batch of 3"):
-        greedy(paged, random_ids(3, 16, seed=102), past_key_values=cache)
+        greedy(paged, random_ids(3, 16, seed=102), **cache_kwargs(cache))
     with torch.no_grad(), pytest.raises(ValueError, match="reset"):
-        paged(random_ids(3, 1, seed=103), past_key_values=cache)
+        paged(random_ids(3, 1, seed=103), **cache_kwargs(cache))
     assert cache.stats() == before
     assert_consistent(cache)
     # The same cache still continues the original batch exactly as sdpa's DynamicCache does.
     ref_first = greedy(ref, ids, max_new_tokens=3, return_dict_in_generate=True)
     more = random_ids(2, 2, seed=104)
-    expected = greedy(ref, torch.cat([ref_first.sequences, more], 1), past_key_values=ref_first.past_key_values)
-    got = greedy(paged, torch.cat([first.sequences, more], 1), past_key_values=cache)
+    expected = greedy(ref, torch.cat([ref_first.sequences, more], 1), **cache_kwargs(ref_first.past_key_values))
+    got = greedy(paged, torch.cat([first.sequences, more], 1), **cache_kwargs(cache))
     assert torch.equal(got, expected)
 
 
@@ -358,8 +377,12 @@ def test_crop_with_a_positive_value(models):
     _, paged = models
     cache = greedy(paged, random_ids(2, 10, seed=111), return_dict_in_generate=True).past_key_values
     before = cache.stats()
-    with pytest.raises(ValueError, match="positive"):
-        cache.crop(3)
+    if compat.CROP_TAKES_LENGTH:  # 5.0: a positive value is the length to keep, as DynamicCache takes it there
+        cache.crop(before.logical_tokens // 2 + 5)  # longer than the cache: nothing changes
+        assert cache.stats() == before
+    else:
+        with pytest.raises(ValueError, match="positive"):
+            cache.crop(3)
     cache.crop(0)
     assert cache.stats() == before
     cache.crop(-4)
@@ -380,11 +403,11 @@ def test_reorder_with_an_out_of_range_row(models):
 def test_cache_reused_by_a_model_with_other_kv_shapes(models):
     _, paged = models
     cache = PagedCache(paged.config)
-    greedy(paged, random_ids(1, 8, seed=131), past_key_values=cache)
+    greedy(paged, random_ids(1, 8, seed=131), **cache_kwargs(cache))
     cache.reset()
     _, other = model_pair(tiny_config(num_key_value_heads=4), seed=4)
     with pytest.raises(ValueError, match="KV heads"):
-        greedy(other, random_ids(1, 8, seed=132), past_key_values=cache)
+        greedy(other, random_ids(1, 8, seed=132), **cache_kwargs(cache))
 
 
 def test_invalid_backend_environment_variable(models, monkeypatch):
@@ -392,3 +415,15 @@ def test_invalid_backend_environment_variable(models, monkeypatch):
     monkeypatch.setenv("HF_PAGED_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="HF_PAGED_BACKEND"):
         greedy(paged, random_ids(1, 6, seed=141))
+
+
+def test_stats_of_a_fixed_pool_show_its_size_before_the_first_write(models):
+    """``stats()`` of ``PagedCache(num_blocks=n)`` reports n blocks (all free) before anything is written, and the
+    same n after the first write."""
+    _, paged = models
+    cache = PagedCache(paged.config, block_size=16, num_blocks=7)
+    before = cache.stats()
+    assert (before.num_blocks, before.free_blocks, before.used_blocks) == (7, 7, 0)
+    greedy(paged, random_ids(1, 5, seed=141), max_new_tokens=2, **cache_kwargs(cache))
+    after = cache.stats()
+    assert after.num_blocks == 7 and after.free_blocks + after.used_blocks == 7

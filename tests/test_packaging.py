@@ -91,3 +91,49 @@ def test_wheel_contains_the_kernels_subpackage_and_no_top_level_kernels(tmp_path
     run = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, env=environ, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr[-4000:]
+
+
+def test_built_wheel_installs_into_a_venv_and_generates(tmp_path):
+    """The wheel, ``pip install``-ed into a new venv (that sees this interpreter's torch and Transformers), imports
+    from the venv, declares the supported range, and a tiny model generates with "hf_paged"."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("hf_paged", "kernels"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        cwd=source, capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = tmp_path.glob("hf_paged-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stdout + install.stderr
+    code = (
+        "import sys, importlib.metadata as md, torch\n"
+        "import hf_paged\n"
+        "from transformers import AutoModelForCausalLM, LlamaConfig\n"
+        "assert hf_paged.__file__.startswith(sys.prefix), hf_paged.__file__\n"
+        "requires = md.requires('hf-paged')\n"
+        "assert 'transformers>=5.0' in requires and not any('<' in r for r in requires if 'transformers' in r)\n"
+        "config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+        "                     num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)\n"
+        "torch.manual_seed(0)\n"
+        "ref = AutoModelForCausalLM.from_config(config, attn_implementation='sdpa').eval()\n"
+        "paged = AutoModelForCausalLM.from_config(config, attn_implementation='hf_paged').eval()\n"
+        "paged.load_state_dict(ref.state_dict())\n"
+        "ids = torch.randint(3, 60, (2, 7))\n"
+        "kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)\n"
+        "assert torch.equal(ref.generate(ids, **kw), paged.generate(ids, **kw))\n"
+        "print('ok')\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    environ["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([str(python), "-c", code], cwd=tmp_path, env=environ, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr[-4000:]

@@ -7,6 +7,7 @@ import torch
 from conftest import count_prefill_positions, left_padded_batch, make_pair
 
 from hf_paged import PagedCache
+from hf_paged.compat import cache_kwargs
 
 NEW = 12
 
@@ -51,7 +52,7 @@ def test_shared_prompt_memory_bound(block_size, prompt_len, mode):
     inputs = left_padded_batch([prompt_len], seed=9)
     cache = PagedCache(paged.config, block_size=block_size)
     torch.manual_seed(0)
-    paged.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **mode)
+    paged.generate(**inputs, **cache_kwargs(cache), max_new_tokens=NEW, min_new_tokens=NEW, **mode)
     stats = cache.stats()
     k = 8
     bound = prompt_len // block_size + k * -(-(prompt_len % block_size + NEW) // block_size) + 1
@@ -68,7 +69,7 @@ def test_continuing_a_cache_with_beams_prefills_once():
     first = paged.generate(**inputs, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True)
     more = torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], dim=1)
     positions, got = count_prefill_positions(
-        paged, lambda: paged.generate(more, past_key_values=first.past_key_values, num_beams=3, max_new_tokens=5,
+        paged, lambda: paged.generate(more, **cache_kwargs(first.past_key_values), num_beams=3, max_new_tokens=5,
                                       min_new_tokens=5))
     assert positions == 4  # the last generated token (not yet cached) and the 3 new ones, once
     expected = reference.generate(more, num_beams=3, max_new_tokens=5, min_new_tokens=5)

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GptOssConfig, Llama
 
 import hf_paged
 from hf_paged import PagedCache, backend, ops
+from hf_paged.compat import cache_kwargs
 
 kernels = backend.kernels()
 assert kernels is not None and kernels.__name__ == "hf_paged.kernels", kernels
@@ -134,7 +135,7 @@ for family in sys.argv[2].split(","):
         expected = generate(reference, inputs, **kwargs)
         calls.clear()
         cache = PagedCache(paged.config, block_size=5)
-        got = generate(paged, inputs, past_key_values=cache, **kwargs)
+        got = generate(paged, inputs, **cache_kwargs(cache), **kwargs)
         assert got.past_key_values is cache
         cache.manager.check()
         results[f"{family}-{mode}"] = {

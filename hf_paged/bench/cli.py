@@ -101,12 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--new-tokens", type=_positive, default=64, help="new tokens G per sequence (default 64)")
     parser.add_argument("--repeats", type=_positive, default=3, help="timed runs per implementation (default 3)")
-    parser.add_argument("--warmup", type=_non_negative, default=1, help="untimed runs per implementation and case")
+    parser.add_argument("--warmup", type=_non_negative, default=1,
+                        help="untimed runs per implementation and case (default 1)")
     parser.add_argument(
         "--sweep-k",
         type=_int_list,
         default=(1, 2, 4, 8),
-        help='k values for the KV-memory sweep over beams and samples ("none" to skip)',
+        help='k values for the KV-memory sweep over beams and samples ("none" to skip; default 1,2,4,8)',
     )
     parser.add_argument("--prefix-calls", type=_positive, default=4, help="calls sharing the prefix (default 4)")
     parser.add_argument(
@@ -116,11 +117,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"implementations, from {','.join(IMPL_CHOICES)} (sdpa is always run: it is the reference)",
     )
     parser.add_argument(
-        "--threads", type=_positive, help="torch CPU threads (default: torch's); 1 avoids spin-waits on a busy machine"
+        "--threads", type=_positive,
+        help="torch CPU threads (default on CPU: the idle cores by load average, or OMP_NUM_THREADS if set)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="a small, fast run: no warm-up, no k sweep, no generate_batch (same as --warmup 0 --sweep-k none "
+        "--impls hf_paged,sdpa)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed set before every generate() call")
     parser.add_argument("--out", type=Path, help="write results.json, results.md and PNG plots here")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.sweep_k, args.impls = 0, (), ("hf_paged", "sdpa")
 
     args.scenarios = tuple(dict.fromkeys(args.scenarios))
     args.prompt_lengths = tuple(dict.fromkeys(args.prompt_lengths))
@@ -221,10 +230,14 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import Runner
     from .suite import Settings, Suite
 
-    if args.threads is not None:
+    if args.device == "cpu" or args.threads is not None:
         import torch
 
-        torch.set_num_threads(args.threads)
+        from .threads import choose_threads
+
+        threads, why = choose_threads(args.threads)
+        torch.set_num_threads(threads)
+        print(f"{PROG}: {threads} CPU thread(s) ({why})", file=sys.stderr)
     if args.out is not None:
         try:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -252,10 +265,10 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     stream = token_stream(tokenizer, max(args.prompt_lengths))
-    with tqdm(desc=PROG, unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
-        suite = Suite(runner, stream, settings, bar, chat=chat_wrap(tokenizer))
-        bar.total = suite.planned_runs()
-        bar.refresh()
+    suite = Suite(runner, stream, settings, None, chat=chat_wrap(tokenizer))
+    # Created with its total: a bar without one first prints a stray "0run [00:00, ?run/s]" line.
+    with tqdm(total=suite.planned_runs(), desc=PROG, unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
+        suite.progress = bar
         rows, sweep = suite.run()
     print(render_table(rows, sweep, runner.rss_note))
     if args.out is not None:

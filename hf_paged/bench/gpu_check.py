@@ -229,7 +229,7 @@ def phase_split(plan: Plan, clock: Clock) -> dict:
                                            min_new_tokens=plan.parity_tokens, pad_token_id=0,
                                            return_dict_in_generate=True, **extra)
         result = _compare(outputs["sdpa"].sequences, outputs["hf_paged"].sequences, inputs["input_ids"].shape[1])
-        cache = outputs["hf_paged"].past_key_values
+        cache = hf_paged.compat.output_cache(outputs["hf_paged"])
         if isinstance(cache, hf_paged.PagedCache):
             result["pools"] = [str(pool.tensor.device) for pool in cache.pools]
         results[name] = result

@@ -15,6 +15,7 @@ import torch
 
 import hf_paged
 
+from .. import compat
 from .prompts import left_pad
 from .scenarios import SLIDING_MODEL, Scenario
 
@@ -241,7 +242,7 @@ class Runner:
                 if paged and not scenario.prefix_cache:
                     cache = self._paged_cache(model)
                     if cache is not None:
-                        extra["past_key_values"] = cache
+                        extra.update(compat.cache_kwargs(cache))
                 torch.manual_seed(self.seed)
                 start = time.perf_counter()
                 out = model.generate(
@@ -250,12 +251,12 @@ class Runner:
                 elapsed += time.perf_counter() - start
                 sequences += out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
                 if paged:
-                    stats = out.past_key_values.stats()
+                    stats = compat.output_cache(out).stats()
                     kv_bytes, call_peak, used = stats.pool_bytes, stats.peak_pool_bytes, stats.used_bytes
                     peak_used = max(peak_used or 0, stats.peak_used_bytes)
                     prefix_hits = (prefix_hits or 0) + stats.prefix_hit_tokens
                 else:
-                    kv_bytes = call_peak = _dynamic_cache_bytes(out.past_key_values)
+                    kv_bytes = call_peak = _dynamic_cache_bytes(compat.output_cache(out))
                 peak_kv = max(peak_kv or 0, call_peak)
                 del out
         finally:

@@ -1,0 +1,185 @@
+"""Everything in hf_paged that depends on the installed Transformers release (5.0 and later), in one place.
+
+What differs between the 5.x releases hf_paged supports:
+
+* **the cache keyword.** Up to 5.23, ``generate()``, ``forward()``, ``model_kwargs`` and the outputs call the KV
+  cache ``past_key_values``; from 5.24 they call it ``cache`` (the old name is still accepted from callers, with a
+  deprecation warning, but ``generate()``'s internals only look at ``model_kwargs["cache"]``). `CACHE_KWARG` is
+  the name the installed release uses, read from Transformers itself (the first entry of
+  ``transformers.generation.utils.ALL_CACHE_NAMES``), not guessed from the version number.
+* **the mask interface and cache sizes.** Up to some 5.x release (5.0 has it, 5.17 no longer), mask functions
+  are called with ``cache_position`` (a ``[q]`` tensor of positions) and ``Cache.get_mask_sizes`` takes that
+  tensor; later releases pass ``q_length``/``q_offset`` and the query length. hf_paged's mask function and cache
+  are written for the later form; `mask_function`, `sdpa_mask` and `query_length` translate for the earlier one
+  (detected from the signature of ``masking_utils.sdpa_mask``).
+* **additive masks.** In 5.0 many families (OPT, GPT-J, ...) still build their own 4-D float mask (0 where a key
+  is seen, the dtype's minimum where not) instead of calling the mask interface; `bool_mask` turns that into the
+  boolean mask hf_paged's attention takes.
+* **crop.** In 5.0 ``Cache.crop`` takes the length to keep (or, negative, the tokens to remove), and assisted
+  and prompt-lookup decoding pass the length; later releases take only the negative form. `CROP_TAKES_LENGTH`.
+* **tensor parallelism.** ``from_pretrained(tp_plan="auto")`` in 5.0; ``distributed_config=DistributedConfig(
+  tp_plan="auto")`` once `DistributedConfig` takes ``tp_plan`` (the bare keyword is deprecated there).
+  `tensor_parallel_kwargs`.
+* **the hooks.** `GenerationMixin` methods hf_paged wraps (`HOOKS`); every 5.x release has them with the
+  signatures hf_paged calls them with, and `missing_hooks` names any that a future release drops, so that
+  feature falls back to Transformers' own path instead of breaking.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from transformers import masking_utils as _masking_utils
+from transformers.cache_utils import DynamicLayer as _DynamicLayer
+from transformers.generation import utils as _generation_utils
+
+__all__ = ["CACHE_KWARG", "HOOKS", "MASK_TAKES_CACHE_POSITION", "TRANSFORMERS_VERSION", "cache_kwargs", "get_cache",
+           "CROP_TAKES_LENGTH", "bool_mask", "builds_own_mask", "mask_function", "missing_hooks", "output_cache", "query_length", "sdpa_mask", "set_cache", "tensor_parallel_kwargs"]
+
+TRANSFORMERS_VERSION: tuple[int, ...] = tuple(
+    int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit()
+)
+
+
+def _cache_kwarg() -> str:
+    names = getattr(_generation_utils, "ALL_CACHE_NAMES", None)
+    if names and names[0] in ("past_key_values", "cache"):
+        return names[0]
+    return "cache" if TRANSFORMERS_VERSION >= (5, 24) else "past_key_values"
+
+
+CACHE_KWARG: str = _cache_kwarg()
+"""The keyword ``generate()``/``forward()`` take the KV cache by, and the key it has in ``model_kwargs``."""
+
+# GenerationMixin / PreTrainedModel methods hf_paged wraps or calls, by the feature that needs them.
+HOOKS: dict[str, tuple[str, str]] = {
+    "paged cache for generate()": ("GenerationMixin", "_prepare_cache_for_generation"),
+    "prefill once per distinct prompt / prefix caching": ("GenerationMixin", "_prefill"),
+    "one call at a time on a prefix-cache pool": ("GenerationMixin", "generate"),
+    "clear load-time error for unsupported families": ("PreTrainedModel", "_check_and_adjust_attn_implementation"),
+}
+
+
+def missing_hooks() -> list[str]:
+    """The features of `HOOKS` whose method the installed Transformers lacks (empty on every 5.x release)."""
+    owners = {"GenerationMixin": _generation_utils.GenerationMixin, "PreTrainedModel": transformers.PreTrainedModel}
+    return [feature for feature, (owner, name) in HOOKS.items() if not hasattr(owners[owner], name)]
+
+
+def get_cache(model_kwargs: dict) -> Any:
+    """The cache ``generate()`` holds in `model_kwargs` (None if there is none yet)."""
+    return model_kwargs.get(CACHE_KWARG)
+
+
+def set_cache(model_kwargs: dict, cache: Any) -> None:
+    """Put `cache` where ``generate()`` looks for it in `model_kwargs`."""
+    model_kwargs[CACHE_KWARG] = cache
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` to pass a cache to ``generate()`` or ``forward()`` under the installed release's name."""
+    return {CACHE_KWARG: cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache of a ``generate(..., return_dict_in_generate=True)`` or ``forward()`` output, without the
+    deprecation warning the old attribute name gives from 5.24 on."""
+    return getattr(output, CACHE_KWARG)
+
+
+MASK_TAKES_CACHE_POSITION: bool = "cache_position" in inspect.signature(_masking_utils.sdpa_mask).parameters
+"""Whether this release calls mask functions with ``cache_position`` instead of ``q_length``/``q_offset``."""
+
+
+def mask_function(function: Callable) -> Callable:
+    """`function` (written for ``q_length``/``q_offset``) in the form this release's `AttentionMaskInterface`
+    calls. On releases that pass ``cache_position``, the wrapper derives ``q_length`` and ``q_offset`` from it and
+    keeps it in the keyword arguments, for `sdpa_mask` to hand back to Transformers."""
+    if not MASK_TAKES_CACHE_POSITION:
+        return function
+
+    @functools.wraps(function)
+    def wrapper(batch_size: int, cache_position: torch.Tensor, kv_length: int, kv_offset: int = 0, **kwargs):
+        q_offset = int(cache_position[0]) if cache_position.numel() else 0
+        return function(batch_size, cache_position.shape[0], kv_length, q_offset, kv_offset,
+                        cache_position=cache_position, **kwargs)
+
+    return wrapper
+
+
+def sdpa_mask(*, batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+              **kwargs) -> torch.Tensor | None:
+    """Transformers' ``sdpa_mask`` with the ``q_length``/``q_offset`` arguments, on any release."""
+    if not MASK_TAKES_CACHE_POSITION:
+        return _masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                                        q_offset=q_offset, kv_offset=kv_offset, **kwargs)
+    cache_position = kwargs.pop("cache_position", None)
+    if cache_position is None:
+        cache_position = torch.arange(int(q_offset), int(q_offset) + q_length)
+    return _masking_utils.sdpa_mask(batch_size=batch_size, cache_position=cache_position, kv_length=kv_length,
+                                    kv_offset=kv_offset, **kwargs)
+
+
+def query_length(query: int | torch.Tensor) -> int:
+    """The query length ``Cache.get_mask_sizes`` is given: an int, or (older releases) the ``[q]`` cache positions."""
+    return query.shape[0] if isinstance(query, torch.Tensor) else int(query)
+
+
+def bool_mask(additive: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (True = attend) from an additive float mask (0 = attend, a large negative value = do not)."""
+    return additive > torch.finfo(additive.dtype).min / 2
+
+
+def builds_own_mask(model: torch.nn.Module) -> bool:
+    """Whether `model` builds its own 4-D mask (``_update_causal_mask``, many families in 5.0) instead of calling
+    the mask interface: hf_paged's attention then takes the general path over that mask (same tokens, slower)."""
+    return any(hasattr(module, "_update_causal_mask") for module in model.modules())
+
+
+CROP_TAKES_LENGTH: bool = list(inspect.signature(_DynamicLayer.crop).parameters)[1:2] == ["max_length"]
+"""Whether this release's ``Cache.crop`` takes a positive length to keep (5.0) besides negative token counts."""
+
+
+def tensor_parallel_kwargs(tp_plan: str | dict = "auto") -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for tensor parallelism under ``torchrun`` on this release."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return {"tp_plan": tp_plan}
+    if "tp_plan" not in inspect.signature(DistributedConfig).parameters:
+        return {"tp_plan": tp_plan}
+    return {"distributed_config": DistributedConfig(tp_plan=tp_plan)}
+
+
+# Hybrid models' per-layer states (linear attention, Mamba) inside the default cache: releases before these names
+# existed (5.0) keep such states in model-specific cache classes, which hf_paged refuses at load (`hf_paged.support`:
+# the family keeps its own cache), so a `PagedCache` there pages every layer and never builds a state layer.
+try:
+    from transformers.cache_utils import (
+        DYNAMIC_LAYER_TYPE_MAPPING,
+        LinearAttentionCacheLayerMixin,
+        LinearAttentionLayer,
+        get_layer_types_and_kwargs,
+    )
+
+    HAS_STATE_LAYERS = True
+except ImportError:
+    HAS_STATE_LAYERS = False
+    DYNAMIC_LAYER_TYPE_MAPPING: dict = {}
+
+    class LinearAttentionCacheLayerMixin:  # noqa: D101 -- absent from this release: nothing is an instance of it
+        pass
+
+    class LinearAttentionLayer(LinearAttentionCacheLayerMixin):  # noqa: D101 -- never built on this release
+        def __init__(self, *args: Any, **kwargs: Any):
+            raise NotImplementedError("hf_paged: this Transformers release has no LinearAttentionLayer (hybrid "
+                                      "models keep their own caches there).")
+
+    def get_layer_types_and_kwargs(config) -> tuple[list, list]:
+        """This release reads no per-layer cache kinds: every layer is plain attention."""
+        return [], []
