@@ -226,8 +226,11 @@ class KVPool:
     """Keys and values of all layers in blocks: one tensor ``[L, 2, N, bs, Hkv, D]`` (see `pool_tensor` for its
     memory layout) and its `BlockPool`. When keys and values differ in width or head count (multi-head latent
     attention: DeepSeek-V2/V3, Kimi, MiMo-V2), they are stored as such, without padding, in two tensors
-    ``[L, 1, N, bs, Hk, Dk]`` and ``[L, 1, N, bs, Hv, Dv]``; `tensors` lists the pool's tensors (one or two, each
-    indexed by block along dim 2) and `tensor` is the first.
+    ``[L, 1, N, bs, Hk, Dk]`` and ``[L, 1, N, bs, Hv, Dv]``. A layer whose keys or values have another shape than
+    the first layer's (Gemma 4's wider full-attention layers, MiMo-V2's sliding layers with more heads) gets
+    tensors of its own, ``[1, ., N, bs, H, D]``, made at its first write (`allocate_layer`); its row in the shared
+    tensors then goes unused. `tensors` lists all of the pool's tensors (each indexed by block along dim 2) and
+    `tensor` is the first.
 
     Created empty; the tensor is allocated at the first write, when the KV head count, head size, dtype and device
     are known. A pool belongs to one `PagedCache`, or is shared by the caches of one model when prefix caching is
@@ -255,6 +258,7 @@ class KVPool:
         self.peak_blocks = 0  # the most blocks the tensor has had
         self.tensor: torch.Tensor | None = None
         self.tensors: list[torch.Tensor] = []
+        self.own: dict[int, list[torch.Tensor]] = {}  # layers with tensors of their own (another shape)
         self.plain: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.guarded: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.active: weakref.ref | None = None
@@ -297,16 +301,36 @@ class KVPool:
             except torch.OutOfMemoryError:
                 pass  # only a forecast: the pool grows on demand instead, and says so if it cannot
 
-    def matches(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
-        keys, values = self.tensors[0], self.tensors[-1]
-        return (key_states.shape[1], key_states.shape[3]) == (keys.shape[4], keys.shape[5]) and (
-            value_states.shape[1], value_states.shape[3]) == (values.shape[4], values.shape[5])
+    def matches(self, key_states: torch.Tensor, value_states: torch.Tensor, layer: int | None = None) -> bool:
+        """Whether layer `layer`'s stored keys and values (the shared tensors' when None) have these shapes."""
+        keys, values = self.plain[layer] if layer is not None else (self.tensors[0][0, 0], self.tensors[-1][0, -1])
+        return (key_states.shape[1], key_states.shape[3]) == (keys.shape[2], keys.shape[3]) and (
+            value_states.shape[1], value_states.shape[3]) == (values.shape[2], values.shape[3])
 
-    def describe(self) -> str:
-        """The stored key and value shapes, for error messages."""
-        keys, values = self.tensors[0], self.tensors[-1]
-        return f"keys of {keys.shape[4]} heads of dim {keys.shape[5]}, values of {values.shape[4]} heads of dim " \
-            f"{values.shape[5]}"
+    def allocate_layer(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Give `layer` tensors of its own for keys like ``key_states`` and values like ``value_states`` (another
+        shape than the shared tensors'), as many blocks as the pool has, zeroed (see `resize`)."""
+        if layer in self.own:
+            raise ValueError(
+                f"hf_paged: layer {layer} gives keys {tuple(key_states.shape)} and values {tuple(value_states.shape)}, "
+                f"but it stored {self.describe(layer)} before; a layer's KV heads and head_dim must stay the same."
+            )
+        blocks = self.tensor.shape[2]
+        key_shape = (key_states.shape[1], key_states.shape[3])
+        value_shape = (value_states.shape[1], value_states.shape[3])
+        shapes = [key_shape] if key_shape == value_shape else [key_shape, value_shape]
+        own = [pool_tensor(1, blocks, self.block_size, *shape, self.device, self.dtype, kinds=3 - len(shapes))
+               for shape in shapes]
+        for tensor in own:
+            tensor.zero_()
+        self.own[layer] = own
+        self._bind(self.tensors + own)  # the shared tensors and the other layers' own ones, then this layer's
+
+    def describe(self, layer: int | None = None) -> str:
+        """The stored key and value shapes (of `layer`, or of the shared tensors), for error messages."""
+        keys, values = self.plain[layer] if layer is not None else (self.tensors[0][0, 0], self.tensors[-1][0, -1])
+        return f"keys of {keys.shape[2]} heads of dim {keys.shape[3]}, values of {values.shape[2]} heads of dim " \
+            f"{values.shape[3]}"
 
     def resize(self, num_blocks: int) -> None:
         """Grow the tensor to `num_blocks` blocks, keeping the contents of the existing ones.
@@ -316,7 +340,7 @@ class KVPool:
         """
         tensors = []
         for old in self.tensors:
-            new = pool_tensor(self.num_layers, num_blocks, *old.shape[3:], old.device, old.dtype, kinds=old.shape[1])
+            new = pool_tensor(old.shape[0], num_blocks, *old.shape[3:], old.device, old.dtype, kinds=old.shape[1])
             new[:, :, : old.shape[2]] = old
             new[:, :, old.shape[2]:].zero_()
             tensors.append(new)
@@ -343,9 +367,16 @@ class KVPool:
             ) from error
 
     def _bind(self, tensors: list[torch.Tensor]) -> None:
+        """Bind the shared tensors (one, or keys and values) followed by each of `own`'s layers' tensors, in order."""
         self.tensors, self.tensor = tensors, tensors[0]
-        keys, values = tensors[0], tensors[-1]
+        shared = len(tensors) - sum(len(own) for own in self.own.values())
+        keys, values = tensors[0], tensors[shared - 1]
         self.plain = [(keys[layer, 0], values[layer, -1]) for layer in range(self.num_layers)]
+        position = shared
+        for layer, own in self.own.items():
+            self.own[layer] = tensors[position:position + len(own)]
+            self.plain[layer] = (self.own[layer][0][0, 0], self.own[layer][-1][0, -1])
+            position += len(own)
         self.guarded = []
         for layer, (keys, values) in enumerate(self.plain):
             pair = (keys.as_subclass(PagedPool), values.as_subclass(PagedPool))
@@ -486,6 +517,8 @@ def layer_plan(config) -> tuple[list[str], list[dict]]:
             kinds.append("hybrid" if issubclass(cls, CacheLayerMixin) else "state")
         else:
             kinds.append("paged")
+    if isinstance(layer_kwargs, dict):  # 5.17 and before: one dict for every layer
+        layer_kwargs = [layer_kwargs] * len(kinds)
     return kinds, [dict(kwargs) for kwargs in layer_kwargs]
 
 
@@ -709,12 +742,13 @@ class PagedCache(Cache):
                 "or pass PagedCache(config, layer_devices=hf_paged.devices.layer_placements(model)); prefix caching "
                 "(enable_prefix_caching) keeps one pool on one device and does not support such models yet."
             )
-        if not pool.matches(key_states, value_states) or value_states.shape[:3] != key_states.shape[:3]:
+        if value_states.shape[0] == key_states.shape[0] and not pool.matches(key_states, value_states, slot):
+            pool.allocate_layer(slot, key_states, value_states)  # a layer of another shape: tensors of its own
+        if value_states.shape[0] != key_states.shape[0] or value_states.shape[2] != key_states.shape[2]:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} gives keys {tuple(key_states.shape)} and values "
-                f"{tuple(value_states.shape)}, but the pool holds {pool.describe()}; PagedCache needs every "
-                "attention layer to have the same number of KV heads and head_dim (keys and values may differ in "
-                "width, the same way in every layer)."
+                f"{tuple(value_states.shape)}: a PagedCache needs keys and values of the same batch size and number "
+                "of tokens."
             )
         if self._step is None or layer_idx in self._step_layers:
             self._begin_step(key_states.shape[0], key_states.shape[2])
@@ -928,8 +962,9 @@ class PagedCache(Cache):
         pool = KVPool(old.num_layers, old.block_size, device=old.device, dtype=old.dtype)
         if old.tensor is not None:
             tensors = []
+            pool.own = {layer: list(own) for layer, own in old.own.items()}  # the same layout (`KVPool._bind`)
             for tensor in old.tensors:
-                new = pool_tensor(old.num_layers, len(used), *tensor.shape[3:], old.device, old.dtype,
+                new = pool_tensor(tensor.shape[0], len(used), *tensor.shape[3:], old.device, old.dtype,
                                   kinds=tensor.shape[1])
                 new.copy_(tensor[:, :, used])
                 tensors.append(new)
