@@ -911,6 +911,12 @@ class PagedCache(Cache):
 
     def _select(self, indices: list[int]) -> None:
         ended, rows = self._ended, self.manager.num_rows
+        if not rows and indices and not self.state_layers:
+            raise RuntimeError(
+                "hf_paged: generate() reordered the rows of a PagedCache that no layer ever wrote to: this model's "
+                "attention does not store its keys and values through the cache it is given. Load it with "
+                'attn_implementation="sdpa" (or "eager") instead.'
+            )
         if self.manager.num_rows or not self.state_layers:
             self.manager.select(indices)
         if self.state_layers:

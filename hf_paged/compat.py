@@ -183,3 +183,8 @@ except ImportError:
     def get_layer_types_and_kwargs(config) -> tuple[list, list]:
         """This release reads no per-layer cache kinds: every layer is plain attention."""
         return [], []
+
+
+def transformers_version_text() -> str:
+    """The installed Transformers release, for messages."""
+    return transformers.__version__

@@ -22,6 +22,8 @@ from functools import cache
 
 import torch
 
+from . import compat
+
 __all__ = ["ATTENTION_KINDS", "STATE_KINDS", "check_cached_kv_use", "check_layer_kinds", "check_model_class"]
 
 # Kinds of layer (values of ``config.layer_types``) whose cache is keys and values that the attention reads.
@@ -76,6 +78,12 @@ def check_model_class(model_class: type, config) -> None:
                                             "Cache that hf_paged can replace")
     check_layer_kinds(model_class.__name__, config)
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if compat.TRANSFORMERS_VERSION < (5, 17) and hasattr(text_config, "add_cross_attention"):
+        # Measured by the family walk (tests/test_families.py) on 5.0: BERT, RoBERTa, ELECTRA, ... as decoders give
+        # other tokens than eager through hf_paged there; on 5.17 and later they match.
+        raise _refuse(model_class.__name__, f"on Transformers {compat.transformers_version_text()}, encoder families "
+                                            "used as decoders do not give eager's tokens through hf_paged (they do "
+                                            "from Transformers 5.17 on)")
     try:
         mla = getattr(text_config, "kv_lora_rank", None)
     except Exception:  # per-layer (some layers MLA)

@@ -38,7 +38,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import hf_paged  # noqa: E402
 from hf_paged import PagedCache  # noqa: E402
 
-__all__ = ["BEING_FIXED_IN_PARALLEL", "Outcome", "check_family", "families", "markdown_table", "tiny_config"]
+__all__ = ["Outcome", "check_family", "families", "markdown_table", "tiny_config"]
 
 VOCAB = 128
 BLOCK_SIZE = 16  # the block size of the PagedCache that generate() builds
@@ -48,12 +48,6 @@ NUM_BEAMS = 2
 # Largest difference of generate's logits allowed, relative to the spread of eager's logits (float32).
 LOGITS_TOLERANCE = 1e-4
 
-# Families other branches of this work are fixing: the walk reports them (xfail) until those are merged.
-_MLA = "keys and values of different widths (MLA)"
-_WIDTHS = "layers with different KV widths"
-_HYBRID = "hybrid: state-space / linear-attention layers beside attention layers"
-_MASKS = "attention sinks, chunked attention or sliding windows beyond the sliding_window kwarg"
-BEING_FIXED_IN_PARALLEL: dict[str, str] = {}
 
 # Families whose eager reference cannot be built or run on a tiny config, because of Transformers itself or of
 # what the family needs (keep this short: a tiny config in OVERRIDES is the better fix).
@@ -378,13 +372,10 @@ def markdown_table(outcomes: list[Outcome]) -> str:
         "| hf_paged | count | model types |",
         "|---|---|---|",
     ]
-    parallel = [o for o in outcomes if o.status not in ("match", "refused") and o.model_type in BEING_FIXED_IN_PARALLEL]
     for status, text in _STATUS_TEXT.items():
-        group = [o for o in outcomes if o.status == status and o not in parallel]
+        group = [o for o in outcomes if o.status == status]
         if group:
             lines.append(f"| {text} | {len(group)} | {names(group)} |")
-    if parallel:
-        lines.append(f"| being fixed (fails today) | {len(parallel)} | {names(parallel)} |")
     refused = [o for o in outcomes if o.status == "refused"]
     if refused:
         lines += ["", "| refused at load | why |", "|---|---|"]
@@ -393,8 +384,7 @@ def markdown_table(outcomes: list[Outcome]) -> str:
     if others:
         lines += ["", "| not supported yet | why |", "|---|---|"]
         for o in others:
-            why = (f"being fixed: {BEING_FIXED_IN_PARALLEL[o.model_type]}" if o in parallel
-                   else f"eager fails: {REFERENCE_BROKEN.get(o.model_type, o.detail)}" if o.status == "reference"
+            why = (f"eager fails: {REFERENCE_BROKEN.get(o.model_type, o.detail)}" if o.status == "reference"
                    else f"{o.status}: {o.detail}")
             lines.append(f"| `{o.model_type}` | {why.replace('|', '/')} |")
     return "\n".join(lines)

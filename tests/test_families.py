@@ -7,19 +7,17 @@ comparison): a family a new Transformers release adds is walked without a change
 from __future__ import annotations
 
 import pytest
-from families import BEING_FIXED_IN_PARALLEL, REFERENCE_BROKEN, check_family, families
+from families import REFERENCE_BROKEN, check_family, families
+
+from hf_paged import compat
+
+# The tiny configs are derived from 5.17+'s config classes (5.0's lack attributes such as pad_token_id on several
+# families, so their eager reference cannot be built there); the walk runs on 5.17 and later.
+pytestmark = pytest.mark.skipif(compat.TRANSFORMERS_VERSION < (5, 17),
+                                reason="the family walk's tiny configs need Transformers 5.17 or later")
 
 
-def _params():
-    for model_type in families():
-        marks = ()
-        if model_type in BEING_FIXED_IN_PARALLEL:
-            marks = pytest.mark.xfail(reason=f"being fixed in parallel: {BEING_FIXED_IN_PARALLEL[model_type]}",
-                                      strict=False)
-        yield pytest.param(model_type, marks=marks, id=model_type)
-
-
-@pytest.mark.parametrize("model_type", _params())
+@pytest.mark.parametrize("model_type", list(families()))
 def test_family_matches_eager_or_refuses_at_load(model_type):
     outcome = check_family(model_type)
     if outcome.status == "reference":
