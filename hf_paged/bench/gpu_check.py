@@ -304,7 +304,8 @@ def phase_bench(plan: Plan, clock: Clock, model) -> dict:
                         "peak_allocated_bytes": torch.cuda.max_memory_allocated() if plan.device == "cuda" else None,
                         "peak_above_weights_bytes": torch.cuda.max_memory_allocated() - baseline
                         if plan.device == "cuda" else None,
-                        "kv_bytes": run.pool_bytes if impl == "hf_paged" else run.kv_bytes,
+                        # the most KV bytes allocated (hf_paged: the pool, referenced or not; sdpa: DynamicCache)
+                        "kv_bytes": run.peak_kv_bytes if run.peak_kv_bytes is not None else run.kv_bytes,
                     }
                     sequences[impl] = run.sequences
                 row["tokens_match"] = sequences["hf_paged"] == sequences["sdpa"]
