@@ -448,11 +448,13 @@ class PagedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self._cache.update(key_states, value_states, self.layer_idx)
 
+    # Computed here rather than by asking the cache: some families (RecurrentGemma in 5.17) point the cache's own
+    # get_seq_length / get_mask_sizes at their first attention layer's.
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
-        return self._cache.get_mask_sizes(query_length, self.layer_idx)
+        return self.get_seq_length() + compat.query_length(query_length), 0
 
     def get_seq_length(self) -> int:
-        return self._cache.get_seq_length()
+        return max(self._cache.manager.lengths, default=0)
 
     def get_max_length(self) -> int:
         return -1

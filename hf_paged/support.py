@@ -78,9 +78,10 @@ def check_model_class(model_class: type, config) -> None:
                                             "Cache that hf_paged can replace")
     check_layer_kinds(model_class.__name__, config)
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if compat.TRANSFORMERS_VERSION < (5, 17) and hasattr(text_config, "add_cross_attention"):
-        # Measured by the family walk (tests/test_families.py) on 5.0: BERT, RoBERTa, ELECTRA, ... as decoders give
-        # other tokens than eager through hf_paged there; on 5.17 and later they match.
+    family_module = sys.modules.get(model_class.__module__)
+    if compat.TRANSFORMERS_VERSION < (5, 17) and hasattr(family_module, "create_bidirectional_mask"):
+        # Encoder families with a decoder mode (BERT, RoBERTa, ELECTRA, ... as causal LMs): the family walk
+        # (tests/test_families.py) measured other tokens than eager through hf_paged on 5.0; from 5.17 they match.
         raise _refuse(model_class.__name__, f"on Transformers {compat.transformers_version_text()}, encoder families "
                                             "used as decoders do not give eager's tokens through hf_paged (they do "
                                             "from Transformers 5.17 on)")

@@ -31,7 +31,8 @@ def test_family_matches_eager_or_refuses_at_load(model_type):
 
 def test_reference_broken_list_stays_short():
     assert len(REFERENCE_BROKEN) <= 15
-    assert set(REFERENCE_BROKEN) <= set(families()), "drop families Transformers no longer has"
+    if compat.TRANSFORMERS_VERSION >= (5, 24):  # the release the list is kept for (older ones lack newer families)
+        assert set(REFERENCE_BROKEN) <= set(families()), "drop families Transformers no longer has"
 
 
 @pytest.mark.parametrize("model_type", ["diffllama", "mamba"])

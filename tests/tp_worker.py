@@ -44,7 +44,12 @@ def main(model_dir: str, out_dir: str) -> None:
                 result[f"pool/{name}"] = list(cache.kv_pool.shape)
         del model
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    # No barrier or destroy_process_group here: with gloo on CPU they can hang after a TP model was used.
+    # No barrier or destroy_process_group here: with gloo on CPU they can hang after a TP model was used, and the
+    # interpreter's own shutdown can abort in gloo's threads ("terminate called without an active exception", seen
+    # with Transformers 5.17): the results are written, so leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
