@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import sys
 from pathlib import Path
 
@@ -93,6 +94,37 @@ def left_padded_batch(lengths: list[int], seed: int = 0) -> dict:
         input_ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=generator)
         attention_mask[row, width - length:] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def count_calls(monkeypatch, module, names) -> collections.Counter:
+    """Count the calls of ``module.<name>`` for each of `names` (patched with `monkeypatch`, so undone after the
+    test): which attention path a step took."""
+    calls = collections.Counter()
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def system_prompt(system_len: int, suffix_len: int, seed: int, system_seed: int = 0) -> torch.Tensor:
+    """``[1, system_len + suffix_len]`` ids: a system prompt fixed by `system_seed`, then a suffix of its own."""
+    system = torch.randint(3, VOCAB, (1, system_len), generator=torch.Generator().manual_seed(system_seed))
+    suffix = torch.randint(3, VOCAB, (1, suffix_len), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([system, suffix], dim=1)
+
+
+@pytest.fixture
+def prefix_pair():
+    """``(sdpa, hf_paged)`` tiny Llamas; prefix caching is turned off again after the test."""
+
+    reference, paged = make_pair("llama")
+    yield reference, paged
+    hf_paged.disable_prefix_caching(paged)
 
 
 def count_prefill_positions(model, run):

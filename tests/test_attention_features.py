@@ -10,12 +10,11 @@ and block sizes that do and do not divide them.
 
 from __future__ import annotations
 
-import collections
 import gc
 
 import pytest
 import torch
-from conftest import VOCAB, left_padded_batch
+from conftest import VOCAB, count_calls, left_padded_batch
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
@@ -121,15 +120,7 @@ def test_every_pytorch_path(pair, path, monkeypatch):
     `ops.shared_prefix_attention` (the shared prefix once, then each row's tail; layers with a window or chunks
     gather instead) or gather every row's keys: each gives eager's tokens."""
     family, reference, paged = pair
-    calls = collections.Counter()
-    for name in ("window_attention", "shared_prefix_attention", "attend"):
-        original = getattr(ops, name)
-
-        def counted(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(ops, name, counted)
+    calls = count_calls(monkeypatch, ops, ("window_attention", "shared_prefix_attention", "attend"))
     if path != "window":
         monkeypatch.setattr(hf_paged.cache, "_window", lambda *args: None)
     if path == "gather":

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from conftest import FAMILIES, left_padded_batch, make_pair
+from conftest import FAMILIES, count_calls, left_padded_batch, make_pair
 
 import hf_paged.cache
 from hf_paged import PagedCache, compat, ops
@@ -54,19 +52,7 @@ def test_both_attention_paths_for_rows_sharing_prompts(pair, mode, path, monkeyp
     (`ops.window_attention`) or over the shared prefix once plus each row's tail (`ops.shared_prefix_attention`;
     layers with a sliding window gather instead). Both give sdpa's tokens."""
     family, reference, paged = pair
-    calls = collections.Counter()
-
-    def counting(name):
-        original = getattr(ops, name)
-
-        def counted(*args, **kwargs):
-            calls[name] += 1
-            return original(*args, **kwargs)
-
-        return counted
-
-    for name in ("window_attention", "shared_prefix_attention"):
-        monkeypatch.setattr(ops, name, counting(name))
+    calls = count_calls(monkeypatch, ops, ("window_attention", "shared_prefix_attention"))
     if path == "split":
         monkeypatch.setattr(hf_paged.cache, "_window", lambda *args: None)
     inputs = left_padded_batch([37, 12, 26], seed=1)

@@ -11,7 +11,7 @@ import gc
 
 import pytest
 import torch
-from conftest import VOCAB, _family_configs, make_pair
+from conftest import _family_configs, system_prompt
 from transformers import AutoModelForCausalLM
 
 import hf_paged
@@ -22,16 +22,7 @@ KWARGS = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_i
 
 
 def _prompt(suffix_len: int, seed: int) -> torch.Tensor:
-    system = torch.randint(3, VOCAB, (1, SYSTEM), generator=torch.Generator().manual_seed(0))
-    suffix = torch.randint(3, VOCAB, (1, suffix_len), generator=torch.Generator().manual_seed(seed))
-    return torch.cat([system, suffix], dim=1)
-
-
-@pytest.fixture
-def pair():
-    reference, paged = make_pair("llama")
-    yield reference, paged
-    hf_paged.disable_prefix_caching(paged)
+    return system_prompt(SYSTEM, suffix_len, seed)
 
 
 def _generate(model, ids, **kwargs):
@@ -60,15 +51,15 @@ def _changes(reference, paged, change) -> None:
     assert torch.equal(after.sequences, _generate(reference, _prompt(4, seed=4)).sequences)
 
 
-def test_prefix_cache_is_not_served_after_load_state_dict(pair):
-    reference, paged = pair
+def test_prefix_cache_is_not_served_after_load_state_dict(prefix_pair):
+    reference, paged = prefix_pair
     torch.manual_seed(7)
     other = AutoModelForCausalLM.from_config(_family_configs()["llama"], attn_implementation="sdpa")
     _changes(reference, paged, lambda model: model.load_state_dict(other.state_dict()))
 
 
-def test_prefix_cache_is_not_served_after_an_optimizer_step(pair):
-    reference, paged = pair
+def test_prefix_cache_is_not_served_after_an_optimizer_step(prefix_pair):
+    reference, paged = prefix_pair
 
     def step(model):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -82,8 +73,8 @@ def test_prefix_cache_is_not_served_after_an_optimizer_step(pair):
     _changes(reference, paged, step)
 
 
-def test_a_failed_call_releases_its_blocks_at_once(pair):
-    reference, paged = pair
+def test_a_failed_call_releases_its_blocks_at_once(prefix_pair):
+    reference, paged = prefix_pair
     state = hf_paged.enable_prefix_caching(paged, num_blocks=6, block_size=16)
     with pytest.raises(OutOfBlocksError) as info:  # `info` keeps the exception, and its traceback, alive
         _generate(paged, _prompt(20, seed=1), max_new_tokens=40, min_new_tokens=40)  # 68 tokens fit, 108 do not
@@ -96,8 +87,8 @@ def test_a_failed_call_releases_its_blocks_at_once(pair):
     assert info.value.needed > info.value.free
 
 
-def test_a_cache_built_for_fewer_layers_says_so(pair):
-    _, paged = pair
+def test_a_cache_built_for_fewer_layers_says_so(prefix_pair):
+    _, paged = prefix_pair
     config = _family_configs()["llama"]
     config.num_hidden_layers = 1
     config._attn_implementation = "hf_paged"
@@ -107,8 +98,8 @@ def test_a_cache_built_for_fewer_layers_says_so(pair):
         _generate(paged, ids, past_key_values=cache)
 
 
-def test_an_empty_cache_is_reusable_after_out_of_blocks(pair):
-    reference, paged = pair
+def test_an_empty_cache_is_reusable_after_out_of_blocks(prefix_pair):
+    reference, paged = prefix_pair
     cache = PagedCache(paged.config, num_blocks=5)
     with pytest.raises(OutOfBlocksError):  # 58 prompt tokens fit in 4 blocks; decoding runs out
         _generate(paged, _prompt(10, seed=1), past_key_values=cache, max_new_tokens=30, min_new_tokens=30)
@@ -118,8 +109,8 @@ def test_an_empty_cache_is_reusable_after_out_of_blocks(pair):
     assert torch.equal(out.sequences, _generate(reference, small).sequences)
 
 
-def test_a_continued_cache_after_out_of_blocks_says_to_reset(pair):
-    _, paged = pair
+def test_a_continued_cache_after_out_of_blocks_says_to_reset(prefix_pair):
+    _, paged = prefix_pair
     cache = PagedCache(paged.config, num_blocks=5)
     ids = _prompt(10, seed=1)
     first = _generate(paged, ids, past_key_values=cache)

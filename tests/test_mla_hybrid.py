@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, left_padded_batch
+from conftest import VOCAB, count_calls, left_padded_batch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -189,7 +189,6 @@ def test_prefix_caching(pair):
 def test_every_attention_path_with_narrower_values(path, monkeypatch):
     """Values narrower than keys (MiMo-V2-Flash) through each PyTorch attention path: one block range for all rows
     (`ops.window_attention`), shared prefix plus tails (`ops.shared_prefix_attention`), per-row gathers."""
-    import collections
 
     import hf_paged.cache
     from hf_paged import ops
@@ -198,15 +197,7 @@ def test_every_attention_path_with_narrower_values(path, monkeypatch):
     reference = AutoModelForCausalLM.from_config(_config("mimo_v2_flash"), attn_implementation="eager").eval()
     paged = AutoModelForCausalLM.from_config(_config("mimo_v2_flash"), attn_implementation="hf_paged").eval()
     paged.load_state_dict(reference.state_dict())
-    calls = collections.Counter()
-    for name in ("window_attention", "shared_prefix_attention", "gather_kv"):
-        original = getattr(ops, name)
-
-        def counted(*args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(ops, name, counted)
+    calls = count_calls(monkeypatch, ops, ("window_attention", "shared_prefix_attention", "gather_kv"))
     if path != "window":
         monkeypatch.setattr(hf_paged.cache, "_window", lambda *args: None)
     if path == "gathered":

@@ -6,29 +6,19 @@ import gc
 
 import pytest
 import torch
-from conftest import VOCAB, count_prefill_positions, make_pair
+from conftest import count_prefill_positions, make_pair, system_prompt
 
 import hf_paged
 
 SYSTEM = 160
 
-
 def _prompt(suffix_len: int, seed: int, system_seed: int = 0) -> torch.Tensor:
-    system = torch.randint(3, VOCAB, (1, SYSTEM), generator=torch.Generator().manual_seed(system_seed))
-    suffix = torch.randint(3, VOCAB, (1, suffix_len), generator=torch.Generator().manual_seed(seed))
-    return torch.cat([system, suffix], dim=1)
-
-
-@pytest.fixture
-def pair():
-    reference, paged = make_pair("llama")
-    yield reference, paged
-    hf_paged.disable_prefix_caching(paged)
+    return system_prompt(SYSTEM, suffix_len, seed, system_seed)
 
 
 @pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
-def test_second_call_computes_only_the_new_suffix(pair, mode):
-    reference, paged = pair
+def test_second_call_computes_only_the_new_suffix(prefix_pair, mode):
+    reference, paged = prefix_pair
     hf_paged.enable_prefix_caching(paged)
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True, **mode)
     first_ids, second_ids = _prompt(9, seed=1), _prompt(21, seed=2)
@@ -46,8 +36,8 @@ def test_second_call_computes_only_the_new_suffix(pair, mode):
     assert torch.equal(second.sequences, reference.generate(second_ids, **kwargs).sequences)
 
 
-def test_hits_are_shared_by_a_live_cache_and_never_cross_prompts(pair):
-    reference, paged = pair
+def test_hits_are_shared_by_a_live_cache_and_never_cross_prompts(prefix_pair):
+    reference, paged = prefix_pair
     hf_paged.enable_prefix_caching(paged, block_size=8)
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True)
     first = paged.generate(_prompt(3, seed=1), **kwargs)  # kept alive: its blocks are shared, not copied
@@ -60,8 +50,8 @@ def test_hits_are_shared_by_a_live_cache_and_never_cross_prompts(pair):
     first.past_key_values.manager.check()  # one pool, three live caches: every invariant holds across them
 
 
-def test_left_padded_batch_hits_only_identical_rows(pair):
-    reference, paged = pair
+def test_left_padded_batch_hits_only_identical_rows(prefix_pair):
+    reference, paged = prefix_pair
     hf_paged.enable_prefix_caching(paged)
     ids = torch.cat([_prompt(4, seed=5), _prompt(4, seed=6)])
     mask = torch.ones_like(ids)
@@ -77,8 +67,8 @@ def test_left_padded_batch_hits_only_identical_rows(pair):
     assert torch.equal(out.sequences, expected.sequences)
 
 
-def test_unreferenced_blocks_are_evicted_lru_when_the_pool_is_full(pair):
-    _, paged = pair
+def test_unreferenced_blocks_are_evicted_lru_when_the_pool_is_full(prefix_pair):
+    _, paged = prefix_pair
     state = hf_paged.enable_prefix_caching(paged, num_blocks=15, block_size=16)
     blocks = state.pool.blocks
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True)
@@ -98,8 +88,8 @@ def test_unreferenced_blocks_are_evicted_lru_when_the_pool_is_full(pair):
     assert paged.generate(_prompt(2, seed=4), **kwargs).past_key_values.stats().prefix_hit_tokens == 0
 
 
-def test_disable_prefix_caching_drops_the_pool(pair):
-    _, paged = pair
+def test_disable_prefix_caching_drops_the_pool(prefix_pair):
+    _, paged = prefix_pair
     state = hf_paged.enable_prefix_caching(paged)
     paged.generate(_prompt(4, seed=1), max_new_tokens=2)
     hf_paged.disable_prefix_caching(paged)
