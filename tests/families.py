@@ -63,8 +63,8 @@ REFERENCE_BROKEN: dict[str, str] = {
     "qwen4_exp": "the default config leaves the indexer's token budget and compress ratio unset",
     "qwen4_exp_text": "the default config leaves the indexer's token budget and compress ratio unset",
     "zamba": "its shared-transformer weight tying fails with two layers",
-    "dory": "eager fails on the tiny config (5.24: a mask of 28 keys against 21 scores in its first forward)",
-    "inkling2_loop_text": "eager fails on the tiny config (5.24: an embedding index out of range in its first forward)",
+    "dory": "its first forward on a tiny config (5.24) compares a mask of 28 keys with 21 scores",
+    "inkling2_loop_text": "its first forward on a tiny config (5.24) indexes an embedding out of range",
 }
 
 # Generic small sizes, applied to every attribute of these names that the config (or a sub-config) has.
