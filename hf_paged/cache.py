@@ -744,14 +744,14 @@ class PagedCache(Cache):
                 "or pass PagedCache(config, layer_devices=hf_paged.devices.layer_placements(model)); prefix caching "
                 "(enable_prefix_caching) keeps one pool on one device and does not support such models yet."
             )
-        if value_states.shape[0] == key_states.shape[0] and not pool.matches(key_states, value_states, slot):
-            pool.allocate_layer(slot, key_states, value_states)  # a layer of another shape: tensors of its own
         if value_states.shape[0] != key_states.shape[0] or value_states.shape[2] != key_states.shape[2]:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} gives keys {tuple(key_states.shape)} and values "
                 f"{tuple(value_states.shape)}: a PagedCache needs keys and values of the same batch size and number "
                 "of tokens."
             )
+        if not pool.matches(key_states, value_states, slot):
+            pool.allocate_layer(slot, key_states, value_states)  # a layer of another shape: tensors of its own
         if self._step is None or layer_idx in self._step_layers:
             self._begin_step(key_states.shape[0], key_states.shape[2])
         self._step_layers.add(layer_idx)
