@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import backend, compat, ops
+from . import backend, compat, ops, support
 from .block_manager import BlockManager, BlockPool, OutOfBlocksError
 from .compat import (
     DYNAMIC_LAYER_TYPE_MAPPING,
@@ -436,11 +436,7 @@ class PagedLayer(CacheLayerMixin):
         if pool is None:
             return None
         manager = self._cache.manager
-        kv_len = max(manager.lengths, default=0)
-        width = max((len(table) for table in manager.tables), default=0)
-        tables = torch.tensor([table + [0] * (width - len(table)) for table in manager.tables],
-                              dtype=torch.int32, device=pool.device).reshape(manager.num_rows, width)
-        return ops.gather_kv(pool, tables, kv_len)
+        return ops.gather_kv(pool, _padded_tables(manager, pool.device), max(manager.lengths, default=0))
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._cache.layer_pools[self.layer_idx][0].allocate(key_states, value_states)
@@ -510,8 +506,8 @@ def layer_plan(config) -> tuple[list[str], list[dict]]:
     except Exception:  # a config Transformers' own helper cannot read: every layer is plain attention
         layer_types, layer_kwargs = [], []
     if not isinstance(num_layers, int) or len(layer_types) != num_layers:
-        return ["paged"] * (num_layers if isinstance(num_layers, int) and num_layers > 0 else 0), [{}] * (
-            num_layers if isinstance(num_layers, int) and num_layers > 0 else 0)
+        count = num_layers if isinstance(num_layers, int) and num_layers > 0 else 0
+        return ["paged"] * count, [{} for _ in range(count)]
     kinds = []
     for layer_type in layer_types:
         cls = DYNAMIC_LAYER_TYPE_MAPPING.get(layer_type)
@@ -522,38 +518,6 @@ def layer_plan(config) -> tuple[list[str], list[dict]]:
     if isinstance(layer_kwargs, dict):  # 5.17 and before: one dict for every layer
         layer_kwargs = [layer_kwargs] * len(kinds)
     return kinds, [dict(kwargs) for kwargs in layer_kwargs]
-
-
-# Layer types whose attention reads more than the keys and values a PagedCache pages: hf_paged refuses them at load.
-_UNSUPPORTED_LAYER_TYPES = {
-    "indexed_attention": "its dynamic sparse attention (DeepSeek-V3.2 style) selects keys with an indexer over a 4-D "
-                         "mask and passes the top-k indices to the attention, which hf_paged does not apply",
-}
-
-
-# Families whose attention hf_paged does not reproduce yet.
-_UNSUPPORTED_MODEL_TYPES = {
-    "inkling_text": "its attention adds relative-position logits (`position_bias`) that hf_paged does not apply, and "
-                    "its beam search through a PagedCache does not yet give Transformers' results",
-}
-_UNSUPPORTED_MODEL_TYPES["inkling2_text"] = _UNSUPPORTED_MODEL_TYPES["inkling_text"]
-
-
-def check_layer_types(config) -> None:
-    """Raise `NotImplementedError` naming hf_paged for a model whose cache layers hf_paged cannot serve."""
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    model_type = getattr(text_config, "model_type", None)
-    if model_type in _UNSUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"hf_paged: {type(text_config).__name__} is not supported: {_UNSUPPORTED_MODEL_TYPES[model_type]}. "
-            'Load this model with attn_implementation="sdpa" (or "eager") instead.'
-        )
-    for layer_type in dict.fromkeys(getattr(text_config, "layer_types", None) or []):
-        if layer_type in _UNSUPPORTED_LAYER_TYPES:
-            raise NotImplementedError(
-                f"hf_paged: {type(config).__name__} has {layer_type!r} layers: {_UNSUPPORTED_LAYER_TYPES[layer_type]}. "
-                'Load this model with attn_implementation="sdpa" (or "eager") instead.'
-            )
 
 
 class PagedCache(Cache):
@@ -609,7 +573,7 @@ class PagedCache(Cache):
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError("hf_paged: PagedCache needs a model config with `num_hidden_layers`.")
-        check_layer_types(config)
+        support.check_layer_types(config)
         kinds, layer_kwargs = layer_plan(config)
         # Multi-head latent attention (DeepSeek-V2/V3, Kimi, ...) caches the compressed latents and expands them into
         # keys and values after the cache: those layers get their rows' latents back, gathered out of the blocks.
@@ -655,11 +619,10 @@ class PagedCache(Cache):
                 layers.append(PagedLayer(self, i, slot))
             slot += 1
         super().__init__(layers=layers)
-        self._slots = [getattr(layer, "slot", None) for layer in layers]
         # Per layer, the pool holding it and its index there (None for state layers); `pools` lists each pool once,
         # `pool` (which owns the block ids every pool shares) first.
         slot_pools = slot_pools or [(pool, slot) for slot in range(slot)]
-        self.layer_pools = [None if slot is None else slot_pools[slot] for slot in self._slots]
+        self.layer_pools = [slot_pools[layer.slot] if isinstance(layer, PagedLayer) else None for layer in layers]
         self.pools = list({id(p): p for p, _ in slot_pools}.values()) or [pool]
         self._device_steps: dict[torch.device, StepMetadata] = {}
         self._lengths_before: list[int] = []
@@ -722,10 +685,10 @@ class PagedCache(Cache):
                 'does not run attn_implementation="hf_paged". Load it with attn_implementation="hf_paged" (or call '
                 'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
             )
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self._slots):
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layer_pools):
             raise ValueError(
-                f"hf_paged: layer {layer_idx!r} wrote to a PagedCache built for {len(self._slots)} layer(s) (layers "
-                f"0..{len(self._slots) - 1}, from the num_hidden_layers of the config it was given). Build the cache "
+                f"hf_paged: layer {layer_idx!r} wrote to a PagedCache built for {len(self.layer_pools)} layer(s) "
+                f"(layers 0..{len(self.layer_pools) - 1}, from the num_hidden_layers of the config it was given). Build the cache "
                 "from the config of the model that uses it: PagedCache(model.config)."
             )
         if self.layer_pools[layer_idx] is None:
@@ -1019,11 +982,15 @@ def _release_rows(manager: BlockManager) -> None:
         manager.reset()
 
 
+def _padded_tables(manager: BlockManager, device: torch.device) -> torch.Tensor:
+    """The rows' block tables as one ``[B, nb]`` int32 tensor on `device` (short rows padded with block 0)."""
+    width = max((len(table) for table in manager.tables), default=0)
+    return torch.tensor([table + [0] * (width - len(table)) for table in manager.tables],
+                        dtype=torch.int32).reshape(manager.num_rows, width).to(device)
+
+
 def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, device: torch.device) -> StepMetadata:
-    width = max(len(table) for table in manager.tables)
-    block_tables = torch.tensor(
-        [table + [0] * (width - len(table)) for table in manager.tables], dtype=torch.int32
-    ).to(device)
+    block_tables = _padded_tables(manager, device)
     seq_lens = torch.tensor(manager.lengths, dtype=torch.int32).to(device)
     bs = manager.block_size
     positions = torch.tensor(lengths_before, dtype=torch.long, device=device)[:, None] + torch.arange(

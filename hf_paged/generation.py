@@ -26,7 +26,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerationMixin
 
 from . import compat, prefix, support
-from .cache import PagedCache, check_layer_types
+from .cache import PagedCache
 from .devices import layer_placements
 
 __all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "uses_hf_paged"]
@@ -296,7 +296,6 @@ def install_generate_hook() -> None:
         if attn_implementation == ATTN_IMPLEMENTATION:
             check_attention_interface(type(self))
             support.check_model_class(type(self), self.config)
-            check_layer_types(self.config)
         return original_check(self, attn_implementation, *args, **kwargs)
 
     PreTrainedModel._check_and_adjust_attn_implementation = checked

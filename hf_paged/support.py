@@ -24,7 +24,8 @@ import torch
 
 from . import compat
 
-__all__ = ["ATTENTION_KINDS", "STATE_KINDS", "check_cached_kv_use", "check_layer_kinds", "check_model_class"]
+__all__ = ["ATTENTION_KINDS", "STATE_KINDS", "check_cached_kv_use", "check_layer_kinds", "check_layer_types",
+           "check_model_class"]
 
 # Kinds of layer (values of ``config.layer_types``) whose cache is keys and values that the attention reads.
 ATTENTION_KINDS = frozenset({
@@ -70,6 +71,38 @@ def check_cached_kv_use(model_name: str, module_classes) -> None:
                                       f"outside the attention function ({use}), and a PagedCache returns block pools")
 
 
+# Layer types whose attention reads more than the keys and values a PagedCache pages: hf_paged refuses them at load.
+_UNSUPPORTED_LAYER_TYPES = {
+    "indexed_attention": "its dynamic sparse attention (DeepSeek-V3.2 style) selects keys with an indexer over a 4-D "
+                         "mask and passes the top-k indices to the attention, which hf_paged does not apply",
+}
+
+
+# Families whose attention hf_paged does not reproduce yet.
+_UNSUPPORTED_MODEL_TYPES = {
+    "inkling_text": "its attention adds relative-position logits (`position_bias`) that hf_paged does not apply, and "
+                    "its beam search through a PagedCache does not yet give Transformers' results",
+}
+_UNSUPPORTED_MODEL_TYPES["inkling2_text"] = _UNSUPPORTED_MODEL_TYPES["inkling_text"]
+
+
+def check_layer_types(config) -> None:
+    """Raise `NotImplementedError` naming hf_paged for a model whose cache layers hf_paged cannot serve."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    model_type = getattr(text_config, "model_type", None)
+    if model_type in _UNSUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"hf_paged: {type(text_config).__name__} is not supported: {_UNSUPPORTED_MODEL_TYPES[model_type]}. "
+            'Load this model with attn_implementation="sdpa" (or "eager") instead.'
+        )
+    for layer_type in dict.fromkeys(getattr(text_config, "layer_types", None) or []):
+        if layer_type in _UNSUPPORTED_LAYER_TYPES:
+            raise NotImplementedError(
+                f"hf_paged: {type(config).__name__} has {layer_type!r} layers: {_UNSUPPORTED_LAYER_TYPES[layer_type]}. "
+                'Load this model with attn_implementation="sdpa" (or "eager") instead.'
+            )
+
+
 def check_model_class(model_class: type, config) -> None:
     """All load-time checks for `model_class` built from `config` (see the module docstring)."""
     supports_cache = getattr(model_class, "_supports_default_dynamic_cache", None)
@@ -77,6 +110,7 @@ def check_model_class(model_class: type, config) -> None:
         raise _refuse(model_class.__name__, "it keeps its cache in a class of its own instead of a Transformers "
                                             "Cache that hf_paged can replace")
     check_layer_kinds(model_class.__name__, config)
+    check_layer_types(config)
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     family_module = sys.modules.get(model_class.__module__)
     if compat.TRANSFORMERS_VERSION < (5, 17) and hasattr(family_module, "create_bidirectional_mask"):
