@@ -45,8 +45,9 @@ def test_imports_from_the_repository_root(first, root=ROOT):
     assert run.stdout.strip().splitlines()[-1] == "kernels available: False False", run.stdout
 
 
-def test_wheel_contains_the_kernels_subpackage_and_no_top_level_kernels(tmp_path):
-    # Build from a copy, so the checkout gets no build/ or egg-info and concurrent edits do not matter.
+def _build_wheel(tmp_path: Path) -> Path:
+    """Build the wheel into `tmp_path` from a copy, so the checkout gets no build/ or egg-info and concurrent edits
+    do not matter."""
     source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -59,6 +60,11 @@ def test_wheel_contains_the_kernels_subpackage_and_no_top_level_kernels(tmp_path
     )
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = tmp_path.glob("hf_paged-*.whl")
+    return wheel
+
+
+def test_wheel_contains_the_kernels_subpackage_and_no_top_level_kernels(tmp_path):
+    wheel = _build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         top_level = archive.read(next(n for n in names if n.endswith(".dist-info/top_level.txt"))).decode().split()
@@ -96,18 +102,7 @@ def test_wheel_contains_the_kernels_subpackage_and_no_top_level_kernels(tmp_path
 def test_built_wheel_installs_into_a_venv_and_generates(tmp_path):
     """The wheel, ``pip install``-ed into a new venv (that sees this interpreter's torch and Transformers), imports
     from the venv, declares the supported range, and a tiny model generates with "hf_paged"."""
-    source = tmp_path / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    for name in ("hf_paged", "kernels"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
-        cwd=source, capture_output=True, text=True, timeout=300,
-    )
-    assert build.returncode == 0, build.stdout + build.stderr
-    (wheel,) = tmp_path.glob("hf_paged-*.whl")
+    wheel = _build_wheel(tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
