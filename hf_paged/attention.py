@@ -113,6 +113,10 @@ def paged_attention_forward(
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,
                                      softcap, is_causal, chunk_size, sinks), None
     step, key, value = cache.attention_inputs(key)
+    if step.fresh is not None:  # a sliding-window step that stores only its last tokens
+        return _fresh_attention(cache, step, query, attention_mask, scale, sliding_window, softcap, sinks), None
+    if step.key_offset and attention_mask is not None:  # the step's tables leave out the first blocks
+        attention_mask = attention_mask[..., step.key_offset:]
     if sliding_window is not None and sliding_window >= step.max_seq_len:
         sliding_window = None  # the window covers every key: no mask needed
     if chunk_size is not None and chunk_size >= step.max_seq_len:
@@ -163,6 +167,30 @@ def paged_attention_forward(
             return out, None
     return _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap, chunk_size,
                                sinks), None
+
+
+def _fresh_attention(cache, step, query, attention_mask, scale, sliding_window, softcap, sinks) -> torch.Tensor:
+    """Attention of a step that stores only its last tokens: over the keys kept before it and its own keys, as
+    Transformers' sliding-window cache layer returns them (``DynamicSlidingWindowLayer.update``)."""
+    first, kept_keys, kept_values, keys, values = cache.fresh_inputs(step)
+    if kept_keys is not None:
+        keys = torch.cat([kept_keys.to(keys.dtype), keys], dim=2)
+        values = torch.cat([kept_values.to(values.dtype), values], dim=2)
+    kv_len = keys.shape[2]
+    q_len = query.shape[2]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        end = step.kv_start + kv_len
+        mask = attention_mask[..., -q_len:, step.kv_start:end].to(torch.bool)
+        return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)
+    seq_lens = torch.full((query.shape[0],), kv_len, dtype=torch.long, device=query.device)
+    window = sliding_window if sliding_window is not None and sliding_window < kv_len else None
+    if attention_mask is None and window is None and q_len == kv_len:
+        return ops.attend(query, keys, values, None, scale=scale, softcap=softcap, is_causal=True, sinks=sinks)
+    mask = ops.causal_mask(seq_lens, None, q_len, kv_len, window)
+    if attention_mask is not None:
+        padding = key_padding_mask(attention_mask[:, step.kv_start:], kv_len)
+        mask = mask & padding[:, None, None, :]
+    return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)
 
 
 def _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap, chunk_size=None,

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import backend, compat, ops, support
-from .block_manager import BlockManager, BlockPool, OutOfBlocksError
+from . import backend, compat, masks, ops, support
+from .block_manager import NULL_BLOCK, BlockManager, BlockPool, OutOfBlocksError
 from .compat import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     LinearAttentionCacheLayerMixin,
@@ -100,6 +100,15 @@ class StepMetadata:
         first_block: with a single row whose blocks are consecutive, the first one (keys are read in place).
         window: ``(first_block, num_blocks)``, a block range holding every row's blocks and not much else (see
             `_WINDOW_EXTRA_KEYS`), or None.
+        skips: some new token is not stored (its slot is -1): left padding, or keys out of a sliding window.
+        key_offset: positions the tables and lengths start at: every row's first ``key_offset / block_size``
+            blocks hold only dead tokens (left padding, keys out of a sliding window), so they are left out. Key
+            ``j`` of the tables is token ``key_offset + j`` of the row; masks indexed by token are cut to match.
+        fresh: for a step that stores only its last tokens (a sliding-window prefill): per layer, the keys and
+            values it was given, read by its attention (`PagedCache.fresh_inputs`); else None.
+        context: with `fresh`, ``(first position, per layer the kept keys and values from there)`` gathered before
+            the step, or None when the rows held nothing.
+        kv_start: with `fresh`, the position of the first key its attention reads (kept or new).
     """
 
     block_tables: torch.Tensor
@@ -112,6 +121,11 @@ class StepMetadata:
     shared: SharedPrefix | None = None
     first_block: int | None = None
     window: tuple[int, int] | None = None
+    skips: bool = False
+    key_offset: int = 0
+    fresh: dict | None = None
+    context: tuple | None = None
+    kv_start: int = 0
     _masks: dict = field(default_factory=dict)
 
     def window_mask(self, attention_mask: torch.Tensor | None, sliding_window: int | None, groups: int,
@@ -386,6 +400,58 @@ class KVPool:
             self.guarded.append(pair)
 
 
+@dataclass(eq=False)
+class LayerGroup:
+    """Attention layers that share block tables: all full-attention (and chunked) layers, or all layers of one
+    sliding window (``window``: the keys Transformers' own DynamicCache keeps for them, `masks.cache_window`).
+
+    Every group holds the same rows at the same lengths; a sliding-window group releases the blocks that fell
+    wholly out of its window (`PagedCache._begin_step`). Each group has its own pools (one per device-map entry,
+    sharing the first one's block ids) and `BlockManager`, and builds its own step metadata.
+    """
+
+    window: int | None
+    pool: KVPool
+    manager: BlockManager
+    pools: list[KVPool]
+    step: StepMetadata | None = None
+    step_layers: set = field(default_factory=set)
+    device_steps: dict = field(default_factory=dict)
+    lengths_before: list[int] = field(default_factory=list)
+    _trim: bool = True
+
+    @property
+    def bytes_per_block(self) -> int:
+        return sum(pool.bytes_per_block for pool in self.pools)
+
+    def begin(self, lengths_before: list[int], q_len: int, trim: bool, fresh: bool = False, context=None) -> None:
+        """Build the step's metadata after its slots were reserved (`PagedCache._begin_step`)."""
+        device = self.pool.tensor.device
+        self._trim = trim
+        self.step = _build_step(self.manager, lengths_before, q_len, device, trim, fresh, context)
+        self.device_steps, self.lengths_before, self.step_layers = {device: self.step}, lengths_before, set()
+
+    def step_on(self, device: torch.device) -> StepMetadata:
+        """This step's metadata with its tensors on `device` (built from the same block tables, once per device)."""
+        step = self.device_steps.get(device)
+        if step is None:
+            step = _build_step(self.manager, self.lengths_before, self.step.q_len, device, self._trim,
+                               self.step.fresh is not None, self.step.context)
+            if step.fresh is not None:
+                step.fresh = self.step.fresh  # one dict: a layer's update and attention may see different devices
+            self.device_steps[device] = step
+        return step
+
+    def grow_to_first(self, pool: KVPool) -> None:
+        """Give `pool` as many blocks as the group's first pool: the block ids are shared, so every pool holds all."""
+        if pool is not self.pool and pool.tensor is not None and pool.tensor.shape[2] < self.pool.blocks.num_blocks:
+            pool.resize(self.pool.blocks.num_blocks)
+
+    def end(self) -> None:
+        """Forget the step (rows were reordered, cropped or reset)."""
+        self.step, self.step_layers, self.device_steps = None, set(), {}
+
+
 class PagedLayer(CacheLayerMixin):
     """One layer's entry in a `PagedCache`.
 
@@ -435,8 +501,17 @@ class PagedLayer(CacheLayerMixin):
     def _gather(self, pool: torch.Tensor | None) -> torch.Tensor | None:
         if pool is None:
             return None
-        manager = self._cache.manager
+        manager = self._cache.layer_groups[self.layer_idx].manager
         return ops.gather_kv(pool, _padded_tables(manager, pool.device), max(manager.lengths, default=0))
+
+    @property
+    def record_past(self) -> bool:
+        """The cache's `PagedCache.record_past` (Transformers sets it on layers that have it)."""
+        return self._cache.record_past
+
+    @record_past.setter
+    def record_past(self, value: bool) -> None:
+        self._cache.record_past = bool(value)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._cache.layer_pools[self.layer_idx][0].allocate(key_states, value_states)
@@ -585,6 +660,7 @@ class PagedCache(Cache):
                 f"hf_paged: this config uses attn_implementation={attn!r}; a PagedCache only works with models loaded "
                 'with attn_implementation="hf_paged" (its attention reads the block tables).'
             )
+        attention_layers = [layer for layer, kind in enumerate(kinds) if kind != "state"]
         if layer_devices is not None:
             if pool is not None or device is not None or max_memory is not None:
                 raise ValueError(
@@ -594,19 +670,34 @@ class PagedCache(Cache):
             if len(layer_devices) != num_layers:
                 raise ValueError(f"hf_paged: layer_devices has {len(layer_devices)} entries but the model has "
                                  f"{num_layers} layers; give one device (or (name, device) pair) per layer.")
-            attention_devices = [entry for entry, kind in zip(layer_devices, kinds, strict=True) if kind != "state"]
-            pool, slot_pools = _device_pools(attention_devices, block_size, num_blocks, dtype)
-            self._init_state(pool, kinds, layer_kwargs, latent, slot_pools)
-            return
-        if pool is None:
-            pool = KVPool(paged_layers, block_size, num_blocks, max_memory,
-                          torch.device(device) if device is not None else None, dtype)
-        elif (num_blocks, max_memory, device, dtype) != (None, None, None, None) or pool.num_layers != paged_layers:
+        elif pool is not None and ((num_blocks, max_memory, device, dtype) != (None, None, None, None)
+                                   or pool.num_layers != paged_layers):
             raise ValueError("hf_paged: a PagedCache given a shared pool takes its size, device and dtype from it.")
-        self._init_state(pool, kinds, layer_kwargs, latent)
+        # Layers whose keys Transformers' own DynamicCache keeps only for a sliding window get block tables of their
+        # own, whose blocks outside the window are released (`LayerGroup`). A shared pool (prefix caching) and the
+        # latents of multi-head latent attention (which the model reads whole) keep every layer in one group.
+        if pool is not None or latent:
+            windows = [None] * len(attention_layers)
+        else:
+            windows = [masks.cache_window(config, layer) for layer in attention_layers]
+        specs = []
+        for window in sorted(set(windows), key=lambda w: -1 if w is None else w):
+            members = [i for i, w in enumerate(windows) if w == window]
+            if layer_devices is not None:
+                devices = [layer_devices[attention_layers[i]] for i in members]
+                first, slot_pools = _device_pools(devices, block_size, num_blocks, dtype)
+            else:
+                budget = None if max_memory is None else max(max_memory * len(members) // len(attention_layers), 1)
+                first = pool if pool is not None else KVPool(
+                    len(members), block_size, num_blocks, budget,
+                    torch.device(device) if device is not None else None, dtype)
+                slot_pools = [(first, slot) for slot in range(len(members))]
+            specs.append((window, first, members, slot_pools))
+        self._init_state(specs, kinds, layer_kwargs, latent)
 
-    def _init_state(self, pool: KVPool, kinds: list[str], layer_kwargs: list[dict], latent: bool = False,
-                    slot_pools: list[tuple[KVPool, int]] | None = None) -> None:
+    def _init_state(self, specs: list, kinds: list[str], layer_kwargs: list[dict], latent: bool = False) -> None:
+        """Build the layers and groups. `specs`: per group ``(window, first pool, its attention layers (indices
+        among the attention layers), per such layer (its pool, its index there))``."""
         self._kinds, self._layer_kwargs, self.latent = kinds, layer_kwargs, latent
         layers, slot = [], 0
         for i, (kind, kwargs) in enumerate(zip(kinds, layer_kwargs, strict=True)):
@@ -619,24 +710,35 @@ class PagedCache(Cache):
                 layers.append(PagedLayer(self, i, slot))
             slot += 1
         super().__init__(layers=layers)
-        # Per layer, the pool holding it and its index there (None for state layers); `pools` lists each pool once,
-        # `pool` (which owns the block ids every pool shares) first.
-        slot_pools = slot_pools or [(pool, slot) for slot in range(slot)]
-        self.layer_pools = [slot_pools[layer.slot] if isinstance(layer, PagedLayer) else None for layer in layers]
-        self.pools = list({id(p): p for p, _ in slot_pools}.values()) or [pool]
-        self._device_steps: dict[torch.device, StepMetadata] = {}
-        self._lengths_before: list[int] = []
+        if not specs:  # a model without attention layers: one empty group keeps the bookkeeping uniform
+            specs = [(None, KVPool(0, 16), [], [])]
+        self.groups = [LayerGroup(window, first, BlockManager(block_size=first.block_size, pool=first.blocks),
+                                  list({id(p): p for p, _ in slot_pools}.values()) or [first])
+                       for window, first, _, slot_pools in specs]
+        # Per layer, its pool and its index there, and its group (None for state layers). `pools` lists every pool
+        # once; `pool` and `manager` are the first group's (the full-attention layers' when there are any).
+        by_slot: dict[int, tuple[LayerGroup, tuple[KVPool, int]]] = {}
+        for group, (_, _, members, slot_pools) in zip(self.groups, specs, strict=True):
+            for member, place in zip(members, slot_pools, strict=True):
+                by_slot[member] = (group, place)
+        attention = [layer for layer in layers if isinstance(layer, PagedLayer)]
+        self.layer_pools = [None] * len(layers)
+        self.layer_groups: list[LayerGroup | None] = [None] * len(layers)
+        for layer in attention:
+            self.layer_groups[layer.layer_idx], self.layer_pools[layer.layer_idx] = by_slot[layer.slot]
+        self.pools = [pool for group in self.groups for pool in group.pools]
         self.state_layers = _state_layers(layers)
-        self.block_size = pool.block_size
-        self.pool = pool  # it owns the block ids (`KVPool.blocks`) that every pool of `pools` shares
-        self.manager = BlockManager(block_size=pool.block_size, pool=pool.blocks)
-        if pool.shared:
+        self.pool = self.groups[0].pool  # it owns the block ids (`KVPool.blocks`) the first group's pools share
+        self.block_size = self.pool.block_size
+        self.manager = self.groups[0].manager
+        if self.pool.shared:
             # A shared pool outlives this cache: give the rows' blocks back when the cache is collected.
             weakref.finalize(self, _release_rows, self.manager)
+        self.record_past = False  # `activate_past_recording`: keep sliding-window keys until the next `crop`
         self.peak_used_blocks = 0
+        self.peak_used_bytes = 0
         self.prefix_hit_tokens = 0
-        self._step: StepMetadata | None = None
-        self._step_layers: set[int] = set()
+        self._row_starts: list[int] | None = None  # each new row's first real token (`set_row_starts`)
         self._pending_layer: int | None = None
         self._ended: torch.Tensor | None = None
 
@@ -697,9 +799,10 @@ class PagedCache(Cache):
                 "linear-attention / state-space layer. The cache must be built from this model's config."
             )
         pool, slot = self.layer_pools[layer_idx]
+        group = self.layer_groups[layer_idx]
         if pool.tensor is None:
             pool.allocate(key_states, value_states)
-            self._grow_to_first(pool)
+            group.grow_to_first(pool)
         if key_states.device != pool.tensor.device:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} computes its keys on {key_states.device}, but its PagedCache pool is on "
@@ -715,18 +818,20 @@ class PagedCache(Cache):
             )
         if not pool.matches(key_states, value_states, slot):
             pool.allocate_layer(slot, key_states, value_states)  # a layer of another shape: tensors of its own
-        if self._step is None or layer_idx in self._step_layers:
-            self._begin_step(key_states.shape[0], key_states.shape[2])
-        self._step_layers.add(layer_idx)
+        if group.step is None or layer_idx in group.step_layers:
+            self._begin_step(group, key_states.shape[0], key_states.shape[2])
+        group.step_layers.add(layer_idx)
         batch, _, q_len, _ = key_states.shape
         keys = key_states.transpose(1, 2).reshape(batch * q_len, *key_states.shape[1:2], key_states.shape[3])
         values = value_states.transpose(1, 2).reshape(batch * q_len, value_states.shape[1], value_states.shape[3])
         key_pool, value_pool = pool.plain[slot]
-        step = self._step_on(pool.tensor.device)
+        step = group.step_on(pool.tensor.device)
         if step.triton:
             backend.kernels().reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping)
         else:
-            ops.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, skip_negative=False)
+            ops.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, skip_negative=step.skips)
+        if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as they are
+            step.fresh[layer_idx] = (key_states, value_states)
         if self.latent:
             # The model expands the latents of all its tokens into keys and values itself: give them back per row.
             return tuple(
@@ -737,9 +842,16 @@ class PagedCache(Cache):
         pool.active = weakref.ref(self)
         return pool.guarded[slot]
 
-    def _begin_step(self, batch: int, q_len: int) -> None:
-        """Reserve slots for ``q_len`` new tokens in every row and build this step's metadata."""
-        manager = self.manager
+    def _begin_step(self, group: LayerGroup, batch: int, q_len: int) -> None:
+        """Reserve slots for ``q_len`` new tokens in every row of `group` and build its step's metadata.
+
+        What the step takes: a slot for every new token at or past the row's live start, which is its first real
+        token (left padding takes no block) and, in a sliding-window group, the first key the step's first query
+        still sees (blocks wholly before it are released first). A multi-token step in a sliding-window group whose
+        first tokens are out of the window by its end stores only its last ``window - 1`` tokens: its attention reads
+        the kept keys gathered beforehand (`StepMetadata.context`) and the step's own keys as they are.
+        """
+        manager = group.manager
         new_rows = manager.num_rows == 0
         if not new_rows and manager.num_rows != batch:
             raise ValueError(
@@ -750,40 +862,63 @@ class PagedCache(Cache):
             manager.add_rows(batch)
         ended = self._ended.tolist() if self._ended is not None and len(self._ended) == manager.num_rows else None
         ended = ended if ended is not None and any(ended) else None
+        lengths_before = list(manager.lengths)
+        live = None
+        if new_rows and self._row_starts is not None and len(self._row_starts) == batch:
+            live = list(self._row_starts)
+        context, partial = None, False
+        window = group.window
+        if window is not None and not self.record_past:
+            seen = [max(length - window + 1, 0) for length in lengths_before]  # first key the first query sees
+            kept = [max(length + q_len - window + 1, 0) for length in lengths_before]  # first key kept after it
+            # Rows of one length (as generate's) can keep only a step's last tokens: its attention reads the rest.
+            partial = q_len > 1 and len(set(lengths_before)) == 1 and kept[0] > lengths_before[0]
+            if partial:
+                if lengths_before[0] > 0:
+                    context = self._gather_context(group, seen, lengths_before)
+                target = kept
+            else:
+                target = seen
+            live = target if live is None else [max(a, b) for a, b in zip(live, target, strict=True)]
         try:
-            self.pool.ensure_free(manager.blocks_needed(q_len, ended))
-            for pool in self.pools[1:]:
-                self._grow_to_first(pool)
-            lengths_before = list(manager.lengths)
-            copies = manager.append(q_len, ended)
+            group.pool.ensure_free(manager.blocks_needed(q_len, ended, live))
+            for pool in group.pools[1:]:
+                group.grow_to_first(pool)
+            copies = manager.append(q_len, ended, live)
         except BaseException:
             if new_rows:
                 manager.reset()
             raise
-        device = self.pool.tensor.device
         if copies:
             src, dst = zip(*copies, strict=True)
-            for pool in self.pools:
+            for pool in group.pools:
                 for tensor in pool.tensors if pool.tensor is not None else ():
                     backend.copy_blocks(tensor, torch.tensor(src, dtype=torch.int32, device=tensor.device),
                                         torch.tensor(dst, dtype=torch.int32, device=tensor.device))
-        self.peak_used_blocks = max(self.peak_used_blocks, manager.num_used)
-        self._step = _build_step(manager, lengths_before, q_len, device)
-        self._device_steps, self._lengths_before = {device: self._step}, lengths_before
-        self._step_layers = set()
+        used = [(g.manager.num_used, g.manager.num_used * g.bytes_per_block) for g in self.groups]
+        used_bytes = sum(b for _, b in used)
+        if used_bytes >= self.peak_used_bytes:
+            self.peak_used_bytes, self.peak_used_blocks = used_bytes, sum(n for n, _ in used)
+        group.begin(lengths_before, q_len, trim=not self.latent, fresh=partial, context=context)
 
-    def _grow_to_first(self, pool: KVPool) -> None:
-        """Give `pool` as many blocks as the first pool: the block ids are shared, so every pool holds all of them."""
-        if pool is not self.pool and pool.tensor is not None and pool.tensor.shape[2] < self.pool.blocks.num_blocks:
-            pool.resize(self.pool.blocks.num_blocks)
-
-    def _step_on(self, device: torch.device) -> StepMetadata:
-        """This step's metadata with its tensors on `device` (built from the same block tables, once per device)."""
-        step = self._device_steps.get(device)
-        if step is None:
-            step = _build_step(self.manager, self._lengths_before, self._step.q_len, device)
-            self._device_steps[device] = step
-        return step
+    def _gather_context(self, group: LayerGroup, start: list[int], end: list[int]):
+        """Per layer of `group`, keys and values ``[B, H, n, D]`` of positions ``[min(start), max(end))``: what a
+        sliding-window step that keeps only its last tokens reads besides them (``(first position, per layer)``)."""
+        first, last = min(start), max(end)
+        bs = group.manager.block_size
+        tables = [table[first // bs:-(-last // bs)] for table in group.manager.tables]
+        gathered = {}
+        for layer, place in enumerate(self.layer_pools):
+            if place is None or self.layer_groups[layer] is not group or place[0].tensor is None:
+                continue
+            pool, slot = place
+            device = pool.tensor.device
+            table = torch.tensor([[max(block, 0) for block in row] for row in tables], dtype=torch.int32, device=device)
+            offset = first % bs
+            gathered[layer] = tuple(
+                ops.gather_kv(store, table, offset + last - first)[:, :, offset:]
+                for store in pool.plain[slot])
+        return first, gathered
 
     def attention_inputs(self, key: torch.Tensor) -> tuple[StepMetadata, torch.Tensor, torch.Tensor]:
         """This step's metadata (on the pool's device) and the plain key and value pools behind `key`, the guarded
@@ -803,7 +938,16 @@ class PagedCache(Cache):
             )
         self._pending_layer = None
         pool, slot = expected
-        return (self._step_on(pool.tensor.device), *pool.plain[slot])
+        return (self.layer_groups[pending].step_on(pool.tensor.device), *pool.plain[slot])
+
+    def fresh_inputs(self, step: StepMetadata) -> tuple:
+        """For a step that stores only its last tokens (``step.fresh`` set), the layer that just stored: ``(first
+        position, kept keys, kept values, the step's keys, the step's values)``, the kept ones ``[B, H, n, D]`` from
+        that position on (None when the rows held nothing before), the step's own ``[B, H, q, D]`` as given."""
+        layer, (keys, values) = step.fresh.popitem()
+        first, context = step.context if step.context is not None else (0, {})
+        kept = context.get(layer)
+        return first, (kept[0] if kept else None), (kept[1] if kept else None), keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""
@@ -850,17 +994,42 @@ class PagedCache(Cache):
                 f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
                 "Please use a negative integer to remove that number of tokens from the cache instead."
             )
+        length = max(self.get_seq_length() + tokens_to_remove, 0)
+        for group in self.groups:
+            if group.window is not None and any(live > max(length - group.window + 1, 0)
+                                                for live in group.manager.live_from):
+                raise RuntimeError(
+                    f"hf_paged: crop({tokens_to_remove}) would need keys of a sliding-window layer (window "
+                    f"{group.window}) that the PagedCache has already released. Call cache.activate_past_recording() "
+                    "before decoding steps that may be rolled back (generate() does so for assisted decoding)."
+                )
         for layer in self.state_layers:
             layer.crop(tokens_to_remove)  # as Transformers: only when recording past states (assisted decoding)
-        if tokens_to_remove == 0:
-            return
-        self.manager.truncate(max(self.get_seq_length() + tokens_to_remove, 0))
-        self._step = None
+        for group in self.groups:
+            if tokens_to_remove:
+                group.manager.truncate(length)
+            if group.window is not None and group.manager.num_rows:
+                # As Transformers' sliding-window layers: after a crop only the window is kept.
+                group.manager.release_before([max(length - group.window + 1, 0)] * group.manager.num_rows)
+            group.end()
+
+    def activate_past_recording(self) -> None:
+        """Keep the keys sliding-window layers no longer need until the next `crop`, so that decoding steps can be
+        rolled back (assisted decoding); Transformers' state layers record their past states as well."""
+        super().activate_past_recording()
+        self.record_past = True
+
+    def set_row_starts(self, starts: list[int] | None) -> None:
+        """The first real token of each row the next forward step adds (left padding before it takes no block).
+        ``generate`` passes them from the prompt's attention mask; they are used once, when the rows are added."""
+        self._row_starts = None if starts is None else [int(start) for start in starts]
 
     def reset(self) -> None:
         """Forget every sequence; the pool is kept for reuse."""
-        self.manager.reset()
-        self._step, self._step_layers, self._pending_layer, self._ended = None, set(), None, None
+        for group in self.groups:
+            group.manager.reset()
+            group.end()
+        self._pending_layer, self._ended, self._row_starts = None, None, None
         for layer in self.state_layers:
             layer.reset()
 
@@ -882,53 +1051,66 @@ class PagedCache(Cache):
                 "attention does not store its keys and values through the cache it is given. Load it with "
                 'attn_implementation="sdpa" (or "eager") instead.'
             )
-        if self.manager.num_rows or not self.state_layers:
-            self.manager.select(indices)
+        for group in self.groups:
+            if group.manager.num_rows or not self.state_layers:
+                group.manager.select(indices)
+            group.end()
         if self.state_layers:
             index = torch.tensor(indices, dtype=torch.long)
             for layer in self.state_layers:
                 _select_states(layer, index)
-        self._step = None
+        self._row_starts = None
         if ended is not None:
             keep = ended.shape == (rows,)
             self._ended = ended[torch.tensor(indices, dtype=torch.long, device=ended.device)] if keep else None
 
     # ------------------------------------------------------------------------------------------- stats
     def stats(self) -> CacheStats:
-        """A snapshot of the pool's use (see `CacheStats`)."""
-        manager, per_block = self.manager, self.bytes_per_block
-        per_token = per_block // self.block_size
-        logical_tokens = sum(manager.lengths)
-        # A fixed pool of num_blocks is allocated at the first write: report its configured size before that.
-        unallocated = self.pool.tensor is None and self.pool.requested_blocks is not None
-        num_blocks = self.pool.requested_blocks if unallocated else manager.num_blocks
+        """A snapshot of the pools' use (see `CacheStats`), summed over the layer groups."""
+        used = blocks = free = shared = cached = pool_bytes = used_bytes = peak_pool = logical_bytes = 0
+        for group in self.groups:
+            manager, pool, per_block = group.manager, group.pool, group.bytes_per_block
+            # A fixed pool of num_blocks is allocated at the first write: report its configured size before that.
+            unallocated = pool.tensor is None and pool.requested_blocks is not None
+            num_blocks = pool.requested_blocks if unallocated else manager.num_blocks
+            used += manager.num_used
+            blocks += num_blocks
+            free += num_blocks - manager.num_used if unallocated else manager.num_free
+            shared += manager.num_shared
+            cached += pool.blocks.num_cached
+            used_bytes += manager.num_used * per_block
+            pool_bytes += manager.num_blocks * per_block
+            peak_pool += pool.peak_blocks * per_block
+            logical_bytes += sum(manager.lengths) * (per_block // self.block_size)
         return CacheStats(
             block_size=self.block_size,
-            num_blocks=num_blocks,
-            used_blocks=manager.num_used,
-            free_blocks=num_blocks - manager.num_used if unallocated else manager.num_free,
-            shared_blocks=manager.num_shared,
-            logical_tokens=logical_tokens,
-            used_bytes=manager.num_used * per_block,
-            logical_bytes=logical_tokens * per_token,
-            pool_bytes=manager.num_blocks * per_block,
+            num_blocks=blocks,
+            used_blocks=used,
+            free_blocks=free,
+            shared_blocks=shared,
+            logical_tokens=sum(self.manager.lengths),
+            used_bytes=used_bytes,
+            logical_bytes=logical_bytes,
+            pool_bytes=pool_bytes,
             peak_used_blocks=self.peak_used_blocks,
-            peak_used_bytes=self.peak_used_blocks * per_block,
-            peak_pool_bytes=self.pool.peak_blocks * per_block,
-            cow_copies=manager.cow_copies,
-            num_rows=manager.num_rows,
+            peak_used_bytes=self.peak_used_bytes,
+            peak_pool_bytes=peak_pool,
+            cow_copies=sum(group.manager.cow_copies for group in self.groups),
+            num_rows=self.manager.num_rows,
             prefix_hit_tokens=self.prefix_hit_tokens,
-            cached_blocks=self.pool.blocks.num_cached,
+            cached_blocks=cached,
         )
 
     def __deepcopy__(self, memo: dict) -> PagedCache:
         """An independent copy with a pool of its own holding just this cache's blocks (Transformers' prompt-reuse
         recipe: ``copy.deepcopy(prompt_cache)``). Sharing between rows is kept."""
         if len(self.pools) > 1:
-            raise NotImplementedError("hf_paged: copying a PagedCache whose layers are on several devices is not "
-                                      "supported; run the prompt again for each copy instead.")
-        used = sorted({block for table in self.manager.tables for block in table})
+            raise NotImplementedError("hf_paged: copying a PagedCache whose layers are on several devices or have "
+                                      "sliding windows of their own is not supported; run the prompt again for "
+                                      "each copy instead.")
+        used = sorted({block for table in self.manager.tables for block in table if block >= 0})
         renumber = {block: new for new, block in enumerate(used)}
+        renumber[NULL_BLOCK] = NULL_BLOCK
         old = self.pool
         pool = KVPool(old.num_layers, old.block_size, device=old.device, dtype=old.dtype)
         if old.tensor is not None:
@@ -945,7 +1127,10 @@ class PagedCache(Cache):
             pool.peak_blocks = len(used)
         clone = PagedCache.__new__(PagedCache)
         memo[id(self)] = clone
-        clone._init_state(pool, self._kinds, self._layer_kwargs, self.latent)
+        slots = list(range(pool.num_layers))
+        clone._init_state([(None, pool, slots, [(pool, slot) for slot in slots])], self._kinds, self._layer_kwargs,
+                          self.latent)
+        clone.record_past = self.record_past
         for mine, theirs in zip(self.layers, clone.layers, strict=True):
             if isinstance(mine, LinearAttentionCacheLayerMixin):
                 for name in ("conv_states", "recurrent_states", "is_conv_states_initialized",
@@ -955,11 +1140,14 @@ class PagedCache(Cache):
         manager = clone.manager
         manager.tables = [[renumber[block] for block in table] for table in self.manager.tables]
         manager.lengths = list(self.manager.lengths)
+        manager.live_from = list(self.manager.live_from)
         manager.cow_copies = self.manager.cow_copies
         for table in manager.tables:
             for block in table:
-                pool.blocks.ref_counts[block] += 1
+                if block >= 0:
+                    pool.blocks.ref_counts[block] += 1
         clone.peak_used_blocks, clone.prefix_hit_tokens = self.peak_used_blocks, self.prefix_hit_tokens
+        clone.peak_used_bytes = self.peak_used_bytes
         return clone
 
     def __repr__(self) -> str:
@@ -982,26 +1170,58 @@ def _release_rows(manager: BlockManager) -> None:
         manager.reset()
 
 
-def _padded_tables(manager: BlockManager, device: torch.device) -> torch.Tensor:
-    """The rows' block tables as one ``[B, nb]`` int32 tensor on `device` (short rows padded with block 0)."""
-    width = max((len(table) for table in manager.tables), default=0)
-    return torch.tensor([table + [0] * (width - len(table)) for table in manager.tables],
-                        dtype=torch.int32).reshape(manager.num_rows, width).to(device)
+def _padded_tables(manager, device: torch.device) -> torch.Tensor:
+    """The rows' block tables as one ``[B, nb]`` int32 tensor on `device` (short rows padded with block 0; null
+    entries, which only dead tokens occupy, read block 0 too)."""
+    return _table_tensor(manager.tables, device).clamp_min_(0)
 
 
-def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, device: torch.device) -> StepMetadata:
-    block_tables = _padded_tables(manager, device)
-    seq_lens = torch.tensor(manager.lengths, dtype=torch.int32).to(device)
+def _table_tensor(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """``[B, nb]`` int32 on `device`, short rows padded with 0, null entries (`NULL_BLOCK`) kept."""
+    width = max((len(table) for table in tables), default=0)
+    return torch.tensor([table + [0] * (width - len(table)) for table in tables],
+                        dtype=torch.int32).reshape(len(tables), width).to(device)
+
+
+@dataclass
+class _Rows:
+    """The rows' tables and lengths as a step reads them: without the leading blocks no row needs."""
+
+    tables: list[list[int]]
+    lengths: list[int]
+    block_size: int
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.tables)
+
+
+def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, device: torch.device,
+                trim: bool = True, fresh: bool = False, context=None) -> StepMetadata:
     bs = manager.block_size
-    positions = torch.tensor(lengths_before, dtype=torch.long, device=device)[:, None] + torch.arange(
-        q_len, device=device
-    )
-    slots = block_tables.to(torch.long).gather(1, positions // bs) * bs + positions % bs
-    max_seq_len = max(manager.lengths)
+    first = manager.first_live_block() if trim and manager.num_rows else 0
+    offset = first * bs
+    rows = _Rows([table[first:] for table in manager.tables] if first else manager.tables,
+                 [length - offset for length in manager.lengths] if first else manager.lengths, bs)
+    raw = _table_tensor(rows.tables, device)
+    has_null = bool(rows.tables) and any(block < 0 for table in rows.tables for block in table)
+    block_tables = raw.clamp_min(0) if has_null else raw
+    seq_lens = torch.tensor(rows.lengths, dtype=torch.int32).to(device)
+    positions = torch.tensor([before - offset for before in lengths_before], dtype=torch.long,
+                             device=device)[:, None] + torch.arange(q_len, device=device)
+    entries = raw.to(torch.long).gather(1, positions // bs)
+    slots = entries * bs + positions % bs
+    live = manager.live_from
+    skips = any(start > before for start, before in zip(live, lengths_before, strict=True))
+    if skips:
+        starts = torch.tensor([start - offset for start in live], dtype=torch.long, device=device)
+        slots = torch.where((entries < 0) | (positions < starts[:, None]), -1, slots)
+    max_seq_len = max(rows.lengths)
     triton = backend.use_triton(device)
     window = None
-    if not triton and manager.num_rows > 1 and q_len <= _WINDOW_MAX_QUERIES:
-        window = _window(manager.tables, max_seq_len, bs)
+    if not triton and rows.num_rows > 1 and q_len <= _WINDOW_MAX_QUERIES and not has_null:
+        window = _window(rows.tables, max_seq_len, bs)
+    single = rows.num_rows == 1 and not has_null
     return StepMetadata(
         block_tables=block_tables,
         seq_lens=seq_lens,
@@ -1010,9 +1230,14 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
         max_seq_len=max_seq_len,
         block_size=bs,
         triton=triton,
-        shared=_shared_prefix(manager, q_len, device) if window is None else None,
-        first_block=_consecutive_start(manager.tables[0]) if manager.num_rows == 1 else None,
+        shared=_shared_prefix(rows, q_len, device) if window is None else None,
+        first_block=_consecutive_start(rows.tables[0]) if single else None,
         window=window,
+        skips=skips,
+        key_offset=offset,
+        fresh={} if fresh else None,
+        context=context,
+        kv_start=context[0] if context is not None else min(lengths_before, default=0),
     )
 
 
@@ -1027,10 +1252,10 @@ def _window(tables: list[list[int]], max_seq_len: int, block_size: int) -> tuple
 def _consecutive_start(blocks: list[int]) -> int | None:
     """``blocks[0]`` if the blocks are ``b, b + 1, b + 2, ...``, else None."""
     start = blocks[0]
-    return start if blocks == list(range(start, start + len(blocks))) else None
+    return start if start >= 0 and blocks == list(range(start, start + len(blocks))) else None
 
 
-def _shared_prefix(manager: BlockManager, q_len: int, device: torch.device) -> SharedPrefix | None:
+def _shared_prefix(manager: BlockManager | _Rows, q_len: int, device: torch.device) -> SharedPrefix | None:
     """Find consecutive, equal-size groups of rows that share leading blocks (as ``generate`` lays out the k
     copies of each prompt), or None when no block is shared."""
     tables, rows = manager.tables, manager.num_rows
@@ -1056,9 +1281,9 @@ def _shared_prefix(manager: BlockManager, q_len: int, device: torch.device) -> S
     tails = [table[shared:] + [0] * (width - len(table) + shared) for table in tables]
     return SharedPrefix(
         group_size=group_size,
-        prefix_blocks=torch.tensor(prefixes, dtype=torch.int32).to(device),
+        prefix_blocks=torch.tensor(prefixes, dtype=torch.int32).to(device).clamp_min_(0),
         prefix_start=_consecutive_start(prefixes[0]) if len(prefixes) == 1 else None,
-        tail_tables=torch.tensor(tails, dtype=torch.int32).to(device),
+        tail_tables=torch.tensor(tails, dtype=torch.int32).to(device).clamp_min_(0),
         prefix_len=shared * manager.block_size,
     )
 

@@ -87,8 +87,19 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
         if created is not None:
             created.append(cache)
         compat.set_cache(model_kwargs, cache)
+        _record_past_if_assisted(cache, generation_config, generation_mode)
         return None
-    return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+    result = original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+    _record_past_if_assisted(compat.get_cache(model_kwargs), generation_config, generation_mode)
+    return result
+
+
+def _record_past_if_assisted(cache, generation_config, generation_mode) -> None:
+    """Assisted decoding rolls the cache back: a `PagedCache` then keeps sliding-window keys until each `crop`
+    (newer releases ask for this themselves through ``activate_past_recording``)."""
+    assisted = "assisted" in str(getattr(generation_mode, "value", generation_mode)).lower()
+    if isinstance(cache, PagedCache) and (assisted or getattr(generation_config, "is_assistant", False)):
+        cache.activate_past_recording()
 
 
 def _new_cache(model) -> PagedCache:
@@ -97,15 +108,6 @@ def _new_cache(model) -> PagedCache:
     if placements is None:
         return PagedCache(model.config, device=model.device)
     return PagedCache(model.config, layer_devices=placements)
-
-
-def forecast_blocks(batch_size: int, k: int, prompt_len: int, max_cache_length: int, block_size: int) -> int:
-    """The most blocks a ``generate`` call holds: the full blocks of each of the `batch_size` prompts once, and for
-    each of its k sequences the blocks from the prompt's partial last block up to `max_cache_length` (beams share
-    some of those, so this bounds them too). Sizing the pool to this at its first write saves growing (and
-    copying) it mid-generation; a cache reused for more tokens still grows."""
-    own_tokens = prompt_len % block_size + max(max_cache_length - prompt_len, 0)
-    return batch_size * (prompt_len // block_size + k * -(-own_tokens // block_size))
 
 
 _PLAIN_KWARG_TYPES = (bool, int, float, str, type(None), Cache)
@@ -139,9 +141,8 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
         k = 1
         reduced = (input_ids, model_kwargs)
     reduced_ids, reduced_kwargs = reduced
-    if cache.pool.tensor is None and cache.pool.growable:
-        cache.pool.forecast_blocks = forecast_blocks(len(reduced_ids), k, input_ids.shape[1],
-                                                     generation_config.max_length - 1, cache.block_size)
+    if cache.manager.num_rows == 0:  # left padding takes no block
+        cache.set_row_starts(_row_starts(reduced_kwargs.get("attention_mask"), reduced_ids.shape[1]))
     shared = prefix.prefix_cache_of(self)
     hashes = None
     if shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0:
@@ -149,7 +150,10 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
                                      salt=shared.salt_for(self))
         with shared.pool.blocks.lock:
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
-    outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
+    try:
+        outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
+    finally:
+        cache.set_row_starts(None)
     for key in reduced_kwargs.keys() - model_kwargs.keys():
         model_kwargs[key] = reduced_kwargs[key]  # what the prefill adds for the decoding loop (5.0: cache_position)
     if hashes is not None:
@@ -163,6 +167,17 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
             elif isinstance(value, tuple) and all(isinstance(item, torch.Tensor) for item in value):
                 outputs[key] = tuple(item.repeat_interleave(k, dim=0) for item in value)
     return outputs
+
+
+def _row_starts(attention_mask: torch.Tensor | None, length: int) -> list[int] | None:
+    """Each row's first real token when `attention_mask` (``[B, >= length]``) is pure left padding, else None."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] < length:
+        return None
+    mask = attention_mask[:, :length].to(torch.bool)
+    starts = (~mask).to(torch.long).cumprod(dim=1).sum(dim=1)
+    if not bool((mask == (torch.arange(length, device=mask.device)[None, :] >= starts[:, None])).all()):
+        return None
+    return starts.tolist()
 
 
 def _reduce(input_ids: torch.Tensor, model_kwargs: dict, k: int) -> tuple[torch.Tensor, dict] | None:

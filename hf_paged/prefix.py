@@ -169,5 +169,6 @@ def index_prompt_blocks(cache: PagedCache, hashes: list[list[bytes]]) -> None:
     blocks = cache.pool.blocks
     for table, chain in zip(cache.manager.tables, hashes, strict=True):
         for block, key in zip(table, chain, strict=False):
-            blocks.index(block, key)
+            if block >= 0:  # a null entry (left padding) holds nothing to find again
+                blocks.index(block, key)
 
