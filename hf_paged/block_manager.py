@@ -9,22 +9,33 @@ Vocabulary
                   serve several managers (the persistent pool of `enable_prefix_caching`).
     `BlockManager`  the rows of one cache. Per row, a block table: token ``t`` lives in block ``table[t // bs]``
                   at offset ``t % bs``.
+    live start    per row, ``live_from[row]``: a token position (0 by default) below which every token is *dead*,
+                  one no query will ever read unmasked (left padding, keys that fell out of a sliding window). It
+                  only ever grows (`append`'s ``live_from``, `release_before`).
+    null entry    a table entry `NULL_BLOCK` (-1): that block of the row holds only dead tokens. It takes no block
+                  and no reference, is never indexed, copied or counted in `num_used` / `num_shared`. Tensors built
+                  from tables replace it with any valid block id; attention masks those positions anyway.
     prefix index  full blocks registered under a hash that covers every token before and in them. A block whose
                   ref count drops to 0 while indexed is *evictable*: it keeps its contents and hash until the pool
                   needs room, and is reclaimed least-recently-released first.
 
 Invariants (checked by `BlockPool.check` and by the property tests)
     1. Every block is exactly one of: free, evictable (indexed, ref count 0), or referenced (ref count > 0).
-    2. A block's ref count equals the number of block-table entries, over all rows of all managers of the pool,
-       that point at it, plus one for each manager whose scratch block it is.
-    3. A row of length ``n`` has exactly ``ceil(n / block_size)`` blocks.
-    4. The block receiving a row's next token has ref count 1 and is not indexed: `append` copies a shared partial
-       block first (copy-on-write, reported to the caller) and un-indexes a private one before it is written.
+    2. A block's ref count equals the number of non-null block-table entries, over all rows of all managers of the
+       pool, that point at it, plus one for each manager whose scratch block it is.
+    3. A row of length ``n`` has exactly ``ceil(n / block_size)`` entries: its entries of index
+       ``< live_from // block_size`` (blocks wholly below the live start) are `NULL_BLOCK`, every other one is a
+       real block. A row whose live start lies past its length has only null entries.
+    4. The block receiving a row's next live token has ref count 1 and is not indexed: `append` copies a shared
+       partial block first (copy-on-write, reported to the caller) and un-indexes a private one before it is
+       written; a shared partial block that is dead after the step is released instead, never copied.
        The one exception is a *finished* row (`append`'s ``finished``): tokens past its own blocks go to its
        manager's scratch block, which many entries share, which is never indexed, and whose contents no returned
        token depends on.
     5. The index maps each hash to one block and each indexed block to one hash.
     6. After every manager is reset, every block is free or evictable: nothing leaks.
+    7. `append` and `set_row` raise (`OutOfBlocksError`, `ValueError`) before changing anything; `blocks_needed`
+       is exactly how many free blocks `append` needs beyond those its own releases free.
 """
 
 from __future__ import annotations
@@ -34,7 +45,10 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 
-__all__ = ["BlockManager", "BlockPool", "OutOfBlocksError"]
+__all__ = ["NULL_BLOCK", "BlockManager", "BlockPool", "OutOfBlocksError"]
+
+NULL_BLOCK = -1
+"""A block-table entry for a block of a row that holds only dead tokens: no block, no reference."""
 
 
 class OutOfBlocksError(RuntimeError):
@@ -111,14 +125,19 @@ class BlockPool:
         return block
 
     def acquire(self, block: int) -> None:
-        """One more table entry points at `block` (reviving it if it was evictable)."""
+        """One more table entry points at `block` (reviving it if it was evictable). `NULL_BLOCK`: nothing."""
+        if block == NULL_BLOCK:
+            return
         if self.ref_counts[block] == 0:
             del self.evictable[block]
         self.ref_counts[block] += 1
 
     def release(self, blocks: Sequence[int]) -> None:
-        """One table entry fewer points at each of `blocks`; indexed blocks stay as evictable."""
+        """One table entry fewer points at each of `blocks`; indexed blocks stay as evictable. Null entries are
+        skipped."""
         for block in blocks:
+            if block == NULL_BLOCK:
+                continue
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 if block in self.block_to_hash:
@@ -127,8 +146,9 @@ class BlockPool:
                     self.free_blocks.append(block)
 
     def index(self, block: int, key: Hashable) -> None:
-        """Register the full, referenced `block` under `key` (no-op if either is already indexed)."""
-        if key not in self.hash_to_block and block not in self.block_to_hash:
+        """Register the full, referenced `block` under `key` (no-op if either is already indexed, or if `block` is
+        `NULL_BLOCK`: a null entry is never indexed)."""
+        if block != NULL_BLOCK and key not in self.hash_to_block and block not in self.block_to_hash:
             self.hash_to_block[key] = block
             self.block_to_hash[block] = key
 
@@ -155,7 +175,9 @@ class BlockPool:
             manager.check_rows()
             for table in manager.tables:
                 for block in table:
-                    counts[block] += 1
+                    if block != NULL_BLOCK:
+                        assert 0 <= block < self.num_blocks, f"table entry {block} is not a block of the pool"
+                        counts[block] += 1
             if manager.scratch is not None:
                 counts[manager.scratch] += 1
                 assert manager.scratch not in self.block_to_hash, "a scratch block is indexed"
@@ -185,11 +207,27 @@ class BlockManager:
         self.block_size = block_size
         self.tables: list[list[int]] = []
         self.lengths: list[int] = []
+        self._live_from: list[int] = []
         self.cow_copies = 0
         self.scratch: int | None = None  # the block finished rows write into (held while this manager has rows)
         self.pool.managers.add(self)
 
     # ----------------------------------------------------------------------------------------------- queries
+    @property
+    def live_from(self) -> list[int]:
+        """Per row, the token position below which every token is dead (see the module docstring).
+
+        Rows that a caller put into `tables` directly, without going through this manager, start live at 0.
+        """
+        missing = len(self.tables) - len(self._live_from)
+        if missing > 0:
+            self._live_from.extend([0] * missing)
+        return self._live_from
+
+    @live_from.setter
+    def live_from(self, values: Sequence[int]) -> None:
+        self._live_from = [int(value) for value in values]
+
     @property
     def num_rows(self) -> int:
         return len(self.tables)
@@ -205,7 +243,7 @@ class BlockManager:
     @property
     def num_used(self) -> int:
         """Distinct blocks referenced by this manager's rows (and its scratch block)."""
-        used = {block for table in self.tables for block in table}
+        used = {block for table in self.tables for block in table if block != NULL_BLOCK}
         return len(used) + (self.scratch is not None and self.scratch not in used)
 
     @property
@@ -215,62 +253,108 @@ class BlockManager:
         shared: set[int] = set()
         for table in self.tables:
             for block in table:
-                (shared if block in seen else seen).add(block)
+                if block != NULL_BLOCK:
+                    (shared if block in seen else seen).add(block)
         return len(shared)
 
-    def blocks_needed(self, num_tokens: int, finished: Sequence[bool] | None = None) -> int:
-        """Blocks `append(num_tokens, finished)` would take from the pool (new blocks and copy-on-write copies)."""
-        if num_tokens <= 0:
-            return 0
+    def first_live_block(self) -> int:
+        """The smallest ``live_from[row] // block_size`` over all rows (0 without rows): that many leading entries
+        are null in every row's table."""
+        return min((start // self.block_size for start in self.live_from), default=0)
+
+    def blocks_needed(self, num_tokens: int, finished: Sequence[bool] | None = None,
+                      live_from: Sequence[int] | None = None) -> int:
+        """Free blocks `append(num_tokens, finished, live_from)` needs: the blocks it takes from the pool (new blocks,
+        copy-on-write copies, the scratch block) less those its releases of newly dead blocks give back first."""
+        taken, freed = self._forecast(num_tokens, finished, self._new_live_from(live_from))
+        return max(0, taken - freed)
+
+    def _new_live_from(self, live_from: Sequence[int] | None) -> list[int]:
+        """Each row's live start after a step given `live_from` (None: unchanged; never lowered)."""
+        current = self.live_from
+        if live_from is None:
+            return list(current)
+        if len(live_from) != self.num_rows:
+            raise ValueError(f"hf_paged: live_from has {len(live_from)} entries for {self.num_rows} rows")
+        return [max(old, int(new)) for old, new in zip(current, live_from, strict=True)]
+
+    def _forecast(self, num_tokens: int, finished: Sequence[bool] | None, new_live: list[int]) -> tuple[int, int]:
+        """``(taken, freed)``: blocks `append` takes from the pool, and blocks its releases return to it (ref count
+        reaching 0). Mirrors `append` exactly: all releases first, then per row copy-on-write and new entries."""
         bs, refs = self.block_size, self.pool.ref_counts
-        needed = 0
+        releases: dict[int, int] = {}  # block -> entries of this manager that drop it
         writers: dict[int, int] = {}  # shared partial tail block -> rows about to write into it
+        taken = 0
         scratch_needed = False
         for row, (table, length) in enumerate(zip(self.tables, self.lengths, strict=True)):
+            dead = new_live[row] // bs
+            for block in table[:dead]:
+                if block != NULL_BLOCK:
+                    releases[block] = releases.get(block, 0) + 1
+            if num_tokens <= 0:
+                continue
             ended = finished is not None and finished[row]
-            missing = _blocks_for(length + num_tokens, bs) - len(table)
-            if ended:
-                scratch_needed = scratch_needed or missing > 0
-            else:
-                needed += missing
-            if length % bs and refs[table[-1]] > 1 and not (ended and table[-1] == self.scratch):
+            missing = _blocks_for(length + num_tokens, bs) - max(len(table), dead)
+            if missing > 0:
+                if ended:
+                    scratch_needed = True
+                else:
+                    taken += missing
+            if length % bs and len(table) > dead and not (ended and table[-1] == self.scratch):
                 writers[table[-1]] = writers.get(table[-1], 0) + 1
         # Every writer copies the shared block, except the last one when nothing else references it any more.
+        # (A private tail is a single writer with nothing else referencing it: no copy.)
         for block, count in writers.items():
-            needed += count if refs[block] > count else count - 1
-        return needed + (scratch_needed and self.scratch is None)
+            holders = refs[block] - releases.get(block, 0)  # >= count: each writer still holds its entry
+            taken += count if holders > count else count - 1
+        taken += scratch_needed and self.scratch is None
+        freed = sum(refs[block] == count for block, count in releases.items())
+        return taken, freed
 
     # ---------------------------------------------------------------------------------------------- mutators
     def add_rows(self, num_rows: int) -> None:
-        """Append `num_rows` empty rows."""
+        """Append `num_rows` empty rows (live from position 0)."""
+        live_from = self.live_from
         self.tables.extend([] for _ in range(num_rows))
         self.lengths.extend([0] * num_rows)
+        live_from.extend([0] * num_rows)
 
-    def append(self, num_tokens: int, finished: Sequence[bool] | None = None) -> list[tuple[int, int]]:
+    def append(self, num_tokens: int, finished: Sequence[bool] | None = None,
+               live_from: Sequence[int] | None = None) -> list[tuple[int, int]]:
         """Make room for `num_tokens` more tokens at the end of every row.
 
         Returns the copy-on-write copies ``(src, dst)`` the caller must perform *before* writing the new tokens:
-        a row whose partial last block is shared gets a private copy of it. Raises `OutOfBlocksError` (having
-        changed nothing) when the pool cannot cover the step.
+        a row whose partial last block is shared (and live) gets a private copy of it. Raises `OutOfBlocksError`
+        (having changed nothing) when the pool cannot cover the step.
 
         ``finished[row]`` marks rows whose new tokens nobody will read (``generate`` feeds padding to rows that
         have ended): they still grow by `num_tokens`, so every row keeps its positions, but the tokens that fall
         past their own blocks go to this manager's scratch block instead of new blocks.
+
+        ``live_from[row]`` is the row's live start after this step (None: unchanged; a value below the current
+        one changes nothing). Blocks wholly below it are released (entry -> `NULL_BLOCK`) before anything is
+        taken, or never allocated: a prefill with left padding takes nothing for whole pad blocks, a sliding-window
+        prefill only the blocks of its last tokens. The caller writes no token below it.
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         if finished is not None and len(finished) != self.num_rows:
             raise ValueError(f"finished has {len(finished)} entries for {self.num_rows} rows")
         pool = self.pool
-        needed = self.blocks_needed(num_tokens, finished)
-        if needed > pool.num_free:
-            raise OutOfBlocksError(needed, pool.num_free, pool.num_blocks, self.block_size)
+        new_live = self._new_live_from(live_from)
+        taken, freed = self._forecast(num_tokens, finished, new_live)
+        if taken - freed > pool.num_free:
+            raise OutOfBlocksError(taken - freed, pool.num_free, pool.num_blocks, self.block_size)
+        self._release_dead(new_live)
         copies: list[tuple[int, int]] = []
         bs = self.block_size
+        if num_tokens == 0:
+            return copies
         for row, table in enumerate(self.tables):
             length = self.lengths[row]
+            dead = new_live[row] // bs
             ended = finished is not None and finished[row]
-            if length % bs and num_tokens > 0 and not (ended and table[-1] == self.scratch):
+            if length % bs and len(table) > dead and not (ended and table[-1] == self.scratch):
                 tail = table[-1]
                 if pool.ref_counts[tail] > 1:
                     dst = pool.take()
@@ -279,30 +363,56 @@ class BlockManager:
                     copies.append((tail, dst))
                 else:
                     pool.unindex(tail)  # about to be written: its old contents are no longer what was indexed
-            missing = _blocks_for(length + num_tokens, bs) - len(table)
-            if missing > 0 and ended:
-                if self.scratch is None:
-                    self.scratch = pool.take()
-                for _ in range(missing):
+            for index in range(len(table), _blocks_for(length + num_tokens, bs)):
+                if index < dead:
+                    table.append(NULL_BLOCK)
+                elif ended:
+                    if self.scratch is None:
+                        self.scratch = pool.take()
                     pool.acquire(self.scratch)
                     table.append(self.scratch)
-            else:
-                for _ in range(missing):
+                else:
                     table.append(pool.take())
             self.lengths[row] = length + num_tokens
         self.cow_copies += len(copies)
         return copies
 
-    def set_row(self, row: int, blocks: Sequence[int], length: int) -> None:
-        """Point the empty `row` at existing `blocks` holding its first `length` tokens (a prefix-cache hit)."""
+    def release_before(self, positions: Sequence[int]) -> None:
+        """Raise each row's live start to ``positions[row]`` (never lowering it) and release the blocks now wholly
+        below it: one reference fewer each (beams sharing a block each drop their own), entry -> `NULL_BLOCK`."""
+        self._release_dead(self._new_live_from(positions))
+
+    def _release_dead(self, new_live: list[int]) -> None:
+        bs = self.block_size
+        for row, table in enumerate(self.tables):
+            for index in range(min(new_live[row] // bs, len(table))):
+                if table[index] != NULL_BLOCK:
+                    self.pool.release([table[index]])
+                    table[index] = NULL_BLOCK
+        self.live_from = new_live
+
+    def set_row(self, row: int, blocks: Sequence[int], length: int, live_from: int | None = None) -> None:
+        """Point the empty `row` at existing `blocks` holding its first `length` tokens (a prefix-cache hit).
+
+        With `live_from`, the row's live start is raised to it: entries of `blocks` wholly below it may be
+        `NULL_BLOCK` (or real blocks, which the row then does not reference); every other one must be real.
+        """
         if self.tables[row]:
             raise ValueError(f"row {row} is not empty")
         if len(blocks) != _blocks_for(length, self.block_size):
             raise ValueError(f"{len(blocks)} blocks cannot hold exactly {length} tokens")
-        for block in blocks:
+        start = max(self.live_from[row], 0 if live_from is None else int(live_from))
+        dead = min(start // self.block_size, len(blocks))
+        table = [NULL_BLOCK] * dead + [int(block) for block in blocks[dead:]]
+        for index in range(dead, len(table)):
+            if not 0 <= table[index] < self.pool.num_blocks:
+                raise ValueError(f"hf_paged: set_row got entry {table[index]} at block {index} of row {row}, at or "
+                                 f"above its live start {start}: it must be a block of the pool")
+        for block in table:
             self.pool.acquire(block)
-        self.tables[row] = list(blocks)
+        self.tables[row] = table
         self.lengths[row] = length
+        self.live_from[row] = start
 
     def select(self, indices: Sequence[int]) -> None:
         """Replace the rows by ``rows[indices]`` (reorder, duplicate or drop rows) without copying any block.
@@ -314,17 +424,29 @@ class BlockManager:
                 raise IndexError(f"row index {index} out of range for {self.num_rows} rows")
         new_tables = [list(self.tables[i]) for i in indices]
         new_lengths = [self.lengths[i] for i in indices]
+        new_live = [self.live_from[i] for i in indices]
         for table in new_tables:
             for block in table:
                 self.pool.acquire(block)
         for table in self.tables:
             self.pool.release(table)
-        self.tables, self.lengths = new_tables, new_lengths
+        self.tables, self.lengths, self.live_from = new_tables, new_lengths, new_live
 
     def truncate(self, length: int) -> None:
-        """Keep only the first `length` tokens of every row, releasing blocks no longer needed."""
+        """Keep only the first `length` tokens of every row, releasing blocks no longer needed.
+
+        Raises `ValueError` (changing nothing) if that would cut a row below its live start: the tokens it would
+        then end with are gone.
+        """
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
+        for row, (current, start) in enumerate(zip(self.lengths, self.live_from, strict=True)):
+            if length < current and length < start:
+                raise ValueError(
+                    f"hf_paged: cannot truncate row {row} to {length} tokens: its tokens before position {start} "
+                    "were released (left padding or out of the sliding window). Truncate to at least that length, "
+                    "or run the prompt again."
+                )
         keep = _blocks_for(length, self.block_size)
         for row, table in enumerate(self.tables):
             if self.lengths[row] <= length:
@@ -337,7 +459,7 @@ class BlockManager:
         """Drop every row and release all its blocks (and the scratch block)."""
         for table in self.tables:
             self.pool.release(table)
-        self.tables, self.lengths = [], []
+        self.tables, self.lengths, self.live_from = [], [], []
         if self.scratch is not None:
             self.pool.release([self.scratch])
             self.scratch = None
@@ -345,8 +467,13 @@ class BlockManager:
     # ------------------------------------------------------------------------------------------------ checks
     def check_rows(self) -> None:
         """Assert invariant 3 for this manager's rows."""
-        for table, length in zip(self.tables, self.lengths, strict=True):
+        assert len(self.live_from) == len(self.tables), "live_from and tables differ in rows"
+        for table, length, start in zip(self.tables, self.lengths, self.live_from, strict=True):
             assert len(table) == _blocks_for(length, self.block_size), (len(table), length)
+            assert start >= 0, start
+            dead = start // self.block_size
+            for index, block in enumerate(table):
+                assert (block == NULL_BLOCK) == (index < dead), (table, start)
 
     def check(self) -> None:
         """Assert the invariants of the module docstring for the pool and every manager sharing it."""
