@@ -1209,7 +1209,8 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
     seq_lens = torch.tensor(rows.lengths, dtype=torch.int32).to(device)
     positions = torch.tensor([before - offset for before in lengths_before], dtype=torch.long,
                              device=device)[:, None] + torch.arange(q_len, device=device)
-    entries = raw.to(torch.long).gather(1, positions // bs)
+    # A new token before the step's first block (out of the window already) is not stored: `skips` covers it.
+    entries = raw.to(torch.long).gather(1, (positions // bs).clamp_min(0))
     slots = entries * bs + positions % bs
     live = manager.live_from
     skips = any(start > before for start, before in zip(live, lengths_before, strict=True))
