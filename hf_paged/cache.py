@@ -109,6 +109,8 @@ class StepMetadata:
         context: with `fresh`, ``(first position, per layer the kept keys and values from there)`` gathered before
             the step, or None when the rows held nothing.
         kv_start: with `fresh`, the position of the first key its attention reads (kept or new).
+        window_tables: with `window` and null entries, the block tables with those pointing past the range (for
+            `window_mask` only; `block_tables` reads block 0 for them).
     """
 
     block_tables: torch.Tensor
@@ -121,6 +123,7 @@ class StepMetadata:
     shared: SharedPrefix | None = None
     first_block: int | None = None
     window: tuple[int, int] | None = None
+    window_tables: torch.Tensor | None = None
     skips: bool = False
     key_offset: int = 0
     fresh: dict | None = None
@@ -134,8 +137,9 @@ class StepMetadata:
         key = ("window", id(attention_mask), sliding_window, groups, dtype, chunk_size)
         if key not in self._masks:
             padding = None if attention_mask is None else key_padding_mask(attention_mask, self.max_seq_len)
+            tables = self.block_tables if self.window_tables is None else self.window_tables
             self._masks[key] = ops.window_mask(
-                self.block_tables, self.seq_lens, self.q_len, *self.window, self.block_size, groups=groups,
+                tables, self.seq_lens, self.q_len, *self.window, self.block_size, groups=groups,
                 dtype=dtype, key_padding=padding, sliding_window=sliding_window, chunk_size=chunk_size,
             )
         return self._masks[key]
@@ -676,10 +680,14 @@ class PagedCache(Cache):
         # Layers whose keys Transformers' own DynamicCache keeps only for a sliding window get block tables of their
         # own, whose blocks outside the window are released (`LayerGroup`). A shared pool (prefix caching) and the
         # latents of multi-head latent attention (which the model reads whole) keep every layer in one group.
+        # Chunked-attention layers (Llama 4) stay with the full-attention layers: their chunks start at each row's
+        # first real token, which the tables' positions must keep.
+        layer_types = getattr(text_config, "layer_types", None) or []
         if pool is not None or latent:
             windows = [None] * len(attention_layers)
         else:
-            windows = [masks.cache_window(config, layer) for layer in attention_layers]
+            windows = [None if layer < len(layer_types) and "chunk" in str(layer_types[layer])
+                       else masks.cache_window(config, layer) for layer in attention_layers]
         specs = []
         for window in sorted(set(windows), key=lambda w: -1 if w is None else w):
             members = [i for i, w in enumerate(windows) if w == window]
@@ -1219,9 +1227,12 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
         slots = torch.where((entries < 0) | (positions < starts[:, None]), -1, slots)
     max_seq_len = max(rows.lengths)
     triton = backend.use_triton(device)
-    window = None
-    if not triton and rows.num_rows > 1 and q_len <= _WINDOW_MAX_QUERIES and not has_null:
-        window = _window(rows.tables, max_seq_len, bs)
+    window = window_tables = None
+    if not triton and rows.num_rows > 1 and q_len <= _WINDOW_MAX_QUERIES:
+        window = _window([[block for block in table if block >= 0] for table in rows.tables] if has_null
+                         else rows.tables, max_seq_len, bs)
+        if window is not None and has_null:  # null entries point past the range: they hold no visible slot
+            window_tables = torch.where(raw < 0, window[0] + window[1], raw)
     single = rows.num_rows == 1 and not has_null
     return StepMetadata(
         block_tables=block_tables,
@@ -1234,6 +1245,7 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
         shared=_shared_prefix(rows, q_len, device) if window is None else None,
         first_block=_consecutive_start(rows.tables[0]) if single else None,
         window=window,
+        window_tables=window_tables,
         skips=skips,
         key_offset=offset,
         fresh={} if fresh else None,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cache import KVPool, PagedCache
+from .cache import KVPool, PagedCache, _parse_bytes
 
 __all__ = ["disable_prefix_caching", "enable_prefix_caching", "PrefixCache"]
 
@@ -88,7 +88,9 @@ def enable_prefix_caching(model, *, num_blocks: int | None = None, max_memory: i
             f"uses {model.config._attn_implementation!r}."
         )
     probe = PagedCache(model.config, block_size=block_size, num_blocks=num_blocks, max_memory=max_memory)
-    pool = probe.pool
+    # One pool for every attention layer: a shared pool keeps all layers in one group (no sliding-window release).
+    layers = sum(place is not None for place in probe.layer_pools)
+    pool = KVPool(layers, block_size, num_blocks, _parse_bytes(max_memory) if max_memory is not None else None)
     pool.shared = True
     state = PrefixCache(pool)
     setattr(model, _ATTR, state)

@@ -86,7 +86,12 @@ def test_single_sequence_reads_its_blocks_in_place(family):
     cache = PagedCache(paged.config, block_size=4)
     expected = _generate(reference, inputs)
     got = _generate(paged, inputs, **cache_kwargs(cache))
-    assert cache._step.first_block == cache.manager.tables[0][0]
+    # Full-attention layers read their blocks in place (a sliding-window group reuses the blocks it releases, so
+    # its blocks need not stay consecutive).
+    full = [group for group in cache.groups if group.window is None]
+    assert full or family != "llama"
+    for group in full:
+        assert group.step.first_block == group.manager.tables[0][0]
     assert torch.equal(got.sequences, expected.sequences)
 
 
