@@ -1,0 +1,197 @@
+"""Layer groups: sliding-window layers hold only their window, left padding takes no block (issue 10, items 1-2).
+
+Every check compares with Transformers itself (sdpa, whose `DynamicCache` keeps only the window of sliding layers)
+and counts the blocks the cache's rows reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, left_padded_batch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+from hf_paged import PagedCache, compat
+from hf_paged.block_manager import NULL_BLOCK
+
+WINDOW = 8
+NEW_TOKENS = 12
+MODES = {
+    "greedy": dict(do_sample=False),
+    "beams": dict(num_beams=3, num_return_sequences=2),
+    "sample": dict(do_sample=True, num_return_sequences=2, top_k=0),
+}
+
+
+def _sliding_config():
+    return Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
+                            layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                            max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _llama_config():
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+
+
+def _pair(config_fn):
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config_fn(), attn_implementation="sdpa").eval()
+    paged = AutoModelForCausalLM.from_config(config_fn(), attn_implementation="hf_paged").eval()
+    paged.load_state_dict(reference.state_dict())
+    for model in (reference, paged):
+        model.generation_config.pad_token_id = 0
+    return reference, paged
+
+
+@pytest.fixture(scope="module")
+def sliding_pair():
+    return _pair(_sliding_config)
+
+
+@pytest.fixture(scope="module")
+def llama_pair_groups():
+    return _pair(_llama_config)
+
+
+def _generate(model, inputs, new_tokens=NEW_TOKENS, **kwargs):
+    torch.manual_seed(0)
+    return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          return_dict_in_generate=True, output_logits=True, **kwargs)
+
+
+def _cache(output) -> PagedCache:
+    cache = compat.output_cache(output)
+    assert isinstance(cache, PagedCache)
+    return cache
+
+
+def _blocks(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+def test_sliding_layers_get_a_group_of_their_own(sliding_pair):
+    _, paged = sliding_pair
+    cache = PagedCache(paged.config, block_size=4)
+    assert [group.window for group in cache.groups] == [None, WINDOW]
+    assert [group.pool.num_layers for group in cache.groups] == [1, 3]
+    assert cache.layer_groups[3] is cache.groups[0] and cache.layer_groups[0] is cache.groups[1]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("block_size", [3, 4, 16])
+def test_sliding_window_model_matches_sdpa(sliding_pair, mode, block_size):
+    """Prompts longer than the window, left-padded to unequal lengths, block sizes that do and do not divide them."""
+    reference, paged = sliding_pair
+    inputs = left_padded_batch([29, 7, 18], seed=1)
+    expected = _generate(reference, inputs, **MODES[mode])
+    got = _generate(paged, inputs, **MODES[mode], **compat.cache_kwargs(PagedCache(paged.config,
+                                                                                   block_size=block_size)))
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-4, rtol=1e-4)
+    assert torch.equal(got.sequences, expected.sequences)
+    cache = _cache(got)
+    cache.manager.check()
+    sliding = cache.groups[1].manager
+    sliding.check()
+    length = inputs["input_ids"].shape[1] + NEW_TOKENS - 1
+    # Each row keeps the blocks of its last WINDOW - 1 keys: everything before is released.
+    for table, live in zip(sliding.tables, sliding.live_from, strict=True):
+        assert live >= length - WINDOW  # the last step's first query saw keys from there on
+        real = [block for block in table if block != NULL_BLOCK]
+        assert len(real) <= _blocks(WINDOW, block_size) + 1
+    assert sliding.num_used <= sliding.num_rows * (_blocks(WINDOW, block_size) + 1)
+
+
+def test_a_long_prefill_stores_only_the_window(sliding_pair):
+    """The prompt's keys of sliding layers are attended as computed; only the last WINDOW - 1 are stored, so the
+    sliding group never holds the prompt."""
+    reference, paged = sliding_pair
+    inputs = {"input_ids": torch.randint(3, VOCAB, (1, 100), generator=torch.Generator().manual_seed(3))}
+    cache = PagedCache(paged.config, block_size=4)
+    expected = _generate(reference, inputs, new_tokens=4)
+    got = _generate(paged, inputs, new_tokens=4, **compat.cache_kwargs(cache))
+    assert torch.equal(got.sequences, expected.sequences)
+    sliding = cache.groups[1]
+    assert sliding.pool.peak_blocks <= _blocks(WINDOW, 4) + 2  # not the 25 blocks of the prompt
+    assert cache.groups[0].manager.num_used == _blocks(103, 4)
+
+
+def test_a_continued_cache_attends_over_the_kept_window(sliding_pair):
+    """A second call that continues the returned cache with a message longer than the window (a multi-token step
+    with kept keys before it) gives what sdpa gives continuing its own DynamicCache."""
+    reference, paged = sliding_pair
+    first = {"input_ids": torch.randint(3, VOCAB, (1, 23), generator=torch.Generator().manual_seed(5))}
+    message = torch.randint(3, VOCAB, (1, 19), generator=torch.Generator().manual_seed(6))
+    results = []
+    for model, cache in ((reference, None), (paged, PagedCache(paged.config, block_size=4))):
+        kwargs = {} if cache is None else compat.cache_kwargs(cache)
+        out = _generate(model, first, new_tokens=5, **kwargs)
+        follow = {"input_ids": torch.cat([out.sequences, message], dim=1)}
+        results.append(_generate(model, follow, new_tokens=6, **compat.cache_kwargs(compat.output_cache(out))))
+    expected, got = results
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-4, rtol=1e-4)
+    assert torch.equal(got.sequences, expected.sequences)
+
+
+def test_assisted_decoding_keeps_the_window_until_crop(sliding_pair):
+    """Prompt-lookup decoding rolls the cache back: keys are kept until each crop, and tokens stay sdpa's."""
+    reference, paged = sliding_pair
+    pattern = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
+    inputs = {"input_ids": pattern.repeat(1, 4)}
+    expected = reference.generate(**inputs, max_new_tokens=16, prompt_lookup_num_tokens=3, do_sample=False)
+    got = paged.generate(**inputs, max_new_tokens=16, prompt_lookup_num_tokens=3, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_crop_past_released_keys_says_what_to_do(sliding_pair):
+    _, paged = sliding_pair
+    cache = PagedCache(paged.config, block_size=4)
+    ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(8))
+    paged(input_ids=ids, **compat.cache_kwargs(cache))
+    paged(input_ids=ids[:, :1], **compat.cache_kwargs(cache))
+    with pytest.raises(RuntimeError, match="activate_past_recording"):
+        cache.crop(-5)
+    assert cache.get_seq_length() == 31  # nothing changed
+    cache.reset()
+    cache.activate_past_recording()
+    paged(input_ids=ids, **compat.cache_kwargs(cache))
+    paged(input_ids=ids[:, :3], **compat.cache_kwargs(cache))
+    cache.crop(-2)
+    assert cache.get_seq_length() == 31
+    # After the crop only the window is kept, as Transformers' sliding layers keep it.
+    assert min(cache.groups[1].manager.live_from) == 31 - WINDOW + 1
+    cache.groups[1].manager.check()
+
+
+@pytest.mark.parametrize("block_size", [4, 5])
+def test_left_padding_takes_no_block(llama_pair_groups, block_size):
+    """Each row's blocks start at the block of its first real token: pad-only blocks are never allocated."""
+    reference, paged = llama_pair_groups
+    lengths = [31, 6, 17]
+    inputs = left_padded_batch(lengths, seed=2)
+    expected = _generate(reference, inputs)
+    cache = PagedCache(paged.config, block_size=block_size)
+    got = _generate(paged, inputs, **compat.cache_kwargs(cache))
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-4, rtol=1e-4)
+    assert torch.equal(got.sequences, expected.sequences)
+    width, total = max(lengths), max(lengths) + NEW_TOKENS - 1
+    expected_blocks = sum(_blocks(total, block_size) - (width - length) // block_size for length in lengths)
+    assert cache.manager.num_used == expected_blocks
+    for table, length in zip(cache.manager.tables, lengths, strict=True):
+        pads = (width - length) // block_size
+        assert table[:pads] == [NULL_BLOCK] * pads and NULL_BLOCK not in table[pads:]
+    cache.manager.check()
+
+
+def test_left_padded_beams_share_and_match(llama_pair_groups):
+    reference, paged = llama_pair_groups
+    inputs = left_padded_batch([26, 3], seed=4)
+    expected = _generate(reference, inputs, **MODES["beams"])
+    cache = PagedCache(paged.config, block_size=4)
+    got = _generate(paged, inputs, **MODES["beams"], **compat.cache_kwargs(cache))
+    assert torch.equal(got.sequences, expected.sequences)
+    assert cache.stats().used_bytes < cache.stats().logical_bytes
+    cache.manager.check()
