@@ -44,6 +44,10 @@ class CacheStats:
 
     Referenced and allocated bytes differ: ``used_bytes`` counts the blocks this cache's rows point at,
     ``pool_bytes`` what the pool has allocated (used or not), which is what the device's memory pays for.
+
+    A cache whose layers form several groups (sliding-window layers beside full-attention ones, `PagedCache`) has a
+    pool per group: block counts and bytes are summed over them (a block of one group holds its layers only).
+    ``logical_tokens`` counts each row's tokens once, ``logical_bytes`` them in every layer.
     """
 
     block_size: int
@@ -602,10 +606,16 @@ def layer_plan(config) -> tuple[list[str], list[dict]]:
 class PagedCache(Cache):
     """A KV cache held in fixed-size blocks that sequences share by reference.
 
-    Keys and values of all layers live in one pool ``[L, 2, num_blocks, block_size, Hkv, D]``. A `BlockManager`
-    maps each row of the batch to its blocks. Rows that descend from a common prefix (beams, the
-    ``num_return_sequences`` copies of a prompt) point at the same physical blocks; a shared block is copied only
-    when a row writes into it (copy-on-write), so reordering beams never copies keys or values.
+    Keys and values of all layers of one attention kind live in one pool ``[L, 2, num_blocks, block_size, Hkv, D]``
+    with one `BlockManager`, which maps each row of the batch to its blocks (`LayerGroup`). Full-attention (and
+    chunked) layers form one group; layers that Transformers' own DynamicCache keeps only a sliding window of form one
+    group per window, whose rows keep just the blocks of that window: blocks that fall wholly out of it are released
+    as decoding advances, and a long prompt stores only its last ``window - 1`` tokens there. Left padding takes no
+    block in any group (`set_row_starts`, which ``generate()`` calls). Rows that descend from a common prefix (beams,
+    the ``num_return_sequences`` copies of a prompt) point at the same physical blocks; a shared block is copied only
+    when a row writes into it (copy-on-write), so reordering beams never copies keys or values. Assisted decoding
+    rolls rows back (`crop`): `activate_past_recording` (which ``generate()`` calls for it) keeps sliding-window keys
+    until each crop.
 
     Sizing rule:
         * ``num_blocks=n``: a fixed pool of ``n`` blocks.
