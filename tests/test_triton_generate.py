@@ -173,8 +173,11 @@ def test_generate_runs_through_the_triton_kernels(tmp_path):
     for case, result in results.items():
         calls = result["calls"]
         attention = calls.get("paged_attention", 0) + calls.get("shared_prefix_paged_attention", 0)
+        # Gemma2's sliding-window layer (window 6) stores only the last 5 tokens of the 11-token prompt: its prefill
+        # attends over the prompt's keys as computed (Transformers' sliding-window cache does the same), not paged.
+        sliding_prefill = 1 if case.startswith("gemma2") else 0
         # 2 layers x (1 prefill + NEW_TOKENS - 1 decode steps), at least; never a PyTorch fallback.
-        assert calls.get("reshape_and_cache", 0) >= 12 and attention >= 12, (case, calls)
+        assert calls.get("reshape_and_cache", 0) >= 12 and attention >= 12 - sliding_prefill, (case, calls)
         assert not any(key.startswith("ops.") for key in calls), (case, calls)
         if case.endswith("eos"):
             assert result["scratch"] and result["shape"][0] == 3, result  # row 1 ended and stopped growing
@@ -184,10 +187,14 @@ def test_generate_runs_through_the_triton_kernels(tmp_path):
         else:
             assert calls.get("copy_blocks", 0) >= 1, (case, calls)  # rows forked inside a partial block
             assert result["shape"] == [6 if case.endswith("beams") else 9, 11 + 6], result
-            # Every decode step reads the shared prompt blocks once per prompt, in both layers (Gemma2's
-            # sliding-window layer included); only the prefill runs the plain kernel.
-            assert calls.get("shared_prefix_paged_attention", 0) == 2 * (NEW_TOKENS - 1), (case, calls)
-            assert calls.get("paged_attention", 0) == 2, (case, calls)
+            # Every decode step reads the shared prompt blocks once per prompt in the full-attention layer, and so
+            # does Gemma2's sliding-window layer while its window still holds shared blocks (they are released
+            # as the window moves past the prompt); only the prefill runs the plain kernel otherwise.
+            shared, plain = calls.get("shared_prefix_paged_attention", 0), calls.get("paged_attention", 0)
+            assert shared + plain == 2 * NEW_TOKENS - sliding_prefill, (case, calls)
+            assert shared >= (NEW_TOKENS - 1) * (2 - sliding_prefill), (case, calls)
+            if not sliding_prefill:
+                assert plain == 2, (case, calls)
         assert result["same_tokens"], (case, result)
         assert result["max_logit_diff"] < 2e-4, (case, result)
 
@@ -200,7 +207,8 @@ def test_sinks_and_chunks_run_through_the_triton_kernels(tmp_path):
     for case, result in results.items():
         calls = result["calls"]
         attention = calls.get("paged_attention", 0) + calls.get("shared_prefix_paged_attention", 0)
-        assert attention >= 12, (case, calls)
+        # gpt-oss's sliding-window layer stores only its window of the prompt: that prefill is not paged.
+        assert attention >= 12 - case.startswith("gpt_oss"), (case, calls)
         if case.startswith("gpt_oss"):  # sinks on every layer: the shared-prefix kernel has none
             assert "shared_prefix_paged_attention" not in calls, (case, calls)
         elif case.endswith("beams"):  # Llama 4's full-attention layer reads the shared prompt once
