@@ -146,9 +146,11 @@ class BlockPool:
                     self.free_blocks.append(block)
 
     def index(self, block: int, key: Hashable) -> None:
-        """Register the full, referenced `block` under `key` (no-op if either is already indexed, or if `block` is
-        `NULL_BLOCK`: a null entry is never indexed)."""
-        if block != NULL_BLOCK and key not in self.hash_to_block and block not in self.block_to_hash:
+        """Register the full, referenced `block` under `key`. No-op if either is already indexed, if `block` is
+        `NULL_BLOCK` (a null entry is never indexed) or a manager's scratch block (its contents are garbage)."""
+        if block == NULL_BLOCK or any(manager.scratch == block for manager in list(self.managers)):
+            return
+        if key not in self.hash_to_block and block not in self.block_to_hash:
             self.hash_to_block[key] = block
             self.block_to_hash[block] = key
 
