@@ -58,6 +58,49 @@ def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int | None, ...
         raise ValueError(f"{name} must be {meaning} = [{want}], got shape {list(tensor.shape)}")
 
 
+def check_offsets(
+    name: str, offsets: torch.Tensor | None, cache: torch.Tensor, cache_name: str
+) -> torch.Tensor | None:
+    """Validate a per-block offset table for `cache` and return it contiguous (None stays None).
+
+    A table addresses a pool made of several separate tensors (slabs): block ``b``'s element (token ``t``, head
+    ``h``, dim ``d``) is at element ``offsets[b] + t * cache.stride(1) + h * cache.stride(2) + d * cache.stride(3)``
+    of ``cache.data_ptr()``; ``cache.stride(0)`` is not used. It must be int64 ``[N]`` (one entry per block id the
+    block tables or slots can name) on the cache's device. Block ids themselves are not checked against ``N``
+    (that would need a device sync), as without a table they are not checked against ``cache.shape[0]``.
+    """
+    if offsets is None:
+        return None
+    if not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 block offsets or None, got {type(offsets).__name__}")
+    check_dtype(name, offsets, (torch.int64,))
+    if offsets.dim() != 1 or offsets.shape[0] == 0:
+        raise ValueError(f"{name} must be [N], one int64 element offset per block (N >= 1), got shape "
+                         f"{list(offsets.shape)}")
+    if offsets.device != cache.device:
+        raise ValueError(f"{name} must be on {cache_name}'s device {cache.device}, got {offsets.device}")
+    return offsets.contiguous()
+
+
+def resolve_offsets(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_offsets: torch.Tensor | None,
+    value_offsets: torch.Tensor | None,
+    key_name: str = "key_offsets",
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A launcher's ``(key table, value table)`` after checks, or None when neither is given (then
+    the kernels address block b at ``b * stride(0)``). Values default to the keys' table; keys given no table while
+    values have one get ``arange(key_cache.shape[0]) * key_cache.stride(0)``, today's addressing as a table."""
+    key_offsets = check_offsets(key_name, key_offsets, key_cache, "key_cache")
+    value_offsets = check_offsets("value_offsets", value_offsets, value_cache, "value_cache")
+    if key_offsets is None and value_offsets is None:
+        return None
+    if key_offsets is None:
+        key_offsets = torch.arange(key_cache.shape[0], device=key_cache.device) * key_cache.stride(0)
+    return key_offsets, key_offsets if value_offsets is None else value_offsets
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (and >= 1)."""
     return 1 << max(0, n - 1).bit_length()
