@@ -36,8 +36,8 @@ def copy_blocks_kernel(
     dst = tl.load(dst_ptr + pair).to(tl.int64)
     base = (layer_kv // num_kinds).to(tl.int64) * stride_layer + (layer_kv % num_kinds).to(tl.int64) * stride_kv
     if HAS_OFFSETS:
-        src_base = pool_ptr + base + tl.load(offsets_ptr + src)
-        dst_base = pool_ptr + base + tl.load(offsets_ptr + dst)
+        src_base = pool_ptr + base + tl.multiple_of(tl.load(offsets_ptr + src), 16)  # checked by the launcher
+        dst_base = pool_ptr + base + tl.multiple_of(tl.load(offsets_ptr + dst), 16)
     else:
         src_base = pool_ptr + base + src * stride_block
         dst_base = pool_ptr + base + dst * stride_block

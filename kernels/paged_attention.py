@@ -173,8 +173,9 @@ def paged_attention_kernel(
         key_valid = (keys >= lo) & (keys <= hi)
         block = tl.load(table_ptr + (keys // BLOCK_SIZE) * stride_btn, mask=key_valid, other=0).to(tl.int64)
         if HAS_OFFSETS:
-            k_block = tl.load(key_offsets_ptr + block, mask=key_valid, other=0)
-            v_block = tl.load(value_offsets_ptr + block, mask=key_valid, other=0)
+            # multiples of 16 elements (checked by the launcher): the loads below stay 16-byte vectors
+            k_block = tl.multiple_of(tl.load(key_offsets_ptr + block, mask=key_valid, other=0), 16)
+            v_block = tl.multiple_of(tl.load(value_offsets_ptr + block, mask=key_valid, other=0), 16)
         else:
             k_block = block * stride_kn
             v_block = block * stride_vn

@@ -55,8 +55,8 @@ def reshape_and_cache_kernel(
         block = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE
         if HAS_OFFSETS:
-            key_block = tl.load(key_offsets_ptr + block)
-            value_block = tl.load(value_offsets_ptr + block)
+            key_block = tl.multiple_of(tl.load(key_offsets_ptr + block), 16)  # checked by the launcher
+            value_block = tl.multiple_of(tl.load(value_offsets_ptr + block), 16)
         else:
             key_block = block * stride_kcn
             value_block = block * stride_vcn

@@ -747,6 +747,7 @@ def test_offset_tables_are_checked():
         (good[:0], ValueError, r"key_offsets must be \[N\]"),
         (good.to("meta"), ValueError, "key_offsets must be on key_cache's device"),
         (good.tolist(), TypeError, "key_offsets must be a torch.Tensor"),
+        (good + 8, ValueError, "key_offsets must hold multiples of 16 elements"),
     ):
         with pytest.raises(error, match=match):
             paged_attention(**inputs, **kwargs, key_offsets=bad)
@@ -761,3 +762,43 @@ def test_offset_tables_are_checked():
     with pytest.raises(ValueError, match=r"block_offsets must be \[N\]"):
         reshape_and_cache(key, key, pool[0, 0], pool[0, 1], torch.tensor([0, 1, 2]),
                           block_offsets=torch.zeros(2, 2, dtype=torch.int64))
+
+
+def test_backend_dispatch_passes_slabs_through(monkeypatch):
+    """`hf_paged.backend` hands the kernels a store's ``base`` and ``block_offsets`` (CONTRACT.md section 2: what
+    a multi-slab `LayerStore` exposes) or explicit offset keywords, for attention, writes and copies."""
+    from types import SimpleNamespace
+
+    from hf_paged import backend
+
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    inputs = make_paged_inputs(group=2, kv_heads=2, head_dim=64, block_size=16, q_len=2, seq_lens=[37, 20],
+                               key_start=[0, 3], dtype=torch.float32, seed=11)
+    kwargs = {"scale": 0.125, "max_seq_len": 37}
+    slabbed = on_slabs(inputs, 3)
+    stores = [SimpleNamespace(base=slabbed[name], block_offsets=slabbed["key_offsets"])
+              for name in ("key_cache", "value_cache")]
+    expected = reference_attention(inputs, **kwargs)
+    out = backend.paged_attention(inputs["query"], *stores, inputs["block_tables"], inputs["seq_lens"],
+                                  inputs["key_start"], **kwargs)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    out = backend.paged_attention(inputs["query"], slabbed["key_cache"], slabbed["value_cache"],
+                                  inputs["block_tables"], inputs["seq_lens"], inputs["key_start"],
+                                  key_offsets=slabbed["key_offsets"], **kwargs)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+    gen = torch.Generator().manual_seed(12)
+    pool = torch.randn(2, 2, 5, 4, 2, 32, generator=gen).to(DEVICE)
+    slabs, base, offsets = split_into_slabs(pool, [2, 3])
+    key, value = torch.randn(2, 6, 2, 32, generator=gen).to(DEVICE)
+    slots = torch.tensor([0, 19, -1, 7, 12, 5], device=DEVICE)
+    key_store, value_store = (SimpleNamespace(base=base[1, k], block_offsets=offsets) for k in (0, 1))
+    backend.reshape_and_cache(key, value, key_store, value_store, slots)
+    backend.copy_blocks(base, torch.tensor([4], device=DEVICE), torch.tensor([1], device=DEVICE),
+                        block_offsets=offsets)
+    ops.reshape_and_cache(key, value, pool[1, 0], pool[1, 1], slots)
+    ops.copy_blocks(pool, torch.tensor([4]), torch.tensor([1]))
+    assert torch.equal(gather_slabs(slabs), pool)
+    with pytest.raises(TypeError, match="layer store with .base and .block_offsets"):
+        backend.paged_attention(inputs["query"], object(), object(), inputs["block_tables"], inputs["seq_lens"],
+                                **kwargs)
