@@ -106,14 +106,15 @@ def _check_alignment(name: str, offsets: torch.Tensor) -> None:
             bad = offsets[offsets % OFFSET_ALIGNMENT != 0][:4].tolist()
             raise ValueError(f"{message}; got {bad}")
         return
+    version = offsets._version if not offsets.is_inference() else -1  # inference tensors keep no version
     seen = _CHECKED_TABLES.get(id(offsets))
-    if seen is not None and seen[0]() is offsets and seen[1] == offsets._version:
+    if seen is not None and seen[0]() is offsets and seen[1] == version:
         return
     torch._assert_async((offsets % OFFSET_ALIGNMENT == 0).all(), message)
     if len(_CHECKED_TABLES) > 256:
         for key in [key for key, (ref, _) in _CHECKED_TABLES.items() if ref() is None]:
             del _CHECKED_TABLES[key]
-    _CHECKED_TABLES[id(offsets)] = (weakref.ref(offsets), offsets._version)
+    _CHECKED_TABLES[id(offsets)] = (weakref.ref(offsets), version)
 
 
 def resolve_offsets(
