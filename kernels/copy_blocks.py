@@ -70,7 +70,7 @@ def copy_blocks(
         block_offsets: ``[N]`` int64, or None. A pool of several tensors (slabs, each laid out like `kv_pool`):
             block ``b`` of layer ``l``, kind ``k`` starts ``block_offsets[b] + l * kv_pool.stride(0) + k *
             kv_pool.stride(1)`` elements after ``kv_pool.data_ptr()`` (offsets relative to the lowest-addressed
-            slab, whose view `kv_pool` is, so >= 0); the strides inside a block apply, ``kv_pool.stride(2)`` and
+            slab, whose view `kv_pool` is, so >= 0; multiples of 16); the strides inside a block apply, ``kv_pool.stride(2)`` and
             its ``N`` are unused. In a block-major slab (memory ``[n, L, K, bs, Hkv, D]``) a block of every layer is
             one contiguous run of ``L * K * bs * Hkv * D`` elements at ``block_offsets[b]``, and that is what gets
             copied. None: block ``b`` at ``b * kv_pool.stride(2)``, as with one tensor.

@@ -506,11 +506,11 @@ def paged_attention(
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` after scaling.
         chunk_size: chunked attention (chunks start at ``key_start``), or None.
         sinks: ``[H]`` attention-sink logits joining each softmax denominator, or None.
-        key_offsets: ``[N]`` int64, or None. A pool of several tensors (slabs): block ``b``'s keys start
-            ``key_offsets[b]`` elements after ``key_cache.data_ptr()`` (which may point into another slab: offsets
-            are relative to the lowest-addressed one, so >= 0), and ``key_cache``'s strides inside a block apply;
-            its block stride and ``N`` are then unused (``key_cache`` is the base slab's view). None: block ``b``
-            at ``b * key_cache.stride(0)``, as with one tensor.
+        key_offsets: ``[N]`` int64, or None. A pool of several tensors (slabs): ``key_cache`` is the layer's view
+            of the lowest-addressed slab, and block ``b`` (in whichever slab) starts ``key_offsets[b]`` elements
+            after ``key_cache.data_ptr()`` (so >= 0; multiples of 16). ``key_cache``'s strides inside a block
+            apply; its block stride and ``N`` are unused. The caller keeps every slab alive. None: block ``b`` at
+            ``b * key_cache.stride(0)``, as with one tensor. See docs/KERNELS.md, "Pools of several slabs".
         value_offsets: the same for ``value_cache``; None uses `key_offsets` (K and V views of one slab tensor).
 
     Returns:

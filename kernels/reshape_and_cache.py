@@ -118,7 +118,7 @@ def reshape_and_cache(
             end of the pool are skipped too (the reference raises instead; the kernel cannot).
         block_offsets: ``[N]`` int64, or None. A pool of several tensors (slabs): block ``b`` starts
             ``block_offsets[b]`` elements after ``key_cache.data_ptr()`` (offsets relative to the lowest-addressed
-            slab, whose view ``key_cache`` is, so >= 0) and ``key_cache``'s strides inside a block apply; its block
+            slab, whose view ``key_cache`` is, so >= 0; multiples of 16) and ``key_cache``'s strides inside a block apply; its block
             stride and ``N`` are unused, and the pool's end (for skipped slots) is ``len(block_offsets) * bs``.
             None: block ``b`` at ``b * key_cache.stride(0)``, as with one tensor.
         value_offsets: the same for ``value_cache``; None uses `block_offsets` (K and V views of one slab tensor).
