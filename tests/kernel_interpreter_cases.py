@@ -753,8 +753,10 @@ def test_offset_tables_are_checked():
             paged_attention(**inputs, **kwargs, key_offsets=bad)
     with pytest.raises(TypeError, match="value_offsets must have dtype int64"):
         paged_attention(**inputs, **kwargs, key_offsets=good, value_offsets=good.float())
-    # the table written out (block b at b * stride(0)) gives what no table gives
-    torch.testing.assert_close(paged_attention(**inputs, **kwargs, key_offsets=good), paged_attention(**inputs, **kwargs))
+    # the table written out (block b at b * stride(0)) gives what no table gives, for keys and values alike
+    plain = paged_attention(**inputs, **kwargs)
+    torch.testing.assert_close(paged_attention(**inputs, **kwargs, key_offsets=good), plain)
+    torch.testing.assert_close(paged_attention(**inputs, **kwargs, value_offsets=good), plain)
     pool = torch.zeros(1, 2, 4, 16, 2, 64)
     with pytest.raises(TypeError, match="block_offsets must have dtype int64"):
         copy_blocks(pool, torch.tensor([0]), torch.tensor([1]), block_offsets=torch.arange(4.0))
