@@ -3,18 +3,25 @@
 CUDA tensors use the Triton kernels (`hf_paged.kernels`) when Triton is importable; everything else uses
 `hf_paged.ops`. The environment variable ``HF_PAGED_BACKEND=triton`` or ``torch`` forces one (with
 ``TRITON_INTERPRET=1``, ``triton`` runs the kernels on CPU tensors through Triton's interpreter).
+
+A layer's keys (values) reach these dispatchers as a plain ``[N, bs, Hkv, D]`` tensor or, for a pool of several
+slabs, as a *layer store* (`hf_paged.storage.LayerStore`, CONTRACT.md section 2): the kernels then get the store's
+``base`` (the lowest-addressed slab's view) and its ``block_offsets`` table (int64 ``[N]``, element offsets of
+each block relative to ``base``); the PyTorch path calls the store's ``write(slots, states)``.
 """
 
 from __future__ import annotations
 
 import os
 from functools import cache
+from typing import Any
 
 import torch
 
 from . import ops
 
-__all__ = ["copy_blocks", "kernels", "paged_attention", "shared_prefix_paged_attention", "use_triton"]
+__all__ = ["copy_blocks", "kernels", "kernel_operands", "paged_attention", "reshape_and_cache",
+           "shared_prefix_paged_attention", "use_triton"]
 
 
 @cache
@@ -42,14 +49,82 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda" and kernels() is not None
 
 
-def copy_blocks(kv_pool, src, dst) -> None:
-    impl = kernels() if use_triton(kv_pool.device) else ops
-    impl.copy_blocks(kv_pool, src, dst)
+def kernel_operands(store: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(tensor, block offsets or None)`` for the kernels from a plain pool tensor or a layer store (duck-typed:
+    anything with ``base`` and ``block_offsets``)."""
+    if isinstance(store, torch.Tensor):
+        return store, None
+    try:
+        return store.base, store.block_offsets
+    except AttributeError:
+        raise TypeError(
+            f"hf_paged: a KV pool must be a torch.Tensor or a layer store with .base and .block_offsets, got "
+            f"{type(store).__name__}"
+        ) from None
 
 
-def paged_attention(*args, **kwargs) -> torch.Tensor:
-    return kernels().paged_attention(*args, **kwargs)
+def reshape_and_cache(
+    keys: torch.Tensor, values: torch.Tensor, key_store: Any, value_store: Any, slots: torch.Tensor,
+    *, triton: bool | None = None, skip_negative: bool = True,
+) -> None:
+    """Write ``keys`` / ``values`` (``[T, Hkv, D]``) into their ``slots`` (``[T]``; negative: not stored) of a
+    layer's key and value stores (plain ``[N, bs, Hkv, D]`` tensors or layer stores).
+
+    ``triton``: the step's backend choice (`use_triton` when None). ``skip_negative``: for the PyTorch path on
+    plain tensors, False when the caller knows no slot is negative (see `hf_paged.ops.reshape_and_cache`).
+    """
+    if triton is None:
+        triton = use_triton(keys.device)
+    if triton:
+        key_cache, key_offsets = kernel_operands(key_store)
+        value_cache, value_offsets = kernel_operands(value_store)
+        kernels().reshape_and_cache(keys, values, key_cache, value_cache, slots, block_offsets=key_offsets,
+                                    value_offsets=value_offsets)
+    elif isinstance(key_store, torch.Tensor) and isinstance(value_store, torch.Tensor):
+        ops.reshape_and_cache(keys, values, key_store, value_store, slots, skip_negative=skip_negative)
+    else:
+        for store, states in ((key_store, keys), (value_store, values)):
+            if isinstance(store, torch.Tensor):
+                flat = store.view(-1, *store.shape[2:])
+                keep = slots >= 0
+                flat.index_copy_(0, slots[keep].long(), states[keep].to(flat.dtype))
+            else:
+                store.write(slots, states)
 
 
-def shared_prefix_paged_attention(*args, **kwargs) -> torch.Tensor:
-    return kernels().shared_prefix_paged_attention(*args, **kwargs)
+def copy_blocks(kv_pool, src, dst, block_offsets: torch.Tensor | None = None) -> None:
+    """Copy blocks ``src[i] -> dst[i]`` in every layer of ``kv_pool`` (``[L, K, N, bs, Hkv, D]``); with
+    ``block_offsets`` (Triton only), `kv_pool` is the base slab's view of a pool of several slabs
+    (see `hf_paged.kernels.copy_blocks`). The PyTorch path copies per slab instead (the pool's own business)."""
+    if use_triton(kv_pool.device):
+        kernels().copy_blocks(kv_pool, src, dst, block_offsets=block_offsets)
+    elif block_offsets is not None:
+        raise ValueError(
+            "hf_paged: block offset tables address slabs for the Triton kernels only; on the PyTorch path copy the "
+            "blocks slab by slab (hf_paged.ops.copy_blocks on each slab's tensor)"
+        )
+    else:
+        ops.copy_blocks(kv_pool, src, dst)
+
+
+def paged_attention(query, key_cache, value_cache, *args, **kwargs) -> torch.Tensor:
+    """`hf_paged.kernels.paged_attention`; `key_cache` / `value_cache` may be layer stores (their ``base`` and
+    ``block_offsets`` become the kernel's caches and ``key_offsets`` / ``value_offsets``)."""
+    return kernels().paged_attention(query, *_caches(key_cache, value_cache, kwargs), *args, **kwargs)
+
+
+def shared_prefix_paged_attention(query, key_cache, value_cache, *args, **kwargs) -> torch.Tensor:
+    """`hf_paged.kernels.shared_prefix_paged_attention`; the caches may be layer stores (see `paged_attention`)."""
+    return kernels().shared_prefix_paged_attention(query, *_caches(key_cache, value_cache, kwargs), *args, **kwargs)
+
+
+def _caches(key_store: Any, value_store: Any, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' key and value tensors from plain tensors or stores; the stores' tables go into `kwargs`
+    (explicit ``key_offsets`` / ``value_offsets`` there win)."""
+    key_cache, key_offsets = kernel_operands(key_store)
+    value_cache, value_offsets = kernel_operands(value_store)
+    if key_offsets is not None:
+        kwargs.setdefault("key_offsets", key_offsets)
+    if value_offsets is not None:
+        kwargs.setdefault("value_offsets", value_offsets)
+    return key_cache, value_cache

@@ -10,6 +10,8 @@ dispatch between the two:
 * `shared_prefix_paged_attention` -- paged attention for rows that share leading blocks (beams, samples of one
   prompt): the shared blocks are read once per group and merged with each row's tail by log-sum-exp.
 
+Each also takes optional int64 per-block offset tables (``block_offsets``; ``key_offsets`` / ``value_offsets``) that
+address a pool made of several separate tensors (slabs) through the lowest-addressed one (docs/KERNELS.md).
 They run compiled on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package was
 imported (Triton decides at decoration time). Compiled use needs Triton >= 3.4, the interpreter Triton >= 3.8.
 Without a usable Triton (macOS, Windows, an older release) the package still imports:

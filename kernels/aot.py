@@ -167,30 +167,38 @@ def _split_meta(meta: dict[str, Any]) -> tuple[dict[str, Any], int]:
 _NUM_BLOCKS = 4096  # pool size the configs assume (it only sets the head stride of the head-major pool)
 
 
-def _cache_strides(block_size: int, kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
-    """Strides of one layer's ``[N, bs, Hkv, D]`` pool as `hf_paged.cache.pool_tensor` lays it out (head-major)."""
+_NUM_LAYERS = 32  # layers of a block-major slab (only sets its block stride, which offset tables make unused)
+
+
+def _cache_strides(block_size: int, kv_heads: int, head_dim: int, slabs: bool = False) -> tuple[int, int, int, int]:
+    """Strides of one layer's ``[N, bs, Hkv, D]`` pool as `hf_paged.cache.pool_tensor` lays it out (head-major),
+    or with `slabs` as a block-major slab of the Triton path does (memory ``[n, L, 2, bs, Hkv, D]``)."""
+    if slabs:
+        return _NUM_LAYERS * 2 * block_size * kv_heads * head_dim, kv_heads * head_dim, head_dim, 1
     return block_size * head_dim, head_dim, _NUM_BLOCKS * block_size * head_dim, 1
 
 
 def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_heads: int, head_dim: int,
                       block_size: int = 16, num_splits: int = 1, window: int | None = None,
                       softcap: float | None = None, sinks: bool = False, chunk: int | None = None,
-                      value_dim: int | None = None) -> KernelConfig:
+                      value_dim: int | None = None, slabs: bool = False) -> KernelConfig:
+    """`paged_attention_kernel`; `slabs`: a pool of several block-major slabs read through offset tables."""
     constexprs, num_warps = _split_meta(paged_attention_meta(
         q_len, heads // kv_heads, head_dim, block_size, num_splits,
         has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
         fp32_storage=dtype == "fp32", upcast=dtype == "fp32", has_sinks=sinks, has_chunk=chunk is not None,
-        value_dim=value_dim,
+        value_dim=value_dim, has_offsets=slabs,
     ))
     value_dim = head_dim if value_dim is None else value_dim
     out = Pointer("*fp32") if num_splits > 1 else Pointer(f"*{dtype}")
-    cache_strides = _cache_strides(block_size, kv_heads, head_dim)
-    value_strides = _cache_strides(block_size, kv_heads, value_dim)
+    cache_strides = _cache_strides(block_size, kv_heads, head_dim, slabs)
+    value_strides = _cache_strides(block_size, kv_heads, value_dim, slabs)
     out_strides = (q_len * heads * value_dim * num_splits, heads * value_dim * num_splits, value_dim * num_splits)
     args = {
         "out_ptr": out, "max_ptr": Pointer("*fp32"), "sum_ptr": Pointer("*fp32"),
         "query_ptr": Pointer(f"*{dtype}"), "key_cache_ptr": Pointer(f"*{dtype}"),
         "value_cache_ptr": Pointer(f"*{dtype}"), "block_tables_ptr": Pointer("*i32"),
+        "key_offsets_ptr": Pointer("*i64"), "value_offsets_ptr": Pointer("*i64"),
         "seq_lens_ptr": Pointer("*i32"), "key_start_ptr": Pointer("*i32"),
         "scale": 0.125, "softcap": float(softcap or 1.0), "window": window or 0,
         "sinks_ptr": Pointer("*fp32"), "chunk": chunk or 0,
@@ -210,19 +218,22 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
 
 def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int, heads: int, kv_heads: int,
                           head_dim: int, block_size: int = 16, num_splits: int = 1, tail_splits: int = 2,
-                          window: int | None = None, softcap: float | None = None) -> KernelConfig:
-    """`shared_prefix_kernel` for one group of `group_rows` rows (beams or samples) over a 2048-token prefix."""
+                          window: int | None = None, softcap: float | None = None,
+                          slabs: bool = False) -> KernelConfig:
+    """`shared_prefix_kernel` for one group of `group_rows` rows (beams or samples) over a 2048-token prefix;
+    `slabs`: a pool of several block-major slabs read through offset tables."""
     constexprs, num_warps = _split_meta(shared_prefix_meta(
         group_rows, q_len, heads // kv_heads, head_dim, block_size, num_splits,
         has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
-        fp32_storage=dtype == "fp32", upcast=dtype == "fp32",
+        fp32_storage=dtype == "fp32", upcast=dtype == "fp32", has_offsets=slabs,
     ))
     splits = num_splits + tail_splits
-    cache_strides = _cache_strides(block_size, kv_heads, head_dim)
+    cache_strides = _cache_strides(block_size, kv_heads, head_dim, slabs)
     args = {
         "partial_ptr": Pointer("*fp32"), "max_ptr": Pointer("*fp32"), "sum_ptr": Pointer("*fp32"),
         "tail_lens_ptr": Pointer("*i32"), "query_ptr": Pointer(f"*{dtype}"), "key_cache_ptr": Pointer(f"*{dtype}"),
         "value_cache_ptr": Pointer(f"*{dtype}"), "prefix_blocks_ptr": Pointer("*i32"),
+        "key_offsets_ptr": Pointer("*i64"), "value_offsets_ptr": Pointer("*i64"),
         "seq_lens_ptr": Pointer("*i32"), "key_start_ptr": Pointer("*i32"),
         "scale": 0.125, "softcap": float(softcap or 1.0), "window": window or 0,
         "batch": group_rows, "q_len": q_len, "group_rows": group_rows, "prefix_len": 2048,
@@ -239,33 +250,37 @@ def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int
 
 
 def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16,
-                              value_dim: int | None = None) -> KernelConfig:
+                              value_dim: int | None = None, slabs: bool = False) -> KernelConfig:
     value_dim = head_dim if value_dim is None else value_dim
     token_stride = kv_heads * (2 * head_dim + value_dim)  # k and v are views into a fused qkv projection
-    cache_strides = _cache_strides(block_size, kv_heads, head_dim)
-    value_strides = _cache_strides(block_size, kv_heads, value_dim)
+    cache_strides = _cache_strides(block_size, kv_heads, head_dim, slabs)
+    value_strides = _cache_strides(block_size, kv_heads, value_dim, slabs)
     args = {
         "key_ptr": Pointer(f"*{dtype}"), "value_ptr": Pointer(f"*{dtype}"),
         "key_cache_ptr": Pointer(f"*{dtype}"), "value_cache_ptr": Pointer(f"*{dtype}"),
-        "slot_mapping_ptr": Pointer("*i64"), "num_slots": 4096 * block_size, "num_kv_heads": kv_heads,
+        "key_offsets_ptr": Pointer("*i64"), "value_offsets_ptr": Pointer("*i64"), "slot_mapping_ptr": Pointer("*i64"), "num_slots": 4096 * block_size, "num_kv_heads": kv_heads,
         "num_v_heads": kv_heads,
         "stride_kt": token_stride, "stride_kh": head_dim, "stride_kd": 1,
         "stride_vt": token_stride, "stride_vh": value_dim, "stride_vd": 1,
         **dict(zip(("stride_kcn", "stride_kcs", "stride_kch", "stride_kcd"), cache_strides, strict=True)),
         **dict(zip(("stride_vcn", "stride_vcs", "stride_vch", "stride_vcd"), value_strides, strict=True)),
     }
-    constexprs, num_warps = _split_meta(reshape_and_cache_meta(kv_heads, head_dim, block_size, kv_heads, value_dim))
+    constexprs, num_warps = _split_meta(reshape_and_cache_meta(kv_heads, head_dim, block_size, kv_heads, value_dim,
+                                                               has_offsets=slabs))
     return KernelConfig(reshape_and_cache_kernel, label, args, constexprs, num_warps)
 
 
 def _copy_blocks_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16,
-                        kinds: int = 2) -> KernelConfig:
+                        kinds: int = 2, slabs: bool = False) -> KernelConfig:
     block = block_size * kv_heads * head_dim
-    stride_block, stride_token, stride_head, _ = _cache_strides(block_size, kv_heads, head_dim)
+    stride_block, stride_token, stride_head, _ = _cache_strides(block_size, kv_heads, head_dim, slabs)
+    # head-major: [L, K, H, N * bs, D] in memory; block-major slabs: [n, L, K, bs, H, D]
+    stride_layer, stride_kv = (kinds * block, block) if slabs else (kinds * _NUM_BLOCKS * block, _NUM_BLOCKS * block)
     args = {"pool_ptr": Pointer(f"*{dtype}"), "src_ptr": Pointer("*i64"), "dst_ptr": Pointer("*i64"),
-            "num_kinds": kinds, "stride_layer": kinds * _NUM_BLOCKS * block, "stride_kv": _NUM_BLOCKS * block, "stride_block": stride_block,
-            "stride_token": stride_token, "stride_head": stride_head, "block_numel": block}
-    constexprs, num_warps = _split_meta(copy_blocks_meta(kv_heads, head_dim))
+            "offsets_ptr": Pointer("*i64"), "num_kinds": kinds, "stride_layer": stride_layer, "stride_kv": stride_kv,
+            "stride_block": stride_block, "stride_token": stride_token, "stride_head": stride_head,
+            "block_numel": block}
+    constexprs, num_warps = _split_meta(copy_blocks_meta(kv_heads, head_dim, has_offsets=slabs))
     return KernelConfig(copy_blocks_kernel, label, args, constexprs, num_warps)
 
 
@@ -335,6 +350,29 @@ CONFIGS: tuple[KernelConfig, ...] = (
     _copy_blocks_config("DeepSeek-V3 latents bf16 (one pool of two)", "bf16", kv_heads=1, head_dim=512, kinds=1),
     _copy_blocks_config("SmolLM2 fp16", "fp16", kv_heads=3, head_dim=64),
     _copy_blocks_config("Llama-8B bf16", "bf16", kv_heads=8, head_dim=128),
+    # Pools of several block-major slabs (memory [n, L, 2, bs, Hkv, D] each), blocks read through offset tables.
+    _reshape_and_cache_config("slabs SmolLM2 fp16", "fp16", kv_heads=3, head_dim=64, slabs=True),
+    _reshape_and_cache_config("slabs Llama-8B bf16", "bf16", kv_heads=8, head_dim=128, slabs=True),
+    _attention_config("slabs decode SmolLM2 bf16 split=8", "bf16", q_len=1, heads=9, kv_heads=3, head_dim=64,
+                      num_splits=8, slabs=True),
+    _attention_config("slabs decode Llama-8B bf16", "bf16", q_len=1, heads=32, kv_heads=8, head_dim=128, slabs=True),
+    _attention_config("slabs prefill q=512 Llama-8B bf16", "bf16", q_len=512, heads=32, kv_heads=8, head_dim=128,
+                      slabs=True),
+    _attention_config("slabs decode Gemma2-2B bf16 window+softcap", "bf16", q_len=1, heads=8, kv_heads=4,
+                      head_dim=256, window=4096, softcap=50.0, slabs=True),
+    _attention_config("slabs tail decode Llama-8B bf16 split=2", "bf16", q_len=1, heads=32, kv_heads=8,
+                      head_dim=128, num_splits=2, slabs=True),
+    _attention_config("slabs prefill q=64 Gemma2-2B fp32 (ieee dot)", "fp32", q_len=64, heads=8, kv_heads=4,
+                      head_dim=256, window=4096, softcap=50.0, slabs=True),
+    _attention_config("slabs decode gpt-oss-20b bf16 sinks+window", "bf16", q_len=1, heads=64, kv_heads=8,
+                      head_dim=64, window=128, sinks=True, slabs=True),
+    _attention_config("slabs prefill q=128 MiMo-V2-Flash bf16 Dk=192 Dv=128", "bf16", q_len=128, heads=64,
+                      kv_heads=4, head_dim=192, value_dim=128, slabs=True),
+    _shared_prefix_config("slabs beams=8 Llama-8B bf16 split=8", "bf16", group_rows=8, q_len=1, heads=32,
+                          kv_heads=8, head_dim=128, num_splits=8, slabs=True),
+    _shared_prefix_config("slabs n=8 Gemma2-2B bf16 window+softcap", "bf16", group_rows=8, q_len=1, heads=8,
+                          kv_heads=4, head_dim=256, window=4096, softcap=50.0, slabs=True),
+    _copy_blocks_config("slabs Llama-8B bf16", "bf16", kv_heads=8, head_dim=128, slabs=True),
 )
 
 

@@ -28,7 +28,15 @@ import triton.language as tl
 
 from hf_paged.ops import paged_attention as paged_attention_reference
 
-from ._launch import COMPILE_OPTIONS, FLOAT_DTYPES, check_device, check_dtype, check_shape, next_power_of_2
+from ._launch import (
+    COMPILE_OPTIONS,
+    FLOAT_DTYPES,
+    check_device,
+    check_dtype,
+    check_shape,
+    next_power_of_2,
+    resolve_offsets,
+)
 
 __all__ = [
     "choose_num_splits",
@@ -62,6 +70,7 @@ def paged_attention_kernel(
     max_ptr, sum_ptr,  # NUM_SPLITS > 1: fp32 [B, q, H, S] running max (base 2) and sum; unused otherwise
     query_ptr,  # [B, H, q, D], any strides
     key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D] and [N, bs, Hkv, Dv], any strides
+    key_offsets_ptr, value_offsets_ptr,  # [N] int64 element offset of each block (read only if HAS_OFFSETS)
     block_tables_ptr,  # [B, nb] int32
     seq_lens_ptr,  # [B] int32
     key_start_ptr,  # [B] int32 (read only if HAS_KEY_START)
@@ -92,6 +101,7 @@ def paged_attention_kernel(
     HAS_SINKS: tl.constexpr,
     USE_CHUNK: tl.constexpr,
     UPCAST: tl.constexpr,  # do both products in fp32 (fp32 storage, or the interpreter, which has no bf16 dot)
+    HAS_OFFSETS: tl.constexpr,  # block b starts at key/value_offsets[b] (slabs), not b * stride_kn / vn
 ):
     """Program (b * num_q_tiles + tile, kv_head, split): one query tile of one row against one KV head."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -162,8 +172,15 @@ def paged_attention_kernel(
         keys = j * BLOCK_N + cols
         key_valid = (keys >= lo) & (keys <= hi)
         block = tl.load(table_ptr + (keys // BLOCK_SIZE) * stride_btn, mask=key_valid, other=0).to(tl.int64)
-        k_slot = block * stride_kn + (keys % BLOCK_SIZE) * stride_kt
-        v_slot = block * stride_vn + (keys % BLOCK_SIZE) * stride_vt
+        if HAS_OFFSETS:
+            # multiples of 16 elements (checked by the launcher): the loads below stay 16-byte vectors
+            k_block = tl.multiple_of(tl.load(key_offsets_ptr + block, mask=key_valid, other=0), 16)
+            v_block = tl.multiple_of(tl.load(value_offsets_ptr + block, mask=key_valid, other=0), 16)
+        else:
+            k_block = block * stride_kn
+            v_block = block * stride_vn
+        k_slot = k_block + (keys % BLOCK_SIZE) * stride_kt
+        v_slot = v_block + (keys % BLOCK_SIZE) * stride_vt
         k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                     mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
         v = tl.load(v_head_ptr + v_slot[:, None] + vdims[None, :] * stride_vd,
@@ -271,9 +288,11 @@ def paged_attention_meta(
     has_sinks: bool = False,
     has_chunk: bool = False,
     value_dim: int | None = None,
+    has_offsets: bool = False,
 ) -> dict[str, int | bool]:
     """Every constexpr of `paged_attention_kernel` plus ``num_warps`` (shared by the launcher and the AOT check).
-    ``value_dim``: the values' head dim when it differs from the keys' `head_dim`."""
+    ``value_dim``: the values' head dim when it differs from the keys' `head_dim`; ``has_offsets``: blocks are
+    addressed through per-block offset tables (a pool of several slabs)."""
     value_dim = head_dim if value_dim is None else value_dim
     return {
         **tile_config(q_len, group, max(head_dim, value_dim), fp32_storage,
@@ -291,6 +310,7 @@ def paged_attention_meta(
         "HAS_SINKS": has_sinks,
         "USE_CHUNK": has_chunk,
         "UPCAST": upcast,
+        "HAS_OFFSETS": has_offsets,
     }
 
 
@@ -337,6 +357,7 @@ def _check_inputs(
     sliding_window: int | None,
     chunk_size: int | None = None,
     sinks: torch.Tensor | None = None,
+    has_offsets: bool = False,
 ) -> None:
     check_device(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                  seq_lens=seq_lens, key_start=key_start)
@@ -347,7 +368,9 @@ def _check_inputs(
     check_shape("query", query, (None, None, None, None), "[B, H, q, D]")
     batch, heads, _, head_dim = query.shape
     check_shape("key_cache", key_cache, (None, None, None, head_dim), "[N, bs, Hkv, D] with the query's D")
-    check_shape("value_cache", value_cache, (*key_cache.shape[:3], None), "[N, bs, Hkv, Dv] like key_cache")
+    # With offset tables the caches are views of their base slabs, whose block counts may differ.
+    value_blocks = None if has_offsets else key_cache.shape[0]
+    check_shape("value_cache", value_cache, (value_blocks, *key_cache.shape[1:3], None), "[N, bs, Hkv, Dv] like key_cache")
     kv_heads = key_cache.shape[2]
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
@@ -381,10 +404,14 @@ def launch_paged_attention(
     num_splits: int | None = None,
     chunk_size: int | None = None,
     sinks: torch.Tensor | None = None,
+    key_offsets: torch.Tensor | None = None,
+    value_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the split-KV choice exposed: ``num_splits=None`` asks `choose_num_splits`,
     1 forces the single-pass kernel, more forces split-KV with that many splits."""
-    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size, sinks)
+    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size, sinks,
+                  has_offsets=key_offsets is not None or value_offsets is not None)
+    offsets = resolve_offsets(key_cache, value_cache, key_offsets, value_offsets)
     batch, heads, q_len, head_dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
     value_dim = value_cache.shape[3]
@@ -420,10 +447,12 @@ def launch_paged_attention(
         has_key_start=key_start is not None, has_window=sliding_window is not None, has_softcap=softcap is not None,
         fp32_storage=fp32_storage, upcast=fp32_storage or query.device.type == "cpu",
         has_sinks=sinks is not None, has_chunk=chunk_size is not None, value_dim=value_dim,
+        has_offsets=offsets is not None,
     )
     paged_attention_kernel[(batch * triton.cdiv(q_len, meta["BLOCK_Q"]), kv_heads, num_splits)](
         target, running_max, running_sum,
-        query, key_cache, value_cache, block_tables, seq_lens.contiguous(),
+        query, key_cache, value_cache, *(offsets if offsets is not None else (block_tables, block_tables)),
+        block_tables, seq_lens.contiguous(),
         key_start.contiguous() if key_start is not None else seq_lens,
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
@@ -459,6 +488,8 @@ def paged_attention(
     softcap: float | None = None,
     chunk_size: int | None = None,
     sinks: torch.Tensor | None = None,
+    key_offsets: torch.Tensor | None = None,
+    value_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of `query` against the paged keys and values (Triton; same contract as `hf_paged.ops`).
 
@@ -475,6 +506,12 @@ def paged_attention(
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` after scaling.
         chunk_size: chunked attention (chunks start at ``key_start``), or None.
         sinks: ``[H]`` attention-sink logits joining each softmax denominator, or None.
+        key_offsets: ``[N]`` int64, or None. A pool of several tensors (slabs): ``key_cache`` is the layer's view
+            of the lowest-addressed slab, and block ``b`` (in whichever slab) starts ``key_offsets[b]`` elements
+            after ``key_cache.data_ptr()`` (so >= 0; multiples of 16). ``key_cache``'s strides inside a block
+            apply; its block stride and ``N`` are unused. The caller keeps every slab alive. None: block ``b`` at
+            ``b * key_cache.stride(0)``, as with one tensor. See docs/KERNELS.md, "Pools of several slabs".
+        value_offsets: the same for ``value_cache``; None uses `key_offsets` (K and V views of one slab tensor).
 
     Returns:
         ``[B, q, H, Dv]`` contiguous, in the query's dtype; query rows with no visible key are zero.
@@ -482,5 +519,5 @@ def paged_attention(
     return launch_paged_attention(
         query, key_cache, value_cache, block_tables, seq_lens, key_start,
         scale=scale, max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap,
-        chunk_size=chunk_size, sinks=sinks,
+        chunk_size=chunk_size, sinks=sinks, key_offsets=key_offsets, value_offsets=value_offsets,
     )

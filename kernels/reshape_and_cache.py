@@ -20,6 +20,7 @@ from ._launch import (
     check_dtype,
     check_shape,
     next_power_of_2,
+    resolve_offsets,
 )
 
 __all__ = ["reshape_and_cache", "reshape_and_cache_kernel", "reshape_and_cache_meta", "reshape_and_cache_reference"]
@@ -29,6 +30,7 @@ __all__ = ["reshape_and_cache", "reshape_and_cache_kernel", "reshape_and_cache_m
 def reshape_and_cache_kernel(
     key_ptr, value_ptr,  # [T, Hk, Dk], [T, Hv, Dv]
     key_cache_ptr, value_cache_ptr,  # [N, bs, Hk, Dk], [N, bs, Hv, Dv]
+    key_offsets_ptr, value_offsets_ptr,  # [N] int64 element offset of each block (read only if HAS_OFFSETS)
     slot_mapping_ptr,  # [T]
     num_slots,  # N * bs: slots outside [0, num_slots) are skipped
     num_kv_heads,
@@ -44,6 +46,7 @@ def reshape_and_cache_kernel(
     V_HEAD_DIM: tl.constexpr,  # the values' (multi-head latent attention: other than the keys')
     V_HEADS_PAD: tl.constexpr,
     V_HEAD_DIM_PAD: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,  # block b starts at key/value_offsets[b] (slabs), not b * stride_kcn / vcn
 ):
     """One program per token: copy its ``[Hkv, D]`` key and value tiles into slot ``slot_mapping[t]``."""
     token = tl.program_id(0).to(tl.int64)
@@ -51,12 +54,18 @@ def reshape_and_cache_kernel(
     if (slot >= 0) & (slot < num_slots):
         block = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE
+        if HAS_OFFSETS:
+            key_block = tl.multiple_of(tl.load(key_offsets_ptr + block), 16)  # checked by the launcher
+            value_block = tl.multiple_of(tl.load(value_offsets_ptr + block), 16)
+        else:
+            key_block = block * stride_kcn
+            value_block = block * stride_vcn
         heads = tl.arange(0, HEADS_PAD)
         dims = tl.arange(0, HEAD_DIM_PAD)
         mask = (heads[:, None] < num_kv_heads) & (dims[None, :] < HEAD_DIM)
 
         key = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :] * stride_kd, mask=mask)
-        key_dst = key_cache_ptr + block * stride_kcn + offset * stride_kcs
+        key_dst = key_cache_ptr + key_block + offset * stride_kcs
         tl.store(key_dst + heads[:, None] * stride_kch + dims[None, :] * stride_kcd,
                  key.to(key_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -65,15 +74,16 @@ def reshape_and_cache_kernel(
         v_mask = (v_heads[:, None] < num_v_heads) & (v_dims[None, :] < V_HEAD_DIM)
         value = tl.load(value_ptr + token * stride_vt + v_heads[:, None] * stride_vh + v_dims[None, :] * stride_vd,
                         mask=v_mask)
-        value_dst = value_cache_ptr + block * stride_vcn + offset * stride_vcs
+        value_dst = value_cache_ptr + value_block + offset * stride_vcs
         tl.store(value_dst + v_heads[:, None] * stride_vch + v_dims[None, :] * stride_vcd,
                  value.to(value_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 def reshape_and_cache_meta(kv_heads: int, head_dim: int, block_size: int, v_heads: int | None = None,
-                           v_head_dim: int | None = None) -> dict[str, int]:
+                           v_head_dim: int | None = None, has_offsets: bool = False) -> dict[str, int]:
     """Every constexpr of `reshape_and_cache_kernel` plus ``num_warps`` (shared by the launcher and the AOT check).
-    ``v_heads`` / ``v_head_dim``: the values', when they differ from the keys'."""
+    ``v_heads`` / ``v_head_dim``: the values', when they differ from the keys'; ``has_offsets``: blocks addressed
+    through offset tables (a pool of several slabs)."""
     v_heads = kv_heads if v_heads is None else v_heads
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
     return {
@@ -84,6 +94,7 @@ def reshape_and_cache_meta(kv_heads: int, head_dim: int, block_size: int, v_head
         "V_HEAD_DIM": v_head_dim,
         "V_HEADS_PAD": next_power_of_2(v_heads),
         "V_HEAD_DIM_PAD": next_power_of_2(v_head_dim),
+        "HAS_OFFSETS": has_offsets,
         "num_warps": 1 if max(kv_heads * head_dim, v_heads * v_head_dim) <= 512 else 4,
     }
 
@@ -94,6 +105,8 @@ def reshape_and_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    block_offsets: torch.Tensor | None = None,
+    value_offsets: torch.Tensor | None = None,
 ) -> None:
     """Write new keys and values into their slots (Triton; same contract as `hf_paged.ops.reshape_and_cache`).
 
@@ -103,6 +116,12 @@ def reshape_and_cache(
         key_cache, value_cache: ``[N, bs, Hk, Dk]`` and ``[N, bs, Hv, Dv]`` pools, written in place (any strides).
         slot_mapping: ``[T]`` int32/int64 slots (any stride) ``block * bs + offset``; negative slots are skipped. Slots past the
             end of the pool are skipped too (the reference raises instead; the kernel cannot).
+        block_offsets: ``[N]`` int64, or None. A pool of several tensors (slabs): block ``b`` starts
+            ``block_offsets[b]`` elements after ``key_cache.data_ptr()`` (offsets relative to the lowest-addressed
+            slab, whose view ``key_cache`` is, so >= 0; multiples of 16) and ``key_cache``'s strides inside a block apply; its block
+            stride and ``N`` are unused, and the pool's end (for skipped slots) is ``len(block_offsets) * bs``.
+            None: block ``b`` at ``b * key_cache.stride(0)``, as with one tensor.
+        value_offsets: the same for ``value_cache``; None uses `block_offsets` (K and V views of one slab tensor).
     """
     check_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
     for name, t in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
@@ -110,18 +129,24 @@ def reshape_and_cache(
     check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES)
     check_shape("key_cache", key_cache, (None, None, None, None), "[N, bs, Hkv, D]")
     num_blocks, block_size, kv_heads, head_dim = key_cache.shape
-    check_shape("value_cache", value_cache, (num_blocks, block_size, None, None), "[N, bs, Hv, Dv] like key_cache")
+    # With offset tables the caches are views of their base slabs, whose block counts may differ.
+    has_offsets = block_offsets is not None or value_offsets is not None
+    check_shape("value_cache", value_cache, (None if has_offsets else num_blocks, block_size, None, None),
+                "[N, bs, Hv, Dv] like key_cache")
     v_heads, v_head_dim = value_cache.shape[2:]
     check_shape("key", key, (None, kv_heads, head_dim), "[T, Hkv, D]")
     tokens = key.shape[0]
     check_shape("value", value, (tokens, v_heads, v_head_dim), "[T, Hv, Dv] like key and value_cache")
     check_shape("slot_mapping", slot_mapping, (tokens,), "[T]")
+    offsets = resolve_offsets(key_cache, value_cache, block_offsets, value_offsets, key_name="block_offsets")
+    if offsets is not None:
+        num_blocks = min(offsets[0].shape[0], offsets[1].shape[0])
     if tokens == 0:
         return
     reshape_and_cache_kernel[(tokens,)](
-        key, value, key_cache, value_cache, slot_mapping.contiguous(),
-        num_blocks * block_size, kv_heads, v_heads,
+        key, value, key_cache, value_cache, *(offsets if offsets is not None else (slot_mapping, slot_mapping)),
+        slot_mapping.contiguous(), num_blocks * block_size, kv_heads, v_heads,
         *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
-        **reshape_and_cache_meta(kv_heads, head_dim, block_size, v_heads, v_head_dim),
+        **reshape_and_cache_meta(kv_heads, head_dim, block_size, v_heads, v_head_dim, offsets is not None),
         **COMPILE_OPTIONS,
     )

@@ -28,7 +28,15 @@ import triton.language as tl
 
 from hf_paged.ops import shared_prefix_paged_attention as shared_prefix_paged_attention_reference
 
-from ._launch import COMPILE_OPTIONS, FLOAT_DTYPES, check_device, check_dtype, check_shape, next_power_of_2
+from ._launch import (
+    COMPILE_OPTIONS,
+    FLOAT_DTYPES,
+    check_device,
+    check_dtype,
+    check_shape,
+    next_power_of_2,
+    resolve_offsets,
+)
 from .paged_attention import (
     _tanh,
     choose_num_splits,
@@ -56,6 +64,7 @@ def shared_prefix_kernel(
     tail_lens_ptr,  # int32 [2, B], written: seq_lens - P and max(key_start - P, 0)
     query_ptr,  # [B, H, q, D], any strides
     key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D], any strides
+    key_offsets_ptr, value_offsets_ptr,  # [N] int64 element offset of each block (read only if HAS_OFFSETS)
     prefix_blocks_ptr,  # [G, F] int32
     seq_lens_ptr,  # [B] int32
     key_start_ptr,  # [B] int32 (read only if HAS_KEY_START)
@@ -80,6 +89,7 @@ def shared_prefix_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,  # both products in fp32 (fp32 storage, or the interpreter, which has no bf16 dot)
+    HAS_OFFSETS: tl.constexpr,  # block b starts at key/value_offsets[b] (slabs), not b * stride_kn / vn
 ):
     """Program (g * num_m_tiles + tile, kv_head, split): one tile of group g's packed queries against its prefix."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -144,8 +154,15 @@ def shared_prefix_kernel(
         keys = j * BLOCK_N + cols
         key_valid = (keys >= lo) & (keys <= hi)
         block = tl.load(table_ptr + (keys // BLOCK_SIZE) * stride_pbn, mask=key_valid, other=0).to(tl.int64)
-        k_slot = block * stride_kn + (keys % BLOCK_SIZE) * stride_kt
-        v_slot = block * stride_vn + (keys % BLOCK_SIZE) * stride_vt
+        if HAS_OFFSETS:
+            # multiples of 16 elements (checked by the launcher): the loads below stay 16-byte vectors
+            k_block = tl.multiple_of(tl.load(key_offsets_ptr + block, mask=key_valid, other=0), 16)
+            v_block = tl.multiple_of(tl.load(value_offsets_ptr + block, mask=key_valid, other=0), 16)
+        else:
+            k_block = block * stride_kn
+            v_block = block * stride_vn
+        k_slot = k_block + (keys % BLOCK_SIZE) * stride_kt
+        v_slot = v_block + (keys % BLOCK_SIZE) * stride_vt
         k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                     mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
         v = tl.load(v_head_ptr + v_slot[:, None] + dims[None, :] * stride_vd,
@@ -199,6 +216,7 @@ def shared_prefix_meta(
     has_softcap: bool,
     fp32_storage: bool,
     upcast: bool,
+    has_offsets: bool = False,
 ) -> dict[str, int | bool]:
     """Every constexpr of `shared_prefix_kernel` plus ``num_warps`` (shared by the launcher and the AOT check).
 
@@ -216,6 +234,7 @@ def shared_prefix_meta(
         "USE_WINDOW": has_window,
         "USE_SOFTCAP": has_softcap,
         "UPCAST": upcast,
+        "HAS_OFFSETS": has_offsets,
     }
 
 
@@ -230,7 +249,7 @@ def shared_prefix_splits(
 
 
 def _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, max_seq_len,
-                  sliding_window):
+                  sliding_window, has_offsets=False):
     check_device(query=query, key_cache=key_cache, value_cache=value_cache, prefix_blocks=prefix_blocks,
                  tail_tables=tail_tables, seq_lens=seq_lens, key_start=key_start)
     for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
@@ -240,7 +259,9 @@ def _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq
     check_shape("query", query, (None, None, None, None), "[B, H, q, D]")
     batch, heads, _, head_dim = query.shape
     check_shape("key_cache", key_cache, (None, None, None, head_dim), "[N, bs, Hkv, D] with the query's D")
-    check_shape("value_cache", value_cache, tuple(key_cache.shape), "[N, bs, Hkv, D] like key_cache")
+    # With offset tables the caches are views of their base slabs, whose block counts may differ.
+    value_blocks = None if has_offsets else key_cache.shape[0]
+    check_shape("value_cache", value_cache, (value_blocks, *key_cache.shape[1:]), "[N, bs, Hkv, D] like key_cache")
     kv_heads = key_cache.shape[2]
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
@@ -277,11 +298,14 @@ def launch_shared_prefix_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     num_splits: tuple[int, int] | None = None,
+    key_offsets: torch.Tensor | None = None,
+    value_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`shared_prefix_paged_attention` with the split choice exposed: ``num_splits=(prefix, tail)`` forces them
     (the tail needs at least 2), None asks `shared_prefix_splits`."""
     _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, max_seq_len,
-                  sliding_window)
+                  sliding_window, has_offsets=key_offsets is not None or value_offsets is not None)
+    offsets = resolve_offsets(key_cache, value_cache, key_offsets, value_offsets)
     batch, heads, q_len, head_dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
     groups, prefix_width = prefix_blocks.shape
@@ -290,7 +314,9 @@ def launch_shared_prefix_attention(
     fp32_storage = key_cache.dtype == torch.float32
     upcast = fp32_storage or query.device.type == "cpu"
     flags = {"has_key_start": key_start is not None, "has_window": sliding_window is not None,
-             "has_softcap": softcap is not None, "fp32_storage": fp32_storage, "upcast": upcast}
+             "has_softcap": softcap is not None, "fp32_storage": fp32_storage, "upcast": upcast,
+             "has_offsets": offsets is not None}
+    offset_tables = offsets if offsets is not None else (prefix_blocks, prefix_blocks)  # unread without a table
     prefix_tiles = tile_config(group_rows * q_len, group, head_dim, fp32_storage)
     num_m_tiles = triton.cdiv(group_rows * q_len, prefix_tiles["BLOCK_Q"])
     tail_tiles = tile_config(q_len, group, head_dim, fp32_storage)
@@ -316,7 +342,8 @@ def launch_shared_prefix_attention(
     meta = shared_prefix_meta(group_rows, q_len, group, head_dim, block_size, prefix_splits, **flags)
     shared_prefix_kernel[(groups * num_m_tiles, kv_heads, prefix_splits)](
         partial, running_max, running_sum, tail_lens,
-        query, key_cache, value_cache, prefix_blocks, seq_lens, key_start if key_start is not None else seq_lens,
+        query, key_cache, value_cache, *offset_tables, prefix_blocks, seq_lens,
+        key_start if key_start is not None else seq_lens,
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
         batch, q_len, group_rows, prefix_len, num_m_tiles, tail_splits,
@@ -328,7 +355,7 @@ def launch_shared_prefix_attention(
     tail_meta = paged_attention_meta(q_len, group, head_dim, block_size, tail_splits, **flags)
     paged_attention_kernel[(batch * num_q_tiles, kv_heads, tail_splits)](
         partial, running_max, running_sum,
-        query, key_cache, value_cache, tail_tables, tail_lens[0], tail_lens[1],
+        query, key_cache, value_cache, *offset_tables, tail_tables, tail_lens[0], tail_lens[1],
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
         tail_lens[1], 0,  # no sinks (the prefix pass applies them), no chunking
@@ -359,6 +386,8 @@ def shared_prefix_paged_attention(
     max_seq_len: int,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    key_offsets: torch.Tensor | None = None,
+    value_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paged attention where groups of rows share leading blocks, reading them once per group (Triton; same
     contract as `hf_paged.ops.shared_prefix_paged_attention`).
@@ -374,6 +403,8 @@ def shared_prefix_paged_attention(
         max_seq_len: ``max(seq_lens)`` as a Python int (sizes the split choice; no device sync).
         sliding_window: attend only to the last `sliding_window` positions (the query's own included), or None.
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` after scaling.
+        key_offsets, value_offsets: ``[N]`` int64 per-block element offsets for a pool of several slabs, as in
+            `hf_paged.kernels.paged_attention` (values default to the keys' table; None: one tensor).
 
     Returns:
         ``[B, q, H, D]`` contiguous, in the query's dtype; query rows with no visible key are zero.
@@ -381,4 +412,5 @@ def shared_prefix_paged_attention(
     return launch_shared_prefix_attention(
         query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start,
         scale=scale, max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap,
+        key_offsets=key_offsets, value_offsets=value_offsets,
     )

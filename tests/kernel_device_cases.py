@@ -4,7 +4,7 @@ Not collected by a plain ``pytest`` run (like ``kernel_interpreter_cases.py``, w
 ``scripts/gpu_check.sh`` runs it on CUDA. Every combination of dtype (fp16 / bf16 / fp32), GQA ratio (1 / 4 / 8),
 head dim (64 / 128) and block size (16 / 32) runs once; each combination also takes its turn, by its index, at
 sliding windows, softcap, left padding, multi-token queries, split-KV on or off and, when both the kernel and the
-reference accept ``sinks``, attention sinks. Lengths are odd and span many blocks. ``HF_PAGED_DEVICE_GRID=tiny``
+reference accept ``sinks``, attention sinks, and a pool of three slabs read through offset tables. Lengths are odd and span many blocks. ``HF_PAGED_DEVICE_GRID=tiny``
 keeps four small cases, for the device check's dry run under ``TRITON_INTERPRET=1``.
 """
 
@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 from hf_paged.kernels.paged_attention import launch_paged_attention
-from kernel_interpreter_cases import TOLERANCE, make_paged_inputs, reference_attention
+from kernel_interpreter_cases import TOLERANCE, kernel_args, make_paged_inputs, on_slabs, reference_attention
 
 from hf_paged import ops
 
@@ -45,6 +45,7 @@ def _cases() -> list[dict]:
             "softcap": (None, None, 30.0, 5.0)[(index // 2) % 4],
             "num_splits": (1, 4, 1, 2, 8)[index % 5],
             "sinks": HAS_SINKS and index % 4 == 3,
+            "slabs": 3 if index % 4 == 1 else 0,
         })
     if TINY:
         cases = [{**case, "seq_lens": [length % 45 + case["q_len"] for length in case["seq_lens"]],
@@ -62,6 +63,7 @@ def _case_id(case: dict) -> str:
     parts += [f"window{case['window']}"] if case["window"] else []
     parts += [f"softcap{case['softcap']:g}"] if case["softcap"] else []
     parts += ["sinks"] if case["sinks"] else []
+    parts += [f"slabs{case['slabs']}"] if case["slabs"] else []
     return "-".join(parts)
 
 
@@ -75,7 +77,8 @@ def test_paged_attention_matches_reference_on_device(case):
     if case["sinks"]:
         heads = case["group"] * case["kv_heads"]
         kwargs["sinks"] = torch.randn(heads, generator=torch.Generator().manual_seed(heads)).to(inputs["query"].device)
-    out = launch_paged_attention(**inputs, **kwargs, num_splits=case["num_splits"])
+    slabbed = on_slabs(inputs, case["slabs"]) if case["slabs"] else inputs  # kept alive while the kernel runs
+    out = launch_paged_attention(**kernel_args(slabbed), **kwargs, num_splits=case["num_splits"])
     expected = reference_attention(inputs, **kwargs)
     assert out.shape == (len(case["seq_lens"]), case["q_len"], case["group"] * case["kv_heads"], case["head_dim"])
     tolerance = TOLERANCE[case["dtype"]]

@@ -541,3 +541,266 @@ def test_shared_prefix_attention_rejects_bad_inputs(override, error, match):
         (inputs if name in inputs else kwargs)[name] = value.to(DEVICE) if isinstance(value, torch.Tensor) else value
     with pytest.raises(error, match=match):
         launch_shared_prefix_attention(**inputs, **kwargs)
+
+
+# ---- Pools of several slabs addressed through per-block offset tables (CONTRACT.md section 3) ----------------------
+
+
+def split_into_slabs(pool: torch.Tensor, sizes: list[int]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Copy a logical pool ``[L, K, N, bs, H, D]`` into ``len(sizes)`` separate block-major tensors (memory
+    ``[n_k, L, K, bs, H, D]``, as a Triton `KVPool` lays out its slabs), the k-th holding the next ``sizes[k]``
+    blocks. Returns the slabs, the logical view ``[L, K, n, bs, H, D]`` of the lowest-addressed one (the base), and
+    the int64 ``[N]`` table of each block's element offset relative to the base's data pointer (>= 0).
+
+    The slabs are allocated last to first with spacers between them, so the base is not simply the first slab and
+    the slabs are not adjacent in memory."""
+    shape = pool.shape[:2] + pool.shape[3:]
+    slabs: list[torch.Tensor | None] = [None] * len(sizes)
+    spacers = []
+    for k in reversed(range(len(sizes))):
+        slabs[k] = torch.empty(sizes[k], *shape, dtype=pool.dtype, device=pool.device)
+        spacers.append(torch.empty(4099, dtype=pool.dtype, device=pool.device))
+    first = 0
+    for slab, n in zip(slabs, sizes, strict=True):
+        slab.copy_(pool[:, :, first:first + n].permute(2, 0, 1, 3, 4, 5))
+        first += n
+    assert first == pool.shape[2]
+    base = min(slabs, key=lambda t: t.data_ptr())
+    offsets = [(slab.data_ptr() - base.data_ptr()) // pool.element_size() + i * slab.stride(0)
+               for slab, n in zip(slabs, sizes, strict=True) for i in range(n)]
+    return slabs, base.permute(1, 2, 0, 3, 4, 5), torch.tensor(offsets, dtype=torch.int64, device=pool.device)
+
+
+def gather_slabs(slabs: list[torch.Tensor]) -> torch.Tensor:
+    """The slabs' blocks as one logical pool ``[L, K, N, bs, H, D]`` (the equivalent single tensor)."""
+    return torch.cat([slab.permute(1, 2, 0, 3, 4, 5) for slab in slabs], dim=2)
+
+
+def slab_sizes(num_blocks: int, count: int) -> list[int]:
+    """`count` slab sizes summing to `num_blocks`, unequal (the last gets the remainder)."""
+    head = [max(1, num_blocks * (k + 1) // (2 * count + 1)) for k in range(count - 1)]
+    return [*head, num_blocks - sum(head)]
+
+
+def on_slabs(inputs: dict, count: int, separate_values: bool = False) -> dict:
+    """`inputs` of an attention case with the key and value caches moved to `count` slabs of a 2-layer pool, read
+    as layer 1 (layer 0 is NaN: reading the wrong layer shows). K and V share slabs (one table) unless
+    `separate_values` or their widths differ: then keys and values are pools of their own with different slab
+    sizes, so two tables."""
+    key_cache, value_cache = inputs["key_cache"], inputs["value_cache"]
+    num_blocks = key_cache.shape[0]
+
+    def layered(*caches: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(caches)  # [K, N, bs, H, D]
+        return torch.stack([torch.full_like(stacked, float("nan")), stacked])
+
+    out = dict(inputs)
+    if not separate_values and key_cache.shape == value_cache.shape:
+        slabs, base, offsets = split_into_slabs(layered(key_cache, value_cache), slab_sizes(num_blocks, count))
+        out.update(key_cache=base[1, 0], value_cache=base[1, 1], key_offsets=offsets, _slabs=slabs)
+    else:
+        key_slabs, key_base, key_offsets = split_into_slabs(layered(key_cache), slab_sizes(num_blocks, count))
+        value_slabs, value_base, value_offsets = split_into_slabs(layered(value_cache),
+                                                                  slab_sizes(num_blocks, count + 1)[::-1])
+        out.update(key_cache=key_base[1, 0], value_cache=value_base[1, 0], key_offsets=key_offsets,
+                   value_offsets=value_offsets)
+        out["_slabs"] = key_slabs + value_slabs
+    return out
+
+
+def kernel_args(inputs: dict) -> dict:
+    """The launcher's arguments of `on_slabs` inputs, without the slabs: keep the `on_slabs` dict alive while the
+    kernel runs (the base view holds only the base slab; the others are reached through the table alone)."""
+    return {name: value for name, value in inputs.items() if not name.startswith("_")}
+
+
+# (case of ATTENTION_CASES / FEATURE_CASES by index, slabs, separate value slabs): decode and multi-token queries,
+# GQA, sliding window, softcap, left padding, split-KV; sinks and chunks from FEATURE_CASES.
+SLAB_ATTENTION_CASES = [(0, 2, False), (1, 3, False), (3, 2, True), (5, 3, False), (11, 2, False), (12, 3, True)]
+SLAB_FEATURE_CASES = [(1, 3, False), (4, 2, False)]
+
+
+@pytest.mark.parametrize("index, count, separate_values", SLAB_ATTENTION_CASES,
+                         ids=[f"{_case_id(ATTENTION_CASES[i])}-slabs{c}{'-separateV' if s else ''}"
+                              for i, c, s in SLAB_ATTENTION_CASES])
+def test_paged_attention_over_slabs_matches_reference(index, count, separate_values):
+    group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, dtype, window, softcap, num_splits = (
+        ATTENTION_CASES[index])
+    inputs = make_paged_inputs(group=group, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                               q_len=q_len, seq_lens=seq_lens, key_start=key_start, dtype=dtype, seed=len(seq_lens))
+    kwargs = {"scale": head_dim**-0.5, "max_seq_len": max(seq_lens), "sliding_window": window, "softcap": softcap}
+    slabbed = on_slabs(inputs, count, separate_values)
+    out = launch_paged_attention(**kernel_args(slabbed), **kwargs, num_splits=num_splits)
+    torch.testing.assert_close(out.float(), reference_attention(inputs, **kwargs), atol=TOLERANCE[dtype],
+                               rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("index, count, separate_values", SLAB_FEATURE_CASES,
+                         ids=[f"{_feature_id(FEATURE_CASES[i])}-slabs{c}" for i, c, _ in SLAB_FEATURE_CASES])
+def test_sinks_and_chunks_over_slabs_match_reference(index, count, separate_values):
+    group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, dtype, window, chunk, sinks, num_splits = (
+        FEATURE_CASES[index])
+    inputs = make_paged_inputs(group=group, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                               q_len=q_len, seq_lens=seq_lens, key_start=key_start, dtype=dtype, seed=len(seq_lens))
+    sink_logits = 2 * torch.randn(group * kv_heads, generator=torch.Generator().manual_seed(7)) if sinks else None
+    kwargs = {"scale": head_dim**-0.5, "max_seq_len": max(seq_lens), "sliding_window": window, "chunk_size": chunk,
+              "sinks": None if sink_logits is None else sink_logits.to(DEVICE)}
+    slabbed = on_slabs(inputs, count, separate_values)  # kept: the kernel reads slabs only the table names
+    out = paged_attention(**kernel_args(slabbed), **kwargs)
+    torch.testing.assert_close(out.float(), reference_attention(inputs, **kwargs), atol=TOLERANCE[dtype],
+                               rtol=TOLERANCE[dtype])
+
+
+def test_paged_attention_over_slabs_with_values_of_another_width():
+    """Keys and values of different widths live in pools of their own: two offset tables."""
+    inputs = make_paged_inputs(group=3, kv_heads=1, head_dim=64, block_size=8, q_len=5, seq_lens=[29, 9],
+                               key_start=[1, 0], dtype=torch.float16, seed=7, value_dim=24)
+    kwargs = {"scale": 0.125, "max_seq_len": 29}
+    slabbed = on_slabs(inputs, 3)
+    assert not torch.equal(slabbed["key_offsets"], slabbed["value_offsets"])
+    out = launch_paged_attention(**kernel_args(slabbed), **kwargs, num_splits=2)
+    torch.testing.assert_close(out.float(), reference_attention(inputs, **kwargs), atol=2e-3, rtol=2e-3)
+
+
+# indices into SHARED_PREFIX_CASES: left padding inside the prefix, 8 beams with softcap, q > 1 with a window
+SLAB_SHARED_PREFIX_CASES = [(1, 3), (2, 2), (4, 3)]
+
+
+@pytest.mark.parametrize("index, count", SLAB_SHARED_PREFIX_CASES,
+                         ids=[f"{_shared_case_id(SHARED_PREFIX_CASES[i])}-slabs{c}" for i, c in SLAB_SHARED_PREFIX_CASES])
+def test_shared_prefix_attention_over_slabs_matches_reference(index, count):
+    (group, kv_heads, head_dim, block_size, q_len, groups, prefix_blocks, tail_lens, key_start, dtype, window,
+     softcap, num_splits) = SHARED_PREFIX_CASES[index]
+    inputs = make_shared_prefix_inputs(
+        group=group, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, q_len=q_len, groups=groups,
+        prefix_blocks=prefix_blocks, tail_lens=tail_lens, key_start=key_start, dtype=dtype, seed=len(tail_lens),
+    )
+    kwargs = {"scale": head_dim**-0.5, "max_seq_len": int(inputs["seq_lens"].max()), "sliding_window": window,
+              "softcap": softcap}
+    slabbed = on_slabs(inputs, count, separate_values=index == 4)
+    out = launch_shared_prefix_attention(**kernel_args(slabbed), **kwargs, num_splits=num_splits)
+    torch.testing.assert_close(out.float(), reference_shared_prefix(inputs, **kwargs), atol=TOLERANCE[dtype],
+                               rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype, index_dtype, count", [(torch.float16, torch.int32, 3), (torch.float32, torch.int64, 2)])
+def test_reshape_and_cache_over_slabs_matches_reference(dtype, index_dtype, count):
+    gen = torch.Generator().manual_seed(8)
+    layers, num_blocks, block_size, kv_heads, head_dim, tokens = 2, 7, 4, 2, 32, 13
+    pool = torch.randn(layers, 2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    fused = torch.randn(tokens, 3, kv_heads, head_dim, generator=gen).to(DEVICE)
+    key, value = fused[:, 1], fused[:, 2]
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[[2, 9]] = torch.tensor([-1, -5])  # skipped
+    slots = slots.to(index_dtype).to(DEVICE)
+    slabs, base, offsets = split_into_slabs(pool, slab_sizes(num_blocks, count))
+    reshape_and_cache(key, value, base[1, 0], base[1, 1], slots, block_offsets=offsets)
+    expected = pool.clone()
+    ops.reshape_and_cache(key, value, expected[1, 0], expected[1, 1], slots)
+    got = gather_slabs(slabs)
+    if dtype == torch.float32:
+        assert torch.equal(got, expected)
+    else:  # the interpreter narrows fp32 by truncation, torch rounds to nearest: one ulp apart at most
+        torch.testing.assert_close(got, expected, atol=0, rtol=torch.finfo(dtype).eps)
+        assert torch.equal(got[0], expected[0])  # layer 0 untouched
+
+
+def test_reshape_and_cache_over_separate_key_and_value_slabs():
+    """Values of another shape (DeepSeek-V3 latents) in a pool of their own: a value table beside the keys'."""
+    gen = torch.Generator().manual_seed(9)
+    num_blocks, block_size, tokens = 6, 8, 11
+    keys = torch.randn(1, 1, num_blocks, block_size, 1, 48, generator=gen).to(DEVICE)
+    values = torch.randn(1, 1, num_blocks, block_size, 1, 16, generator=gen).to(DEVICE)
+    key, value = torch.randn(tokens, 1, 48, generator=gen).to(DEVICE), torch.randn(tokens, 1, 16, generator=gen).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[4] = -1
+    slots = slots.to(DEVICE)
+    key_slabs, key_base, key_offsets = split_into_slabs(keys, [2, 4])
+    value_slabs, value_base, value_offsets = split_into_slabs(values, [3, 1, 2])
+    reshape_and_cache(key, value, key_base[0, 0], value_base[0, 0], slots, block_offsets=key_offsets,
+                      value_offsets=value_offsets)
+    ops.reshape_and_cache(key, value, keys[0, 0], values[0, 0], slots)
+    assert torch.equal(gather_slabs(key_slabs), keys) and torch.equal(gather_slabs(value_slabs), values)
+
+
+@pytest.mark.parametrize("kinds, count", [(2, 3), (1, 2)])
+def test_copy_blocks_across_slabs_matches_reference(kinds, count):
+    gen = torch.Generator().manual_seed(10)
+    pool = torch.randn(3, kinds, 9, 4, 2, 32, generator=gen).to(torch.bfloat16).to(DEVICE)
+    slabs, base, offsets = split_into_slabs(pool, slab_sizes(9, count))
+    src = torch.tensor([0, 8, 3, 3], device=DEVICE)  # first and last slab, and one block copied twice
+    dst = torch.tensor([7, 1, 4, 6], device=DEVICE)
+    copy_blocks(base, src, dst, block_offsets=offsets)
+    expected = pool.clone()
+    ops.copy_blocks(expected, src, dst)
+    assert torch.equal(gather_slabs(slabs), expected)
+
+
+@pytest.mark.usefixtures("default_device")
+def test_offset_tables_are_checked():
+    inputs, kwargs = _attention_args()
+    num_blocks = inputs["key_cache"].shape[0]
+    good = torch.arange(num_blocks) * inputs["key_cache"].stride(0)
+    for bad, error, match in (
+        (good.int(), TypeError, "key_offsets must have dtype int64"),
+        (good.view(1, -1), ValueError, r"key_offsets must be \[N\]"),
+        (good[:0], ValueError, r"key_offsets must be \[N\]"),
+        (good.to("meta"), ValueError, "key_offsets must be on key_cache's device"),
+        (good.tolist(), TypeError, "key_offsets must be a torch.Tensor"),
+        (good + 8, ValueError, "key_offsets must hold multiples of 16 elements"),
+    ):
+        with pytest.raises(error, match=match):
+            paged_attention(**inputs, **kwargs, key_offsets=bad)
+    with pytest.raises(TypeError, match="value_offsets must have dtype int64"):
+        paged_attention(**inputs, **kwargs, key_offsets=good, value_offsets=good.float())
+    # the table written out (block b at b * stride(0)) gives what no table gives, for keys and values alike
+    plain = paged_attention(**inputs, **kwargs)
+    torch.testing.assert_close(paged_attention(**inputs, **kwargs, key_offsets=good), plain)
+    torch.testing.assert_close(paged_attention(**inputs, **kwargs, value_offsets=good), plain)
+    pool = torch.zeros(1, 2, 4, 16, 2, 64)
+    with pytest.raises(TypeError, match="block_offsets must have dtype int64"):
+        copy_blocks(pool, torch.tensor([0]), torch.tensor([1]), block_offsets=torch.arange(4.0))
+    key = torch.zeros(3, 2, 64)
+    with pytest.raises(ValueError, match=r"block_offsets must be \[N\]"):
+        reshape_and_cache(key, key, pool[0, 0], pool[0, 1], torch.tensor([0, 1, 2]),
+                          block_offsets=torch.zeros(2, 2, dtype=torch.int64))
+
+
+def test_backend_dispatch_passes_slabs_through(monkeypatch):
+    """`hf_paged.backend` hands the kernels a store's ``base`` and ``block_offsets`` (CONTRACT.md section 2: what
+    a multi-slab `LayerStore` exposes) or explicit offset keywords, for attention, writes and copies."""
+    from types import SimpleNamespace
+
+    from hf_paged import backend
+
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    inputs = make_paged_inputs(group=2, kv_heads=2, head_dim=64, block_size=16, q_len=2, seq_lens=[37, 20],
+                               key_start=[0, 3], dtype=torch.float32, seed=11)
+    kwargs = {"scale": 0.125, "max_seq_len": 37}
+    slabbed = on_slabs(inputs, 3)
+    stores = [SimpleNamespace(base=slabbed[name], block_offsets=slabbed["key_offsets"])
+              for name in ("key_cache", "value_cache")]
+    expected = reference_attention(inputs, **kwargs)
+    out = backend.paged_attention(inputs["query"], *stores, inputs["block_tables"], inputs["seq_lens"],
+                                  inputs["key_start"], **kwargs)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    out = backend.paged_attention(inputs["query"], slabbed["key_cache"], slabbed["value_cache"],
+                                  inputs["block_tables"], inputs["seq_lens"], inputs["key_start"],
+                                  key_offsets=slabbed["key_offsets"], **kwargs)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+    gen = torch.Generator().manual_seed(12)
+    pool = torch.randn(2, 2, 5, 4, 2, 32, generator=gen).to(DEVICE)
+    slabs, base, offsets = split_into_slabs(pool, [2, 3])
+    key, value = torch.randn(2, 6, 2, 32, generator=gen).to(DEVICE)
+    slots = torch.tensor([0, 19, -1, 7, 12, 5], device=DEVICE)
+    key_store, value_store = (SimpleNamespace(base=base[1, k], block_offsets=offsets) for k in (0, 1))
+    backend.reshape_and_cache(key, value, key_store, value_store, slots)
+    backend.copy_blocks(base, torch.tensor([4], device=DEVICE), torch.tensor([1], device=DEVICE),
+                        block_offsets=offsets)
+    ops.reshape_and_cache(key, value, pool[1, 0], pool[1, 1], slots)
+    ops.copy_blocks(pool, torch.tensor([4]), torch.tensor([1]))
+    assert torch.equal(gather_slabs(slabs), pool)
+    with pytest.raises(TypeError, match="layer store with .base and .block_offsets"):
+        backend.paged_attention(inputs["query"], object(), object(), inputs["block_tables"], inputs["seq_lens"],
+                                **kwargs)

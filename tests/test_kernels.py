@@ -70,3 +70,27 @@ def test_cpu_tensors_without_the_interpreter_fail_clearly():
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1") as error:
         copy_blocks(torch.zeros(1, 2, 2, 16, 1, 64), torch.tensor([0]), torch.tensor([1]))
     assert "hf_paged.ops" in str(error.value)
+
+
+def test_backend_refuses_offset_tables_on_the_pytorch_path(monkeypatch):
+    """Offset tables address slabs through raw pointers: only the kernels can use them. The PyTorch path copies
+    slab by slab, and `hf_paged.backend` says so instead of copying the wrong blocks."""
+    from hf_paged import backend, ops
+
+    monkeypatch.setenv("HF_PAGED_BACKEND", "torch")
+    pool = torch.arange(2 * 2 * 3 * 4 * 1 * 8, dtype=torch.float32).view(2, 2, 3, 4, 1, 8)
+    src, dst = torch.tensor([0]), torch.tensor([2])
+    with pytest.raises(ValueError, match="hf_paged: block offset tables address slabs for the Triton kernels only"):
+        backend.copy_blocks(pool, src, dst, block_offsets=torch.arange(3) * pool.stride(2))
+    expected = pool.clone()
+    ops.copy_blocks(expected, src, dst)
+    backend.copy_blocks(pool, src, dst)
+    assert torch.equal(pool, expected) and not torch.equal(pool[:, :, 2], pool[:, :, 1])
+    keys = torch.randn(3, 1, 8)
+    slots = torch.tensor([1, -1, 9])
+    key_cache, value_cache = pool[0, 0].clone(), pool[0, 1].clone()
+    backend.reshape_and_cache(keys, 2 * keys, key_cache, value_cache, slots)
+    assert torch.equal(key_cache.view(-1, 1, 8)[[1, 9]], keys[[0, 2]])
+    assert torch.equal(value_cache.view(-1, 1, 8)[[1, 9]], 2 * keys[[0, 2]])
+    with pytest.raises(TypeError, match="layer store with .base and .block_offsets"):
+        backend.kernel_operands(object())
