@@ -1219,7 +1219,7 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
     bs = manager.block_size
     first = manager.first_live_block() if trim and manager.num_rows else 0
     if first:  # keep at least each row's last entry (a row all of dead tokens, e.g. an empty prompt)
-        first = min(first, min(len(table) for table in manager.tables) - 1)
+        first = max(min(first, min(len(table) for table in manager.tables) - 1), 0)
     offset = first * bs
     rows = _Rows([table[first:] for table in manager.tables] if first else manager.tables,
                  [length - offset for length in manager.lengths] if first else manager.lengths, bs)
