@@ -357,7 +357,7 @@ class KVPool:
         self.device, self.dtype = device, dtype
         self._bind([tensors], [0])
         if blocks:
-            self.blocks.grow(blocks)
+            self.blocks.grow(max(blocks - self.blocks.num_blocks, 0))  # the block ids may be shared (device pools)
             self.peak_blocks = max(self.peak_blocks, blocks)
 
     def matches(self, key_states: torch.Tensor, value_states: torch.Tensor, layer: int | None = None) -> bool:
@@ -396,6 +396,8 @@ class KVPool:
         Zeroed: `ops.window_attention` scores every slot of its block range, unused ones included, and masks them,
         and a masked score is only harmless if the slot's key and value are finite.
         """
+        if self.block_major and self.num_blocks and not storage.kernels_take_offsets():
+            num_blocks = max(num_blocks, int(self.num_blocks * 1.5))  # TEMPORARY (see `follow`): amortise the copy
         self.follow(self.starts + [self.num_blocks], num_blocks)
 
     def follow(self, starts: list[int], num_blocks: int) -> None:
@@ -406,6 +408,13 @@ class KVPool:
             return
         if self.slabs and not self.slabs[-1][0].shape[2]:  # the empty first slab of a growable pool
             slabs, old_starts = [], []
+        elif self.block_major and not storage.kernels_take_offsets():
+            # TEMPORARY, until branch kern's kernels take block offsets: a Triton pool stays one slab and grows by
+            # copying into a bigger one (the kernels address a single tensor only).
+            self._bind([self.gather_blocks(list(range(current)), extra=num_blocks - current)], [0])
+            self.blocks.grow(num_blocks - self.blocks.num_blocks)
+            self.peak_blocks = max(self.peak_blocks, num_blocks)
+            return
         else:
             slabs, old_starts = list(self.slabs), list(self.starts)
         bounds = [start for start in starts if start > current] + [num_blocks]
@@ -459,14 +468,19 @@ class KVPool:
             local[1].append(b - self.starts[sb])
         for (sa, sb), (local_src, local_dst) in pairs.items():
             for source, target in zip(self.slabs[sa], self.slabs[sb], strict=True):
-                index = torch.tensor(local_src, dtype=torch.long, device=source.device)
-                target[:, :, torch.tensor(local_dst, dtype=torch.long, device=target.device)] = source[:, :, index]
+                src_ids = torch.tensor(local_src, dtype=torch.long, device=source.device)
+                dst_ids = torch.tensor(local_dst, dtype=torch.long, device=target.device)
+                if sa == sb:  # inside one slab: the backend's copy (a kernel on the Triton path)
+                    backend.copy_blocks(source, src_ids.to(torch.int32), dst_ids.to(torch.int32))
+                else:
+                    target[:, :, dst_ids] = source[:, :, src_ids]
 
-    def gather_blocks(self, blocks: list[int]) -> list[torch.Tensor]:
-        """Per tensor, a new one-slab tensor holding `blocks` (in that order): what `PagedCache.__deepcopy__` keeps."""
+    def gather_blocks(self, blocks: list[int], extra: int = 0) -> list[torch.Tensor]:
+        """Per tensor, a new one-slab tensor holding `blocks` (in that order) then `extra` zeroed blocks: what
+        `PagedCache.__deepcopy__` keeps."""
         out = []
         for i, first in enumerate(self.tensors):
-            new = storage.slab_tensor(first.shape[0], len(blocks), *first.shape[3:], first.device, first.dtype,
+            new = storage.slab_tensor(first.shape[0], len(blocks) + extra, *first.shape[3:], first.device, first.dtype,
                                       kinds=first.shape[1], block_major=self.block_major)
             ids = torch.tensor(blocks, dtype=torch.long)
             for slab, positions, local in storage.split_by_slab(ids, self.starts):
@@ -651,8 +665,8 @@ class PagedCache(Cache):
     Sizing rule:
         * ``num_blocks=n``: a fixed pool of ``n`` blocks.
         * ``max_memory=bytes``: a fixed pool of as many blocks as fit in ``bytes`` (keys and values, all layers).
-        * neither: the pool grows on demand (to at least 1.5x its size each time), so it holds about what the rows
-          use; ``generate()`` sizes it at its first write for the whole call (`KVPool.forecast_blocks`). A fixed
+        * neither: the pool grows on demand by adding slabs (nothing stored is copied, nothing reserved ahead), so
+          it holds at most one growth quantum beyond what the rows reference (see `KVPool`). A fixed
           pool that cannot hold a step raises `OutOfBlocksError` before anything is written.
 
     Args:
@@ -1127,7 +1141,7 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
     first_block = _consecutive_start(manager.tables[0], starts) if rows == 1 else None
     window = windows = None
     if not triton and q_len <= _WINDOW_MAX_QUERIES and (rows > 1 or (len(starts) > 1 and first_block is None)):
-        planned = _windows(manager.tables, max_seq_len, bs, starts)
+        planned = _window(manager.tables, max_seq_len, bs, starts)
         if planned is not None and len(planned) == 1 and rows > 1:
             window = planned[0]
         elif planned is not None and len(planned) > 1:
@@ -1153,7 +1167,7 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
     )
 
 
-def _windows(tables: list[list[int]], max_seq_len: int, block_size: int,
+def _window(tables: list[list[int]], max_seq_len: int, block_size: int,
              starts: list[int]) -> list[tuple[int, int]] | None:
     """Per slab holding some row's blocks, ``(first, count)``: the range from the lowest to the highest block the
     rows use there, if all ranges together are compact (see `_WINDOW_EXTRA_KEYS`) and few (`_WINDOW_MAX_SLABS`).

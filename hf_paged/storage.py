@@ -27,7 +27,21 @@ import bisect
 
 import torch
 
-__all__ = ["LayerStore", "block_offsets", "slab_tensor", "split_by_slab"]
+__all__ = ["LayerStore", "block_offsets", "kernels_take_offsets", "slab_tensor", "split_by_slab"]
+
+
+def kernels_take_offsets() -> bool:
+    """Whether `hf_paged.kernels` addresses blocks through offset tables (``key_offsets`` / ``value_offsets``, branch
+    kern). Until it does, a block-major (Triton) pool keeps one slab and grows by copying into a bigger one."""
+    from . import backend
+
+    kernels = backend.kernels()
+    if kernels is None:
+        return False
+    import inspect
+
+    return all("key_offsets" in inspect.signature(getattr(kernels, name)).parameters
+               for name in ("paged_attention", "shared_prefix_paged_attention", "reshape_and_cache"))
 
 
 def slab_tensor(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,

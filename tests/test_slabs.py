@@ -241,3 +241,44 @@ def test_growth_appends_slabs_and_keeps_the_old_ones():
     other.allocate(states)
     other.follow(pool.starts, pool.num_blocks)
     assert other.starts == pool.starts and other.num_blocks == pool.num_blocks
+
+
+_TRITON_SCRIPT = '''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from conftest import VOCAB, left_padded_batch, make_pair
+from hf_paged import PagedCache, storage
+reference, paged = make_pair("llama")
+results = {}
+for mode, kwargs in {"greedy": dict(do_sample=False), "beams": dict(num_beams=3, num_return_sequences=2)}.items():
+    inputs = left_padded_batch([13, 6], seed=7)
+    expected = reference.generate(**inputs, max_new_tokens=20, min_new_tokens=20, **kwargs)
+    cache = PagedCache(paged.config, block_size=4)
+    got = paged.generate(**inputs, max_new_tokens=20, min_new_tokens=20, past_key_values=cache, **kwargs)
+    results[mode] = {"same": bool(torch.equal(got, expected)), "slabs": len(cache.pool.slabs),
+                     "block_major": cache.pool.block_major, "offsets": storage.kernels_take_offsets()}
+print(json.dumps(results))
+'''
+
+
+def test_triton_path_under_the_interpreter(tmp_path):
+    """``generate`` through the Triton kernels (interpreter on CPU) with a growable pool: block-major slabs. Once the
+    kernels take block offsets (branch kern) the pool grows by slabs there too; until then it stays one slab and
+    grows by copying (`KVPool.follow`)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    script = tmp_path / "run.py"
+    script.write_text(_TRITON_SCRIPT)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_PAGED_BACKEND": "triton", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for mode, result in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        assert result["same"] and result["block_major"], (mode, result)
+        assert (result["slabs"] >= 2) if result["offsets"] else (result["slabs"] == 1), (mode, result)
