@@ -156,7 +156,8 @@ class StepMetadata:
                     dtype=dtype, key_padding=padding, sliding_window=sliding_window, chunk_size=chunk_size,
                     first_entries=self.first_entries,
                 )
-                masks.append((mask, (mask == 0).any(dim=-1)))
+                visible = mask == 0
+                masks.append((None, None) if bool(visible.all()) else (mask, visible.any(dim=-1)))
             self._masks[key] = masks
         return self._masks[key]
 

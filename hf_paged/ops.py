@@ -545,7 +545,7 @@ def windows_attention(
             one slab).
         windows: ``[(first_block, num_blocks), ...]``; together they hold every row's keys.
         masks: per range, ``(mask, visible)``: its `window_mask` and ``[1, 1, M]`` bool, whether each packed query
-            sees any slot of it.
+            sees any slot of it; ``(None, None)`` when every query sees every slot.
         sinks: ``[H]`` attention sinks (see `attend`), or None.
 
     Returns:
@@ -575,15 +575,20 @@ def windows_attention(
 
 
 def _additive_attention_with_lse(query, key, value, mask, visible, scale, softcap):
-    """`attention_with_lse` for an additive mask ``[1, 1, M, kv]`` and its ``visible`` rows ``[1, 1, M]``."""
+    """`attention_with_lse` for an additive mask ``[1, 1, M, kv]`` and its ``visible`` rows ``[1, 1, M]`` (both
+    None: nothing masked)."""
     key, value = key.to(query.dtype), value.to(query.dtype)
     if softcap is None and query.device.type == "cpu" and _FLASH_CPU is not None and value.shape[-1] == query.shape[-1]:
+        if mask is None:
+            out, lse = _FLASH_CPU(query, key, value, 0.0, False, scale=scale)
+            return out.float(), lse.float()
         out, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=mask.to(query.dtype), scale=scale)
         return out.float(), lse.float().masked_fill(~visible, -torch.inf)  # a query seeing nothing: out is 0
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores + mask.float()
+    if mask is not None:
+        scores = scores + mask.float()
     lse = torch.logsumexp(scores, dim=-1)
     finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     return torch.matmul(torch.exp(scores - finite[..., None]), value.float()), lse

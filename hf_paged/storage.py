@@ -90,6 +90,9 @@ def split_by_slab(ids: torch.Tensor, starts: list[int]):
         yield slab, positions, ids.index_select(0, positions) - starts[slab]
 
 
+_LAST_SPLIT = None  # (slots tensor, (starts, block size), its split): see `LayerStore._split_slots`
+
+
 class LayerStore:
     """One layer's keys (or values) across the pool's slabs: quacks like their ``[N, bs, H, D]`` pool for
     `hf_paged.ops` (module docstring). Only built when the pool has several slabs.
@@ -151,13 +154,24 @@ class LayerStore:
 
     def write(self, slots: torch.Tensor, states: torch.Tensor) -> None:
         """Store ``states`` (``[T, H, D]``) at ``slots`` (``[T]``, ``block * bs + offset``; negative = skip)."""
-        block_size = self.shape[1]
-        slots = slots.to(torch.long)
-        blocks = torch.where(slots < 0, -1, slots // block_size)
         states = states if states.dtype == self.dtype else states.to(self.dtype)
-        for slab, positions, local in split_by_slab(blocks, self.starts):
-            offsets = slots.index_select(0, positions) % block_size
+        for slab, positions, local, offsets in self._split_slots(slots):
             self.views[slab].index_put_((local, offsets), states.index_select(0, positions))
+
+    def _split_slots(self, slots: torch.Tensor) -> list:
+        """``[(slab, positions, blocks in the slab, offsets in the block)]`` for `slots`; memoised for the last
+        slots tensor (a step writes the same slots in every layer's keys and values)."""
+        global _LAST_SPLIT
+        key = (tuple(self.starts), self.shape[1])
+        if _LAST_SPLIT is not None and _LAST_SPLIT[0] is slots and _LAST_SPLIT[1] == key:
+            return _LAST_SPLIT[2]
+        block_size = self.shape[1]
+        long_slots = slots.to(torch.long)
+        blocks = torch.where(long_slots < 0, -1, long_slots // block_size)
+        split = [(slab, positions, local, long_slots.index_select(0, positions) % block_size)
+                 for slab, positions, local in split_by_slab(blocks, self.starts)]
+        _LAST_SPLIT = (slots, key, split)  # holds `slots`, so its id cannot be reused while memoised
+        return split
 
     @property
     def base(self) -> torch.Tensor:
