@@ -282,3 +282,33 @@ def test_triton_path_under_the_interpreter(tmp_path):
     for mode, result in json.loads(run.stdout.strip().splitlines()[-1]).items():
         assert result["same"] and result["block_major"], (mode, result)
         assert (result["slabs"] >= 2) if result["offsets"] else (result["slabs"] == 1), (mode, result)
+
+
+@pytest.mark.parametrize(("softcap", "sinks", "window"), [(None, False, None), (5.0, False, 7), (None, True, None)])
+def test_windows_attention_equals_paged_attention(softcap, sinks, window):
+    """One window per slab, merged by log-sum-exp, equals `ops.paged_attention` over the same blocks in one tensor,
+    null entries (dead leading blocks, 0 in the tensors) skipped, queries that see nothing in a slab included."""
+    generator = torch.Generator().manual_seed(1)
+    starts, sizes, bs = [0, 3, 7], [3, 4, 5], 4
+    slabs = [storage.slab_tensor(1, n, bs, 2, 8, torch.device("cpu"), torch.float32) for n in sizes]
+    for slab in slabs:
+        slab.copy_(torch.randn(slab.shape, generator=generator))
+    keys, values = (LayerStore([slab[0, kind] for slab in slabs], starts) for kind in (0, 1))
+    whole = torch.cat(slabs, dim=2)[0]
+    tables = [[-1, 2, 3, 4], [0, 1, 8, 9], [7, 8, 10, 11]]  # row 0: a null entry, then blocks of slabs 0 and 1
+    seq_lens = torch.tensor([15, 14, 16], dtype=torch.int32)
+    q_len = 2
+    ranges = hf_paged.cache._window(tables, 16, bs, starts)
+    assert ranges is not None and len(ranges) == 3
+    first_entries = torch.tensor([1, 0, 0])
+    block_tables = torch.tensor([[max(b, 0) for b in table] for table in tables], dtype=torch.int32)
+    step = hf_paged.cache.StepMetadata(block_tables=block_tables, seq_lens=seq_lens, slot_mapping=None, q_len=q_len,
+                                       max_seq_len=16, block_size=bs, windows=tuple(ranges),
+                                       first_entries=first_entries)
+    query = torch.randn(3, 4, q_len, 8, generator=generator)
+    sink = torch.randn(4, generator=generator) if sinks else None
+    masks = step.windows_masks(None, window, 2, torch.float32)
+    got = ops.windows_attention(query, keys, values, step.windows, masks, scale=0.3, softcap=softcap, sinks=sink)
+    expected = ops.paged_attention(query, whole[0], whole[1], block_tables, seq_lens, (first_entries * bs).to(
+        torch.int32), scale=0.3, max_seq_len=16, sliding_window=window, softcap=softcap, sinks=sink)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
