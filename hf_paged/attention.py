@@ -134,8 +134,9 @@ def paged_attention_forward(
             same_width = value.shape[-1] == key.shape[-1]  # the shared-prefix kernel reads values of the keys' width
             offsets = {}
             if isinstance(key, storage.LayerStore):
-                # A pool of several block-major slabs: the kernels address its blocks by offsets from the base slab.
-                # PENDING branch kern (`key_offsets` / `value_offsets`); until it is merged this raises a TypeError.
+                # A pool of several block-major slabs: the kernels address its blocks by offsets from the base slab
+                # (branch kern's `key_offsets` / `value_offsets`; a pool only has several slabs on this path once
+                # `storage.kernels_take_offsets()`).
                 offsets = {"key_offsets": key.block_offsets, "value_offsets": value.block_offsets}
                 key, value = key.base, value.base
             if step.shared is not None and sinks is None and chunk_size is None and same_width:  # shared blocks once

@@ -859,8 +859,8 @@ class PagedCache(Cache):
         key_pool, value_pool = pool.plain[slot]
         step = self._step_on(pool.tensor.device)
         if step.triton and isinstance(key_pool, storage.LayerStore):
-            # Several block-major slabs: the kernels address them by offsets (PENDING branch kern's `key_offsets` /
-            # `value_offsets`; until it is merged this raises a TypeError inside the kernel launcher).
+            # Several block-major slabs: the kernels address them by offsets (branch kern's `key_offsets` /
+            # `value_offsets`; only reached once `storage.kernels_take_offsets()`).
             backend.kernels().reshape_and_cache(keys, values, key_pool.base, value_pool.base, step.slot_mapping,
                                                 key_offsets=key_pool.block_offsets,
                                                 value_offsets=value_pool.block_offsets)

@@ -23,8 +23,14 @@ with no key to attend to gets a zero output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .storage import LayerStore
 
 __all__ = [
     "attend",
@@ -527,10 +533,10 @@ def window_attention(
 
 def windows_attention(
     query: torch.Tensor,
-    key_cache,
-    value_cache,
-    windows,
-    masks,
+    key_cache: torch.Tensor | LayerStore,
+    value_cache: torch.Tensor | LayerStore,
+    windows: Sequence[tuple[int, int]],
+    masks: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
     *,
     scale: float,
     softcap: float | None = None,
