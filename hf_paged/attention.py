@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend, masks, ops
+from . import backend, masks, ops, storage
 from .cache import key_padding_mask, owner_of
 from .compat import bool_mask, sdpa_mask
 
@@ -136,10 +136,16 @@ def paged_attention_forward(
         key_start = _key_start(step, attention_mask)
         if key_start is not None or attention_mask is None:
             same_width = value.shape[-1] == key.shape[-1]  # the shared-prefix kernel reads values of the keys' width
+            offsets = {}
+            if isinstance(key, storage.LayerStore):
+                # A pool of several block-major slabs: the kernels address its blocks by offsets from the base slab.
+                offsets = {"key_offsets": key.block_offsets, "value_offsets": value.block_offsets}
+                key, value = key.base, value.base
             if step.shared is not None and sinks is None and chunk_size is None and same_width:  # shared blocks once
                 out = backend.shared_prefix_paged_attention(
                     query, key, value, step.shared.prefix_blocks, step.shared.tail_tables, step.seq_lens, key_start,
                     scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
+                    **offsets,
                 )
             else:
                 features = {"chunk_size": chunk_size} if chunk_size is not None else {}
@@ -148,13 +154,19 @@ def paged_attention_forward(
                 out = backend.paged_attention(
                     query, key, value, step.block_tables, step.seq_lens, key_start,
                     scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
-                    **features,
+                    **features, **offsets,
                 )
             return out, None
     elif step.window is not None:
         mask = step.window_mask(attention_mask, sliding_window, query.shape[1] // key.shape[2], query.dtype,
                                 chunk_size)
         out = ops.window_attention(query, key, value, *step.window, mask, scale=scale, softcap=softcap, sinks=sinks)
+        return out, None
+    elif step.windows is not None:  # a pool of several slabs: one window per slab, merged
+        window_masks = step.windows_masks(attention_mask, sliding_window, query.shape[1] // key.shape[2],
+                                          query.dtype, chunk_size)
+        out = ops.windows_attention(query, key, value, step.windows, window_masks, scale=scale, softcap=softcap,
+                                    sinks=sinks)
         return out, None
     elif step.shared is not None and sliding_window is None and chunk_size is None:
         shared_masks = step.shared_masks(attention_mask)

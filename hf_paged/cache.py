@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 import weakref
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import backend, compat, masks, ops, support
+from . import backend, compat, masks, ops, storage, support
 from .block_manager import NULL_BLOCK, BlockManager, BlockPool, OutOfBlocksError
 from .compat import (
     DYNAMIC_LAYER_TYPE_MAPPING,
@@ -21,8 +22,10 @@ from .devices import as_device
 
 __all__ = ["CacheStats", "KVPool", "PagedCache", "StepMetadata", "pool_tensor"]
 
-# When the pool must grow, it grows to at least this factor of its current size (amortises the copy).
-_GROWTH_FACTOR = 1.5
+# A growable pool grows by a slab of at least this many blocks per row that takes blocks in the step, and at least
+# 1/_SLAB_FRACTION of what it holds (see `KVPool`): few slabs, and at most one such quantum unreferenced.
+_SLAB_BLOCKS_PER_ROW = 4
+_SLAB_FRACTION = 16
 # On the PyTorch path a step reads all rows' keys as one block range (`ops.window_attention`) when the range holds
 # at most `_WINDOW_EXTRA_KEYS` keys (or a quarter of the longest row, if more) beyond the longest row's: every
 # query scores those other rows' keys for nothing, which costs less than the gathers, the second attention call
@@ -30,6 +33,9 @@ _GROWTH_FACTOR = 1.5
 # Only for steps of at most `_WINDOW_MAX_QUERIES` new tokens per row (decoding, assisted decoding; not prefill).
 _WINDOW_EXTRA_KEYS = 1024
 _WINDOW_MAX_QUERIES = 16
+# With a pool of several slabs, a window is planned per slab holding some row's blocks, each read in place, and
+# the partial attentions merged by log-sum-exp; beyond this many slabs in one step, the keys are gathered instead.
+_WINDOW_MAX_SLABS = 8
 _OWNER_ATTR = "_hf_paged_owner"
 _LAYER_ATTR = "_hf_paged_layer"
 
@@ -113,8 +119,11 @@ class StepMetadata:
         context: with `fresh`, ``(first position, per layer the kept keys and values from there)`` gathered before
             the step, or None when the rows held nothing.
         kv_start: with `fresh`, the position of the first key its attention reads (kept or new).
-        window_tables: with `window` and null entries, the block tables with those pointing past the range (for
-            `window_mask` only; `block_tables` reads block 0 for them).
+        windows: with a pool of several slabs, one such range per slab holding some row's blocks (each inside one
+            slab; together compact), whose partial attentions are merged (`ops.windows_attention`), or None. Also
+            planned for a single row whose blocks cross a slab boundary.
+        first_entries: ``[B]`` long, each row's first table entry that is not null, when some are (window masks
+            skip null entries), else None.
     """
 
     block_tables: torch.Tensor
@@ -127,7 +136,8 @@ class StepMetadata:
     shared: SharedPrefix | None = None
     first_block: int | None = None
     window: tuple[int, int] | None = None
-    window_tables: torch.Tensor | None = None
+    windows: tuple[tuple[int, int], ...] | None = None
+    first_entries: torch.Tensor | None = None
     skips: bool = False
     key_offset: int = 0
     fresh: dict | None = None
@@ -141,11 +151,30 @@ class StepMetadata:
         key = ("window", id(attention_mask), sliding_window, groups, dtype, chunk_size)
         if key not in self._masks:
             padding = None if attention_mask is None else key_padding_mask(attention_mask, self.max_seq_len)
-            tables = self.block_tables if self.window_tables is None else self.window_tables
             self._masks[key] = ops.window_mask(
-                tables, self.seq_lens, self.q_len, *self.window, self.block_size, groups=groups,
+                self.block_tables, self.seq_lens, self.q_len, *self.window, self.block_size, groups=groups,
                 dtype=dtype, key_padding=padding, sliding_window=sliding_window, chunk_size=chunk_size,
+                first_entries=self.first_entries,
             )
+        return self._masks[key]
+
+    def windows_masks(self, attention_mask: torch.Tensor | None, sliding_window: int | None, groups: int,
+                      dtype: torch.dtype, chunk_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per range of `windows`, its `ops.window_mask` and which packed queries see any of its slots
+        (``[1, 1, M]`` bool), for `ops.windows_attention` (built once per step for all layers)."""
+        key = ("windows", id(attention_mask), sliding_window, groups, dtype, chunk_size)
+        if key not in self._masks:
+            padding = None if attention_mask is None else key_padding_mask(attention_mask, self.max_seq_len)
+            masks = []
+            for first, count in self.windows:
+                mask = ops.window_mask(
+                    self.block_tables, self.seq_lens, self.q_len, first, count, self.block_size, groups=groups,
+                    dtype=dtype, key_padding=padding, sliding_window=sliding_window, chunk_size=chunk_size,
+                    first_entries=self.first_entries,
+                )
+                visible = mask == 0
+                masks.append((None, None) if bool(visible.all()) else (mask, visible.any(dim=-1)))
+            self._masks[key] = masks
         return self._masks[key]
 
     def shared_masks(self, attention_mask: torch.Tensor | None):
@@ -245,17 +274,28 @@ def pool_tensor(num_layers: int, num_blocks: int, block_size: int, kv_heads: int
 
 
 class KVPool:
-    """Keys and values of all layers in blocks: one tensor ``[L, 2, N, bs, Hkv, D]`` (see `pool_tensor` for its
-    memory layout) and its `BlockPool`. When keys and values differ in width or head count (multi-head latent
-    attention: DeepSeek-V2/V3, Kimi, MiMo-V2), they are stored as such, without padding, in two tensors
-    ``[L, 1, N, bs, Hk, Dk]`` and ``[L, 1, N, bs, Hv, Dv]``. A layer whose keys or values have another shape than
-    the first layer's (Gemma 4's wider full-attention layers, MiMo-V2's sliding layers with more heads) gets
-    tensors of its own, ``[1, ., N, bs, H, D]``, made at its first write (`allocate_layer`); its row in the shared
-    tensors then goes unused. `tensors` lists all of the pool's tensors (each indexed by block along dim 2) and
-    `tensor` is the first.
+    """Keys and values of all layers in blocks, held in one or more *slabs* (`hf_paged.storage`): each slab is one
+    tensor ``[L, 2, n_s, bs, Hkv, D]`` (see `pool_tensor` for its memory layout) holding the block ids
+    ``[starts[s], starts[s] + n_s)``, and a `BlockPool` numbers the blocks of all slabs. When keys and values differ
+    in width or head count (multi-head latent attention: DeepSeek-V2/V3, Kimi, MiMo-V2), they are stored as such,
+    without padding, in two tensors per slab ``[L, 1, n_s, bs, Hk, Dk]`` and ``[L, 1, n_s, bs, Hv, Dv]``. A layer
+    whose keys or values have another shape than the first layer's (Gemma 4's wider full-attention layers, MiMo-V2's
+    sliding layers with more heads) gets tensors of its own, ``[1, ., n_s, bs, H, D]`` in every slab, made at its
+    first write (`allocate_layer`); its row in the shared tensors then goes unused. `slabs` lists each slab's
+    tensors (in one order: the shared ones, then each own layer's); `tensors` are the first slab's and `tensor` the
+    first of them. `plain` gives each layer's keys and values: with one slab ``[N, bs, H, D]`` views, with several a
+    `hf_paged.storage.LayerStore` each.
 
-    Created empty; the tensor is allocated at the first write, when the KV head count, head size, dtype and device
-    are known. A pool belongs to one `PagedCache`, or is shared by the caches of one model when prefix caching is
+    Created empty; the first slab is allocated at the first write, when the KV head count, head size, dtype and
+    device are known. A fixed pool (``num_blocks`` / ``max_memory``) is that one slab. A growable pool reserves
+    nothing ahead and never copies what it holds: `ensure_free` appends a zeroed slab of one *quantum*,
+    ``max(missing, 4 blocks per row that grows this step, allocated // 16)`` blocks. It grows only when a step
+    finds fewer free blocks than it needs, so after any step the pool holds less than one quantum beyond what its
+    rows reference (allocated <= referenced + one quantum), and a call generating G tokens per row makes about one
+    slab per 64 tokens per row (or per 1/16 of the pool), so few slabs. On the Triton path (`backend.use_triton` at
+    allocation) slabs are block-major, so kernels address every slab through one offset table per tensor.
+
+    A pool belongs to one `PagedCache`, or is shared by the caches of one model when prefix caching is
     on (`hf_paged.enable_prefix_caching`); `active` is the cache whose layer wrote last, which the attention of
     that layer then reads.
 
@@ -273,55 +313,68 @@ class KVPool:
         self.requested_blocks = num_blocks
         self.max_memory = max_memory
         self.growable = num_blocks is None and max_memory is None
-        self.forecast_blocks = 0  # a growable pool starts with this many blocks (what `generate` expects to use)
         self.device, self.dtype = device, dtype
         self.shared = False  # set by enable_prefix_caching: the pool outlives the caches that use it
         self.blocks = BlockPool(0, block_size)
-        self.peak_blocks = 0  # the most blocks the tensor has had
+        self.peak_blocks = 0  # the most blocks the slabs have held
+        self.block_major = False  # slab layout (`hf_paged.storage`): block-major for the Triton kernels
         self.tensor: torch.Tensor | None = None
         self.tensors: list[torch.Tensor] = []
-        self.own: dict[int, list[torch.Tensor]] = {}  # layers with tensors of their own (another shape)
-        self.plain: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.slabs: list[list[torch.Tensor]] = []
+        self.starts: list[int] = []  # per slab, its first block id
+        self.offsets: list[tuple[int, torch.Tensor] | None] = []  # per tensor, block-major offsets (several slabs)
+        self.own: dict[int, list[int]] = {}  # layers with tensors of their own (another shape): their tensor indices
+        self.plain: list[tuple] = []
         self.guarded: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.active: weakref.ref | None = None
 
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across keys and values of all layers (0 before the tensor exists)."""
-        return sum(tensor[:, :, 0].numel() * tensor.element_size() for tensor in self.tensors)
+        return sum(tensor.shape[0] * tensor.shape[1] * tensor.shape[3:].numel() * tensor.element_size()
+                   for tensor in self.tensors)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks allocated over all slabs."""
+        return self.starts[-1] + self.slabs[-1][0].shape[2] if self.slabs else 0
+
+    def _new_slab(self, num_blocks: int) -> list[torch.Tensor]:
+        """Zeroed tensors for `num_blocks` more blocks, one like each of the first slab's."""
+        return [storage.slab_tensor(t.shape[0], num_blocks, *t.shape[3:], t.device, t.dtype, kinds=t.shape[1],
+                                    block_major=self.block_major) for t in self.tensors]
 
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
-        """Create the tensors for keys like ``key_states`` (``[B, Hk, q, Dk]``) and values like ``value_states``
-        (``[B, Hv, q, Dv]``, default: as the keys), sized by the pool's rule."""
+        """Create the first slab for keys like ``key_states`` (``[B, Hk, q, Dk]``) and values like ``value_states``
+        (``[B, Hv, q, Dv]``, default: as the keys), sized by the pool's rule (empty for a growable pool)."""
         device = self.device or key_states.device
         dtype = self.dtype or key_states.dtype
         value_states = key_states if value_states is None else value_states
         key_shape = (key_states.shape[1], key_states.shape[3])
         value_shape = (value_states.shape[1], value_states.shape[3])
-        if key_shape == value_shape:
-            tensors = [pool_tensor(self.num_layers, 0, self.block_size, *key_shape, device, dtype)]
-        else:
-            tensors = [pool_tensor(self.num_layers, 0, self.block_size, *shape, device, dtype, kinds=1)
-                       for shape in (key_shape, value_shape)]
         blocks = self.requested_blocks or 0
+        element = torch.empty((), dtype=dtype).element_size()
         if self.max_memory is not None:
             per_block = (self.num_layers * self.block_size * (key_shape[0] * key_shape[1] + value_shape[0] * value_shape[1])
-                         * tensors[0].element_size())
+                         * element)
             blocks = self.max_memory // per_block
             if blocks <= 0:
                 raise ValueError(
                     f"hf_paged: max_memory={self.max_memory} bytes holds no block; one block of {self.block_size} "
                     f"tokens takes {per_block} bytes for this model. Raise max_memory or lower block_size."
                 )
+        self.block_major = backend.use_triton(device)
+        if key_shape == value_shape:
+            tensors = [storage.slab_tensor(self.num_layers, blocks, self.block_size, *key_shape, device, dtype,
+                                           block_major=self.block_major)]
+        else:
+            tensors = [storage.slab_tensor(self.num_layers, blocks, self.block_size, *shape, device, dtype, kinds=1,
+                                           block_major=self.block_major) for shape in (key_shape, value_shape)]
         self.device, self.dtype = device, dtype
-        self._bind(tensors)
+        self._bind([tensors], [0])
         if blocks:
-            self.resize(blocks)
-        elif self.growable and self.forecast_blocks:
-            try:
-                self.resize(self.forecast_blocks)
-            except torch.OutOfMemoryError:
-                pass  # only a forecast: the pool grows on demand instead, and says so if it cannot
+            self.blocks.grow(max(blocks - self.blocks.num_blocks, 0))  # the block ids may be shared (device pools)
+            self.peak_blocks = max(self.peak_blocks, blocks)
 
     def matches(self, key_states: torch.Tensor, value_states: torch.Tensor, layer: int | None = None) -> bool:
         """Whether layer `layer`'s stored keys and values (the shared tensors' when None) have these shapes."""
@@ -331,22 +384,21 @@ class KVPool:
 
     def allocate_layer(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Give `layer` tensors of its own for keys like ``key_states`` and values like ``value_states`` (another
-        shape than the shared tensors'), as many blocks as the pool has, zeroed (see `resize`)."""
+        shape than the shared tensors'), in every slab, zeroed (see `storage.slab_tensor`)."""
         if layer in self.own:
             raise ValueError(
                 f"hf_paged: layer {layer} gives keys {tuple(key_states.shape)} and values {tuple(value_states.shape)}, "
                 f"but it stored {self.describe(layer)} before; a layer's KV heads and head_dim must stay the same."
             )
-        blocks = self.tensor.shape[2]
         key_shape = (key_states.shape[1], key_states.shape[3])
         value_shape = (value_states.shape[1], value_states.shape[3])
         shapes = [key_shape] if key_shape == value_shape else [key_shape, value_shape]
-        own = [pool_tensor(1, blocks, self.block_size, *shape, self.device, self.dtype, kinds=3 - len(shapes))
-               for shape in shapes]
-        for tensor in own:
-            tensor.zero_()
-        self.own[layer] = own
-        self._bind(self.tensors + own)  # the shared tensors and the other layers' own ones, then this layer's
+        slabs = [tensors + [storage.slab_tensor(1, tensors[0].shape[2], self.block_size, *shape, self.device,
+                                                self.dtype, kinds=3 - len(shapes), block_major=self.block_major)
+                            for shape in shapes]
+                 for tensors in self.slabs]
+        self.own[layer] = list(range(len(self.tensors), len(self.tensors) + len(shapes)))
+        self._bind(slabs, self.starts)  # the shared tensors and the other layers' own ones, then this layer's
 
     def describe(self, layer: int | None = None) -> str:
         """The stored key and value shapes (of `layer`, or of the shared tensors), for error messages."""
@@ -355,53 +407,118 @@ class KVPool:
             f"{values.shape[3]}"
 
     def resize(self, num_blocks: int) -> None:
-        """Grow the tensor to `num_blocks` blocks, keeping the contents of the existing ones.
+        """Grow the pool to `num_blocks` blocks by appending one zeroed slab (nothing stored moves or is copied).
 
-        New blocks are zeroed: `ops.window_attention` scores every slot of its block range, unused ones included,
-        and masks them, and a masked score is only harmless if the slot's key and value are finite.
+        Zeroed: `ops.window_attention` scores every slot of its block range, unused ones included, and masks them,
+        and a masked score is only harmless if the slot's key and value are finite.
         """
-        tensors = []
-        for old in self.tensors:
-            new = pool_tensor(old.shape[0], num_blocks, *old.shape[3:], old.device, old.dtype, kinds=old.shape[1])
-            new[:, :, : old.shape[2]] = old
-            new[:, :, old.shape[2]:].zero_()
-            tensors.append(new)
-        self._bind(tensors)
+        self.follow(self.starts + [self.num_blocks], num_blocks)
+
+    def follow(self, starts: list[int], num_blocks: int) -> None:
+        """Append slabs so that this pool's slabs start at `starts` and hold `num_blocks` blocks (another device's
+        pool of the same cache mirrors the first pool's slabs, so that a block range lies in one slab in both)."""
+        current = self.num_blocks
+        if num_blocks <= current:
+            return
+        if self.slabs and not self.slabs[-1][0].shape[2]:  # the empty first slab of a growable pool
+            slabs, old_starts = [], []
+        else:
+            slabs, old_starts = list(self.slabs), list(self.starts)
+        bounds = [start for start in starts if start > current] + [num_blocks]
+        begin = current
+        for end in bounds:
+            if end > begin:
+                old_starts.append(begin)
+                slabs.append(self._new_slab(end - begin))
+                begin = end
+        self._bind(slabs, old_starts)
         self.blocks.grow(num_blocks - self.blocks.num_blocks)
         self.peak_blocks = max(self.peak_blocks, num_blocks)
 
-    def ensure_free(self, needed: int) -> None:
-        """Make `needed` blocks available, growing the pool if it may, else raise `OutOfBlocksError`."""
+    def ensure_free(self, needed: int, rows: int = 1) -> None:
+        """Make `needed` blocks available, growing the pool by one quantum if it may (see the class docstring;
+        `rows`: the rows that take blocks this step), else raise `OutOfBlocksError`."""
         free = self.blocks.num_free
         if needed <= free:
             return
         current = self.blocks.num_blocks
         if not self.growable:
             raise OutOfBlocksError(needed, free, current, self.block_size)
-        target = max(current + needed - free, int(current * _GROWTH_FACTOR))
+        target = current + max(needed - free, _SLAB_BLOCKS_PER_ROW * max(rows, 1), current // _SLAB_FRACTION)
         try:
             self.resize(target)
-        except torch.OutOfMemoryError as error:
-            raise OutOfBlocksError(
-                needed, free, current, self.block_size,
-                hint=f"Growing the pool to {target} blocks ran out of device memory ({error}). Pass a smaller batch "
-                "or fix the pool size with num_blocks / max_memory.",
-            ) from error
+        except torch.OutOfMemoryError:
+            try:
+                target = current + needed - free  # no slack: just what this step needs
+                self.resize(target)
+            except torch.OutOfMemoryError as error:
+                raise OutOfBlocksError(
+                    needed, free, current, self.block_size,
+                    hint=f"Growing the pool to {target} blocks ran out of device memory ({error}). Pass a smaller "
+                    "batch or fix the pool size with num_blocks / max_memory.",
+                ) from error
 
-    def _bind(self, tensors: list[torch.Tensor]) -> None:
-        """Bind the shared tensors (one, or keys and values) followed by each of `own`'s layers' tensors, in order."""
-        self.tensors, self.tensor = tensors, tensors[0]
-        shared = len(tensors) - sum(len(own) for own in self.own.values())
-        keys, values = tensors[0], tensors[shared - 1]
-        self.plain = [(keys[layer, 0], values[layer, -1]) for layer in range(self.num_layers)]
-        position = shared
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy whole blocks ``src[i] -> dst[i]`` in every layer's keys and values (copy-on-write)."""
+        if len(self.slabs) == 1:
+            for tensor in self.tensors:
+                backend.copy_blocks(tensor, torch.tensor(src, dtype=torch.int32, device=tensor.device),
+                                    torch.tensor(dst, dtype=torch.int32, device=tensor.device))
+            return
+        # Several slabs: copied slab pair by slab pair (the backend's copy inside one slab, indexing across two).
+        pairs: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        for a, b in zip(src, dst, strict=True):
+            sa, sb = bisect.bisect_right(self.starts, a) - 1, bisect.bisect_right(self.starts, b) - 1
+            local = pairs.setdefault((sa, sb), ([], []))
+            local[0].append(a - self.starts[sa])
+            local[1].append(b - self.starts[sb])
+        for (sa, sb), (local_src, local_dst) in pairs.items():
+            for source, target in zip(self.slabs[sa], self.slabs[sb], strict=True):
+                src_ids = torch.tensor(local_src, dtype=torch.long, device=source.device)
+                dst_ids = torch.tensor(local_dst, dtype=torch.long, device=target.device)
+                if sa == sb:  # inside one slab: the backend's copy (a kernel on the Triton path)
+                    backend.copy_blocks(source, src_ids.to(torch.int32), dst_ids.to(torch.int32))
+                else:
+                    target[:, :, dst_ids] = source[:, :, src_ids]
+
+    def gather_blocks(self, blocks: list[int], extra: int = 0) -> list[torch.Tensor]:
+        """Per tensor, a new one-slab tensor holding `blocks` (in that order) then `extra` zeroed blocks: what
+        `PagedCache.__deepcopy__` keeps."""
+        out = []
+        for i, first in enumerate(self.tensors):
+            new = storage.slab_tensor(first.shape[0], len(blocks) + extra, *first.shape[3:], first.device, first.dtype,
+                                      kinds=first.shape[1], block_major=self.block_major)
+            ids = torch.tensor(blocks, dtype=torch.long)
+            for slab, positions, local in storage.split_by_slab(ids, self.starts):
+                new[:, :, positions.to(new.device)] = self.slabs[slab][i][:, :, local.to(new.device)]
+            out.append(new)
+        return out
+
+    def _bind(self, slabs: list[list[torch.Tensor]], starts: list[int]) -> None:
+        """Bind the slabs (each: the shared tensors, one or keys and values, followed by each of `own`'s layers'
+        tensors, in order) starting at block ids `starts`."""
+        self.slabs, self.starts = slabs, list(starts)
+        self.tensors, self.tensor = slabs[0], slabs[0][0]
+        several = len(slabs) > 1
+        self.offsets = [storage.block_offsets([slab[i] for slab in slabs], self.starts)
+                        if several and self.block_major else None for i in range(len(self.tensors))]
+        shared = len(self.tensors) - sum(len(own) for own in self.own.values())
+        places = [((0, layer, 0), (shared - 1, layer, -1)) for layer in range(self.num_layers)]
         for layer, own in self.own.items():
-            self.own[layer] = tensors[position:position + len(own)]
-            self.plain[layer] = (self.own[layer][0][0, 0], self.own[layer][-1][0, -1])
-            position += len(own)
+            places[layer] = ((own[0], 0, 0), (own[-1], 0, -1))
+
+        def view(index: int, layer: int, kind: int):
+            if not several:
+                return slabs[0][index][layer, kind]
+            return storage.LayerStore([slab[index][layer, kind] for slab in slabs], self.starts,
+                                      self.offsets[index])
+
+        self.plain = [(view(*keys), view(*values)) for keys, values in places]
         self.guarded = []
-        for layer, (keys, values) in enumerate(self.plain):
-            pair = (keys.as_subclass(PagedPool), values.as_subclass(PagedPool))
+        for layer, (keys, values) in enumerate(places):
+            # What `update` returns to the model: the first slab's views, guarded; attention reads `plain`.
+            first = (slabs[0][keys[0]][keys[1], keys[2]], slabs[0][values[0]][values[1], values[2]])
+            pair = (first[0].as_subclass(PagedPool), first[1].as_subclass(PagedPool))
             for pool in pair:
                 setattr(pool, _OWNER_ATTR, weakref.ref(self))
                 setattr(pool, _LAYER_ATTR, layer)
@@ -436,7 +553,7 @@ class LayerGroup:
         """Build the step's metadata after its slots were reserved (`PagedCache._begin_step`)."""
         device = self.pool.tensor.device
         self._trim = trim
-        self.step = _build_step(self.manager, lengths_before, q_len, device, trim, fresh, context)
+        self.step = _build_step(self.manager, lengths_before, q_len, device, trim, fresh, context, self.pool.starts)
         self.device_steps, self.lengths_before, self.step_layers = {device: self.step}, lengths_before, set()
 
     def step_on(self, device: torch.device) -> StepMetadata:
@@ -444,7 +561,7 @@ class LayerGroup:
         step = self.device_steps.get(device)
         if step is None:
             step = _build_step(self.manager, self.lengths_before, self.step.q_len, device, self._trim,
-                               self.step.fresh is not None, self.step.context)
+                               self.step.fresh is not None, self.step.context, self.pool.starts)
             if step.fresh is not None:
                 step.fresh = self.step.fresh  # one dict: a layer's update and attention may see different devices
             self.device_steps[device] = step
@@ -452,8 +569,8 @@ class LayerGroup:
 
     def grow_to_first(self, pool: KVPool) -> None:
         """Give `pool` as many blocks as the group's first pool: the block ids are shared, so every pool holds all."""
-        if pool is not self.pool and pool.tensor is not None and pool.tensor.shape[2] < self.pool.blocks.num_blocks:
-            pool.resize(self.pool.blocks.num_blocks)
+        if pool is not self.pool and pool.tensor is not None and pool.num_blocks < self.pool.blocks.num_blocks:
+            pool.follow(self.pool.starts, self.pool.blocks.num_blocks)
 
     def end(self) -> None:
         """Forget the step (rows were reordered, cropped or reset)."""
@@ -486,7 +603,8 @@ class PagedLayer(CacheLayerMixin):
 
     @property
     def key_pool(self) -> torch.Tensor | None:
-        """This layer's key pool ``[N, bs, Hkv, D]`` (None before the first write)."""
+        """This layer's key pool ``[N, bs, Hkv, D]`` (a `hf_paged.storage.LayerStore` when the pool has several
+        slabs; None before the first write)."""
         pool, slot = self._cache.layer_pools[self.layer_idx]
         return pool.plain[slot][0] if pool.plain else None
 
@@ -620,8 +738,8 @@ class PagedCache(Cache):
     Sizing rule:
         * ``num_blocks=n``: a fixed pool of ``n`` blocks.
         * ``max_memory=bytes``: a fixed pool of as many blocks as fit in ``bytes`` (keys and values, all layers).
-        * neither: the pool grows on demand (to at least 1.5x its size each time), so it holds about what the rows
-          use; ``generate()`` sizes it at its first write for the whole call (`KVPool.forecast_blocks`). A fixed
+        * neither: the pool grows on demand by adding slabs (nothing stored is copied, nothing reserved ahead), so
+          it holds at most one growth quantum beyond what the rows reference (see `KVPool`). A fixed
           pool that cannot hold a step raises `OutOfBlocksError` before anything is written.
 
     Args:
@@ -844,7 +962,10 @@ class PagedCache(Cache):
         values = value_states.transpose(1, 2).reshape(batch * q_len, value_states.shape[1], value_states.shape[3])
         key_pool, value_pool = pool.plain[slot]
         step = group.step_on(pool.tensor.device)
-        if step.triton:
+        if isinstance(key_pool, storage.LayerStore) or isinstance(value_pool, storage.LayerStore):
+            # Several slabs: the kernels address them through the pool's offset tables, PyTorch slab by slab.
+            backend.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, triton=step.triton)
+        elif step.triton:
             backend.kernels().reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping)
         else:
             ops.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, skip_negative=step.skips)
@@ -899,7 +1020,8 @@ class PagedCache(Cache):
                 target = seen
             live = target if live is None else [max(a, b) for a, b in zip(live, target, strict=True)]
         try:
-            group.pool.ensure_free(manager.blocks_needed(q_len, ended, live))
+            growing = manager.num_rows - (sum(ended) if ended is not None else 0)
+            group.pool.ensure_free(manager.blocks_needed(q_len, ended, live), rows=growing)
             for pool in group.pools[1:]:
                 group.grow_to_first(pool)
             copies = manager.append(q_len, ended, live)
@@ -910,9 +1032,8 @@ class PagedCache(Cache):
         if copies:
             src, dst = zip(*copies, strict=True)
             for pool in group.pools:
-                for tensor in pool.tensors if pool.tensor is not None else ():
-                    backend.copy_blocks(tensor, torch.tensor(src, dtype=torch.int32, device=tensor.device),
-                                        torch.tensor(dst, dtype=torch.int32, device=tensor.device))
+                if pool.tensor is not None:
+                    pool.copy_blocks(list(src), list(dst))
         used = [(g.manager.num_used, g.manager.num_used * g.bytes_per_block) for g in self.groups]
         used_bytes = sum(b for _, b in used)
         if used_bytes >= self.peak_used_bytes:
@@ -1132,14 +1253,9 @@ class PagedCache(Cache):
         old = self.pool
         pool = KVPool(old.num_layers, old.block_size, device=old.device, dtype=old.dtype)
         if old.tensor is not None:
-            tensors = []
             pool.own = {layer: list(own) for layer, own in old.own.items()}  # the same layout (`KVPool._bind`)
-            for tensor in old.tensors:
-                new = pool_tensor(tensor.shape[0], len(used), *tensor.shape[3:], old.device, old.dtype,
-                                  kinds=tensor.shape[1])
-                new.copy_(tensor[:, :, used])
-                tensors.append(new)
-            pool._bind(tensors)
+            pool.block_major = old.block_major
+            pool._bind([old.gather_blocks(used)], [0])  # one slab, whatever the original's count
             pool.blocks.grow(len(used))
             pool.blocks.free_blocks.clear()
             pool.peak_blocks = len(used)
@@ -1215,7 +1331,9 @@ class _Rows:
 
 
 def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, device: torch.device,
-                trim: bool = True, fresh: bool = False, context=None) -> StepMetadata:
+                trim: bool = True, fresh: bool = False, context=None, starts: list[int] | None = None) -> StepMetadata:
+    """This step's metadata: `trim` leaves out the leading blocks no row needs; `fresh` / `context` as in
+    `StepMetadata`; `starts`: the first block id of each of the pool's slabs (None: one slab)."""
     bs = manager.block_size
     first = manager.first_live_block() if trim and manager.num_rows else 0
     if first:  # keep at least each row's last entry (a row all of dead tokens, e.g. an empty prompt)
@@ -1235,17 +1353,25 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
     live = manager.live_from
     skips = any(start > before for start, before in zip(live, lengths_before, strict=True))
     if skips:
-        starts = torch.tensor([start - offset for start in live], dtype=torch.long, device=device)
-        slots = torch.where((entries < 0) | (positions < starts[:, None]), -1, slots)
+        live_starts = torch.tensor([start - offset for start in live], dtype=torch.long, device=device)
+        slots = torch.where((entries < 0) | (positions < live_starts[:, None]), -1, slots)
     max_seq_len = max(rows.lengths)
     triton = backend.use_triton(device)
-    window = window_tables = None
-    if not triton and rows.num_rows > 1 and q_len <= _WINDOW_MAX_QUERIES:
-        window = _window([[block for block in table if block >= 0] for table in rows.tables] if has_null
-                         else rows.tables, max_seq_len, bs)
-        if window is not None and has_null:  # null entries point past the range: they hold no visible slot
-            window_tables = torch.where(raw < 0, window[0] + window[1], raw)
-    single = rows.num_rows == 1 and not has_null
+    starts = starts or [0]
+    first_block = _consecutive_start(rows.tables[0], starts) if rows.num_rows == 1 else None
+    window = windows = None
+    if not triton and q_len <= _WINDOW_MAX_QUERIES and (
+            rows.num_rows > 1 or (len(starts) > 1 and first_block is None)):
+        planned = _window(rows.tables, max_seq_len, bs, starts)
+        if planned is not None and len(planned) == 1 and rows.num_rows > 1:
+            window = planned[0]
+        elif planned is not None and len(planned) > 1:
+            windows = tuple(planned)
+    first_entries = None
+    if (window is not None or windows is not None) and has_null:
+        # Null entries (blocks of dead tokens) hold block 0 in the tensors: the window masks must skip them.
+        first_entries = torch.tensor([next((i for i, block in enumerate(table) if block >= 0), len(table))
+                                      for table in rows.tables], dtype=torch.long).to(device)
     return StepMetadata(
         block_tables=block_tables,
         seq_lens=seq_lens,
@@ -1254,10 +1380,11 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
         max_seq_len=max_seq_len,
         block_size=bs,
         triton=triton,
-        shared=_shared_prefix(rows, q_len, device) if window is None else None,
-        first_block=_consecutive_start(rows.tables[0]) if single else None,
+        shared=_shared_prefix(rows, q_len, device, starts) if window is None and windows is None else None,
+        first_block=first_block,
         window=window,
-        window_tables=window_tables,
+        windows=windows,
+        first_entries=first_entries,
         skips=skips,
         key_offset=offset,
         fresh={} if fresh else None,
@@ -1266,21 +1393,47 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
     )
 
 
-def _window(tables: list[list[int]], max_seq_len: int, block_size: int) -> tuple[int, int] | None:
-    """``(first, count)``: the range of blocks from the lowest to the highest any row uses, if it is compact."""
-    first = min(min(table) for table in tables)
-    count = max(max(table) for table in tables) + 1 - first
-    extra = count * block_size - max_seq_len
-    return (first, count) if extra <= max(_WINDOW_EXTRA_KEYS, max_seq_len // 4) else None
+def _window(tables: list[list[int]], max_seq_len: int, block_size: int,
+             starts: list[int]) -> list[tuple[int, int]] | None:
+    """Per slab holding some row's blocks, ``(first, count)``: the range from the lowest to the highest block the
+    rows use there, if all ranges together are compact (see `_WINDOW_EXTRA_KEYS`) and few (`_WINDOW_MAX_SLABS`).
+    Null entries (negative) are ignored."""
+    used = set().union(*tables)
+    used.discard(NULL_BLOCK)
+    if not used:
+        return None
+    if len(starts) == 1:
+        ranges = [(min(used), max(used) + 1 - min(used))]
+    else:
+        ordered = sorted(used)
+        ranges = []
+        for slab, start in enumerate(starts):
+            lo = bisect.bisect_left(ordered, start)
+            hi = bisect.bisect_left(ordered, starts[slab + 1]) if slab + 1 < len(starts) else len(ordered)
+            if hi > lo:
+                ranges.append((ordered[lo], ordered[hi - 1] + 1 - ordered[lo]))
+        if len(ranges) > _WINDOW_MAX_SLABS:
+            return None
+    extra = sum(count for _, count in ranges) * block_size - max_seq_len
+    return ranges if extra <= max(_WINDOW_EXTRA_KEYS, max_seq_len // 4) else None
 
 
-def _consecutive_start(blocks: list[int]) -> int | None:
-    """``blocks[0]`` if the blocks are ``b, b + 1, b + 2, ...``, else None."""
+def _consecutive_start(blocks: list[int], starts: list[int] | None = None) -> int | None:
+    """``blocks[0]`` if the blocks are ``b, b + 1, b + 2, ...`` inside one slab (`starts`: the slabs' first block
+    ids; None: one slab), else None."""
+    if not blocks:
+        return None
     start = blocks[0]
-    return start if start >= 0 and blocks == list(range(start, start + len(blocks))) else None
+    if start < 0 or blocks != list(range(start, start + len(blocks))):
+        return None
+    if starts is not None and len(starts) > 1:
+        if bisect.bisect_right(starts, start) != bisect.bisect_right(starts, start + len(blocks) - 1):
+            return None
+    return start
 
 
-def _shared_prefix(manager: BlockManager | _Rows, q_len: int, device: torch.device) -> SharedPrefix | None:
+def _shared_prefix(manager: BlockManager | _Rows, q_len: int, device: torch.device,
+                   starts: list[int] | None = None) -> SharedPrefix | None:
     """Find consecutive, equal-size groups of rows that share leading blocks (as ``generate`` lays out the k
     copies of each prompt), or None when no block is shared."""
     tables, rows = manager.tables, manager.num_rows
@@ -1307,7 +1460,7 @@ def _shared_prefix(manager: BlockManager | _Rows, q_len: int, device: torch.devi
     return SharedPrefix(
         group_size=group_size,
         prefix_blocks=torch.tensor(prefixes, dtype=torch.int32).to(device).clamp_min_(0),
-        prefix_start=_consecutive_start(prefixes[0]) if len(prefixes) == 1 else None,
+        prefix_start=_consecutive_start(prefixes[0], starts) if len(prefixes) == 1 else None,
         tail_tables=torch.tensor(tails, dtype=torch.int32).to(device).clamp_min_(0),
         prefix_len=shared * manager.block_size,
     )

@@ -23,8 +23,14 @@ with no key to attend to gets a zero output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .storage import LayerStore
 
 __all__ = [
     "attend",
@@ -36,6 +42,7 @@ __all__ = [
     "shared_prefix_paged_attention",
     "window_attention",
     "window_mask",
+    "windows_attention",
 ]
 
 
@@ -52,11 +59,16 @@ def reshape_and_cache(
 
     Args:
         key, value: ``[T, Hkv, D]`` new states, one row per token.
-        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, written in place.
+        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools (or `hf_paged.storage.LayerStore`s), written in place.
         slot_mapping: ``[T]`` integer slots ``block * bs + offset``; a negative slot means "do not store".
         skip_negative: False when the caller knows no slot is negative: saves the check, which reads the slots
             on the host (a `PagedCache` step never has one).
     """
+    if not isinstance(key_cache, torch.Tensor):  # a `hf_paged.storage.LayerStore` (a pool of several slabs)
+        slots = slot_mapping if slot_mapping.dtype == torch.long else slot_mapping.to(torch.long)
+        key_cache.write(slots, key)
+        value_cache.write(slots, value)
+        return
     num_blocks, block_size = key_cache.shape[:2]
     flat_k = key_cache.view(num_blocks * block_size, *key_cache.shape[2:])
     flat_v = value_cache.view(num_blocks * block_size, *value_cache.shape[2:])
@@ -418,11 +430,13 @@ def window_mask(
     key_padding: torch.Tensor | None = None,
     sliding_window: int | None = None,
     chunk_size: int | None = None,
+    first_entries: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The additive mask of `window_attention`: which slots of the blocks ``[first_block, first_block +
     num_blocks)`` each packed query may attend to.
 
-    Every row's blocks must lie in that range; rows may share blocks, and blocks no row uses are never visible.
+    Rows may share blocks; blocks no row uses are never visible, and neither are a row's blocks outside the range
+    (another slab's: `windows_attention` merges the ranges).
     The slot holding token ``j`` of row ``b`` is visible to the row's queries ``i`` when ``j`` passes the module
     docstring's rule (causal, window) and, if given, ``key_padding[b, j]``.
 
@@ -433,6 +447,8 @@ def window_mask(
         dtype: the queries' dtype.
         key_padding: boolean ``[B, >= max(seq_lens)]`` (True = a real token), or None.
         chunk_size: chunked attention, the chunks starting at each row's first real token, or None.
+        first_entries: ``[B]``, each row's first table entry that is not null (null entries, blocks of dead tokens,
+            are ignored), or None (every entry is real).
 
     Returns:
         ``[1, 1, B * groups * q, num_blocks * block_size]``: 0 where visible, -inf elsewhere; packed query rows in
@@ -443,8 +459,12 @@ def window_mask(
     lengths = seq_lens.to(torch.long)
     # token[b, s]: which of row b's tokens slot s holds (-1: none). A row's unused table entries go to a spare
     # block past the range, cut off below.
-    used = torch.arange(width, device=device)[None, :] < (lengths[:, None] + block_size - 1) // block_size
-    target = torch.where(used, block_tables.to(torch.long) - first_block, num_blocks)
+    entries = torch.arange(width, device=device)[None, :]
+    used = entries < (lengths[:, None] + block_size - 1) // block_size
+    if first_entries is not None:
+        used &= entries >= first_entries.to(device)[:, None]
+    target = block_tables.to(torch.long) - first_block
+    target = torch.where(used & (target >= 0) & (target < num_blocks), target, num_blocks)
     tokens = torch.arange(width * block_size, device=device).view(1, width, block_size).expand(batch, -1, -1)
     token = torch.full((batch, num_blocks + 1, block_size), -1, dtype=torch.long, device=device)
     token.scatter_(1, target[:, :, None].expand(-1, -1, block_size), tokens)
@@ -509,3 +529,72 @@ def window_attention(
     out = attend(packed, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)  # [1, B * g * q, Hkv, Dv]
     return out.view(batch, groups, q_len, kv_heads, value_dim).permute(0, 2, 3, 1, 4).reshape(
         batch, q_len, heads, value_dim)
+
+
+def windows_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor | LayerStore,
+    value_cache: torch.Tensor | LayerStore,
+    windows: Sequence[tuple[int, int]],
+    masks: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
+    *,
+    scale: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`window_attention` over several block ranges (one per slab of a pool, `hf_paged.storage`): each range is
+    read in place, attended by all packed queries, and the partial results are merged by log-sum-exp.
+
+    Args:
+        query: ``[B, H, q, D]``.
+        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools or `hf_paged.storage.LayerStore`s (each range must lie in
+            one slab).
+        windows: ``[(first_block, num_blocks), ...]``; together they hold every row's keys.
+        masks: per range, ``(mask, visible)``: its `window_mask` and ``[1, 1, M]`` bool, whether each packed query
+            sees any slot of it; ``(None, None)`` when every query sees every slot.
+        sinks: ``[H]`` attention sinks (see `attend`), or None.
+
+    Returns:
+        ``[B, q, H, Dv]``.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key_cache.shape[2]
+    groups = heads // kv_heads
+    value_dim = value_cache.shape[-1]
+    packed = query.reshape(batch, kv_heads, groups * q_len, dim).transpose(0, 1).reshape(1, kv_heads, -1, dim)
+    out = lse = None
+    for (first, count), (mask, visible) in zip(windows, masks, strict=True):
+        span = slice(first, first + count)
+        keys = key_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
+        values = value_cache[span].view(1, -1, kv_heads, value_dim).transpose(1, 2)
+        part, part_lse = _additive_attention_with_lse(packed, keys, values, mask, visible, scale, softcap)
+        if out is None:
+            out, lse = part, part_lse
+        else:
+            out, lse = merge_attention(out, lse, part, part_lse), torch.logaddexp(lse, part_lse)
+    if sinks is not None:  # the sink joins the denominator (as in `shared_prefix_attention`)
+        sink = sinks.float().view(1, kv_heads, groups, 1).expand(batch, -1, -1, q_len).transpose(0, 1).reshape(
+            1, kv_heads, -1)
+        out = out * torch.sigmoid(lse - sink)[..., None]
+    return out[0].view(kv_heads, batch, groups, q_len, value_dim).permute(1, 3, 0, 2, 4).reshape(
+        batch, q_len, heads, value_dim).to(query.dtype)
+
+
+def _additive_attention_with_lse(query, key, value, mask, visible, scale, softcap):
+    """`attention_with_lse` for an additive mask ``[1, 1, M, kv]`` and its ``visible`` rows ``[1, 1, M]`` (both
+    None: nothing masked)."""
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    if softcap is None and query.device.type == "cpu" and _FLASH_CPU is not None and value.shape[-1] == query.shape[-1]:
+        if mask is None:
+            out, lse = _FLASH_CPU(query, key, value, 0.0, False, scale=scale)
+            return out.float(), lse.float()
+        out, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=mask.to(query.dtype), scale=scale)
+        return out.float(), lse.float().masked_fill(~visible, -torch.inf)  # a query seeing nothing: out is 0
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores + mask.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.matmul(torch.exp(scores - finite[..., None]), value.float()), lse

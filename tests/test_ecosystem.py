@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicCache
 
 from hf_paged import PagedCache, compat
 from hf_paged import backend as paged_backend
+from hf_paged.cache import KVPool
 from hf_paged.compat import cache_kwargs
 
 VOCAB = 128
@@ -576,13 +577,13 @@ def test_returned_cache_stats_are_consistent(models, settings):
 def test_beam_search_shares_the_prompt_and_reorder_copies_nothing(monkeypatch):
     ref, paged = model_pair(tiny_config(), seed=2)
     copied = []
-    original_copy = paged_backend.copy_blocks
+    original_copy = KVPool.copy_blocks  # every K/V block copy of a pool (of one slab or several) goes through it
 
-    def counting_copy(kv_pool, src, dst):
+    def counting_copy(pool, src, dst):
         copied.append(len(src))
-        return original_copy(kv_pool, src, dst)
+        return original_copy(pool, src, dst)
 
-    monkeypatch.setattr(paged_backend, "copy_blocks", counting_copy)
+    monkeypatch.setattr(KVPool, "copy_blocks", counting_copy)
     prompt_len, num_beams, new_tokens = 70, 3, 10
     ids = random_ids(1, prompt_len, seed=111)
     expected = ref.generate(ids, num_beams=num_beams, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)

@@ -52,7 +52,8 @@ def test_both_attention_paths_for_rows_sharing_prompts(pair, mode, path, monkeyp
     (`ops.window_attention`) or over the shared prefix once plus each row's tail (`ops.shared_prefix_attention`;
     layers with a sliding window gather instead). Both give sdpa's tokens."""
     family, reference, paged = pair
-    calls = count_calls(monkeypatch, ops, ("window_attention", "shared_prefix_attention"))
+    calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention"))
+    windowed = lambda: calls["window_attention"] + calls["windows_attention"]  # noqa: E731  (one slab, several)
     if path == "split":
         monkeypatch.setattr(hf_paged.cache, "_window", lambda *args: None)
     inputs = left_padded_batch([37, 12, 26], seed=1)
@@ -63,9 +64,9 @@ def test_both_attention_paths_for_rows_sharing_prompts(pair, mode, path, monkeyp
     if compat.builds_own_mask(paged):
         return  # this release's family code builds a 4-D mask: the general path serves it (tokens checked above)
     if path == "window":
-        assert calls["window_attention"] > 0 and calls["shared_prefix_attention"] == 0
+        assert windowed() > 0 and calls["shared_prefix_attention"] == 0
     else:
-        assert calls["window_attention"] == 0
+        assert windowed() == 0
         assert calls["shared_prefix_attention"] > 0 or family == "mistral_window"  # every layer has a window
 
 
@@ -80,18 +81,22 @@ def test_prompt_without_padding_spanning_many_blocks(family):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mistral_window"])
 def test_single_sequence_reads_its_blocks_in_place(family):
-    """One row with consecutive blocks is attended in place (no gather); tokens are unchanged."""
+    """One row with consecutive blocks is attended in place (no gather): as one range of a single slab, or one
+    window per slab when the growing pool has several (hf_paged.storage); tokens are unchanged."""
     reference, paged = make_pair(family)
     inputs = left_padded_batch([29], seed=4)
     cache = PagedCache(paged.config, block_size=4)
     expected = _generate(reference, inputs)
     got = _generate(paged, inputs, **cache_kwargs(cache))
-    # Full-attention layers read their blocks in place (a sliding-window group reuses the blocks it releases, so
-    # its blocks need not stay consecutive).
+    # Full-attention layers read their blocks in place, across slab boundaries too (a sliding-window group reuses
+    # the blocks it releases, so its blocks need not stay consecutive).
     full = [group for group in cache.groups if group.window is None]
     assert full or family != "llama"
     for group in full:
-        assert group.step.first_block == group.manager.tables[0][0]
+        if len(group.pool.slabs) == 1:
+            assert group.step.first_block == group.manager.tables[0][0]
+        else:
+            assert sum(count for _, count in group.step.windows) == len(group.manager.tables[0])
     assert torch.equal(got.sequences, expected.sequences)
 
 
@@ -109,10 +114,13 @@ def test_blocks_no_row_has_written_hold_zeros(num_blocks):
         del garbage
         cache = PagedCache(paged.config, block_size=4, num_blocks=num_blocks)
         got = _generate(paged, inputs, num_return_sequences=3, do_sample=True, **cache_kwargs(cache))
-        with torch.no_grad():  # 3 more tokens per row: a growable pool, sized for the call, grows by half
+        with torch.no_grad():  # 3 more tokens per row: a growable pool adds a slab
             paged(torch.randint(3, 90, (3, 3)), **cache_kwargs(cache))
         used = {block for table in cache.manager.tables for block in table}
         unused = [block for block in range(cache.manager.num_blocks) if block not in used]
-        assert unused and torch.count_nonzero(cache.kv_pool[:, :, unused]) == 0
+        assert unused
+        for slab, start in zip(cache.pool.slabs, cache.pool.starts, strict=True):  # every slab's unused blocks
+            local = [block - start for block in unused if start <= block < start + slab[0].shape[2]]
+            assert all(torch.count_nonzero(tensor[:, :, local]) == 0 for tensor in slab)
         expected = _generate(reference, inputs, num_return_sequences=3, do_sample=True)
         assert torch.equal(got.sequences, expected.sequences)
