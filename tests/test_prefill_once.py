@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import hf_paged
 from conftest import count_prefill_positions, left_padded_batch, make_pair
 
+import hf_paged
 from hf_paged import PagedCache
 from hf_paged.compat import cache_kwargs
 
