@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend, masks, ops, storage
+from . import backend, masks, ops
 from .cache import key_padding_mask, owner_of
 from .compat import bool_mask, sdpa_mask
 
@@ -136,16 +136,10 @@ def paged_attention_forward(
         key_start = _key_start(step, attention_mask)
         if key_start is not None or attention_mask is None:
             same_width = value.shape[-1] == key.shape[-1]  # the shared-prefix kernel reads values of the keys' width
-            offsets = {}
-            if isinstance(key, storage.LayerStore):
-                # A pool of several block-major slabs: the kernels address its blocks by offsets from the base slab.
-                offsets = {"key_offsets": key.block_offsets, "value_offsets": value.block_offsets}
-                key, value = key.base, value.base
             if step.shared is not None and sinks is None and chunk_size is None and same_width:  # shared blocks once
                 out = backend.shared_prefix_paged_attention(
                     query, key, value, step.shared.prefix_blocks, step.shared.tail_tables, step.seq_lens, key_start,
                     scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
-                    **offsets,
                 )
             else:
                 features = {"chunk_size": chunk_size} if chunk_size is not None else {}
@@ -154,7 +148,7 @@ def paged_attention_forward(
                 out = backend.paged_attention(
                     query, key, value, step.block_tables, step.seq_lens, key_start,
                     scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
-                    **features, **offsets,
+                    **features,
                 )
             return out, None
     elif step.window is not None:
@@ -184,7 +178,7 @@ def paged_attention_forward(
 def _fresh_attention(cache, step, query, attention_mask, scale, sliding_window, softcap, sinks) -> torch.Tensor:
     """Attention of a step that stores only its last tokens: over the keys kept before it and its own keys, as
     Transformers' sliding-window cache layer returns them (``DynamicSlidingWindowLayer.update``)."""
-    first, kept_keys, kept_values, keys, values = cache.fresh_inputs(step)
+    kept_keys, kept_values, keys, values = cache.fresh_inputs(step)
     if kept_keys is not None:
         keys = torch.cat([kept_keys.to(keys.dtype), keys], dim=2)
         values = torch.cat([kept_values.to(values.dtype), values], dim=2)

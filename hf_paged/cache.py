@@ -289,8 +289,9 @@ class KVPool:
     Created empty; the first slab is allocated at the first write, when the KV head count, head size, dtype and
     device are known. A fixed pool (``num_blocks`` / ``max_memory``) is that one slab. A growable pool reserves
     nothing ahead and never copies what it holds: `ensure_free` appends a zeroed slab of one *quantum*,
-    ``max(missing, 4 blocks per row that grows this step, allocated // 16)`` blocks. It grows only when a step
-    finds fewer free blocks than it needs, so after any step the pool holds less than one quantum beyond what its
+    ``max(missing, 4 blocks per row that grows this step (1 in a sliding-window group), allocated // 16)`` blocks.
+    It grows only when a step finds fewer free blocks than it needs, so after any step the pool holds less than one
+    quantum beyond what its
     rows reference (allocated <= referenced + one quantum), and a call generating G tokens per row makes about one
     slab per 64 tokens per row (or per 1/16 of the pool), so few slabs. On the Triton path (`backend.use_triton` at
     allocation) slabs are block-major, so kernels address every slab through one offset table per tensor.
@@ -435,16 +436,17 @@ class KVPool:
         self.blocks.grow(num_blocks - self.blocks.num_blocks)
         self.peak_blocks = max(self.peak_blocks, num_blocks)
 
-    def ensure_free(self, needed: int, rows: int = 1) -> None:
+    def ensure_free(self, needed: int, rows: int = 1, per_row: int = _SLAB_BLOCKS_PER_ROW) -> None:
         """Make `needed` blocks available, growing the pool by one quantum if it may (see the class docstring;
-        `rows`: the rows that take blocks this step), else raise `OutOfBlocksError`."""
+        `rows`: the rows that take blocks this step, `per_row` blocks of slack each: a sliding-window group, whose
+        rows reuse the blocks they release, asks for 1), else raise `OutOfBlocksError`."""
         free = self.blocks.num_free
         if needed <= free:
             return
         current = self.blocks.num_blocks
         if not self.growable:
             raise OutOfBlocksError(needed, free, current, self.block_size)
-        target = current + max(needed - free, _SLAB_BLOCKS_PER_ROW * max(rows, 1), current // _SLAB_FRACTION)
+        target = current + max(needed - free, per_row * max(rows, 1), current // _SLAB_FRACTION)
         try:
             self.resize(target)
         except torch.OutOfMemoryError:
@@ -1021,7 +1023,9 @@ class PagedCache(Cache):
             live = target if live is None else [max(a, b) for a, b in zip(live, target, strict=True)]
         try:
             growing = manager.num_rows - (sum(ended) if ended is not None else 0)
-            group.pool.ensure_free(manager.blocks_needed(q_len, ended, live), rows=growing)
+            # A sliding-window group's rows reuse the blocks they release: one block of slack per row is enough.
+            group.pool.ensure_free(manager.blocks_needed(q_len, ended, live), rows=growing,
+                                   per_row=1 if window is not None and not self.record_past else _SLAB_BLOCKS_PER_ROW)
             for pool in group.pools[1:]:
                 group.grow_to_first(pool)
             copies = manager.append(q_len, ended, live)
@@ -1080,13 +1084,12 @@ class PagedCache(Cache):
         return (self.layer_groups[pending].step_on(pool.tensor.device), *pool.plain[slot])
 
     def fresh_inputs(self, step: StepMetadata) -> tuple:
-        """For a step that stores only its last tokens (``step.fresh`` set), the layer that just stored: ``(first
-        position, kept keys, kept values, the step's keys, the step's values)``, the kept ones ``[B, H, n, D]`` from
-        that position on (None when the rows held nothing before), the step's own ``[B, H, q, D]`` as given."""
+        """For a step that stores only its last tokens (``step.fresh`` set), the layer that just stored: ``(kept
+        keys, kept values, the step's keys, the step's values)``, the kept ones ``[B, H, n, D]`` from position
+        ``step.kv_start`` on (None when the rows held nothing before), the step's own ``[B, H, q, D]`` as given."""
         layer, (keys, values) = step.fresh.popitem()
-        first, context = step.context if step.context is not None else (0, {})
-        kept = context.get(layer)
-        return first, (kept[0] if kept else None), (kept[1] if kept else None), keys, values
+        kept = step.context[1].get(layer) if step.context is not None else None
+        return (kept[0] if kept else None), (kept[1] if kept else None), keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""
