@@ -22,8 +22,9 @@ from .devices import as_device
 
 __all__ = ["CacheStats", "KVPool", "PagedCache", "StepMetadata", "pool_tensor"]
 
-# A growable pool grows by a slab of at least this many blocks per row that takes blocks in the step, and at least
-# 1/_SLAB_FRACTION of what it holds (see `KVPool`): few slabs, and at most one such quantum unreferenced.
+# A growable pool grows by a slab holding what a step misses plus slack: up to this many blocks per row that takes
+# blocks in the step (a quarter of a row's blocks, at least 1), and at least 1/_SLAB_FRACTION of what it holds (see
+# `KVPool`): few slabs, and at most one such quantum unreferenced.
 _SLAB_BLOCKS_PER_ROW = 4
 _SLAB_FRACTION = 16
 # On the PyTorch path a step reads all rows' keys as one block range (`ops.window_attention`) when the range holds
@@ -289,7 +290,8 @@ class KVPool:
     Created empty; the first slab is allocated at the first write, when the KV head count, head size, dtype and
     device are known. A fixed pool (``num_blocks`` / ``max_memory``) is that one slab. A growable pool reserves
     nothing ahead and never copies what it holds: `ensure_free` appends a zeroed slab of one *quantum*,
-    ``max(missing, 4 blocks per row that grows this step (1 in a sliding-window group), allocated // 16)`` blocks.
+    ``max(missing, k blocks per row that grows this step, allocated // 16)`` blocks, where k is a quarter of a
+    row's blocks, at least 1 and at most 4 (1 in a sliding-window group, whose rows reuse what they release).
     It grows only when a step finds fewer free blocks than it needs, so after any step the pool holds less than one
     quantum beyond what its
     rows reference (allocated <= referenced + one quantum), and a call generating G tokens per row makes about one
@@ -1023,9 +1025,11 @@ class PagedCache(Cache):
             live = target if live is None else [max(a, b) for a, b in zip(live, target, strict=True)]
         try:
             growing = manager.num_rows - (sum(ended) if ended is not None else 0)
-            # A sliding-window group's rows reuse the blocks they release: one block of slack per row is enough.
+            # Slack per growing row: a quarter of a row's blocks, 1 to `_SLAB_BLOCKS_PER_ROW` (short rows waste
+            # little, long ones make few slabs); 1 in a sliding-window group, whose rows reuse what they release.
+            per_row = min(_SLAB_BLOCKS_PER_ROW, max(1, sum(lengths_before) // (4 * manager.block_size * batch)))
             group.pool.ensure_free(manager.blocks_needed(q_len, ended, live), rows=growing,
-                                   per_row=1 if window is not None and not self.record_past else _SLAB_BLOCKS_PER_ROW)
+                                   per_row=1 if window is not None and not self.record_past else per_row)
             for pool in group.pools[1:]:
                 group.grow_to_first(pool)
             copies = manager.append(q_len, ended, live)
