@@ -289,9 +289,10 @@ class KVPool:
 
     Created empty; the first slab is allocated at the first write, when the KV head count, head size, dtype and
     device are known. A fixed pool (``num_blocks`` / ``max_memory``) is that one slab. A growable pool reserves
-    nothing ahead and never copies what it holds: `ensure_free` appends a zeroed slab of one *quantum*,
-    ``max(missing, k blocks per row that grows this step, allocated // 16)`` blocks, where k is a quarter of a
-    row's blocks, at least 1 and at most 4 (1 in a sliding-window group, whose rows reuse what they release).
+    nothing ahead and never copies what it holds: `ensure_free` appends a zeroed slab of what the step misses plus
+    one *quantum* of slack, ``max(k blocks per row that grows this step, allocated // 16)`` blocks, where k is a
+    quarter of a row's blocks, at least 1 and at most 4 (1 in a sliding-window group, whose rows reuse what they
+    release). A prompt's slab thus also holds the first tokens generated after it.
     It grows only when a step finds fewer free blocks than it needs, so after any step the pool holds less than one
     quantum beyond what its
     rows reference (allocated <= referenced + one quantum), and a call generating G tokens per row makes about one
@@ -448,7 +449,7 @@ class KVPool:
         current = self.blocks.num_blocks
         if not self.growable:
             raise OutOfBlocksError(needed, free, current, self.block_size)
-        target = current + max(needed - free, per_row * max(rows, 1), current // _SLAB_FRACTION)
+        target = current + needed - free + max(per_row * max(rows, 1), current // _SLAB_FRACTION)
         try:
             self.resize(target)
         except torch.OutOfMemoryError:
@@ -1027,7 +1028,8 @@ class PagedCache(Cache):
             growing = manager.num_rows - (sum(ended) if ended is not None else 0)
             # Slack per growing row: a quarter of a row's blocks, 1 to `_SLAB_BLOCKS_PER_ROW` (short rows waste
             # little, long ones make few slabs); 1 in a sliding-window group, whose rows reuse what they release.
-            per_row = min(_SLAB_BLOCKS_PER_ROW, max(1, sum(lengths_before) // (4 * manager.block_size * batch)))
+            per_row = min(_SLAB_BLOCKS_PER_ROW, max(1, (sum(lengths_before) + q_len * batch)
+                                                     // (4 * manager.block_size * batch)))
             group.pool.ensure_free(manager.blocks_needed(q_len, ended, live), rows=growing,
                                    per_row=1 if window is not None and not self.record_past else per_row)
             for pool in group.pools[1:]:
