@@ -1164,7 +1164,9 @@ class PagedCache(Cache):
     def activate_past_recording(self) -> None:
         """Keep the keys sliding-window layers no longer need until the next `crop`, so that decoding steps can be
         rolled back (assisted decoding); Transformers' state layers record their past states as well."""
-        super().activate_past_recording()
+        for layer in self.layers:  # as `Cache.activate_past_recording` (which releases before 5.24 lack)
+            if not isinstance(layer, PagedLayer) and hasattr(layer, "activate_past_recording"):
+                layer.activate_past_recording()
         self.record_past = True
 
     def set_row_starts(self, starts: list[int] | None) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the version-sensitive parts of the suite (parity, prefill-once, prefix cache, errors, ecosystem, Triton
-# generate, tensor parallelism, the family walk, block lifecycle, device maps) against other Transformers releases, each in its own virtual environment under .venv-tf/.
+# generate, tensor parallelism, the family walk, block lifecycle, device maps, layer groups, slabs) against other Transformers releases, each in its own virtual environment under .venv-tf/.
 #
 #   bash scripts/test_versions.sh                 # the releases in VERSIONS below
 #   bash scripts/test_versions.sh 5.3.0 5.20.2    # any others
@@ -15,7 +15,8 @@ VERSIONS=("$@")
 [ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(5.0.0 5.17.0 5.24.0)
 TESTS=(tests/test_generate_parity.py tests/test_prefill_once.py tests/test_prefix_cache.py tests/test_errors.py
        tests/test_ecosystem.py tests/test_triton_generate.py tests/test_tensor_parallel.py tests/test_families.py
-       tests/test_lifecycle.py tests/test_finished_rows.py tests/test_device_map.py tests/test_cache_layers.py)
+       tests/test_lifecycle.py tests/test_finished_rows.py tests/test_device_map.py tests/test_cache_layers.py
+       tests/test_layer_groups.py tests/test_slabs.py)
 status=0
 for version in "${VERSIONS[@]}"; do
     venv=.venv-tf/$version
