@@ -136,12 +136,13 @@ def test_a_continued_cache_attends_over_the_kept_window(sliding_pair):
 
 
 def test_assisted_decoding_keeps_the_window_until_crop(sliding_pair):
-    """Prompt-lookup decoding rolls the cache back: keys are kept until each crop, and tokens stay sdpa's."""
+    """Prompt-lookup decoding rolls the cache back: keys are kept until each crop, and the tokens are sdpa's greedy
+    ones (what greedy assisted decoding must give; Transformers 5.0's own sliding-window cache refuses this crop)."""
     reference, paged = sliding_pair
     pattern = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
     inputs = {"input_ids": pattern.repeat(1, 4)}
-    expected = reference.generate(**inputs, max_new_tokens=16, prompt_lookup_num_tokens=3, do_sample=False)
-    got = paged.generate(**inputs, max_new_tokens=16, prompt_lookup_num_tokens=3, do_sample=False)
+    expected = reference.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    got = paged.generate(**inputs, max_new_tokens=16, min_new_tokens=16, prompt_lookup_num_tokens=3, do_sample=False)
     assert torch.equal(got, expected)
 
 
