@@ -1056,16 +1056,18 @@ class PagedCache(Cache):
         first, last = min(start), max(end)
         bs = group.manager.block_size
         tables = [table[first // bs:-(-last // bs)] for table in group.manager.tables]
+        offset = first % bs
+        per_device: dict[torch.device, torch.Tensor] = {}  # the tables once per device, not once per layer
         gathered = {}
         for layer, place in enumerate(self.layer_pools):
             if place is None or self.layer_groups[layer] is not group or place[0].tensor is None:
                 continue
             pool, slot = place
             device = pool.tensor.device
-            table = torch.tensor([[max(block, 0) for block in row] for row in tables], dtype=torch.int32, device=device)
-            offset = first % bs
+            if device not in per_device:
+                per_device[device] = _table_tensor(tables, device).clamp_min_(0)
             gathered[layer] = tuple(
-                ops.gather_kv(store, table, offset + last - first)[:, :, offset:]
+                ops.gather_kv(store, per_device[device], offset + last - first)[:, :, offset:]
                 for store in pool.plain[slot])
         return first, gathered
 
@@ -1353,7 +1355,10 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
     rows = _Rows([table[first:] for table in manager.tables] if first else manager.tables,
                  [length - offset for length in manager.lengths] if first else manager.lengths, bs)
     raw = _table_tensor(rows.tables, device)
-    has_null = bool(rows.tables) and any(block < 0 for table in rows.tables for block in table)
+    live = manager.live_from
+    # A row's entries before its live start's block are null (`BlockManager`): count them instead of scanning.
+    leading_nulls = [min(start // bs, len(table) + first) - first for start, table in zip(live, rows.tables, strict=True)]
+    has_null = any(count > 0 for count in leading_nulls)
     block_tables = raw.clamp_min(0) if has_null else raw
     seq_lens = torch.tensor(rows.lengths, dtype=torch.int32).to(device)
     positions = torch.tensor([before - offset for before in lengths_before], dtype=torch.long,
@@ -1361,7 +1366,6 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
     # A new token before the step's first block (out of the window already) is not stored: `skips` covers it.
     entries = raw.to(torch.long).gather(1, (positions // bs).clamp_min(0))
     slots = entries * bs + positions % bs
-    live = manager.live_from
     skips = any(start > before for start, before in zip(live, lengths_before, strict=True))
     if skips:
         live_starts = torch.tensor([start - offset for start in live], dtype=torch.long, device=device)
@@ -1381,8 +1385,7 @@ def _build_step(manager: BlockManager, lengths_before: list[int], q_len: int, de
     first_entries = None
     if (window is not None or windows is not None) and has_null:
         # Null entries (blocks of dead tokens) hold block 0 in the tensors: the window masks must skip them.
-        first_entries = torch.tensor([next((i for i, block in enumerate(table) if block >= 0), len(table))
-                                      for table in rows.tables], dtype=torch.long).to(device)
+        first_entries = torch.tensor(leading_nulls, dtype=torch.long).to(device)
     return StepMetadata(
         block_tables=block_tables,
         seq_lens=seq_lens,
