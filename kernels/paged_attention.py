@@ -65,6 +65,22 @@ def _tanh(x):
 
 
 @triton.jit
+def key_value_slots(table_ptr, stride_table, keys, key_valid, key_offsets_ptr, value_offsets_ptr,
+                    stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE: tl.constexpr, HAS_OFFSETS: tl.constexpr):
+    """Element offsets of `keys` (token positions of one row, ``[BLOCK_N]``) in the key and value caches: through
+    the row's block table, then the block's offset table entry (a pool of several slabs) or its id x block stride."""
+    block = tl.load(table_ptr + (keys // BLOCK_SIZE) * stride_table, mask=key_valid, other=0).to(tl.int64)
+    if HAS_OFFSETS:
+        # multiples of 16 elements (checked by the launcher): the loads after this stay 16-byte vectors
+        k_block = tl.multiple_of(tl.load(key_offsets_ptr + block, mask=key_valid, other=0), 16)
+        v_block = tl.multiple_of(tl.load(value_offsets_ptr + block, mask=key_valid, other=0), 16)
+    else:
+        k_block = block * stride_kn
+        v_block = block * stride_vn
+    return k_block + (keys % BLOCK_SIZE) * stride_kt, v_block + (keys % BLOCK_SIZE) * stride_vt
+
+
+@triton.jit
 def paged_attention_kernel(
     out_ptr,  # [B, q, H, Dv] output, or with NUM_SPLITS > 1 fp32 partials [B, q, H, S, Dv]
     max_ptr, sum_ptr,  # NUM_SPLITS > 1: fp32 [B, q, H, S] running max (base 2) and sum; unused otherwise
@@ -171,16 +187,8 @@ def paged_attention_kernel(
     for j in range(tile_lo, tile_hi):
         keys = j * BLOCK_N + cols
         key_valid = (keys >= lo) & (keys <= hi)
-        block = tl.load(table_ptr + (keys // BLOCK_SIZE) * stride_btn, mask=key_valid, other=0).to(tl.int64)
-        if HAS_OFFSETS:
-            # multiples of 16 elements (checked by the launcher): the loads below stay 16-byte vectors
-            k_block = tl.multiple_of(tl.load(key_offsets_ptr + block, mask=key_valid, other=0), 16)
-            v_block = tl.multiple_of(tl.load(value_offsets_ptr + block, mask=key_valid, other=0), 16)
-        else:
-            k_block = block * stride_kn
-            v_block = block * stride_vn
-        k_slot = k_block + (keys % BLOCK_SIZE) * stride_kt
-        v_slot = v_block + (keys % BLOCK_SIZE) * stride_vt
+        k_slot, v_slot = key_value_slots(table_ptr, stride_btn, keys, key_valid, key_offsets_ptr, value_offsets_ptr,
+                                         stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE, HAS_OFFSETS)
         k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                     mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
         v = tl.load(v_head_ptr + v_slot[:, None] + vdims[None, :] * stride_vd,

@@ -40,6 +40,7 @@ from ._launch import (
 from .paged_attention import (
     _tanh,
     choose_num_splits,
+    key_value_slots,
     paged_attention_kernel,
     paged_attention_meta,
     reduce_splits_kernel,
@@ -153,16 +154,8 @@ def shared_prefix_kernel(
     for j in range(tile_lo, tile_hi):
         keys = j * BLOCK_N + cols
         key_valid = (keys >= lo) & (keys <= hi)
-        block = tl.load(table_ptr + (keys // BLOCK_SIZE) * stride_pbn, mask=key_valid, other=0).to(tl.int64)
-        if HAS_OFFSETS:
-            # multiples of 16 elements (checked by the launcher): the loads below stay 16-byte vectors
-            k_block = tl.multiple_of(tl.load(key_offsets_ptr + block, mask=key_valid, other=0), 16)
-            v_block = tl.multiple_of(tl.load(value_offsets_ptr + block, mask=key_valid, other=0), 16)
-        else:
-            k_block = block * stride_kn
-            v_block = block * stride_vn
-        k_slot = k_block + (keys % BLOCK_SIZE) * stride_kt
-        v_slot = v_block + (keys % BLOCK_SIZE) * stride_vt
+        k_slot, v_slot = key_value_slots(table_ptr, stride_pbn, keys, key_valid, key_offsets_ptr, value_offsets_ptr,
+                                         stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE, HAS_OFFSETS)
         k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                     mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
         v = tl.load(v_head_ptr + v_slot[:, None] + dims[None, :] * stride_vd,
