@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass, field
@@ -753,8 +754,10 @@ class PagedCache(Cache):
         num_blocks: fixed pool size in blocks.
         max_memory: fixed pool size in bytes (an int, or a string such as ``"512MiB"`` / ``"2GB"``).
         device, dtype: where and how to store keys and values; by default those of the first keys written.
-        pool: a `KVPool` to share with other caches (what `enable_prefix_caching` sets up); the sizing arguments
-            must then be left unset.
+        pool: pools to share with other caches (what `enable_prefix_caching` sets up): a dict from each layer
+            group's window (None for full attention, as `LayerGroup.window`) to a `KVPool` with that group's layers,
+            or one `KVPool` that then holds every attention layer in one group. The sizing arguments must then be
+            left unset.
         layer_devices: for a model split across devices (``device_map``), one entry per layer: the device its
             attention runs on, or a ``(name, device)`` pair (`hf_paged.devices.layer_placements`, which
             ``generate()`` passes). Attention layers with equal entries share a pool on that device; all pools share
@@ -771,7 +774,7 @@ class PagedCache(Cache):
         max_memory: int | str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        pool: KVPool | None = None,
+        pool: KVPool | dict[int | None, KVPool] | None = None,
         layer_devices: list | tuple | None = None,
     ):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
@@ -808,28 +811,39 @@ class PagedCache(Cache):
                 raise ValueError(f"hf_paged: layer_devices has {len(layer_devices)} entries but the model has "
                                  f"{num_layers} layers; give one device (or (name, device) pair) per layer.")
         elif pool is not None and ((num_blocks, max_memory, device, dtype) != (None, None, None, None)
-                                   or pool.num_layers != paged_layers):
+                                   or (isinstance(pool, KVPool) and pool.num_layers != paged_layers)):
             raise ValueError("hf_paged: a PagedCache given a shared pool takes its size, device and dtype from it.")
         # Layers whose keys Transformers' own DynamicCache keeps only for a sliding window get block tables of their
-        # own, whose blocks outside the window are released (`LayerGroup`). A shared pool (prefix caching) and the
-        # latents of multi-head latent attention (which the model reads whole) keep every layer in one group.
+        # own, whose blocks outside the window are released (`LayerGroup`). One shared pool and the latents of
+        # multi-head latent attention (which the model reads whole) keep every layer in one group.
         # Chunked-attention layers (Llama 4) stay with the full-attention layers: their chunks start at each row's
         # first real token, which the tables' positions must keep.
         layer_types = getattr(text_config, "layer_types", None) or []
-        if pool is not None or latent:
+        if isinstance(pool, KVPool) or latent:
             windows = [None] * len(attention_layers)
         else:
             windows = [None if layer < len(layer_types) and "chunk" in str(layer_types[layer])
                        else masks.cache_window(config, layer) for layer in attention_layers]
+        group_windows = sorted(set(windows), key=lambda w: -1 if w is None else w)
+        pools = {None: pool} if isinstance(pool, KVPool) else pool
+        if pools is not None and attention_layers:
+            expected = {w: windows.count(w) for w in group_windows}
+            given = {w: p.num_layers for w, p in pools.items()}
+            if given != expected:
+                raise ValueError(
+                    f"hf_paged: the shared pools given to this PagedCache hold {given} layers per window, but this "
+                    f"config's attention layers need {expected} (window: layers). Build the pools for this model's "
+                    "config (hf_paged.enable_prefix_caching(model) does)."
+                )
         specs = []
-        for window in sorted(set(windows), key=lambda w: -1 if w is None else w):
+        for window in group_windows:
             members = [i for i, w in enumerate(windows) if w == window]
             if layer_devices is not None:
                 devices = [layer_devices[attention_layers[i]] for i in members]
                 first, slot_pools = _device_pools(devices, block_size, num_blocks, dtype)
             else:
                 budget = None if max_memory is None else max(max_memory * len(members) // len(attention_layers), 1)
-                first = pool if pool is not None else KVPool(
+                first = pools[window] if pools is not None else KVPool(
                     len(members), block_size, num_blocks, budget,
                     torch.device(device) if device is not None else None, dtype)
                 slot_pools = [(first, slot) for slot in range(len(members))]
@@ -872,9 +886,10 @@ class PagedCache(Cache):
         self.pool = self.groups[0].pool  # it owns the block ids (`KVPool.blocks`) the first group's pools share
         self.block_size = self.pool.block_size
         self.manager = self.groups[0].manager
-        if self.pool.shared:
+        shared = [group.manager for group in self.groups if group.pool.shared]
+        if shared:
             # A shared pool outlives this cache: give the rows' blocks back when the cache is collected.
-            weakref.finalize(self, _release_rows, self.manager)
+            weakref.finalize(self, _release_rows, shared)
         self.record_past = False  # `activate_past_recording`: keep sliding-window keys until the next `crop`
         self.peak_used_blocks = 0
         self.peak_used_bytes = 0
@@ -1016,7 +1031,9 @@ class PagedCache(Cache):
             seen = [max(length - window + 1, 0) for length in lengths_before]  # first key the first query sees
             kept = [max(length + q_len - window + 1, 0) for length in lengths_before]  # first key kept after it
             # Rows of one length (as generate's) can keep only a step's last tokens: its attention reads the rest.
-            partial = q_len > 1 and len(set(lengths_before)) == 1 and kept[0] > lengths_before[0]
+            # A prefix-cache pool (shared) stores every prompt token, so that its full blocks can be indexed.
+            partial = (q_len > 1 and len(set(lengths_before)) == 1 and kept[0] > lengths_before[0]
+                       and not group.pool.shared)
             if partial:
                 if lengths_before[0] > 0:
                     context = self._gather_context(group, seen, lengths_before)
@@ -1176,6 +1193,15 @@ class PagedCache(Cache):
         ``generate`` passes them from the prompt's attention mask; they are used once, when the rows are added."""
         self._row_starts = None if starts is None else [int(start) for start in starts]
 
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the lock of every group's block ids (`BlockPool.lock`): what changes rows of pools that other caches
+        share (prefix caching) does so under it."""
+        with contextlib.ExitStack() as stack:
+            for blocks in {id(g.pool.blocks): g.pool.blocks for g in self.groups}.values():
+                stack.enter_context(blocks.lock)
+            yield
+
     def reset(self) -> None:
         """Forget every sequence; the pool is kept for reuse."""
         for group in self.groups:
@@ -1254,29 +1280,34 @@ class PagedCache(Cache):
         )
 
     def __deepcopy__(self, memo: dict) -> PagedCache:
-        """An independent copy with a pool of its own holding just this cache's blocks (Transformers' prompt-reuse
-        recipe: ``copy.deepcopy(prompt_cache)``). Sharing between rows is kept."""
-        if len(self.pools) > 1:
-            raise NotImplementedError("hf_paged: copying a PagedCache whose layers are on several devices or have "
-                                      "sliding windows of their own is not supported; run the prompt again for "
-                                      "each copy instead.")
-        used = sorted({block for table in self.manager.tables for block in table if block >= 0})
-        renumber = {block: new for new, block in enumerate(used)}
-        renumber[NULL_BLOCK] = NULL_BLOCK
-        old = self.pool
-        pool = KVPool(old.num_layers, old.block_size, device=old.device, dtype=old.dtype)
-        if old.tensor is not None:
-            pool.own = {layer: list(own) for layer, own in old.own.items()}  # the same layout (`KVPool._bind`)
-            pool.block_major = old.block_major
-            pool._bind([old.gather_blocks(used)], [0])  # one slab, whatever the original's count
-            pool.blocks.grow(len(used))
-            pool.blocks.free_blocks.clear()
-            pool.peak_blocks = len(used)
+        """An independent copy with pools of its own (one per layer group) holding just this cache's blocks
+        (Transformers' prompt-reuse recipe: ``copy.deepcopy(prompt_cache)``). Sharing between rows is kept."""
+        if any(len(group.pools) > 1 for group in self.groups):
+            raise NotImplementedError("hf_paged: copying a PagedCache whose layers are on several devices is not "
+                                      "supported; run the prompt again for each copy instead.")
+        specs, managers = [], []
+        for group in self.groups:
+            used = sorted({block for table in group.manager.tables for block in table if block >= 0})
+            renumber = {block: new for new, block in enumerate(used)}
+            renumber[NULL_BLOCK] = NULL_BLOCK
+            old = group.pool
+            pool = KVPool(old.num_layers, old.block_size, device=old.device, dtype=old.dtype)
+            if old.tensor is not None:
+                pool.own = {layer: list(own) for layer, own in old.own.items()}  # the same layout (`KVPool._bind`)
+                pool.block_major = old.block_major
+                pool._bind([old.gather_blocks(used)], [0])  # one slab, whatever the original's count
+                pool.blocks.grow(len(used))
+                pool.blocks.free_blocks.clear()
+                pool.peak_blocks = len(used)
+            # The group's layers (by their index among the attention layers) at the same places in the new pool.
+            layers = [layer for layer in self.layers if isinstance(layer, PagedLayer)
+                      and self.layer_groups[layer.layer_idx] is group]
+            specs.append((group.window, pool, [layer.slot for layer in layers],
+                          [(pool, self.layer_pools[layer.layer_idx][1]) for layer in layers]))
+            managers.append((group.manager, renumber))
         clone = PagedCache.__new__(PagedCache)
         memo[id(self)] = clone
-        slots = list(range(pool.num_layers))
-        clone._init_state([(None, pool, slots, [(pool, slot) for slot in slots])], self._kinds, self._layer_kwargs,
-                          self.latent)
+        clone._init_state(specs, self._kinds, self._layer_kwargs, self.latent)
         clone.record_past = self.record_past
         for mine, theirs in zip(self.layers, clone.layers, strict=True):
             if isinstance(mine, LinearAttentionCacheLayerMixin):
@@ -1284,15 +1315,16 @@ class PagedCache(Cache):
                              "is_recurrent_states_initialized", "has_previous_state", "conv_kernel_size", "device",
                              "dtype", "record_past"):
                     setattr(theirs, name, copy.deepcopy(getattr(mine, name), memo))
-        manager = clone.manager
-        manager.tables = [[renumber[block] for block in table] for table in self.manager.tables]
-        manager.lengths = list(self.manager.lengths)
-        manager.live_from = list(self.manager.live_from)
-        manager.cow_copies = self.manager.cow_copies
-        for table in manager.tables:
-            for block in table:
-                if block >= 0:
-                    pool.blocks.ref_counts[block] += 1
+        for group, (source, renumber) in zip(clone.groups, managers, strict=True):
+            manager = group.manager
+            manager.tables = [[renumber[block] for block in table] for table in source.tables]
+            manager.lengths = list(source.lengths)
+            manager.live_from = list(source.live_from)
+            manager.cow_copies = source.cow_copies
+            for table in manager.tables:
+                for block in table:
+                    if block >= 0:
+                        group.pool.blocks.ref_counts[block] += 1
         clone.peak_used_blocks, clone.prefix_hit_tokens = self.peak_used_blocks, self.prefix_hit_tokens
         clone.peak_used_bytes = self.peak_used_bytes
         return clone
@@ -1312,9 +1344,10 @@ def owner_of(tensor: torch.Tensor) -> PagedCache | None:
     return pool.active() if pool is not None and pool.active is not None else None
 
 
-def _release_rows(manager: BlockManager) -> None:
-    with manager.pool.lock:
-        manager.reset()
+def _release_rows(managers: list[BlockManager]) -> None:
+    for manager in managers:
+        with manager.pool.lock:
+            manager.reset()
 
 
 def _padded_tables(manager, device: torch.device) -> torch.Tensor:

@@ -148,7 +148,7 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
     if shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0:
         hashes = prefix.block_hashes(reduced_ids, reduced_kwargs.get("attention_mask"), cache.block_size,
                                      salt=shared.salt_for(self))
-        with shared.pool.blocks.lock:
+        with cache.locked():
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
     try:
         outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
@@ -157,7 +157,7 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
     for key in reduced_kwargs.keys() - model_kwargs.keys():
         model_kwargs[key] = reduced_kwargs[key]  # what the prefill adds for the decoding loop (5.0: cache_position)
     if hashes is not None:
-        with shared.pool.blocks.lock:
+        with cache.locked():
             prefix.index_prompt_blocks(cache, hashes)
     if k > 1:
         cache.batch_repeat_interleave(k)
@@ -247,7 +247,7 @@ def _sample(original, self, *args, **kwargs):
 def _release_failed(caches: list[PagedCache]) -> None:
     """Give back the rows of `caches` now, not when the failed call's traceback is collected."""
     for cache in caches:
-        with cache.manager.pool.lock:
+        with cache.locked():
             cache.reset()
 
 

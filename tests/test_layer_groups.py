@@ -6,10 +6,12 @@ and counts the blocks the cache's rows reference.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import VOCAB, left_padded_batch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, LlamaConfig
 
 from hf_paged import PagedCache, compat
 from hf_paged.block_manager import NULL_BLOCK
@@ -144,6 +146,32 @@ def test_assisted_decoding_keeps_the_window_until_crop(sliding_pair):
     expected = reference.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     got = paged.generate(**inputs, max_new_tokens=16, min_new_tokens=16, prompt_lookup_num_tokens=3, do_sample=False)
     assert torch.equal(got, expected)
+
+
+def test_deepcopy_of_a_sliding_window_prompt_cache(sliding_pair):
+    """Transformers' prompt-reuse recipe on a model with layer groups: each group's blocks are copied into a pool of
+    the copy's own (null entries and live starts kept), the copies give sdpa's tokens and the original is untouched."""
+    reference, paged = sliding_pair
+    shared = torch.randint(3, VOCAB, (1, 21), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref_cache = reference(shared, **compat.cache_kwargs(DynamicCache(config=reference.config))).past_key_values
+        cache = paged(shared, **compat.cache_kwargs(PagedCache(paged.config, block_size=4))).past_key_values
+    assert cache.groups[1].manager.tables[0][0] == NULL_BLOCK  # the window's blocks only
+    before = [(list(g.manager.tables[0]), list(g.manager.live_from)) for g in cache.groups]
+    for length in (3, 11):
+        ids = torch.cat([shared, torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))],
+                        dim=1)
+        expected = _generate(reference, {"input_ids": ids}, **compat.cache_kwargs(copy.deepcopy(ref_cache)))
+        copied = copy.deepcopy(cache)
+        for mine, original in zip(copied.groups, cache.groups, strict=True):
+            assert mine.pool is not original.pool and mine.manager.live_from == original.manager.live_from
+            assert [b == NULL_BLOCK for b in mine.manager.tables[0]] == [b == NULL_BLOCK for b in
+                                                                        original.manager.tables[0]]
+        got = _generate(paged, {"input_ids": ids}, **compat.cache_kwargs(copied))
+        assert torch.equal(got.sequences, expected.sequences)
+        for group in copied.groups:
+            group.manager.check()
+    assert [(list(g.manager.tables[0]), list(g.manager.live_from)) for g in cache.groups] == before
 
 
 @torch.no_grad()

@@ -6,9 +6,12 @@ import gc
 
 import pytest
 import torch
-from conftest import count_prefill_positions, make_pair, system_prompt
+from conftest import VOCAB, count_prefill_positions, make_pair, system_prompt
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig
 
 import hf_paged
+from hf_paged import PagedCache, prefix
+from hf_paged.block_manager import NULL_BLOCK
 
 SYSTEM = 160
 
@@ -102,3 +105,112 @@ def test_enable_prefix_caching_needs_hf_paged():
     reference, _ = make_pair("llama")
     with pytest.raises(ValueError, match="hf_paged"):
         hf_paged.enable_prefix_caching(reference)
+
+
+# ------------------------------------------------------------------ layer groups: sliding-window layers
+WINDOW = 8
+SLIDING_SYSTEM = 40
+SLIDING_CONFIGS = {
+    # 3 sliding-window layers to 1 full: two layer groups, each with its own pool and index.
+    "gemma3": lambda: Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"], max_position_embeddings=512, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2),
+    # Every layer sliding: one group, and a hit needs no leading block at all.
+    "mistral": lambda: MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=WINDOW, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2),
+}
+
+
+@pytest.fixture(params=list(SLIDING_CONFIGS))
+def sliding_prefix_pair(request):
+    torch.manual_seed(0)
+    config = SLIDING_CONFIGS[request.param]
+    reference = AutoModelForCausalLM.from_config(config(), attn_implementation="sdpa").eval()
+    paged = AutoModelForCausalLM.from_config(config(), attn_implementation="hf_paged").eval()
+    paged.load_state_dict(reference.state_dict())
+    for model in (reference, paged):
+        model.generation_config.pad_token_id = 0
+    yield reference, paged
+    hf_paged.disable_prefix_caching(paged)
+
+
+def _sliding_prompt(suffix_len: int, seed: int) -> torch.Tensor:
+    return system_prompt(SLIDING_SYSTEM, suffix_len, seed)
+
+
+def _sliding_group(cache):
+    return next(group for group in cache.groups if group.window is not None)
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
+def test_sliding_window_layers_are_indexed_per_group(sliding_prefix_pair, mode):
+    """Each layer group has its own pool and index; sliding-window layers still release what leaves the window
+    while decoding, and a second call takes the shared system prompt from both groups."""
+    reference, paged = sliding_prefix_pair
+    state = hf_paged.enable_prefix_caching(paged, block_size=4)
+    windows = {group.window for group in PagedCache(paged.config).groups}
+    assert set(state.pools) == windows and WINDOW in windows
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True, **mode)
+    first_ids, second_ids = _sliding_prompt(5, seed=1), _sliding_prompt(9, seed=2)
+    positions, first = count_prefill_positions(paged, lambda: paged.generate(first_ids, **kwargs))
+    assert positions == first_ids.shape[1]
+    sliding = _sliding_group(first.past_key_values)
+    assert sliding.pool is state.pools[WINDOW]
+    for table, start in zip(sliding.manager.tables, sliding.manager.live_from, strict=True):
+        live = [block for block in table if block != NULL_BLOCK]
+        assert len(live) <= -(-WINDOW // 4) + 1  # the window's blocks, not the 15 of the row
+        assert table[:start // 4] == [NULL_BLOCK] * (start // 4)
+    # Released prompt blocks stay indexed until the pool reuses them, the least recently released first: the
+    # blocks a hit at the end of the system prompt needs (positions 33-39) were released last.
+    assert state.pools[WINDOW].blocks.num_cached >= -(-WINDOW // 4)
+    assert torch.equal(first.sequences, reference.generate(first_ids, **kwargs).sequences)
+    del first, sliding
+    gc.collect()
+
+    positions, second = count_prefill_positions(paged, lambda: paged.generate(second_ids, **kwargs))
+    assert second.past_key_values.stats().prefix_hit_tokens == SLIDING_SYSTEM
+    assert positions == second_ids.shape[1] - SLIDING_SYSTEM
+    assert torch.equal(second.sequences, reference.generate(second_ids, **kwargs).sequences)
+    second.past_key_values.manager.check()
+    _sliding_group(second.past_key_values).manager.check()
+
+
+def test_a_sliding_window_hit_needs_only_the_window(sliding_prefix_pair):
+    """In a sliding-window group a hit of n blocks needs only the blocks of the keys position n * block_size still
+    sees; when one of those is gone from that group's index, the hit shrinks to what every group can serve."""
+    reference, paged = sliding_prefix_pair
+    state = hf_paged.enable_prefix_caching(paged, block_size=4)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True)
+    paged.generate(_sliding_prompt(5, seed=1), **kwargs)
+    gc.collect()
+    chain = prefix.block_hashes(_sliding_prompt(5, seed=1), None, 4, salt=state.salt_for(paged))[0]
+    index = state.pools[WINDOW].blocks
+    # Forget the sliding group's first 6 blocks (positions 0-23): a hit of 10 blocks reads positions 33-39 there.
+    for key in chain[:6]:
+        index.unindex(index.lookup(key))
+    ids = _sliding_prompt(9, seed=2)
+    out = paged.generate(ids, **kwargs)
+    assert out.past_key_values.stats().prefix_hit_tokens == SLIDING_SYSTEM
+    assert torch.equal(out.sequences, reference.generate(ids, **kwargs).sequences)
+    del out
+    gc.collect()
+    # Forget the block of positions 36-39 there: 10 blocks can no longer be served, 9 can (positions 29-35).
+    index.unindex(index.lookup(chain[9]))
+    ids = _sliding_prompt(7, seed=3)
+    out = paged.generate(ids, **kwargs)
+    assert out.past_key_values.stats().prefix_hit_tokens == SLIDING_SYSTEM - 4
+    assert torch.equal(out.sequences, reference.generate(ids, **kwargs).sequences)
+
+
+def test_pools_of_another_model_are_refused(sliding_prefix_pair):
+    _, paged = sliding_prefix_pair
+    state = hf_paged.enable_prefix_caching(paged, block_size=4)
+    other = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2)
+    other._attn_implementation = "hf_paged"
+    with pytest.raises(ValueError, match="hf_paged: the shared pools given to this PagedCache"):
+        PagedCache(other, pool=state.pools)
