@@ -214,3 +214,22 @@ def test_pools_of_another_model_are_refused(sliding_prefix_pair):
     other._attn_implementation = "hf_paged"
     with pytest.raises(ValueError, match="hf_paged: the shared pools given to this PagedCache"):
         PagedCache(other, pool=state.pools)
+
+
+@pytest.mark.parametrize("family", ["mistral_window", "gemma2"])
+def test_sliding_window_families_hit_and_match(family):
+    """Families of the parity suite with sliding windows (Gemma 2's softcaps included): a second call hits the
+    system prompt in every layer group and gives the reference's tokens."""
+    reference, paged = make_pair(family)
+    try:
+        hf_paged.enable_prefix_caching(paged, block_size=4)
+        kwargs = dict(max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True)
+        paged.generate(_sliding_prompt(3, seed=1), **kwargs)
+        gc.collect()
+        ids = _sliding_prompt(6, seed=2)
+        out = paged.generate(ids, **kwargs)
+        assert out.past_key_values.stats().prefix_hit_tokens == SLIDING_SYSTEM
+        assert any(group.window is not None for group in out.past_key_values.groups)
+        assert torch.equal(out.sequences, reference.generate(ids, **kwargs).sequences)
+    finally:
+        hf_paged.disable_prefix_caching(paged)
