@@ -949,6 +949,13 @@ class PagedCache(Cache):
                 f"(layers 0..{len(self.layer_pools) - 1}, from the num_hidden_layers of the config it was given). Build the cache "
                 "from the config of the model that uses it: PagedCache(model.config)."
             )
+        if key_states.requires_grad or value_states.requires_grad:
+            raise RuntimeError(
+                f"hf_paged: layer {layer_idx} stored keys that require grad in a PagedCache. Its blocks are written in "
+                "place and its attention reads them back, so no gradient could flow through them: run the forward "
+                "pass under torch.no_grad() or torch.inference_mode() (generate() does), or, to train, call the "
+                "model without a PagedCache (use_cache=False or a DynamicCache)."
+            )
         if self.layer_pools[layer_idx] is None:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes it a "

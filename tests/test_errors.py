@@ -431,3 +431,22 @@ def test_stats_of_a_fixed_pool_show_its_size_before_the_first_write(models):
     greedy(paged, random_ids(1, 5, seed=141), max_new_tokens=2, **cache_kwargs(cache))
     after = cache.stats()
     assert after.num_blocks == 7 and after.free_blocks + after.used_blocks == 7
+
+
+def test_a_forward_under_autograd_is_refused_before_anything_is_written(models):
+    """Keys that require grad cannot go through blocks written in place: a clear error, the cache untouched and
+    usable under no_grad, and the model still trainable without a PagedCache."""
+    ref, paged = models
+    ids = random_ids(1, 9, seed=40)
+    cache = PagedCache(paged.config, block_size=4)
+    with pytest.raises(RuntimeError, match="hf_paged: layer 0 stored keys that require grad.*torch.no_grad"):
+        paged(ids, past_key_values=cache)
+    assert cache.stats().used_blocks == 0 and cache.get_seq_length() == 0
+    with torch.no_grad():
+        got = paged(ids, past_key_values=cache).logits
+        expected = ref(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    loss = paged(ids, use_cache=False).logits.sum()
+    loss.backward()
+    assert paged.model.embed_tokens.weight.grad is not None
+    paged.zero_grad(set_to_none=True)
