@@ -7,7 +7,8 @@ into this process, so the models run in a subprocess. That script counts the cal
 fallbacks, and compares tokens and logits with Transformers' own attention (``sdpa``; ``eager`` for Gemma2's softcap)
 on tiny random-weight models with left-padded prompts, for greedy search, beam search and seeded sampling with
 ``num_return_sequences``. In the last two the rows of a prompt share its blocks, and decoding must read them once
-per prompt through ``shared_prefix_paged_attention``.
+per prompt through ``shared_prefix_paged_attention``. With prefix caching, a second call maps the first call's
+system-prompt blocks in every layer group and its prefill reads them through the paged kernel.
 
 The script runs from a temporary directory, never the repository root: with the root on ``sys.path`` its
 ``kernels/`` folder would also be found as a top-level ``kernels`` module (see conftest.py).
@@ -130,7 +131,28 @@ for family in sys.argv[2].split(","):
     eos = int(generate(reference, inputs, do_sample=False).sequences[1, 12])
     # (without output_logits: a call returning scores stores ended rows too, so that their scores stay exact)
     modes = {**MODES, "greedy_eos": dict(do_sample=False, min_new_tokens=0, eos_token_id=eos, output_logits=False)}
+    if "prefix" in sys.argv[4].split(","):
+        # Two calls sharing a 15-token system prompt (3 blocks of 5), with prefix caching: the second maps them.
+        hf_paged.enable_prefix_caching(paged, block_size=5)
+        generator = torch.Generator().manual_seed(2)
+        system = torch.randint(3, VOCAB, (1, 15), generator=generator)
+        for call, suffix in enumerate((3, 4)):
+            ids = torch.cat([system, torch.randint(3, VOCAB, (1, suffix), generator=generator)], dim=1)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            expected = generate(reference, inputs, do_sample=False)
+            calls.clear()
+            got = generate(paged, inputs, do_sample=False)
+            results[f"{family}-prefix{call}"] = {
+                "calls": dict(calls),
+                "same_tokens": torch.equal(got.sequences, expected.sequences),
+                "hit": got.past_key_values.stats().prefix_hit_tokens,
+                "max_logit_diff": (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max().item(),
+            }
+            del got
+        hf_paged.disable_prefix_caching(paged)
     for mode in sys.argv[4].split(","):
+        if mode == "prefix":
+            continue
         kwargs = modes[mode]
         expected = generate(reference, inputs, **kwargs)
         calls.clear()
@@ -213,6 +235,19 @@ def test_sinks_and_chunks_run_through_the_triton_kernels(tmp_path):
             assert "shared_prefix_paged_attention" not in calls, (case, calls)
         elif case.endswith("beams"):  # Llama 4's full-attention layer reads the shared prompt once
             assert calls.get("shared_prefix_paged_attention", 0) >= 1, (case, calls)
+        assert not any(key.startswith("ops.") for key in calls), (case, calls)
+        assert result["same_tokens"], (case, result)
+        assert result["max_logit_diff"] < 2e-4, (case, result)
+
+
+def test_prefix_caching_runs_through_the_triton_kernels(tmp_path):
+    """A prefix-cache hit in every layer group (Gemma2: a sliding-window group and a full one): the second call's
+    prefill attends over the mapped blocks with the paged kernel and gives eager's tokens."""
+    results = run_script(tmp_path, ["llama", "gemma2"], ["prefix"])
+    assert set(results) == {f"{family}-prefix{call}" for family in ("llama", "gemma2") for call in (0, 1)}
+    for case, result in results.items():
+        calls = result["calls"]
+        assert result["hit"] == (15 if case.endswith("1") else 0), (case, result)
         assert not any(key.startswith("ops.") for key in calls), (case, calls)
         assert result["same_tokens"], (case, result)
         assert result["max_logit_diff"] < 2e-4, (case, result)
