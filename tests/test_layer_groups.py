@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import families
 import pytest
 import torch
 from conftest import VOCAB, left_padded_batch
@@ -224,3 +225,15 @@ def test_left_padded_beams_share_and_match(llama_pair_groups):
     assert torch.equal(got.sequences, expected.sequences)
     assert cache.stats().used_bytes < cache.stats().logical_bytes
     cache.manager.check()
+
+
+def test_layers_of_another_shape_get_a_group_not_unused_rows():
+    """Gemma 4's full-attention layers have wider heads than its sliding ones: being in another group, each pool's
+    tensors have its layers' shape, and no layer needs tensors of its own (a row left unused in the shared ones)."""
+    if "gemma4_text" not in families.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        pytest.skip("this Transformers has no Gemma 4")
+    model = families._load("gemma4_text", families.tiny_config("gemma4_text"), "hf_paged")
+    cache = _cache(families._generate(model, families._batch()))
+    widths = {group.window: group.pool.tensors[0].shape[-1] for group in cache.groups}
+    assert None in widths and len(widths) == 2 and len(set(widths.values())) == 2, widths
+    assert all(not group.pool.own for group in cache.groups)
