@@ -123,7 +123,7 @@ def paged_attention_forward(
         chunk_size = None  # every key is in the first chunk
     if sliding_window is None and chunk_size is None and (attention_mask is None or attention_mask.dim() == 2):
         # Keys Transformers' own DynamicCache would already have dropped for this layer (Moshi's cache window)
-        window = masks.cache_window(getattr(module, "config", None), module.layer_idx)
+        window = cache.cache_window(getattr(module, "config", None), module.layer_idx)
         if window is not None and step.max_seq_len - step.q_len > window - 1:
             memo_key = ("cache_window", id(attention_mask), window)  # memoised per step: the masks below key by id
             if memo_key not in step._masks:

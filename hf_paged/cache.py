@@ -1115,6 +1115,17 @@ class PagedCache(Cache):
         pool, slot = expected
         return (self.layer_groups[pending].step_on(pool.tensor.device), *pool.plain[slot])
 
+    def cache_window(self, config, layer_idx: int) -> int | None:
+        """`masks.cache_window`, memoised per config object for this cache's lifetime (one ``generate`` call): a
+        model config is unhashable, so the module-level memo misses, and every layer of every step would otherwise
+        build a `DynamicCache` to find out."""
+        memo = self.__dict__.setdefault("_cache_windows", {})
+        entry = memo.get(id(config))
+        if entry is None or entry[0] is not config:
+            entry = memo[id(config)] = (config, masks.cache_windows(config))
+        windows = entry[1]
+        return windows[layer_idx] if 0 <= layer_idx < len(windows) else None
+
     def fresh_inputs(self, step: StepMetadata) -> tuple:
         """For a step that stores only its last tokens (``step.fresh`` set), the layer that just stored: ``(kept
         keys, kept values, the step's keys, the step's values)``, the kept ones ``[B, H, n, D]`` from position

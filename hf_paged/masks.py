@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import masking_utils
 
-__all__ = ["MaskPattern", "attach", "cache_window", "describe", "detach", "drop_keys_before"]
+__all__ = ["MaskPattern", "attach", "cache_window", "cache_windows", "describe", "detach", "drop_keys_before"]
 
 _PATTERN_ATTR = "_hf_paged_pattern"
 _PADDED_ATTR = "_hf_paged_padded"
@@ -115,6 +115,13 @@ def cache_window(config, layer_idx: int) -> int | None:
     that: it asks Transformers' `DynamicCache` which of its layers slide, so the answer follows the installed
     release.
     """
+    windows = cache_windows(config)
+    return windows[layer_idx] if 0 <= layer_idx < len(windows) else None
+
+
+def cache_windows(config) -> tuple[int | None, ...]:
+    """`cache_window` of every layer (memoised for hashable configs; Transformers' configs are not, so callers on a
+    hot path memoise it themselves: `hf_paged.PagedCache.cache_window`)."""
     try:
         windows = _CACHE_WINDOWS.get(config)
     except TypeError:  # not weak-referenceable
@@ -125,7 +132,7 @@ def cache_window(config, layer_idx: int) -> int | None:
             _CACHE_WINDOWS[config] = windows
         except TypeError:
             pass
-    return windows[layer_idx] if 0 <= layer_idx < len(windows) else None
+    return windows
 
 
 def _dynamic_cache_windows(config) -> tuple[int | None, ...]:
