@@ -23,7 +23,7 @@ from hf_paged.bench.scenarios import SCENARIOS, SLIDING_MODEL
 ROW_KEYS = {
     "scenario", "prompt_length", "impl", "status", "reason", "seconds", "seconds_median", "tokens", "tokens_per_s",
     "time_ratio", "kv_bytes", "peak_kv_bytes", "kv_ratio", "used_bytes", "peak_used_bytes", "prefix_hit_tokens",
-    "prompt_tokens", "peak_rss_bytes", "tokens_match",
+    "prompt_tokens", "peak_rss_bytes", "tokens_match", "real_tokens", "cache_tokens", "ideal_bytes", "ideal_ratio",
 }
 SWEEP_KEYS = {"kind", "k", "prompt_length", "impl", "kv_bytes", "peak_kv_bytes", "used_bytes", "seconds"}
 QUICK = ["--prompt-lengths", "16", "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1"]
@@ -213,3 +213,64 @@ def test_memory_scenarios_sliding_window_and_eos(tiny_model, tmp_path, capsys):
     full = spec["num_hidden_layers"] * 88 * 2 * spec["num_key_value_heads"] * spec["head_dim"] * 4  # float32
     assert rows["sliding", "sdpa"]["peak_kv_bytes"] < full
     assert "| batch8_eos |" in (tmp_path / "results.md").read_text()
+
+
+def test_real_cache_tokens_counts_up_to_eos_of_what_was_fed():
+    from hf_paged.bench.runner import real_cache_tokens
+
+    eos, pad = 7, 0
+    rows = [[5, 6, 5, 6], [5, eos, pad, pad], [eos, pad, pad, pad], [5, 5, 5, eos]]
+    # 4 steps: the last step's token is never fed back, so a row holds at most 3 new tokens.
+    assert real_cache_tokens([10, 3, 1, 2], rows, {eos}) == (10 + 3) + (3 + 2) + (1 + 1) + (2 + 3)
+    assert real_cache_tokens([10, 3, 1, 2], rows, {eos, 6}) == (10 + 2) + (3 + 2) + (1 + 1) + (2 + 3)
+    assert real_cache_tokens([4], [[eos]], {eos}) == 4  # one step: nothing fed back
+    with pytest.raises(ValueError, match="hf_paged bench: 1 prompts for 2 generated rows"):
+        real_cache_tokens([4], [[1], [2]], {eos})
+
+
+def test_chat_requests_are_the_requests_in_the_template(tiny_model):
+    from transformers import AutoTokenizer
+
+    from hf_paged.bench.prompts import CHAT_REQUESTS, chat_requests
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    plain = chat_requests(tokenizer)  # no template: each request's own tokens
+    assert [tokenizer.decode(ids) for ids in plain] == list(CHAT_REQUESTS)
+    tokenizer.chat_template = "{% for m in messages %}<pad>{{ m['content'] }}<eos>{% endfor %}<pad>"
+    wrapped = chat_requests(tokenizer)
+    assert [ids[1:-2] for ids in wrapped] == plain
+    assert all(ids[0] == ids[-1] == tokenizer.pad_token_id and ids[-2] == tokenizer.eos_token_id for ids in wrapped)
+    assert len(CHAT_REQUESTS) == 8 and len({len(ids) for ids in wrapped}) >= 6  # different lengths
+    scenario = SCENARIOS["chat8_eos"]
+    assert scenario.prompts([1, 2, 3], 512, None, wrapped) == [wrapped]  # the prompt length does not apply
+    with pytest.raises(ValueError, match="chat8_eos"):
+        scenario.prompts([1, 2, 3], 512)
+
+
+@pytest.mark.skipif(not paged_attention_registered(), reason="needs the hf_paged attention")
+def test_chat_scenario_reports_allocated_referenced_and_ideal(tiny_model, tmp_path, capsys):
+    """`chat8_eos` runs once whatever the prompt lengths, at its longest request, and reports the ideal."""
+    from transformers import AutoTokenizer
+
+    from hf_paged.bench.prompts import chat_requests
+
+    lengths = [len(ids) for ids in chat_requests(AutoTokenizer.from_pretrained(tiny_model))]
+    argv = ["--model", str(tiny_model), *QUICK, "--prompt-lengths", "16,32", "--new-tokens", "6", "--scenarios",
+            "chat8_eos", "--impls", "hf_paged,sdpa", "--sweep-k", "none", "--out", str(tmp_path)]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    stdout = capsys.readouterr().out
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["impl"]: row for row in data["results"]}
+    assert [row["prompt_length"] for row in data["results"]] == [max(lengths)] * 2
+    paged, reference = rows["hf_paged"], rows["sdpa"]
+    assert paged["status"] == reference["status"] == "ok" and paged["tokens_match"] is True
+    # sdpa's DynamicCache: 8 rows x (longest prompt + 5 fed new tokens); the real tokens exclude the padding.
+    assert reference["cache_tokens"] == 8 * (max(lengths) + 5)
+    assert sum(lengths) + 8 <= reference["real_tokens"] <= sum(lengths) + 8 * 5
+    assert paged["real_tokens"] == reference["real_tokens"] and paged["ideal_bytes"] == reference["ideal_bytes"]
+    slots = 8 * (max(lengths) + 5)
+    assert reference["ideal_bytes"] == reference["peak_kv_bytes"] * reference["real_tokens"] // slots
+    assert paged["peak_kv_bytes"] >= paged["peak_used_bytes"] >= reference["ideal_bytes"]  # allocated, used, ideal
+    assert "KV x ideal" in stdout and "KV memory vs the ideal" in (tmp_path / "results.md").read_text()
+    line = next(line for line in stdout.split("KV x ideal")[1].splitlines() if line.startswith("chat8_eos"))
+    assert f"{paged['peak_kv_bytes'] / reference['ideal_bytes']:.2f}" == line.split()[-1]

@@ -225,7 +225,7 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
-    from .prompts import chat_wrap, token_stream
+    from .prompts import chat_requests, chat_wrap, token_stream
     from .report import render_table, write_outputs
     from .runner import Runner
     from .suite import Settings, Suite
@@ -265,7 +265,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     stream = token_stream(tokenizer, max(args.prompt_lengths))
-    suite = Suite(runner, stream, settings, None, chat=chat_wrap(tokenizer))
+    suite = Suite(runner, stream, settings, None, chat=chat_wrap(tokenizer), requests=chat_requests(tokenizer))
     # Created with its total: a bar without one first prints a stray "0run [00:00, ?run/s]" line.
     with tqdm(total=suite.planned_runs(), desc=PROG, unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
         suite.progress = bar

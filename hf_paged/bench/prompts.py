@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TEXT", "batch_lengths", "chat_wrap", "left_pad", "make_prompt", "token_stream"]
+__all__ = ["CHAT_REQUESTS", "TEXT", "batch_lengths", "chat_requests", "chat_wrap", "left_pad", "make_prompt",
+           "token_stream"]
 
 # Plain English prose (written for this benchmark), repeated as needed to reach any prompt length.
 TEXT = (
@@ -17,6 +18,21 @@ TEXT = (
     "efficient, and they left her the notebooks, which the harbour museum later copied page by page. Historians "
     "found in them a precise record of fog, of migrating birds, of fishing boats that went out in the morning "
     "and of the few that did not come back. "
+)
+
+# The `chat8_eos` scenario's batch: eight user requests of different kinds, written for this benchmark before it was
+# ever run (not tuned to any figure). Some ask for a long answer, some for a word or a sentence.
+CHAT_REQUESTS = (
+    "What is the capital of France?",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Is 17 a prime number? Answer yes or no.",
+    "Explain how photosynthesis works, step by step, for a high-school student.",
+    'Translate into Spanish: "Good morning, where is the train station?"',
+    "Give me ten practical tips for staying focused when working from home, with a sentence of explanation for each.",
+    "My sourdough bread comes out flat and dense every time. I feed the starter once a day, let the dough rise "
+    "overnight in the fridge and bake it at 230 degrees Celsius in a cast-iron pot. What am I probably doing wrong?",
+    "Write a Python function that checks whether a string is a palindrome, ignoring case and punctuation, and "
+    "explain how it works.",
 )
 
 
@@ -40,6 +56,16 @@ def chat_wrap(tokenizer) -> tuple[list[int], list[int]] | None:
     before, after = text.split(marker)
     return (tokenizer(before, add_special_tokens=False)["input_ids"],
             tokenizer(after, add_special_tokens=False)["input_ids"])
+
+
+def chat_requests(tokenizer) -> list[list[int]]:
+    """The token ids of each of `CHAT_REQUESTS` as a user turn in the tokenizer's chat template, ending with the
+    assistant's generation prompt; without a chat template, the request's own tokens (no special tokens)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [tokenizer(request, add_special_tokens=False)["input_ids"] for request in CHAT_REQUESTS]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+                                           add_generation_prompt=True) for request in CHAT_REQUESTS]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
 def make_prompt(stream: list[int], length: int, offset: int = 0) -> list[int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .suite import SWEEP_KINDS, Row, SweepPoint
 
-__all__ = ["PLOT_FILES", "notes", "render_markdown", "render_table", "write_outputs"]
+__all__ = ["IDEAL_NOTE", "PLOT_FILES", "notes", "render_markdown", "render_table", "write_outputs"]
 
 PLOT_FILES = ("time_vs_prompt_length.png", "kv_vs_k.png")
 _MIB = 2**20
@@ -86,6 +86,37 @@ def _sweep_cells(point: SweepPoint) -> list[str]:
 
 
 _SWEEP_HEADERS = ("sweep", "k", "P", "impl", "KV MiB", "KV end MiB", "used end MiB")
+_IDEAL_HEADERS = ("scenario", "P", "real tokens", "sdpa tokens", "sdpa KV MiB", "ideal MiB", "ideal x sdpa",
+                  "hf_paged KV MiB", "KV x sdpa", "used peak MiB", "used x sdpa", "KV x ideal")
+IDEAL_NOTE = (
+    "KV vs ideal (scenarios whose rows stop at EOS): real tokens: the tokens sdpa's caches hold that a row needs "
+    "(its prompt without padding, its new tokens up to and including its EOS, of those fed back to the model); "
+    "sdpa tokens: the token slots of its DynamicCache (rows x its sequence length: padding and tokens after EOS "
+    "included). ideal: sdpa's KV bytes x real / sdpa tokens. hf_paged KV: peak allocated bytes "
+    "(stats().peak_pool_bytes); used peak: peak referenced bytes (stats().peak_used_bytes); x sdpa: over sdpa's "
+    "KV bytes; KV x ideal: allocated over ideal."
+)
+
+
+def _ratio(value: int | None, over: int | None) -> str:
+    return "-" if value is None or not over else f"{value / over:.2f}"
+
+
+def _ideal_lines(rows: list[Row]) -> list[list[str]]:
+    """One line per case whose sdpa row carries the ideal (``ideal_bytes``), beside hf_paged's bytes."""
+    by_case = {(r.scenario, r.prompt_length, r.impl): r for r in rows if r.status == "ok"}
+    lines = []
+    for (scenario, length, impl), ref in by_case.items():
+        if impl != "sdpa" or ref.ideal_bytes is None:
+            continue
+        paged = by_case.get((scenario, length, "hf_paged"))
+        allocated = paged.peak_kv_bytes if paged else None
+        used = paged.peak_used_bytes if paged else None
+        lines.append([scenario, str(length), str(ref.real_tokens), str(ref.cache_tokens), _mib(ref.peak_kv_bytes),
+                      _mib(ref.ideal_bytes), f"{ref.ideal_ratio:.2f}", _mib(allocated),
+                      _ratio(allocated, ref.peak_kv_bytes), _mib(used), _ratio(used, ref.peak_kv_bytes),
+                      _ratio(allocated, ref.ideal_bytes)])
+    return lines
 
 
 def _aligned(headers, lines: list[list[str]]) -> str:
@@ -107,7 +138,10 @@ def render_table(rows: list[Row], sweep: list[SweepPoint], rss_note: str) -> str
     parts = [_aligned(_HEADERS, [_cells(r) for r in rows])]
     if sweep:
         parts.append(_aligned(_SWEEP_HEADERS, [_sweep_cells(p) for p in sweep]))
-    parts.append("\n".join("* " + n for n in notes(rss_note)))
+    ideal = _ideal_lines(rows)
+    if ideal:
+        parts.append(_aligned(_IDEAL_HEADERS, ideal))
+    parts.append("\n".join("* " + n for n in notes(rss_note) + ([IDEAL_NOTE] if ideal else [])))
     return "\n\n".join(parts)
 
 
@@ -117,7 +151,10 @@ def render_markdown(meta: dict, rows: list[Row], sweep: list[SweepPoint], plots:
     parts = ["# hf_paged benchmark", settings, _markdown_table(_HEADERS, [_cells(r) for r in rows])]
     if sweep:
         parts += ["## KV memory vs k", _markdown_table(_SWEEP_HEADERS, [_sweep_cells(p) for p in sweep])]
-    parts += ["## Notes", "\n".join("* " + n for n in meta["notes"])]
+    ideal = _ideal_lines(rows)
+    if ideal:
+        parts += ["## KV memory vs the ideal", _markdown_table(_IDEAL_HEADERS, ideal)]
+    parts += ["## Notes", "\n".join("* " + n for n in meta["notes"] + ([IDEAL_NOTE] if ideal else []))]
     parts += [f"![{name}]({name})" for name in plots]
     return "\n\n".join(parts) + "\n"
 

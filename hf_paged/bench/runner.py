@@ -27,6 +27,7 @@ __all__ = [
     "Runner",
     "paged_attention_registered",
     "prefix_caching_available",
+    "real_cache_tokens",
 ]
 
 REFERENCE = "sdpa"
@@ -52,6 +53,10 @@ class Run:
         peak_used_bytes: hf_paged only: the most referenced bytes during the run (``stats().peak_used_bytes``).
         prefix_hit_tokens: hf_paged only: prompt tokens taken from the prefix cache instead of computed, all calls.
         peak_rss_bytes: the process's peak resident set size during the run (see `Runner.rss_note`).
+        real_tokens: sdpa, scenarios with ``eos`` only: the real tokens the calls' caches hold (`real_cache_tokens`:
+            no padding, nothing after a row's EOS), summed over the calls.
+        cache_tokens: sdpa, scenarios with ``eos`` only: the token slots its `DynamicCache`s hold (rows x
+            ``get_seq_length()``, padding and tokens after EOS included), summed over the calls.
     """
 
     seconds: float
@@ -62,6 +67,8 @@ class Run:
     peak_used_bytes: int | None = None
     prefix_hit_tokens: int | None = None
     peak_rss_bytes: int | None = None
+    real_tokens: int | None = None
+    cache_tokens: int | None = None
 
 
 class NotApplicable(Exception):
@@ -124,6 +131,36 @@ def _dynamic_cache_bytes(cache) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def real_cache_tokens(prompt_lengths: list[int], new_tokens: list[list[int]], eos_token_ids: set[int]) -> int:
+    """The real tokens a cache holds after one greedy / sampling ``generate()`` call: per row, its prompt tokens (no
+    padding) and its new tokens up to and including its first EOS, of which only those fed back to the model.
+
+    ``generate`` feeds every new token but the last step's, so with ``steps`` = the new tokens per returned row
+    (``len(new_tokens[row])``, all equal) a row ending with EOS at new token ``g`` (1-based) holds
+    ``min(g, steps - 1)`` of them, a row that never produced EOS ``steps - 1``.
+
+    Args:
+        prompt_lengths: per row, its prompt's real tokens (``[rows]``).
+        new_tokens: per row, the new token ids ``generate`` returned (``[rows][steps]``, padded after EOS).
+        eos_token_ids: the ids that end a row.
+    """
+    if len(prompt_lengths) != len(new_tokens):
+        raise ValueError(f"hf_paged bench: {len(prompt_lengths)} prompts for {len(new_tokens)} generated rows")
+    total = 0
+    for length, row in zip(prompt_lengths, new_tokens, strict=True):
+        ended = next((i + 1 for i, token in enumerate(row) if token in eos_token_ids), len(row))
+        total += length + min(ended, max(len(row) - 1, 0))
+    return total
+
+
+def _eos_ids(model) -> set[int]:
+    """The ids `model`'s generation config stops at (its ``eos_token_id``: one id, a list, or None)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(token) for token in eos}
 
 
 class Runner:
@@ -231,7 +268,7 @@ class Runner:
         self._set_attention(impl, model)
         kwargs = scenario.generate_kwargs(new_tokens)
         sequences: list[list[int]] = []
-        kv_bytes = peak_kv = used = peak_used = prefix_hits = None
+        kv_bytes = peak_kv = used = peak_used = prefix_hits = real = slots = None
         if paged and scenario.prefix_cache:
             hf_paged.enable_prefix_caching(model, **self._pool_options())
         try:
@@ -249,20 +286,26 @@ class Runner:
                     **inputs, **kwargs, **extra, pad_token_id=self.pad_token_id, return_dict_in_generate=True
                 )
                 elapsed += time.perf_counter() - start
-                sequences += out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+                new = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+                sequences += new
                 if paged:
                     stats = compat.output_cache(out).stats()
                     kv_bytes, call_peak, used = stats.pool_bytes, stats.peak_pool_bytes, stats.used_bytes
                     peak_used = max(peak_used or 0, stats.peak_used_bytes)
                     prefix_hits = (prefix_hits or 0) + stats.prefix_hit_tokens
                 else:
-                    kv_bytes = call_peak = _dynamic_cache_bytes(compat.output_cache(out))
+                    dynamic = compat.output_cache(out)
+                    kv_bytes = call_peak = _dynamic_cache_bytes(dynamic)
+                    if scenario.eos and scenario.k == 1:
+                        real = (real or 0) + real_cache_tokens([len(p) for p in prompts], new, _eos_ids(model))
+                        slots = (slots or 0) + len(new) * dynamic.get_seq_length()
                 peak_kv = max(peak_kv or 0, call_peak)
                 del out
         finally:
             if paged and scenario.prefix_cache:
                 hf_paged.disable_prefix_caching(model)
-        return Run(elapsed, sequences, kv_bytes, peak_kv, used, peak_used, prefix_hits)
+        return Run(elapsed, sequences, kv_bytes, peak_kv, used, peak_used, prefix_hits, real_tokens=real,
+                   cache_tokens=slots)
 
     def _run_generate_batch(self, scenario: Scenario, calls, new_tokens: int) -> Run:
         from transformers import ContinuousBatchingConfig

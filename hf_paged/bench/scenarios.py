@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .prompts import batch_lengths, make_prompt
+from .prompts import CHAT_REQUESTS, batch_lengths, make_prompt
 
 __all__ = ["DEFAULT_SCENARIOS", "PREFIX_SUFFIX_TOKENS", "SCENARIOS", "SLIDING_MODEL", "Scenario", "sweep_scenario"]
 
@@ -31,6 +31,9 @@ class Scenario:
         prefix_cache: the calls share a system prompt, and hf_paged runs them with ``enable_prefix_caching``.
         eos: rows stop at EOS (no ``min_new_tokens``), so they end at different steps.
         chat: each prompt is wrapped in the tokenizer's chat template (when it has one) as a request to summarise.
+        requests: the prompts are `prompts.CHAT_REQUESTS`, one per row, each in the chat template
+            (`prompts.chat_requests`); they have their own lengths, so the scenario runs once, whatever the prompt
+            lengths asked for (its rows show the longest request's length).
         model: ``None`` for the loaded model, or ``"sliding"``: a tiny random-weight Gemma-3-like model with the
             loaded model's vocabulary (`SLIDING_MODEL`: 5 sliding-window layers to 1 full, window 64); its tokens
             mean nothing, its KV bytes are what the scenario measures.
@@ -47,6 +50,7 @@ class Scenario:
     eos: bool = False
     chat: bool = False
     model: str | None = None
+    requests: bool = False
 
     @property
     def k(self) -> int:
@@ -57,7 +61,7 @@ class Scenario:
     def workload_key(self) -> tuple:
         """Identifies the work done, whatever the name: equal keys (and prompt length) give equal runs."""
         return (self.batch, self.num_beams, self.num_return_sequences, self.do_sample, self.calls, self.prefix_cache,
-                self.eos, self.chat, self.model)
+                self.eos, self.chat, self.model, self.requests)
 
     def generate_kwargs(self, new_tokens: int) -> dict:
         """Keyword arguments for ``generate()``: exactly `new_tokens` new tokens per sequence (at most, with `eos`)."""
@@ -72,15 +76,21 @@ class Scenario:
             del kwargs["min_new_tokens"]
         return kwargs
 
-    def prompts(self, stream: list[int], length: int,
-                chat: tuple[list[int], list[int]] | None = None) -> list[list[list[int]]]:
+    def prompts(self, stream: list[int], length: int, chat: tuple[list[int], list[int]] | None = None,
+                requests: list[list[int]] | None = None) -> list[list[list[int]]]:
         """The prompts of each call: ``calls`` lists of ``batch`` token-id lists.
 
         The batch's prompts start at different places of the text and have different lengths (<= `length`);
         `prefix` calls share a `length`-token system prompt followed by a distinct `PREFIX_SUFFIX_TOKENS` suffix.
         With `chat` (`prompts.chat_wrap`: the template's tokens before and after the message) and ``self.chat``,
         each prompt is those tokens around a piece of the text, `length` tokens in all where it can be.
+        With ``self.requests``, the one call's prompts are `requests` (`prompts.chat_requests`), whatever `length`.
         """
+        if self.requests:
+            if not requests:
+                raise ValueError(f"hf_paged bench: scenario {self.name!r} needs the tokenized chat requests "
+                                 "(prompts.chat_requests(tokenizer))")
+            return [[list(request) for request in requests]]
         if self.prefix_cache:
             system = make_prompt(stream, length)
             return [
@@ -108,6 +118,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("prefix", "greedy calls sharing a long system prompt (prefix cache)", calls=4, prefix_cache=True),
         Scenario("batch8_eos", "greedy, 8 different left-padded chat prompts, each stopping at EOS", batch=8,
                  eos=True, chat=True),
+        Scenario("chat8_eos", "greedy, 8 different left-padded chat requests (short and long answers), each "
+                 "stopping at EOS", batch=len(CHAT_REQUESTS), eos=True, chat=True, requests=True),
         Scenario("sliding", "greedy, tiny random Gemma-3-like model (5 sliding layers : 1 full, window 64)",
                  model="sliding"),
         Scenario("sliding_beams4", "beam search, num_beams=4, the same sliding-window model", num_beams=4,

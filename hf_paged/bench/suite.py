@@ -38,6 +38,12 @@ class Row:
     ``prefix_hit_tokens`` (hf_paged) how many prompt tokens its caches took from the prefix cache. KV bytes are
     allocated bytes (see `runner.Run`); ``kv_ratio`` is this peak over the sdpa peak; ``used_bytes`` and
     ``peak_used_bytes`` are hf_paged's referenced bytes.
+
+    Scenarios with ``eos`` (greedy or sampling, one row per prompt) also carry the ideal, from sdpa's run, on every
+    implementation's row: ``real_tokens``, the real tokens its caches hold (`runner.real_cache_tokens`: no padding,
+    nothing after a row's EOS); ``cache_tokens``, the token slots of its `DynamicCache`s; ``ideal_bytes``, sdpa's
+    peak KV bytes times ``real_tokens / cache_tokens`` (what a cache holding just the real tokens would need);
+    ``ideal_ratio``, that over sdpa's peak.
     """
 
     scenario: str
@@ -59,6 +65,10 @@ class Row:
     prompt_tokens: int | None = None
     peak_rss_bytes: int | None = None
     tokens_match: bool | None = None
+    real_tokens: int | None = None
+    cache_tokens: int | None = None
+    ideal_bytes: int | None = None
+    ideal_ratio: float | None = None
 
 
 @dataclass
@@ -77,13 +87,15 @@ class SweepPoint:
 
 class Suite:
     """Runs `Settings` with a `Runner`; `progress` is a tqdm bar (``update`` and ``set_postfix_str`` are used);
-    `chat` is `prompts.chat_wrap` of the tokenizer, for the scenarios with ``chat``."""
+    `chat` is `prompts.chat_wrap` of the tokenizer, for the scenarios with ``chat``; `requests` is
+    `prompts.chat_requests` of the tokenizer, for the scenarios with ``requests`` (run once each, see `lengths`)."""
 
     def __init__(self, runner: Runner, stream: list[int], settings: Settings, progress,
-                 chat: tuple[list[int], list[int]] | None = None):
+                 chat: tuple[list[int], list[int]] | None = None, requests: list[list[int]] | None = None):
         self.runner = runner
         self.stream = stream
         self.chat = chat
+        self.requests = requests
         self.settings = settings
         self.progress = progress
         self._first_runs: dict[tuple, Run] = {}  # the first timed run of each workload, reused by the sweep
@@ -94,6 +106,13 @@ class Suite:
             return "hf_paged.enable_prefix_caching is not available in this hf_paged"
         return None
 
+    def lengths(self, scenario: Scenario) -> tuple[int, ...]:
+        """The prompt lengths `scenario` runs at: the settings' ones, or for a scenario with ``requests`` (prompts
+        of their own lengths) just the longest request's length, once."""
+        if scenario.requests:
+            return (max((len(r) for r in self.requests or ()), default=0),)
+        return self.settings.prompt_lengths
+
     def planned_runs(self) -> int:
         """How many runs `run` will make (the progress bar's total)."""
         s = self.settings
@@ -102,7 +121,7 @@ class Suite:
         for scenario in s.scenarios:
             if self.skipped(scenario) is None:
                 impls = [i for i in s.impls if self.runner.unavailable(i, scenario) is None]
-                total += len(s.prompt_lengths) * len(impls) * per_case
+                total += len(self.lengths(scenario)) * len(impls) * per_case
         return total + sum(len(self._sweep_impls(sweep_scenario(kind, k))) for kind in SWEEP_KINDS for k in s.sweep_k)
 
     def run(self) -> tuple[list[Row], list[SweepPoint]]:
@@ -110,7 +129,7 @@ class Suite:
         rows = [
             row
             for scenario in self.settings.scenarios
-            for length in self.settings.prompt_lengths
+            for length in self.lengths(scenario)
             for row in self._case(scenario, length)
         ]
         return rows, self._sweep()
@@ -132,7 +151,7 @@ class Suite:
         reason = self.skipped(scenario)
         if reason is not None:
             return [Row(scenario.name, length, impl, status="skipped", reason=reason) for impl in s.impls]
-        calls = scenario.prompts(self.stream, length, self.chat)
+        calls = scenario.prompts(self.stream, length, self.chat, self.requests)
         impls = [i for i in s.impls if self.runner.unavailable(i, scenario) is None]
         runs: dict[str, list[Run]] = {impl: [] for impl in impls}
         failures: dict[str, str] = {}
@@ -179,6 +198,11 @@ class Suite:
         reference_peak = _largest(r.peak_kv_bytes for r in reference)
         if row.peak_kv_bytes is not None and reference_peak:
             row.kv_ratio = row.peak_kv_bytes / reference_peak
+        first = reference[0]
+        if first.real_tokens is not None and first.cache_tokens and reference_peak:
+            row.real_tokens, row.cache_tokens = first.real_tokens, first.cache_tokens
+            row.ideal_bytes = reference_peak * first.real_tokens // first.cache_tokens
+            row.ideal_ratio = first.real_tokens / first.cache_tokens
         rss = [r.peak_rss_bytes for r in mine if r.peak_rss_bytes is not None]
         row.peak_rss_bytes = max(rss) if rss else None
         if impl == REFERENCE:
