@@ -822,8 +822,10 @@ class PagedCache(Cache):
         if isinstance(pool, KVPool) or latent:
             windows = [None] * len(attention_layers)
         else:
+            cache_windows = masks.cache_windows(config)  # one DynamicCache asked, not one per layer
             windows = [None if layer < len(layer_types) and "chunk" in str(layer_types[layer])
-                       else masks.cache_window(config, layer) for layer in attention_layers]
+                       else (cache_windows[layer] if layer < len(cache_windows) else None)
+                       for layer in attention_layers]
         group_windows = sorted(set(windows), key=lambda w: -1 if w is None else w)
         pools = {None: pool} if isinstance(pool, KVPool) else pool
         if pools is not None and attention_layers:
@@ -897,6 +899,8 @@ class PagedCache(Cache):
         self._row_starts: list[int] | None = None  # each new row's first real token (`set_row_starts`)
         self._pending_layer: int | None = None
         self._ended: torch.Tensor | None = None
+        self._cache_windows: dict[int, tuple] = {}  # `cache_window`'s memo: id(config) -> (config, windows)
+        self._forks = 1  # `expect_forks`: the rows each row of the next steps becomes
 
     # ---------------------------------------------------------------------------------------- the pool
     @property
@@ -1049,7 +1053,8 @@ class PagedCache(Cache):
                 target = seen
             live = target if live is None else [max(a, b) for a, b in zip(live, target, strict=True)]
         try:
-            growing = manager.num_rows - (sum(ended) if ended is not None else 0)
+            # Rows that take blocks as decoding goes on: the step's live rows, each forked `_forks` ways right after it.
+            growing = (manager.num_rows - (sum(ended) if ended is not None else 0)) * self._forks
             # Slack per growing row: a quarter of a row's blocks, 1 to `_SLAB_BLOCKS_PER_ROW` (short rows waste
             # little, long ones make few slabs); 1 in a sliding-window group, whose rows reuse what they release.
             per_row = min(_SLAB_BLOCKS_PER_ROW, max(1, (sum(lengths_before) + q_len * batch)
@@ -1119,10 +1124,9 @@ class PagedCache(Cache):
         """`masks.cache_window`, memoised per config object for this cache's lifetime (one ``generate`` call): a
         model config is unhashable, so the module-level memo misses, and every layer of every step would otherwise
         build a `DynamicCache` to find out."""
-        memo = self.__dict__.setdefault("_cache_windows", {})
-        entry = memo.get(id(config))
+        entry = self._cache_windows.get(id(config))
         if entry is None or entry[0] is not config:
-            entry = memo[id(config)] = (config, masks.cache_windows(config))
+            entry = self._cache_windows[id(config)] = (config, masks.cache_windows(config))
         windows = entry[1]
         return windows[layer_idx] if 0 <= layer_idx < len(windows) else None
 
@@ -1210,6 +1214,13 @@ class PagedCache(Cache):
         """The first real token of each row the next forward step adds (left padding before it takes no block).
         ``generate`` passes them from the prompt's attention mask; they are used once, when the rows are added."""
         self._row_starts = None if starts is None else [int(start) for start in starts]
+
+    def expect_forks(self, k: int) -> None:
+        """Tell the cache that each row of the coming steps will be forked into `k` rows (``generate()``'s prompt,
+        computed once for its ``num_beams`` / ``num_return_sequences`` rows), so that a growing pool's slack is
+        sized for the `k` rows that will grow: their first blocks then lie in the prompt's slab. 1 (the default)
+        when the rows stay as they are."""
+        self._forks = max(int(k), 1)
 
     @contextlib.contextmanager
     def locked(self):

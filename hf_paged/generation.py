@@ -150,10 +150,12 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
                                      salt=shared.salt_for(self))
         with cache.locked():
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
+    cache.expect_forks(k)  # the k rows share the prompt's blocks: the pool's slack is sized for k growing rows
     try:
         outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
     finally:
         cache.set_row_starts(None)
+        cache.expect_forks(1)
     for key in reduced_kwargs.keys() - model_kwargs.keys():
         model_kwargs[key] = reduced_kwargs[key]  # what the prefill adds for the decoding loop (5.0: cache_position)
     if hashes is not None:

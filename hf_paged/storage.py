@@ -76,6 +76,7 @@ def split_by_slab(ids: torch.Tensor, starts: list[int]):
 
 
 _LAST_SPLIT = None  # (slots tensor, (starts, block size), its split): see `LayerStore._split_slots`
+_LAST_GATHER = None  # (ids tensor, its key, its split): see `LayerStore._split_ids`
 
 
 class LayerStore:
@@ -133,9 +134,24 @@ class LayerStore:
         if dim != 0:
             raise ValueError("hf_paged: a LayerStore gathers along dim 0 (blocks) only.")
         out = torch.empty((len(ids), *self.shape[1:]), dtype=self.dtype, device=self.device)
-        for slab, positions, local in split_by_slab(ids, self.starts):
+        for slab, positions, local in self._split_ids(ids):
             out.index_copy_(0, positions, self.views[slab].index_select(0, local))
         return out
+
+    def _split_ids(self, ids: torch.Tensor) -> list:
+        """`split_by_slab` of `ids`, memoised for the last ids read (a step gathers the same block tables for every
+        layer's keys and values; each call passes a new view of them, so the memo keys by storage and version)."""
+        global _LAST_GATHER
+        try:
+            key = (ids.data_ptr(), ids.dtype, tuple(ids.shape), tuple(ids.stride()), ids._version, ids.device,
+                   tuple(self.starts))
+        except RuntimeError:  # an inference-mode tensor has no version counter: nothing proves it unchanged
+            return list(split_by_slab(ids, self.starts))
+        if _LAST_GATHER is not None and _LAST_GATHER[1] == key:
+            return _LAST_GATHER[2]
+        split = list(split_by_slab(ids, self.starts))
+        _LAST_GATHER = (ids, key, split)  # holds `ids`, so its storage cannot be reused while memoised
+        return split
 
     def write(self, slots: torch.Tensor, states: torch.Tensor) -> None:
         """Store ``states`` (``[T, H, D]``) at ``slots`` (``[T]``, ``block * bs + offset``; negative = skip)."""
