@@ -140,6 +140,22 @@ def test_allocated_within_one_quantum_of_referenced(mode):
     assert len(cache.pool.slabs) >= 2
 
 
+@pytest.mark.parametrize("mode", ["beams", "sample"])
+def test_forked_rows_grow_inside_the_prompts_slab(mode):
+    """A prompt computed once for its k rows sizes the pool's slack for the k rows that will grow (`expect_forks`):
+    the rows' first new blocks lie in the prompt's slab, so decoding reads one slab, not a prompt slab and a tail."""
+    _, paged = make_pair("llama")
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(5))  # 4 full blocks of 4
+    cache = PagedCache(paged.config, block_size=4)
+    _generate(paged, {"input_ids": ids}, past_key_values=cache, **{**MODES[mode], "num_return_sequences": 3})
+    # The prompt's slab: its 4 blocks + one block of slack for each of the 3 rows (1 row's worth without the hint).
+    first = cache.pool.starts[1] if len(cache.pool.slabs) > 1 else cache.pool.num_blocks
+    assert first >= 4 + 3
+    if mode == "sample":  # no reorders: each row's first new block is the one it took after the prompt
+        assert all(table[4] < first for table in cache.manager.tables)
+    assert cache._forks == 1  # reset after the prompt
+
+
 def test_single_row_crossing_slabs_is_read_in_place(monkeypatch):
     """Greedy decoding of one row right after its prefill: the row's blocks cross slab boundaries, and every decode
     step reads them in place, one window per slab (nothing gathered), with sdpa's tokens."""
