@@ -84,6 +84,18 @@ def make_pair(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return reference, paged
 
 
+def pair_from_config(config_fn, reference_attention: str = "sdpa"):
+    """``(reference, paged)`` built from ``config_fn()`` (called once per model: a model keeps its config) with the
+    same random weights."""
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config_fn(), attn_implementation=reference_attention).eval()
+    paged = AutoModelForCausalLM.from_config(config_fn(), attn_implementation="hf_paged").eval()
+    paged.load_state_dict(reference.state_dict())
+    for model in (reference, paged):
+        model.generation_config.pad_token_id = 0
+    return reference, paged
+
+
 def left_padded_batch(lengths: list[int], seed: int = 0) -> dict:
     """Random prompts of the given lengths, left-padded with 0 to the longest."""
     generator = torch.Generator().manual_seed(seed)

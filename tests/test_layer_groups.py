@@ -11,8 +11,8 @@ import copy
 import families
 import pytest
 import torch
-from conftest import VOCAB, left_padded_batch
-from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, LlamaConfig
+from conftest import VOCAB, left_padded_batch, pair_from_config
+from transformers import DynamicCache, Gemma3TextConfig, LlamaConfig
 
 from hf_paged import PagedCache, compat
 from hf_paged.block_manager import NULL_BLOCK
@@ -39,24 +39,14 @@ def _llama_config():
                        bos_token_id=1, eos_token_id=2)
 
 
-def _pair(config_fn):
-    torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(config_fn(), attn_implementation="sdpa").eval()
-    paged = AutoModelForCausalLM.from_config(config_fn(), attn_implementation="hf_paged").eval()
-    paged.load_state_dict(reference.state_dict())
-    for model in (reference, paged):
-        model.generation_config.pad_token_id = 0
-    return reference, paged
-
-
 @pytest.fixture(scope="module")
 def sliding_pair():
-    return _pair(_sliding_config)
+    return pair_from_config(_sliding_config)
 
 
 @pytest.fixture(scope="module")
 def llama_pair_groups():
-    return _pair(_llama_config)
+    return pair_from_config(_llama_config)
 
 
 def _generate(model, inputs, new_tokens=NEW_TOKENS, **kwargs):

@@ -6,8 +6,8 @@ import gc
 
 import pytest
 import torch
-from conftest import VOCAB, count_prefill_positions, make_pair, system_prompt
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig
+from conftest import VOCAB, count_prefill_positions, make_pair, pair_from_config, system_prompt
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig
 
 import hf_paged
 from hf_paged import PagedCache, prefix
@@ -127,13 +127,7 @@ SLIDING_CONFIGS = {
 
 @pytest.fixture(params=list(SLIDING_CONFIGS))
 def sliding_prefix_pair(request):
-    torch.manual_seed(0)
-    config = SLIDING_CONFIGS[request.param]
-    reference = AutoModelForCausalLM.from_config(config(), attn_implementation="sdpa").eval()
-    paged = AutoModelForCausalLM.from_config(config(), attn_implementation="hf_paged").eval()
-    paged.load_state_dict(reference.state_dict())
-    for model in (reference, paged):
-        model.generation_config.pad_token_id = 0
+    reference, paged = pair_from_config(SLIDING_CONFIGS[request.param])
     yield reference, paged
     hf_paged.disable_prefix_caching(paged)
 
