@@ -534,7 +534,7 @@ class KVPool:
 @dataclass(eq=False)
 class LayerGroup:
     """Attention layers that share block tables: all full-attention (and chunked) layers, or all layers of one
-    sliding window (``window``: the keys Transformers' own DynamicCache keeps for them, `masks.cache_window`).
+    sliding window (``window``: the keys Transformers' own DynamicCache keeps for them, `masks.cache_windows`).
 
     Every group holds the same rows at the same lengths; a sliding-window group releases the blocks that fell
     wholly out of its window (`PagedCache._begin_step`). Each group has its own pools (one per device-map entry,
@@ -1121,9 +1121,9 @@ class PagedCache(Cache):
         return (self.layer_groups[pending].step_on(pool.tensor.device), *pool.plain[slot])
 
     def cache_window(self, config, layer_idx: int) -> int | None:
-        """`masks.cache_window`, memoised per config object for this cache's lifetime (one ``generate`` call): a
-        model config is unhashable, so the module-level memo misses, and every layer of every step would otherwise
-        build a `DynamicCache` to find out."""
+        """`masks.cache_windows` of layer `layer_idx` (None past its layers), memoised per config object for this
+        cache's lifetime (one ``generate`` call): without it, every layer of every step would build a `DynamicCache`
+        to find out (a model config is unhashable, so no memo keyed by the config can live in `masks`)."""
         entry = self._cache_windows.get(id(config))
         if entry is None or entry[0] is not config:
             entry = self._cache_windows[id(config)] = (config, masks.cache_windows(config))

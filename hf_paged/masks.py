@@ -14,13 +14,12 @@ The mask function returns a 2-D boolean padding mask ``[B, kv]`` that carries th
 from __future__ import annotations
 
 import inspect
-import weakref
 from dataclasses import dataclass
 
 import torch
 from transformers import masking_utils
 
-__all__ = ["MaskPattern", "attach", "cache_window", "cache_windows", "describe", "detach", "drop_keys_before"]
+__all__ = ["MaskPattern", "attach", "cache_windows", "describe", "detach", "drop_keys_before"]
 
 _PATTERN_ATTR = "_hf_paged_pattern"
 _PADDED_ATTR = "_hf_paged_padded"
@@ -102,40 +101,17 @@ def detach(attention_mask: torch.Tensor | None) -> tuple[MaskPattern | None, tor
     return pattern, attention_mask if getattr(attention_mask, _PADDED_ATTR, True) else None
 
 
-_CACHE_WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def cache_window(config, layer_idx: int) -> int | None:
-    """The window Transformers' own `DynamicCache` keeps for layer `layer_idx` of a model with `config`, or None.
+def cache_windows(config) -> tuple[int | None, ...]:
+    """Per layer, the window Transformers' own `DynamicCache` keeps for a model with `config` (None: all keys).
 
     A `DynamicCache` built from a config with a ``sliding_window`` (or ``layer_types`` of sliding / chunked
     layers) keeps only the last ``window - 1`` keys of those layers between steps. For models whose mask has the
     same window or chunk, that changes nothing; but a model whose config has a ``sliding_window`` its attention
     never applies (Moshi) attends, in Transformers' cached decoding, only to what the cache kept. hf_paged mirrors
     that: it asks Transformers' `DynamicCache` which of its layers slide, so the answer follows the installed
-    release.
+    release. It builds a `DynamicCache`: callers memoise it (`hf_paged.PagedCache.cache_window`, once per cache;
+    Transformers' configs are unhashable, so no memo keyed by the config could work).
     """
-    windows = cache_windows(config)
-    return windows[layer_idx] if 0 <= layer_idx < len(windows) else None
-
-
-def cache_windows(config) -> tuple[int | None, ...]:
-    """`cache_window` of every layer (memoised for hashable configs; Transformers' configs are not, so callers on a
-    hot path memoise it themselves: `hf_paged.PagedCache.cache_window`)."""
-    try:
-        windows = _CACHE_WINDOWS.get(config)
-    except TypeError:  # not weak-referenceable
-        windows = None
-    if windows is None:
-        windows = _dynamic_cache_windows(config)
-        try:
-            _CACHE_WINDOWS[config] = windows
-        except TypeError:
-            pass
-    return windows
-
-
-def _dynamic_cache_windows(config) -> tuple[int | None, ...]:
     from transformers.cache_utils import DynamicCache
 
     try:
@@ -148,7 +124,7 @@ def _dynamic_cache_windows(config) -> tuple[int | None, ...]:
 
 def drop_keys_before(attention_mask: torch.Tensor | None, first_kept: torch.Tensor, kv_len: int) -> torch.Tensor:
     """`attention_mask` (2-D ``[B, >= kv_len]`` or None) with every key before ``first_kept[b]`` masked out in row
-    ``b``: the keys a window-keeping `DynamicCache` has already dropped (see `cache_window`)."""
+    ``b``: the keys a window-keeping `DynamicCache` has already dropped (see `cache_windows`)."""
     keys = torch.arange(kv_len, device=first_kept.device)
     kept = keys[None, :] >= first_kept.to(torch.long)[:, None]
     if attention_mask is None:

@@ -75,8 +75,21 @@ def split_by_slab(ids: torch.Tensor, starts: list[int]):
         yield slab, positions, ids.index_select(0, positions) - starts[slab]
 
 
-_LAST_SPLIT = None  # (slots tensor, (starts, block size), its split): see `LayerStore._split_slots`
-_LAST_GATHER = None  # (ids tensor, its key, its split): see `LayerStore._split_ids`
+class _LastSplit:
+    """The split by slab of the last tensor asked about, under a key that identifies that tensor and the slabs.
+    It holds the tensor, so neither its id nor its storage can be reused while memoised."""
+
+    def __init__(self):
+        self.tensor, self.key, self.value = None, None, None
+
+    def get(self, tensor: torch.Tensor, key: tuple, compute):
+        if self.tensor is None or self.key != key:
+            self.tensor, self.key, self.value = tensor, key, compute()
+        return self.value
+
+
+_LAST_SLOTS = _LastSplit()  # `LayerStore._split_slots`: keyed by the slots tensor itself
+_LAST_IDS = _LastSplit()  # `LayerStore._split_ids`: keyed by the ids' storage, layout and version
 
 
 class LayerStore:
@@ -141,17 +154,12 @@ class LayerStore:
     def _split_ids(self, ids: torch.Tensor) -> list:
         """`split_by_slab` of `ids`, memoised for the last ids read (a step gathers the same block tables for every
         layer's keys and values; each call passes a new view of them, so the memo keys by storage and version)."""
-        global _LAST_GATHER
         try:
             key = (ids.data_ptr(), ids.dtype, tuple(ids.shape), tuple(ids.stride()), ids._version, ids.device,
                    tuple(self.starts))
         except RuntimeError:  # an inference-mode tensor has no version counter: nothing proves it unchanged
             return list(split_by_slab(ids, self.starts))
-        if _LAST_GATHER is not None and _LAST_GATHER[1] == key:
-            return _LAST_GATHER[2]
-        split = list(split_by_slab(ids, self.starts))
-        _LAST_GATHER = (ids, key, split)  # holds `ids`, so its storage cannot be reused while memoised
-        return split
+        return _LAST_IDS.get(ids, key, lambda: list(split_by_slab(ids, self.starts)))
 
     def write(self, slots: torch.Tensor, states: torch.Tensor) -> None:
         """Store ``states`` (``[T, H, D]``) at ``slots`` (``[T]``, ``block * bs + offset``; negative = skip)."""
@@ -162,17 +170,15 @@ class LayerStore:
     def _split_slots(self, slots: torch.Tensor) -> list:
         """``[(slab, positions, blocks in the slab, offsets in the block)]`` for `slots`; memoised for the last
         slots tensor (a step writes the same slots in every layer's keys and values)."""
-        global _LAST_SPLIT
-        key = (tuple(self.starts), self.shape[1])
-        if _LAST_SPLIT is not None and _LAST_SPLIT[0] is slots and _LAST_SPLIT[1] == key:
-            return _LAST_SPLIT[2]
         block_size = self.shape[1]
-        long_slots = slots.to(torch.long)
-        blocks = torch.where(long_slots < 0, -1, long_slots // block_size)
-        split = [(slab, positions, local, long_slots.index_select(0, positions) % block_size)
-                 for slab, positions, local in split_by_slab(blocks, self.starts)]
-        _LAST_SPLIT = (slots, key, split)  # holds `slots`, so its id cannot be reused while memoised
-        return split
+
+        def split():
+            long_slots = slots.to(torch.long)
+            blocks = torch.where(long_slots < 0, -1, long_slots // block_size)
+            return [(slab, positions, local, long_slots.index_select(0, positions) % block_size)
+                    for slab, positions, local in split_by_slab(blocks, self.starts)]
+
+        return _LAST_SLOTS.get(slots, (id(slots), tuple(self.starts), block_size), split)
 
     @property
     def base(self) -> torch.Tensor:
