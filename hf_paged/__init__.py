@@ -12,7 +12,7 @@ from . import compat
 from .attention import paged_attention_forward, paged_attention_mask
 from .block_manager import BlockManager, OutOfBlocksError
 from .cache import CacheStats, PagedCache
-from .generation import ATTN_IMPLEMENTATION, install_generate_hook
+from .generation import ATTN_IMPLEMENTATION, install_generate_hook, recorded_stats
 from .models import load, load_smollm2
 from .prefix import PrefixCache, disable_prefix_caching, enable_prefix_caching
 
@@ -27,6 +27,7 @@ __all__ = [
     "enable_prefix_caching",
     "load",
     "load_smollm2",
+    "recorded_stats",
 ]
 __version__ = "0.1.0"
 

@@ -271,6 +271,16 @@ class BlockManager:
         taken, freed = self._forecast(num_tokens, finished, self._new_live_from(live_from))
         return max(0, taken - freed)
 
+    def private_rows(self, rows: Sequence[bool]) -> list[bool]:
+        """Per row, whether it is marked in `rows` and references only blocks of its own: every real entry has ref
+        count 1 (or is this manager's scratch block). Releasing such a row's blocks gives them all back to the pool;
+        a row sharing blocks with its forks or beams (or with another cache) would give back only its references."""
+        if len(rows) != self.num_rows:
+            raise ValueError(f"rows has {len(rows)} entries for {self.num_rows} rows")
+        refs, scratch = self.pool.ref_counts, self.scratch
+        return [bool(marked) and all(block == NULL_BLOCK or block == scratch or refs[block] == 1 for block in table)
+                for marked, table in zip(rows, self.tables, strict=True)]
+
     def _new_live_from(self, live_from: Sequence[int] | None) -> list[int]:
         """Each row's live start after a step given `live_from` (None: unchanged; never lowered)."""
         current = self.live_from

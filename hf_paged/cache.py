@@ -293,7 +293,9 @@ class KVPool:
     nothing ahead and never copies what it holds: `ensure_free` appends a zeroed slab of what the step misses plus
     one *quantum* of slack, ``max(k blocks per row that grows this step, allocated // 16)`` blocks, where k is a
     quarter of a row's blocks, at least 1 and at most 4 (1 in a sliding-window group, whose rows reuse what they
-    release). A prompt's slab thus also holds the first tokens generated after it.
+    release), but never more than those rows can still take before the ``generate()`` call's ``max_length``
+    (`PagedCache.expect_length`), so the last slab of a call holds no block no row can reach. A prompt's slab thus
+    also holds the first tokens generated after it.
     It grows only when a step finds fewer free blocks than it needs, so after any step the pool holds less than one
     quantum beyond what its
     rows reference (allocated <= referenced + one quantum), and a call generating G tokens per row makes about one
@@ -440,17 +442,16 @@ class KVPool:
         self.blocks.grow(num_blocks - self.blocks.num_blocks)
         self.peak_blocks = max(self.peak_blocks, num_blocks)
 
-    def ensure_free(self, needed: int, rows: int = 1, per_row: int = _SLAB_BLOCKS_PER_ROW) -> None:
-        """Make `needed` blocks available, growing the pool by one quantum if it may (see the class docstring;
-        `rows`: the rows that take blocks this step, `per_row` blocks of slack each: a sliding-window group, whose
-        rows reuse the blocks they release, asks for 1), else raise `OutOfBlocksError`."""
+    def ensure_free(self, needed: int, slack: int = 0) -> None:
+        """Make `needed` blocks available, growing the pool by what it misses plus `slack` blocks if it may (one
+        quantum, see the class docstring and `PagedCache._slack`), else raise `OutOfBlocksError`."""
         free = self.blocks.num_free
         if needed <= free:
             return
         current = self.blocks.num_blocks
         if not self.growable:
             raise OutOfBlocksError(needed, free, current, self.block_size)
-        target = current + needed - free + max(per_row * max(rows, 1), current // _SLAB_FRACTION)
+        target = current + needed - free + max(int(slack), 0)
         try:
             self.resize(target)
         except torch.OutOfMemoryError:
@@ -901,6 +902,7 @@ class PagedCache(Cache):
         self._ended: torch.Tensor | None = None
         self._cache_windows: dict[int, tuple] = {}  # `cache_window`'s memo: id(config) -> (config, windows)
         self._forks = 1  # `expect_forks`: the rows each row of the next steps becomes
+        self._max_length: int | None = None  # `expect_length`: the most tokens a row will hold in this call
 
     # ---------------------------------------------------------------------------------------- the pool
     @property
@@ -1036,6 +1038,12 @@ class PagedCache(Cache):
         live = None
         if new_rows and self._row_starts is not None and len(self._row_starts) == batch:
             live = list(self._row_starts)
+        if ended is not None:  # an ended row of its own blocks gives them back: it keeps only the slot it writes
+            private = manager.private_rows(ended)
+            if any(private):
+                base = manager.live_from if live is None else live
+                live = [length if mine else start for start, length, mine in zip(base, lengths_before, private,
+                                                                                   strict=True)]
         context, partial = None, False
         window = group.window
         if window is not None and not self.record_past:
@@ -1053,14 +1061,9 @@ class PagedCache(Cache):
                 target = seen
             live = target if live is None else [max(a, b) for a, b in zip(live, target, strict=True)]
         try:
-            # Rows that take blocks as decoding goes on: the step's live rows, each forked `_forks` ways right after it.
-            growing = (manager.num_rows - (sum(ended) if ended is not None else 0)) * self._forks
-            # Slack per growing row: a quarter of a row's blocks, 1 to `_SLAB_BLOCKS_PER_ROW` (short rows waste
-            # little, long ones make few slabs); 1 in a sliding-window group, whose rows reuse what they release.
-            per_row = min(_SLAB_BLOCKS_PER_ROW, max(1, (sum(lengths_before) + q_len * batch)
-                                                     // (4 * manager.block_size * batch)))
-            group.pool.ensure_free(manager.blocks_needed(q_len, ended, live), rows=growing,
-                                   per_row=1 if window is not None and not self.record_past else per_row)
+            needed = manager.blocks_needed(q_len, ended, live)
+            grows = needed > group.pool.blocks.num_free
+            group.pool.ensure_free(needed, slack=self._slack(group, lengths_before, q_len, ended) if grows else 0)
             for pool in group.pools[1:]:
                 group.grow_to_first(pool)
             copies = manager.append(q_len, ended, live)
@@ -1078,6 +1081,29 @@ class PagedCache(Cache):
         if used_bytes >= self.peak_used_bytes:
             self.peak_used_bytes, self.peak_used_blocks = used_bytes, sum(n for n, _ in used)
         group.begin(lengths_before, q_len, trim=not self.latent, fresh=partial, context=context)
+
+    def _slack(self, group: LayerGroup, lengths_before: list[int], q_len: int, ended: list[bool] | None) -> int:
+        """The blocks of slack a growing pool adds beyond what a step misses (see `KVPool`): per row that takes
+        blocks as decoding goes on (the step's rows not ended, each forked `_forks` ways right after it), a quarter
+        of a row's blocks, 1 to `_SLAB_BLOCKS_PER_ROW` (short rows waste little, long ones make few slabs; 1 in a
+        sliding-window group, whose rows reuse what they release), and at least 1/`_SLAB_FRACTION` of the pool;
+        but never more than those rows can still take before `expect_length`'s ``max_length``."""
+        manager, bs = group.manager, group.manager.block_size
+        rows = [row for row in range(manager.num_rows) if ended is None or not ended[row]]
+        if group.window is not None and not self.record_past:
+            per_row = 1
+        else:
+            per_row = min(_SLAB_BLOCKS_PER_ROW, max(1, (sum(lengths_before) + q_len * len(lengths_before))
+                                                    // (4 * bs * max(len(lengths_before), 1))))
+        slack = max(per_row * max(len(rows) * self._forks, 1), group.pool.num_blocks // _SLAB_FRACTION)
+        if self._max_length is None:
+            return slack
+        # After the step a row can still take the blocks up to max_length's, and a fork its partial block's copy.
+        reach, left = -(-self._max_length // bs), 0
+        for row in rows:
+            length = lengths_before[row] + q_len
+            left += max(reach - -(-length // bs) + (self._forks > 1 and length % bs > 0), 0)
+        return min(slack, left * self._forks)
 
     def _gather_context(self, group: LayerGroup, start: list[int], end: list[int]):
         """Per layer of `group`, keys and values ``[B, H, n, D]`` of positions ``[min(start), max(end))``: what a
@@ -1222,6 +1248,13 @@ class PagedCache(Cache):
         when the rows stay as they are."""
         self._forks = max(int(k), 1)
 
+    def expect_length(self, max_length: int | None) -> None:
+        """Tell the cache that no row will hold more than `max_length` tokens in the coming steps (``generate()``'s
+        ``max_length``, for the length of one call): a growing pool then reserves no slack for blocks past it.
+        None (the default, and after every ``generate()`` call) when nothing is known. Only slack depends on it:
+        a step that needs more blocks still gets them."""
+        self._max_length = None if max_length is None else max(int(max_length), 0)
+
     @contextlib.contextmanager
     def locked(self):
         """Hold the lock of every group's block ids (`BlockPool.lock`): what changes rows of pools that other caches
@@ -1241,9 +1274,12 @@ class PagedCache(Cache):
             layer.reset()
 
     def end_rows(self, done: torch.Tensor | None) -> None:
-        """Mark the rows where ``done`` (``[B]`` bool) is True as ended: ``generate`` feeds them padding from now on
-        and returns nothing computed from it, so their next tokens are not stored (see `BlockManager.append`).
-        ``None`` clears the marks (a new call continues every row)."""
+        """Mark the rows where ``done`` (``[B]`` bool) is True as ended: from the next step on nothing will be read
+        from them, so their new tokens are not stored (see `BlockManager.append`), and a row that references only
+        blocks of its own (`BlockManager.private_rows`: not a prompt its forks share) gives all of them back, its
+        live start following its length. Its attention then reads garbage, finite keys (zeroed or written slots).
+        ``generate`` marks rows this way only in a cache that dies with the call (see
+        `hf_paged.generation._sample`): such a row's keys are gone for good. ``None`` clears the marks."""
         if done is None:
             self._ended = None
         else:

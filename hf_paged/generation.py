@@ -5,19 +5,24 @@ Transformers has no registry for new cache implementations, so ``import hf_paged
 * ``GenerationMixin._prepare_cache_for_generation`` (it writes the cache into ``model_kwargs``): build a
   `PagedCache` (on the model's prefix-cache pool, if any); refuse a `PagedCache` given to another attention;
 * ``GenerationMixin._prefill`` (the first forward): run each distinct prompt row once and fork it k ways; map
-  prefix-cache hits before it and index the prompt's full blocks after it;
-* ``GenerationMixin._sample`` (greedy and sampling): rows the stopping criteria have ended are marked in the
-  `PagedCache` (`PagedCache.end_rows`), so the padding ``generate`` feeds them takes no new blocks;
+  prefix-cache hits before it and index the prompt's full blocks after it; tell the cache the call's
+  ``max_length`` (`PagedCache.expect_length`: the pool reserves no slack past it);
+* ``GenerationMixin._sample`` (greedy and sampling): in a cache the call built and does not return, rows the
+  stopping criteria have ended are marked (`PagedCache.end_rows`): the padding ``generate`` feeds them takes no
+  new blocks, and a row holding only blocks of its own gives them back;
 * ``GenerationMixin.generate``: calls on a model with prefix caching run one at a time; a call that fails
-  releases at once the rows of the caches it built (and of an empty cache it was given);
+  releases at once the rows of the caches it built (and of an empty cache it was given); inside
+  `recorded_stats`, the stats of the caches a call built are kept when it returns;
 * ``PreTrainedModel._check_and_adjust_attn_implementation``: families outside the attention interface, and those
   `hf_paged.support` finds it cannot serve, fail at load with a clear error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
+from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedModel
@@ -26,16 +31,41 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerationMixin
 
 from . import compat, prefix, support
-from .cache import PagedCache
+from .cache import CacheStats, PagedCache
 from .devices import layer_placements
 
-__all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "uses_hf_paged"]
+__all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "recorded_stats", "uses_hf_paged"]
 
 ATTN_IMPLEMENTATION = "hf_paged"
 
 # The caches the current ``generate`` call built (released at once if the call fails).
 _CALL_CACHES: contextvars.ContextVar[list[PagedCache] | None] = contextvars.ContextVar("hf_paged_call_caches",
                                                                                         default=None)
+# Where `recorded_stats` collects the stats of the caches each call built (None: outside it).
+_RECORDED: contextvars.ContextVar[list[CacheStats] | None] = contextvars.ContextVar("hf_paged_recorded_stats",
+                                                                                    default=None)
+
+
+@contextlib.contextmanager
+def recorded_stats() -> Iterator[list[CacheStats]]:
+    """Collect the `CacheStats` of the caches ``generate()`` builds, without keeping the caches.
+
+    Inside the ``with`` block, every successful ``generate()`` call on a model loaded with
+    ``attn_implementation="hf_paged"`` appends, when it returns, the stats of each `PagedCache` it built (one per
+    call; none for a cache passed in). That is how to see what a call allocated without
+    ``return_dict_in_generate=True``, which returns the cache and so keeps every row of it exact (see
+    `PagedCache.end_rows`)::
+
+        with hf_paged.recorded_stats() as stats:
+            model.generate(**inputs, max_new_tokens=200)
+        print(stats[-1].peak_pool_bytes)
+    """
+    recorded: list[CacheStats] = []
+    token = _RECORDED.set(recorded)
+    try:
+        yield recorded
+    finally:
+        _RECORDED.reset(token)
 
 
 def uses_hf_paged(model) -> bool:
@@ -151,6 +181,7 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
         with cache.locked():
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
     cache.expect_forks(k)  # the k rows share the prompt's blocks: the pool's slack is sized for k growing rows
+    cache.expect_length(generation_config.max_length)  # no row grows past it in this call (reset when it returns)
     try:
         outputs = original(self, reduced_ids, generation_config, reduced_kwargs, *args, **kwargs)
     finally:
@@ -222,16 +253,18 @@ class _EndedRowsCriteria(StoppingCriteriaList):
 
 def _sample(original, self, *args, **kwargs):
     """Greedy and sampling: once a row has ended, ``_sample`` feeds it padding and returns nothing computed from
-    it, so the cache need not store it. That holds only when an EOS criterion is among the stopping criteria
-    (Transformers' own test for feeding padding) and the call returns no scores or logits (those of an ended row
-    are computed from its padding); otherwise everything is stored as usual."""
+    it, so a cache that dies with the call need not keep it: its padding takes no new block and, where the row
+    holds only blocks of its own, it gives them back (`PagedCache.end_rows`). That holds only when an EOS criterion
+    is among the stopping criteria (Transformers' own test for feeding padding), the cache is one this call built,
+    and the call does not return it (``return_dict_in_generate``: it also returns scores and logits, computed from
+    the padding too); a cache that outlives the call stores every row exactly as a `DynamicCache` would, so that it
+    can be continued."""
     cache = next((value for value in kwargs.values() if isinstance(value, PagedCache)), None)
     criteria = kwargs.get("stopping_criteria", args[2] if len(args) > 2 else None)
     config = kwargs.get("generation_config", args[3] if len(args) > 3 else None)
-    # Scores and logits are returned for ended rows too (computed from their padding): keep them exact by storing.
-    returns_scores = bool(getattr(config, "return_dict_in_generate", False)) and bool(
-        getattr(config, "output_scores", False) or getattr(config, "output_logits", False))
-    if (cache is None or returns_scores or not isinstance(criteria, StoppingCriteriaList)
+    built = any(cache is created for created in _CALL_CACHES.get() or ())
+    if (cache is None or not built or bool(getattr(config, "return_dict_in_generate", False))
+            or not isinstance(criteria, StoppingCriteriaList)
             or not any(hasattr(item, "eos_token_id") for item in criteria)):
         return original(self, *args, **kwargs)
     recording = _EndedRowsCriteria(criteria, cache)
@@ -243,7 +276,7 @@ def _sample(original, self, *args, **kwargs):
     try:
         return original(self, *args, **kwargs)
     finally:
-        cache.end_rows(None)  # the returned cache continues every row in a later call
+        cache.end_rows(None)
 
 
 def _release_failed(caches: list[PagedCache]) -> None:
@@ -293,14 +326,21 @@ def install_generate_hook() -> None:
         try:
             shared = prefix.prefix_cache_of(self)
             if shared is None:
-                return original_generate(self, *args, **kwargs)
-            with shared.lock:  # calls sharing one pool run one at a time
-                return original_generate(self, *args, **kwargs)
+                result = original_generate(self, *args, **kwargs)
+            else:
+                with shared.lock:  # calls sharing one pool run one at a time
+                    result = original_generate(self, *args, **kwargs)
         except BaseException:
             _release_failed(created + given_empty)
             raise
         finally:
             _CALL_CACHES.reset(token)
+            for cache in created + [v for v in kwargs.values() if isinstance(v, PagedCache)]:
+                cache.expect_length(None)
+        recorded = _RECORDED.get()
+        if recorded is not None:
+            recorded.extend(cache.stats() for cache in created)
+        return result
 
     GenerationMixin.generate = generate
 

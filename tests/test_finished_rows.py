@@ -1,8 +1,10 @@
-"""Rows that have ended (EOS) stop growing: the padding generate feeds them takes no new block.
+"""Rows that have ended (EOS) stop growing: the padding generate feeds them takes no new block, and a row holding
+only blocks of its own gives them back.
 
 A SmolLM-like tiny Llama (tied embeddings), a left-padded batch, and an EOS id chosen from what the model really
-generates so that rows end at different steps. Tokens must equal sdpa's and the cache must hold fewer blocks than
-when every row stores its padding; a call that returns scores stores every row, and its scores equal sdpa's.
+generates so that rows end at different steps. Tokens must equal sdpa's. That holds only in a cache the call builds
+and drops (its stats come from `hf_paged.recorded_stats`); a cache that outlives the call (passed in, or returned
+with ``return_dict_in_generate``) stores every row as a DynamicCache does, so that it can be continued exactly.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from conftest import _COMMON, left_padded_batch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import hf_paged  # noqa: F401  (registers "hf_paged")
+import hf_paged
 from hf_paged import PagedCache
 
 NEW_TOKENS = 40
@@ -28,10 +30,11 @@ def _pair():
     return reference, paged
 
 
-def _eos_for(reference, batch) -> int:
+def _eos_for(reference, batch, seed: int = 0, **kwargs) -> int:
     """A token the model generates early in most rows, at different steps: rows then end at different times."""
-    out = reference.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                             pad_token_id=0)
+    kwargs.setdefault("do_sample", False)
+    torch.manual_seed(seed)
+    out = reference.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0, **kwargs)
     new = out[:, batch["input_ids"].shape[1]:]
     first_steps = new[:, 2:NEW_TOKENS // 2]
     values, counts = torch.unique(first_steps, return_counts=True)
@@ -57,32 +60,85 @@ def _end_steps(sequences: torch.Tensor, prompt_len: int, eos: int) -> list[int]:
     return [int((row == eos).nonzero()[0]) if (row == eos).any() else new.shape[1] - 1 for row in new]
 
 
+def _checked_steps(monkeypatch):
+    """Check the block manager's invariants after every step of every cache (the cache is not returned)."""
+    original = PagedCache._begin_step
+
+    def begin_step(self, group, *args, **kwargs):
+        original(self, group, *args, **kwargs)
+        group.manager.check()
+
+    monkeypatch.setattr(PagedCache, "_begin_step", begin_step)
+
+
+def _live_blocks(sequences: torch.Tensor, attention_mask: torch.Tensor, rows: list[int], block_size: int) -> int:
+    """Blocks the given rows of a finished call hold: from each row's first real token's block to its end."""
+    length = sequences.shape[1] - 1  # the last token generated is never fed back
+    starts = (attention_mask == 0).sum(dim=1).tolist()
+    return sum(-(-length // block_size) - starts[row] // block_size for row in rows)
+
+
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_ended_rows_take_no_new_blocks_and_tokens_match(setup, block_size):
+def test_ended_rows_give_their_blocks_back_and_tokens_match(setup, block_size, monkeypatch):
+    reference, paged, batch, eos = setup
+    expected = _run(reference, batch, eos)
+    prompt_len = batch["input_ids"].shape[1]
+    ends = _end_steps(expected.sequences, prompt_len, eos)
+    assert len(set(ends)) > 2 and min(ends) < NEW_TOKENS // 2  # rows really end at different steps
+    running = [row for row, end in enumerate(ends) if end == max(ends)]
+
+    # The cache that outlives the call (passed in and returned) keeps every row: the ended rows' padding too.
+    kept = _run(paged, batch, eos, past_key_values=PagedCache(paged.config, block_size=block_size))
+    assert torch.equal(kept.sequences, expected.sequences)
+    assert kept.past_key_values.manager.scratch is None
+    kept_stats = kept.past_key_values.stats()
+
+    _checked_steps(monkeypatch)  # the cache generate builds, of this block size
+    monkeypatch.setattr(hf_paged.generation, "_new_cache", lambda model: PagedCache(model.config, block_size=block_size))
+    with hf_paged.recorded_stats() as recorded:
+        out = paged.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, expected.sequences)
+    (stats,) = recorded
+    assert stats.logical_tokens == kept_stats.logical_tokens  # the same rows, as long as a DynamicCache's
+    assert stats.peak_used_blocks < kept_stats.peak_used_blocks
+    assert stats.peak_pool_bytes < kept_stats.peak_pool_bytes
+    # When the call returns, the ended rows have given back all but at most their last block (what their last
+    # padding went into), and share one scratch block: only the rows still running hold theirs.
+    ended = len(ends) - len(running)
+    live = _live_blocks(out, batch["attention_mask"], running, block_size)
+    assert live <= stats.used_blocks <= live + ended + 1
+
+
+def test_ended_rows_sampled_give_their_blocks_back(setup, monkeypatch):
+    """Sampling draws from every row's logits, the ended rows' too (then discarded): reading keys given back must
+    keep them finite, and the seeded draws must stay sdpa's."""
+    reference, paged, batch, _ = setup
+    eos = _eos_for(reference, batch, seed=7, do_sample=True, top_k=0)
+    kwargs = dict(do_sample=True, top_k=0, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
+    torch.manual_seed(7)
+    expected = reference.generate(**batch, **kwargs)
+    _checked_steps(monkeypatch)
+    torch.manual_seed(7)
+    with hf_paged.recorded_stats() as recorded:
+        out = paged.generate(**batch, **kwargs)
+    assert torch.equal(out, expected)
+    assert (expected[:, batch["input_ids"].shape[1]:] == eos).any(dim=1).sum() >= 2
+    torch.manual_seed(7)
+    kept = paged.generate(**batch, **kwargs, return_dict_in_generate=True)
+    assert torch.equal(kept.sequences, expected)
+    assert recorded[0].peak_used_blocks < kept.past_key_values.stats().peak_used_blocks
+
+
+def test_a_call_returning_scores_keeps_every_row_exact(setup):
+    """Scores (and logits) are returned for ended rows too, computed from their padding: they must equal sdpa's."""
     reference, paged, batch, eos = setup
     expected = _run(reference, batch, eos, output_scores=True)
-    ends = _end_steps(expected.sequences, batch["input_ids"].shape[1], eos)
-    assert len(set(ends)) > 2 and min(ends) < NEW_TOKENS // 2  # rows really end at different steps
-
-    out = _run(paged, batch, eos, past_key_values=PagedCache(paged.config, block_size=block_size))
-    assert torch.equal(out.sequences, expected.sequences)
-    stats = out.past_key_values.stats()
-    out.past_key_values.manager.check()
-    assert out.past_key_values.manager.scratch is not None
-
-    # A call that returns scores stores every row, so that the scores of ended rows (computed from their padding)
-    # stay exactly sdpa's; this is also the block count of storing the padding.
-    scored = _run(paged, batch, eos, output_scores=True,
-                  past_key_values=PagedCache(paged.config, block_size=block_size))
+    scored = _run(paged, batch, eos, output_scores=True)
     assert torch.equal(scored.sequences, expected.sequences)
     assert len(scored.scores) == len(expected.scores)
     for mine, theirs in zip(scored.scores, expected.scores, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
     assert scored.past_key_values.manager.scratch is None
-    old_stats = scored.past_key_values.stats()
-    assert stats.logical_tokens == old_stats.logical_tokens  # the same rows, as long as a DynamicCache's
-    assert stats.peak_used_blocks < old_stats.peak_used_blocks
-    assert stats.used_blocks < old_stats.used_blocks
 
 
 def test_rows_are_stored_when_no_eos_criterion_feeds_padding(setup):
@@ -122,15 +178,16 @@ def test_beam_search_with_eos_matches(setup):
     torch.testing.assert_close(out.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-4)
 
 
-def test_sampled_copies_with_eos_match(setup):
-    """num_return_sequences copies of a prompt share its blocks; the ones that end early stop growing."""
+def test_sampled_copies_with_eos_match(setup, monkeypatch):
+    """num_return_sequences copies of a prompt share its blocks; the ones that end early stop growing (and keep
+    the prompt's blocks, which their copies still read)."""
     reference, paged, batch, eos = setup
     kwargs = dict(do_sample=True, num_return_sequences=4, max_new_tokens=NEW_TOKENS, eos_token_id=eos,
-                  pad_token_id=0, return_dict_in_generate=True)
+                  pad_token_id=0)
     torch.manual_seed(11)
     expected = reference.generate(**batch, **kwargs)
+    _checked_steps(monkeypatch)
     torch.manual_seed(11)
     out = paged.generate(**batch, **kwargs)
-    assert torch.equal(out.sequences, expected.sequences)
-    assert (expected.sequences[:, batch["input_ids"].shape[1]:] == eos).any(dim=1).sum() >= 2
-    out.past_key_values.manager.check()
+    assert torch.equal(out, expected)
+    assert (expected[:, batch["input_ids"].shape[1]:] == eos).any(dim=1).sum() >= 2

@@ -243,13 +243,13 @@ def test_growth_appends_slabs_and_keeps_the_old_ones():
     pool = KVPool(3, 4)
     states = torch.randn(2, 2, 5, 8)
     pool.allocate(states)
-    pool.ensure_free(6, rows=1)
+    pool.ensure_free(6, slack=4)
     first = [tensor.clone() for tensor in pool.slabs[0]]
     first[0].normal_()
     pool.slabs[0][0].copy_(first[0])
     pointers = [tensor.data_ptr() for tensor in pool.slabs[0]]
-    pool.ensure_free(pool.blocks.num_free + 3, rows=2)
-    # What each step misses plus one quantum of slack: 6 + 4 blocks, then 3 + 2 rows x 4.
+    pool.ensure_free(pool.blocks.num_free + 3, slack=8)
+    # What each step misses plus the slack asked for: 6 + 4 blocks, then 3 + 8.
     assert len(pool.slabs) == 2 and pool.starts == [0, 10] and pool.num_blocks == 10 + 3 + 8
     assert [tensor.data_ptr() for tensor in pool.slabs[0]] == pointers
     assert torch.equal(pool.slabs[0][0], first[0]) and not pool.slabs[1][0].any()

@@ -275,21 +275,26 @@ class Runner:
             elapsed = 0.0
             for prompts in calls:
                 inputs = left_pad(prompts, self.pad_token_id, model.device)
-                extra = {}
+                extra, given = {}, None
                 if paged and not scenario.prefix_cache:
-                    cache = self._paged_cache(model)
-                    if cache is not None:
-                        extra.update(compat.cache_kwargs(cache))
+                    given = self._paged_cache(model)
+                    if given is not None:
+                        extra.update(compat.cache_kwargs(given))
                 torch.manual_seed(self.seed)
-                start = time.perf_counter()
-                out = model.generate(
-                    **inputs, **kwargs, **extra, pad_token_id=self.pad_token_id, return_dict_in_generate=True
-                )
-                elapsed += time.perf_counter() - start
-                new = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+                # hf_paged's stats come from `recorded_stats`, not from a returned cache: a cache the call
+                # returns keeps the rows that ended exactly (it may be continued), one it drops gives them back.
+                # A cache the user passed (pool options) outlives the call either way.
+                with hf_paged.recorded_stats() as recorded:
+                    start = time.perf_counter()
+                    out = model.generate(
+                        **inputs, **kwargs, **extra, pad_token_id=self.pad_token_id, return_dict_in_generate=not paged
+                    )
+                    elapsed += time.perf_counter() - start
+                out_ids = out if paged else out.sequences
+                new = out_ids[:, inputs["input_ids"].shape[1] :].tolist()
                 sequences += new
                 if paged:
-                    stats = compat.output_cache(out).stats()
+                    stats = given.stats() if given is not None else recorded[-1]
                     kv_bytes, call_peak, used = stats.pool_bytes, stats.peak_pool_bytes, stats.used_bytes
                     peak_used = max(peak_used or 0, stats.peak_used_bytes)
                     prefix_hits = (prefix_hits or 0) + stats.prefix_hit_tokens
