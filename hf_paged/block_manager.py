@@ -10,8 +10,9 @@ Vocabulary
     `BlockManager`  the rows of one cache. Per row, a block table: token ``t`` lives in block ``table[t // bs]``
                   at offset ``t % bs``.
     live start    per row, ``live_from[row]``: a token position (0 by default) below which every token is *dead*,
-                  one no query will ever read unmasked (left padding, keys that fell out of a sliding window). It
-                  only ever grows (`append`'s ``live_from``, `release_before`).
+                  one no query will ever read unmasked (left padding, keys that fell out of a sliding window), or
+                  whose reads nothing returned depends on (a row that has ended gives its own blocks back,
+                  `private_rows`). It only ever grows (`append`'s ``live_from``, `release_before`).
     null entry    a table entry `NULL_BLOCK` (-1): that block of the row holds only dead tokens. It takes no block
                   and no reference, is never indexed, copied or counted in `num_used` / `num_shared`. Tensors built
                   from tables replace it with any valid block id; attention masks those positions anyway.

@@ -85,6 +85,7 @@ operations = st.lists(
     st.one_of(
         st.tuples(st.just("append"), st.integers(0, 9)),
         st.tuples(st.just("append_ended"), st.tuples(st.integers(0, 9), st.integers(0, 255))),
+        st.tuples(st.just("give_back"), st.tuples(st.integers(0, 9), st.integers(0, 255))),
         st.tuples(st.just("select"), st.lists(st.integers(0, 7), min_size=0, max_size=8)),
         st.tuples(st.just("truncate"), st.integers(0, 40)),
         st.tuples(st.just("grow"), st.integers(1, 4)),
@@ -100,19 +101,33 @@ def test_invariants_hold_under_random_operations(block_size, num_blocks, rows, o
     manager = BlockManager(num_blocks, block_size)
     manager.add_rows(rows)
     for name, arg in ops:
-        if name in ("append", "append_ended"):
-            finished = None
-            if name == "append_ended":  # some rows have ended: their new tokens go to the scratch block
+        if name in ("append", "append_ended", "give_back"):
+            finished = live = None
+            if name != "append":  # some rows have ended: their new tokens go to the scratch block
                 arg, bits = arg
                 finished = [bool(bits >> row & 1) for row in range(manager.num_rows)]
-            needed, free = manager.blocks_needed(arg, finished), manager.num_free
+            if name == "give_back":  # ended rows of their own blocks give them back (PagedCache._begin_step)
+                private = manager.private_rows(finished)
+                live = [length if mine else start
+                        for start, length, mine in zip(manager.live_from, manager.lengths, private, strict=True)]
+            needed, free = manager.blocks_needed(arg, finished, live), manager.num_free
+            before = list(manager.lengths)
             if needed > free:
                 with pytest.raises(OutOfBlocksError):
-                    manager.append(arg, finished)
+                    manager.append(arg, finished, live)
                 assert manager.num_free == free
-            else:  # the forecast is exact: a step that fits never raises
-                manager.append(arg, finished)
-                assert manager.num_free == free - needed
+            else:  # the forecast is exact: a step that fits never raises (and one that gives back may free some)
+                manager.append(arg, finished, live)
+                assert manager.num_free == free - needed if needed else manager.num_free >= free
+                if name == "give_back":  # a row that gave its blocks back holds at most the one it wrote into
+                    for row in (row for row, mine in enumerate(private) if mine):
+                        own = {b for b in manager.tables[row] if b >= 0 and b != manager.scratch}
+                        assert len(own) <= 1 and all(manager.pool.ref_counts[b] == 1 for b in own)
+                        assert manager.live_from[row] == before[row]
+        elif name == "truncate" and any(arg < min(length, start)
+                                        for length, start in zip(manager.lengths, manager.live_from, strict=True)):
+            with pytest.raises(ValueError, match="were released"):
+                manager.truncate(arg)
         elif name == "select":
             indices = [i % manager.num_rows for i in arg] if manager.num_rows else []
             manager.select(indices)
