@@ -92,7 +92,9 @@ IDEAL_NOTE = (
     "KV vs ideal (scenarios whose rows stop at EOS): real tokens: the tokens sdpa's caches hold that a row needs "
     "(its prompt without padding, its new tokens up to and including its EOS, of those fed back to the model); "
     "sdpa tokens: the token slots of its DynamicCache (rows x its sequence length: padding and tokens after EOS "
-    "included). ideal: sdpa's KV bytes x real / sdpa tokens. hf_paged KV: peak allocated bytes "
+    "included). ideal: sdpa's KV bytes x real / sdpa tokens: every row's real tokens held to the end (hf_paged "
+    "can go below it: a row that has ended gives its blocks back to the rows still running). hf_paged KV: peak "
+    "allocated bytes "
     "(stats().peak_pool_bytes); used peak: peak referenced bytes (stats().peak_used_bytes); x sdpa: over sdpa's "
     "KV bytes; KV x ideal: allocated over ideal."
 )
