@@ -23,6 +23,9 @@ for version in "${VERSIONS[@]}"; do
     if [ ! -x "$venv/bin/python" ]; then
         $PY -m venv --system-site-packages "$venv"
     fi
+    # A venv brings its own setuptools (65 on Python 3.11), which shadows the interpreter's and cannot build the
+    # editable install below without `wheel`: give it what pyproject.toml's [build-system] asks for.
+    "$venv/bin/python" -m pip install --quiet "setuptools>=69" wheel
     "$venv/bin/python" -m pip install --quiet "transformers==$version"
     "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
     echo "== transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)')"
