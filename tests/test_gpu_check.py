@@ -36,7 +36,9 @@ def test_dry_run_of_the_device_check(tmp_path):
     kernels = phases["kernels"]
     assert kernels["tests"] >= 4 and kernels["failures"] == kernels["errors"] == kernels["skipped"] == 0
     parity = phases["parity"]
-    assert {"greedy", "greedy_left_padded", "beams4_return2_left_padded", "sample4_seeded"} <= set(parity)
+    assert {"greedy", "greedy_left_padded", "beams4_return2_left_padded", "sample4_seeded",
+            "greedy_eos_left_padded"} <= set(parity)
+    assert parity["greedy_eos_left_padded"]["match"] and parity["greedy_eos_left_padded"]["peak_used_blocks"] > 0
     assert parity["greedy"]["match"] and parity["greedy"]["max_logit_difference"] < 1e-3
     for case in ("greedy", "beams3_return2"):  # layers in memory and offloaded to disk: a pool for each
         assert phases["split"][case]["match"] and phases["split"][case]["pools"] == ["cpu", "cpu"]
