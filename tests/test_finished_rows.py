@@ -131,6 +131,27 @@ def test_ended_rows_sampled_give_their_blocks_back(setup, monkeypatch):
     assert recorded[0].peak_used_blocks < kept.past_key_values.stats().peak_used_blocks
 
 
+def test_a_returned_cache_continues_its_ended_rows_exactly(setup):
+    """The cache a call returns holds the ended rows' padding too, so a second call continuing every row from it
+    (the padding unmasked, as generate left it) gives sdpa's tokens, also in the rows that had ended."""
+    reference, paged, batch, eos = setup
+    outputs = {}
+    for name, model in (("sdpa", reference), ("hf_paged", paged)):
+        first = _run(model, batch, eos)
+        ids = torch.cat([first.sequences, torch.full((len(first.sequences), 1), 7)], dim=1)
+        mask = torch.cat([batch["attention_mask"], torch.ones(len(ids), ids.shape[1] - batch["attention_mask"].shape[1],
+                                                               dtype=batch["attention_mask"].dtype)], dim=1)
+        outputs[name] = model.generate(input_ids=ids, attention_mask=mask, past_key_values=first.past_key_values,
+                                       max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+                                       return_dict_in_generate=True, output_logits=True)
+    ends = _end_steps(outputs["sdpa"].sequences[:, :batch["input_ids"].shape[1] + NEW_TOKENS],
+                      batch["input_ids"].shape[1], eos)
+    assert min(ends) < NEW_TOKENS - 1  # some row had ended and was fed padding in the first call
+    assert torch.equal(outputs["hf_paged"].sequences, outputs["sdpa"].sequences)
+    torch.testing.assert_close(torch.stack(outputs["hf_paged"].logits), torch.stack(outputs["sdpa"].logits),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_a_call_returning_scores_keeps_every_row_exact(setup):
     """Scores (and logits) are returned for ended rows too, computed from their padding: they must equal sdpa's."""
     reference, paged, batch, eos = setup
