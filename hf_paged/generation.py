@@ -50,9 +50,9 @@ _RECORDED: contextvars.ContextVar[list[CacheStats] | None] = contextvars.Context
 def recorded_stats() -> Iterator[list[CacheStats]]:
     """Collect the `CacheStats` of the caches ``generate()`` builds, without keeping the caches.
 
-    Inside the ``with`` block, every successful ``generate()`` call on a model loaded with
-    ``attn_implementation="hf_paged"`` appends, when it returns, the stats of each `PagedCache` it built (one per
-    call; none for a cache passed in). That is how to see what a call allocated without
+    Inside the ``with`` block, every successful ``generate()`` call made in this thread (or asyncio task: the
+    collector is a context variable) on a model loaded with ``attn_implementation="hf_paged"`` appends, when it
+    returns, the stats of each `PagedCache` it built (one per call; none for a cache passed in). That is how to see what a call allocated without
     ``return_dict_in_generate=True``, which returns the cache and so keeps every row of it exact (see
     `PagedCache.end_rows`)::
 
