@@ -1038,7 +1038,7 @@ class PagedCache(Cache):
         live = None
         if new_rows and self._row_starts is not None and len(self._row_starts) == batch:
             live = list(self._row_starts)
-        if ended is not None:  # an ended row of its own blocks gives them back: it keeps only the slot it writes
+        if ended is not None:  # an ended row of its own blocks gives them back, all but the one it writes into
             private = manager.private_rows(ended)
             if any(private):
                 base = manager.live_from if live is None else live
