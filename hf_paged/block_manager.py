@@ -278,9 +278,10 @@ class BlockManager:
         a row sharing blocks with its forks or beams (or with another cache) would give back only its references."""
         if len(rows) != self.num_rows:
             raise ValueError(f"rows has {len(rows)} entries for {self.num_rows} rows")
-        refs, scratch = self.pool.ref_counts, self.scratch
-        return [bool(marked) and all(block == NULL_BLOCK or block == scratch or refs[block] == 1 for block in table)
-                for marked, table in zip(rows, self.tables, strict=True)]
+        refs, scratch, bs = self.pool.ref_counts, self.scratch, self.block_size
+        # Entries below the live start's block are null (invariant 3): a row that gave its blocks back is one check.
+        return [bool(marked) and all(block == scratch or refs[block] == 1 for block in table[start // bs:])
+                for marked, table, start in zip(rows, self.tables, self.live_from, strict=True)]
 
     def _new_live_from(self, live_from: Sequence[int] | None) -> list[int]:
         """Each row's live start after a step given `live_from` (None: unchanged; never lowered)."""

@@ -52,9 +52,9 @@ def recorded_stats() -> Iterator[list[CacheStats]]:
 
     Inside the ``with`` block, every successful ``generate()`` call made in this thread (or asyncio task: the
     collector is a context variable) on a model loaded with ``attn_implementation="hf_paged"`` appends, when it
-    returns, the stats of each `PagedCache` it built (one per call; none for a cache passed in). That is how to see what a call allocated without
-    ``return_dict_in_generate=True``, which returns the cache and so keeps every row of it exact (see
-    `PagedCache.end_rows`)::
+    returns, the stats of each `PagedCache` it built (one per call; none for a cache passed in). That is how to
+    see what a call allocated without ``return_dict_in_generate=True``, which returns the cache and so keeps every
+    row of it exact (see `PagedCache.end_rows`)::
 
         with hf_paged.recorded_stats() as stats:
             model.generate(**inputs, max_new_tokens=200)
