@@ -15,20 +15,20 @@ OUT="$(cd "$OUT" && pwd)"
 TOTAL="${GPU_CHECK_SECONDS:-480}"
 
 # Install a copy of the package's files (so nothing is built inside the checkout) into a folder of its own: no
-# network (--no-index, --no-deps), the machine's own setuptools (--no-build-isolation). Where pip cannot build, lay
-# the package out as the wheel would (kernels/ -> hf_paged/kernels).
+# network (--no-index, --no-deps), the machine's own setuptools (--no-build-isolation). Where pip cannot build, copy
+# the package as it is.
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-mkdir -p "$WORK/src" && cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/hf_paged" "$ROOT/kernels" "$WORK/src/"
+mkdir -p "$WORK/src" && cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/hf_paged" "$WORK/src/"
 SITE="$WORK/site"
 if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" "$WORK/src" \
         >"$OUT/install.log" 2>&1; then
     echo "[gpu_check] pip install failed (see $OUT/install.log); copying the package instead"
     rm -rf "$SITE" && mkdir -p "$SITE"
-    cp -r "$ROOT/hf_paged" "$SITE/hf_paged" && cp -r "$ROOT/kernels" "$SITE/hf_paged/kernels"
+    cp -r "$ROOT/hf_paged" "$SITE/hf_paged"
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-# Run from $OUT: with the checkout as working directory, its hf_paged/ (no kernels/ inside) would be imported instead.
+# Run from $OUT: with the checkout as working directory, its hf_paged/ would be imported instead of the installed copy.
 cd "$OUT"
 "$PY" -c "import hf_paged, hf_paged.kernels; print('[gpu_check] hf_paged from', hf_paged.__file__)"
 BUDGET=$(( TOTAL - ($(date +%s) - START) - 15 ))

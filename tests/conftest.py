@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import collections
-import sys
-from pathlib import Path
 
-# The repository root must not be importable as a path entry: its `kernels/` folder (installed as
-# `hf_paged.kernels`) would shadow the Hub's `kernels` package that Transformers probes for at import.
-# `python -m pytest` puts the working directory first on sys.path, so drop it before importing Transformers.
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import pytest
+import torch
+from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     GemmaConfig,
@@ -28,7 +20,7 @@ from transformers import (  # noqa: E402
     Qwen3Config,
 )
 
-import hf_paged  # noqa: E402, F401  (registers "hf_paged")
+import hf_paged  # noqa: F401  (registers "hf_paged")
 
 # Tiny models gain nothing from a second thread, and OpenMP's spinning threads make them up to 100x slower when
 # anything else runs on this 2-core machine: run the suite single-threaded.

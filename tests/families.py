@@ -24,20 +24,14 @@ import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
 
-# As in conftest.py: the repository root must not be a path entry (its `kernels/` folder would shadow the Hub's
-# `kernels` package that Transformers probes for), and `python -m tests.families` puts it first.
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+import torch
+import transformers
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoConfig  # noqa: E402
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
-
-import hf_paged  # noqa: E402
-from hf_paged import PagedCache  # noqa: E402
+import hf_paged
+from hf_paged import PagedCache
 
 __all__ = ["Outcome", "check_family", "families", "markdown_table", "tiny_config"]
 

@@ -16,10 +16,10 @@ import os
 
 import pytest
 import torch
-from hf_paged.kernels.paged_attention import launch_paged_attention
 from kernel_interpreter_cases import TOLERANCE, kernel_args, make_paged_inputs, on_slabs, reference_attention
 
 from hf_paged import ops
+from hf_paged.kernels.paged_attention import launch_paged_attention
 
 TINY = os.environ.get("HF_PAGED_DEVICE_GRID") == "tiny"
 HAS_SINKS = all("sinks" in inspect.signature(f).parameters for f in (launch_paged_attention, ops.paged_attention))

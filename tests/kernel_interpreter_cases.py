@@ -27,6 +27,7 @@ else:
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (tests/test_kernels.py sets it) or a GPU",
                 allow_module_level=True)
 
+from hf_paged import ops  # noqa: E402
 from hf_paged.kernels import (  # noqa: E402
     HAS_TRITON,
     copy_blocks,
@@ -36,8 +37,6 @@ from hf_paged.kernels import (  # noqa: E402
 )
 from hf_paged.kernels.paged_attention import choose_num_splits, launch_paged_attention  # noqa: E402
 from hf_paged.kernels.shared_prefix_attention import launch_shared_prefix_attention  # noqa: E402
-
-from hf_paged import ops  # noqa: E402
 
 assert HAS_TRITON
 

@@ -22,11 +22,7 @@ TESTS = Path(__file__).parent
 
 
 def run_python(*args: str, interpret: bool, timeout: float) -> subprocess.CompletedProcess:
-    """Run ``python *args`` with or without ``TRITON_INTERPRET=1``.
-
-    The working directory is ``tests/``, not the repository root: with the root on ``sys.path`` its ``kernels/``
-    folder would pass for the Hub's ``kernels`` package that Transformers probes for (see conftest.py).
-    """
+    """Run ``python *args`` (working directory ``tests/``) with or without ``TRITON_INTERPRET=1``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
