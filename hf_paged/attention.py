@@ -30,11 +30,12 @@ def paged_attention_mask(
     mask_function=None,
     **kwargs,
 ) -> torch.Tensor:
-    """Mask function for ``"hf_paged"``: the 2-D padding mask ``[B, kv_length]``, carrying the mask's pattern.
+    """Mask function for ``"hf_paged"``: the padding mask as a `hf_paged.masks.PaddingMask` ``[B, 1, 1, kv_length]``
+    (a broadcast view of the 2-D one), carrying the mask's pattern.
 
     Causality, sliding windows and chunked attention are applied by the attention function itself, which takes the
-    queries to be the last ``q_length`` keys: `hf_paged.masks.describe` reads them off ``mask_function`` and the
-    returned mask carries them (`hf_paged.masks.attach`; it is all True when nothing is padded). When that does not
+    queries to be the last keys: `hf_paged.masks.describe` reads them off ``mask_function`` and the returned mask
+    carries them (`hf_paged.masks.attach`; it is all True when nothing is padded). When that does not
     hold (a `StaticCache` has spare slots after the queries, a sliding-window cache dropped the first keys of a
     chunked layer) or the model asks for a pattern `describe` does not know (``or`` masks, packed sequences,
     block-wise attention, a model's own function), Transformers' full 4-D boolean mask is built instead and used
@@ -90,8 +91,10 @@ def paged_attention_forward(
     Args:
         query: ``[B, H, q, D]`` with rotary embeddings applied.
         key, value: a layer's block pools ``[N, bs, Hkv, D]`` (from a `PagedCache`) or plain ``[B, Hkv, kv, D]``.
-        attention_mask: what `paged_attention_mask` returned: a 2-D padding mask carrying the mask's pattern
-            (`hf_paged.masks`), a 4-D boolean mask, or (from elsewhere) None or a plain 2-D padding mask.
+        attention_mask: what `paged_attention_mask` returned: a `hf_paged.masks.PaddingMask` (the padding and the
+            mask's pattern), a 4-D boolean mask, or (from elsewhere) None or a plain 2-D padding mask. The queries are
+            the last ``q`` positions of the keys (fewer than the step's tokens where a model computes only the last
+            ones, as Gemma 4's KV-shared layers do).
         scaling: multiplies ``q @ k^T`` (``1/sqrt(D)`` when None).
         sliding_window, softcap: as the model passes them; a pattern carried by the mask (what eager and sdpa
             apply) takes precedence over the ``sliding_window`` kwarg.
@@ -113,6 +116,8 @@ def paged_attention_forward(
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,
                                      softcap, is_causal, chunk_size, sinks), None
     step, key, value = cache.attention_inputs(key)
+    if query.shape[2] != step.q_len:  # the step's last queries only (Gemma 4's KV-shared layers in a prefill)
+        step = step.last_queries(query.shape[2])
     if step.fresh is not None:  # a sliding-window step that stores only its last tokens
         return _fresh_attention(cache, step, query, attention_mask, scale, sliding_window, softcap, sinks), None
     if step.key_offset and attention_mask is not None:  # the step's tables leave out the first blocks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 
@@ -187,6 +188,14 @@ class StepMetadata:
             self._masks[key] = _shared_masks(self, attention_mask)
         return self._masks[key]
 
+    def last_queries(self, q_len: int) -> StepMetadata:
+        """This step as seen by its last `q_len` queries only (Gemma 4's KV-shared layers in a prefill): the same
+        tables and keys, masks for `q_len` queries (built once per step)."""
+        key = ("last_queries", q_len)
+        if key not in self._masks:
+            self._masks[key] = dataclasses.replace(self, q_len=q_len, _masks={})
+        return self._masks[key]
+
     def mask(self, attention_mask: torch.Tensor | None, sliding_window: int | None,
              chunk_size: int | None = None) -> torch.Tensor | None:
         """The boolean ``[B, 1, q, kv]`` mask for this step (None when nothing is masked), memoised per step."""
@@ -252,6 +261,12 @@ class PagedPool(torch.Tensor):
         if getattr(func, "__name__", "") in ("__get__", "__repr__", "__format__"):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
+        if func is torch.Tensor.to and args and isinstance(args[0], PagedPool):
+            # Gemma 3n / 4 before 5.25 move a shared layer's keys to its queries' device: the same device is no move.
+            with torch._C.DisableTorchFunctionSubclass():
+                moved = func(*args, **(kwargs or {}))
+            if moved is args[0]:
+                return moved
         raise RuntimeError(
             "hf_paged: a PagedCache's block pool reached an attention implementation other than \"hf_paged\" "
             f"(it called {getattr(func, '__name__', func)}). Load the model with attn_implementation=\"hf_paged\" "
@@ -688,6 +703,52 @@ class PagedHybridLayer(PagedLayer, LinearAttentionLayer):
         return LinearAttentionLayer.is_croppable.fget(self)
 
 
+class KVSharedLayer(CacheLayerMixin):
+    """The entry of a layer that keeps no keys and values: it attends over those of layer `source` (KV sharing,
+    `support.kv_sources`), whose pools the model hands its attention; it has no pool and never calls ``update``, as
+    Transformers' own caches give such layers no storage. `keys` / `values` are the source layer's."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, cache: PagedCache, layer_idx: int, source: int):  # no super().__init__: keys/values are properties
+        self._cache = weakref.proxy(cache)
+        self.layer_idx = layer_idx
+        self.source = source
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._cache.layers[self.source].is_initialized
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._cache.layers[self.source].keys
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._cache.layers[self.source].values
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self._cache.update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        return self._cache.layers[self.source].get_mask_sizes(query_length)
+
+    def get_seq_length(self) -> int:
+        return self._cache.layers[self.source].get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+
 def _state_layers(layers: list) -> list:
     """The layers of a cache that hold Transformers' per-row linear-attention / Mamba states."""
     return [layer for layer in layers if isinstance(layer, LinearAttentionCacheLayerMixin)]
@@ -705,8 +766,17 @@ def _select_states(layer: LinearAttentionCacheLayerMixin, index: torch.Tensor) -
 
 
 def layer_plan(config) -> tuple[list[str], list[dict]]:
-    """Per layer, its kind for a `PagedCache` (``"paged"``, ``"state"`` or ``"hybrid"``) and the keyword arguments
-    of Transformers' cache layer class for it, read from the config's ``layer_types`` as `DynamicCache` does."""
+    """Per layer, its kind for a `PagedCache` (``"paged"``, ``"state"``, ``"hybrid"``, or ``"shared"`` for a layer that
+    reads another layer's keys and values, `support.kv_sources`) and the keyword arguments of Transformers' cache layer
+    class for it, read from the config's ``layer_types`` as `DynamicCache` does."""
+    kinds, layer_kwargs = _layer_kinds(config)
+    for layer, source in support.kv_sources(config).items():
+        if layer < len(kinds) and source < len(kinds) and kinds[source] == "paged":
+            kinds[layer], layer_kwargs[layer] = "shared", {"source": source}
+    return kinds, layer_kwargs
+
+
+def _layer_kinds(config) -> tuple[list[str], list[dict]]:
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     num_layers = getattr(text_config, "num_hidden_layers", None)
     try:
@@ -794,14 +864,14 @@ class PagedCache(Cache):
         # Multi-head latent attention (DeepSeek-V2/V3, Kimi, ...) caches the compressed latents and expands them into
         # keys and values after the cache: those layers get their rows' latents back, gathered out of the blocks.
         latent = getattr(text_config, "kv_lora_rank", None) is not None
-        paged_layers = sum(kind != "state" for kind in kinds)
+        paged_layers = sum(kind in ("paged", "hybrid") for kind in kinds)
         attn = getattr(config, "_attn_implementation", None)
         if attn is not None and attn != "hf_paged":
             raise ValueError(
                 f"hf_paged: this config uses attn_implementation={attn!r}; a PagedCache only works with models loaded "
                 'with attn_implementation="hf_paged" (its attention reads the block tables).'
             )
-        attention_layers = [layer for layer, kind in enumerate(kinds) if kind != "state"]
+        attention_layers = [layer for layer, kind in enumerate(kinds) if kind in ("paged", "hybrid")]
         if layer_devices is not None:
             if pool is not None or device is not None or max_memory is not None:
                 raise ValueError(
@@ -862,6 +932,9 @@ class PagedCache(Cache):
             if kind == "state":
                 layers.append(LinearAttentionLayer(**{k: v for k, v in kwargs.items() if k == "number_of_states"}))
                 continue
+            if kind == "shared":
+                layers.append(KVSharedLayer(self, i, kwargs["source"]))
+                continue
             if kind == "hybrid":
                 layers.append(PagedHybridLayer(self, i, slot, kwargs.get("number_of_states", 1)))
             else:
@@ -899,6 +972,10 @@ class PagedCache(Cache):
         self.prefix_hit_tokens = 0
         self._row_starts: list[int] | None = None  # each new row's first real token (`set_row_starts`)
         self._pending_layer: int | None = None
+        self._read_layer: int | None = None  # the layer whose pools `attention_inputs` returned last
+        self._kv_sources = {layer: layer_.source for layer, layer_ in enumerate(layers)
+                            if isinstance(layer_, KVSharedLayer)}
+        self._kv_read = sorted(set(self._kv_sources.values()))  # layers whose keys KV-shared layers read
         self._ended: torch.Tensor | None = None
         self._cache_windows: dict[int, tuple] = {}  # `cache_window`'s memo: id(config) -> (config, windows)
         self._forks = 1  # `expect_forks`: the rows each row of the next steps becomes
@@ -961,6 +1038,12 @@ class PagedCache(Cache):
                 "place and its attention reads them back, so no gradient could flow through them: run the forward "
                 "pass under torch.no_grad() or torch.inference_mode() (generate() does), or, to train, call the "
                 "model without a PagedCache (use_cache=False or a DynamicCache)."
+            )
+        if isinstance(self.layers[layer_idx], KVSharedLayer):
+            raise ValueError(
+                f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes it a "
+                f"KV-shared layer (it reads layer {self._kv_sources[layer_idx]}'s keys and values and keeps none). The "
+                "cache must be built from this model's config."
             )
         if self.layer_pools[layer_idx] is None:
             raise ValueError(
@@ -1137,14 +1220,29 @@ class PagedCache(Cache):
         place = (pool_ref() if pool_ref is not None else None, getattr(key, _LAYER_ATTR, None))
         pending = self._pending_layer
         expected = self.layer_pools[pending] if pending is not None else None
+        layer = pending
         if expected is None or expected[0] is not place[0] or expected[1] != place[1]:
-            raise RuntimeError(
-                "hf_paged: an attention layer ran without storing its keys in this step first (last layer stored: "
-                f"{pending})."
-            )
+            # A KV-shared layer (`support.kv_sources`) reads the pools of a layer that stored in this step.
+            layer = self._reader_source(place) if pending is None else None
+            if layer is None:
+                raise RuntimeError(
+                    "hf_paged: an attention layer ran without storing its keys in this step first (last layer "
+                    f"stored: {pending})."
+                )
         self._pending_layer = None
-        pool, slot = expected
-        return (self.layer_groups[pending].step_on(pool.tensor.device), *pool.plain[slot])
+        self._read_layer = layer
+        pool, slot = self.layer_pools[layer]
+        return (self.layer_groups[layer].step_on(pool.tensor.device), *pool.plain[slot])
+
+    def _reader_source(self, place: tuple) -> int | None:
+        """The layer whose pools are `place` ``(pool, index there)``, if it stored keys in this step and some layer
+        reads its keys (KV sharing), else None."""
+        for layer in self._kv_read:
+            group = self.layer_groups[layer]
+            if (group is not None and group.step is not None and layer in group.step_layers
+                    and self.layer_pools[layer][0] is place[0] and self.layer_pools[layer][1] == place[1]):
+                return layer
+        return None
 
     def cache_window(self, config, layer_idx: int) -> int | None:
         """`masks.cache_windows` of layer `layer_idx` (None past its layers), memoised per config object for this
@@ -1157,10 +1255,12 @@ class PagedCache(Cache):
         return windows[layer_idx] if 0 <= layer_idx < len(windows) else None
 
     def fresh_inputs(self, step: StepMetadata) -> tuple:
-        """For a step that stores only its last tokens (``step.fresh`` set), the layer that just stored: ``(kept
+        """For a step that stores only its last tokens (``step.fresh`` set), the layer just read: ``(kept
         keys, kept values, the step's keys, the step's values)``, the kept ones ``[B, H, n, D]`` from position
         ``step.kv_start`` on (None when the rows held nothing before), the step's own ``[B, H, q, D]`` as given."""
-        layer, (keys, values) = step.fresh.popitem()
+        layer = self._read_layer
+        # A layer other layers read (KV sharing) keeps its entry for them until the step ends.
+        keys, values = step.fresh[layer] if layer in self._kv_read else step.fresh.pop(layer)
         kept = step.context[1].get(layer) if step.context is not None else None
         return (kept[0] if kept else None), (kept[1] if kept else None), keys, values
 

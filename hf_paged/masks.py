@@ -7,8 +7,12 @@ function's structure: causal, optionally intersected with a sliding window and/o
 (bidirectional parts, ``or`` masks, packed sequences, a model's own function) is not described, and the caller
 builds Transformers' full 4-D mask instead: correctness first.
 
-The mask function returns a 2-D boolean padding mask ``[B, kv]`` that carries the `MaskPattern` as an attribute
-(`attach`); the attention function reads it back (`detach`).
+The mask function returns the boolean key padding mask as a `PaddingMask` ``[B, 1, 1, kv]`` (a view of the 2-D
+``[B, kv]`` one, broadcast over heads and queries) that carries the `MaskPattern` (`attach`); the attention function
+reads both back (`detach`). It has the four dimensions of Transformers' masks because Transformers indexes them so:
+Gemma 4 gives its KV-shared layers only the last ``logits_to_keep`` queries of a prefill and slices every mask to
+them (``mask[:, :, -1:, :]``, `_maybe_slice_kv_shared_inputs`); on the broadcast query dimension that slice is the
+same mask, and the attention takes its queries to be the last ``query.shape[2]`` positions.
 """
 
 from __future__ import annotations
@@ -19,10 +23,8 @@ from dataclasses import dataclass
 import torch
 from transformers import masking_utils
 
-__all__ = ["MaskPattern", "attach", "cache_windows", "describe", "detach", "drop_keys_before"]
+__all__ = ["MaskPattern", "PaddingMask", "attach", "cache_windows", "describe", "detach", "drop_keys_before"]
 
-_PATTERN_ATTR = "_hf_paged_pattern"
-_PADDED_ATTR = "_hf_paged_padded"
 
 
 @dataclass(frozen=True)
@@ -85,20 +87,65 @@ def describe(mask_function) -> MaskPattern | None:
     return MaskPattern(window, chunk, chunk_start) if causal else None
 
 
-def attach(padding: torch.Tensor, pattern: MaskPattern) -> torch.Tensor:
-    """Mark the 2-D boolean mask `padding` ``[B, kv]`` with `pattern` (and whether any key is padded)."""
-    setattr(padding, _PATTERN_ATTR, MaskPattern(pattern.sliding_window, pattern.chunk_size))
-    setattr(padding, _PADDED_ATTR, not bool(padding.all()))
-    return padding
+class PaddingMask(torch.Tensor):
+    """The ``"hf_paged"`` mask as Transformers holds it: boolean ``[B, 1, 1, kv]``, True where a key is a real token,
+    broadcast over heads and queries, with the `MaskPattern` the attention applies (causality, window, chunks).
+
+    Indexing that keeps the batch and key dimensions (a slice of the query dimension, as Gemma 4's KV-shared layers
+    take) and moves or copies (``to``, ``contiguous``, ``clone``, ``detach``) return a `PaddingMask` with the same marks;
+    every other operation returns a plain tensor, which no longer describes a causal mask.
+
+    Attributes:
+        pattern: the `MaskPattern`.
+        padding: the 2-D ``[B, kv]`` mask, one object for every mask derived from this one (the attention memoises
+            per step by its id), or None when no key is padded.
+    """
+
+    pattern: MaskPattern
+    padding: torch.Tensor | None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if (func in _KEEPS_MARKS and isinstance(source, PaddingMask) and isinstance(out, torch.Tensor)
+                and out.dim() == 4 and out.dtype == torch.bool
+                and (out.shape[0], out.shape[-1]) == (source.shape[0], source.shape[-1])):
+            return _marked(out, source.pattern, source.padding_on(out.device), source._moved)
+        return out
+
+    def padding_on(self, device: torch.device) -> torch.Tensor | None:
+        """`padding` on `device` (moved once per device: every mask derived from this one gets the same object)."""
+        if self.padding is None or self.padding.device == device:
+            return self.padding
+        if device not in self._moved:
+            self._moved[device] = self.padding.to(device)
+        return self._moved[device]
+
+
+_KEEPS_MARKS = frozenset({torch.Tensor.__getitem__, torch.Tensor.to, torch.Tensor.contiguous, torch.Tensor.clone,
+                          torch.Tensor.detach})
+
+
+def _marked(mask: torch.Tensor, pattern: MaskPattern, padding: torch.Tensor | None, moved: dict) -> PaddingMask:
+    out = mask.as_subclass(PaddingMask)
+    out.pattern, out.padding, out._moved = pattern, padding, moved
+    return out
+
+
+def attach(padding: torch.Tensor, pattern: MaskPattern) -> PaddingMask:
+    """The `PaddingMask` of the 2-D boolean mask `padding` ``[B, kv]`` marked with `pattern`."""
+    pattern = MaskPattern(pattern.sliding_window, pattern.chunk_size)
+    return _marked(padding[:, None, None, :], pattern, None if bool(padding.all()) else padding, {})
 
 
 def detach(attention_mask: torch.Tensor | None) -> tuple[MaskPattern | None, torch.Tensor | None]:
-    """``(pattern, padding mask or None when nothing is padded)`` of a mask from `attach`; ``(None, mask)`` for any
-    other mask."""
-    pattern = getattr(attention_mask, _PATTERN_ATTR, None)
-    if pattern is None:
+    """``(pattern, 2-D padding mask ``[B, kv]`` or None when nothing is padded)`` of a `PaddingMask`; ``(None, mask)``
+    for any other mask."""
+    if not isinstance(attention_mask, PaddingMask):
         return None, attention_mask
-    return pattern, attention_mask if getattr(attention_mask, _PADDED_ATTR, True) else None
+    return attention_mask.pattern, attention_mask.padding_on(attention_mask.device)
 
 
 def cache_windows(config) -> tuple[int | None, ...]:

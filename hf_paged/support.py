@@ -25,7 +25,7 @@ import torch
 from . import compat
 
 __all__ = ["ATTENTION_KINDS", "STATE_KINDS", "check_cached_kv_use", "check_layer_kinds", "check_layer_types",
-           "check_model_class"]
+           "check_model_class", "kv_sources"]
 
 # Kinds of layer (values of ``config.layer_types``) whose cache is keys and values that the attention reads.
 ATTENTION_KINDS = frozenset({
@@ -69,6 +69,32 @@ def check_cached_kv_use(model_name: str, module_classes) -> None:
         if use is not None:
             raise _refuse(model_name, f"{module_class.__name__}.forward uses the keys/values the cache returns "
                                       f"outside the attention function ({use}), and a PagedCache returns block pools")
+
+
+def kv_sources(config) -> dict[int, int]:
+    """Per layer that stores no keys and values of its own but attends over another layer's (KV sharing), that layer.
+
+    Gemma 3n and Gemma 4 (``num_kv_shared_layers``): each of the last ``num_kv_shared_layers`` layers reads the keys
+    and values of the last earlier layer of its own type (sliding or full attention), which the model hands it from
+    that layer's ``cache.update`` (``shared_kv_states``; in 5.0 an attribute of the cache). Families that name each
+    layer's source (``kv_source_layers``) are read as they say. Such a layer never calls ``cache.update``: its attention
+    gets the source layer's pools, read through this step's block tables (`hf_paged.PagedCache.attention_inputs`).
+    A model whose layers all read another model's keys (Gemma 4's assistants) gets ``{}``: it has nothing to page.
+    """
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    sources = getattr(text_config, "kv_source_layers", None)
+    if isinstance(sources, list | tuple) and len(sources) == num_layers:
+        return {layer: int(source) for layer, source in enumerate(sources) if source != layer}
+    shared = getattr(text_config, "num_kv_shared_layers", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if not isinstance(shared, int) or shared <= 0 or not isinstance(num_layers, int) or shared >= num_layers:
+        return {}
+    first = num_layers - shared
+    if not isinstance(layer_types, list | tuple) or len(layer_types) != num_layers:
+        return {}
+    last_of = {kind: layer for layer, kind in enumerate(layer_types[:first])}
+    return {layer: last_of[layer_types[layer]] for layer in range(first, num_layers) if layer_types[layer] in last_of}
 
 
 # Layer types whose attention reads more than the keys and values a PagedCache pages: hf_paged refuses them at load.

@@ -90,7 +90,6 @@ _SMALL = {
     "ffn_hidden_size": 64,
     "expert_ffn_hidden_size": 32,
     "mamba_d_ssm": 128,
-    "num_kv_shared_layers": 0,
     "vocab_size_per_layer_input": VOCAB,
     "hidden_size_per_layer_input": 16,
     "mamba_n_heads": 8,
@@ -200,6 +199,12 @@ def _sizes(config) -> dict:
     if isinstance(layer_types, list | tuple) and layer_types:
         kinds = list(dict.fromkeys(layer_types))  # one layer of each kind, in order of first appearance
         layers = max(_SMALL["num_hidden_layers"], len(kinds))
+        shared = stored.get("num_kv_shared_layers")
+        if isinstance(shared, int) and 0 < shared < len(layer_types):
+            # KV sharing on, as in the default config (Gemma 3n): one layer of each kind stores its keys, then one
+            # of each kind reads them.
+            sizes["num_kv_shared_layers"] = layers
+            layers *= 2
         sizes["layer_types"] = (kinds * layers)[:layers]
         sizes["num_hidden_layers"] = layers
     sizes.update(OVERRIDES.get(getattr(config, "model_type", ""), {}))

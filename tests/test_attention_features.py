@@ -219,8 +219,14 @@ def test_known_patterns_travel_on_the_padding_mask():
     got = paged_attention_mask(**_mask_args(attention_mask=padding,
                                             mask_function=masking_utils.chunked_causal_mask_function(4, left)))
     pattern, mask = masks.detach(got)
-    assert got.shape == (2, 9) and (pattern.chunk_size, pattern.sliding_window) == (4, None)
+    assert got.shape == (2, 1, 1, 9) and (pattern.chunk_size, pattern.sliding_window) == (4, None)
     assert torch.equal(mask, padding)
+    # Transformers indexes masks as [B, heads, q, kv]: Gemma 4 slices the query dimension for its KV-shared layers
+    # (`_maybe_slice_kv_shared_inputs`). The slice keeps the marks and the same padding object (memo keys).
+    for sliced in (got[:, :, slice(-1, None), :], got[:, :, -3:, :], got.to(got.device), got.contiguous()):
+        assert masks.detach(sliced)[0] == pattern and masks.detach(sliced)[1] is mask
+    # Any other operation gives a plain tensor, which no longer claims to be a causal mask.
+    assert masks.detach(~got)[0] is None and masks.detach(got[:, :, :, :4])[0] is None
     # Nothing padded: the mask still carries the pattern, and the attention sees no padding.
     got = paged_attention_mask(**_mask_args(mask_function=masking_utils.sliding_window_causal_mask_function(3)))
     pattern, mask = masks.detach(got)
