@@ -227,3 +227,60 @@ def test_layers_of_another_shape_get_a_group_not_unused_rows():
     widths = {group.window: group.pool.tensors[0].shape[-1] for group in cache.groups}
     assert None in widths and len(widths) == 2 and len(set(widths.values())) == 2, widths
     assert all(not group.pool.own for group in cache.groups)
+
+
+# KV sharing (issue 18, item 3): Gemma 3n and Gemma 4's last `num_kv_shared_layers` layers store no keys and attend
+# over those of the last earlier layer of their kind (the default of real Gemma 3n / small Gemma 4 checkpoints).
+# Gemma 4 gives those layers only the prompt's last query in a prefill and slices the masks to it.
+_SHARED_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2  # layers 3-5 read layers 1 and 2
+
+
+def _gemma3n_shared_config():
+    from transformers import Gemma3nTextConfig
+
+    return Gemma3nTextConfig(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=64, intermediate_size=64,
+                             num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             hidden_size_per_layer_input=16, layer_types=_SHARED_TYPES, sliding_window=WINDOW,
+                             num_kv_shared_layers=3, laurel_rank=8, altup_num_inputs=2,
+                             activation_sparsity_pattern=[0.0] * 6, max_position_embeddings=512, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2)
+
+
+def _gemma4_shared_config():
+    from transformers.models.gemma4 import Gemma4TextConfig
+
+    return Gemma4TextConfig(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=64, intermediate_size=64,
+                            num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            global_head_dim=32, hidden_size_per_layer_input=16, layer_types=_SHARED_TYPES,
+                            sliding_window=WINDOW, num_kv_shared_layers=3, max_position_embeddings=512,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+_SHARED_CONFIGS = {"gemma3n": _gemma3n_shared_config, "gemma4": _gemma4_shared_config}
+
+
+@pytest.fixture(scope="module", params=list(_SHARED_CONFIGS))
+def kv_shared_pair(request):
+    if request.param == "gemma4" and compat.TRANSFORMERS_VERSION < (5, 17):
+        pytest.skip("this Transformers has no Gemma 4")
+    return pair_from_config(_SHARED_CONFIGS[request.param], reference_attention="eager")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_kv_shared_layers_match_eager(kv_shared_pair, mode, block_size):
+    """Left-padded prompts longer than the window (a prefill that stores only the window's tokens in the sliding
+    group): greedy, beams and samples give eager's tokens, and the shared layers have no pool of their own."""
+    reference, paged = kv_shared_pair
+    inputs = left_padded_batch([21, 10, 15], seed=5)
+    expected = _generate(reference, inputs, **MODES[mode])
+    got = _generate(paged, inputs, **MODES[mode], **compat.cache_kwargs(PagedCache(paged.config,
+                                                                                   block_size=block_size)))
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-4, rtol=1e-4)
+    cache = _cache(got)
+    assert [type(layer).__name__ for layer in cache.layers[3:]] == ["KVSharedLayer"] * 3
+    assert sum(group.pool.num_layers for group in cache.groups) == 3  # layers 0-2 store, 3-5 read
+    assert cache.groups[1].window == WINDOW and cache.groups[1].manager.num_used < cache.manager.num_used
+    for group in cache.groups:
+        group.manager.check()
