@@ -71,6 +71,15 @@ CONFIGS = {
     "llama4_text": (Llama4TextConfig(**COMMON, head_dim=16, intermediate_size_mlp=64, num_local_experts=2,
                                      attention_chunk_size=4, no_rope_layers=[1, 0]), "eager"),
 }
+try:  # Gemma 4 (5.17+) with KV sharing: layers 2-3 read layers 0-1's pools, and a prefill gives them one query
+    from transformers.models.gemma4 import Gemma4TextConfig
+
+    CONFIGS["gemma4_shared"] = (Gemma4TextConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, global_head_dim=32,
+                                                 hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
+                                                 sliding_window=6, num_kv_shared_layers=2,
+                                                 layer_types=["sliding_attention", "full_attention"] * 2), "eager")
+except ImportError:
+    pass
 MODES = {
     "greedy": dict(do_sample=False),
     "beams": dict(num_beams=3, num_return_sequences=2, length_penalty=0.7, early_stopping=True),
@@ -260,6 +269,24 @@ def test_prefix_caching_runs_through_the_triton_kernels(tmp_path):
     for case, result in results.items():
         calls = result["calls"]
         assert result["hit"] == (15 if case.endswith("1") else 0), (case, result)
+        assert not any(key.startswith("ops.") for key in calls), (case, calls)
+        assert result["same_tokens"], (case, result)
+        assert result["max_logit_diff"] < 2e-4, (case, result)
+
+
+def test_kv_shared_layers_run_through_the_triton_kernels(tmp_path):
+    """Gemma 4's KV-shared layers read the pools of the layers they share through the kernels (the prefill's one
+    query too) and give eager's tokens."""
+    pytest.importorskip("transformers.models.gemma4")
+    modes = ["greedy", "sampling"]  # beams run the same kernels as samples (tests/test_layer_groups.py has all three)
+    results = run_script(tmp_path, ["gemma4_shared"], modes)
+    assert set(results) == {f"gemma4_shared-{mode}" for mode in modes}
+    for case, result in results.items():
+        calls = result["calls"]
+        attention = calls.get("paged_attention", 0) + calls.get("shared_prefix_paged_attention", 0)
+        # 4 layers x NEW_TOKENS steps, less the sliding layer's prefill over the prompt as computed (layer 0 and the
+        # layer reading it, 2); 2 layers store.
+        assert attention == 4 * NEW_TOKENS - 2 and calls.get("reshape_and_cache", 0) == 2 * NEW_TOKENS, (case, calls)
         assert not any(key.startswith("ops.") for key in calls), (case, calls)
         assert result["same_tokens"], (case, result)
         assert result["max_logit_diff"] < 2e-4, (case, result)
