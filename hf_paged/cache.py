@@ -267,6 +267,12 @@ class PagedPool(torch.Tensor):
                 moved = func(*args, **(kwargs or {}))
             if moved is args[0]:
                 return moved
+            raise RuntimeError(
+                f"hf_paged: a PagedCache's block pool on {args[0].device} was moved to {moved.device}: a KV-shared "
+                "layer (Gemma 3n / Gemma 4) runs on another device than the layer whose keys it reads. Place the "
+                "layers that share keys on one device (device_map), or load the model with "
+                'attn_implementation="sdpa".'
+            )
         raise RuntimeError(
             "hf_paged: a PagedCache's block pool reached an attention implementation other than \"hf_paged\" "
             f"(it called {getattr(func, '__name__', func)}). Load the model with attn_implementation=\"hf_paged\" "
