@@ -11,9 +11,10 @@ import copy
 import families
 import pytest
 import torch
-from conftest import VOCAB, left_padded_batch, pair_from_config
+from conftest import VOCAB, left_padded_batch, pair_from_config, system_prompt
 from transformers import DynamicCache, Gemma3TextConfig, LlamaConfig
 
+import hf_paged
 from hf_paged import PagedCache, compat
 from hf_paged.block_manager import NULL_BLOCK
 
@@ -268,11 +269,13 @@ def kv_shared_pair(request):
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_kv_shared_layers_match_eager(kv_shared_pair, mode, block_size):
+@pytest.mark.parametrize("lengths", [[21, 10, 15], [12, 5, 9]], ids=["long", "short"])
+def test_kv_shared_layers_match_eager(kv_shared_pair, mode, block_size, lengths):
     """Left-padded prompts longer than the window (a prefill that stores only the window's tokens in the sliding
-    group): greedy, beams and samples give eager's tokens, and the shared layers have no pool of their own."""
+    group; the short ones' prefill reads the full group's keys as one block range, `ops.window_attention`): greedy,
+    beams and samples give eager's tokens, and the shared layers have no pool of their own."""
     reference, paged = kv_shared_pair
-    inputs = left_padded_batch([21, 10, 15], seed=5)
+    inputs = left_padded_batch(lengths, seed=5)
     expected = _generate(reference, inputs, **MODES[mode])
     got = _generate(paged, inputs, **MODES[mode], **compat.cache_kwargs(PagedCache(paged.config,
                                                                                    block_size=block_size)))
@@ -281,6 +284,24 @@ def test_kv_shared_layers_match_eager(kv_shared_pair, mode, block_size):
     cache = _cache(got)
     assert [type(layer).__name__ for layer in cache.layers[3:]] == ["KVSharedLayer"] * 3
     assert sum(group.pool.num_layers for group in cache.groups) == 3  # layers 0-2 store, 3-5 read
-    assert cache.groups[1].window == WINDOW and cache.groups[1].manager.num_used < cache.manager.num_used
+    assert cache.groups[1].window == WINDOW
+    if block_size < WINDOW:  # the sliding group keeps only the blocks of its window
+        assert cache.groups[1].manager.num_used < cache.manager.num_used
     for group in cache.groups:
         group.manager.check()
+
+
+def test_kv_shared_layers_read_prefix_cache_hits(kv_shared_pair):
+    """With prefix caching, the second call computes only its suffix; the shared layers read the mapped blocks."""
+    reference, paged = kv_shared_pair
+    hf_paged.enable_prefix_caching(paged, block_size=4)
+    try:
+        for call, seed in enumerate((1, 2)):
+            ids = system_prompt(20, 5, seed)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            expected = _generate(reference, inputs, new_tokens=5, do_sample=False)
+            got = _generate(paged, inputs, new_tokens=5, do_sample=False)
+            assert torch.equal(got.sequences, expected.sequences)
+            assert _cache(got).stats().prefix_hit_tokens == 20 * call
+    finally:
+        hf_paged.disable_prefix_caching(paged)
