@@ -291,6 +291,19 @@ def test_kv_shared_layers_match_eager(kv_shared_pair, mode, block_size, lengths)
         group.manager.check()
 
 
+def test_family_walk_keeps_the_default_kv_sharing():
+    """The family walk's tiny Gemma 3n keeps KV sharing on (its default), and a PagedCache gives its shared layers
+    no pool."""
+    if compat.TRANSFORMERS_VERSION < (5, 17):
+        pytest.skip("the family walk's tiny configs need Transformers 5.17 or later")
+    config = families.tiny_config("gemma3n_text")
+    assert 0 < config.num_kv_shared_layers < config.num_hidden_layers
+    cache = PagedCache(config)
+    shared = [layer.layer_idx for layer in cache.layers if type(layer).__name__ == "KVSharedLayer"]
+    assert len(shared) == config.num_kv_shared_layers
+    assert sum(group.pool.num_layers for group in cache.groups) == config.num_hidden_layers - len(shared)
+
+
 def test_kv_shared_layers_read_prefix_cache_hits(kv_shared_pair):
     """With prefix caching, the second call computes only its suffix; the shared layers read the mapped blocks."""
     reference, paged = kv_shared_pair
