@@ -318,3 +318,15 @@ def test_kv_shared_layers_read_prefix_cache_hits(kv_shared_pair):
             assert _cache(got).stats().prefix_hit_tokens == 20 * call
     finally:
         hf_paged.disable_prefix_caching(paged)
+
+
+def test_kv_shared_pool_stays_on_its_device(kv_shared_pair):
+    """Gemma 3n / 4 before 5.25 move a shared layer's keys to its queries' device: a no-op passes, a move (a shared
+    layer placed on another device than the layer it reads) says what to do."""
+    _, paged = kv_shared_pair
+    cache = PagedCache(paged.config, block_size=4)
+    states = torch.randn(1, 2, 3, 16)
+    key_pool, _ = cache.update(states, states, 0)
+    assert key_pool.to(key_pool.device) is key_pool
+    with pytest.raises(RuntimeError, match=r"hf_paged: .* KV-shared layer .* another device .* one device"):
+        key_pool.to("meta")
