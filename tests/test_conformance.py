@@ -10,10 +10,14 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import make_pair
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -31,8 +35,22 @@ def _overridden(ours: type, base: type) -> list[str]:
     return sorted(name for name in vars(ours) if not name.startswith("__") and hasattr(base, name))
 
 
-def _incompatibility(ours: inspect.Signature, base: inspect.Signature) -> str | None:
-    """Why a call that `base` accepts could fail on `ours`, or None."""
+@functools.cache
+def _transformers_source() -> str:
+    """Every Python source file of the installed Transformers, concatenated."""
+    root = Path(transformers.__file__).parent
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace") for path in sorted(root.rglob("*.py")))
+
+
+def _passed_by_keyword(method: str, parameter: str) -> bool:
+    """Whether Transformers' own code calls some ``.method(...)`` with ``parameter=`` (a rough but safe scan)."""
+    return re.search(rf"\.{method}\([^()]*\b{parameter}\s*=", _transformers_source()) is not None
+
+
+def _incompatibility(ours: inspect.Signature, base: inspect.Signature, method: str = "") -> str | None:
+    """Why a call that `base` accepts could fail on `ours`, or None. A positional parameter named otherwise here
+    (``crop(max_length)`` in 5.0, ``crop(tokens_to_remove)`` here) is fine while Transformers passes it by
+    position: `method` names the method to look for keyword calls of."""
     mine = list(ours.parameters.values())
     theirs = list(base.parameters.values())
     var_args = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in mine)
@@ -43,7 +61,7 @@ def _incompatibility(ours: inspect.Signature, base: inspect.Signature) -> str | 
         if index >= len(my_positional) and not var_args:
             return f"takes no positional argument #{index} ({parameter.name})"
         if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and parameter.name not in names \
-                and not var_kwargs:
+                and not var_kwargs and (not method or _passed_by_keyword(method, parameter.name)):
             return f"takes no keyword argument {parameter.name!r}"
     for parameter in theirs:
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL and not var_args:
@@ -76,7 +94,7 @@ def test_overrides_accept_what_the_base_accepts(ours, base):
         if not inspect.isfunction(mine):
             problems.append(f"{name}: a method in {base.__name__}, {type(mine).__name__} here")
             continue
-        reason = _incompatibility(inspect.signature(mine), inspect.signature(theirs))
+        reason = _incompatibility(inspect.signature(mine), inspect.signature(theirs), name)
         if reason is not None:
             problems.append(f"{ours.__name__}.{name}{inspect.signature(mine)} {reason} (the base: "
                             f"{base.__name__}.{name}{inspect.signature(theirs)})")
@@ -93,9 +111,17 @@ def test_the_check_catches_a_missing_keyword():
 
     def needy(self, extra, **kwargs): ...
 
+    def renamed(self, layer_index): ...
+
+    def named(self, layer_idx): ...
+
     assert "**kwargs" in _incompatibility(inspect.signature(old), inspect.signature(base))
     assert "extra" in _incompatibility(inspect.signature(needy), inspect.signature(base))
     assert _incompatibility(inspect.signature(base), inspect.signature(base)) is None
+    assert "layer_idx" in _incompatibility(inspect.signature(renamed), inspect.signature(named))
+    # Renamed is fine only where Transformers never passes the parameter by keyword.
+    assert _passed_by_keyword("get_seq_length", "layer_idx") != (
+        _incompatibility(inspect.signature(renamed), inspect.signature(named), "get_seq_length") is None)
 
 
 @pytest.mark.parametrize("feature", list(compat.HOOKS))

@@ -314,7 +314,12 @@ def test_prompt_lookup_on_hybrid_models(family):
     pattern = torch.randint(3, VOCAB, (1, 6), generator=generator)
     ids = torch.cat([pattern, torch.randint(3, VOCAB, (1, 3), generator=generator), pattern, pattern[:, :3]], dim=1)
     settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=3)
-    expected = reference.generate(ids, **settings)
+    try:
+        expected = reference.generate(ids, **settings)
+    except ValueError as refusal:  # older releases refuse assisted decoding on stateful models
+        with pytest.raises(ValueError, match="not supported with stateful models"):
+            paged.generate(ids, **settings)
+        pytest.skip(f"Transformers {hf_paged.compat.transformers_version_text()} refuses it too: {refusal}")
     got = paged.generate(ids, **settings, return_dict_in_generate=True)
     assert isinstance(hf_paged.compat.output_cache(got), PagedCache)
     assert torch.equal(got.sequences, expected)
