@@ -171,13 +171,16 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
         k = 1
         reduced = (input_ids, model_kwargs)
     reduced_ids, reduced_kwargs = reduced
+    starts = None
     if cache.manager.num_rows == 0:  # left padding takes no block
-        cache.set_row_starts(_row_starts(reduced_kwargs.get("attention_mask"), reduced_ids.shape[1]))
+        starts = _row_starts(reduced_kwargs.get("attention_mask"), reduced_ids.shape[1])
+        cache.set_row_starts(starts)
     shared = prefix.prefix_cache_of(self)
     hashes = None
     if shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0:
         hashes = prefix.block_hashes(reduced_ids, reduced_kwargs.get("attention_mask"), cache.block_size,
-                                     salt=shared.salt_for(self))
+                                     salt=shared.salt_for(self), starts=starts,
+                                     position_ids=reduced_kwargs.get("position_ids"))
         with cache.locked():
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
     cache.expect_forks(k)  # the k rows share the prompt's blocks: the pool's slack is sized for k growing rows

@@ -70,6 +70,100 @@ def test_left_padded_batch_hits_only_identical_rows(prefix_pair):
     assert torch.equal(out.sequences, expected.sequences)
 
 
+def _left_padded(rows: list[torch.Tensor], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(input_ids, attention_mask, pads)``: the ``[1, n]`` prompts `rows` left-padded with 0 to `width` (default:
+    the longest), and each row's padding."""
+    width = width or max(row.shape[1] for row in rows)
+    pads = [width - row.shape[1] for row in rows]
+    ids = torch.cat([torch.nn.functional.pad(row, (pad, 0)) for row, pad in zip(rows, pads, strict=True)])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(row), (pad, 0)) for row, pad in zip(rows, pads,
+                                                                                                  strict=True)])
+    return ids, mask, pads
+
+
+def _no_block_leaks(state) -> None:
+    """Every invariant holds in every pool of `state` and, with no cache alive, every block is free or evictable."""
+    gc.collect()
+    for pool in state.pools.values():
+        pool.blocks.check()
+        assert pool.blocks.num_free == pool.blocks.num_blocks, "a block is still referenced"
+
+
+def test_block_hashes_skip_whole_blocks_of_left_padding():
+    """A row padded by p hashes like the same row padded by p mod block_size: its whole pad blocks have no key and
+    the chain starts at its first real block. Another in-block offset shares no key, and without position ids (a
+    model whose positions are the padded indices) every amount of padding keys differently."""
+    bs = 4
+    row = torch.randint(3, VOCAB, (1, 13), generator=torch.Generator().manual_seed(3))
+
+    def hashes(pad: int, with_positions: bool = True):
+        ids, mask, _ = _left_padded([row], width=row.shape[1] + pad)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0) if with_positions else None  # as generate() passes them
+        return prefix.block_hashes(ids, mask, bs, salt="s", starts=[pad], position_ids=positions)[0]
+
+    base = hashes(2)
+    assert base.start == 2 and None not in base.keys
+    for pad in (6, 10, 14):
+        padded = hashes(pad)
+        assert padded.start == pad
+        assert padded.keys[:pad // bs] == [None] * (pad // bs)
+        assert padded.keys[pad // bs:] == base.keys[:len(padded.keys) - pad // bs]
+    for other in (hashes(1), hashes(3), hashes(7)):
+        assert not set(other.keys) & set(base.keys) - {None}
+    assert not set(hashes(6, with_positions=False).keys) & set(hashes(2, with_positions=False).keys) - {None}
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
+@pytest.mark.parametrize(("block_size", "tail"), [(8, 8), (7, 4)], ids=["bs8-divides", "bs7-does-not-divide"])
+def test_whole_blocks_of_left_padding_do_not_matter(prefix_pair, mode, block_size, tail):
+    """Prompts indexed with some left padding hit again with other amounts that differ by whole blocks (one block,
+    more than a block, none), also when the rows of one batch have different numbers of pad blocks; each row takes
+    its blocks from its first real one, and exactly sdpa's tokens come out."""
+    reference, paged = prefix_pair
+    bs = block_size
+    state = hf_paged.enable_prefix_caching(paged, block_size=bs)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, **mode)
+    a, b, c, d = (_prompt(tail + extra, seed=seed) for seed, extra in enumerate((2 * bs, bs, 0, bs - 3), start=11))
+
+    def run(rows: list[torch.Tensor], expected_pads: list[int], expected_hit: int) -> None:
+        ids, mask, pads = _left_padded(rows)
+        assert pads == expected_pads
+        positions, out = count_prefill_positions(paged, lambda: paged.generate(ids, attention_mask=mask, **kwargs))
+        assert positions == len(rows) * (ids.shape[1] - expected_hit)  # the prefill computed only [hit, L)
+        # Real tokens taken from the index: each row's from its first real token up to the hit.
+        assert out.past_key_values.stats().prefix_hit_tokens == sum(max(expected_hit - pad, 0) for pad in pads)
+        assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
+        for group in out.past_key_values.groups:
+            group.manager.check()
+        del out
+        _no_block_leaks(state)
+
+    run([a, b, c, d], [0, bs, 2 * bs, bs + 3], 0)
+    # b unpadded (was one block), c by one whole block (was two), d by 3 (was a block and 3): every full block of
+    # every row is indexed, so the hit is as long as the last prompt token allows.
+    length = b.shape[1]
+    run([b, c, d], [0, bs, 3], (length - 1) // bs * bs)
+    # A new row n shares only the system prompt (found from a's blocks); c and b are padded by more than a block.
+    n = _prompt(tail + 3 * bs, seed=15)
+    run([n, c, b], [0, 3 * bs, 2 * bs], SYSTEM // bs * bs)
+
+
+def test_a_batch_padded_by_whole_blocks_skips_them(prefix_pair):
+    """A batch whose rows are all left-padded by at least one whole block (padded to a fixed width) does not
+    compute those columns, even with nothing indexed: no row has a real token there. Nothing counts as a hit."""
+    reference, paged = prefix_pair
+    state = hf_paged.enable_prefix_caching(paged, block_size=8)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True)
+    rows = [_prompt(3, seed=21), _prompt(12, seed=22)]
+    ids, mask, pads = _left_padded(rows, width=rows[1].shape[1] + 2 * 8 + 5)
+    positions, out = count_prefill_positions(paged, lambda: paged.generate(ids, attention_mask=mask, **kwargs))
+    assert positions == len(rows) * (ids.shape[1] - min(pads) // 8 * 8)
+    assert out.past_key_values.stats().prefix_hit_tokens == 0
+    assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
+    del out
+    _no_block_leaks(state)
+
+
 def test_unreferenced_blocks_are_evicted_lru_when_the_pool_is_full(prefix_pair):
     _, paged = prefix_pair
     state = hf_paged.enable_prefix_caching(paged, num_blocks=15, block_size=16)
@@ -181,7 +275,7 @@ def test_a_sliding_window_hit_needs_only_the_window(sliding_prefix_pair):
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True)
     paged.generate(_sliding_prompt(5, seed=1), **kwargs)
     gc.collect()
-    chain = prefix.block_hashes(_sliding_prompt(5, seed=1), None, 4, salt=state.salt_for(paged))[0]
+    chain = prefix.block_hashes(_sliding_prompt(5, seed=1), None, 4, salt=state.salt_for(paged))[0].keys
     index = state.pools[WINDOW].blocks
     # Forget the sliding group's first 6 blocks (positions 0-23): a hit of 10 blocks reads positions 33-39 there.
     for key in chain[:6]:
