@@ -60,7 +60,8 @@ def test_left_padded_batch_hits_only_identical_rows(prefix_pair):
     mask = torch.ones_like(ids)
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True)
     paged.generate(ids, attention_mask=mask, **kwargs)
-    # Same rows, but the second one left-padded by 2: its blocks are different keys, so the batch hit is 0.
+    # Same rows, but the second one left-padded by 2 (not a whole block): its real tokens lie at other offsets in
+    # its blocks, whose keys therefore differ, so the batch hit is 0.
     padded_ids = torch.cat([ids[:1], torch.cat([torch.zeros(1, 2, dtype=torch.long), ids[1:, :-2]], 1)])
     padded_mask = torch.ones_like(padded_ids)
     padded_mask[1, :2] = 0
@@ -127,9 +128,10 @@ def test_whole_blocks_of_left_padding_do_not_matter(prefix_pair, mode, block_siz
 
     def run(rows: list[torch.Tensor], expected_pads: list[int], expected_hit: int) -> None:
         ids, mask, pads = _left_padded(rows)
+        batch, length = ids.shape
         assert pads == expected_pads
         positions, out = count_prefill_positions(paged, lambda: paged.generate(ids, attention_mask=mask, **kwargs))
-        assert positions == len(rows) * (ids.shape[1] - expected_hit)  # the prefill computed only [hit, L)
+        assert positions == batch * (length - expected_hit)  # the prefill computed only [hit, L)
         # Real tokens taken from the index: each row's from its first real token up to the hit.
         assert out.past_key_values.stats().prefix_hit_tokens == sum(max(expected_hit - pad, 0) for pad in pads)
         assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
@@ -141,8 +143,7 @@ def test_whole_blocks_of_left_padding_do_not_matter(prefix_pair, mode, block_siz
     run([a, b, c, d], [0, bs, 2 * bs, bs + 3], 0)
     # b unpadded (was one block), c by one whole block (was two), d by 3 (was a block and 3): every full block of
     # every row is indexed, so the hit is as long as the last prompt token allows.
-    length = b.shape[1]
-    run([b, c, d], [0, bs, 3], (length - 1) // bs * bs)
+    run([b, c, d], [0, bs, 3], (b.shape[1] - 1) // bs * bs)
     # A new row n shares only the system prompt (found from a's blocks); c and b are padded by more than a block.
     n = _prompt(tail + 3 * bs, seed=15)
     run([n, c, b], [0, 3 * bs, 2 * bs], SYSTEM // bs * bs)
@@ -156,8 +157,10 @@ def test_a_batch_padded_by_whole_blocks_skips_them(prefix_pair):
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True)
     rows = [_prompt(3, seed=21), _prompt(12, seed=22)]
     ids, mask, pads = _left_padded(rows, width=rows[1].shape[1] + 2 * 8 + 5)
+    batch, length = ids.shape
+    skipped = min(pads) // 8 * 8  # 2 whole blocks
     positions, out = count_prefill_positions(paged, lambda: paged.generate(ids, attention_mask=mask, **kwargs))
-    assert positions == len(rows) * (ids.shape[1] - min(pads) // 8 * 8)
+    assert skipped == 16 and positions == batch * (length - skipped)
     assert out.past_key_values.stats().prefix_hit_tokens == 0
     assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
     del out
@@ -292,6 +295,31 @@ def test_a_sliding_window_hit_needs_only_the_window(sliding_prefix_pair):
     out = paged.generate(ids, **kwargs)
     assert out.past_key_values.stats().prefix_hit_tokens == SLIDING_SYSTEM - 4
     assert torch.equal(out.sequences, reference.generate(ids, **kwargs).sequences)
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
+def test_sliding_window_groups_hit_across_whole_pad_blocks(sliding_prefix_pair, mode):
+    """In a sliding-window group a row needs only the blocks holding keys the first computed token sees, from its
+    first real block on: a row padded by two whole blocks (one in the first call) hits beside an unpadded one."""
+    reference, paged = sliding_prefix_pair
+    state = hf_paged.enable_prefix_caching(paged, block_size=4)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, **mode)
+    first, again, new = _sliding_prompt(9, seed=1), _sliding_prompt(5, seed=2), _sliding_prompt(13, seed=3)
+    for rows, pads, hit in (([first, again], [0, 4], 0), ([new, again], [0, 8], SLIDING_SYSTEM)):
+        ids, mask, got_pads = _left_padded(rows)
+        batch, length = ids.shape
+        assert got_pads == pads
+        positions, out = count_prefill_positions(
+            paged, lambda ids=ids, mask=mask: paged.generate(ids, attention_mask=mask, **kwargs))
+        assert positions == batch * (length - hit)
+        assert out.past_key_values.stats().prefix_hit_tokens == sum(max(hit - pad, 0) for pad in pads)
+        assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
+        sliding = _sliding_group(out.past_key_values)
+        for table, start in zip(sliding.manager.tables, sliding.manager.live_from, strict=True):
+            assert table[:start // 4] == [NULL_BLOCK] * (start // 4)
+        sliding.manager.check()
+        del out, sliding
+        _no_block_leaks(state)
 
 
 def test_pools_of_another_model_are_refused(sliding_prefix_pair):
