@@ -180,7 +180,7 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
     if shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0:
         hashes = prefix.block_hashes(reduced_ids, reduced_kwargs.get("attention_mask"), cache.block_size,
                                      salt=shared.salt_for(self), starts=starts,
-                                     position_ids=reduced_kwargs.get("position_ids"))
+                                     position_ids=compat.prompt_position_ids(self, reduced_kwargs))
         with cache.locked():
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
     cache.expect_forks(k)  # the k rows share the prompt's blocks: the pool's slack is sized for k growing rows
