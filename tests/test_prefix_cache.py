@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 from conftest import VOCAB, count_prefill_positions, make_pair, pair_from_config, system_prompt
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig
+from transformers import Gemma3TextConfig, GptOssConfig, Llama4TextConfig, LlamaConfig, MistralConfig
 
 import hf_paged
 from hf_paged import PagedCache, prefix
@@ -320,6 +320,46 @@ def test_sliding_window_groups_hit_across_whole_pad_blocks(sliding_prefix_pair, 
         sliding.manager.check()
         del out, sliding
         _no_block_leaks(state)
+
+
+FEATURE_CONFIGS = {
+    # Layer 0 chunked (chunks of 8 from each row's first real token), layer 1 full attention.
+    "llama4_text": lambda: Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, attention_chunk_size=8,
+        no_rope_layers=[1, 0], max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Attention sinks on a sliding-window layer (window 6) and a full one.
+    "gpt_oss": lambda: GptOssConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2),
+}
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
+@pytest.mark.parametrize("family", list(FEATURE_CONFIGS))
+def test_chunks_and_sinks_hit_across_whole_pad_blocks(family, mode):
+    """Chunked attention (chunks counted from each row's first real token) and attention sinks: a row padded by
+    two whole blocks takes the blocks it was given with one block of padding, and eager's tokens come out."""
+    reference, paged = pair_from_config(FEATURE_CONFIGS[family], reference_attention="eager")
+    try:
+        state = hf_paged.enable_prefix_caching(paged, block_size=4)
+        kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, **mode)
+        first, again, new = (system_prompt(24, suffix, seed) for suffix, seed in ((9, 1), (5, 2), (13, 3)))
+        for rows, pads, hit in (([first, again], [0, 4], 0), ([new, again], [0, 8], 24)):
+            ids, mask, got_pads = _left_padded(rows)
+            batch, length = ids.shape
+            assert got_pads == pads
+            positions, out = count_prefill_positions(
+                paged, lambda ids=ids, mask=mask: paged.generate(ids, attention_mask=mask, **kwargs))
+            assert positions == batch * (length - hit)
+            assert out.past_key_values.stats().prefix_hit_tokens == sum(max(hit - pad, 0) for pad in pads)
+            assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
+            del out
+            _no_block_leaks(state)
+    finally:
+        hf_paged.disable_prefix_caching(paged)
 
 
 def test_pools_of_another_model_are_refused(sliding_prefix_pair):
