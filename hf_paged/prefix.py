@@ -1,10 +1,27 @@
 """Prefix caching across ``generate()`` calls: a model-wide block pool whose full prompt blocks are indexed by hash.
 
-Each full block of a prompt is registered under a hash chained over every token before and in it (a padded
-position counts as its own symbol, so rows padded differently never match). A later call whose prompt starts
-with indexed blocks maps them into its rows (ref count + 1, no copy) and computes only the rest of the prompt;
-at least the last prompt token is always computed, since its logits start the decoding. Blocks no row
-references stay indexed until the pool needs room, evicted least recently released first.
+Each full block of a prompt row is registered under a key chained over the row's tokens and position ids from its
+first real block to the block's end, from a root holding the in-block offset of its first real token (`block_hashes`;
+a padded position counts as its own symbol). A later call whose rows start with indexed blocks maps them into its
+rows (ref count + 1, no copy) and computes only the rest of the prompt; at least the last prompt token is always
+computed, since its logits start the decoding. Blocks no row references stay indexed until the pool needs room,
+evicted least recently released first.
+
+What left padding changes (``generate()`` pads on the left, so the rows of a batch share one padded length ``L``):
+    * Whole blocks of padding do not matter. They take no block (null entries, `PagedCache.set_row_starts`) and do
+      not enter the chain, so a row padded by ``p`` has, from its first real block on, the keys of the same row
+      padded by ``p % block_size``, and the rows of one batch may have any numbers of pad blocks. A hit is one block
+      index ``m`` for the whole batch (the prefill computes positions ``[m * block_size, L)`` of every row): every
+      row must have its blocks from its first real one up to ``m`` indexed, and a row whose real tokens all start
+      at or after block ``m`` needs none (`longest_hit`).
+    * Padding inside a block does matter: a block holds its row's tokens at the slots their padded positions give,
+      so rows whose padding differs modulo the block size hold their real tokens at other offsets in their blocks,
+      and share none (a prompt cached unpadded and sent again padded by 5 tokens, with blocks of 16, is computed
+      again). Sharing those too needs each row's real tokens to start at a block boundary, a per-row offset between
+      padded positions and slots that every attention path, mask and kernel would have to honour.
+    * Keys and values depend on position ids, which the chain covers: ``generate()``'s (``cumsum(mask) - 1``) do not
+      depend on the padding. A model that gets no position ids is hashed with each token's padded index, so there
+      every amount of padding keys differently (`hf_paged.compat.prompt_position_ids`).
 
 Each layer group of the model (`hf_paged.cache.LayerGroup`: full attention, each sliding window) has a pool and
 an index of its own. A sliding-window group stores every prompt token (so its full blocks can be indexed) and then
