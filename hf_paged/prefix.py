@@ -220,8 +220,8 @@ def map_cached_prefix(cache: PagedCache, hashes: list[RowHashes], prompt_len: in
 
     Each row gets null entries for its blocks wholly before its live start (its first real token; in a
     sliding-window group also the first key position ``m * block_size`` sees) and the indexed blocks after it, as
-    its prefill would have laid them out (`PagedCache.set_row_starts`). `cache.prefix_hit_tokens` grows by the real
-    tokens so taken (padding is never counted).
+    its prefill would have laid them out (`PagedCache.set_row_starts`). `cache.prefix_hit_tokens` grows by the
+    positions so taken from each row's first real token on (its left padding is never counted).
 
     Returns the number of prompt positions per row taken from the index (a multiple of the block size, less than
     `prompt_len`): ``generate()`` computes only the rest.
