@@ -192,11 +192,13 @@ def block_hashes(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, b
     batch, length = ids.shape
     real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else \
         attention_mask.detach().to("cpu")[:, :length].bool()
-    if position_ids is None or position_ids.shape[-1] != length:
-        positions = torch.arange(length, dtype=torch.int64).expand(batch, 1, length)
-    else:
+    positions = None
+    if position_ids is not None and position_ids.dim() in (2, 3) and position_ids.shape[-1] == length:
         positions = position_ids.detach().to("cpu", torch.int64)
-        positions = positions.transpose(0, 1) if positions.dim() == 3 else positions[:, None]
+        positions = positions.transpose(0, 1) if positions.dim() == 3 else positions[:, None]  # [B or 1, P, L]
+    if positions is None or positions.shape[0] not in (1, batch):
+        positions = torch.arange(length, dtype=torch.int64)[None, None]
+    positions = positions.expand(batch, -1, -1)
     # Per token: its id, then its position id(s); a masked position is -1 throughout.
     symbols = torch.cat([ids[:, None], positions], dim=1).masked_fill(~real[:, None], -1)
     tokens = np.ascontiguousarray(symbols.transpose(1, 2).numpy())  # [B, L, 1 + positions]
