@@ -73,7 +73,7 @@ class CacheStats:
     peak_pool_bytes: int  # the most bytes the pool has had allocated
     cow_copies: int  # block copies made by copy-on-write so far
     num_rows: int
-    prefix_hit_tokens: int  # prompt tokens taken from the prefix cache instead of computed, per row summed
+    prefix_hit_tokens: int  # prompt tokens (left padding not counted) taken from the prefix cache, rows summed
     cached_blocks: int  # blocks in the pool's prefix index
 
 

@@ -20,6 +20,10 @@ What differs between the 5.x releases hf_paged supports:
 * **tensor parallelism.** ``from_pretrained(tp_plan="auto")`` in 5.0; ``distributed_config=DistributedConfig(
   tp_plan="auto")`` once `DistributedConfig` takes ``tp_plan`` (the bare keyword is deprecated there).
   `tensor_parallel_kwargs`.
+* **position ids.** From 5.17 ``generate()`` puts the prompt's ``position_ids`` (``cumsum(attention_mask) - 1``)
+  into ``model_kwargs`` before the prefill; 5.0 derives the same in ``prepare_inputs_for_generation``, for models
+  whose ``forward`` takes ``position_ids``. `prompt_position_ids` returns them either way (the prefix cache hashes
+  them).
 * **the hooks.** `GenerationMixin` methods hf_paged wraps (`HOOKS`, with the parameters hf_paged reads and where);
   every 5.x release has them with those signatures (``tests/test_conformance.py`` checks the installed release),
   and `missing_hooks` names any that a future release drops, so that feature falls back to Transformers' own
@@ -47,8 +51,8 @@ from transformers.generation import utils as _generation_utils
 
 __all__ = ["CACHE_KWARG", "CROP_TAKES_LENGTH", "HOOKS", "LAST_TESTED_TRANSFORMERS", "MASK_TAKES_CACHE_POSITION",
            "TRANSFORMERS_VERSION", "bool_mask", "builds_own_mask", "cache_kwargs", "call_accepting", "class_attribute",
-           "get_cache", "mask_function", "missing_hooks", "note_untested", "output_cache", "query_length", "sdpa_mask",
-           "set_cache", "tensor_parallel_kwargs"]
+           "get_cache", "mask_function", "missing_hooks", "note_untested", "output_cache", "prompt_position_ids",
+           "query_length", "sdpa_mask", "set_cache", "tensor_parallel_kwargs"]
 
 TRANSFORMERS_VERSION: tuple[int, ...] = tuple(
     int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit()
@@ -200,6 +204,21 @@ def builds_own_mask(model: torch.nn.Module) -> bool:
 
 CROP_TAKES_LENGTH: bool = list(inspect.signature(_DynamicLayer.crop).parameters)[1:2] == ["max_length"]
 """Whether this release's ``Cache.crop`` takes a positive length to keep (5.0) besides negative token counts."""
+
+
+def prompt_position_ids(model: torch.nn.Module, model_kwargs: dict) -> torch.Tensor | None:
+    """The position ids ``generate()`` gives `model`'s prompt forward (``[B, L]``, or ``[3, B, L]`` for multimodal
+    RoPE): ``model_kwargs["position_ids"]`` when set (by the caller, or by ``generate()`` itself from 5.17 on); else,
+    when the model's ``forward`` takes ``position_ids`` and an attention mask is given, what 5.0's
+    ``prepare_inputs_for_generation`` derives from the mask (``cumsum - 1``; padded positions hold 1); else None (the
+    model computes its own positions)."""
+    position_ids = model_kwargs.get("position_ids")
+    if position_ids is not None:
+        return position_ids
+    mask = model_kwargs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or "position_ids" not in inspect.signature(model.forward).parameters:
+        return None
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 def tensor_parallel_kwargs(tp_plan: str | dict = "auto") -> dict[str, Any]:

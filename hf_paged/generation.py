@@ -164,14 +164,18 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
         k = 1
         reduced = (input_ids, model_kwargs)
     reduced_ids, reduced_kwargs = reduced
+    starts = None
     if cache.manager.num_rows == 0:  # left padding takes no block
-        cache.set_row_starts(_row_starts(reduced_kwargs.get("attention_mask"), _input_length(reduced_ids,
-                                                                                             reduced_kwargs)))
+        starts = _row_starts(reduced_kwargs.get("attention_mask"), _input_length(reduced_ids, reduced_kwargs))
+        cache.set_row_starts(starts)
     shared = prefix.prefix_cache_of(self)
     hashes = None
-    if shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0:
+    # Prompts given as inputs_embeds have no token ids to hash: they are computed whole.
+    if (shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0
+            and _input_length(reduced_ids, reduced_kwargs) == reduced_ids.shape[1]):
         hashes = prefix.block_hashes(reduced_ids, reduced_kwargs.get("attention_mask"), cache.block_size,
-                                     salt=shared.salt_for(self))
+                                     salt=shared.salt_for(self), starts=starts,
+                                     position_ids=compat.prompt_position_ids(self, reduced_kwargs))
         with cache.locked():
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
     cache.expect_forks(k)  # the k rows share the prompt's blocks: the pool's slack is sized for k growing rows
