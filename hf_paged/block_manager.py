@@ -16,9 +16,11 @@ Vocabulary
     null entry    a table entry `NULL_BLOCK` (-1): that block of the row holds only dead tokens. It takes no block
                   and no reference, is never indexed, copied or counted in `num_used` / `num_shared`. Tensors built
                   from tables replace it with any valid block id; attention masks those positions anyway.
-    prefix index  full blocks registered under a hash that covers every token before and in them. A block whose
-                  ref count drops to 0 while indexed is *evictable*: it keeps its contents and hash until the pool
-                  needs room, and is reclaimed least-recently-released first.
+    prefix index  full blocks registered under a hash that stands for everything their contents depend on: every
+                  live token of the row before and in them, with its position (`hf_paged.prefix.block_hashes`;
+                  blocks of dead tokens alone have no hash). A block whose ref count drops to 0 while indexed is
+                  *evictable*: it keeps its contents and hash until the pool needs room, and is reclaimed
+                  least-recently-released first.
 
 Invariants (checked by `BlockPool.check` and by the property tests)
     1. Every block is exactly one of: free, evictable (indexed, ref count 0), or referenced (ref count > 0).

@@ -6,6 +6,7 @@ import bisect
 import contextlib
 import copy
 import dataclasses
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -73,7 +74,7 @@ class CacheStats:
     peak_pool_bytes: int  # the most bytes the pool has had allocated
     cow_copies: int  # block copies made by copy-on-write so far
     num_rows: int
-    prefix_hit_tokens: int  # prompt tokens taken from the prefix cache instead of computed, per row summed
+    prefix_hit_tokens: int  # prompt tokens (left padding not counted) taken from the prefix cache, rows summed
     cached_blocks: int  # blocks in the pool's prefix index
 
 
@@ -706,7 +707,12 @@ class PagedHybridLayer(PagedLayer, LinearAttentionLayer):
 
     @property
     def is_croppable(self) -> bool:
-        return LinearAttentionLayer.is_croppable.fget(self)
+        return compat.class_attribute(LinearAttentionLayer, "is_croppable", self)
+
+    def activate_past_recording(self, *args, **kwargs) -> None:
+        """Start recording past states (Transformers' `LinearAttentionLayer` bookkeeping: 5.25 passes
+        ``recurrent_states_to_keep`` and keeps a history of recurrent states); the cache records its keys itself."""
+        compat.call_accepting(functools.partial(LinearAttentionLayer.activate_past_recording, self, *args), **kwargs)
 
 
 class KVSharedLayer(CacheLayerMixin):
@@ -986,6 +992,7 @@ class PagedCache(Cache):
         self._cache_windows: dict[int, tuple] = {}  # `cache_window`'s memo: id(config) -> (config, windows)
         self._forks = 1  # `expect_forks`: the rows each row of the next steps becomes
         self._max_length: int | None = None  # `expect_length`: the most tokens a row will hold in this call
+        self._known_ids: torch.Tensor | None = None  # `note_tokens`: ``[rows, m]`` ids of each row's first m tokens
 
     # ---------------------------------------------------------------------------------------- the pool
     @property
@@ -1165,10 +1172,10 @@ class PagedCache(Cache):
             for pool in group.pools:
                 if pool.tensor is not None:
                     pool.copy_blocks(list(src), list(dst))
-        used = [(g.manager.num_used, g.manager.num_used * g.bytes_per_block) for g in self.groups]
-        used_bytes = sum(b for _, b in used)
-        if used_bytes >= self.peak_used_bytes:
-            self.peak_used_bytes, self.peak_used_blocks = used_bytes, sum(n for n, _ in used)
+        # Each peak on its own: groups of different bytes per block reach their block and byte peaks at other steps.
+        self.peak_used_blocks = max(self.peak_used_blocks, sum(g.manager.num_used for g in self.groups))
+        self.peak_used_bytes = max(self.peak_used_bytes,
+                                   sum(g.manager.num_used * g.bytes_per_block for g in self.groups))
         group.begin(lengths_before, q_len, trim=not self.latent, fresh=partial, context=context)
 
     def _slack(self, group: LayerGroup, lengths_before: list[int], q_len: int, ended: list[bool] | None) -> int:
@@ -1326,6 +1333,8 @@ class PagedCache(Cache):
                 )
         for layer in self.state_layers:
             layer.crop(tokens_to_remove)  # as Transformers: only when recording past states (assisted decoding)
+        if self._known_ids is not None:
+            self._known_ids = self._known_ids[:, :length]
         for group in self.groups:
             if tokens_to_remove:
                 group.manager.truncate(length)
@@ -1334,12 +1343,13 @@ class PagedCache(Cache):
                 group.manager.release_before([max(length - group.window + 1, 0)] * group.manager.num_rows)
             group.end()
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
         """Keep the keys sliding-window layers no longer need until the next `crop`, so that decoding steps can be
-        rolled back (assisted decoding); Transformers' state layers record their past states as well."""
+        rolled back (assisted decoding); Transformers' state layers (and the state part of hybrid layers) record
+        their past states as well, with whatever `kwargs` this release passes them (``recurrent_states_to_keep``)."""
         for layer in self.layers:  # as `Cache.activate_past_recording` (which releases before 5.24 lack)
-            if not isinstance(layer, PagedLayer) and hasattr(layer, "activate_past_recording"):
-                layer.activate_past_recording()
+            if hasattr(layer, "activate_past_recording"):
+                compat.call_accepting(layer.activate_past_recording, **kwargs)
         self.record_past = True
 
     def set_row_starts(self, starts: list[int] | None) -> None:
@@ -1375,9 +1385,33 @@ class PagedCache(Cache):
         for group in self.groups:
             group.manager.reset()
             group.end()
-        self._pending_layer, self._ended, self._row_starts = None, None, None
+        self._pending_layer, self._ended, self._row_starts, self._known_ids = None, None, None, None
         for layer in self.state_layers:
             layer.reset()
+
+    def note_tokens(self, token_ids: torch.Tensor) -> None:
+        """Remember which token ids each row holds: ``token_ids`` ``[rows, n]`` are the ids of each row's first
+        ``min(n, held)`` tokens (``generate`` notes its prompt and, after greedy or sampled decoding, the sequences
+        it returns). `first_difference` checks later input against them; rows that move (beams, forks) take
+        theirs along."""
+        held = self.get_seq_length()
+        if (not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2 or token_ids.shape[0] != self.manager.num_rows
+                or not held or not token_ids.shape[1]):
+            return
+        self._known_ids = token_ids[:, :held].detach().to("cpu", torch.long)
+
+    def first_difference(self, input_ids: torch.Tensor) -> tuple[int, int] | None:
+        """``(row, position)`` of the first token of `input_ids` ``[rows, >= held]`` that differs from what this
+        cache holds there, as far as it knows its tokens (`note_tokens`), or None."""
+        known = self._known_ids
+        if known is None or input_ids.dim() != 2 or input_ids.shape[0] != known.shape[0]:
+            return None
+        width = min(known.shape[1], input_ids.shape[1])
+        given = input_ids[:, :width].detach().to("cpu", torch.long)
+        if torch.equal(given, known[:, :width]):
+            return None
+        row, position = (given != known[:, :width]).nonzero()[0].tolist()
+        return row, position
 
     def end_rows(self, done: torch.Tensor | None) -> None:
         """Mark the rows where ``done`` (``[B]`` bool) is True as ended: from the next step on nothing will be read
@@ -1409,6 +1443,9 @@ class PagedCache(Cache):
             for layer in self.state_layers:
                 _select_states(layer, index)
         self._row_starts = None
+        if self._known_ids is not None:
+            keep = self._known_ids.shape[0] == rows and (not indices or max(indices) < rows)
+            self._known_ids = self._known_ids[indices] if keep else None
         if ended is not None:
             keep = ended.shape == (rows,)
             self._ended = ended[torch.tensor(indices, dtype=torch.long, device=ended.device)] if keep else None
@@ -1497,7 +1534,7 @@ class PagedCache(Cache):
                     if block >= 0:
                         group.pool.blocks.ref_counts[block] += 1
         clone.peak_used_blocks, clone.prefix_hit_tokens = self.peak_used_blocks, self.prefix_hit_tokens
-        clone.peak_used_bytes = self.peak_used_bytes
+        clone.peak_used_bytes, clone._known_ids = self.peak_used_bytes, self._known_ids
         return clone
 
     def __repr__(self) -> str:

@@ -20,9 +20,20 @@ What differs between the 5.x releases hf_paged supports:
 * **tensor parallelism.** ``from_pretrained(tp_plan="auto")`` in 5.0; ``distributed_config=DistributedConfig(
   tp_plan="auto")`` once `DistributedConfig` takes ``tp_plan`` (the bare keyword is deprecated there).
   `tensor_parallel_kwargs`.
-* **the hooks.** `GenerationMixin` methods hf_paged wraps (`HOOKS`); every 5.x release has them with the
-  signatures hf_paged calls them with, and `missing_hooks` names any that a future release drops, so that
-  feature falls back to Transformers' own path instead of breaking.
+* **position ids.** From 5.17 ``generate()`` puts the prompt's ``position_ids`` (``cumsum(attention_mask) - 1``)
+  into ``model_kwargs`` before the prefill; 5.0 derives the same in ``prepare_inputs_for_generation``, for models
+  whose ``forward`` takes ``position_ids``. `prompt_position_ids` returns them either way (the prefix cache hashes
+  them).
+* **the hooks.** `GenerationMixin` methods hf_paged wraps (`HOOKS`, with the parameters hf_paged reads and where);
+  every 5.x release has them with those signatures (``tests/test_conformance.py`` checks the installed release),
+  and `missing_hooks` names any that a future release drops, so that feature falls back to Transformers' own
+  path instead of breaking.
+* **past recording.** From 5.25 ``Cache.activate_past_recording`` passes keyword arguments
+  (``recurrent_states_to_keep``) on to its layers, whose own method takes them; earlier layers take none.
+  `call_accepting` passes a method only the keywords it accepts. Some class attributes (``is_croppable``) are
+  properties in one release and plain values in another: `class_attribute` reads either.
+* **the release tested last.** `LAST_TESTED_TRANSFORMERS` is the newest release the whole suite passed on; on a
+  newer one nothing behaves differently, but errors passing through hf_paged's hooks say so (`note_untested`).
 """
 
 from __future__ import annotations
@@ -38,8 +49,10 @@ from transformers import masking_utils as _masking_utils
 from transformers.cache_utils import DynamicLayer as _DynamicLayer
 from transformers.generation import utils as _generation_utils
 
-__all__ = ["CACHE_KWARG", "HOOKS", "MASK_TAKES_CACHE_POSITION", "TRANSFORMERS_VERSION", "cache_kwargs", "get_cache",
-           "CROP_TAKES_LENGTH", "bool_mask", "builds_own_mask", "mask_function", "missing_hooks", "output_cache", "query_length", "sdpa_mask", "set_cache", "tensor_parallel_kwargs"]
+__all__ = ["CACHE_KWARG", "CROP_TAKES_LENGTH", "HOOKS", "LAST_TESTED_TRANSFORMERS", "MASK_TAKES_CACHE_POSITION",
+           "TRANSFORMERS_VERSION", "bool_mask", "builds_own_mask", "cache_kwargs", "call_accepting", "class_attribute",
+           "get_cache", "mask_function", "missing_hooks", "note_untested", "output_cache", "prompt_position_ids",
+           "query_length", "sdpa_mask", "set_cache", "tensor_parallel_kwargs"]
 
 TRANSFORMERS_VERSION: tuple[int, ...] = tuple(
     int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit()
@@ -56,19 +69,67 @@ def _cache_kwarg() -> str:
 CACHE_KWARG: str = _cache_kwarg()
 """The keyword ``generate()``/``forward()`` take the KV cache by, and the key it has in ``model_kwargs``."""
 
-# GenerationMixin / PreTrainedModel methods hf_paged wraps or calls, by the feature that needs them.
-HOOKS: dict[str, tuple[str, str]] = {
-    "paged cache for generate()": ("GenerationMixin", "_prepare_cache_for_generation"),
-    "prefill once per distinct prompt / prefix caching": ("GenerationMixin", "_prefill"),
-    "one call at a time on a prefix-cache pool": ("GenerationMixin", "generate"),
-    "clear load-time error for unsupported families": ("PreTrainedModel", "_check_and_adjust_attn_implementation"),
+LAST_TESTED_TRANSFORMERS: tuple[int, int] = (5, 25)
+"""The newest Transformers release (major, minor) the whole suite has passed on. CI installs the newest 5.x there is
+on the day it runs, and ``tests/test_conformance.py`` fails on a newer one until this is raised (after the suite
+passed there): a new release makes CI red before it reaches users."""
+
+# GenerationMixin / PreTrainedModel methods hf_paged wraps or calls, by the feature that needs them: (owner, name,
+# the leading parameters after ``self`` that hf_paged reads by position, in order).
+HOOKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "paged cache for generate()": ("GenerationMixin", "_prepare_cache_for_generation",
+                                   ("generation_config", "model_kwargs", "generation_mode", "batch_size",
+                                    "max_cache_length")),
+    "prefill once per distinct prompt / prefix caching": ("GenerationMixin", "_prefill",
+                                                          ("input_ids", "generation_config", "model_kwargs")),
+    "ended rows give their blocks back": ("GenerationMixin", "_sample",
+                                          ("input_ids", "logits_processor", "stopping_criteria", "generation_config")),
+    "one call at a time on a prefix-cache pool": ("GenerationMixin", "generate", ()),
+    "clear load-time error for unsupported families": ("PreTrainedModel", "_check_and_adjust_attn_implementation",
+                                                       ("attn_implementation",)),
 }
 
 
 def missing_hooks() -> list[str]:
     """The features of `HOOKS` whose method the installed Transformers lacks (empty on every 5.x release)."""
-    owners = {"GenerationMixin": _generation_utils.GenerationMixin, "PreTrainedModel": transformers.PreTrainedModel}
-    return [feature for feature, (owner, name) in HOOKS.items() if not hasattr(owners[owner], name)]
+    return [feature for feature, (owner, name, _) in HOOKS.items() if not hasattr(hook_owner(owner), name)]
+
+
+def hook_owner(owner: str) -> type:
+    """The Transformers class a `HOOKS` entry names."""
+    return {"GenerationMixin": _generation_utils.GenerationMixin, "PreTrainedModel": transformers.PreTrainedModel}[owner]
+
+
+def note_untested(error: BaseException) -> None:
+    """Add to `error` (once) that the installed Transformers is newer than `LAST_TESTED_TRANSFORMERS`, if it is: what
+    a user reporting an error from inside hf_paged's hooks on a new release needs to know first."""
+    if TRANSFORMERS_VERSION <= LAST_TESTED_TRANSFORMERS or getattr(error, "_hf_paged_noted", False):
+        return
+    tested = ".".join(map(str, LAST_TESTED_TRANSFORMERS))
+    note = (f"hf_paged: this is Transformers {transformers.__version__}, newer than {tested}, the last release "
+            "hf_paged was tested with; if this error comes from that difference, please report it (and install "
+            f"transformers=={tested}.* meanwhile).")
+    try:
+        error._hf_paged_noted = True
+    except AttributeError:  # an exception type without a __dict__
+        return
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(note)
+
+
+def call_accepting(method: Callable, **kwargs: Any) -> Any:
+    """Call `method` with those of `kwargs` it accepts (all of them if it takes ``**kwargs``)."""
+    parameters = inspect.signature(method).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        kwargs = {name: value for name, value in kwargs.items() if name in parameters}
+    return method(**kwargs)
+
+
+def class_attribute(cls: type, name: str, instance: Any) -> Any:
+    """``cls.name`` as `instance` would read it when `cls` defines it as a property (some releases) or as a plain
+    class attribute (others), bypassing any override in `instance`'s own class."""
+    attribute = inspect.getattr_static(cls, name)
+    return attribute.fget(instance) if isinstance(attribute, property) else attribute
 
 
 def get_cache(model_kwargs: dict) -> Any:
@@ -143,6 +204,21 @@ def builds_own_mask(model: torch.nn.Module) -> bool:
 
 CROP_TAKES_LENGTH: bool = list(inspect.signature(_DynamicLayer.crop).parameters)[1:2] == ["max_length"]
 """Whether this release's ``Cache.crop`` takes a positive length to keep (5.0) besides negative token counts."""
+
+
+def prompt_position_ids(model: torch.nn.Module, model_kwargs: dict) -> torch.Tensor | None:
+    """The position ids ``generate()`` gives `model`'s prompt forward (``[B, L]``, or ``[3, B, L]`` for multimodal
+    RoPE): ``model_kwargs["position_ids"]`` when set (by the caller, or by ``generate()`` itself from 5.17 on); else,
+    when the model's ``forward`` takes ``position_ids`` and an attention mask is given, what 5.0's
+    ``prepare_inputs_for_generation`` derives from the mask (``cumsum - 1``; padded positions hold 1); else None (the
+    model computes its own positions)."""
+    position_ids = model_kwargs.get("position_ids")
+    if position_ids is not None:
+        return position_ids
+    mask = model_kwargs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or "position_ids" not in inspect.signature(model.forward).parameters:
+        return None
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 def tensor_parallel_kwargs(tp_plan: str | dict = "auto") -> dict[str, Any]:

@@ -156,14 +156,7 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
     cache = compat.get_cache(model_kwargs)
     if not isinstance(cache, PagedCache):
         return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
-    held = cache.get_seq_length()
-    if held and held >= input_ids.shape[1]:
-        raise ValueError(
-            f"hf_paged: the PagedCache passed to generate already holds {held} tokens per row, but input_ids has "
-            f"only {input_ids.shape[1]}: a cache can only be continued by input_ids that extend what it holds. Call "
-            "cache.reset() to start over (a call that failed, e.g. with OutOfBlocksError, leaves the tokens it had "
-            "stored in a cache that was not empty)."
-        )
+    _check_continues(cache, input_ids, model_kwargs)
     k = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     reduced = _reduce(input_ids, model_kwargs, k) if k > 1 and cache.manager.num_rows in (0, len(input_ids) // k) \
         else None
@@ -171,13 +164,18 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
         k = 1
         reduced = (input_ids, model_kwargs)
     reduced_ids, reduced_kwargs = reduced
+    starts = None
     if cache.manager.num_rows == 0:  # left padding takes no block
-        cache.set_row_starts(_row_starts(reduced_kwargs.get("attention_mask"), reduced_ids.shape[1]))
+        starts = _row_starts(reduced_kwargs.get("attention_mask"), _input_length(reduced_ids, reduced_kwargs))
+        cache.set_row_starts(starts)
     shared = prefix.prefix_cache_of(self)
     hashes = None
-    if shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0:
+    # Prompts given as inputs_embeds have no token ids to hash: they are computed whole.
+    if (shared is not None and cache.pool is shared.pool and cache.manager.num_rows == 0
+            and _input_length(reduced_ids, reduced_kwargs) == reduced_ids.shape[1]):
         hashes = prefix.block_hashes(reduced_ids, reduced_kwargs.get("attention_mask"), cache.block_size,
-                                     salt=shared.salt_for(self))
+                                     salt=shared.salt_for(self), starts=starts,
+                                     position_ids=compat.prompt_position_ids(self, reduced_kwargs))
         with cache.locked():
             prefix.map_cached_prefix(cache, hashes, reduced_ids.shape[1])
     cache.expect_forks(k)  # the k rows share the prompt's blocks: the pool's slack is sized for k growing rows
@@ -189,6 +187,7 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
         cache.expect_forks(1)
     for key in reduced_kwargs.keys() - model_kwargs.keys():
         model_kwargs[key] = reduced_kwargs[key]  # what the prefill adds for the decoding loop (5.0: cache_position)
+    cache.note_tokens(reduced_ids)
     if hashes is not None:
         with cache.locked():
             prefix.index_prompt_blocks(cache, hashes)
@@ -200,6 +199,38 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
             elif isinstance(value, tuple) and all(isinstance(item, torch.Tensor) for item in value):
                 outputs[key] = tuple(item.repeat_interleave(k, dim=0) for item in value)
     return outputs
+
+
+def _input_length(input_ids: torch.Tensor, model_kwargs: dict) -> int:
+    """Tokens per row of a call's input: ``input_ids``, or the ``inputs_embeds`` it starts from (``input_ids`` is then
+    empty, as ``generate`` passes it)."""
+    embeds = model_kwargs.get("inputs_embeds")
+    return max(input_ids.shape[1], embeds.shape[1] if isinstance(embeds, torch.Tensor) else 0)
+
+
+def _check_continues(cache: PagedCache, input_ids: torch.Tensor, model_kwargs: dict) -> None:
+    """Refuse input that cannot continue what `cache` holds: not longer than it, or (where the cache knows its
+    tokens, `PagedCache.note_tokens`) with other token ids."""
+    held = cache.get_seq_length()
+    if not held:
+        return
+    length = _input_length(input_ids, model_kwargs)
+    restart = ("Call cache.reset() to start over (a call that failed, e.g. with OutOfBlocksError, leaves the tokens "
+               "it had stored in a cache that was not empty).")
+    if held >= length:
+        given = "inputs_embeds has" if length > input_ids.shape[1] else "input_ids has"
+        raise ValueError(
+            f"hf_paged: the PagedCache passed to generate already holds {held} tokens per row, but {given} only "
+            f"{length}: a cache can only be continued by input that extends what it holds. {restart}"
+        )
+    difference = cache.first_difference(input_ids)
+    if difference is not None:
+        row, position = difference
+        raise ValueError(
+            f"hf_paged: the PagedCache passed to generate holds other tokens than input_ids: row {row} differs at "
+            f"position {position} (of the {held} tokens the cache holds). A cache can only be continued by input_ids "
+            f"that start with the tokens it holds (the previous call's sequences). {restart}"
+        )
 
 
 def _row_starts(attention_mask: torch.Tensor | None, length: int) -> list[int] | None:
@@ -266,17 +297,21 @@ def _sample(original, self, *args, **kwargs):
     if (cache is None or not built or bool(getattr(config, "return_dict_in_generate", False))
             or not isinstance(criteria, StoppingCriteriaList)
             or not any(hasattr(item, "eos_token_id") for item in criteria)):
-        return original(self, *args, **kwargs)
-    recording = _EndedRowsCriteria(criteria, cache)
-    if "stopping_criteria" in kwargs:
-        kwargs["stopping_criteria"] = recording
+        result = original(self, *args, **kwargs)
     else:
-        args = (*args[:2], recording, *args[3:])
-    cache.end_rows(None)
-    try:
-        return original(self, *args, **kwargs)
-    finally:
+        recording = _EndedRowsCriteria(criteria, cache)
+        if "stopping_criteria" in kwargs:
+            kwargs["stopping_criteria"] = recording
+        else:
+            args = (*args[:2], recording, *args[3:])
         cache.end_rows(None)
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            cache.end_rows(None)
+    if cache is not None:  # greedy and sampled rows are the returned sequences, row for row
+        cache.note_tokens(result if isinstance(result, torch.Tensor) else getattr(result, "sequences", None))
+    return result
 
 
 def _release_failed(caches: list[PagedCache]) -> None:
@@ -286,73 +321,65 @@ def _release_failed(caches: list[PagedCache]) -> None:
             cache.reset()
 
 
-def install_generate_hook() -> None:
-    """Install the wrappers listed in the module docstring (idempotent)."""
-    original = GenerationMixin._prepare_cache_for_generation
-    if getattr(original, "_hf_paged_hook", False):
-        return
+def _wrap(owner: type, name: str, body) -> None:
+    """Replace ``owner.name`` by a wrapper that calls ``body(original, self, *args, **kwargs)``; errors passing
+    through it say when the installed Transformers is newer than hf_paged was tested with (`compat.note_untested`)."""
+    original = getattr(owner, name)
 
     @functools.wraps(original)
     def hooked(self, *args, **kwargs):
-        return _prepare_cache_for_generation(original, self, *args, **kwargs)
+        try:
+            return body(original, self, *args, **kwargs)
+        except Exception as error:
+            compat.note_untested(error)
+            raise
 
     hooked._hf_paged_hook = True
-    GenerationMixin._prepare_cache_for_generation = hooked
+    setattr(owner, name, hooked)
 
-    original_prefill = GenerationMixin._prefill
 
-    @functools.wraps(original_prefill)
-    def prefill(self, *args, **kwargs):
-        return _prefill(original_prefill, self, *args, **kwargs)
+def _generate(original, self, *args, **kwargs):
+    """Calls on a model with prefix caching run one at a time; a failed call releases the rows of the caches it built
+    (and of an empty cache it was given) at once; `recorded_stats` collects the stats of the caches a call built."""
+    created: list[PagedCache] = []
+    given_empty = [v for v in kwargs.values() if isinstance(v, PagedCache) and v.manager.num_rows == 0]
+    token = _CALL_CACHES.set(created)
+    try:
+        shared = prefix.prefix_cache_of(self)
+        if shared is None:
+            result = original(self, *args, **kwargs)
+        else:
+            with shared.lock:  # calls sharing one pool run one at a time
+                result = original(self, *args, **kwargs)
+    except BaseException:
+        _release_failed(created + given_empty)
+        raise
+    finally:
+        _CALL_CACHES.reset(token)
+        for cache in created + [v for v in kwargs.values() if isinstance(v, PagedCache)]:
+            cache.expect_length(None)
+    recorded = _RECORDED.get()
+    if recorded is not None:
+        recorded.extend(cache.stats() for cache in created)
+    return result
 
-    GenerationMixin._prefill = prefill
 
-    original_sample = getattr(GenerationMixin, "_sample", None)
-    if original_sample is not None:
+def _check_attn_implementation(original, self, attn_implementation, *args, **kwargs):
+    """Families with their own attention classes look "hf_paged" up in their own dicts while being built and fail
+    with a bare KeyError; Transformers checks the requested implementation first, so fail clearly there."""
+    if attn_implementation == ATTN_IMPLEMENTATION:
+        check_attention_interface(type(self))
+        support.check_model_class(type(self), self.config)
+    return original(self, attn_implementation, *args, **kwargs)
 
-        @functools.wraps(original_sample)
-        def sample(self, *args, **kwargs):
-            return _sample(original_sample, self, *args, **kwargs)
 
-        GenerationMixin._sample = sample
-
-    original_generate = GenerationMixin.generate
-
-    @functools.wraps(original_generate)
-    def generate(self, *args, **kwargs):
-        created: list[PagedCache] = []
-        given_empty = [v for v in kwargs.values() if isinstance(v, PagedCache) and v.manager.num_rows == 0]
-        token = _CALL_CACHES.set(created)
-        try:
-            shared = prefix.prefix_cache_of(self)
-            if shared is None:
-                result = original_generate(self, *args, **kwargs)
-            else:
-                with shared.lock:  # calls sharing one pool run one at a time
-                    result = original_generate(self, *args, **kwargs)
-        except BaseException:
-            _release_failed(created + given_empty)
-            raise
-        finally:
-            _CALL_CACHES.reset(token)
-            for cache in created + [v for v in kwargs.values() if isinstance(v, PagedCache)]:
-                cache.expect_length(None)
-        recorded = _RECORDED.get()
-        if recorded is not None:
-            recorded.extend(cache.stats() for cache in created)
-        return result
-
-    GenerationMixin.generate = generate
-
-    # Families with their own attention classes look "hf_paged" up in their own dicts while being built and fail
-    # with a bare KeyError; Transformers checks the requested implementation first, so fail clearly there.
-    original_check = PreTrainedModel._check_and_adjust_attn_implementation
-
-    @functools.wraps(original_check)
-    def checked(self, attn_implementation, *args, **kwargs):
-        if attn_implementation == ATTN_IMPLEMENTATION:
-            check_attention_interface(type(self))
-            support.check_model_class(type(self), self.config)
-        return original_check(self, attn_implementation, *args, **kwargs)
-
-    PreTrainedModel._check_and_adjust_attn_implementation = checked
+def install_generate_hook() -> None:
+    """Install the wrappers listed in the module docstring (idempotent)."""
+    if getattr(GenerationMixin._prepare_cache_for_generation, "_hf_paged_hook", False):
+        return
+    _wrap(GenerationMixin, "_prepare_cache_for_generation", _prepare_cache_for_generation)
+    _wrap(GenerationMixin, "_prefill", _prefill)
+    if hasattr(GenerationMixin, "_sample"):
+        _wrap(GenerationMixin, "_sample", _sample)
+    _wrap(GenerationMixin, "generate", _generate)
+    _wrap(PreTrainedModel, "_check_and_adjust_attn_implementation", _check_attn_implementation)

@@ -1,10 +1,27 @@
 """Prefix caching across ``generate()`` calls: a model-wide block pool whose full prompt blocks are indexed by hash.
 
-Each full block of a prompt is registered under a hash chained over every token before and in it (a padded
-position counts as its own symbol, so rows padded differently never match). A later call whose prompt starts
-with indexed blocks maps them into its rows (ref count + 1, no copy) and computes only the rest of the prompt;
-at least the last prompt token is always computed, since its logits start the decoding. Blocks no row
-references stay indexed until the pool needs room, evicted least recently released first.
+Each full block of a prompt row is registered under a key chained over the row's tokens and position ids from its
+first real block to the block's end, from a root holding the in-block offset of its first real token (`block_hashes`;
+a padded position counts as its own symbol). A later call whose rows start with indexed blocks maps them into its
+rows (ref count + 1, no copy) and computes only the rest of the prompt; at least the last prompt token is always
+computed, since its logits start the decoding. Blocks no row references stay indexed until the pool needs room,
+evicted least recently released first.
+
+What left padding changes (``generate()`` pads on the left, so the rows of a batch share one padded length ``L``):
+    * Whole blocks of padding do not matter. They take no block (null entries, `PagedCache.set_row_starts`) and do
+      not enter the chain, so a row padded by ``p`` has, from its first real block on, the keys of the same row
+      padded by ``p % block_size``, and the rows of one batch may have any numbers of pad blocks. A hit is one block
+      index ``m`` for the whole batch (the prefill computes positions ``[m * block_size, L)`` of every row): every
+      row must have its blocks from its first real one up to ``m`` indexed, and a row whose real tokens all start
+      at or after block ``m`` needs none (`longest_hit`).
+    * Padding inside a block does matter: a block holds its row's tokens at the slots their padded positions give,
+      so rows whose padding differs modulo the block size hold their real tokens at other offsets in their blocks,
+      and share none (a prompt cached unpadded and sent again padded by 5 tokens, with blocks of 16, is computed
+      again). Sharing those too needs each row's real tokens to start at a block boundary, a per-row offset between
+      padded positions and slots that every attention path, mask and kernel would have to honour.
+    * Keys and values depend on position ids, which the chain covers: ``generate()``'s (``cumsum(mask) - 1``) do not
+      depend on the padding. A model that gets no position ids is hashed with each token's padded index, so there
+      every amount of padding keys differently (`hf_paged.compat.prompt_position_ids`).
 
 Each layer group of the model (`hf_paged.cache.LayerGroup`: full attention, each sliding window) has a pool and
 an index of its own. A sliding-window group stores every prompt token (so its full blocks can be indexed) and then
@@ -27,7 +44,7 @@ import torch
 from .block_manager import NULL_BLOCK
 from .cache import KVPool, PagedCache
 
-__all__ = ["disable_prefix_caching", "enable_prefix_caching", "PrefixCache"]
+__all__ = ["disable_prefix_caching", "enable_prefix_caching", "PrefixCache", "RowHashes"]
 
 _ATTR = "_hf_paged_prefix_cache"
 
@@ -131,38 +148,85 @@ def prefix_cache_of(model) -> PrefixCache | None:
     return getattr(model, _ATTR, None)
 
 
-def block_hashes(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, block_size: int,
-                 salt: str) -> list[list[bytes]]:
-    """Per row, the chained hashes of its full blocks.
+@dataclass(frozen=True)
+class RowHashes:
+    """One prompt row's keys in the prefix index.
+
+    Attributes:
+        start: the row's first real token (its left padding), where its live start will be; 0 when the batch is
+            not purely left-padded (`hf_paged.generation._row_starts`).
+        keys: per full block of the padded row (``L // block_size`` of them), its key; None for the blocks wholly
+            before `start`, which hold only padding, take no block (null entries) and are never indexed.
+    """
+
+    start: int
+    keys: list[bytes | None]
+
+
+def block_hashes(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, block_size: int, salt: str,
+                 starts: list[int] | None = None, position_ids: torch.Tensor | None = None) -> list[RowHashes]:
+    """Per row, the chained keys of its full blocks, from its first real block on.
+
+    A row's chain starts at block ``start // block_size`` from a root holding the salt, the block size and the
+    in-block offset ``start % block_size``; each key then covers the previous key and its block's tokens and
+    position ids (a masked position counts as its own symbol, -1, whatever its token or position). So a key
+    stands for everything that decides its block's keys and values: the row's real tokens up to the block's end,
+    their positions and the block's alignment. Whole blocks of left padding before the chain do not enter it:
+    a row padded by ``p`` gets, from its first real block on, the keys of the same row padded by
+    ``p % block_size`` (when its position ids do not depend on the padding, as ``generate()``'s, derived from the
+    attention mask, do not); rows whose real tokens start at another offset inside a block share no key.
 
     Args:
         input_ids: ``[B, L]``.
         attention_mask: ``[B, L]`` (0 = padding) or None.
+        block_size: tokens per block.
         salt: what besides the tokens decides the keys and values (`PrefixCache.salt_for`: the model's dtype and
             the version of its weights).
+        starts: ``[B]`` each row's first real token (what ``generate()`` passes to `PagedCache.set_row_starts`);
+            None: every row starts at 0 (its padding, if any, is hashed as -1 symbols).
+        position_ids: ``[B, L]`` (or ``[3, B, L]``, multimodal RoPE) the position ids the model gets; None: each
+            token's index in the padded row, for a model that derives no positions from the mask, whose keys then
+            depend on the amount of padding, which the chain then includes.
     """
     ids = input_ids.detach().to("cpu", torch.int64)
-    if attention_mask is not None:
-        ids = torch.where(attention_mask.detach().to("cpu").bool(), ids, torch.full_like(ids, -1))
-    tokens = np.ascontiguousarray(ids.numpy())
-    full = tokens.shape[1] // block_size
-    root = hashlib.sha256(f"hf_paged:{salt}:{block_size}".encode()).digest()
+    batch, length = ids.shape
+    real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else \
+        attention_mask.detach().to("cpu")[:, :length].bool()
+    positions = None
+    if position_ids is not None and position_ids.dim() in (2, 3) and position_ids.shape[-1] == length:
+        positions = position_ids.detach().to("cpu", torch.int64)
+        positions = positions.transpose(0, 1) if positions.dim() == 3 else positions[:, None]  # [B or 1, P, L]
+    if positions is None or positions.shape[0] not in (1, batch):
+        positions = torch.arange(length, dtype=torch.int64)[None, None]
+    positions = positions.expand(batch, -1, -1)
+    # Per token: its id, then its position id(s); a masked position is -1 throughout.
+    symbols = torch.cat([ids[:, None], positions], dim=1).masked_fill(~real[:, None], -1)
+    tokens = np.ascontiguousarray(symbols.transpose(1, 2).numpy())  # [B, L, 1 + positions]
+    full = length // block_size
+    starts = [0] * batch if starts is None else [min(int(start), length) for start in starts]
     rows = []
-    for row in tokens:
-        chain, parent = [], root
-        for block in range(full):
+    for row, start in zip(tokens, starts, strict=True):
+        first = start // block_size
+        parent = hashlib.sha256(f"hf_paged:{salt}:{block_size}:{start % block_size}".encode()).digest()
+        chain: list[bytes | None] = [None] * min(first, full)
+        for block in range(first, full):
             parent = hashlib.sha256(parent + row[block * block_size:(block + 1) * block_size].tobytes()).digest()
             chain.append(parent)
-        rows.append(chain)
+        rows.append(RowHashes(start, chain))
     return rows
 
 
-def map_cached_prefix(cache: PagedCache, hashes: list[list[bytes]], prompt_len: int) -> int:
-    """Point the empty rows of `cache` at the longest prefix of indexed blocks that every row has, in every layer
-    group (`longest_hit`).
+def map_cached_prefix(cache: PagedCache, hashes: list[RowHashes], prompt_len: int) -> int:
+    """Point the empty rows of `cache` at the longest prefix that every row can take from the index, in every layer
+    group (`longest_hit`): ``m`` blocks, positions ``[0, m * block_size)`` of the padded rows.
 
-    Returns the number of prompt tokens per row taken from the index (a multiple of the block size, less than
-    `prompt_len`).
+    Each row gets null entries for its blocks wholly before its live start (its first real token; in a
+    sliding-window group also the first key position ``m * block_size`` sees) and the indexed blocks after it, as
+    its prefill would have laid them out (`PagedCache.set_row_starts`). `cache.prefix_hit_tokens` grows by the
+    positions so taken from each row's first real token on (its left padding is never counted).
+
+    Returns the number of prompt positions per row taken from the index (a multiple of the block size, less than
+    `prompt_len`): ``generate()`` computes only the rest.
     """
     if cache.state_layers:
         return 0  # linear-attention / Mamba states need every prompt token: nothing can be skipped
@@ -173,21 +237,27 @@ def map_cached_prefix(cache: PagedCache, hashes: list[list[bytes]], prompt_len: 
     length = shared * bs
     for group in cache.groups:
         blocks = group.pool.blocks
-        start = 0 if group.window is None else max(length - group.window + 1, 0)
+        seen = 0 if group.window is None else max(length - group.window + 1, 0)
         group.manager.add_rows(len(hashes))
         for row, chain in enumerate(hashes):
-            found = [NULL_BLOCK if index < start // bs else blocks.lookup(chain[index]) for index in range(shared)]
+            start = max(chain.start, seen)
+            found = [NULL_BLOCK if index < start // bs else blocks.lookup(chain.keys[index])
+                     for index in range(shared)]
             group.manager.set_row(row, found, length, live_from=start)
-    cache.prefix_hit_tokens += length * len(hashes)
+    cache.prefix_hit_tokens += sum(max(length - chain.start, 0) for chain in hashes)
     return length
 
 
-def longest_hit(cache: PagedCache, hashes: list[list[bytes]], limit: int) -> int:
-    """The most leading blocks (at most `limit`) that every row of every layer group of `cache` can take from the
-    index: in a full-attention group all of them, in a sliding-window group those holding the keys the first
-    computed token sees (positions from ``n * block_size - window + 1`` on)."""
+def longest_hit(cache: PagedCache, hashes: list[RowHashes], limit: int) -> int:
+    """The largest block index ``m <= limit`` such that every row of every layer group of `cache` can take positions
+    ``[0, m * block_size)`` from the index: in a full-attention group, each row's blocks from its first real block
+    up to ``m``; in a sliding-window group, only those of them holding the keys the first computed token sees
+    (positions from ``m * block_size - window + 1`` on). A row's blocks of padding alone need nothing, so a row
+    whose real tokens start at or after block ``m`` needs no block at all."""
     bs = cache.block_size
-    found = {id(group): [[group.pool.blocks.lookup(key) is not None for key in chain[:limit]] for chain in hashes]
+    # Per group and row, per block index below `limit`: whether the row can have that block (null or indexed).
+    found = {id(group): [[key is None or group.pool.blocks.lookup(key) is not None for key in chain.keys[:limit]]
+                         for chain in hashes]
              for group in cache.groups}
     best = limit
     for group in cache.groups:
@@ -202,11 +272,11 @@ def longest_hit(cache: PagedCache, hashes: list[list[bytes]], limit: int) -> int
     return 0
 
 
-def index_prompt_blocks(cache: PagedCache, hashes: list[list[bytes]]) -> None:
-    """Register the full prompt blocks of every row of `cache`, in every layer group, under their hashes."""
+def index_prompt_blocks(cache: PagedCache, hashes: list[RowHashes]) -> None:
+    """Register the full prompt blocks of every row of `cache`, in every layer group, under their keys."""
     for group in cache.groups:
         blocks = group.pool.blocks
         for table, chain in zip(group.manager.tables, hashes, strict=True):
-            for block, key in zip(table, chain, strict=False):
-                if block >= 0:  # a null entry (left padding, out of a sliding window) holds nothing to find again
+            for block, key in zip(table, chain.keys, strict=False):
+                if block >= 0 and key is not None:  # a null entry (padding, out of a window) holds nothing to find
                     blocks.index(block, key)

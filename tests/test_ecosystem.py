@@ -369,6 +369,9 @@ def test_prompt_lookup_decoding(models, crops, paged_steps):
 def test_assistant_model_decoding(models, crops, main, helper):
     ref, paged = models
     assistants = dict(zip(("sdpa", "hf_paged"), model_pair(tiny_config(num_hidden_layers=1), seed=7), strict=True))
+    for assistant in assistants.values():  # draft whole rounds (5.25 stops a random model's drafts at one token)
+        assistant.generation_config.assistant_confidence_threshold = 0.0
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
     model = paged if main == "hf_paged" else ref
     ids = random_ids(1, 11, seed=51)
     expected = greedy(ref, ids, max_new_tokens=20)
@@ -411,6 +414,27 @@ def test_continue_from_returned_cache(models, padded):
     assert torch.equal(second.sequences, ref_second.sequences)
     assert second.past_key_values.get_seq_length() == ref_second.past_key_values.get_seq_length()
     assert_stats_consistent(second.past_key_values)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_continue_from_inputs_embeds(models, rows):
+    """Multimodal and soft-prompt code continues a conversation from ``inputs_embeds`` and the returned cache (as
+    Transformers' own generation tests do): sdpa's tokens and logits."""
+    results = []
+    ids = random_ids(rows, 9, seed=71)
+    for model in models:
+        embed = model.get_input_embeddings()
+        first = greedy(model, None, inputs_embeds=embed(ids), max_new_tokens=3, return_dict_in_generate=True)
+        more = torch.cat([ids, first.sequences, random_ids(rows, 2, seed=72)], dim=1)
+        second = greedy(model, None, inputs_embeds=embed(more), max_new_tokens=4, return_dict_in_generate=True,
+                        output_logits=True, **cache_kwargs(compat.output_cache(first)))
+        results.append((compat.output_cache(first), second))
+    (_, expected), (cache, got) = results
+    assert isinstance(cache, PagedCache) and compat.output_cache(got) is cache
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-4, rtol=1e-4)
+    assert cache.get_seq_length() == compat.output_cache(expected).get_seq_length()
+    assert_stats_consistent(cache)
 
 
 def test_deepcopy_of_a_prefilled_prompt_cache(models):

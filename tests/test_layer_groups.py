@@ -230,6 +230,31 @@ def test_layers_of_another_shape_get_a_group_not_unused_rows():
     assert all(not group.pool.own for group in cache.groups)
 
 
+def test_peaks_never_fall_below_what_is_used(sliding_pair):
+    """Groups of different bytes per block (3 sliding layers, 1 full) reach their block and byte peaks at different
+    steps: each peak is kept on its own, so neither ever reads below the current use (with prefix caching and a
+    continued cache, where the sliding group releases blocks as the full group grows)."""
+    _, paged = sliding_pair
+    hf_paged.enable_prefix_caching(paged, block_size=4)
+    try:
+        inputs = left_padded_batch([30, 19], seed=7)
+        first = _generate(paged, inputs, new_tokens=6)
+        cache = _cache(first)
+        assert len({group.bytes_per_block for group in cache.groups}) == 2
+        again = _generate(paged, inputs, new_tokens=6)  # prefix hits: mapped blocks before the prefill's step
+        more = torch.cat([first.sequences, left_padded_batch([9, 9], seed=8)["input_ids"]], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, more.shape[1] - inputs["attention_mask"].shape[1],
+                                                               dtype=torch.long)], dim=1)
+        second = _generate(paged, {"input_ids": more, "attention_mask": mask}, new_tokens=6,
+                           **compat.cache_kwargs(cache))
+        for output in (first, again, second):
+            stats = _cache(output).stats()
+            assert stats.peak_used_blocks >= stats.used_blocks, stats
+            assert stats.peak_used_bytes >= stats.used_bytes, stats
+    finally:
+        hf_paged.disable_prefix_caching(paged)
+
+
 # KV sharing (issue 18, item 3): Gemma 3n and Gemma 4's last `num_kv_shared_layers` layers store no keys and attend
 # over those of the last earlier layer of their kind (the default of real Gemma 3n / small Gemma 4 checkpoints).
 # Gemma 4 gives those layers only the prompt's last query in a prefill and slices the masks to it.

@@ -15,7 +15,7 @@ from conftest import _family_configs, system_prompt
 from transformers import AutoModelForCausalLM
 
 import hf_paged
-from hf_paged import OutOfBlocksError, PagedCache
+from hf_paged import OutOfBlocksError, PagedCache, compat
 
 SYSTEM = 48
 KWARGS = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True)
@@ -121,3 +121,32 @@ def test_a_continued_cache_after_out_of_blocks_says_to_reset(prefix_pair):
     cache.reset()
     out = _generate(paged, ids, past_key_values=cache)
     assert torch.equal(out.sequences, first.sequences)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(do_sample=True, num_return_sequences=2), dict(num_beams=2)],
+                         ids=["greedy", "samples", "beams"])
+def test_a_cache_refuses_input_with_other_tokens_than_it_holds(prefix_pair, settings):
+    """Continuing a returned cache with input that is longer but starts with other tokens than the cache holds
+    raises before anything is written (the prompt's tokens after any call; the sequences after greedy or sampled
+    decoding), and the cache still continues with its own tokens as sdpa does."""
+    reference, paged = prefix_pair
+    ids = torch.cat([_prompt(3, seed=1), _prompt(3, seed=5)])
+    torch.manual_seed(0)
+    first = _generate(paged, ids, **settings)
+    cache = compat.output_cache(first)
+    held, rows = cache.get_seq_length(), cache.manager.num_rows
+    sequences = first.sequences.shape[0] == rows and not settings.get("num_beams")
+    known = first.sequences if sequences else ids.repeat_interleave(rows // len(ids), 0)
+    extra = torch.randint(4, 90, (rows, held + 3 - known.shape[1]), generator=torch.Generator().manual_seed(2))
+    for position in [3, held - 1] if sequences else [3]:  # beams: the cache knows its prompt's tokens
+        other = known.clone()
+        other[0, position] = other[0, position] % 90 + 4
+        with pytest.raises(ValueError, match=rf"hf_paged: .*holds other tokens.*row 0 differs at position {position}"):
+            _generate(paged, torch.cat([other, extra], dim=1), past_key_values=cache)
+        assert cache.get_seq_length() == held and cache.manager.num_rows == rows
+        cache.manager.check()
+    if settings:
+        return
+    more = torch.cat([first.sequences, extra[:, :3]], dim=1)
+    expected = _generate(reference, more, past_key_values=compat.output_cache(_generate(reference, ids)))
+    assert torch.equal(_generate(paged, more, past_key_values=cache).sequences, expected.sequences)

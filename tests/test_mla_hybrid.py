@@ -295,3 +295,31 @@ def test_inkling_is_refused_at_load(family):
     config = AutoConfig.for_model(family, **{**_BASE, "num_hidden_layers": 1, "layer_types": ["hybrid"]})
     with pytest.raises(NotImplementedError, match="hf_paged: .*position_bias"):
         AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged")
+
+
+@pytest.mark.parametrize("family", ["falcon_h1", "zamba2", "qwen3_next"])
+def test_prompt_lookup_on_hybrid_models(family):
+    """Prompt-lookup decoding rolls hybrid models' states back as well (5.25 passes ``recurrent_states_to_keep`` and
+    keeps a history of recurrent states in each state layer, hybrid layers included): eager's tokens."""
+    families = pytest.importorskip("families")
+    if family not in families.families() or hf_paged.compat.TRANSFORMERS_VERSION < (5, 17):
+        pytest.skip(f"{family}: not in this Transformers, or its tiny config needs 5.17+")
+    models = []
+    for attention in ("eager", "hf_paged"):
+        torch.manual_seed(0)
+        models.append(families._load(family, families.tiny_config(family), attention))
+    reference, paged = models
+    paged.load_state_dict(reference.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    pattern = torch.randint(3, VOCAB, (1, 6), generator=generator)
+    ids = torch.cat([pattern, torch.randint(3, VOCAB, (1, 3), generator=generator), pattern, pattern[:, :3]], dim=1)
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=3)
+    try:
+        expected = reference.generate(ids, **settings)
+    except ValueError as refusal:  # older releases refuse assisted decoding on stateful models
+        with pytest.raises(ValueError, match="not supported with stateful models"):
+            paged.generate(ids, **settings)
+        pytest.skip(f"Transformers {hf_paged.compat.transformers_version_text()} refuses it too: {refusal}")
+    got = paged.generate(ids, **settings, return_dict_in_generate=True)
+    assert isinstance(hf_paged.compat.output_cache(got), PagedCache)
+    assert torch.equal(got.sequences, expected)

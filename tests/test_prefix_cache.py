@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 from conftest import VOCAB, count_prefill_positions, make_pair, pair_from_config, system_prompt
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig
+from transformers import Gemma3TextConfig, GptOssConfig, Llama4TextConfig, LlamaConfig, MistralConfig
 
 import hf_paged
 from hf_paged import PagedCache, prefix
@@ -60,7 +60,8 @@ def test_left_padded_batch_hits_only_identical_rows(prefix_pair):
     mask = torch.ones_like(ids)
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True)
     paged.generate(ids, attention_mask=mask, **kwargs)
-    # Same rows, but the second one left-padded by 2: its blocks are different keys, so the batch hit is 0.
+    # Same rows, but the second one left-padded by 2 (not a whole block): its real tokens lie at other offsets in
+    # its blocks, whose keys therefore differ, so the batch hit is 0.
     padded_ids = torch.cat([ids[:1], torch.cat([torch.zeros(1, 2, dtype=torch.long), ids[1:, :-2]], 1)])
     padded_mask = torch.ones_like(padded_ids)
     padded_mask[1, :2] = 0
@@ -68,6 +69,102 @@ def test_left_padded_batch_hits_only_identical_rows(prefix_pair):
     assert out.past_key_values.stats().prefix_hit_tokens == 0
     expected = reference.generate(padded_ids, attention_mask=padded_mask, **kwargs)
     assert torch.equal(out.sequences, expected.sequences)
+
+
+def _left_padded(rows: list[torch.Tensor], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(input_ids, attention_mask, pads)``: the ``[1, n]`` prompts `rows` left-padded with 0 to `width` (default:
+    the longest), and each row's padding."""
+    width = width or max(row.shape[1] for row in rows)
+    pads = [width - row.shape[1] for row in rows]
+    ids = torch.cat([torch.nn.functional.pad(row, (pad, 0)) for row, pad in zip(rows, pads, strict=True)])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(row), (pad, 0)) for row, pad in zip(rows, pads,
+                                                                                                  strict=True)])
+    return ids, mask, pads
+
+
+def _no_block_leaks(state) -> None:
+    """Every invariant holds in every pool of `state` and, with no cache alive, every block is free or evictable."""
+    gc.collect()
+    for pool in state.pools.values():
+        pool.blocks.check()
+        assert pool.blocks.num_free == pool.blocks.num_blocks, "a block is still referenced"
+
+
+def test_block_hashes_skip_whole_blocks_of_left_padding():
+    """A row padded by p hashes like the same row padded by p mod block_size: its whole pad blocks have no key and
+    the chain starts at its first real block. Another in-block offset shares no key, and without position ids (a
+    model whose positions are the padded indices) every amount of padding keys differently."""
+    bs = 4
+    row = torch.randint(3, VOCAB, (1, 13), generator=torch.Generator().manual_seed(3))
+
+    def hashes(pad: int, with_positions: bool = True):
+        ids, mask, _ = _left_padded([row], width=row.shape[1] + pad)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0) if with_positions else None  # as generate() passes them
+        return prefix.block_hashes(ids, mask, bs, salt="s", starts=[pad], position_ids=positions)[0]
+
+    base = hashes(2)
+    assert base.start == 2 and None not in base.keys
+    for pad in (6, 10, 14):
+        padded = hashes(pad)
+        assert padded.start == pad
+        assert padded.keys[:pad // bs] == [None] * (pad // bs)
+        assert padded.keys[pad // bs:] == base.keys[:len(padded.keys) - pad // bs]
+    for other in (hashes(1), hashes(3), hashes(7)):
+        assert not set(other.keys) & set(base.keys) - {None}
+    assert not set(hashes(6, with_positions=False).keys) & set(hashes(2, with_positions=False).keys) - {None}
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
+@pytest.mark.parametrize(("block_size", "tail"), [(8, 8), (7, 4)], ids=["bs8-divides", "bs7-does-not-divide"])
+def test_whole_blocks_of_left_padding_do_not_matter(prefix_pair, mode, block_size, tail):
+    """Prompts indexed with some left padding hit again with other amounts that differ by whole blocks (one block,
+    more than a block, none), also when the rows of one batch have different numbers of pad blocks; each row takes
+    its blocks from its first real one, and exactly sdpa's tokens come out."""
+    reference, paged = prefix_pair
+    bs = block_size
+    state = hf_paged.enable_prefix_caching(paged, block_size=bs)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, **mode)
+    a, b, c, d = (_prompt(tail + extra, seed=seed) for seed, extra in enumerate((2 * bs, bs, 0, bs - 3), start=11))
+
+    def run(rows: list[torch.Tensor], expected_pads: list[int], expected_hit: int) -> None:
+        ids, mask, pads = _left_padded(rows)
+        batch, length = ids.shape
+        assert pads == expected_pads
+        positions, out = count_prefill_positions(paged, lambda: paged.generate(ids, attention_mask=mask, **kwargs))
+        assert positions == batch * (length - expected_hit)  # the prefill computed only [hit, L)
+        # Real tokens taken from the index: each row's from its first real token up to the hit.
+        assert out.past_key_values.stats().prefix_hit_tokens == sum(max(expected_hit - pad, 0) for pad in pads)
+        assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
+        for group in out.past_key_values.groups:
+            group.manager.check()
+        del out
+        _no_block_leaks(state)
+
+    run([a, b, c, d], [0, bs, 2 * bs, bs + 3], 0)
+    # b unpadded (was one block), c by one whole block (was two), d by 3 (was a block and 3): every full block of
+    # every row is indexed, so the hit is as long as the last prompt token allows.
+    run([b, c, d], [0, bs, 3], (b.shape[1] - 1) // bs * bs)
+    # A new row n shares only the system prompt (found from a's blocks); c and b are padded by more than a block.
+    n = _prompt(tail + 3 * bs, seed=15)
+    run([n, c, b], [0, 3 * bs, 2 * bs], SYSTEM // bs * bs)
+
+
+def test_a_batch_padded_by_whole_blocks_skips_them(prefix_pair):
+    """A batch whose rows are all left-padded by at least one whole block (padded to a fixed width) does not
+    compute those columns, even with nothing indexed: no row has a real token there. Nothing counts as a hit."""
+    reference, paged = prefix_pair
+    state = hf_paged.enable_prefix_caching(paged, block_size=8)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True)
+    rows = [_prompt(3, seed=21), _prompt(12, seed=22)]
+    ids, mask, pads = _left_padded(rows, width=rows[1].shape[1] + 2 * 8 + 5)
+    batch, length = ids.shape
+    skipped = min(pads) // 8 * 8  # 2 whole blocks
+    positions, out = count_prefill_positions(paged, lambda: paged.generate(ids, attention_mask=mask, **kwargs))
+    assert skipped == 16 and positions == batch * (length - skipped)
+    assert out.past_key_values.stats().prefix_hit_tokens == 0
+    assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
+    del out
+    _no_block_leaks(state)
 
 
 def test_unreferenced_blocks_are_evicted_lru_when_the_pool_is_full(prefix_pair):
@@ -181,7 +278,7 @@ def test_a_sliding_window_hit_needs_only_the_window(sliding_prefix_pair):
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True)
     paged.generate(_sliding_prompt(5, seed=1), **kwargs)
     gc.collect()
-    chain = prefix.block_hashes(_sliding_prompt(5, seed=1), None, 4, salt=state.salt_for(paged))[0]
+    chain = prefix.block_hashes(_sliding_prompt(5, seed=1), None, 4, salt=state.salt_for(paged))[0].keys
     index = state.pools[WINDOW].blocks
     # Forget the sliding group's first 6 blocks (positions 0-23): a hit of 10 blocks reads positions 33-39 there.
     for key in chain[:6]:
@@ -198,6 +295,71 @@ def test_a_sliding_window_hit_needs_only_the_window(sliding_prefix_pair):
     out = paged.generate(ids, **kwargs)
     assert out.past_key_values.stats().prefix_hit_tokens == SLIDING_SYSTEM - 4
     assert torch.equal(out.sequences, reference.generate(ids, **kwargs).sequences)
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
+def test_sliding_window_groups_hit_across_whole_pad_blocks(sliding_prefix_pair, mode):
+    """In a sliding-window group a row needs only the blocks holding keys the first computed token sees, from its
+    first real block on: a row padded by two whole blocks (one in the first call) hits beside an unpadded one."""
+    reference, paged = sliding_prefix_pair
+    state = hf_paged.enable_prefix_caching(paged, block_size=4)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, **mode)
+    first, again, new = _sliding_prompt(9, seed=1), _sliding_prompt(5, seed=2), _sliding_prompt(13, seed=3)
+    for rows, pads, hit in (([first, again], [0, 4], 0), ([new, again], [0, 8], SLIDING_SYSTEM)):
+        ids, mask, got_pads = _left_padded(rows)
+        batch, length = ids.shape
+        assert got_pads == pads
+        positions, out = count_prefill_positions(
+            paged, lambda ids=ids, mask=mask: paged.generate(ids, attention_mask=mask, **kwargs))
+        assert positions == batch * (length - hit)
+        assert out.past_key_values.stats().prefix_hit_tokens == sum(max(hit - pad, 0) for pad in pads)
+        assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
+        sliding = _sliding_group(out.past_key_values)
+        for table, start in zip(sliding.manager.tables, sliding.manager.live_from, strict=True):
+            assert table[:start // 4] == [NULL_BLOCK] * (start // 4)
+        sliding.manager.check()
+        del out, sliding
+        _no_block_leaks(state)
+
+
+FEATURE_CONFIGS = {
+    # Layer 0 chunked (chunks of 8 from each row's first real token), layer 1 full attention.
+    "llama4_text": lambda: Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, attention_chunk_size=8,
+        no_rope_layers=[1, 0], max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Attention sinks on a sliding-window layer (window 6) and a full one.
+    "gpt_oss": lambda: GptOssConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2),
+}
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
+@pytest.mark.parametrize("family", list(FEATURE_CONFIGS))
+def test_chunks_and_sinks_hit_across_whole_pad_blocks(family, mode):
+    """Chunked attention (chunks counted from each row's first real token) and attention sinks: a row padded by
+    two whole blocks takes the blocks it was given with one block of padding, and eager's tokens come out."""
+    reference, paged = pair_from_config(FEATURE_CONFIGS[family], reference_attention="eager")
+    try:
+        state = hf_paged.enable_prefix_caching(paged, block_size=4)
+        kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, **mode)
+        first, again, new = (system_prompt(24, suffix, seed) for suffix, seed in ((9, 1), (5, 2), (13, 3)))
+        for rows, pads, hit in (([first, again], [0, 4], 0), ([new, again], [0, 8], 24)):
+            ids, mask, got_pads = _left_padded(rows)
+            batch, length = ids.shape
+            assert got_pads == pads
+            positions, out = count_prefill_positions(
+                paged, lambda ids=ids, mask=mask: paged.generate(ids, attention_mask=mask, **kwargs))
+            assert positions == batch * (length - hit)
+            assert out.past_key_values.stats().prefix_hit_tokens == sum(max(hit - pad, 0) for pad in pads)
+            assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
+            del out
+            _no_block_leaks(state)
+    finally:
+        hf_paged.disable_prefix_caching(paged)
 
 
 def test_pools_of_another_model_are_refused(sliding_prefix_pair):

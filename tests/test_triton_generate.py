@@ -8,7 +8,8 @@ fallbacks, and compares tokens and logits with Transformers' own attention (``sd
 on tiny random-weight models with left-padded prompts, for greedy search, beam search and seeded sampling with
 ``num_return_sequences``. In the last two the rows of a prompt share its blocks, and decoding must read them once
 per prompt through ``shared_prefix_paged_attention``. With prefix caching, a second call maps the first call's
-system-prompt blocks in every layer group and its prefill reads them through the paged kernel.
+system-prompt blocks in every layer group and its prefill reads them through the paged kernel; a third maps them
+into rows with different numbers of whole pad blocks.
 """
 
 from __future__ import annotations
@@ -137,16 +138,23 @@ for family in sys.argv[2].split(","):
     eos = int(generate(reference, inputs, do_sample=False).sequences[1, 12])
     modes = {**MODES, "greedy_eos": dict(do_sample=False, min_new_tokens=0, eos_token_id=eos, output_logits=False)}
     if "prefix" in sys.argv[4].split(","):
-        # Two calls sharing a 15-token system prompt (3 blocks of 5), with prefix caching: the second maps them.
+        # Calls sharing a 15-token system prompt (3 blocks of 5), with prefix caching: the second maps them. The
+        # third batches a longer new prompt with the first one left-padded by a whole block: the new row maps the
+        # system prompt's 3 blocks, the padded row its own first 2 after a null entry.
         hf_paged.enable_prefix_caching(paged, block_size=5)
         generator = torch.Generator().manual_seed(2)
         system = torch.randint(3, VOCAB, (1, 15), generator=generator)
-        for call, suffix in enumerate((3, 4)):
-            ids = torch.cat([system, torch.randint(3, VOCAB, (1, suffix), generator=generator)], dim=1)
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            expected = generate(reference, inputs, do_sample=False)
+        first, second, longer = (torch.cat([system, torch.randint(3, VOCAB, (1, suffix), generator=generator)], dim=1)
+                                 for suffix in (3, 4, 8))
+        padded = torch.nn.functional.pad(first, (longer.shape[1] - first.shape[1], 0))
+        batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in (first, second)]
+        batches.append({"input_ids": torch.cat([longer, padded]), "attention_mask": torch.cat([torch.ones_like(longer),
+                                                                                               (padded != 0).long()])})
+        for call, prefix_inputs in enumerate(batches):
+            expected = generate(reference, prefix_inputs, do_sample=False)
             calls.clear()
-            got = generate(paged, inputs, do_sample=False)
+            got = generate(paged, prefix_inputs, do_sample=False)
+            got.past_key_values.manager.check()
             results[f"{family}-prefix{call}"] = {
                 "calls": dict(calls),
                 "same_tokens": torch.equal(got.sequences, expected.sequences),
@@ -265,10 +273,11 @@ def test_prefix_caching_runs_through_the_triton_kernels(tmp_path):
     """A prefix-cache hit in every layer group (Gemma2: a sliding-window group and a full one): the second call's
     prefill attends over the mapped blocks with the paged kernel and gives eager's tokens."""
     results = run_script(tmp_path, ["llama", "gemma2"], ["prefix"])
-    assert set(results) == {f"{family}-prefix{call}" for family in ("llama", "gemma2") for call in (0, 1)}
+    assert set(results) == {f"{family}-prefix{call}" for family in ("llama", "gemma2") for call in (0, 1, 2)}
     for case, result in results.items():
         calls = result["calls"]
-        assert result["hit"] == (15 if case.endswith("1") else 0), (case, result)
+        # The third call: 15 system tokens for the new row, 10 for the row padded by a block (the hit is 3 blocks).
+        assert result["hit"] == {"0": 0, "1": 15, "2": 15 + 10}[case[-1]], (case, result)
         assert not any(key.startswith("ops.") for key in calls), (case, calls)
         assert result["same_tokens"], (case, result)
         assert result["max_logit_diff"] < 2e-4, (case, result)
