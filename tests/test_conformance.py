@@ -22,9 +22,9 @@ from conftest import make_pair
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hf_paged import PagedCache, compat
-from hf_paged.cache import PagedHybridLayer, PagedLayer
+from hf_paged.cache import KVSharedLayer, PagedHybridLayer, PagedLayer
 
-OVERRIDES = [(PagedCache, Cache), (PagedLayer, CacheLayerMixin)]
+OVERRIDES = [(PagedCache, Cache), (PagedLayer, CacheLayerMixin), (KVSharedLayer, CacheLayerMixin)]
 if compat.HAS_STATE_LAYERS:
     OVERRIDES.append((PagedHybridLayer, compat.LinearAttentionLayer))
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
