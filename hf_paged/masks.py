@@ -26,7 +26,6 @@ from transformers import masking_utils
 __all__ = ["MaskPattern", "PaddingMask", "attach", "cache_windows", "describe", "detach", "drop_keys_before"]
 
 
-
 @dataclass(frozen=True)
 class MaskPattern:
     """A causal mask, optionally restricted to a sliding window and/or to the query's chunk.

@@ -2,7 +2,8 @@
 eager attention.
 
 For each ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` a tiny config is derived from the family's own
-config class (`tiny_config`: small widths, two layers, few heads, a small vocabulary; `OVERRIDES` for the few
+config class (`tiny_config`: small widths, two layers (twice as many, half of them KV-shared, where the default
+config shares keys and values between layers: Gemma 3n), few heads, a small vocabulary; `OVERRIDES` for the few
 families that need more), and `check_family` returns one `Outcome`:
 
 * ``match``: on a left-padded batch whose prompts are longer than a block, greedy search gives eager's tokens and
