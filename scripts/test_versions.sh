@@ -27,6 +27,26 @@ for version in "${VERSIONS[@]}"; do
     # editable install below without `wheel`: give it what pyproject.toml's [build-system] asks for.
     "$venv/bin/python" -m pip install --quiet "setuptools>=69" wheel
     "$venv/bin/python" -m pip install --quiet "transformers==$version"
+    # Transformers imports the Hub's `kernels` package whenever it is installed, and the newest Transformers brings
+    # one (a dependency from 5.25) that older releases cannot use (5.0.0 fails at import): where the visible kernels
+    # is outside the range this release declares (in its extras), install that range into the venv.
+    kernels=$("$venv/bin/python" - <<'PY'
+import importlib.metadata as md
+from packaging.requirements import Requirement
+
+declared = [Requirement(r) for r in md.requires("transformers") or [] if Requirement(r).name == "kernels"]
+try:
+    visible = md.version("kernels")
+except md.PackageNotFoundError:
+    visible = None
+if declared and visible is not None and not declared[0].specifier.contains(visible, prereleases=True):
+    print(f"kernels{declared[0].specifier}")
+PY
+)
+    if [ -n "$kernels" ]; then
+        echo "== transformers $version declares $kernels: installing it into $venv"
+        "$venv/bin/python" -m pip install --quiet "$kernels"
+    fi
     "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
     "$venv/bin/python" -c 'import sys, torch, transformers
 print(f"== transformers {transformers.__version__} (torch {torch.__version__} from {torch.__file__}) in {sys.prefix}")'
