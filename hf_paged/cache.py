@@ -1431,8 +1431,8 @@ class PagedCache(Cache):
         if not rows and indices and not self.state_layers:
             raise RuntimeError(
                 "hf_paged: generate() reordered the rows of a PagedCache that no layer ever wrote to: this model's "
-                "attention does not store its keys and values through the cache it is given. Load it with "
-                'attn_implementation="sdpa" (or "eager") instead.'
+                "attention does not store its keys and values through the cache it is given. "
+                f"{support.fallback_advice(None)}"
             )
         for group in self.groups:
             if group.manager.num_rows or not self.state_layers:

@@ -78,8 +78,8 @@ def check_attention_interface(model_class: type) -> None:
     if not model_class._can_set_attn_implementation():
         raise NotImplementedError(
             f'hf_paged: {model_class.__name__} does not support attn_implementation="hf_paged": its attention does '
-            "not go through Transformers' attention interface, so it would ignore the paged cache. Load it with "
-            'attn_implementation="sdpa" (or "eager") instead.'
+            "not go through Transformers' attention interface, so it would ignore the paged cache. "
+            f"{support.fallback_advice(model_class)}"
         )
 
 
@@ -88,7 +88,7 @@ def check_supported(model) -> None:
     if model.config.is_encoder_decoder:
         raise NotImplementedError(
             f"hf_paged: {type(model).__name__} is an encoder-decoder model; hf_paged supports decoder-only models. "
-            'Load it with attn_implementation="sdpa" instead.'
+            f"{support.fallback_advice(type(model))}"
         )
     check_attention_interface(type(model))
 

@@ -10,6 +10,8 @@ halfway through ``generate``. The checks are generic, read from the config and t
   model has no attention layer at all (a pure state-space model: paged attention has nothing to page);
 * `check_cached_kv_use`: an attention module changes the keys or values the cache returned before (or instead of)
   handing them to the attention function: those are then a `PagedCache`'s block pools, not ``[B, Hkv, kv, D]``.
+
+Every refusal ends with `fallback_advice`: an attention implementation the model's class really accepts.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import torch
 
 from . import compat
 
-__all__ = ["ATTENTION_KINDS", "STATE_KINDS", "check_cached_kv_use", "check_layer_kinds", "check_layer_types",
-           "check_model_class", "kv_sources"]
+__all__ = ["ATTENTION_KINDS", "STATE_KINDS", "accepted_attention", "check_cached_kv_use", "check_layer_kinds",
+           "check_layer_types", "check_model_class", "fallback_advice", "kv_sources"]
 
 # Kinds of layer (values of ``config.layer_types``) whose cache is keys and values that the attention reads.
 ATTENTION_KINDS = frozenset({
@@ -36,14 +38,37 @@ ATTENTION_KINDS = frozenset({
 STATE_KINDS = frozenset({"linear_attention", "mamba", "conv", "recurrent", "mlp", "moe"})
 
 
-def _refuse(model_name: str, reason: str) -> NotImplementedError:
+def accepted_attention(model_class: type) -> list[str]:
+    """The attention implementations other than hf_paged that Transformers accepts for `model_class` on any machine,
+    best first, as its own check decides (``PreTrainedModel.get_correct_attn_implementation``): ``"sdpa"`` only where
+    the class declares ``_supports_sdpa`` (Bloom, RWKV, Mamba, Gemma 2, ... do not), and ``"eager"``, which every
+    model accepts. (``flash_attention_*`` and ``flex_attention`` need a GPU or a kernel package too: never advised.)"""
+    return (["sdpa"] if getattr(model_class, "_supports_sdpa", False) else []) + ["eager"]
+
+
+def fallback_advice(model_class: type | None) -> str:
+    """The sentence ending a refusal: which ``attn_implementation`` to load the model with instead.
+
+    Names what `model_class` accepts (`accepted_attention`). Without a class (a `PagedCache` built from a config),
+    it says to leave ``attn_implementation`` out: Transformers' default is ``"sdpa"`` where the model supports it and
+    ``"eager"`` otherwise."""
+    if model_class is None:
+        return ('Load it without attn_implementation="hf_paged" instead (Transformers then picks an attention '
+                "implementation the model supports).")
+    best, *others = accepted_attention(model_class)
+    also = "".join(f' (or "{name}")' for name in others)
+    refused = "" if best == "sdpa" else f' ({model_class.__name__} does not support "sdpa")'
+    return f'Load it with attn_implementation="{best}"{also} instead{refused}.'
+
+
+def _refuse(model_class: type, reason: str) -> NotImplementedError:
     return NotImplementedError(
-        f'hf_paged: {model_name} does not support attn_implementation="hf_paged": {reason}. Load it with '
-        'attn_implementation="sdpa" (or "eager") instead.'
+        f'hf_paged: {model_class.__name__} does not support attn_implementation="hf_paged": {reason}. '
+        f"{fallback_advice(model_class)}"
     )
 
 
-def check_layer_kinds(model_name: str, config) -> None:
+def check_layer_kinds(model_class: type, config) -> None:
     """Raise `NotImplementedError` if ``config.layer_types`` has a kind hf_paged does not know, or no attention."""
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     try:
@@ -55,19 +80,20 @@ def check_layer_kinds(model_name: str, config) -> None:
     kinds = set(layer_types)
     unknown = sorted(kinds - ATTENTION_KINDS - STATE_KINDS)
     if unknown:
-        raise _refuse(model_name, f"its layers of kind {', '.join(map(repr, unknown))} keep a cache hf_paged does not "
+        raise _refuse(model_class, f"its layers of kind {', '.join(map(repr, unknown))} keep a cache hf_paged does not "
                                   "know how to page")
     if not kinds & ATTENTION_KINDS:
-        raise _refuse(model_name, f"it has no attention layer (its layers are {', '.join(sorted(kinds))}), so there "
+        raise _refuse(model_class, f"it has no attention layer (its layers are {', '.join(sorted(kinds))}), so there "
                                   "are no keys and values to page")
 
 
-def check_cached_kv_use(model_name: str, module_classes) -> None:
-    """Raise `NotImplementedError` if one of `module_classes` transforms the cache's keys or values itself."""
+def check_cached_kv_use(model_class: type, module_classes) -> None:
+    """Raise `NotImplementedError` if one of `module_classes` (the modules of `model_class`'s family) transforms the
+    cache's keys or values itself."""
     for module_class in module_classes:
         use = _cached_kv_use(module_class)
         if use is not None:
-            raise _refuse(model_name, f"{module_class.__name__}.forward uses the keys/values the cache returns "
+            raise _refuse(model_class, f"{module_class.__name__}.forward uses the keys/values the cache returns "
                                       f"outside the attention function ({use}), and a PagedCache returns block pools")
 
 
@@ -112,20 +138,21 @@ _UNSUPPORTED_MODEL_TYPES = {
 _UNSUPPORTED_MODEL_TYPES["inkling2_text"] = _UNSUPPORTED_MODEL_TYPES["inkling_text"]
 
 
-def check_layer_types(config) -> None:
-    """Raise `NotImplementedError` naming hf_paged for a model whose cache layers hf_paged cannot serve."""
+def check_layer_types(config, model_class: type | None = None) -> None:
+    """Raise `NotImplementedError` naming hf_paged for a model whose cache layers hf_paged cannot serve; its advice
+    names what `model_class` accepts (`fallback_advice`), when given."""
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     model_type = getattr(text_config, "model_type", None)
     if model_type in _UNSUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
             f"hf_paged: {type(text_config).__name__} is not supported: {_UNSUPPORTED_MODEL_TYPES[model_type]}. "
-            'Load this model with attn_implementation="sdpa" (or "eager") instead.'
+            f"{fallback_advice(model_class)}"
         )
     for layer_type in dict.fromkeys(getattr(text_config, "layer_types", None) or []):
         if layer_type in _UNSUPPORTED_LAYER_TYPES:
             raise NotImplementedError(
                 f"hf_paged: {type(config).__name__} has {layer_type!r} layers: {_UNSUPPORTED_LAYER_TYPES[layer_type]}. "
-                'Load this model with attn_implementation="sdpa" (or "eager") instead.'
+                f"{fallback_advice(model_class)}"
             )
 
 
@@ -133,16 +160,16 @@ def check_model_class(model_class: type, config) -> None:
     """All load-time checks for `model_class` built from `config` (see the module docstring)."""
     supports_cache = getattr(model_class, "_supports_default_dynamic_cache", None)
     if supports_cache is not None and not supports_cache():
-        raise _refuse(model_class.__name__, "it keeps its cache in a class of its own instead of a Transformers "
+        raise _refuse(model_class, "it keeps its cache in a class of its own instead of a Transformers "
                                             "Cache that hf_paged can replace")
-    check_layer_kinds(model_class.__name__, config)
-    check_layer_types(config)
+    check_layer_kinds(model_class, config)
+    check_layer_types(config, model_class)
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     family_module = sys.modules.get(model_class.__module__)
     if compat.TRANSFORMERS_VERSION < (5, 17) and hasattr(family_module, "create_bidirectional_mask"):
         # Encoder families with a decoder mode (BERT, RoBERTa, ELECTRA, ... as causal LMs): the family walk
         # (tests/test_families.py) measured other tokens than eager through hf_paged on 5.0; from 5.17 they match.
-        raise _refuse(model_class.__name__, f"on Transformers {compat.transformers_version_text()}, encoder families "
+        raise _refuse(model_class, f"on Transformers {compat.transformers_version_text()}, encoder families "
                                             "used as decoders do not give eager's tokens through hf_paged (they do "
                                             "from Transformers 5.17 on)")
     try:
@@ -155,7 +182,7 @@ def check_model_class(model_class: type, config) -> None:
     classes = [value for value in vars(module).values()
                if isinstance(value, type) and issubclass(value, torch.nn.Module)
                and value.__module__ == model_class.__module__] if module is not None else []
-    check_cached_kv_use(model_class.__name__, classes)
+    check_cached_kv_use(model_class, classes)
 
 
 @cache

@@ -2,17 +2,19 @@
 # Run the version-sensitive parts of the suite (parity, prefill-once, prefix cache, errors, ecosystem, Triton
 # generate, tensor parallelism, the family walk, block lifecycle, device maps, layer groups, slabs) against other Transformers releases, each in its own virtual environment under .venv-tf/.
 #
-#   bash scripts/test_versions.sh                 # the releases in VERSIONS below
+#   bash scripts/test_versions.sh                 # the oldest and a middle 5.x (5.0.0, 5.17.0: the device machine's)
 #   bash scripts/test_versions.sh 5.3.0 5.20.2    # any others
 #
-# Each venv sees the current interpreter's packages (torch, triton, pytest: --system-site-packages), gets the
+# The newest 5.x is not here: scripts/test.sh runs the whole suite on it. Each venv sees the current interpreter's
+# packages (torch, triton, pytest), whether that interpreter is a venv or not (scripts/make_venv.py: a plain
+# --system-site-packages venv made inside a venv would see the base interpreter's packages instead), gets the
 # Transformers release on top, and hf_paged from this checkout (--no-deps, editable). Set PYTHON to choose the
 # interpreter whose packages are reused (default python3; CI runs scripts/install.sh into it first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VERSIONS=("$@")
-[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(5.0.0 5.17.0 5.24.0)
+[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(5.0.0 5.17.0)
 TESTS=(tests/test_generate_parity.py tests/test_prefill_once.py tests/test_prefix_cache.py tests/test_errors.py
        tests/test_ecosystem.py tests/test_triton_generate.py tests/test_tensor_parallel.py tests/test_families.py
        tests/test_lifecycle.py tests/test_finished_rows.py tests/test_device_map.py tests/test_cache_layers.py
@@ -20,15 +22,34 @@ TESTS=(tests/test_generate_parity.py tests/test_prefill_once.py tests/test_prefi
 status=0
 for version in "${VERSIONS[@]}"; do
     venv=.venv-tf/$version
-    if [ ! -x "$venv/bin/python" ]; then
-        $PY -m venv --system-site-packages "$venv"
-    fi
+    $PY scripts/make_venv.py "$venv"
     # A venv brings its own setuptools (65 on Python 3.11), which shadows the interpreter's and cannot build the
     # editable install below without `wheel`: give it what pyproject.toml's [build-system] asks for.
     "$venv/bin/python" -m pip install --quiet "setuptools>=69" wheel
     "$venv/bin/python" -m pip install --quiet "transformers==$version"
+    # Transformers imports the Hub's `kernels` package whenever it is installed, and the newest Transformers brings
+    # one (a dependency from 5.25) that older releases cannot use (5.0.0 fails at import): where the visible kernels
+    # is outside the range this release declares (in its extras), install that range into the venv.
+    kernels=$("$venv/bin/python" - <<'PY'
+import importlib.metadata as md
+from packaging.requirements import Requirement
+
+declared = [Requirement(r) for r in md.requires("transformers") or [] if Requirement(r).name == "kernels"]
+try:
+    visible = md.version("kernels")
+except md.PackageNotFoundError:
+    visible = None
+if declared and visible is not None and not declared[0].specifier.contains(visible, prereleases=True):
+    print(f"kernels{declared[0].specifier}")
+PY
+)
+    if [ -n "$kernels" ]; then
+        echo "== transformers $version declares $kernels: installing it into $venv"
+        "$venv/bin/python" -m pip install --quiet "$kernels"
+    fi
     "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
-    echo "== transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)')"
+    "$venv/bin/python" -c 'import sys, torch, transformers
+print(f"== transformers {transformers.__version__} (torch {torch.__version__} from {torch.__file__}) in {sys.prefix}")'
     OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q -p no:warnings "${TESTS[@]}" || status=1
 done
 exit $status

@@ -16,6 +16,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,21 +95,66 @@ def test_wheel_contains_the_kernels_subpackage_and_no_top_level_kernels(tmp_path
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr[-4000:]
 
 
+MAKE_VENV = ROOT / "scripts" / "make_venv.py"
+
+
+def test_a_venv_made_inside_a_venv_sees_the_outer_venvs_packages(tmp_path):
+    """scripts/make_venv.py (what this file's wheel test and scripts/test_versions.sh use): the new venv sees the
+    packages of the environment that made it, here an isolated venv holding a package the base interpreter lacks,
+    with that environment's .pth files, and nothing of the base interpreter that the outer venv does not see.
+    A ``--system-site-packages`` venv sees the base interpreter's packages instead: that is what broke
+    ``bash scripts/test.sh`` inside a venv."""
+    outer = tmp_path / "outer"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(outer)], check=True, timeout=300)
+    outer_python = outer / "bin" / "python"
+    site_dir = Path(subprocess.run([str(outer_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip())
+    (site_dir / "only_in_outer").mkdir()
+    (site_dir / "only_in_outer" / "__init__.py").write_text("WHERE = 'outer'\n")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "added_by_outer_pth.py").write_text("WHERE = 'pth'\n")
+    (site_dir / "extra.pth").write_text(f"{tmp_path / 'extra'}\n")
+    pytest_in_base = subprocess.run([sys.executable, "-c", "import pytest"], capture_output=True).returncode == 0
+
+    code = ("import importlib.util, sys, only_in_outer, added_by_outer_pth\n"
+            "assert only_in_outer.__file__.startswith(sys.argv[1]), only_in_outer.__file__\n"
+            "print(importlib.util.find_spec('pytest') is None)\n")
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    maker = outer_python
+    for name in ("inner", "innermost"):  # a venv made in the outer venv, then one made in that one
+        subprocess.run([str(maker), str(MAKE_VENV), str(tmp_path / name), "--without-pip"], check=True, timeout=300)
+        maker = tmp_path / name / "bin" / "python"
+        run = subprocess.run([str(maker), "-c", code, str(site_dir)], capture_output=True, text=True, timeout=300,
+                             env=environ)
+        assert run.returncode == 0, run.stderr[-4000:]
+        # The base interpreter's pytest stays invisible, as it is to the isolated outer venv.
+        assert not pytest_in_base or run.stdout.strip() == "True", run.stdout
+
+    # Made again on the same folder: reused, and still right.
+    subprocess.run([str(outer_python), str(MAKE_VENV), str(tmp_path / "inner"), "--without-pip"], check=True,
+                   timeout=300)
+    run = subprocess.run([str(tmp_path / "inner" / "bin" / "python"), "-c", code, str(site_dir)], env=environ,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
 def test_built_wheel_installs_into_a_venv_and_generates(tmp_path):
-    """The wheel, ``pip install``-ed into a new venv (that sees this interpreter's torch and Transformers), imports
-    from the venv, declares the supported range, and a tiny model generates with "hf_paged"."""
+    """The wheel, ``pip install``-ed into a new venv that sees this interpreter's packages (scripts/make_venv.py:
+    the same torch and Transformers as here, also when this interpreter is itself a venv), imports from the venv,
+    declares the supported range, and a tiny model generates with "hf_paged"."""
     wheel = _build_wheel(tmp_path)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, str(MAKE_VENV), str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
                              capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stdout + install.stderr
     code = (
-        "import sys, importlib.metadata as md, torch\n"
+        "import sys, importlib.metadata as md, torch, transformers\n"
         "import hf_paged\n"
         "from transformers import AutoModelForCausalLM, LlamaConfig\n"
         "assert hf_paged.__file__.startswith(sys.prefix), hf_paged.__file__\n"
+        "assert (torch.__file__, transformers.__file__) == tuple(sys.argv[1:3]), (torch.__file__, transformers.__file__)\n"
         "requires = md.requires('hf-paged')\n"
         "assert 'transformers>=5.0' in requires and not any('<' in r for r in requires if 'transformers' in r)\n"
         "config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
@@ -123,6 +170,6 @@ def test_built_wheel_installs_into_a_venv_and_generates(tmp_path):
     )
     environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     environ["OMP_NUM_THREADS"] = "1"
-    run = subprocess.run([str(python), "-c", code], cwd=tmp_path, env=environ, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([str(python), "-c", code, torch.__file__, transformers.__file__], cwd=tmp_path, env=environ,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr[-4000:]
