@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The prepared device check (issue 11), for a GPU machine without network: install this checkout, then run
-# python -m hf_paged.bench.gpu_check (kernels on CUDA, generate parity, a CPU+CUDA split, the bench, bandwidth)
-# within GPU_CHECK_SECONDS (default 480) in all, writing results.json and results.md under $OUT (gpu_results/).
+# The prepared device check (issues 11, 20), for a GPU machine without network: install this checkout, then run
+# python -m hf_paged.bench.gpu_check (bandwidth, kernels on CUDA, fp32 parity, the bench, bf16 teacher-forced
+# logits, a CPU+CUDA split, decode bytes; each phase with its own budget, the most valuable first) within
+# GPU_CHECK_SECONDS (default 480) in all, writing results.json, results.md (after every phase), partial.json (the
+# running phase's results so far) and phases.log under $OUT (gpu_results/): at most 6 files, so all come back.
 #   bash scripts/gpu_check.sh          # on the GPU machine
 #   bash scripts/gpu_check.sh --dry    # tiny, on the CPU (what tests/test_gpu_check.py runs)
 # PYTHON names the interpreter (default python3); other arguments go to the Python driver.

@@ -1,8 +1,8 @@
 """The paged-attention kernel against its PyTorch reference over a grid sized for a GPU (the device check).
 
 Not collected by a plain ``pytest`` run (like ``kernel_interpreter_cases.py``, whose inputs and reference it uses):
-``scripts/gpu_check.sh`` runs it on CUDA. Every combination of dtype (fp16 / bf16 / fp32), GQA ratio (1 / 4 / 8),
-head dim (64 / 128) and block size (16 / 32) runs once; each combination also takes its turn, by its index, at
+``scripts/gpu_check.sh`` runs it on CUDA. Every combination of dtype (fp16 / bf16 / fp32), GQA ratio (1 / 4 / 8)
+and head dim (64 / 80 / 96 / 128) runs once, with block size 16 or 32 by turns; each combination also takes its turn, by its index, at
 sliding windows, softcap, left padding, multi-token queries, split-KV on or off and, when both the kernel and the
 reference accept ``sinks``, attention sinks, and a pool of three slabs read through offset tables. Lengths are odd and span many blocks. ``HF_PAGED_DEVICE_GRID=tiny``
 keeps four small cases, for the device check's dry run under ``TRITON_INTERPRET=1``.
@@ -26,15 +26,14 @@ HAS_SINKS = all("sinks" in inspect.signature(f).parameters for f in (launch_page
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUPS = (1, 4, 8)
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 80, 96, 128)  # 80 and 96: Phi-2 and Phi-3-mini, padded to 128-wide tiles
 BLOCK_SIZES = (16, 32)
 
 
 def _cases() -> list[dict]:
     cases = []
-    for index, (dtype, group, head_dim, block_size) in enumerate(
-        itertools.product(DTYPES, GROUPS, HEAD_DIMS, BLOCK_SIZES)
-    ):
+    for index, (dtype, group, head_dim) in enumerate(itertools.product(DTYPES, GROUPS, HEAD_DIMS)):
+        block_size = BLOCK_SIZES[(index // len(HEAD_DIMS)) % 2]  # each head dim meets both block sizes per dtype
         q_len = (1, 1, 5, 33)[index % 4]
         seq_lens = [q_len + 517, q_len + 37, q_len + 1000 - 7 * index][: 3 - index % 2]
         cases.append({

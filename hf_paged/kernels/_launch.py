@@ -78,9 +78,11 @@ def check_offsets(
     themselves are not checked against ``N`` (that would need a device sync), as without a table they are not
     checked against ``cache.shape[0]``.
 
-    The alignment is checked on the host for CPU tensors (the interpreter) and, for CUDA tensors, once per table
-    (and per in-place change of it) by a device-side assertion, which costs no sync but reports a violation as a
-    CUDA error at the next synchronisation.
+    The alignment is checked on the host, as a `ValueError`: for CPU tensors (the interpreter) at every call, for
+    CUDA tensors once per table and in-place version of it (one small copy to the host and a sync; a `PagedCache`
+    builds a table only when its pool grows). A device-side assertion would cost no sync, but it reports a bad
+    table only at some later synchronisation, as a CUDA error that leaves the context unusable for the rest of
+    the process.
     """
     if offsets is None:
         return None
@@ -97,24 +99,26 @@ def check_offsets(
 
 
 def _check_alignment(name: str, offsets: torch.Tensor) -> None:
-    """Raise ValueError (CPU) or queue a device assertion (CUDA, once per table version) unless every offset is a
-    multiple of `OFFSET_ALIGNMENT`."""
-    message = (f"{name} must hold multiples of {OFFSET_ALIGNMENT} elements (slabs and blocks 16-element aligned) so "
-               "the kernels can use 16-byte memory accesses")
-    if offsets.device.type != "cuda":
-        if offsets.device.type != "meta" and bool((offsets % OFFSET_ALIGNMENT).any()):
-            bad = offsets[offsets % OFFSET_ALIGNMENT != 0][:4].tolist()
-            raise ValueError(f"{message}; got {bad}")
+    """Raise ValueError unless every offset is a multiple of `OFFSET_ALIGNMENT`; a CUDA table is checked once per
+    table and version (`check_offsets`)."""
+    if offsets.device.type == "meta":
         return
-    version = offsets._version if not offsets.is_inference() else -1  # inference tensors keep no version
-    seen = _CHECKED_TABLES.get(id(offsets))
-    if seen is not None and seen[0]() is offsets and seen[1] == version:
-        return
-    torch._assert_async((offsets % OFFSET_ALIGNMENT == 0).all(), message)
-    if len(_CHECKED_TABLES) > 256:
-        for key in [key for key, (ref, _) in _CHECKED_TABLES.items() if ref() is None]:
-            del _CHECKED_TABLES[key]
-    _CHECKED_TABLES[id(offsets)] = (weakref.ref(offsets), version)
+    cuda = offsets.device.type == "cuda"
+    if cuda:
+        version = offsets._version if not offsets.is_inference() else -1  # inference tensors keep no version
+        seen = _CHECKED_TABLES.get(id(offsets))
+        if seen is not None and seen[0]() is offsets and seen[1] == version:
+            return
+    host = offsets.cpu() if cuda else offsets
+    misaligned = host % OFFSET_ALIGNMENT != 0
+    if bool(misaligned.any()):
+        raise ValueError(f"{name} must hold multiples of {OFFSET_ALIGNMENT} elements (slabs and blocks 16-element "
+                         f"aligned) so the kernels can use 16-byte memory accesses; got {host[misaligned][:4].tolist()}")
+    if cuda:
+        if len(_CHECKED_TABLES) > 256:
+            for key in [key for key, (ref, _) in _CHECKED_TABLES.items() if ref() is None]:
+                del _CHECKED_TABLES[key]
+        _CHECKED_TABLES[id(offsets)] = (weakref.ref(offsets), version)
 
 
 def resolve_offsets(

@@ -52,6 +52,7 @@ class KernelConfig:
     args: dict[str, Any]
     constexprs: dict[str, Any]
     num_warps: int = 4
+    num_stages: int = 3  # Triton's default
     mma_expected: bool = False  # the kernel's inner loop is tl.dot on 16-bit operands
 
 
@@ -147,7 +148,8 @@ def compile_config(config: KernelConfig, arch: str, capability: int) -> CompileR
     source = ASTSource(fn=config.kernel, signature=signature, constexprs=constants, attrs=attrs)
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": config.num_warps, **COMPILE_OPTIONS})
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                           **COMPILE_OPTIONS})
         with tempfile.TemporaryDirectory() as tmp:
             result.registers, result.spill_bytes, result.stack_bytes = _ptxas_usage(compiled.asm["ptx"], capability, Path(tmp))
             result.mma, result.wide_memory_ops = _sass_summary(compiled.asm["cubin"], Path(tmp))
@@ -158,10 +160,13 @@ def compile_config(config: KernelConfig, arch: str, capability: int) -> CompileR
     return result
 
 
-def _split_meta(meta: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """A launcher's ``*_meta`` dict as (constexprs, num_warps)."""
+def _split_meta(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """A launcher's ``*_meta`` dict as (constexprs, launch options: ``num_warps`` and ``num_stages`` if given)."""
     constexprs = dict(meta)
-    return constexprs, constexprs.pop("num_warps")
+    options = {"num_warps": constexprs.pop("num_warps")}
+    if "num_stages" in constexprs:
+        options["num_stages"] = constexprs.pop("num_stages")
+    return constexprs, options
 
 
 _NUM_BLOCKS = 4096  # pool size the configs assume (it only sets the head stride of the head-major pool)
@@ -183,7 +188,7 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
                       softcap: float | None = None, sinks: bool = False, chunk: int | None = None,
                       value_dim: int | None = None, slabs: bool = False) -> KernelConfig:
     """`paged_attention_kernel`; `slabs`: a pool of several block-major slabs read through offset tables."""
-    constexprs, num_warps = _split_meta(paged_attention_meta(
+    constexprs, options = _split_meta(paged_attention_meta(
         q_len, heads // kv_heads, head_dim, block_size, num_splits,
         has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
         fp32_storage=dtype == "fp32", upcast=dtype == "fp32", has_sinks=sinks, has_chunk=chunk is not None,
@@ -213,7 +218,7 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
         "stride_os": value_dim if num_splits > 1 else 0,
         "stride_mb": q_len * heads * num_splits, "stride_mt": heads * num_splits, "stride_mh": num_splits,
     }
-    return KernelConfig(paged_attention_kernel, label, args, constexprs, num_warps, mma_expected=dtype != "fp32")
+    return KernelConfig(paged_attention_kernel, label, args, constexprs, **options, mma_expected=dtype != "fp32")
 
 
 def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int, heads: int, kv_heads: int,
@@ -222,7 +227,7 @@ def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int
                           slabs: bool = False) -> KernelConfig:
     """`shared_prefix_kernel` for one group of `group_rows` rows (beams or samples) over a 2048-token prefix;
     `slabs`: a pool of several block-major slabs read through offset tables."""
-    constexprs, num_warps = _split_meta(shared_prefix_meta(
+    constexprs, options = _split_meta(shared_prefix_meta(
         group_rows, q_len, heads // kv_heads, head_dim, block_size, num_splits,
         has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
         fp32_storage=dtype == "fp32", upcast=dtype == "fp32", has_offsets=slabs,
@@ -246,7 +251,7 @@ def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int
         "stride_oh": splits * head_dim, "stride_os": head_dim,
         "stride_mb": q_len * heads * splits, "stride_mt": heads * splits, "stride_mh": splits,
     }
-    return KernelConfig(shared_prefix_kernel, label, args, constexprs, num_warps, mma_expected=dtype != "fp32")
+    return KernelConfig(shared_prefix_kernel, label, args, constexprs, **options, mma_expected=dtype != "fp32")
 
 
 def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16,
@@ -265,9 +270,9 @@ def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: i
         **dict(zip(("stride_kcn", "stride_kcs", "stride_kch", "stride_kcd"), cache_strides, strict=True)),
         **dict(zip(("stride_vcn", "stride_vcs", "stride_vch", "stride_vcd"), value_strides, strict=True)),
     }
-    constexprs, num_warps = _split_meta(reshape_and_cache_meta(kv_heads, head_dim, block_size, kv_heads, value_dim,
+    constexprs, options = _split_meta(reshape_and_cache_meta(kv_heads, head_dim, block_size, kv_heads, value_dim,
                                                                has_offsets=slabs))
-    return KernelConfig(reshape_and_cache_kernel, label, args, constexprs, num_warps)
+    return KernelConfig(reshape_and_cache_kernel, label, args, constexprs, **options)
 
 
 def _copy_blocks_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16,
@@ -280,15 +285,15 @@ def _copy_blocks_config(label: str, dtype: str, kv_heads: int, head_dim: int, bl
             "offsets_ptr": Pointer("*i64"), "num_kinds": kinds, "stride_layer": stride_layer, "stride_kv": stride_kv,
             "stride_block": stride_block, "stride_token": stride_token, "stride_head": stride_head,
             "block_numel": block}
-    constexprs, num_warps = _split_meta(copy_blocks_meta(kv_heads, head_dim, has_offsets=slabs))
-    return KernelConfig(copy_blocks_kernel, label, args, constexprs, num_warps)
+    constexprs, options = _split_meta(copy_blocks_meta(kv_heads, head_dim, has_offsets=slabs))
+    return KernelConfig(copy_blocks_kernel, label, args, constexprs, **options)
 
 
 def _reduce_config(label: str, dtype: str, head_dim: int, num_splits: int) -> KernelConfig:
     args = {"out_ptr": Pointer(f"*{dtype}"), "partial_ptr": Pointer("*fp32"), "max_ptr": Pointer("*fp32"),
             "sum_ptr": Pointer("*fp32")}
-    constexprs, num_warps = _split_meta(reduce_splits_meta(head_dim, num_splits))
-    return KernelConfig(reduce_splits_kernel, label, args, constexprs, num_warps)
+    constexprs, options = _split_meta(reduce_splits_meta(head_dim, num_splits))
+    return KernelConfig(reduce_splits_kernel, label, args, constexprs, **options)
 
 
 #: Shapes: SmolLM2-135M (9 heads, 3 KV heads, D 64), Llama-3-8B (32 heads, 8 KV heads, D 128) and Gemma-2-2B
@@ -373,6 +378,30 @@ CONFIGS: tuple[KernelConfig, ...] = (
     _shared_prefix_config("slabs n=8 Gemma2-2B bf16 window+softcap", "bf16", group_rows=8, q_len=1, heads=8,
                           kv_heads=4, head_dim=256, window=4096, softcap=50.0, slabs=True),
     _copy_blocks_config("slabs Llama-8B bf16", "bf16", kv_heads=8, head_dim=128, slabs=True),
+    # Block size 32, and head dims that are not powers of two: Phi-3-mini (32 heads, 32 KV heads, D 96) and Phi-2
+    # (32 heads, D 80), padded to 128-wide tiles with masked loads.
+    _reshape_and_cache_config("bs=32 Llama-8B bf16", "bf16", kv_heads=8, head_dim=128, block_size=32),
+    _attention_config("bs=32 decode Llama-8B bf16", "bf16", q_len=1, heads=32, kv_heads=8, head_dim=128,
+                      block_size=32),
+    _attention_config("bs=32 slabs prefill q=512 Llama-8B bf16", "bf16", q_len=512, heads=32, kv_heads=8,
+                      head_dim=128, block_size=32, slabs=True),
+    _shared_prefix_config("bs=32 n=8 Llama-8B bf16", "bf16", group_rows=8, q_len=1, heads=32, kv_heads=8,
+                          head_dim=128, block_size=32),
+    _copy_blocks_config("bs=32 Llama-8B bf16", "bf16", kv_heads=8, head_dim=128, block_size=32),
+    _reshape_and_cache_config("Phi-3-mini bf16 D=96", "bf16", kv_heads=32, head_dim=96),
+    _attention_config("decode Phi-3-mini bf16 D=96", "bf16", q_len=1, heads=32, kv_heads=32, head_dim=96),
+    _attention_config("decode Phi-3-mini bf16 D=96 split=8", "bf16", q_len=1, heads=32, kv_heads=32, head_dim=96,
+                      num_splits=8),
+    _attention_config("prefill q=512 Phi-3-mini bf16 D=96", "bf16", q_len=512, heads=32, kv_heads=32, head_dim=96),
+    _attention_config("decode Phi-3-mini fp32 (ieee dot) D=96", "fp32", q_len=1, heads=32, kv_heads=32,
+                      head_dim=96),
+    _shared_prefix_config("n=8 Phi-3-mini bf16 D=96", "bf16", group_rows=8, q_len=1, heads=32, kv_heads=32,
+                          head_dim=96),
+    _attention_config("decode Phi-2 fp16 D=80", "fp16", q_len=1, heads=32, kv_heads=32, head_dim=80),
+    _attention_config("prefill q=512 Phi-2 fp16 D=80", "fp16", q_len=512, heads=32, kv_heads=32, head_dim=80),
+    _attention_config("slabs decode Phi-2 fp16 D=80", "fp16", q_len=1, heads=32, kv_heads=32, head_dim=80,
+                      slabs=True),
+    _reduce_config("D=96 splits=8", "bf16", head_dim=96, num_splits=8),
 )
 
 

@@ -34,6 +34,7 @@ from ._launch import (
     check_device,
     check_dtype,
     check_shape,
+    interpreting,
     next_power_of_2,
     resolve_offsets,
 )
@@ -262,23 +263,34 @@ def reduce_splits_kernel(
 
 def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = False,
                 value_dim: int | None = None) -> dict[str, int]:
-    """Tile sizes for a launch: ``BLOCK_M`` (>= 16, power of two), ``BLOCK_Q``, ``BLOCK_N``, ``num_warps``.
+    """Tile sizes for a launch: ``BLOCK_M`` (>= 16, power of two), ``BLOCK_Q``, ``BLOCK_N``, ``num_warps``,
+    ``num_stages`` (Triton's software pipelining depth).
 
     Decode packs the ``group`` heads of one token into 16 rows; multi-token queries use up to 64 rows so a tile of
     keys is reused by several tokens. ``BLOCK_N`` keeps the K and V tiles near 8 KB each in 16-bit storage. fp32
     storage (fp32 operands, no tensor cores) gets 16-key tiles and at most 32 rows, which keeps head_dim 256 free of
     register spills (see ``python -m hf_paged.kernels``). Keys and values of different widths (``value_dim``) wider
-    than two 128-wide tiles together also get at most 32 rows (MiMo-V2-Flash's 192 + 128 spills at 64 on sm_80).
+    than two 128-wide tiles together also get at most 32 rows (MiMo-V2-Flash's 192 + 128 spills at 64 on sm_80),
+    and fp32 storage with heads wider than 128 at most 16 (Gemma-2's 256 spilled at 32 rows through offset tables
+    on sm_80 with Triton 3.6). Tiles of 128-wide heads and wider get 8 warps even at 16 rows: with 4, Llama-8B's
+    decode tile (16 x 32 keys x 128) spilled on sm_80 with Triton 3.6. fp32 storage with heads wider than 128
+    pipelines 2 stages instead of Triton's default 3: at 3, Gemma-2's 16-row prefill through offset tables spilled
+    on sm_90 with Triton 3.9 (and at 4 warps with 3.6); at 2 it is clean on both releases and both archs.
     """
     rows = max(16, next_power_of_2(group))
     wide = value_dim is not None and next_power_of_2(head_dim) + next_power_of_2(value_dim) > 256
     if q_len > 1:
-        rows = max(rows, min(32 if fp32_storage or wide else 64, next_power_of_2(q_len * group)))
+        most = 64
+        if fp32_storage or wide:
+            most = 16 if fp32_storage and head_dim > 128 else 32
+        rows = max(rows, min(most, next_power_of_2(q_len * group)))
     if fp32_storage:
         block_n = 16
     else:
         block_n = 64 if head_dim <= 64 else 32
-    return {"BLOCK_M": rows, "BLOCK_Q": rows // group, "BLOCK_N": block_n, "num_warps": 4 if rows <= 16 else 8}
+    warps = 4 if rows <= 16 and head_dim < 128 else 8
+    stages = 2 if fp32_storage and head_dim > 128 else 3
+    return {"BLOCK_M": rows, "BLOCK_Q": rows // group, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 
 def paged_attention_meta(
@@ -298,7 +310,8 @@ def paged_attention_meta(
     value_dim: int | None = None,
     has_offsets: bool = False,
 ) -> dict[str, int | bool]:
-    """Every constexpr of `paged_attention_kernel` plus ``num_warps`` (shared by the launcher and the AOT check).
+    """Every constexpr of `paged_attention_kernel` plus ``num_warps`` and ``num_stages`` (shared by the launcher
+    and the AOT check).
     ``value_dim``: the values' head dim when it differs from the keys' `head_dim`; ``has_offsets``: blocks are
     addressed through per-block offset tables (a pool of several slabs)."""
     value_dim = head_dim if value_dim is None else value_dim
@@ -453,7 +466,7 @@ def launch_paged_attention(
     meta = paged_attention_meta(
         q_len, group, head_dim, block_size, num_splits,
         has_key_start=key_start is not None, has_window=sliding_window is not None, has_softcap=softcap is not None,
-        fp32_storage=fp32_storage, upcast=fp32_storage or query.device.type == "cpu",
+        fp32_storage=fp32_storage, upcast=fp32_storage or interpreting(),
         has_sinks=sinks is not None, has_chunk=chunk_size is not None, value_dim=value_dim,
         has_offsets=offsets is not None,
     )

@@ -34,6 +34,7 @@ from ._launch import (
     check_device,
     check_dtype,
     check_shape,
+    interpreting,
     next_power_of_2,
     resolve_offsets,
 )
@@ -211,7 +212,8 @@ def shared_prefix_meta(
     upcast: bool,
     has_offsets: bool = False,
 ) -> dict[str, int | bool]:
-    """Every constexpr of `shared_prefix_kernel` plus ``num_warps`` (shared by the launcher and the AOT check).
+    """Every constexpr of `shared_prefix_kernel` plus ``num_warps`` and ``num_stages`` (shared by the launcher and
+    the AOT check).
 
     The tile packs ``group_rows * q_len`` (row, token) pairs times ``group`` heads, sized as `tile_config` sizes a
     multi-token query of that many tokens.
@@ -305,7 +307,7 @@ def launch_shared_prefix_attention(
     group_rows, group = batch // groups, heads // kv_heads
     prefix_len = prefix_width * block_size
     fp32_storage = key_cache.dtype == torch.float32
-    upcast = fp32_storage or query.device.type == "cpu"
+    upcast = fp32_storage or interpreting()  # the interpreter has no bf16 dot
     flags = {"has_key_start": key_start is not None, "has_window": sliding_window is not None,
              "has_softcap": softcap is not None, "fp32_storage": fp32_storage, "upcast": upcast,
              "has_offsets": offsets is not None}
