@@ -26,6 +26,22 @@ import hf_paged  # noqa: F401  (registers "hf_paged")
 # anything else runs on this 2-core machine: run the suite single-threaded.
 torch.set_num_threads(1)
 
+def _triton_interprets() -> bool:
+    """Whether Triton's interpreter can run the kernels here (Triton >= 3.8 with numpy 2, as hf_paged.kernels says)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    from hf_paged.kernels import MIN_TRITON_INTERPRETER
+
+    found = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    return found >= MIN_TRITON_INTERPRETER
+
+
+# Tests that run the kernels under TRITON_INTERPRET=1 (the device image's Triton 3.6 compiles them, but cannot).
+needs_triton_interpreter = pytest.mark.skipif(not _triton_interprets(),
+                                              reason="Triton's interpreter needs Triton >= 3.8")
+
 VOCAB = 96
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_triton_interpreter
 
 TESTS = Path(__file__).parent
 
@@ -30,6 +31,7 @@ def run_python(*args: str, interpret: bool, timeout: float) -> subprocess.Comple
                           timeout=timeout)
 
 
+@needs_triton_interpreter
 def test_kernels_match_references_under_the_interpreter():
     pytest.importorskip("triton")
     run = run_python("-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "kernel_interpreter_cases.py"),

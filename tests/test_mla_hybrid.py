@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, count_calls, left_padded_batch
+from conftest import VOCAB, count_calls, left_padded_batch, needs_triton_interpreter
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -250,6 +250,7 @@ print(json.dumps(results))
 '''
 
 
+@needs_triton_interpreter
 def test_triton_kernels_under_the_interpreter(tmp_path):
     """``generate`` through the Triton kernels (``HF_PAGED_BACKEND=triton``, interpreter on CPU): values narrower
     than keys read by the paged-attention kernel (MiMo-V2-Flash), latents of two widths written by

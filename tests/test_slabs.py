@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, count_calls, left_padded_batch, make_pair
+from conftest import VOCAB, count_calls, left_padded_batch, make_pair, needs_triton_interpreter
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig, GptOssConfig
 
 import hf_paged.cache
@@ -279,6 +279,7 @@ print(json.dumps(results))
 '''
 
 
+@needs_triton_interpreter
 def test_triton_path_under_the_interpreter(tmp_path):
     """``generate`` through the Triton kernels (interpreter on CPU) with a growable pool: it grows by block-major
     slabs, which the kernels address through their offset tables, and gives sdpa's tokens."""

@@ -20,6 +20,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import needs_triton_interpreter
+
+pytestmark = needs_triton_interpreter
 
 SCRIPT = r'''
 import copy
