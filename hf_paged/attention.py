@@ -104,9 +104,9 @@ def paged_attention_forward(
         ``(output [B, q, H, D], None)``: attention weights are never materialised.
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    pattern, attention_mask = masks.detach(attention_mask)  # first: a PaddingMask dispatches every operation on it
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = bool_mask(attention_mask)  # a family's own additive mask (older releases)
-    pattern, attention_mask = masks.detach(attention_mask)
     chunk_size = None
     if pattern is not None:
         sliding_window, chunk_size = pattern.sliding_window, pattern.chunk_size

@@ -187,7 +187,8 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
         cache.expect_forks(1)
     for key in reduced_kwargs.keys() - model_kwargs.keys():
         model_kwargs[key] = reduced_kwargs[key]  # what the prefill adds for the decoding loop (5.0: cache_position)
-    cache.note_tokens(reduced_ids)
+    if _outlives_call(cache, generation_config):  # only a cache that can be continued needs its tokens checked
+        cache.note_tokens(reduced_ids)
     if hashes is not None:
         with cache.locked():
             prefix.index_prompt_blocks(cache, hashes)
@@ -282,6 +283,12 @@ class _EndedRowsCriteria(StoppingCriteriaList):
         return done
 
 
+def _outlives_call(cache: PagedCache, generation_config) -> bool:
+    """Whether `cache` outlives the ``generate`` call: passed in, or returned (``return_dict_in_generate``)."""
+    built = any(cache is created for created in _CALL_CACHES.get() or ())
+    return not built or bool(getattr(generation_config, "return_dict_in_generate", False))
+
+
 def _sample(original, self, *args, **kwargs):
     """Greedy and sampling: once a row has ended, ``_sample`` feeds it padding and returns nothing computed from
     it, so a cache that dies with the call need not keep it: its padding takes no new block and, where the row
@@ -293,8 +300,7 @@ def _sample(original, self, *args, **kwargs):
     cache = next((value for value in kwargs.values() if isinstance(value, PagedCache)), None)
     criteria = kwargs.get("stopping_criteria", args[2] if len(args) > 2 else None)
     config = kwargs.get("generation_config", args[3] if len(args) > 3 else None)
-    built = any(cache is created for created in _CALL_CACHES.get() or ())
-    if (cache is None or not built or bool(getattr(config, "return_dict_in_generate", False))
+    if (cache is None or _outlives_call(cache, config)
             or not isinstance(criteria, StoppingCriteriaList)
             or not any(hasattr(item, "eos_token_id") for item in criteria)):
         result = original(self, *args, **kwargs)
@@ -309,7 +315,7 @@ def _sample(original, self, *args, **kwargs):
             result = original(self, *args, **kwargs)
         finally:
             cache.end_rows(None)
-    if cache is not None:  # greedy and sampled rows are the returned sequences, row for row
+    if cache is not None and _outlives_call(cache, config):  # greedy and sampled rows: the sequences, row for row
         cache.note_tokens(result if isinstance(result, torch.Tensor) else getattr(result, "sequences", None))
     return result
 

@@ -80,11 +80,11 @@ def check_layer_kinds(model_class: type, config) -> None:
     kinds = set(layer_types)
     unknown = sorted(kinds - ATTENTION_KINDS - STATE_KINDS)
     if unknown:
-        raise _refuse(model_class, f"its layers of kind {', '.join(map(repr, unknown))} keep a cache hf_paged does not "
-                                  "know how to page")
+        raise _refuse(model_class, f"its layers of kind {', '.join(map(repr, unknown))} keep a cache hf_paged does "
+                                   "not know how to page")
     if not kinds & ATTENTION_KINDS:
-        raise _refuse(model_class, f"it has no attention layer (its layers are {', '.join(sorted(kinds))}), so there "
-                                  "are no keys and values to page")
+        raise _refuse(model_class, f"it has no attention layer (its layers are {', '.join(sorted(kinds))}), so "
+                                   "there are no keys and values to page")
 
 
 def check_cached_kv_use(model_class: type, module_classes) -> None:
@@ -94,7 +94,7 @@ def check_cached_kv_use(model_class: type, module_classes) -> None:
         use = _cached_kv_use(module_class)
         if use is not None:
             raise _refuse(model_class, f"{module_class.__name__}.forward uses the keys/values the cache returns "
-                                      f"outside the attention function ({use}), and a PagedCache returns block pools")
+                                       f"outside the attention function ({use}), and a PagedCache returns block pools")
 
 
 def kv_sources(config) -> dict[int, int]:
@@ -160,8 +160,8 @@ def check_model_class(model_class: type, config) -> None:
     """All load-time checks for `model_class` built from `config` (see the module docstring)."""
     supports_cache = getattr(model_class, "_supports_default_dynamic_cache", None)
     if supports_cache is not None and not supports_cache():
-        raise _refuse(model_class, "it keeps its cache in a class of its own instead of a Transformers "
-                                            "Cache that hf_paged can replace")
+        raise _refuse(model_class, "it keeps its cache in a class of its own instead of a Transformers Cache that "
+                                   "hf_paged can replace")
     check_layer_kinds(model_class, config)
     check_layer_types(config, model_class)
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -169,9 +169,9 @@ def check_model_class(model_class: type, config) -> None:
     if compat.TRANSFORMERS_VERSION < (5, 17) and hasattr(family_module, "create_bidirectional_mask"):
         # Encoder families with a decoder mode (BERT, RoBERTa, ELECTRA, ... as causal LMs): the family walk
         # (tests/test_families.py) measured other tokens than eager through hf_paged on 5.0; from 5.17 they match.
-        raise _refuse(model_class, f"on Transformers {compat.transformers_version_text()}, encoder families "
-                                            "used as decoders do not give eager's tokens through hf_paged (they do "
-                                            "from Transformers 5.17 on)")
+        raise _refuse(model_class, f"on Transformers {compat.transformers_version_text()}, encoder families used as "
+                                   "decoders do not give eager's tokens through hf_paged (they do from Transformers "
+                                   "5.17 on)")
     try:
         mla = getattr(text_config, "kv_lora_rank", None)
     except Exception:  # per-layer (some layers MLA)

@@ -297,15 +297,13 @@ def test_a_sliding_window_hit_needs_only_the_window(sliding_prefix_pair):
     assert torch.equal(out.sequences, reference.generate(ids, **kwargs).sequences)
 
 
-@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
-def test_sliding_window_groups_hit_across_whole_pad_blocks(sliding_prefix_pair, mode):
-    """In a sliding-window group a row needs only the blocks holding keys the first computed token sees, from its
-    first real block on: a row padded by two whole blocks (one in the first call) hits beside an unpadded one."""
-    reference, paged = sliding_prefix_pair
-    state = hf_paged.enable_prefix_caching(paged, block_size=4)
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, **mode)
-    first, again, new = _sliding_prompt(9, seed=1), _sliding_prompt(5, seed=2), _sliding_prompt(13, seed=3)
-    for rows, pads, hit in (([first, again], [0, 4], 0), ([new, again], [0, 8], SLIDING_SYSTEM)):
+def _padded_calls_hit(reference, paged, state, prompts, system_len, kwargs, check_cache=None) -> None:
+    """Two calls with `prompts` ``(first, again, new)``, which share a system prompt of `system_len` tokens: the first
+    pads ``again`` by one whole block of 4 (nothing to hit), the second pads it by two beside a longer ``new`` and
+    hits the system prompt. Each gives the reference's tokens, computes only what it did not hit, counts real hit
+    tokens only, and leaks no block; `check_cache` looks at each call's cache."""
+    first, again, new = prompts
+    for rows, pads, hit in (([first, again], [0, 4], 0), ([new, again], [0, 8], system_len)):
         ids, mask, got_pads = _left_padded(rows)
         batch, length = ids.shape
         assert got_pads == pads
@@ -314,12 +312,28 @@ def test_sliding_window_groups_hit_across_whole_pad_blocks(sliding_prefix_pair, 
         assert positions == batch * (length - hit)
         assert out.past_key_values.stats().prefix_hit_tokens == sum(max(hit - pad, 0) for pad in pads)
         assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
-        sliding = _sliding_group(out.past_key_values)
+        if check_cache is not None:
+            check_cache(out.past_key_values)
+        del out
+        _no_block_leaks(state)
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
+def test_sliding_window_groups_hit_across_whole_pad_blocks(sliding_prefix_pair, mode):
+    """In a sliding-window group a row needs only the blocks holding keys the first computed token sees, from its
+    first real block on: a row padded by two whole blocks (one in the first call) hits beside an unpadded one."""
+    reference, paged = sliding_prefix_pair
+    state = hf_paged.enable_prefix_caching(paged, block_size=4)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, **mode)
+    prompts = _sliding_prompt(9, seed=1), _sliding_prompt(5, seed=2), _sliding_prompt(13, seed=3)
+
+    def null_pad_blocks(cache):
+        sliding = _sliding_group(cache)
         for table, start in zip(sliding.manager.tables, sliding.manager.live_from, strict=True):
             assert table[:start // 4] == [NULL_BLOCK] * (start // 4)
         sliding.manager.check()
-        del out, sliding
-        _no_block_leaks(state)
+
+    _padded_calls_hit(reference, paged, state, prompts, SLIDING_SYSTEM, kwargs, null_pad_blocks)
 
 
 FEATURE_CONFIGS = {
@@ -346,18 +360,8 @@ def test_chunks_and_sinks_hit_across_whole_pad_blocks(family, mode):
     try:
         state = hf_paged.enable_prefix_caching(paged, block_size=4)
         kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, **mode)
-        first, again, new = (system_prompt(24, suffix, seed) for suffix, seed in ((9, 1), (5, 2), (13, 3)))
-        for rows, pads, hit in (([first, again], [0, 4], 0), ([new, again], [0, 8], 24)):
-            ids, mask, got_pads = _left_padded(rows)
-            batch, length = ids.shape
-            assert got_pads == pads
-            positions, out = count_prefill_positions(
-                paged, lambda ids=ids, mask=mask: paged.generate(ids, attention_mask=mask, **kwargs))
-            assert positions == batch * (length - hit)
-            assert out.past_key_values.stats().prefix_hit_tokens == sum(max(hit - pad, 0) for pad in pads)
-            assert torch.equal(out.sequences, reference.generate(ids, attention_mask=mask, **kwargs).sequences)
-            del out
-            _no_block_leaks(state)
+        prompts = tuple(system_prompt(24, suffix, seed) for suffix, seed in ((9, 1), (5, 2), (13, 3)))
+        _padded_calls_hit(reference, paged, state, prompts, 24, kwargs)
     finally:
         hf_paged.disable_prefix_caching(paged)
 
