@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from . import backend, masks, ops
-from .cache import key_padding_mask, owner_of
 from .compat import bool_mask, sdpa_mask
+from .guard import owner_of
+from .masks import key_padding_mask
 
 __all__ = ["paged_attention_forward", "paged_attention_mask"]
 
@@ -52,7 +53,7 @@ def paged_attention_mask(
             padding = key_padding_mask(attention_mask[:, kv_offset:], kv_length)
         if pattern.chunk_size is not None:
             # Chunks start at each row's first real token, counted from key 0: the keys must all be there.
-            leading = (~padding).to(torch.long).cumprod(dim=1).sum(dim=1)
+            leading = masks.first_real_keys(padding)
             if kv_offset != 0 or not torch.equal(leading.cpu(), pattern.chunk_start.to(torch.long).cpu().expand(
                     batch_size)):
                 pattern = None
@@ -130,15 +131,11 @@ def paged_attention_forward(
         # Keys Transformers' own DynamicCache would already have dropped for this layer (Moshi's cache window)
         window = cache.cache_window(getattr(module, "config", None), module.layer_idx)
         if window is not None and step.max_seq_len - step.q_len > window - 1:
-            memo_key = ("cache_window", id(attention_mask), window)  # memoised per step: the masks below key by id
-            if memo_key not in step._masks:
-                step._masks[memo_key] = masks.drop_keys_before(
-                    attention_mask, step.seq_lens - step.q_len - (window - 1), step.max_seq_len)
-            attention_mask = step._masks[memo_key]
+            attention_mask = masks.cache_window_mask(step, attention_mask, window)
     if attention_mask is not None and attention_mask.dim() == 4:
         return _gathered_attention(step, query, key, value, attention_mask, scale, None, softcap, None, sinks), None
     if step.triton:
-        key_start = _key_start(step, attention_mask)
+        key_start = masks.key_starts(step, attention_mask)
         if key_start is not None or attention_mask is None:
             same_width = value.shape[-1] == key.shape[-1]  # the shared-prefix kernel reads values of the keys' width
             if step.shared is not None and sinks is None and chunk_size is None and same_width:  # shared blocks once
@@ -157,18 +154,18 @@ def paged_attention_forward(
                 )
             return out, None
     elif step.window is not None:
-        mask = step.window_mask(attention_mask, sliding_window, query.shape[1] // key.shape[2], query.dtype,
-                                chunk_size)
+        mask = masks.window_mask(step, attention_mask, sliding_window, query.shape[1] // key.shape[2], query.dtype,
+                                 chunk_size)
         out = ops.window_attention(query, key, value, *step.window, mask, scale=scale, softcap=softcap, sinks=sinks)
         return out, None
     elif step.windows is not None:  # a pool of several slabs: one window per slab, merged
-        window_masks = step.windows_masks(attention_mask, sliding_window, query.shape[1] // key.shape[2],
-                                          query.dtype, chunk_size)
+        window_masks = masks.windows_masks(step, attention_mask, sliding_window, query.shape[1] // key.shape[2],
+                                           query.dtype, chunk_size)
         out = ops.windows_attention(query, key, value, step.windows, window_masks, scale=scale, softcap=softcap,
                                     sinks=sinks)
         return out, None
     elif step.shared is not None and sliding_window is None and chunk_size is None:
-        shared_masks = step.shared_masks(attention_mask)
+        shared_masks = masks.shared_masks(step, attention_mask)
         if shared_masks is not None:
             shared = step.shared
             out = ops.shared_prefix_attention(
@@ -209,24 +206,10 @@ def _gathered_attention(step, query, key, value, attention_mask, scale, sliding_
     """Gather each row's keys and values out of the pools, then attend as over contiguous tensors."""
     keys = ops.gather_kv(key, step.block_tables, step.max_seq_len, step.first_block)
     values = ops.gather_kv(value, step.block_tables, step.max_seq_len, step.first_block)
-    mask = step.mask(attention_mask, sliding_window, chunk_size)
+    mask = masks.step_mask(step, attention_mask, sliding_window, chunk_size)
     # Every row holds exactly this step's tokens: a mask-free causal attention is the whole story.
     is_causal = mask is None and 1 < step.q_len == step.max_seq_len
     return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap, is_causal=is_causal, sinks=sinks)
-
-
-def _key_start(step, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Per row, the first unpadded key, when the 2-D mask is pure left padding (memoised per step); else None."""
-    if attention_mask is None:
-        return None
-    memo_key = ("key_start", id(attention_mask))
-    if memo_key not in step._masks:
-        mask = key_padding_mask(attention_mask, step.max_seq_len)
-        start = (~mask).to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        pure_left_padding = bool((mask == (positions[None, :] >= start[:, None])).all())
-        step._masks[memo_key] = start if pure_left_padding else None
-    return step._masks[memo_key]
 
 
 def _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window, softcap,
@@ -247,7 +230,7 @@ def _contiguous_attention(module, query, key, value, attention_mask, dropout, sc
     padding = None if attention_mask is None else key_padding_mask(attention_mask, kv_len)
     if causal:
         seq_lens = torch.full((batch,), kv_len, dtype=torch.long, device=query.device)
-        chunk_start = None if padding is None or chunk is None else (~padding).to(torch.long).cumprod(dim=1).sum(dim=1)
+        chunk_start = None if padding is None or chunk is None else masks.first_real_keys(padding)
         mask = ops.causal_mask(seq_lens, None, q_len, kv_len, window, chunk, chunk_start)
     else:
         mask = torch.ones(batch, 1, q_len, kv_len, dtype=torch.bool, device=query.device)

@@ -430,6 +430,20 @@ class BlockManager:
         self.lengths[row] = length
         self.live_from[row] = start
 
+    def adopt(self, source: BlockManager, renumber: dict[int, int]) -> None:
+        """Take `source`'s rows (tables, lengths, live starts, copy count), block ``b`` of its pool becoming
+        ``renumber[b]`` of this empty manager's: a copy of a cache into a new pool holding those blocks, none of
+        them free or referenced yet (`hf_paged.kv_pool.KVPool.compacted`)."""
+        if self.tables:
+            raise ValueError("hf_paged: adopt() needs a manager without rows")
+        self.tables = [[NULL_BLOCK if block == NULL_BLOCK else renumber[block] for block in table]
+                       for table in source.tables]
+        self.lengths, self.live_from, self.cow_copies = list(source.lengths), list(source.live_from), source.cow_copies
+        for table in self.tables:
+            for block in table:
+                if block != NULL_BLOCK:
+                    self.pool.ref_counts[block] += 1
+
     def select(self, indices: Sequence[int]) -> None:
         """Replace the rows by ``rows[indices]`` (reorder, duplicate or drop rows) without copying any block.
 

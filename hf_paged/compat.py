@@ -52,7 +52,7 @@ from transformers.generation import utils as _generation_utils
 __all__ = ["CACHE_KWARG", "CROP_TAKES_LENGTH", "HOOKS", "LAST_TESTED_TRANSFORMERS", "MASK_TAKES_CACHE_POSITION",
            "TRANSFORMERS_VERSION", "bool_mask", "builds_own_mask", "cache_kwargs", "call_accepting", "class_attribute",
            "get_cache", "mask_function", "missing_hooks", "note_untested", "output_cache", "prompt_position_ids",
-           "query_length", "sdpa_mask", "set_cache", "tensor_parallel_kwargs"]
+           "query_length", "sdpa_mask", "set_cache", "tensor_parallel_kwargs", "text_config"]
 
 TRANSFORMERS_VERSION: tuple[int, ...] = tuple(
     int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit()
@@ -130,6 +130,11 @@ def class_attribute(cls: type, name: str, instance: Any) -> Any:
     class attribute (others), bypassing any override in `instance`'s own class."""
     attribute = inspect.getattr_static(cls, name)
     return attribute.fget(instance) if isinstance(attribute, property) else attribute
+
+
+def text_config(config: Any) -> Any:
+    """The decoder's config of a (possibly multimodal) model config, or the config itself."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def get_cache(model_kwargs: dict) -> Any:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from . import compat
+
 __all__ = ["as_device", "layer_placements"]
 
 
@@ -53,7 +55,7 @@ def layer_placements(model: torch.nn.Module) -> list[tuple[str, torch.device]] |
     share a pool.
     """
     device_map = getattr(model, "hf_device_map", None)
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    config = compat.text_config(model.config)
     num_layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(device_map, dict) or not isinstance(num_layers, int):
         return None

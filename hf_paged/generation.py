@@ -31,12 +31,12 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerationMixin
 
 from . import compat, prefix, support
-from .cache import CacheStats, PagedCache
+from .cache import PagedCache
 from .devices import layer_placements
+from .stats import CacheStats
+from .support import ATTN_IMPLEMENTATION, uses_hf_paged
 
 __all__ = ["ATTN_IMPLEMENTATION", "install_generate_hook", "recorded_stats", "uses_hf_paged"]
-
-ATTN_IMPLEMENTATION = "hf_paged"
 
 # The caches the current ``generate`` call built (released at once if the call fails).
 _CALL_CACHES: contextvars.ContextVar[list[PagedCache] | None] = contextvars.ContextVar("hf_paged_call_caches",
@@ -66,11 +66,6 @@ def recorded_stats() -> Iterator[list[CacheStats]]:
         yield recorded
     finally:
         _RECORDED.reset(token)
-
-
-def uses_hf_paged(model) -> bool:
-    """Whether `model` was loaded (or switched) with ``attn_implementation="hf_paged"``."""
-    return getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
 
 
 def check_attention_interface(model_class: type) -> None:

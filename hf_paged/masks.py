@@ -7,6 +7,11 @@ function's structure: causal, optionally intersected with a sliding window and/o
 (bidirectional parts, ``or`` masks, packed sequences, a model's own function) is not described, and the caller
 builds Transformers' full 4-D mask instead: correctness first.
 
+Every mask a paged step needs is built here too, from the step's plan (`hf_paged.step.StepPlan`) and memoised on
+it, so all layers of a step share one: `step_mask` (gathered keys), `window_mask` / `windows_masks` (block ranges),
+`shared_masks` (rows sharing a prefix), `key_starts` (the kernels' left padding), `drop_keys_before` (a cache
+window).
+
 The mask function returns the boolean key padding mask as a `PaddingMask` ``[B, 1, 1, kv]`` (a view of the 2-D
 ``[B, kv]`` one, broadcast over heads and queries) that carries the `MaskPattern` (`attach`); the attention function
 reads both back (`detach`). It has the four dimensions of Transformers' masks because Transformers indexes them so:
@@ -23,7 +28,11 @@ from dataclasses import dataclass
 import torch
 from transformers import masking_utils
 
-__all__ = ["MaskPattern", "PaddingMask", "attach", "cache_windows", "describe", "detach", "drop_keys_before"]
+from . import ops
+
+__all__ = ["MaskPattern", "PaddingMask", "attach", "cache_window_mask", "cache_windows", "describe", "detach",
+           "drop_keys_before", "first_real_keys", "key_padding_mask", "key_starts", "shared_masks", "step_mask",
+           "window_mask", "windows_masks"]
 
 
 @dataclass(frozen=True)
@@ -176,3 +185,121 @@ def drop_keys_before(attention_mask: torch.Tensor | None, first_kept: torch.Tens
     if attention_mask is None:
         return kept
     return attention_mask[:, :kv_len].to(torch.bool) & kept
+
+
+def key_padding_mask(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """A 2-D mask ``[B, >=0]`` cut (or padded with False on the right, as Transformers does) to ``[B, kv_len]``."""
+    mask = attention_mask[:, :kv_len].to(torch.bool)
+    if mask.shape[1] < kv_len:
+        mask = torch.nn.functional.pad(mask, (0, kv_len - mask.shape[1]), value=False)
+    return mask
+
+
+def first_real_keys(padding: torch.Tensor) -> torch.Tensor:
+    """Per row of a 2-D boolean mask (True: a real token), how many keys lead before its first real one."""
+    return (~padding).to(torch.long).cumprod(dim=1).sum(dim=1)
+
+
+def step_mask(step, attention_mask: torch.Tensor | None, window: int | None,
+              chunk_size: int | None = None) -> torch.Tensor | None:
+    """The boolean ``[B, 1, q, kv]`` mask of a step's gathered keys (None when nothing is masked), memoised."""
+    return step.memo((id(attention_mask), window, chunk_size),
+                     lambda: _step_mask(step, attention_mask, window, chunk_size))
+
+
+def _step_mask(step, attention_mask: torch.Tensor | None, window: int | None,
+               chunk_size: int | None = None) -> torch.Tensor | None:
+    kv_len = step.max_seq_len
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask[..., :kv_len].to(torch.bool)
+    if attention_mask is None and window is None and chunk_size is None and step.q_len in (1, kv_len):
+        return None  # nothing to mask (decode), or a plain causal mask `attend` applies itself (first prefill)
+    padding = None if attention_mask is None else key_padding_mask(attention_mask, kv_len)
+    chunk_start = None
+    if chunk_size is not None and padding is not None:  # chunks start at each row's first real token
+        chunk_start = first_real_keys(padding)
+    mask = ops.causal_mask(step.seq_lens, None, step.q_len, kv_len, window, chunk_size, chunk_start)
+    if padding is not None:
+        mask = mask & padding[:, None, None, :]
+    return mask
+
+
+def window_mask(step, attention_mask: torch.Tensor | None, sliding_window: int | None, groups: int,
+                dtype: torch.dtype, chunk_size: int | None = None) -> torch.Tensor:
+    """The mask of `ops.window_attention` over the step's block range (``step.window``), memoised."""
+    def build():
+        padding = None if attention_mask is None else key_padding_mask(attention_mask, step.max_seq_len)
+        return ops.window_mask(
+            step.block_tables, step.seq_lens, step.q_len, *step.window, step.block_size, groups=groups,
+            dtype=dtype, key_padding=padding, sliding_window=sliding_window, chunk_size=chunk_size,
+            first_entries=step.first_entries,
+        )
+
+    return step.memo(("window", id(attention_mask), sliding_window, groups, dtype, chunk_size), build)
+
+
+def windows_masks(step, attention_mask: torch.Tensor | None, sliding_window: int | None, groups: int,
+                  dtype: torch.dtype, chunk_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per range of ``step.windows``, its `ops.window_mask` and which packed queries see any of its slots
+    (``[1, 1, M]`` bool), for `ops.windows_attention`, memoised."""
+    def build():
+        padding = None if attention_mask is None else key_padding_mask(attention_mask, step.max_seq_len)
+        out = []
+        for first, count in step.windows:
+            mask = ops.window_mask(
+                step.block_tables, step.seq_lens, step.q_len, first, count, step.block_size, groups=groups,
+                dtype=dtype, key_padding=padding, sliding_window=sliding_window, chunk_size=chunk_size,
+                first_entries=step.first_entries,
+            )
+            visible = mask == 0
+            out.append((None, None) if bool(visible.all()) else (mask, visible.any(dim=-1)))
+        return out
+
+    return step.memo(("windows", id(attention_mask), sliding_window, groups, dtype, chunk_size), build)
+
+
+def shared_masks(step, attention_mask: torch.Tensor | None):
+    """``(prefix_mask [G, 1, 1, S] | None, tail_mask [B, 1, q, T] | None)`` for `ops.shared_prefix_attention`, or
+    None when the rows of a group are padded differently inside the prefix, memoised."""
+    return step.memo(("shared", id(attention_mask)), lambda: _shared_masks(step, attention_mask))
+
+
+def _shared_masks(step, attention_mask: torch.Tensor | None):
+    shared = step.shared
+    prefix_len, tail_len = shared.prefix_len, step.max_seq_len - shared.prefix_len
+    tail_mask = None
+    if step.q_len > 1:
+        tail_mask = ops.causal_mask(step.seq_lens - prefix_len, None, step.q_len, tail_len)
+    if attention_mask is None:
+        return None, tail_mask
+    keys = key_padding_mask(attention_mask, step.max_seq_len)
+    prefix_keys = keys[:, :prefix_len].unflatten(0, (-1, shared.group_size))
+    if not bool((prefix_keys == prefix_keys[:, :1]).all()):
+        return None
+    tail_keys = keys[:, None, None, prefix_len:]
+    tail_mask = tail_keys if tail_mask is None else tail_mask & tail_keys
+    prefix_mask = prefix_keys[:, 0, None, None, :]
+    return (None if bool(prefix_mask.all()) else prefix_mask), tail_mask
+
+
+def key_starts(step, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per row, the first unpadded key ``[B]`` int32, when the 2-D mask is pure left padding (what the kernels
+    take); else None. Memoised."""
+    if attention_mask is None:
+        return None
+
+    def build():
+        mask = key_padding_mask(attention_mask, step.max_seq_len)
+        start = (~mask).to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        pure_left_padding = bool((mask == (positions[None, :] >= start[:, None])).all())
+        return start if pure_left_padding else None
+
+    return step.memo(("key_start", id(attention_mask)), build)
+
+
+def cache_window_mask(step, attention_mask: torch.Tensor | None, window: int) -> torch.Tensor:
+    """`attention_mask` with the keys a window-keeping `DynamicCache` has dropped masked out (`drop_keys_before`),
+    memoised."""
+    return step.memo(("cache_window", id(attention_mask), window), lambda: drop_keys_before(
+        attention_mask, step.seq_lens - step.q_len - (window - 1), step.max_seq_len))

@@ -11,7 +11,7 @@ against. Shapes use these letters:
 A KV pool is ``[N, bs, Hkv, D]`` (the "NHD" shape of vLLM's Triton backend), token-major (contiguous) or head-major
 in memory; every function here and every kernel takes either. The whole cache keeps all layers in one tensor
 ``[L, 2, N, bs, Hkv, D]``, so that copy-on-write copies every layer in one operation, stored head-major (see
-`hf_paged.cache.pool_tensor`): a range of consecutive blocks is then one contiguous ``[tokens, D]`` matrix per head.
+`hf_paged.storage.slab_tensor`): a range of consecutive blocks is then one contiguous ``[tokens, D]`` matrix per head.
 
 Attention semantics shared by every implementation: query ``i`` of row ``b`` sits at position
 ``p = seq_lens[b] - q + i`` and attends to the keys ``j`` with ``key_start[b] <= j <= p`` (``key_start`` skips left

@@ -23,7 +23,7 @@ What left padding changes (``generate()`` pads on the left, so the rows of a bat
       depend on the padding. A model that gets no position ids is hashed with each token's padded index, so there
       every amount of padding keys differently (`hf_paged.compat.prompt_position_ids`).
 
-Each layer group of the model (`hf_paged.cache.LayerGroup`: full attention, each sliding window) has a pool and
+Each layer group of the model (`hf_paged.groups.LayerGroup`: full attention, each sliding window) has a pool and
 an index of its own. A sliding-window group stores every prompt token (so its full blocks can be indexed) and then
 releases what falls out of the window as decoding advances, as without prefix caching; released prompt blocks stay
 indexed until evicted. A hit of ``n`` blocks needs, in every full-attention group, each row's first ``n`` blocks,
@@ -42,7 +42,9 @@ import numpy as np
 import torch
 
 from .block_manager import NULL_BLOCK
-from .cache import KVPool, PagedCache
+from .cache import PagedCache
+from .kv_pool import KVPool
+from .support import uses_hf_paged
 
 __all__ = ["disable_prefix_caching", "enable_prefix_caching", "PrefixCache", "RowHashes"]
 
@@ -117,8 +119,6 @@ def enable_prefix_caching(model, *, num_blocks: int | None = None, max_memory: i
         a time. Each layer group gets its own pool (`PrefixCache.pools`); `num_blocks` sizes each of them, and
         `max_memory` is split between them by their layers, as for `PagedCache`.
     """
-    from .generation import uses_hf_paged
-
     if not uses_hf_paged(model):
         raise ValueError(
             f"hf_paged: enable_prefix_caching needs a model loaded with attn_implementation=\"hf_paged\"; this one "
@@ -128,8 +128,7 @@ def enable_prefix_caching(model, *, num_blocks: int | None = None, max_memory: i
     pools = {}
     for group in probe.groups:  # the pools a cache of this model would have, to be shared by its caches
         pools[group.window] = KVPool(group.pool.num_layers, block_size, group.pool.requested_blocks,
-                                     group.pool.max_memory)
-        pools[group.window].shared = True
+                                     group.pool.max_memory, shared=True)
     state = PrefixCache(pools)
     setattr(model, _ATTR, state)
     return state
@@ -237,14 +236,14 @@ def map_cached_prefix(cache: PagedCache, hashes: list[RowHashes], prompt_len: in
     length = shared * bs
     for group in cache.groups:
         blocks = group.pool.blocks
-        seen = 0 if group.window is None else max(length - group.window + 1, 0)
+        seen = group.kind.first_seen(length)
         group.manager.add_rows(len(hashes))
         for row, chain in enumerate(hashes):
             start = max(chain.start, seen)
             found = [NULL_BLOCK if index < start // bs else blocks.lookup(chain.keys[index])
                      for index in range(shared)]
             group.manager.set_row(row, found, length, live_from=start)
-    cache.prefix_hit_tokens += sum(max(length - chain.start, 0) for chain in hashes)
+    cache.note_prefix_hit(sum(max(length - chain.start, 0) for chain in hashes))
     return length
 
 
@@ -261,13 +260,13 @@ def longest_hit(cache: PagedCache, hashes: list[RowHashes], limit: int) -> int:
              for group in cache.groups}
     best = limit
     for group in cache.groups:
-        if group.window is None:
+        if not group.kind.drops_keys:
             for hits in found[id(group)]:
                 best = min(best, hits.index(False) if False in hits else len(hits))
-    sliding = [group for group in cache.groups if group.window is not None]
+    dropping = [group for group in cache.groups if group.kind.drops_keys]
     for n in range(best, 0, -1):
-        if all(all(hits[max(n * bs - group.window + 1, 0) // bs:n]) and len(hits) >= n
-               for group in sliding for hits in found[id(group)]):
+        if all(all(hits[group.kind.first_seen(n * bs) // bs:n]) and len(hits) >= n
+               for group in dropping for hits in found[id(group)]):
             return n
     return 0
 

@@ -1,10 +1,10 @@
 """Slab storage: a KV pool that grows by adding tensors ("slabs") instead of copying into a bigger one.
 
-A `hf_paged.cache.KVPool` holds its blocks in one or more slabs. Slab ``s`` holds the blocks ``[starts[s],
+A `hf_paged.kv_pool.KVPool` holds its blocks in one or more slabs. Slab ``s`` holds the blocks ``[starts[s],
 starts[s] + sizes[s])``: block ids stay plain ints and continue from one slab to the next, so block tables never
 change when the pool grows, and nothing already stored moves (issue 10, item 4).
 
-Each slab has the pool's tensors (``[L, kinds, n_s, bs, H, D]``, see `hf_paged.cache.pool_tensor`). A layer's keys
+Each slab has the pool's tensors (``[L, kinds, n_s, bs, H, D]``, see `hf_paged.storage.slab_tensor`). A layer's keys
 (or values) are therefore one ``[n_s, bs, H, D]`` view per slab. With a single slab attention gets that view itself
 (every fast path unchanged); with several it gets a `LayerStore`, which behaves like the ``[N, bs, H, D]`` tensor
 for what `hf_paged.ops` does with a pool: ``shape`` / ``dtype`` / ``device``, ``index_select(0, ids)`` (a gather,
@@ -12,7 +12,7 @@ slab by slab), ``store[a:b]`` when the blocks ``a .. b-1`` lie in one slab (read
 
 Two memory layouts (chosen once, when the pool is allocated):
     * head-major (PyTorch path): each slab ``[L, kinds, H, n_s * bs, D]`` in memory, so a block range inside one
-      slab is one contiguous ``[tokens, D]`` matrix per head (`pool_tensor`).
+      slab is one contiguous ``[tokens, D]`` matrix per head (`slab_tensor`).
     * block-major (Triton path): each slab ``[n_s, L, kinds, bs, H, D]`` in memory. Strides inside a block are the
       same in every slab, so a kernel addresses block ``b`` of any slab as ``base + block_offsets[b]`` (elements,
       relative to the data pointer of the *base* slab, the lowest-addressed one, so offsets are >= 0). A layer's

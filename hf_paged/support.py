@@ -26,8 +26,9 @@ import torch
 
 from . import compat
 
-__all__ = ["ATTENTION_KINDS", "STATE_KINDS", "accepted_attention", "check_cached_kv_use", "check_layer_kinds",
-           "check_layer_types", "check_model_class", "fallback_advice", "kv_sources"]
+__all__ = ["ATTENTION_KINDS", "ATTN_IMPLEMENTATION", "STATE_KINDS", "accepted_attention", "check_cached_kv_use",
+           "check_layer_kinds", "check_layer_types", "check_model_class", "fallback_advice", "kv_sources",
+           "uses_hf_paged"]
 
 # Kinds of layer (values of ``config.layer_types``) whose cache is keys and values that the attention reads.
 ATTENTION_KINDS = frozenset({
@@ -36,6 +37,14 @@ ATTENTION_KINDS = frozenset({
 })
 # Kinds whose cache, if any, is a per-row state (convolution, recurrence) or nothing (MLP-only layers).
 STATE_KINDS = frozenset({"linear_attention", "mamba", "conv", "recurrent", "mlp", "moe"})
+
+
+ATTN_IMPLEMENTATION = "hf_paged"
+
+
+def uses_hf_paged(model) -> bool:
+    """Whether `model` was loaded (or switched) with ``attn_implementation="hf_paged"``."""
+    return getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
 
 
 def accepted_attention(model_class: type) -> list[str]:
@@ -70,7 +79,7 @@ def _refuse(model_class: type, reason: str) -> NotImplementedError:
 
 def check_layer_kinds(model_class: type, config) -> None:
     """Raise `NotImplementedError` if ``config.layer_types`` has a kind hf_paged does not know, or no attention."""
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text_config = compat.text_config(config)
     try:
         layer_types = getattr(text_config, "layer_types", None)
     except Exception:  # a per-layer attribute some configs refuse to read globally
@@ -107,7 +116,7 @@ def kv_sources(config) -> dict[int, int]:
     gets the source layer's pools, read through this step's block tables (`hf_paged.PagedCache.attention_inputs`).
     A model whose layers all read another model's keys (Gemma 4's assistants) gets ``{}``: it has nothing to page.
     """
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text_config = compat.text_config(config)
     num_layers = getattr(text_config, "num_hidden_layers", None)
     sources = getattr(text_config, "kv_source_layers", None)
     if isinstance(sources, list | tuple) and len(sources) == num_layers:
@@ -141,7 +150,7 @@ _UNSUPPORTED_MODEL_TYPES["inkling2_text"] = _UNSUPPORTED_MODEL_TYPES["inkling_te
 def check_layer_types(config, model_class: type | None = None) -> None:
     """Raise `NotImplementedError` naming hf_paged for a model whose cache layers hf_paged cannot serve; its advice
     names what `model_class` accepts (`fallback_advice`), when given."""
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text_config = compat.text_config(config)
     model_type = getattr(text_config, "model_type", None)
     if model_type in _UNSUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
@@ -164,7 +173,7 @@ def check_model_class(model_class: type, config) -> None:
                                    "hf_paged can replace")
     check_layer_kinds(model_class, config)
     check_layer_types(config, model_class)
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text_config = compat.text_config(config)
     family_module = sys.modules.get(model_class.__module__)
     if compat.TRANSFORMERS_VERSION < (5, 17) and hasattr(family_module, "create_bidirectional_mask"):
         # Encoder families with a decoder mode (BERT, RoBERTa, ELECTRA, ... as causal LMs): the family walk

@@ -316,7 +316,7 @@ def test_reshape_and_cache_matches_reference(kv_heads, head_dim, block_size, key
 def test_copy_blocks_matches_reference(dtype, index_dtype, head_major):
     gen = torch.Generator().manual_seed(3)
     # A pool whose N dim is a slice of a bigger one: outer strides are not those of a contiguous tensor. Head-major
-    # is how a PagedCache stores its pool (hf_paged.cache.pool_tensor): a block is one run per head.
+    # is how a PagedCache stores its pool (hf_paged.storage.slab_tensor): a block is one run per head.
     backing = torch.randn(3, 2, 9, 16, 2, 64, generator=gen).to(dtype).to(DEVICE)
     if head_major:
         backing = backing.permute(0, 1, 4, 2, 3, 5).contiguous().permute(0, 1, 3, 4, 2, 5)

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 import hf_paged
-import hf_paged.cache
+import hf_paged.step
 from hf_paged import PagedCache, masks, ops
 from hf_paged.attention import paged_attention_mask
 
@@ -123,9 +123,9 @@ def test_every_pytorch_path(pair, path, monkeypatch):
     calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention", "attend"))
     windowed = lambda: calls["window_attention"] + calls["windows_attention"]  # noqa: E731  (one slab, several)
     if path != "window":
-        monkeypatch.setattr(hf_paged.cache, "_window", lambda *args: None)
+        monkeypatch.setattr(hf_paged.step, "_window", lambda *args: None)
     if path == "gather":
-        monkeypatch.setattr(hf_paged.cache, "_shared_prefix", lambda *args: None)
+        monkeypatch.setattr(hf_paged.step, "_shared_prefix", lambda *args: None)
     inputs = left_padded_batch([21, 9, 15], seed=2)
     mode = dict(num_beams=2, num_return_sequences=2)
     expected = _generate(reference, inputs, **mode)

@@ -22,7 +22,7 @@ from conftest import make_pair
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hf_paged import PagedCache, compat
-from hf_paged.cache import KVSharedLayer, PagedHybridLayer, PagedLayer
+from hf_paged.layers import KVSharedLayer, PagedHybridLayer, PagedLayer
 
 OVERRIDES = [(PagedCache, Cache), (PagedLayer, CacheLayerMixin), (KVSharedLayer, CacheLayerMixin)]
 if compat.HAS_STATE_LAYERS:

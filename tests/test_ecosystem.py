@@ -34,8 +34,8 @@ from transformers.cache_utils import DynamicCache
 
 from hf_paged import PagedCache, compat
 from hf_paged import backend as paged_backend
-from hf_paged.cache import KVPool
 from hf_paged.compat import cache_kwargs
+from hf_paged.kv_pool import KVPool
 
 VOCAB = 128
 PAD, EOS, BOS = 0, 1, 2

@@ -26,8 +26,8 @@ from transformers import (
 )
 
 from hf_paged import OutOfBlocksError, PagedCache, compat
-from hf_paged.cache import KVPool
 from hf_paged.compat import cache_kwargs, output_cache
+from hf_paged.kv_pool import KVPool
 
 VOCAB = 128
 PAD, EOS, BOS = 0, 1, 2

@@ -14,7 +14,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 import hf_paged
 from hf_paged import PagedCache
-from hf_paged.cache import PagedLayer
+from hf_paged.layers import PagedLayer
 
 _BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -190,7 +190,7 @@ def test_every_attention_path_with_narrower_values(path, monkeypatch):
     """Values narrower than keys (MiMo-V2-Flash) through each PyTorch attention path: one block range for all rows
     (`ops.window_attention`), shared prefix plus tails (`ops.shared_prefix_attention`), per-row gathers."""
 
-    import hf_paged.cache
+    import hf_paged.step
     from hf_paged import ops
 
     torch.manual_seed(0)
@@ -199,9 +199,9 @@ def test_every_attention_path_with_narrower_values(path, monkeypatch):
     paged.load_state_dict(reference.state_dict())
     calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention", "gather_kv"))
     if path != "window":
-        monkeypatch.setattr(hf_paged.cache, "_window", lambda *args: None)
+        monkeypatch.setattr(hf_paged.step, "_window", lambda *args: None)
     if path == "gathered":
-        monkeypatch.setattr(hf_paged.cache, "_shared_prefix", lambda *args: None)
+        monkeypatch.setattr(hf_paged.step, "_shared_prefix", lambda *args: None)
     inputs = left_padded_batch([12, 5, 9], seed=1)
     expected = _generate(reference, inputs, "beams")
     got = _generate(paged, inputs, "beams", past_key_values=PagedCache(paged.config, block_size=4))

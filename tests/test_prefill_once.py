@@ -60,7 +60,7 @@ def test_shared_prompt_memory_bound(block_size, prompt_len, mode):
     assert stats.used_blocks <= stats.peak_used_blocks <= bound
     # The pool reserved nothing ahead: it holds at most one growth quantum (`KVPool.ensure_free`) beyond the
     # most its rows referenced.
-    quantum = max(hf_paged.cache._SLAB_BLOCKS_PER_ROW * k, stats.num_blocks // hf_paged.cache._SLAB_FRACTION)
+    quantum = max(hf_paged.kinds.SLACK_BLOCKS_PER_ROW * k, stats.num_blocks // hf_paged.groups.SLAB_FRACTION)
     assert stats.num_blocks <= stats.peak_used_blocks + quantum
     assert stats.shared_blocks >= prompt_len // block_size  # the prompt's full blocks are stored once
     cache.manager.check()

@@ -11,9 +11,10 @@ import torch
 from conftest import VOCAB, count_calls, left_padded_batch, make_pair, needs_triton_interpreter
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig, GptOssConfig
 
-import hf_paged.cache
+import hf_paged.masks
+import hf_paged.step
 from hf_paged import PagedCache, ops, storage
-from hf_paged.cache import KVPool
+from hf_paged.kv_pool import KVPool
 from hf_paged.storage import LayerStore
 
 NEW_TOKENS = 40
@@ -134,7 +135,7 @@ def test_allocated_within_one_quantum_of_referenced(mode):
     _generate(paged, inputs, past_key_values=cache, **MODES[mode])
     stats = cache.stats()
     rows = stats.num_rows
-    quantum = max(hf_paged.cache._SLAB_BLOCKS_PER_ROW * rows, stats.num_blocks // hf_paged.cache._SLAB_FRACTION)
+    quantum = max(hf_paged.kinds.SLACK_BLOCKS_PER_ROW * rows, stats.num_blocks // hf_paged.groups.SLAB_FRACTION)
     assert stats.peak_pool_bytes == stats.pool_bytes == stats.num_blocks * cache.bytes_per_block
     assert stats.peak_pool_bytes <= stats.peak_used_bytes + quantum * cache.bytes_per_block
     assert len(cache.pool.slabs) >= 2
@@ -315,16 +316,15 @@ def test_windows_attention_equals_paged_attention(softcap, sinks, window):
     tables = [[-1, 2, 3, 4], [0, 1, 8, 9], [7, 8, 10, 11]]  # row 0: a null entry, then blocks of slabs 0 and 1
     seq_lens = torch.tensor([15, 14, 16], dtype=torch.int32)
     q_len = 2
-    ranges = hf_paged.cache._window(tables, 16, bs, starts)
+    ranges = hf_paged.step._window(tables, 16, bs, starts)
     assert ranges is not None and len(ranges) == 3
     first_entries = torch.tensor([1, 0, 0])
     block_tables = torch.tensor([[max(b, 0) for b in table] for table in tables], dtype=torch.int32)
-    step = hf_paged.cache.StepMetadata(block_tables=block_tables, seq_lens=seq_lens, slot_mapping=None, q_len=q_len,
-                                       max_seq_len=16, block_size=bs, windows=tuple(ranges),
-                                       first_entries=first_entries)
+    step = hf_paged.step.StepPlan(block_tables=block_tables, seq_lens=seq_lens, slot_mapping=None, q_len=q_len,
+                                  max_seq_len=16, block_size=bs, windows=tuple(ranges), first_entries=first_entries)
     query = torch.randn(3, 4, q_len, 8, generator=generator)
     sink = torch.randn(4, generator=generator) if sinks else None
-    masks = step.windows_masks(None, window, 2, torch.float32)
+    masks = hf_paged.masks.windows_masks(step, None, window, 2, torch.float32)
     got = ops.windows_attention(query, keys, values, step.windows, masks, scale=0.3, softcap=softcap, sinks=sink)
     expected = ops.paged_attention(query, whole[0], whole[1], block_tables, seq_lens, (first_entries * bs).to(
         torch.int32), scale=0.3, max_seq_len=16, sliding_window=window, softcap=softcap, sinks=sink)

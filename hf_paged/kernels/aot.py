@@ -176,7 +176,7 @@ _NUM_LAYERS = 32  # layers of a block-major slab (only sets its block stride, wh
 
 
 def _cache_strides(block_size: int, kv_heads: int, head_dim: int, slabs: bool = False) -> tuple[int, int, int, int]:
-    """Strides of one layer's ``[N, bs, Hkv, D]`` pool as `hf_paged.cache.pool_tensor` lays it out (head-major),
+    """Strides of one layer's ``[N, bs, Hkv, D]`` pool as `hf_paged.storage.slab_tensor` lays it out (head-major),
     or with `slabs` as a block-major slab of the Triton path does (memory ``[n, L, 2, bs, Hkv, D]``)."""
     if slabs:
         return _NUM_LAYERS * 2 * block_size * kv_heads * head_dim, kv_heads * head_dim, head_dim, 1

@@ -63,7 +63,7 @@ def copy_blocks(
 
     Args:
         kv_pool: ``[L, 2, N, bs, Hkv, D]`` with any strides but a unit stride along ``D`` (a `PagedCache`'s
-            pool is stored head-major: see `hf_paged.cache.pool_tensor`), or ``[L, 1, N, bs, Hkv, D]`` (the key or
+            pool is stored head-major: see `hf_paged.storage.slab_tensor`), or ``[L, 1, N, bs, Hkv, D]`` (the key or
             the value pool of a model whose keys and values differ in width).
         src, dst: ``[C]`` int32/int64 block ids in ``[0, N)``; ``dst`` holds distinct blocks not in ``src``
             (not checked: that would need a device sync).
