@@ -131,7 +131,7 @@ def test_host_scenario_end_to_end(tmp_path, capsys):
         elif row["launches"] is not None:
             assert row["launches"] == 0
     markdown = (tmp_path / "results.md").read_text()
-    assert "## Host cost of a decode step" in markdown and "| 16 | 8 | hf_paged |" in markdown
+    assert "## Host cost of a decode step" in markdown and "| 16 | 8 | hf_paged-torch |" in markdown
     assert "hf_paged/cache.py:" in stdout and "step ms" in stdout
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -231,6 +232,7 @@ def _meta(args: argparse.Namespace, model_name: str | None, loaded: tuple[str, .
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "rss_note": rss_note,
         "notes": notes(rss_note) if loaded else [],
+        "command": shlex.join(["python", "-m", "hf_paged.bench", *args.argv]),
     }
     if host:
         try:
@@ -328,7 +330,9 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m hf_paged.bench`` and ``hf-paged-bench``; returns the exit code."""
     try:
-        return _run(parse_args(argv))
+        args = parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+        return _run(args)
     except (BenchError, hf_paged.OutOfBlocksError, ValueError) as error:
         if isinstance(error, ValueError) and not str(error).startswith("hf_paged:"):
             raise  # a bug, not bad input: hf_paged's own messages (e.g. max_memory too small) start with "hf_paged:"

@@ -5,10 +5,13 @@ vocabulary; `HOST_MODEL`) decodes greedily, `HOST_BATCHES` distinct prompts of P
 (``min_new_tokens = max_new_tokens``), with
 
 * ``sdpa``: ``attn_implementation="sdpa"`` and Transformers' ``DynamicCache`` (the reference);
-* ``hf_paged``: hf_paged on its PyTorch path (``HF_PAGED_BACKEND=torch``);
+* ``hf_paged-torch``: hf_paged on its PyTorch path (``HF_PAGED_BACKEND=torch``);
 * ``hf_paged-triton-stub``: hf_paged on its Triton path (``HF_PAGED_BACKEND=triton``), the kernels compiled for
   sm_90 by the launch-stub device (`hf_paged.bench.stub_device`) and every launch a counted no-op, so the step's
   time is its host side: Python, PyTorch's small ops, the launchers and the JIT's argument binding.
+
+The first two compute attention on the CPU, so their time also holds that arithmetic (it grows with batch x P); the
+third's holds none of it. Compare the stub's time with a GPU's host time per step, not with sdpa's CPU time alone.
 
 Per implementation it reports the time of a decode step (one iteration of generate's loop, from a forward's start
 to the next's: `steps.StepRecorder.decode_periods`), the median over the decode steps of the timed runs (and each
@@ -42,8 +45,8 @@ __all__ = ["HOST_BATCHES", "HOST_IMPLS", "HOST_LAYERS", "HOST_MODEL", "HostRow",
            "run_host"]
 
 #: The reference, hf_paged's PyTorch path, hf_paged's Triton path on the launch-stub device.
-HOST_IMPLS = ("sdpa", "hf_paged", "hf_paged-triton-stub")
-_BACKEND = {"hf_paged": "torch", "hf_paged-triton-stub": "triton"}
+HOST_IMPLS = ("sdpa", "hf_paged-torch", "hf_paged-triton-stub")
+_BACKEND = {"hf_paged-torch": "torch", "hf_paged-triton-stub": "triton"}
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,10 @@ _SOURCE_HEADERS = ("P", "batch", "impl", "kind", "per step", "source (function: 
 _SOURCES_SHOWN = 3
 HOST_NOTES = [
     "host scenario (hf_paged.bench.host): a random-weight Llama of hidden 64 (4 heads, 2 KV heads, fp32), batch "
-    "distinct prompts of P tokens, greedy, exactly the bench's G new tokens; hf_paged: its PyTorch path; "
+    "distinct prompts of P tokens, greedy, exactly the bench's G new tokens; hf_paged-torch: its PyTorch path; "
     "hf_paged-triton-stub: its Triton path with the kernels compiled for sm_90 and every launch a counted no-op "
-    "(hf_paged.bench.stub_device), so its time is the host's alone. All three run in one process of their own.",
+    "(hf_paged.bench.stub_device), so its time is the host's alone, while sdpa's and hf_paged-torch's also hold "
+    "their attention arithmetic on the CPU (growing with batch x P). All three run in one process of their own.",
     "step ms: median over the decode steps of the timed runs of one iteration of generate's loop (from a forward's "
     "start to the next's); x sdpa: that over sdpa's; fwd ms: the median of the forward alone.",
     "D2H/step: reads of device values by the host (each a synchronisation on a GPU: .item(), .tolist(), bool(), "
