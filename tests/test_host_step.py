@@ -32,6 +32,7 @@ class _Step(torch.nn.Module):
         host.tolist()  # reading a host tensor: no event
         lengths = host.to(x.device)  # EVENT H2D to
         ids = torch.tensor([4, 5], device=x.device)  # EVENT H2D tensor
+        torch.tensor([], device=x.device)  # empty: nothing crosses, no event
         x.tolist()  # EVENT D2H tolist
         if bool(x.sum() > 0):  # EVENT D2H __bool__
             pass

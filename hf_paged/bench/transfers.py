@@ -19,7 +19,8 @@ What counts. The *device* is where the model's tensors live, the *host* is Pytho
   ``asarray`` with a device, ``t.new_tensor``); a host tensor moved or copied to the device (``.to(device)``,
   ``.cuda()``, ``copy_``); a host tensor of one or more dimensions used as an operand together with device tensors
   (PyTorch copies it, e.g. ``t[host_index]``; 0-dimensional host tensors are scalars passed by value and not counted);
-  a Python list inside an index of a device tensor (``t[[0, 2]]``).
+  a Python list inside an index of a device tensor (``t[[0, 2]]``). An empty tensor made or moved
+  (``torch.tensor([], device=d)``) carries nothing and is not counted.
 
 Which tensors are on the host. On a real device (a model on CUDA), a tensor's ``device``. On the CPU (the bench's
 ``host`` scenario, where the launch-stub device of `hf_paged.bench.stub_device` stands for a GPU), every tensor is
@@ -215,6 +216,8 @@ class TransferCounter(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         events, host_out = self._classify(name, args, kwargs)
         out = func(*args, **kwargs)
+        if host_out is not None and isinstance(out, torch.Tensor) and out.numel() == 0:
+            events = []  # an empty tensor made or moved: nothing crosses
         if host_out is not None and isinstance(out, torch.Tensor):
             if self._is_host(out) != host_out and any(out is t for t in _tensors(args)):
                 out = out.view_as(out)  # a move that returned its operand (all on the CPU): a new tensor to mark
