@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend, masks, ops
+from . import backend, latent, masks, ops
 from .cache import key_padding_mask, owner_of
 from .compat import bool_mask, sdpa_mask
 
@@ -113,6 +113,7 @@ def paged_attention_forward(
     sinks = s_aux
     cache = owner_of(key)
     if cache is None:
+        latent.prepare(module)  # a latent layer's expand_kv lets pools through from now on (latent.py)
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,
                                      softcap, is_causal, chunk_size, sinks), None
     step, key, value = cache.attention_inputs(key)
@@ -135,6 +136,11 @@ def paged_attention_forward(
                 step._masks[memo_key] = masks.drop_keys_before(
                     attention_mask, step.seq_lens - step.q_len - (window - 1), step.max_seq_len)
             attention_mask = step._masks[memo_key]
+    if cache.latent:  # cached latents of multi-head latent attention, attended with absorbed weights (latent.py)
+        key_start = _key_start(step, attention_mask) if step.triton and getattr(attention_mask, "ndim", 2) == 2 else None
+        return latent.attention(module, step, query, key, value, attention_mask, key_start, scale=scale,
+                                sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
+                                sinks=sinks), None
     if attention_mask is not None and attention_mask.dim() == 4:
         return _gathered_attention(step, query, key, value, attention_mask, scale, None, softcap, None, sinks), None
     if step.triton:

@@ -206,7 +206,7 @@ def test_paged_attention_with_values_of_another_width(
 LATENT_CASES = [
     (4, 12, 8, 4, 1, [13, 5, 9], [0, 3, 1], torch.float32, 1, 0),  # the tiny test models' latents
     (4, 12, 8, 5, 6, [17, 6], [2, 0], torch.float32, 2, 0),  # several queries per row, split-KV
-    (20, 48, 16, 16, 1, [37, 9], [0, 4], torch.bfloat16, 4, 0),  # 20 heads: tiles of 10 (GLM-4.7-Flash's count)
+    (20, 48, 16, 16, 1, [37, 9], [0, 4], torch.bfloat16, 4, 0),  # 20 heads (GLM-4-MoE-Lite's): tiles of 10
     (32, 64, 16, 8, 3, [29, 40], None, torch.float16, 2, 0),  # 32 heads: tiles of 16
     (4, 48, 16, 8, 5, [29, 9], [1, 0], torch.float16, 1, 3),  # pools of 3 slabs: two offset tables
 ]
