@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend, masks, ops
+from . import backend, latent, masks, ops
 from .compat import bool_mask, sdpa_mask
 from .guard import owner_of
 from .masks import key_padding_mask
@@ -114,6 +114,7 @@ def paged_attention_forward(
     sinks = s_aux
     cache = owner_of(key)
     if cache is None:
+        latent.prepare(module)  # a latent layer's expand_kv lets pools through from now on (latent.py)
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,
                                      softcap, is_causal, chunk_size, sinks), None
     step, key, value = cache.attention_inputs(key)
@@ -132,6 +133,12 @@ def paged_attention_forward(
         window = cache.cache_window(getattr(module, "config", None), module.layer_idx)
         if window is not None and step.max_seq_len - step.q_len > window - 1:
             attention_mask = masks.cache_window_mask(step, attention_mask, window)
+    if cache.latent:  # cached latents of multi-head latent attention, attended with absorbed weights (latent.py)
+        key_start = masks.key_starts(step, attention_mask) if step.triton and getattr(attention_mask, "ndim", 2) == 2 \
+            else None
+        return latent.attention(module, step, query, key, value, attention_mask, key_start, scale=scale,
+                                sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
+                                sinks=sinks), None
     if attention_mask is not None and attention_mask.dim() == 4:
         return _gathered_attention(step, query, key, value, attention_mask, scale, None, softcap, None, sinks), None
     if step.triton:

@@ -13,7 +13,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache
 
-from . import backend, compat, kinds, masks, ops, storage, support
+from . import backend, compat, kinds, latent, masks, ops, storage, support
 from .block_manager import BlockManager
 from .compat import LinearAttentionCacheLayerMixin, LinearAttentionLayer
 from .groups import LayerGroup, RowPlan, group_specs
@@ -277,12 +277,10 @@ class PagedCache(Cache):
             ops.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, skip_negative=step.skips)
         if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as they are
             step.fresh[layer_idx] = (key_states, value_states)
-        if self.latent:
-            # The model expands the latents of all its tokens into keys and values itself: give them back per row.
-            return tuple(
-                ops.gather_kv(cache, step.block_tables, step.max_seq_len, step.first_block).to(states.dtype)
-                for cache, states in ((key_pool, key_states), (value_pool, value_states))
-            )
+        if self.latent:  # multi-head latent attention: each row's latents, or the pools once absorbed (latent.py)
+            gathered = latent.gathered_latents(self, layer_idx, (key_pool, value_pool), step, key_states, value_states)
+            if gathered is not None:
+                return gathered
         self._pending_layer = layer_idx
         pool.active = weakref.ref(self)
         return pool.guarded[slot]
