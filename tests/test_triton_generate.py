@@ -211,8 +211,10 @@ def run_script(tmp_path, families: list[str], modes: list[str]) -> dict:
     pytest.importorskip("triton")
     script = tmp_path / "triton_generate.py"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(TRITON_INTERPRET="1", HF_PAGED_BACKEND="triton", OMP_NUM_THREADS="1")
+    # The checkout under test, not whatever hf_paged the interpreter has installed (an editable install may point
+    # at another checkout, or nowhere).
+    env = {**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "1", "HF_PAGED_BACKEND": "triton",
+           "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(script), ROOT, ",".join(families), str(NEW_TOKENS), ",".join(modes)],
                          cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
