@@ -30,7 +30,6 @@ from transformers import (
 )
 
 import hf_paged
-import hf_paged.step
 from hf_paged import PagedCache, masks, ops
 from hf_paged.attention import paged_attention_mask
 
@@ -123,9 +122,7 @@ def test_every_pytorch_path(pair, path, monkeypatch):
     calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention", "attend"))
     windowed = lambda: calls["window_attention"] + calls["windows_attention"]  # noqa: E731  (one slab, several)
     if path != "window":
-        monkeypatch.setattr(hf_paged.step, "_window", lambda *args: None)
-    if path == "gather":
-        monkeypatch.setattr(hf_paged.step, "_shared_prefix", lambda *args: None)
+        monkeypatch.setenv("HF_PAGED_READ_PLAN", {"split": "shared_prefix", "gather": "gather"}[path])
     inputs = left_padded_batch([21, 9, 15], seed=2)
     mode = dict(num_beams=2, num_return_sequences=2)
     expected = _generate(reference, inputs, **mode)
@@ -363,3 +360,12 @@ def test_packed_sequences(family):
         unpacked = paged(input_ids=input_ids, use_cache=False).logits
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
     assert (unpacked[0, 12:] - expected[0, 12:]).abs().max() > 1e-3  # the packing really changes the second part
+
+
+def test_read_plan_environment_variable_is_checked(monkeypatch):
+    """``HF_PAGED_READ_PLAN`` (the read plans a step may take, `hf_paged.step.read_plan`) refuses what it does not
+    know, naming the choices."""
+    _, paged = make_pair("mistral")
+    monkeypatch.setenv("HF_PAGED_READ_PLAN", "window-please")
+    with pytest.raises(ValueError, match="HF_PAGED_READ_PLAN must be one of auto, shared_prefix, gather"):
+        paged.generate(**left_padded_batch([5, 3], seed=1), max_new_tokens=2)

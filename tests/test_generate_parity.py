@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import FAMILIES, count_calls, left_padded_batch, make_pair
 
-import hf_paged.step
 from hf_paged import PagedCache, compat, ops
 from hf_paged.compat import cache_kwargs
 
@@ -55,7 +54,7 @@ def test_both_attention_paths_for_rows_sharing_prompts(pair, mode, path, monkeyp
     calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention"))
     windowed = lambda: calls["window_attention"] + calls["windows_attention"]  # noqa: E731  (one slab, several)
     if path == "split":
-        monkeypatch.setattr(hf_paged.step, "_window", lambda *args: None)
+        monkeypatch.setenv("HF_PAGED_READ_PLAN", "shared_prefix")
     inputs = left_padded_batch([37, 12, 26], seed=1)
     expected = _generate(reference, inputs, **MODES[mode])
     got = _generate(paged, inputs, **MODES[mode], **cache_kwargs(PagedCache(paged.config, block_size=5)))

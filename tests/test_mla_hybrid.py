@@ -190,7 +190,6 @@ def test_every_attention_path_with_narrower_values(path, monkeypatch):
     """Values narrower than keys (MiMo-V2-Flash) through each PyTorch attention path: one block range for all rows
     (`ops.window_attention`), shared prefix plus tails (`ops.shared_prefix_attention`), per-row gathers."""
 
-    import hf_paged.step
     from hf_paged import ops
 
     torch.manual_seed(0)
@@ -199,9 +198,7 @@ def test_every_attention_path_with_narrower_values(path, monkeypatch):
     paged.load_state_dict(reference.state_dict())
     calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention", "gather_kv"))
     if path != "window":
-        monkeypatch.setattr(hf_paged.step, "_window", lambda *args: None)
-    if path == "gathered":
-        monkeypatch.setattr(hf_paged.step, "_shared_prefix", lambda *args: None)
+        monkeypatch.setenv("HF_PAGED_READ_PLAN", {"split": "shared_prefix", "gathered": "gather"}[path])
     inputs = left_padded_batch([12, 5, 9], seed=1)
     expected = _generate(reference, inputs, "beams")
     got = _generate(paged, inputs, "beams", past_key_values=PagedCache(paged.config, block_size=4))
