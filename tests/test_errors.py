@@ -25,6 +25,7 @@ from transformers import (
     T5Config,
 )
 
+import hf_paged
 from hf_paged import OutOfBlocksError, PagedCache, compat
 from hf_paged.compat import cache_kwargs, output_cache
 from hf_paged.kv_pool import KVPool
@@ -412,6 +413,25 @@ def test_cache_reused_by_a_model_with_other_kv_shapes(models):
     assert torch.equal(greedy(other, ids, **cache_kwargs(cache)), greedy(reference, ids))
     assert set(cache.pool.own) == set(range(len(cache.pool.plain)))  # every layer has tensors of its own now
     cache.manager.check()
+
+
+def test_generate_sizes_the_cache_it_builds_from_cache_config(models):
+    """``generate(cache_config={...})`` (Transformers' place for the cache's arguments) sizes the `PagedCache` the
+    call builds; other keys, and a model whose caches share the prefix cache's pools, are refused saying what to do."""
+    ref, paged = models
+    ids = random_ids(2, 10, seed=151)
+    out = greedy(paged, ids, cache_config={"block_size": 4, "num_blocks": 12}, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, greedy(ref, ids))
+    cache = output_cache(out)
+    assert cache.block_size == 4 and cache.stats().num_blocks == 12
+    with pytest.raises(ValueError, match=r"cache_config.* block_size, num_blocks, max_memory; got \['nbits'\]"):
+        greedy(paged, ids, cache_config={"nbits": 4})
+    hf_paged.enable_prefix_caching(paged)
+    try:
+        with pytest.raises(ValueError, match=r"prefix caching.*enable_prefix_caching\(model, block_size="):
+            greedy(paged, ids, cache_config={"block_size": 4})
+    finally:
+        hf_paged.disable_prefix_caching(paged)
 
 
 def test_invalid_backend_environment_variable(models, monkeypatch):

@@ -96,9 +96,9 @@ def test_ended_rows_give_their_blocks_back_and_tokens_match(setup, block_size, m
     kept_stats = kept.past_key_values.stats()
 
     _checked_steps(monkeypatch)  # the cache generate builds, of this block size
-    monkeypatch.setattr(hf_paged.generation, "_new_cache", lambda model: PagedCache(model.config, block_size=block_size))
     with hf_paged.recorded_stats() as recorded:
-        out = paged.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        out = paged.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                             cache_config={"block_size": block_size})
     assert torch.equal(out, expected.sequences)
     (stats,) = recorded
     assert stats.logical_tokens == kept_stats.logical_tokens  # the same rows, as long as a DynamicCache's

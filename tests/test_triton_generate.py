@@ -174,11 +174,10 @@ for family in sys.argv[2].split(","):
         calls.clear()
         if mode.endswith("eos"):
             # The cache generate builds and drops: the ended row gives its blocks back (see recorded_stats).
-            hf_paged.generation._new_cache = lambda model: PagedCache(model.config, block_size=5)
             torch.manual_seed(0)
             with torch.no_grad(), hf_paged.recorded_stats() as recorded:
                 got = paged.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=0, do_sample=False,
-                                     eos_token_id=eos)
+                                     eos_token_id=eos, cache_config={"block_size": 5})
             kept = generate(paged, inputs, **cache_kwargs(PagedCache(paged.config, block_size=5)), **kwargs)
             kept.past_key_values.manager.check()
             results[f"{family}-{mode}"] = {
