@@ -14,72 +14,30 @@ import gc
 
 import pytest
 import torch
-from conftest import VOCAB, count_calls, left_padded_batch
-from transformers import (
-    AutoModelForCausalLM,
-    DynamicCache,
-    FlintConfig,
-    Gemma3TextConfig,
-    GptOssConfig,
-    GraniteMoeSWAConfig,
-    GraniteSWAConfig,
-    Llama4TextConfig,
-    MistralConfig,
-    PhimoeConfig,
-    masking_utils,
+from tiny_models import (
+    FEATURE_FAMILIES,
+    MODES,
+    SINK_FAMILIES,
+    VOCAB,
+    available,
+    count_calls,
+    left_padded_batch,
+    model_pair,
 )
+from transformers import DynamicCache, masking_utils
 
 import hf_paged
 from hf_paged import PagedCache, masks, ops
 from hf_paged.attention import paged_attention_mask
 
 NEW_TOKENS = 8
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-               pad_token_id=0, bos_token_id=1, eos_token_id=2)
-_MIXED = dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"])
-_MOE = dict(num_local_experts=4, num_experts_per_tok=2)
-
-
-def _configs():
-    return {
-        "gpt_oss": GptOssConfig(**_COMMON, **_MIXED, **_MOE, head_dim=16),
-        "flint": FlintConfig(**_COMMON, **_MIXED, head_dim=16),
-        # Layer 0 is a chunked layer (no_rope_layers[0] == 1), layer 1 a full one.
-        "llama4_text": Llama4TextConfig(**_COMMON, head_dim=16, intermediate_size_mlp=128, num_local_experts=4,
-                                        attention_chunk_size=8, no_rope_layers=[1, 0]),
-        "phimoe": PhimoeConfig(**_COMMON, **_MOE, sliding_window=7),
-        "granite_swa": GraniteSWAConfig(**_COMMON, **_MIXED),
-        "granitemoe_swa": GraniteMoeSWAConfig(**_COMMON, **_MIXED, **_MOE),
-        "gemma3": Gemma3TextConfig(**_COMMON, **_MIXED, head_dim=16),
-        "mistral": MistralConfig(**_COMMON, sliding_window=7),
-    }
-
-
-FAMILIES = list(_configs())
-SINK_FAMILIES = ["gpt_oss", "flint", "granite_swa", "granitemoe_swa"]
-MODES = {
-    "greedy": dict(do_sample=False),
-    "beams": dict(num_beams=3, num_return_sequences=2),
-    "sample": dict(do_sample=True, num_return_sequences=3, top_k=0),
-}
+FAMILIES = [family for family in FEATURE_FAMILIES if available(family)]
 
 
 def make_pair(family: str):
-    """``(eager, paged)`` with the same random weights; sinks get random values (some families initialise them
-    to zero, which would hide a sink applied with the wrong sign or scale)."""
-    torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(_configs()[family], attn_implementation="eager").eval()
-    state = reference.state_dict()
-    sinks = [name for name in state if name.endswith("sinks")]
-    assert bool(sinks) == (family in SINK_FAMILIES)
-    for name in sinks:
-        state[name].copy_(torch.randn_like(state[name]))
-    reference.load_state_dict(state)
-    paged = AutoModelForCausalLM.from_config(_configs()[family], attn_implementation="hf_paged").eval()
-    paged.load_state_dict(state)
-    for model in (reference, paged):
-        model.generation_config.pad_token_id = 0
+    """``(eager, paged)`` with the same random weights (random sinks: `tiny_models.model_pair`)."""
+    reference, paged = model_pair(family, reference="eager")
+    assert any(name.endswith("sinks") for name in paged.state_dict()) == (family in SINK_FAMILIES)
     return reference, paged
 
 
@@ -347,7 +305,7 @@ def test_training_dropout(family):
     assert (other - expected).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "mistral"])
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "mistral_window"])
 def test_packed_sequences(family):
     """Two sequences packed in one row (``position_ids`` restart, no attention mask): Transformers' packed mask
     function is not one `hf_paged.masks.describe` knows, so its 4-D mask is used, and logits are eager's."""
@@ -365,7 +323,7 @@ def test_packed_sequences(family):
 def test_read_plan_environment_variable_is_checked(monkeypatch):
     """``HF_PAGED_READ_PLAN`` (the read plans a step may take, `hf_paged.step.read_plan`) refuses what it does not
     know, naming the choices."""
-    _, paged = make_pair("mistral")
+    _, paged = make_pair("mistral_window")
     monkeypatch.setenv("HF_PAGED_READ_PLAN", "window-please")
     with pytest.raises(ValueError, match="HF_PAGED_READ_PLAN must be one of auto, shared_prefix, gather"):
         paged.generate(**left_padded_batch([5, 3], seed=1), max_new_tokens=2)

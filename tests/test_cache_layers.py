@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import left_padded_batch, make_pair
+from tiny_models import left_padded_batch, model_pair
 
 from hf_paged import PagedCache
 
@@ -12,7 +12,7 @@ from hf_paged import PagedCache
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_layer_keys_and_values_match_dynamic_cache(family, num_beams):
-    reference, paged = make_pair(family)
+    reference, paged = model_pair(family)
     batch = left_padded_batch([21, 9, 14])
     kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=num_beams, return_dict_in_generate=True)
     with torch.no_grad():
@@ -45,6 +45,6 @@ def test_layer_pools_keep_their_own_names(llama_pair):
 
 
 def test_layer_keys_before_the_first_write():
-    _, paged = make_pair("llama")
+    _, paged = model_pair("llama")
     cache = PagedCache(paged.config)
     assert cache.layers[0].keys is None and cache.layers[0].value_pool is None

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import config, model_pair, random_ids
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -19,7 +20,6 @@ from transformers import (
     CodeGenConfig,
     FalconConfig,
     GPTJConfig,
-    LlamaConfig,
     MptConfig,
     PretrainedConfig,
     T5Config,
@@ -30,38 +30,10 @@ from hf_paged import OutOfBlocksError, PagedCache, compat
 from hf_paged.compat import cache_kwargs, output_cache
 from hf_paged.kv_pool import KVPool
 
-VOCAB = 128
+VOCAB = 128  # "llama128"'s
 PAD, EOS, BOS = 0, 1, 2
 # Bytes of one block of the tiny Llama below in float32: layers * (K, V) * block_size * kv_heads * head_dim * 4.
 BLOCK_BYTES_16 = 2 * 2 * 16 * 2 * 16 * 4
-
-
-def tiny_config(**overrides) -> LlamaConfig:
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, pad_token_id=PAD,
-        eos_token_id=EOS, bos_token_id=BOS,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
-
-
-def model_pair(config: LlamaConfig, seed: int = 0):
-    """(sdpa reference, hf_paged model) with identical weights and separate config objects.
-
-    (`from_config` writes ``_attn_implementation`` into the config it is given, so a shared config would switch
-    the reference to hf_paged too.)
-    """
-    torch.manual_seed(seed)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
-    paged = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="hf_paged").eval()
-    paged.load_state_dict(ref.state_dict())
-    assert ref.config._attn_implementation == "sdpa" and paged.config._attn_implementation == "hf_paged"
-    return ref, paged
-
-
-def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(4, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def greedy(model, ids, **kwargs):
@@ -79,7 +51,7 @@ def assert_consistent(cache: PagedCache) -> None:
 
 @pytest.fixture(scope="module")
 def models():
-    return model_pair(tiny_config())
+    return model_pair("llama128")
 
 
 # ------------------------------------------------------------------------------------ constructor arguments
@@ -268,9 +240,9 @@ def test_direct_forward_of_a_non_paged_model_with_a_paged_cache(num_layers, bloc
 
     (With 4 heads and block_size 4, a ``[N, bs, Hkv, D]`` pool has a shape sdpa accepts as ``[B, H, kv, D]``.)
     """
-    config = tiny_config(num_hidden_layers=num_layers)
-    _, paged = model_pair(config, seed=3)
-    other = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attention).eval()
+    _, paged = model_pair("llama128", seed=3, num_hidden_layers=num_layers)
+    other = AutoModelForCausalLM.from_config(config("llama128", num_hidden_layers=num_layers),
+                                             attn_implementation=attention).eval()
     cache = PagedCache(paged.config, block_size=block_size)
     ids = random_ids(1, 3, seed=71)
     with torch.no_grad(), pytest.raises(RuntimeError, match="hf_paged"):
@@ -408,7 +380,7 @@ def test_cache_reused_by_a_model_with_other_kv_shapes(models):
     cache = PagedCache(paged.config)
     greedy(paged, random_ids(1, 8, seed=131), **cache_kwargs(cache))
     cache.reset()
-    reference, other = model_pair(tiny_config(num_key_value_heads=4), seed=4)
+    reference, other = model_pair("llama128", seed=4, num_key_value_heads=4)
     ids = random_ids(1, 8, seed=132)
     assert torch.equal(greedy(other, ids, **cache_kwargs(cache)), greedy(reference, ids))
     assert set(cache.pool.own) == set(range(len(cache.pool.plain)))  # every layer has tensors of its own now

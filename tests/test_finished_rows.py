@@ -11,23 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import _COMMON, left_padded_batch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from tiny_models import left_padded_batch, model_pair, watch_steps
 
 import hf_paged
 from hf_paged import PagedCache
 
 NEW_TOKENS = 40
 LENGTHS = [21, 9, 17, 4, 13, 30]
-
-
-def _pair():
-    config = dict(_COMMON, tie_word_embeddings=True)
-    torch.manual_seed(3)
-    reference = AutoModelForCausalLM.from_config(LlamaConfig(**config), attn_implementation="sdpa").eval()
-    paged = AutoModelForCausalLM.from_config(LlamaConfig(**config), attn_implementation="hf_paged").eval()
-    paged.load_state_dict(reference.state_dict())
-    return reference, paged
 
 
 def _eos_for(reference, batch, seed: int = 0, **kwargs) -> int:
@@ -43,7 +33,7 @@ def _eos_for(reference, batch, seed: int = 0, **kwargs) -> int:
 
 @pytest.fixture(scope="module")
 def setup():
-    reference, paged = _pair()
+    reference, paged = model_pair("llama", seed=3, tie_word_embeddings=True)  # tied embeddings, as SmolLM's
     batch = left_padded_batch(LENGTHS, seed=5)
     eos = _eos_for(reference, batch)
     return reference, paged, batch, eos
@@ -60,17 +50,6 @@ def _end_steps(sequences: torch.Tensor, prompt_len: int, eos: int) -> list[int]:
     return [int((row == eos).nonzero()[0]) if (row == eos).any() else new.shape[1] - 1 for row in new]
 
 
-def _checked_steps(monkeypatch):
-    """Check the block manager's invariants after every step of every cache (the cache is not returned)."""
-    original = PagedCache._begin_step
-
-    def begin_step(self, group, *args, **kwargs):
-        original(self, group, *args, **kwargs)
-        group.manager.check()
-
-    monkeypatch.setattr(PagedCache, "_begin_step", begin_step)
-
-
 def _live_blocks(sequences: torch.Tensor, attention_mask: torch.Tensor, rows: list[int], block_size: int) -> int:
     """Blocks the given rows of a finished call hold: from each row's first real token's block to its end."""
     length = sequences.shape[1] - 1  # the last token generated is never fed back
@@ -79,7 +58,7 @@ def _live_blocks(sequences: torch.Tensor, attention_mask: torch.Tensor, rows: li
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_ended_rows_give_their_blocks_back_and_tokens_match(setup, block_size, monkeypatch):
+def test_ended_rows_give_their_blocks_back_and_tokens_match(setup, block_size):
     reference, paged, batch, eos = setup
     expected = _run(reference, batch, eos)
     prompt_len = batch["input_ids"].shape[1]
@@ -95,8 +74,8 @@ def test_ended_rows_give_their_blocks_back_and_tokens_match(setup, block_size, m
     assert kept.past_key_values.manager.scratch is None
     kept_stats = kept.past_key_values.stats()
 
-    _checked_steps(monkeypatch)  # the cache generate builds, of this block size
-    with hf_paged.recorded_stats() as recorded:
+    # The cache generate builds, of this block size: the block manager's invariants hold after every step.
+    with hf_paged.recorded_stats() as recorded, watch_steps(paged, check=True):
         out = paged.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=0,
                              cache_config={"block_size": block_size})
     assert torch.equal(out, expected.sequences)
@@ -111,7 +90,7 @@ def test_ended_rows_give_their_blocks_back_and_tokens_match(setup, block_size, m
     assert live <= stats.used_blocks <= live + ended + 1
 
 
-def test_ended_rows_sampled_give_their_blocks_back(setup, monkeypatch):
+def test_ended_rows_sampled_give_their_blocks_back(setup):
     """Sampling draws from every row's logits, the ended rows' too (then discarded): reading keys given back must
     keep them finite, and the seeded draws must stay sdpa's."""
     reference, paged, batch, _ = setup
@@ -119,9 +98,8 @@ def test_ended_rows_sampled_give_their_blocks_back(setup, monkeypatch):
     kwargs = dict(do_sample=True, top_k=0, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
     torch.manual_seed(7)
     expected = reference.generate(**batch, **kwargs)
-    _checked_steps(monkeypatch)
     torch.manual_seed(7)
-    with hf_paged.recorded_stats() as recorded:
+    with hf_paged.recorded_stats() as recorded, watch_steps(paged, check=True):
         out = paged.generate(**batch, **kwargs)
     assert torch.equal(out, expected)
     assert (expected[:, batch["input_ids"].shape[1]:] == eos).any(dim=1).sum() >= 2
@@ -201,7 +179,7 @@ def test_beam_search_with_eos_matches(setup):
     torch.testing.assert_close(out.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-4)
 
 
-def test_sampled_copies_with_eos_match(setup, monkeypatch):
+def test_sampled_copies_with_eos_match(setup):
     """num_return_sequences copies of a prompt share its blocks; the ones that end early stop growing (and keep
     the prompt's blocks, which their copies still read)."""
     reference, paged, batch, eos = setup
@@ -209,8 +187,8 @@ def test_sampled_copies_with_eos_match(setup, monkeypatch):
                   pad_token_id=0)
     torch.manual_seed(11)
     expected = reference.generate(**batch, **kwargs)
-    _checked_steps(monkeypatch)
     torch.manual_seed(11)
-    out = paged.generate(**batch, **kwargs)
+    with watch_steps(paged, check=True):
+        out = paged.generate(**batch, **kwargs)
     assert torch.equal(out, expected)
     assert (expected[:, batch["input_ids"].shape[1]:] == eos).any(dim=1).sum() >= 2

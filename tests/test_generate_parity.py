@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, count_calls, left_padded_batch, make_pair
+from tiny_models import PARITY_FAMILIES, count_calls, left_padded_batch, model_pair
 
 from hf_paged import PagedCache, compat, ops
 from hf_paged.compat import cache_kwargs
@@ -18,9 +18,9 @@ MODES = {
 }
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=PARITY_FAMILIES)
 def pair(request):
-    return request.param, *make_pair(request.param)
+    return request.param, *model_pair(request.param)
 
 
 def _generate(model, inputs, seed=0, **kwargs):
@@ -71,7 +71,7 @@ def test_both_attention_paths_for_rows_sharing_prompts(pair, mode, path, monkeyp
 
 @pytest.mark.parametrize("family", ["llama", "mistral_window", "gemma2"])
 def test_prompt_without_padding_spanning_many_blocks(family):
-    reference, paged = make_pair(family)
+    reference, paged = model_pair(family)
     inputs = left_padded_batch([70, 70], seed=3)
     expected = _generate(reference, inputs, num_beams=2)
     got = _generate(paged, inputs, num_beams=2, **cache_kwargs(PagedCache(paged.config, block_size=4)))
@@ -82,7 +82,7 @@ def test_prompt_without_padding_spanning_many_blocks(family):
 def test_single_sequence_reads_its_blocks_in_place(family):
     """One row with consecutive blocks is attended in place (no gather): as one range of a single slab, or one
     window per slab when the growing pool has several (hf_paged.storage); tokens are unchanged."""
-    reference, paged = make_pair(family)
+    reference, paged = model_pair(family)
     inputs = left_padded_batch([29], seed=4)
     cache = PagedCache(paged.config, block_size=4)
     expected = _generate(reference, inputs)
@@ -103,7 +103,7 @@ def test_single_sequence_reads_its_blocks_in_place(family):
 def test_blocks_no_row_has_written_hold_zeros(num_blocks):
     """`ops.window_attention` scores every slot of its range: the pool must never expose garbage (a NaN left by
     an earlier tensor in the same memory would survive the mask)."""
-    reference, paged = make_pair("llama")
+    reference, paged = model_pair("llama")
     inputs = left_padded_batch([9], seed=5)
     config = paged.config
     head_dim = config.hidden_size // config.num_attention_heads

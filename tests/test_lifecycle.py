@@ -11,7 +11,7 @@ import gc
 
 import pytest
 import torch
-from conftest import _family_configs, system_prompt
+from tiny_models import config, system_prompt
 from transformers import AutoModelForCausalLM
 
 import hf_paged
@@ -54,7 +54,7 @@ def _changes(reference, paged, change) -> None:
 def test_prefix_cache_is_not_served_after_load_state_dict(prefix_pair):
     reference, paged = prefix_pair
     torch.manual_seed(7)
-    other = AutoModelForCausalLM.from_config(_family_configs()["llama"], attn_implementation="sdpa")
+    other = AutoModelForCausalLM.from_config(config("llama"), attn_implementation="sdpa")
     _changes(reference, paged, lambda model: model.load_state_dict(other.state_dict()))
 
 
@@ -89,10 +89,9 @@ def test_a_failed_call_releases_its_blocks_at_once(prefix_pair):
 
 def test_a_cache_built_for_fewer_layers_says_so(prefix_pair):
     _, paged = prefix_pair
-    config = _family_configs()["llama"]
-    config.num_hidden_layers = 1
-    config._attn_implementation = "hf_paged"
-    cache = PagedCache(config)
+    fewer = config("llama", num_hidden_layers=1)
+    fewer._attn_implementation = "hf_paged"
+    cache = PagedCache(fewer)
     ids = _prompt(2, seed=1)
     with pytest.raises(ValueError, match=r"hf_paged: layer 1 .* built for 1 layer\(s\).*PagedCache\(model.config\)"):
         _generate(paged, ids, past_key_values=cache)

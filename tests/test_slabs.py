@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, count_calls, left_padded_batch, make_pair, needs_triton_interpreter
-from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig, GptOssConfig
+from conftest import needs_triton_interpreter
+from tiny_models import MODES, VOCAB, count_calls, left_padded_batch, model_pair
 
 import hf_paged.masks
 import hf_paged.step
@@ -18,51 +18,13 @@ from hf_paged.kv_pool import KVPool
 from hf_paged.storage import LayerStore
 
 NEW_TOKENS = 40
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-_MIXED = dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"], head_dim=16)
-
-
-def _config(family: str):
-    if family == "gemma3":
-        return Gemma3TextConfig(**_COMMON, **_MIXED)
-    if family == "gpt_oss":
-        return GptOssConfig(**_COMMON, **_MIXED, num_local_experts=4, num_experts_per_tok=2)
-    return AutoConfig.for_model(  # multi-head latent attention: latents of two widths are paged
-        "deepseek_v3", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_hidden_layers=2,
-        first_k_dense_replace=1, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-        topk_group=1, n_shared_experts=1, kv_lora_rank=12, q_lora_rank=None, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=12, num_key_value_heads=4)
-
-
-def _pair(family: str):
-    if family == "llama":
-        return make_pair("llama")
-    torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(_config(family), attn_implementation="eager").eval()
-    state = reference.state_dict()
-    for name in state:
-        if name.endswith("sinks"):  # random sinks (gpt-oss starts them at zero, which would hide a wrong merge)
-            state[name].copy_(torch.randn_like(state[name]))
-    reference.load_state_dict(state)
-    paged = AutoModelForCausalLM.from_config(_config(family), attn_implementation="hf_paged").eval()
-    paged.load_state_dict(state)
-    for model in (reference, paged):
-        model.generation_config.pad_token_id = 0
-    return reference, paged
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3", "gpt_oss", "deepseek_v3"])
 def pair(request):
-    return request.param, *_pair(request.param)
+    return request.param, *model_pair(request.param)
 
 
-MODES = {
-    "greedy": dict(do_sample=False),
-    "beams": dict(num_beams=3, num_return_sequences=2),
-    "sample": dict(do_sample=True, num_return_sequences=3, top_k=0),
-}
 
 
 def _generate(model, inputs, **kwargs):
@@ -90,8 +52,9 @@ class _SlabWatch:
         self.handle = model.register_forward_pre_hook(self._look, with_kwargs=True)
 
     def _look(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if isinstance(cache, PagedCache) and cache.pool.slabs:
+        # (Transformers 5.24 renamed the keyword past_key_values to cache: look for the cache itself.)
+        cache = next((value for value in kwargs.values() if isinstance(value, PagedCache)), None)
+        if cache is not None and cache.pool.slabs:
             for slab in cache.pool.slabs:
                 for tensor in slab:
                     self.keep.append(tensor)
@@ -116,7 +79,7 @@ def test_growing_pool_gives_reference_tokens(pair, mode, monkeypatch):
     assert torch.equal(got.sequences, expected.sequences), f"{family} {mode}: tokens differ"
     pool = cache.pool
     assert len(pool.slabs) >= 2, pool.starts
-    assert all(len(pointers) == 1 for pointers in watch.pointers.values())  # old slabs never move
+    assert watch.pointers and all(len(pointers) == 1 for pointers in watch.pointers.values())  # slabs never move
     # Every block of every pool (a sliding-window model has one per layer group) is allocated once: no copy.
     assert sum(watch.allocated) == sum(len(each.tensors) * each.num_blocks for each in cache.pools)
     assert max(watch.allocated) < pool.num_blocks
@@ -129,7 +92,7 @@ def test_growing_pool_gives_reference_tokens(pair, mode, monkeypatch):
 def test_allocated_within_one_quantum_of_referenced(mode):
     """Over a generate call, the pool never holds more than one growth quantum beyond what its rows reference at
     their peak (the rule documented on `KVPool`), and it reserved nothing ahead."""
-    _, paged = make_pair("llama")
+    _, paged = model_pair("llama")
     inputs = left_padded_batch([13, 6, 9], seed=3)
     cache = PagedCache(paged.config, block_size=4)
     _generate(paged, inputs, past_key_values=cache, **MODES[mode])
@@ -145,7 +108,7 @@ def test_allocated_within_one_quantum_of_referenced(mode):
 def test_forked_rows_grow_inside_the_prompts_slab(mode):
     """A prompt computed once for its k rows sizes the pool's slack for the k rows that will grow (`expect_forks`):
     the rows' first new blocks lie in the prompt's slab, so decoding reads one slab, not a prompt slab and a tail."""
-    _, paged = make_pair("llama")
+    _, paged = model_pair("llama")
     ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(5))  # 4 full blocks of 4
     cache = PagedCache(paged.config, block_size=4)
     _generate(paged, {"input_ids": ids}, past_key_values=cache, **{**MODES[mode], "num_return_sequences": 3})
@@ -160,7 +123,7 @@ def test_forked_rows_grow_inside_the_prompts_slab(mode):
 def test_single_row_crossing_slabs_is_read_in_place(monkeypatch):
     """Greedy decoding of one row right after its prefill: the row's blocks cross slab boundaries, and every decode
     step reads them in place, one window per slab (nothing gathered), with sdpa's tokens."""
-    reference, paged = make_pair("llama")
+    reference, paged = model_pair("llama")
     ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
     expected = reference.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     calls = count_calls(monkeypatch, ops, ["windows_attention", "window_attention", "shared_prefix_attention"])
@@ -173,7 +136,7 @@ def test_single_row_crossing_slabs_is_read_in_place(monkeypatch):
 
 
 def test_fixed_pool_is_one_slab():
-    _, paged = make_pair("llama")
+    _, paged = model_pair("llama")
     cache = PagedCache(paged.config, block_size=4, num_blocks=64)
     paged.generate(**left_padded_batch([13, 6, 9], seed=5), max_new_tokens=NEW_TOKENS, do_sample=False,
                    past_key_values=cache)
@@ -182,7 +145,7 @@ def test_fixed_pool_is_one_slab():
 
 
 def test_deepcopy_of_a_pool_of_several_slabs_continues_like_the_original():
-    reference, paged = make_pair("llama")
+    reference, paged = model_pair("llama")
     inputs = left_padded_batch([13, 6, 9], seed=6)
     cache = PagedCache(paged.config, block_size=4)
     first = paged.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=cache)
@@ -265,9 +228,9 @@ _TRITON_SCRIPT = '''
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch
-from conftest import VOCAB, left_padded_batch, make_pair
+from tiny_models import left_padded_batch, model_pair
 from hf_paged import PagedCache
-reference, paged = make_pair("llama")
+reference, paged = model_pair("llama")
 results = {}
 for mode, kwargs in {"greedy": dict(do_sample=False), "beams": dict(num_beams=3, num_return_sequences=2)}.items():
     inputs = left_padded_batch([13, 6], seed=7)

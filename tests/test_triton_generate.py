@@ -25,16 +25,16 @@ from conftest import needs_triton_interpreter
 pytestmark = needs_triton_interpreter
 
 SCRIPT = r'''
-import copy
 import json
 import os
 import sys
-from pathlib import Path
 
 assert os.environ["TRITON_INTERPRET"] == "1" and os.environ["HF_PAGED_BACKEND"] == "triton"
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, GptOssConfig, Llama4TextConfig, LlamaConfig
+
+sys.path.insert(0, sys.argv[1])
+from tiny_models import VOCAB, left_padded_batch, model_pair
 
 import hf_paged
 from hf_paged import PagedCache, backend, ops
@@ -62,28 +62,19 @@ for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv",
              "shared_prefix_paged_attention", "window_attention"):
     count(ops, name, "ops." + name)
 
-VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# The suite's tiny models, smaller still for the interpreter: (family, config changes, reference attention).
+SMALL = dict(intermediate_size=64, max_position_embeddings=128)
 CONFIGS = {
-    "llama": (LlamaConfig(**COMMON, initializer_range=0.1), "sdpa"),
-    "gemma2": (Gemma2Config(**COMMON, head_dim=16, sliding_window=6, attn_logit_softcapping=5.0,
-                            final_logit_softcapping=3.0, query_pre_attn_scalar=24), "eager"),
+    "llama": ("llama", dict(SMALL, initializer_range=0.1), "sdpa"),
+    "gemma2": ("gemma2", SMALL, "eager"),
     # attention sinks on a sliding layer and a full one; chunked attention (chunks of 4) on layer 0
-    "gpt_oss": (GptOssConfig(**COMMON, head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=6,
-                             layer_types=["sliding_attention", "full_attention"]), "eager"),
-    "llama4_text": (Llama4TextConfig(**COMMON, head_dim=16, intermediate_size_mlp=64, num_local_experts=2,
-                                     attention_chunk_size=4, no_rope_layers=[1, 0]), "eager"),
+    "gpt_oss": ("gpt_oss", dict(SMALL, num_local_experts=2, num_experts_per_tok=1), "eager"),
+    "llama4_text": ("llama4_text", dict(SMALL, intermediate_size_mlp=64, num_local_experts=2, attention_chunk_size=4),
+                    "eager"),
+    # Gemma 4 (5.17+) with KV sharing: layers 2-3 read layers 0-1's pools, and a prefill gives them one query
+    "gemma4_shared": ("gemma4_kv_shared", dict(SMALL, num_hidden_layers=4, sliding_window=6, num_kv_shared_layers=2,
+                                               layer_types=["sliding_attention", "full_attention"] * 2), "eager"),
 }
-try:  # Gemma 4 (5.17+) with KV sharing: layers 2-3 read layers 0-1's pools, and a prefill gives them one query
-    from transformers.models.gemma4 import Gemma4TextConfig
-
-    CONFIGS["gemma4_shared"] = (Gemma4TextConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, global_head_dim=32,
-                                                 hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
-                                                 sliding_window=6, num_kv_shared_layers=2,
-                                                 layer_types=["sliding_attention", "full_attention"] * 2), "eager")
-except ImportError:
-    pass
 MODES = {
     "greedy": dict(do_sample=False),
     "beams": dict(num_beams=3, num_return_sequences=2, length_penalty=0.7, early_stopping=True),
@@ -93,34 +84,8 @@ NEW_TOKENS = int(sys.argv[3])
 
 
 def pair(family):
-    config, reference_attention = CONFIGS[family]
-    torch.manual_seed(0)
-    # Each model gets its own config: from_config writes the attention implementation into it.
-    reference = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference_attention)
-    paged = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="hf_paged")
-    assert reference.config._attn_implementation == reference_attention
-    assert paged.config._attn_implementation == "hf_paged"
-    state = reference.state_dict()
-    for name in state:
-        if name.endswith("sinks"):  # initialised near 0: make them matter
-            state[name].copy_(torch.randn_like(state[name]))
-    reference.load_state_dict(state)
-    paged.load_state_dict(state)
-    for model in (reference, paged):
-        model.eval()
-        model.generation_config.pad_token_id = 0
-    return reference, paged
-
-
-def prompts(lengths, seed):
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(lengths):
-        input_ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=generator)
-        attention_mask[row, width - length:] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    name, changes, reference_attention = CONFIGS[family]
+    return model_pair(name, reference=reference_attention, **changes)
 
 
 def generate(model, inputs, **kwargs):
@@ -135,7 +100,7 @@ results = {}
 for family in sys.argv[2].split(","):
     reference, paged = pair(family)
     # Unequal left-padded rows; 11 tokens fill 2 blocks of 5 and start a third, so beams share a partial block.
-    inputs = prompts([11, 4, 8], seed=1)
+    inputs = left_padded_batch([11, 4, 8], seed=1)
     # Greedy with EOS: the token row 1 generates second ends it there; in a cache the call drops, its padding then
     # goes to the scratch block and its blocks go back to the pool (a cache that outlives the call keeps them).
     eos = int(generate(reference, inputs, do_sample=False).sequences[1, 12])
@@ -202,7 +167,8 @@ for family in sys.argv[2].split(","):
 print(json.dumps(results))
 '''
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
 NEW_TOKENS = 6
 
 
@@ -214,7 +180,7 @@ def run_script(tmp_path, families: list[str], modes: list[str]) -> dict:
     # at another checkout, or nowhere).
     env = {**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "1", "HF_PAGED_BACKEND": "triton",
            "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(script), ROOT, ",".join(families), str(NEW_TOKENS), ",".join(modes)],
+    run = subprocess.run([sys.executable, str(script), TESTS, ",".join(families), str(NEW_TOKENS), ",".join(modes)],
                          cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
