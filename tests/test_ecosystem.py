@@ -15,7 +15,7 @@ import threading
 
 import pytest
 import torch
-from tiny_models import left_padded_batch, model_pair, random_ids, watch_steps
+from tiny_models import assert_stats_consistent, left_padded_batch, model_pair, random_ids, watch_steps
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as tokenizer_models
 from transformers import (
@@ -90,22 +90,6 @@ def paged_steps(steps):
 def greedy(model, ids, mask=None, **kwargs):
     kwargs.setdefault("max_new_tokens", 10)
     return model.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
-
-
-def assert_stats_consistent(cache: PagedCache) -> None:
-    stats = cache.stats()
-    assert stats.used_blocks + stats.free_blocks == stats.num_blocks
-    assert stats.used_bytes == stats.used_blocks * cache.bytes_per_block
-    assert stats.pool_bytes == stats.num_blocks * cache.bytes_per_block
-    assert stats.peak_used_bytes == stats.peak_used_blocks * cache.bytes_per_block
-    assert stats.used_bytes <= stats.pool_bytes <= stats.peak_pool_bytes  # referenced <= allocated <= its peak
-    assert stats.logical_bytes == stats.logical_tokens * cache.bytes_per_block // cache.block_size
-    assert stats.logical_tokens == sum(cache.manager.lengths)
-    assert stats.num_rows == cache.manager.num_rows
-    assert stats.block_size == cache.block_size
-    assert 0 <= stats.shared_blocks <= stats.used_blocks <= stats.peak_used_blocks <= stats.num_blocks
-    assert stats.cow_copies >= 0
-    cache.manager.check()
 
 
 # ------------------------------------------------------------------------------------------------- pipelines

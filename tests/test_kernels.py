@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import needs_triton_interpreter
+from tiny_models import random_ids
 
 TESTS = Path(__file__).parent
 
@@ -92,3 +93,10 @@ def test_backend_refuses_offset_tables_on_the_pytorch_path(monkeypatch):
     assert torch.equal(value_cache.view(-1, 1, 8)[[1, 9]], 2 * keys[[0, 2]])
     with pytest.raises(TypeError, match="layer store with .base and .block_offsets"):
         backend.kernel_operands(object())
+
+
+def test_invalid_backend_environment_variable(llama_pair, monkeypatch):
+    _, paged = llama_pair
+    monkeypatch.setenv("HF_PAGED_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="HF_PAGED_BACKEND"):
+        paged.generate(random_ids(1, 6, seed=141), max_new_tokens=6, do_sample=False)

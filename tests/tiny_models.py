@@ -216,6 +216,23 @@ def system_prompt(system_len: int, suffix_len: int, seed: int, system_seed: int 
     return torch.cat([random_ids(1, system_len, system_seed), random_ids(1, suffix_len, seed)], dim=1)
 
 
+def assert_stats_consistent(cache: PagedCache) -> None:
+    """`cache.stats()` agrees with itself and with the cache's rows, and the first group's invariants hold."""
+    stats = cache.stats()
+    assert stats.used_blocks + stats.free_blocks == stats.num_blocks
+    assert stats.used_bytes == stats.used_blocks * cache.bytes_per_block
+    assert stats.pool_bytes == stats.num_blocks * cache.bytes_per_block
+    assert stats.peak_used_bytes == stats.peak_used_blocks * cache.bytes_per_block
+    assert stats.used_bytes <= stats.pool_bytes <= stats.peak_pool_bytes  # referenced <= allocated <= its peak
+    assert stats.logical_bytes == stats.logical_tokens * cache.bytes_per_block // cache.block_size
+    assert stats.logical_tokens == sum(cache.manager.lengths)
+    assert stats.num_rows == cache.manager.num_rows
+    assert stats.block_size == cache.block_size
+    assert 0 <= stats.shared_blocks <= stats.used_blocks <= stats.peak_used_blocks <= stats.num_blocks
+    assert stats.cow_copies >= 0
+    cache.manager.check()
+
+
 @dataclass
 class Steps:
     """What `watch_steps` saw."""
