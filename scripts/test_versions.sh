@@ -17,7 +17,7 @@ VERSIONS=("$@")
 [ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(5.0.0 5.17.0)
 TESTS=(tests/test_generate_parity.py tests/test_prefill_once.py tests/test_prefix_cache.py tests/test_cache.py
        tests/test_ecosystem.py tests/test_triton_generate.py tests/test_tensor_parallel.py tests/test_families.py
-       tests/test_lifecycle.py tests/test_finished_rows.py tests/test_device_map.py tests/test_cache_layers.py
+       tests/test_lifecycle.py tests/test_device_map.py
        tests/test_layer_groups.py tests/test_storage.py tests/test_conformance.py)
 # The device machine's image (scripts/gpu_check.sh runs there): its release also gets its Triton, and the tests that
 # rehearse the GPU check and compile the kernels ahead of time with it (its interpreter is too old for the
