@@ -8,8 +8,7 @@ import copy
 import pytest
 import tiny_models
 import torch
-from conftest import needs_triton_interpreter
-from tiny_models import BASE, MLA, MLA_HYBRID_FAMILIES, VOCAB, available, count_calls, left_padded_batch, model_pair
+from tiny_models import BASE, MLA, MLA_HYBRID_FAMILIES, VOCAB, available, left_padded_batch, model_pair
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -120,94 +119,6 @@ def test_prefix_caching(pair):
     _assert_same(got, expected, f"{family}/prefix")
     hybrid = bool(got.past_key_values.state_layers)
     assert (got.past_key_values.prefix_hit_tokens == 0) == hybrid
-
-
-@pytest.mark.skipif("mimo_v2_flash" not in FAMILIES, reason="this Transformers has no MiMo-V2-Flash")
-@pytest.mark.parametrize("path", ["window", "split", "gathered"])
-def test_every_attention_path_with_narrower_values(path, monkeypatch):
-    """Values narrower than keys (MiMo-V2-Flash) through each PyTorch attention path: one block range for all rows
-    (`ops.window_attention`), shared prefix plus tails (`ops.shared_prefix_attention`), per-row gathers."""
-
-    from hf_paged import ops
-
-    reference, paged = model_pair("mimo_v2_flash")
-    calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention", "gather_kv"))
-    if path != "window":
-        monkeypatch.setenv("HF_PAGED_READ_PLAN", {"split": "shared_prefix", "gathered": "gather"}[path])
-    inputs = left_padded_batch([12, 5, 9], seed=1)
-    expected = _generate(reference, inputs, "beams")
-    got = _generate(paged, inputs, "beams", past_key_values=PagedCache(paged.config, block_size=4))
-    _assert_same(got, expected, f"mimo_v2_flash/{path}")
-    assert (calls["window_attention"] + calls["windows_attention"] > 0) == (path == "window")  # one slab, several
-    assert (calls["shared_prefix_attention"] > 0) == (path == "split")
-
-
-_TRITON_SCRIPT = r'''
-import json
-import sys
-
-import torch
-from transformers import AutoModelForCausalLM
-
-sys.path.insert(0, sys.argv[1])
-from test_mla_hybrid import _generate  # noqa: E402
-from tiny_models import left_padded_batch, model_pair  # noqa: E402
-
-from hf_paged import PagedCache, backend  # noqa: E402
-
-kernels = backend.kernels()
-calls = {}
-for name in ("reshape_and_cache", "paged_attention", "copy_blocks"):
-    original = getattr(kernels, name)
-
-    def counted(*args, _name=name, _original=original, **kwargs):
-        calls[_name] = calls.get(_name, 0) + 1
-        return _original(*args, **kwargs)
-
-    setattr(kernels, name, counted)
-results = {}
-for family in sys.argv[2:]:
-    reference, paged = model_pair(family)
-    inputs = left_padded_batch([9, 4], seed=1)
-    for mode in ("greedy", "beams"):
-        calls.clear()
-        expected = _generate(reference, inputs, mode)
-        got = _generate(paged, inputs, mode, past_key_values=PagedCache(paged.config, block_size=4))
-        diff = (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max().item()
-        results[f"{family}/{mode}"] = {"same": bool(torch.equal(got.sequences, expected.sequences)), "diff": diff,
-                                       "calls": dict(calls)}
-print(json.dumps(results))
-'''
-
-
-@needs_triton_interpreter
-def test_triton_kernels_under_the_interpreter(tmp_path):
-    """``generate`` through the Triton kernels (``HF_PAGED_BACKEND=triton``, interpreter on CPU): values narrower
-    than keys read by the paged-attention kernel (MiMo-V2-Flash), latents of two widths written by
-    reshape_and_cache and copied by copy_blocks (DeepSeek-V3), a hybrid (Qwen3-Next)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    families = [name for name in ("mimo_v2_flash", "deepseek_v3", "qwen3_next") if name in FAMILIES]
-    script = tmp_path / "run.py"
-    script.write_text(_TRITON_SCRIPT)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_PAGED_BACKEND": "triton", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(script), str(Path(__file__).parent), *families], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
-    for label, result in results.items():
-        assert result["same"] and result["diff"] < 2e-4, (label, result)
-        assert result["calls"].get("reshape_and_cache", 0) > 0, (label, result)
-        if label.endswith("/beams"):
-            assert result["calls"].get("copy_blocks", 0) > 0, (label, result)  # copy-on-write of shared blocks
-    for mode in ("greedy", "beams"):
-        if "mimo_v2_flash" in families:
-            assert results[f"mimo_v2_flash/{mode}"]["calls"].get("paged_attention", 0) > 0
 
 
 @pytest.mark.parametrize("family", [name for name in ("deepseek_v32", "axk2") if name in CONFIG_MAPPING_NAMES])

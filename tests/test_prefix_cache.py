@@ -368,3 +368,31 @@ def test_sliding_window_families_hit_and_match(family):
         assert torch.equal(out.sequences, reference.generate(ids, **kwargs).sequences)
     finally:
         hf_paged.disable_prefix_caching(paged)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "phimoe"])
+def test_attention_features_hit_mid_sequence(family):
+    """Attention sinks, chunks and a window given only by the mask function: a second call whose prompt starts with
+    the first's blocks reuses them and attends from mid-sequence, with eager's tokens and logits."""
+    reference, paged = model_pair(family, reference="eager")
+    hf_paged.enable_prefix_caching(paged, block_size=4)
+    try:
+        for suffix_len, seed in ((5, 6), (11, 7)):
+            ids = system_prompt(17, suffix_len, seed, system_seed=5)
+            for mode in (dict(), dict(num_beams=2, num_return_sequences=2)):
+                outputs = []
+                for model in (reference, paged):
+                    torch.manual_seed(0)
+                    outputs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                                  min_new_tokens=8, return_dict_in_generate=True, output_logits=True,
+                                                  **mode))
+                expected, got = outputs
+                torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-4,
+                                           rtol=1e-4)
+                assert torch.equal(got.sequences, expected.sequences), f"{family}/prefix/{suffix_len}: tokens differ"
+                hits = got.past_key_values.stats().prefix_hit_tokens
+                del got, outputs
+                gc.collect()
+        assert hits > 0
+    finally:
+        hf_paged.disable_prefix_caching(paged)

@@ -1,4 +1,5 @@
-"""A whole ``model.generate()`` through the Triton kernels, on CPU, under Triton's interpreter.
+"""A whole ``model.generate()`` through the Triton kernels, on CPU, under Triton's interpreter (the kernels' end to end
+test; the kernels against their references are ``tests/test_kernels.py``'s).
 
 ``HF_PAGED_BACKEND=triton`` sends every paged op of ``"hf_paged"`` to ``hf_paged.kernels`` and ``TRITON_INTERPRET=1``
 lets those kernels run on CPU tensors. Both must be set before ``hf_paged.kernels`` is imported, and must not leak
@@ -9,7 +10,9 @@ on tiny random-weight models with left-padded prompts, for greedy search, beam s
 ``num_return_sequences``. In the last two the rows of a prompt share its blocks, and decoding must read them once
 per prompt through ``shared_prefix_paged_attention``. With prefix caching, a second call maps the first call's
 system-prompt blocks in every layer group and its prefill reads them through the paged kernel; a third maps them
-into rows with different numbers of whole pad blocks.
+into rows with different numbers of whole pad blocks. Two smaller scripts run a growable pool of several block-major
+slabs (addressed through the kernels' offset tables) and models whose values are narrower than their keys, MLA
+latents and a hybrid.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 
 import pytest
 from conftest import needs_triton_interpreter
+from tiny_models import available
 
 pytestmark = needs_triton_interpreter
 
@@ -172,19 +176,23 @@ ROOT = os.path.dirname(TESTS)
 NEW_TOKENS = 6
 
 
-def run_script(tmp_path, families: list[str], modes: list[str]) -> dict:
+def _run(tmp_path, script: str, *args: str, timeout: float = 300) -> dict:
+    """Run `script` (its arguments: this folder, then `args`) in a subprocess under Triton's interpreter with
+    ``HF_PAGED_BACKEND=triton``, importing this checkout's hf_paged (not an installed one), and return what its last
+    line printed as JSON."""
     pytest.importorskip("triton")
-    script = tmp_path / "triton_generate.py"
-    script.write_text(SCRIPT)
-    # The checkout under test, not whatever hf_paged the interpreter has installed (an editable install may point
-    # at another checkout, or nowhere).
+    path = tmp_path / "script.py"
+    path.write_text(script)
     env = {**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "1", "HF_PAGED_BACKEND": "triton",
            "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(script), TESTS, ",".join(families), str(NEW_TOKENS), ",".join(modes)],
-                         cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, str(path), TESTS, *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def run_script(tmp_path, families: list[str], modes: list[str]) -> dict:
+    return _run(tmp_path, SCRIPT, ",".join(families), str(NEW_TOKENS), ",".join(modes))
 
 
 def test_generate_runs_through_the_triton_kernels(tmp_path):
@@ -269,3 +277,91 @@ def test_kv_shared_layers_run_through_the_triton_kernels(tmp_path):
         assert not any(key.startswith("ops.") for key in calls), (case, calls)
         assert result["same_tokens"], (case, result)
         assert result["max_logit_diff"] < 2e-4, (case, result)
+
+
+SLABS_SCRIPT = '''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from tiny_models import left_padded_batch, model_pair
+from hf_paged import PagedCache
+reference, paged = model_pair("llama")
+results = {}
+for mode, kwargs in {"greedy": dict(do_sample=False), "beams": dict(num_beams=3, num_return_sequences=2)}.items():
+    inputs = left_padded_batch([13, 6], seed=7)
+    expected = reference.generate(**inputs, max_new_tokens=20, min_new_tokens=20, **kwargs)
+    cache = PagedCache(paged.config, block_size=4)
+    got = paged.generate(**inputs, max_new_tokens=20, min_new_tokens=20, past_key_values=cache, **kwargs)
+    results[mode] = {"same": bool(torch.equal(got, expected)), "slabs": len(cache.pool.slabs),
+                     "block_major": cache.pool.block_major}
+print(json.dumps(results))
+'''
+
+
+def test_a_pool_of_slabs_runs_through_the_triton_kernels(tmp_path):
+    """``generate`` through the Triton kernels with a growable pool: it grows by block-major slabs, which the kernels
+    address through their offset tables, and gives sdpa's tokens."""
+    for mode, result in _run(tmp_path, SLABS_SCRIPT, timeout=900).items():
+        assert result["same"] and result["block_major"], (mode, result)
+        assert result["slabs"] >= 2, (mode, result)
+
+
+WIDTHS_SCRIPT = r'''
+import json
+import sys
+
+import torch
+
+sys.path.insert(0, sys.argv[1])
+from tiny_models import left_padded_batch, model_pair  # noqa: E402
+
+from hf_paged import PagedCache, backend  # noqa: E402
+
+MODES = {"greedy": dict(do_sample=False), "beams": dict(num_beams=3, num_return_sequences=2)}
+
+
+def generate(model, inputs, mode, **kwargs):
+    torch.manual_seed(0)
+    return model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True,
+                          output_logits=True, **MODES[mode], **kwargs)
+
+
+
+kernels = backend.kernels()
+calls = {}
+for name in ("reshape_and_cache", "paged_attention", "copy_blocks"):
+    original = getattr(kernels, name)
+
+    def counted(*args, _name=name, _original=original, **kwargs):
+        calls[_name] = calls.get(_name, 0) + 1
+        return _original(*args, **kwargs)
+
+    setattr(kernels, name, counted)
+results = {}
+for family in sys.argv[2:]:
+    reference, paged = model_pair(family)
+    inputs = left_padded_batch([9, 4], seed=1)
+    for mode in ("greedy", "beams"):
+        calls.clear()
+        expected = generate(reference, inputs, mode)
+        got = generate(paged, inputs, mode, past_key_values=PagedCache(paged.config, block_size=4))
+        diff = (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max().item()
+        results[f"{family}/{mode}"] = {"same": bool(torch.equal(got.sequences, expected.sequences)), "diff": diff,
+                                       "calls": dict(calls)}
+print(json.dumps(results))
+'''
+
+
+def test_values_of_another_width_and_hybrids_run_through_the_triton_kernels(tmp_path):
+    """Values narrower than keys read by the paged-attention kernel (MiMo-V2-Flash), latents of two widths written by
+    reshape_and_cache and copied by copy_blocks (DeepSeek-V3), a hybrid (Qwen3-Next): eager's tokens."""
+    families = [name for name in ("mimo_v2_flash", "deepseek_v3", "qwen3_next") if available(name)]
+    results = _run(tmp_path, WIDTHS_SCRIPT, *families, timeout=900)
+    for label, result in results.items():
+        assert result["same"] and result["diff"] < 2e-4, (label, result)
+        assert result["calls"].get("reshape_and_cache", 0) > 0, (label, result)
+        if label.endswith("/beams"):
+            assert result["calls"].get("copy_blocks", 0) > 0, (label, result)  # copy-on-write of shared blocks
+    for mode in ("greedy", "beams"):
+        if "mimo_v2_flash" in families:
+            assert results[f"mimo_v2_flash/{mode}"]["calls"].get("paged_attention", 0) > 0

@@ -180,9 +180,10 @@ def model_pair(family: str, *, reference: str | None = None, seed: int = 0, dtyp
     reference_model = AutoModelForCausalLM.from_config(
         config(family, **overrides), attn_implementation=reference or reference_attention(family)).eval()
     state = reference_model.state_dict()
-    for name in state:
-        if name.endswith("sinks"):
-            state[name].copy_(torch.randn_like(state[name]))  # in place: the reference has them too
+    sinks = [name for name in state if name.endswith("sinks")]
+    assert bool(sinks) == (family in SINK_FAMILIES), f"{family}: sinks {sinks}: update SINK_FAMILIES"
+    for name in sinks:
+        state[name].copy_(torch.randn_like(state[name]))  # in place: the reference has them too
     paged = AutoModelForCausalLM.from_config(config(family, **overrides), attn_implementation="hf_paged").eval()
     paged.load_state_dict(state)
     assert reference_model.config._attn_implementation != paged.config._attn_implementation == "hf_paged"
