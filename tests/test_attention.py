@@ -73,7 +73,8 @@ def test_every_pytorch_path(pair, path, monkeypatch):
     `ops.shared_prefix_attention` (the shared prefix once, then each row's tail; layers with a window or chunks
     gather instead) or gather every row's keys: each gives eager's tokens."""
     family, reference, paged = pair
-    calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention", "attend"))
+    calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention",
+                                           "attend"))
     windowed = lambda: calls["window_attention"] + calls["windows_attention"]  # noqa: E731  (one slab, several)
     if path != "window":
         monkeypatch.setenv("HF_PAGED_READ_PLAN", {"split": "shared_prefix", "gather": "gather"}[path])

@@ -109,7 +109,7 @@ def test_invariants_hold_under_random_operations(block_size, num_blocks, rows, o
             if name != "append":  # some rows have ended: their new tokens go to the scratch block
                 arg, bits = arg
                 finished = [bool(bits >> row & 1) for row in range(manager.num_rows)]
-            if name == "give_back":  # ended rows of their own blocks give them back (PagedCache._begin_step)
+            if name == "give_back":  # ended rows of their own blocks give them back (LayerGroup.begin_step)
                 private = manager.private_rows(finished)
                 live = [length if mine else start
                         for start, length, mine in zip(manager.live_from, manager.lengths, private, strict=True)]

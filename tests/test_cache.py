@@ -17,7 +17,8 @@ from hf_paged import OutOfBlocksError, PagedCache, compat
 from hf_paged.compat import cache_kwargs, output_cache
 from hf_paged.kv_pool import KVPool
 
-# Bytes of one block of the tiny Llama below ("llama128") in float32: layers * (K, V) * block_size * kv_heads * head_dim * 4.
+# Bytes of one block of the tiny Llama below ("llama128") in float32:
+# layers * (K, V) * block_size * kv_heads * head_dim * 4.
 BLOCK_BYTES_16 = 2 * 2 * 16 * 2 * 16 * 4
 
 
@@ -341,7 +342,7 @@ def test_a_forward_under_autograd_is_refused_before_anything_is_written(models):
     paged.zero_grad(set_to_none=True)
 
 
-# ------------------------------------------------------------------- layers' keys and values, as Transformers means them
+# ------------------------------------------------------------------------------------------ the layers' keys and values
 # `PagedCache.layers[i].keys` / `.values` mean what they mean in Transformers: each row's keys, gathered.
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 @pytest.mark.parametrize("num_beams", [1, 3])

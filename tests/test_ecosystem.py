@@ -273,7 +273,7 @@ def test_prompt_lookup_decoding(models, steps):
     got = greedy(paged, ids, max_new_tokens=20, prompt_lookup_num_tokens=4)
     assert torch.equal(got, expected)
     assert torch.equal(greedy(ref, ids, max_new_tokens=20, prompt_lookup_num_tokens=4), expected)
-    assert any(n < 0 for n in steps.rollbacks), "prompt lookup never rejected a candidate; the test did not exercise crop"
+    assert any(n < 0 for n in steps.rollbacks), "prompt lookup never rejected a candidate: crop was not exercised"
     assert any(q > 1 for q in steps.tokens[1:]), "no multi-token verification step ran on the PagedCache"
 
 
