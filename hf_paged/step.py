@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from . import backend
 from .block_manager import NULL_BLOCK, BlockManager
 
-__all__ = ["SharedPrefix", "StepPlan", "build_step", "padded_tables", "table_tensor"]
+__all__ = ["READ_PLANS", "SharedPrefix", "StepPlan", "build_step", "padded_tables", "read_plan", "table_tensor"]
 
 # On the PyTorch path a step reads all rows' keys as one block range (`ops.window_attention`) when the range holds
 # at most `_WINDOW_EXTRA_KEYS` keys (or a quarter of the longest row, if more) beyond the longest row's: every
@@ -29,6 +30,8 @@ _WINDOW_MAX_QUERIES = 16
 # With a pool of several slabs, a window is planned per slab holding some row's blocks, each read in place, and
 # the partial attentions merged by log-sum-exp; beyond this many slabs in one step, the keys are gathered instead.
 _WINDOW_MAX_SLABS = 8
+# What ``HF_PAGED_READ_PLAN`` may ask for (`read_plan`).
+READ_PLANS = ("auto", "shared_prefix", "gather")
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,24 @@ class StepPlan:
         return self.memo(("last_queries", q_len), lambda: dataclasses.replace(self, q_len=q_len, _memo={}))
 
 
+def read_plan() -> str:
+    """Which read plans a step may take, from the environment variable ``HF_PAGED_READ_PLAN`` (read once per step,
+    as ``HF_PAGED_BACKEND`` is; the tokens are the same on every plan, only the work differs):
+
+    * ``auto`` (or unset): the fastest plan that applies (on the PyTorch path a block range read in place when the
+      rows' blocks are compact, else the shared prefix read once, else a gather).
+    * ``shared_prefix``: never a block range (as on the Triton path): rows sharing leading blocks read them once,
+      the others are gathered.
+    * ``gather``: neither: every row's keys are gathered (a single row's consecutive blocks are still sliced in
+      place).
+    """
+    choice = os.environ.get("HF_PAGED_READ_PLAN", "").strip().lower() or "auto"
+    if choice not in READ_PLANS:
+        raise ValueError(f"hf_paged: HF_PAGED_READ_PLAN must be one of {', '.join(READ_PLANS)} or unset, got "
+                         f"{choice!r}.")
+    return choice
+
+
 def padded_tables(manager, device: torch.device) -> torch.Tensor:
     """The rows' block tables as one ``[B, nb]`` int32 tensor on `device` (short rows padded with block 0; null
     entries, which only dead tokens occupy, read block 0 too)."""
@@ -173,10 +194,11 @@ def build_step(manager: BlockManager, lengths_before: list[int], q_len: int, dev
         slots = torch.where((entries < 0) | (positions < live_starts[:, None]), -1, slots)
     max_seq_len = max(rows.lengths)
     triton = backend.use_triton(device)
+    plan = read_plan()
     starts = starts or [0]
     first_block = _consecutive_start(rows.tables[0], starts) if rows.num_rows == 1 else None
     window = windows = None
-    if not triton and q_len <= _WINDOW_MAX_QUERIES and (
+    if not triton and plan == "auto" and q_len <= _WINDOW_MAX_QUERIES and (
             rows.num_rows > 1 or (len(starts) > 1 and first_block is None)):
         planned = _window(rows.tables, max_seq_len, bs, starts)
         if planned is not None and len(planned) == 1 and rows.num_rows > 1:
@@ -195,7 +217,8 @@ def build_step(manager: BlockManager, lengths_before: list[int], q_len: int, dev
         max_seq_len=max_seq_len,
         block_size=bs,
         triton=triton,
-        shared=_shared_prefix(rows, q_len, device, starts) if window is None and windows is None else None,
+        shared=None if window is not None or windows is not None or plan == "gather"
+        else _shared_prefix(rows, q_len, device, starts),
         first_block=first_block,
         window=window,
         windows=windows,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the version-sensitive parts of the suite (parity, prefill-once, prefix cache, errors, ecosystem, Triton
-# generate, tensor parallelism, the family walk, block lifecycle, device maps, layer groups, slabs) against other Transformers releases, each in its own virtual environment under .venv-tf/.
+# Run the version-sensitive parts of the suite (parity, prefill-once, prefix cache, the cache API, ecosystem, Triton
+# generate, tensor parallelism, the family walk, the rows' lifecycle, device maps, layer groups, storage, conformance)
+# against other Transformers releases, each in its own virtual environment under .venv-tf/.
 #
 #   bash scripts/test_versions.sh                 # the oldest and a middle 5.x (5.0.0, 5.17.0: the device machine's)
 #   bash scripts/test_versions.sh 5.3.0 5.20.2    # any others
@@ -15,10 +16,25 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VERSIONS=("$@")
 [ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(5.0.0 5.17.0)
-TESTS=(tests/test_generate_parity.py tests/test_prefill_once.py tests/test_prefix_cache.py tests/test_errors.py
+TESTS=(tests/test_generate_parity.py tests/test_prefill_once.py tests/test_prefix_cache.py tests/test_cache.py
        tests/test_ecosystem.py tests/test_triton_generate.py tests/test_tensor_parallel.py tests/test_families.py
-       tests/test_lifecycle.py tests/test_finished_rows.py tests/test_device_map.py tests/test_cache_layers.py
-       tests/test_layer_groups.py tests/test_slabs.py tests/test_conformance.py)
+       tests/test_lifecycle.py tests/test_device_map.py tests/test_layer_groups.py tests/test_storage.py
+       tests/test_conformance.py
+       # the version-sensitive tests of files not run here as a whole
+       tests/test_attention.py::test_both_attention_paths_for_rows_sharing_prompts
+       tests/test_attention.py::test_single_sequence_reads_its_blocks_in_place
+       tests/test_attention.py::test_single_row_crossing_slabs_is_read_in_place
+       tests/test_ops.py::test_windows_attention_equals_paged_attention
+       tests/test_support.py::test_unsupported_family_fails_clearly
+       tests/test_support.py::test_unsupported_family_from_pretrained
+       tests/test_support.py::test_unsupported_family_is_never_switched_to_hf_paged
+       tests/test_support.py::test_encoder_decoder_model_fails_clearly
+       tests/test_kernels.py::test_invalid_backend_environment_variable)
+# Tests of those files that have never run on an older release (the attention-feature families, and the Triton path
+# of models with values of another width, MLA and hybrids): left out until someone runs them there.
+DESELECT=(--deselect tests/test_generate_parity.py::test_same_tokens_as_eager
+          --deselect tests/test_prefix_cache.py::test_attention_features_hit_mid_sequence
+          --deselect tests/test_triton_generate.py::test_values_of_another_width_and_hybrids_run_through_the_triton_kernels)
 # The device machine's image (scripts/gpu_check.sh runs there): its release also gets its Triton, and the tests that
 # rehearse the GPU check and compile the kernels ahead of time with it (its interpreter is too old for the
 # Triton-generate tests, which need 3.8).
@@ -56,11 +72,11 @@ PY
     if [ "$version" = "$DEVICE_TRANSFORMERS" ]; then
         "$venv/bin/python" -m pip install --quiet "triton==$DEVICE_TRITON"
         tests=("${tests[@]/tests\/test_triton_generate.py}")
-        tests+=(tests/test_gpu_check.py tests/test_kernel_aot.py)
+        tests+=(tests/test_gpu_check.py tests/test_kernels.py::test_ahead_of_time_compile_for_sm80_and_sm90)
     fi
     "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
     "$venv/bin/python" -c 'import sys, torch, transformers
 print(f"== transformers {transformers.__version__} (torch {torch.__version__} from {torch.__file__}) in {sys.prefix}")'
-    OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q -p no:warnings ${tests[@]} || status=1
+    OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q -p no:warnings "${DESELECT[@]}" ${tests[@]} || status=1
 done
 exit $status

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import make_pair
+from tiny_models import model_pair
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hf_paged import PagedCache, compat
@@ -147,7 +147,7 @@ def test_the_installed_release_was_tested():
 @pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="exception notes need Python 3.11")
 @pytest.mark.parametrize("newer", [False, True], ids=["tested", "newer"])
 def test_errors_from_the_hooks_say_when_the_release_is_untested(monkeypatch, newer):
-    _, paged = make_pair("llama")
+    _, paged = model_pair("llama")
     if newer:
         monkeypatch.setattr(compat, "LAST_TESTED_TRANSFORMERS", (5, -1))
     cache = PagedCache(paged.config)

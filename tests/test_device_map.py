@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import left_padded_batch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tiny_models import config, left_padded_batch
+from transformers import AutoModelForCausalLM
 
 import hf_paged
 from hf_paged.devices import layer_placements
 
 LAYERS = 4
-CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # Layers 0-1 stay in memory, layers 2-3 are offloaded to disk (their weights are loaded for each forward).
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
               **{f"model.layers.{i}": "cpu" if i < 2 else "disk" for i in range(LAYERS)}}
@@ -23,7 +21,8 @@ DEVICE_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.nor
 def models(tmp_path_factory):
     """``(reference, mapped)``: the same random weights, in memory with sdpa, and device-mapped with hf_paged."""
     torch.manual_seed(0)
-    reference = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="sdpa")).eval()
+    reference = AutoModelForCausalLM.from_config(config("llama", num_hidden_layers=LAYERS),
+                                                 attn_implementation="sdpa").eval()
     folder = tmp_path_factory.mktemp("device_map")
     reference.save_pretrained(folder / "model")
     mapped = AutoModelForCausalLM.from_pretrained(
@@ -67,13 +66,13 @@ def test_device_mapped_generate_matches_sdpa(models, mode):
 
 
 def test_layer_devices_in_a_fixed_pool_and_bad_arguments():
-    config = LlamaConfig(**CONFIG)
-    cache = hf_paged.PagedCache(config, num_blocks=8, layer_devices=[("a", "cpu"), ("a", "cpu"), "cpu", "cpu"])
+    four = config("llama", num_hidden_layers=LAYERS)
+    cache = hf_paged.PagedCache(four, num_blocks=8, layer_devices=[("a", "cpu"), ("a", "cpu"), "cpu", "cpu"])
     assert len(cache.pools) == 2 and cache.pools[0].blocks is cache.pools[1].blocks
     with pytest.raises(ValueError, match="hf_paged: layer_devices has 3 entries"):
-        hf_paged.PagedCache(config, layer_devices=["cpu"] * 3)
+        hf_paged.PagedCache(four, layer_devices=["cpu"] * 3)
     with pytest.raises(ValueError, match="hf_paged: layer_devices places"):
-        hf_paged.PagedCache(config, max_memory="1MiB", layer_devices=["cpu"] * LAYERS)
+        hf_paged.PagedCache(four, max_memory="1MiB", layer_devices=["cpu"] * LAYERS)
 
 
 def test_a_fixed_size_cache_placed_by_the_user(models):
@@ -87,7 +86,7 @@ def test_a_fixed_size_cache_placed_by_the_user(models):
 
 
 def test_keys_on_another_device_than_their_pool_fail_clearly():
-    cache = hf_paged.PagedCache(LlamaConfig(**CONFIG), device="meta")
+    cache = hf_paged.PagedCache(config("llama", num_hidden_layers=LAYERS), device="meta")
     keys = torch.zeros(1, 2, 3, 16)
     with pytest.raises(ValueError, match="hf_paged: layer 0 computes its keys on cpu, but its PagedCache pool is on meta"):
         cache.update(keys, keys, 0)

@@ -15,12 +15,11 @@ import threading
 
 import pytest
 import torch
+from tiny_models import assert_stats_consistent, left_padded_batch, model_pair, random_ids, watch_steps
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as tokenizer_models
 from transformers import (
-    AutoModelForCausalLM,
     GenerationConfig,
-    LlamaConfig,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerFast,
@@ -37,61 +36,8 @@ from hf_paged import backend as paged_backend
 from hf_paged.compat import cache_kwargs
 from hf_paged.kv_pool import KVPool
 
-VOCAB = 128
+VOCAB = 128  # the models' ("llama128") and the tokenizer's
 PAD, EOS, BOS = 0, 1, 2
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-def tiny_config(**overrides) -> LlamaConfig:
-    """A 2-layer GQA Llama small enough for CPU; initializer_range 0.1 keeps greedy outputs from looping at once."""
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=BOS,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
-
-
-def model_pair(config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """(sdpa reference, hf_paged model) with identical weights.
-
-    `from_config` writes ``_attn_implementation`` into the config object it is given, so each model gets its own
-    copy: sharing one config would silently switch the reference to hf_paged as well.
-    """
-    torch.manual_seed(seed)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
-    paged = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="hf_paged")
-    paged.load_state_dict(ref.state_dict())
-    ref, paged = ref.to(dtype).eval(), paged.to(dtype).eval()
-    assert ref.config._attn_implementation == "sdpa"
-    assert paged.config._attn_implementation == "hf_paged"
-    return ref, paged
-
-
-def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(4, VOCAB, (batch, length), generator=generator)
-
-
-def left_padded(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A left-padded batch (input_ids, attention_mask) of prompts with the given lengths."""
-    width = max(lengths)
-    ids = random_ids(len(lengths), width, seed)
-    mask = torch.ones_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, : width - length] = PAD
-        mask[row, : width - length] = 0
-    return ids, mask
-
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog while paged attention keeps every key and value in blocks",
@@ -119,7 +65,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def models():
-    return model_pair(tiny_config())
+    return model_pair("llama128")
 
 
 @pytest.fixture(scope="module")
@@ -128,55 +74,22 @@ def tok():
 
 
 @pytest.fixture
-def paged_steps(monkeypatch):
-    """Counts forward steps stored in a PagedCache (proves the paged path really ran)."""
-    calls = []
-    original = PagedCache._begin_step
-
-    def counting(self, group, batch, q_len):
-        if group is self.groups[0]:  # one forward step begins one step in every layer group
-            calls.append((batch, q_len))
-        return original(self, group, batch, q_len)
-
-    monkeypatch.setattr(PagedCache, "_begin_step", counting)
-    return calls
+def steps(models):
+    """What the hf_paged model's forward steps stored in a PagedCache (proves the paged path really ran) and how far
+    its caches were rolled back (`tiny_models.watch_steps`)."""
+    with watch_steps(models[1]) as watched:
+        yield watched
 
 
 @pytest.fixture
-def crops(monkeypatch):
-    """Records every `PagedCache.crop` call as the (negative) change of the cache's length."""
-    calls = []
-    original = PagedCache.crop
-
-    def recording(self, tokens_to_remove):
-        before = self.get_seq_length()
-        result = original(self, tokens_to_remove)
-        calls.append(self.get_seq_length() - before)
-        return result
-
-    monkeypatch.setattr(PagedCache, "crop", recording)
-    return calls
+def paged_steps(steps):
+    """Per forward step that stored tokens in a PagedCache, how many (per row)."""
+    return steps.tokens
 
 
 def greedy(model, ids, mask=None, **kwargs):
     kwargs.setdefault("max_new_tokens", 10)
     return model.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
-
-
-def assert_stats_consistent(cache: PagedCache) -> None:
-    stats = cache.stats()
-    assert stats.used_blocks + stats.free_blocks == stats.num_blocks
-    assert stats.used_bytes == stats.used_blocks * cache.bytes_per_block
-    assert stats.pool_bytes == stats.num_blocks * cache.bytes_per_block
-    assert stats.peak_used_bytes == stats.peak_used_blocks * cache.bytes_per_block
-    assert stats.used_bytes <= stats.pool_bytes <= stats.peak_pool_bytes  # referenced <= allocated <= its peak
-    assert stats.logical_bytes == stats.logical_tokens * cache.bytes_per_block // cache.block_size
-    assert stats.logical_tokens == sum(cache.manager.lengths)
-    assert stats.num_rows == cache.manager.num_rows
-    assert stats.block_size == cache.block_size
-    assert 0 <= stats.shared_blocks <= stats.used_blocks <= stats.peak_used_blocks <= stats.num_blocks
-    assert stats.cow_copies >= 0
-    cache.manager.check()
 
 
 # ------------------------------------------------------------------------------------------------- pipelines
@@ -238,7 +151,7 @@ def test_text_iterator_streamer_yields_the_returned_text(models, tok, paged_step
 )
 def test_generation_config_object(models, settings, paged_steps):
     ref, paged = models
-    ids, mask = left_padded([9, 6], seed=3)
+    ids, mask = left_padded_batch([9, 6], seed=3).values()
     config = GenerationConfig(pad_token_id=PAD, eos_token_id=EOS, **settings)
     outs = []
     for model in (ref, paged):
@@ -249,8 +162,7 @@ def test_generation_config_object(models, settings, paged_steps):
 
 
 def test_model_generation_config_defaults_are_used(tok):
-    config = tiny_config()
-    ref, paged = model_pair(config, seed=5)
+    ref, paged = model_pair("llama128", seed=5)
     for model in (ref, paged):
         model.generation_config = GenerationConfig(
             max_new_tokens=7, do_sample=False, repetition_penalty=1.2, pad_token_id=PAD, eos_token_id=EOS
@@ -312,7 +224,7 @@ class StopAfter(StoppingCriteria):
 
 def test_custom_logits_processor_and_stopping_criteria(models, paged_steps):
     ref, paged = models
-    ids, mask = left_padded([10, 7], seed=21)
+    ids, mask = left_padded_batch([10, 7], seed=21).values()
     plain = greedy(ref, ids, mask, max_new_tokens=12)
     banned = sorted(set(plain[:, 10:13].flatten().tolist()) - {PAD, EOS})
     results = []
@@ -338,7 +250,7 @@ def test_custom_logits_processor_and_stopping_criteria(models, paged_steps):
 @pytest.mark.parametrize("chunk", [5, 16])
 def test_prefill_chunk_size(models, chunk, paged_steps):
     ref, paged = models
-    ids, mask = left_padded([37, 30], seed=31)
+    ids, mask = left_padded_batch([37, 30], seed=31).values()
     expected = greedy(ref, ids, mask, max_new_tokens=8)
     try:
         expected_chunked = greedy(ref, ids, mask, max_new_tokens=8, prefill_chunk_size=chunk)
@@ -348,12 +260,12 @@ def test_prefill_chunk_size(models, chunk, paged_steps):
     got = greedy(paged, ids, mask, max_new_tokens=8, prefill_chunk_size=chunk)
     assert torch.equal(got, expected_chunked)
     assert torch.equal(got, expected)
-    prefill_steps = [q for _, q in paged_steps if q > 1]
+    prefill_steps = [q for q in paged_steps if q > 1]
     assert prefill_steps == [len(c) for c in torch.arange(37).split(chunk)], "prefill was not chunked"
 
 
 # ------------------------------------------------------------------------------- decoding that crops the cache
-def test_prompt_lookup_decoding(models, crops, paged_steps):
+def test_prompt_lookup_decoding(models, steps):
     ref, paged = models
     pattern = random_ids(1, 6, seed=41)
     ids = torch.cat([pattern, random_ids(1, 3, seed=42), pattern, pattern[:, :3]], dim=1)
@@ -361,25 +273,26 @@ def test_prompt_lookup_decoding(models, crops, paged_steps):
     got = greedy(paged, ids, max_new_tokens=20, prompt_lookup_num_tokens=4)
     assert torch.equal(got, expected)
     assert torch.equal(greedy(ref, ids, max_new_tokens=20, prompt_lookup_num_tokens=4), expected)
-    assert any(n < 0 for n in crops), "prompt lookup never rejected a candidate; the test did not exercise crop"
-    assert any(q > 1 for _, q in paged_steps[1:]), "no multi-token verification step ran on the PagedCache"
+    assert any(n < 0 for n in steps.rollbacks), "prompt lookup never rejected a candidate: crop was not exercised"
+    assert any(q > 1 for q in steps.tokens[1:]), "no multi-token verification step ran on the PagedCache"
 
 
 @pytest.mark.parametrize("main, helper", [("hf_paged", "hf_paged"), ("hf_paged", "sdpa"), ("sdpa", "hf_paged")])
-def test_assistant_model_decoding(models, crops, main, helper):
+def test_assistant_model_decoding(models, main, helper):
     ref, paged = models
-    assistants = dict(zip(("sdpa", "hf_paged"), model_pair(tiny_config(num_hidden_layers=1), seed=7), strict=True))
+    assistants = dict(zip(("sdpa", "hf_paged"), model_pair("llama128", seed=7, num_hidden_layers=1), strict=True))
     for assistant in assistants.values():  # draft whole rounds (5.25 stops a random model's drafts at one token)
         assistant.generation_config.assistant_confidence_threshold = 0.0
         assistant.generation_config.num_assistant_tokens_schedule = "constant"
     model = paged if main == "hf_paged" else ref
     ids = random_ids(1, 11, seed=51)
     expected = greedy(ref, ids, max_new_tokens=20)
-    got = greedy(model, ids, max_new_tokens=20, assistant_model=assistants[helper], return_dict_in_generate=True)
+    with watch_steps(paged, assistants["hf_paged"]) as steps:  # the PagedCaches of either model
+        got = greedy(model, ids, max_new_tokens=20, assistant_model=assistants[helper], return_dict_in_generate=True)
     assert torch.equal(got.sequences, expected)
     # 5.0 gives the assistant cache_implementation="dynamic_full": an hf_paged assistant then runs its attention on
     # Transformers' DynamicCache (the plain path), and only the main model's cache can be a PagedCache.
-    assert any(n < 0 for n in crops) or (compat.CROP_TAKES_LENGTH and main == "sdpa"), "crop was not exercised"
+    assert any(n < 0 for n in steps.rollbacks) or (compat.CROP_TAKES_LENGTH and main == "sdpa"), "crop not exercised"
     if main == "hf_paged":
         cache = got.past_key_values
         assert isinstance(cache, PagedCache)
@@ -392,7 +305,7 @@ def test_assistant_model_decoding(models, crops, main, helper):
 def test_continue_from_returned_cache(models, padded):
     ref, paged = models
     if padded:
-        ids, mask = left_padded([12, 8], seed=61)
+        ids, mask = left_padded_batch([12, 8], seed=61).values()
     else:
         ids, mask = random_ids(1, 12, seed=61), torch.ones(1, 12, dtype=torch.long)
     extra = random_ids(ids.shape[0], 3, seed=62)
@@ -490,7 +403,7 @@ def test_forward_without_a_cache_argument(models, paged_steps):
 
 def test_use_cache_false(models, paged_steps):
     ref, paged = models
-    ids, mask = left_padded([9, 5], seed=71)
+    ids, mask = left_padded_batch([9, 5], seed=71).values()
     expected = greedy(ref, ids, mask, max_new_tokens=8)
     assert torch.equal(greedy(paged, ids, mask, max_new_tokens=8, use_cache=False), expected)
     assert torch.equal(greedy(ref, ids, mask, max_new_tokens=8, use_cache=False), expected)
@@ -509,7 +422,7 @@ def test_use_cache_false(models, paged_steps):
 def test_other_caches_with_an_hf_paged_model(models, cache_kwargs, paged_steps):
     """A non-paged cache is used as is: the hf_paged attention runs over its complete keys and values."""
     ref, paged = models
-    for ids, mask in (left_padded([12, 8], seed=75), (random_ids(1, 12, seed=76), None)):
+    for ids, mask in (left_padded_batch([12, 8], seed=75).values(), (random_ids(1, 12, seed=76), None)):
         expected = greedy(ref, ids, mask, max_new_tokens=8)
         got = greedy(paged, ids, mask, max_new_tokens=8, return_dict_in_generate=True, **cache_kwargs(paged.config))
         assert not isinstance(got.past_key_values, PagedCache)
@@ -520,8 +433,8 @@ def test_other_caches_with_an_hf_paged_model(models, cache_kwargs, paged_steps):
 # ----------------------------------------------------------------------------------------------------- dtypes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_dtype_greedy_matches_sdpa(dtype):
-    ref, paged = model_pair(tiny_config(), seed=0, dtype=dtype)
-    ids, mask = left_padded([14, 9], seed=81)
+    ref, paged = model_pair("llama128", dtype=dtype)
+    ids, mask = left_padded_batch([14, 9], seed=81).values()
     expected = greedy(ref, ids, mask, max_new_tokens=10)
     got = greedy(paged, ids, mask, max_new_tokens=10, return_dict_in_generate=True)
     assert torch.equal(got.sequences, expected)
@@ -536,7 +449,7 @@ def test_two_threads_generate_on_one_model(models):
     """Concurrent generate() calls on one model (one greedy, one beam search) each get what they get alone."""
     _, paged = models
     jobs = [
-        (*left_padded([13, 7], seed=91), dict()),
+        (*left_padded_batch([13, 7], seed=91).values(), dict()),
         (random_ids(1, 21, seed=92), None, dict(num_beams=2)),
     ]
     alone = [greedy(paged, ids, mask, max_new_tokens=12, **kwargs) for ids, mask, kwargs in jobs]
@@ -580,7 +493,7 @@ def test_two_threads_generate_on_one_model(models):
 )
 def test_returned_cache_stats_are_consistent(models, settings):
     ref, paged = models
-    ids, mask = left_padded([20, 13], seed=101)
+    ids, mask = left_padded_batch([20, 13], seed=101).values()
     torch.manual_seed(0)
     expected = ref.generate(ids, attention_mask=mask, max_new_tokens=9, **settings)
     torch.manual_seed(0)
@@ -599,7 +512,7 @@ def test_returned_cache_stats_are_consistent(models, settings):
 
 # ------------------------------------------------------------------------------------------------ beam search
 def test_beam_search_shares_the_prompt_and_reorder_copies_nothing(monkeypatch):
-    ref, paged = model_pair(tiny_config(), seed=2)
+    ref, paged = model_pair("llama128", seed=2)
     copied = []
     original_copy = KVPool.copy_blocks  # every K/V block copy of a pool (of one slab or several) goes through it
 

@@ -1,11 +1,12 @@
-"""The Triton kernels, proven without a GPU.
+"""The Triton kernels and the backend switch, proven without a GPU.
 
 * The kernels against their PyTorch references under Triton's CPU interpreter: ``tests/kernel_interpreter_cases.py``
   in a subprocess with ``TRITON_INTERPRET=1`` (Triton picks interpreter or compiler when a kernel is decorated, so
   the variable must be set before ``hf_paged.kernels`` is imported, and must not leak into this process).
+* ``python -m hf_paged.kernels`` compiles every kernel for sm_80 and sm_90 without a GPU, with no spills, and the
+  attention loop reaches the tensor cores.
 * ``hf_paged.kernels`` imports without Triton and its launchers then fail clearly.
-
-The ahead-of-time compile check (``python -m hf_paged.kernels``) is in ``tests/test_kernel_aot.py``.
+* `hf_paged.backend` (``HF_PAGED_BACKEND``) dispatches to the kernels or to `hf_paged.ops`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import needs_triton_interpreter
+from tiny_models import random_ids
 
 TESTS = Path(__file__).parent
 
@@ -38,6 +40,23 @@ def test_kernels_match_references_under_the_interpreter():
                      interpret=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+
+
+def test_ahead_of_time_compile_for_sm80_and_sm90():
+    pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    run = run_python("-m", "hf_paged.kernels", interpret=False, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    lines = run.stdout.splitlines()
+    table = [line.split() for line in lines if line.startswith(("paged_attention", "reshape_and", "copy_", "reduce_", "shared_prefix"))]
+    kernels = {row[0] for row in table}
+    assert kernels == {"paged_attention_kernel", "reduce_splits_kernel", "reshape_and_cache_kernel",
+                       "copy_blocks_kernel", "shared_prefix_kernel"}, run.stdout
+    assert {"sm_80", "sm_90"} <= {cell for row in table for cell in row}
+    attention = [line for line in lines if line.startswith(("paged_attention_kernel", "shared_prefix_kernel"))
+                 and "fp32" not in line]
+    assert attention and all("MMA" in line for line in attention), run.stdout  # tl.dot reached the tensor cores
+    assert lines[-1].endswith("0 problems"), run.stdout
 
 
 def test_package_imports_without_triton():
@@ -92,3 +111,10 @@ def test_backend_refuses_offset_tables_on_the_pytorch_path(monkeypatch):
     assert torch.equal(value_cache.view(-1, 1, 8)[[1, 9]], 2 * keys[[0, 2]])
     with pytest.raises(TypeError, match="layer store with .base and .block_offsets"):
         backend.kernel_operands(object())
+
+
+def test_invalid_backend_environment_variable(llama_pair, monkeypatch):
+    _, paged = llama_pair
+    monkeypatch.setenv("HF_PAGED_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="HF_PAGED_BACKEND"):
+        paged.generate(random_ids(1, 6, seed=141), max_new_tokens=6, do_sample=False)

@@ -14,11 +14,10 @@ import copy
 
 import pytest
 import torch
-from conftest import left_padded_batch
 from families import _architecture, _load, families, tiny_config
+from tiny_models import left_padded_batch
 from transformers import DynamicCache
 
-import hf_paged.step
 from hf_paged import PagedCache, latent, ops
 from hf_paged.layers import PagedLayer
 
@@ -108,7 +107,7 @@ def test_every_pytorch_path(path, monkeypatch):
                     return_dict_in_generate=True, output_logits=True)
     expected = reference.generate(**inputs, **settings)
     if path == "gathered":
-        monkeypatch.setattr(hf_paged.step, "_window", lambda *args: None)
+        monkeypatch.setenv("HF_PAGED_READ_PLAN", "shared_prefix")  # no block range: each row gathered
     counts = count_copies(monkeypatch)
     cache = PagedCache(paged.config, block_size=4)
     got = paged.generate(**inputs, **settings, past_key_values=cache)

@@ -10,9 +10,10 @@ import copy
 
 import families
 import pytest
+import tiny_models
 import torch
-from conftest import VOCAB, left_padded_batch, pair_from_config, system_prompt
-from transformers import DynamicCache, Gemma3TextConfig, LlamaConfig
+from tiny_models import VOCAB, left_padded_batch, model_pair, system_prompt
+from transformers import DynamicCache
 
 import hf_paged
 from hf_paged import PagedCache, compat
@@ -20,34 +21,13 @@ from hf_paged.block_manager import NULL_BLOCK
 
 WINDOW = 8
 NEW_TOKENS = 12
-MODES = {
-    "greedy": dict(do_sample=False),
-    "beams": dict(num_beams=3, num_return_sequences=2),
-    "sample": dict(do_sample=True, num_return_sequences=2, top_k=0),
-}
-
-
-def _sliding_config():
-    return Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
-                            layer_types=["sliding_attention"] * 3 + ["full_attention"],
-                            max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def _llama_config():
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2)
+MODES = {**tiny_models.MODES, "sample": dict(tiny_models.MODES["sample"], num_return_sequences=2)}  # 2 samples
 
 
 @pytest.fixture(scope="module")
 def sliding_pair():
-    return pair_from_config(_sliding_config)
-
-
-@pytest.fixture(scope="module")
-def llama_pair_groups():
-    return pair_from_config(_llama_config)
+    """3 sliding-window layers (window `WINDOW`) to 1 full one, against sdpa."""
+    return model_pair("gemma3_groups")
 
 
 def _generate(model, inputs, new_tokens=NEW_TOKENS, **kwargs):
@@ -188,9 +168,9 @@ def test_crop_past_released_keys_says_what_to_do(sliding_pair):
 
 
 @pytest.mark.parametrize("block_size", [4, 5])
-def test_left_padding_takes_no_block(llama_pair_groups, block_size):
+def test_left_padding_takes_no_block(llama_pair, block_size):
     """Each row's blocks start at the block of its first real token: pad-only blocks are never allocated."""
-    reference, paged = llama_pair_groups
+    reference, paged = llama_pair
     lengths = [31, 6, 17]
     inputs = left_padded_batch(lengths, seed=2)
     expected = _generate(reference, inputs)
@@ -207,8 +187,8 @@ def test_left_padding_takes_no_block(llama_pair_groups, block_size):
     cache.manager.check()
 
 
-def test_left_padded_beams_share_and_match(llama_pair_groups):
-    reference, paged = llama_pair_groups
+def test_left_padded_beams_share_and_match(llama_pair):
+    reference, paged = llama_pair
     inputs = left_padded_batch([26, 3], seed=4)
     expected = _generate(reference, inputs, **MODES["beams"])
     cache = PagedCache(paged.config, block_size=4)
@@ -258,38 +238,12 @@ def test_peaks_never_fall_below_what_is_used(sliding_pair):
 # KV sharing (issue 18, item 3): Gemma 3n and Gemma 4's last `num_kv_shared_layers` layers store no keys and attend
 # over those of the last earlier layer of their kind (the default of real Gemma 3n / small Gemma 4 checkpoints).
 # Gemma 4 gives those layers only the prompt's last query in a prefill and slices the masks to it.
-_SHARED_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2  # layers 3-5 read layers 1 and 2
-
-
-def _gemma3n_shared_config():
-    from transformers import Gemma3nTextConfig
-
-    return Gemma3nTextConfig(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=64, intermediate_size=64,
-                             num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                             hidden_size_per_layer_input=16, layer_types=_SHARED_TYPES, sliding_window=WINDOW,
-                             num_kv_shared_layers=3, laurel_rank=8, altup_num_inputs=2,
-                             activation_sparsity_pattern=[0.0] * 6, max_position_embeddings=512, pad_token_id=0,
-                             bos_token_id=1, eos_token_id=2)
-
-
-def _gemma4_shared_config():
-    from transformers.models.gemma4 import Gemma4TextConfig
-
-    return Gemma4TextConfig(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=64, intermediate_size=64,
-                            num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                            global_head_dim=32, hidden_size_per_layer_input=16, layer_types=_SHARED_TYPES,
-                            sliding_window=WINDOW, num_kv_shared_layers=3, max_position_embeddings=512,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-_SHARED_CONFIGS = {"gemma3n": _gemma3n_shared_config, "gemma4": _gemma4_shared_config}
-
-
-@pytest.fixture(scope="module", params=list(_SHARED_CONFIGS))
+@pytest.fixture(scope="module", params=["gemma3n", "gemma4"])
 def kv_shared_pair(request):
+    """Layers 3-5 read layers 1 and 2 (sliding, sliding, full twice; window `WINDOW`), against eager."""
     if request.param == "gemma4" and compat.TRANSFORMERS_VERSION < (5, 17):
         pytest.skip("this Transformers has no Gemma 4")
-    return pair_from_config(_SHARED_CONFIGS[request.param], reference_attention="eager")
+    return model_pair(f"{request.param}_kv_shared")
 
 
 @pytest.mark.parametrize("mode", list(MODES))

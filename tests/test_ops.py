@@ -1,11 +1,15 @@
-"""The PyTorch paged ops against plain attention over contiguous keys and values."""
+"""Every PyTorch op of `hf_paged.ops` (the CPU path, and the kernels' reference) against plain attention over
+contiguous keys and values, or a dense reference built on `ops.attend` with a full mask: paged, block-range
+("window"), one-window-per-slab and shared-prefix attention, sinks and chunks, writes and block copies."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hf_paged import ops
+from hf_paged import masks, ops, storage
+from hf_paged.step import StepPlan
+from hf_paged.storage import LayerStore
 
 
 def _random_paged(batch, kv_heads, dim, block_size, lengths, num_blocks=64, seed=0):
@@ -138,3 +142,115 @@ def test_reshape_and_cache_skips_negative_slots_and_copy_blocks_copies_every_lay
     ops.copy_blocks(pool, torch.tensor([0, 1]), torch.tensor([3, 2]))
     assert torch.equal(pool[:, :, 3], before[:, :, 0]) and torch.equal(pool[:, :, 2], before[:, :, 1])
     assert torch.equal(pool[:, :, :2], before[:, :, :2])
+
+
+# The PyTorch operations with sinks and chunks, against the reference built on `attend` with a full mask.
+def _paged_case(seed=0, *, block_size=4, q_len=3, lengths=(13, 7, 11), starts=(0, 3, 1)):
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, kv_heads, dim = len(lengths), 4, 2, 8
+    nb = -(-max(lengths) // block_size)
+    num_blocks = batch * nb + 2
+    tables = torch.randperm(num_blocks, generator=gen)[: batch * nb].view(batch, nb).to(torch.int32)
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen)
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen)
+    query = torch.randn(batch, heads, q_len, dim, generator=gen)
+    sinks = torch.randn(heads, generator=gen)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    key_start = torch.tensor(starts, dtype=torch.int32)
+    return query, key_cache, value_cache, tables, seq_lens, key_start, sinks
+
+
+
+def _dense_reference(query, key_cache, value_cache, tables, seq_lens, key_start, sinks, window, chunk):
+    """Scores over every key, masked per element from the module docstring's rule, plus the sink logit."""
+    kv_len = int(seq_lens.max())
+    keys = ops.gather_kv(key_cache, tables, kv_len).repeat_interleave(2, dim=1)
+    values = ops.gather_kv(value_cache, tables, kv_len).repeat_interleave(2, dim=1)
+    batch, heads, q_len, _ = query.shape
+    out = torch.zeros(batch, q_len, heads, query.shape[-1])
+    for b in range(batch):
+        s = int(key_start[b])
+        for i in range(q_len):
+            p = int(seq_lens[b]) - q_len + i
+            visible = [j for j in range(kv_len) if s <= j <= p and (window is None or j > p - window)
+                       and (chunk is None or (j - s) // chunk == (p - s) // chunk)]
+            if not visible:
+                continue
+            scores = query[b, :, i, None, :].mul(keys[b][:, visible]).sum(-1) * 0.5  # [H, n]
+            logits = scores if sinks is None else torch.cat([scores, sinks[:, None]], dim=1)
+            probs = torch.softmax(logits, dim=1)[:, : len(visible)]
+            out[b, i] = torch.einsum("hn,hnd->hd", probs, values[b][:, visible])
+    return out
+
+
+
+@pytest.mark.parametrize("window, chunk", [(None, None), (5, None), (None, 4), (None, 3), (6, 4)])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_ops_honour_sinks_and_chunks(window, chunk, with_sinks):
+    query, key_cache, value_cache, tables, seq_lens, key_start, sinks = _paged_case()
+    sinks = sinks if with_sinks else None
+    expected = _dense_reference(query, key_cache, value_cache, tables, seq_lens, key_start, sinks, window, chunk)
+    kv_len = int(seq_lens.max())
+    got = ops.paged_attention(query, key_cache, value_cache, tables, seq_lens, key_start, scale=0.5,
+                              max_seq_len=kv_len, sliding_window=window, chunk_size=chunk, sinks=sinks)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    # The block-range path, given the padding as a 2-D mask.
+    padding = torch.arange(kv_len)[None, :] >= key_start[:, None]
+    first = int(tables.min())
+    count = int(tables.max()) + 1 - first
+    mask = ops.window_mask(tables, seq_lens, query.shape[2], first, count, key_cache.shape[1], groups=2,
+                           dtype=query.dtype, key_padding=padding, sliding_window=window, chunk_size=chunk)
+    got = ops.window_attention(query, key_cache, value_cache, first, count, mask, scale=0.5, sinks=sinks)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_shared_prefix_attention_with_sinks(with_sinks):
+    """Two groups of two rows sharing two blocks (8 tokens), each row with its own tail."""
+    gen = torch.Generator().manual_seed(3)
+    block_size, heads, kv_heads, dim, q_len = 4, 4, 2, 8, 2
+    key_cache = torch.randn(20, block_size, kv_heads, dim, generator=gen)
+    value_cache = torch.randn(20, block_size, kv_heads, dim, generator=gen)
+    tables = torch.tensor([[0, 1, 4, 5], [0, 1, 6, 7], [2, 3, 8, 9], [2, 3, 10, 11]], dtype=torch.int32)
+    seq_lens = torch.tensor([15, 14, 16, 13], dtype=torch.int32)
+    query = torch.randn(4, heads, q_len, dim, generator=gen)
+    sinks = torch.randn(heads, generator=gen) if with_sinks else None
+    expected = _dense_reference(query, key_cache, value_cache, tables, seq_lens, torch.zeros(4, dtype=torch.int32),
+                                sinks, None, None)
+    tail_mask = ops.causal_mask(seq_lens - 8, None, q_len, 8)
+    got = ops.shared_prefix_attention(query, key_cache, value_cache, tables[::2, :2].contiguous(),
+                                      tables[:, 2:].contiguous(), 8, None, tail_mask, scale=0.5, sinks=sinks)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("softcap", "sinks", "window"), [(None, False, None), (5.0, False, 7), (None, True, None)])
+def test_windows_attention_equals_paged_attention(softcap, sinks, window):
+    """One window per slab, merged by log-sum-exp, equals `ops.paged_attention` over the same blocks in one tensor,
+    null entries (dead leading blocks, 0 in the tensors) skipped, queries that see nothing in a slab included."""
+    generator = torch.Generator().manual_seed(1)
+    starts, sizes, bs = [0, 3, 7], [3, 4, 5], 4
+    slabs = [storage.slab_tensor(1, n, bs, 2, 8, torch.device("cpu"), torch.float32) for n in sizes]
+    for slab in slabs:
+        slab.copy_(torch.randn(slab.shape, generator=generator))
+    keys, values = (LayerStore([slab[0, kind] for slab in slabs], starts) for kind in (0, 1))
+    whole = torch.cat(slabs, dim=2)[0]
+    tables = [[-1, 2, 3, 4], [0, 1, 8, 9], [7, 8, 10, 11]]  # row 0: a null entry, then blocks of slabs 0 and 1
+    seq_lens = torch.tensor([15, 14, 16], dtype=torch.int32)
+    q_len = 2
+    # Per slab, the range from the lowest to the highest block the rows use there (as the step planner reads these
+    # tables: tests/test_attention.py::test_a_pool_of_several_slabs_is_read_one_window_per_slab).
+    ranges = ((0, 3), (3, 2), (7, 5))
+    first_entries = torch.tensor([1, 0, 0])
+    block_tables = torch.tensor([[max(b, 0) for b in table] for table in tables], dtype=torch.int32)
+    step = StepPlan(block_tables=block_tables, seq_lens=seq_lens, slot_mapping=None, q_len=q_len, max_seq_len=16,
+                    block_size=bs, windows=ranges, first_entries=first_entries)
+    query = torch.randn(3, 4, q_len, 8, generator=generator)
+    sink = torch.randn(4, generator=generator) if sinks else None
+    window_masks = masks.windows_masks(step, None, window, 2, torch.float32)
+    got = ops.windows_attention(query, keys, values, step.windows, window_masks, scale=0.3, softcap=softcap,
+                                sinks=sink)
+    expected = ops.paged_attention(query, whole[0], whole[1], block_tables, seq_lens, (first_entries * bs).to(
+        torch.int32), scale=0.3, max_seq_len=16, sliding_window=window, softcap=softcap, sinks=sink)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import count_prefill_positions, left_padded_batch, make_pair
+from tiny_models import count_prefill_positions, left_padded_batch, model_pair
 
 import hf_paged
 from hf_paged import PagedCache
@@ -25,7 +25,7 @@ NEW = 12
 )
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_prompt_is_computed_once_and_tokens_match(family, mode):
-    reference, paged = make_pair(family)
+    reference, paged = model_pair(family)
     inputs = left_padded_batch([21, 9], seed=5)
     kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, return_dict_in_generate=True, **mode)
 
@@ -49,7 +49,7 @@ def test_prompt_is_computed_once_and_tokens_match(family, mode):
 @pytest.mark.parametrize("mode", [dict(do_sample=True, num_return_sequences=8), dict(num_beams=8)],
                          ids=["sample8", "beams8"])
 def test_shared_prompt_memory_bound(block_size, prompt_len, mode):
-    _, paged = make_pair("llama")
+    _, paged = model_pair("llama")
     inputs = left_padded_batch([prompt_len], seed=9)
     cache = PagedCache(paged.config, block_size=block_size)
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_shared_prompt_memory_bound(block_size, prompt_len, mode):
 
 def test_continuing_a_cache_with_beams_prefills_once():
     """A cache holding one row per prompt continues under beam search: the new tokens are computed once too."""
-    reference, paged = make_pair("llama")
+    reference, paged = model_pair("llama")
     inputs = left_padded_batch([17], seed=2)
     first = paged.generate(**inputs, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True)
     more = torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], dim=1)

@@ -6,8 +6,7 @@ import gc
 
 import pytest
 import torch
-from conftest import VOCAB, count_prefill_positions, make_pair, pair_from_config, system_prompt
-from transformers import Gemma3TextConfig, GptOssConfig, Llama4TextConfig, LlamaConfig, MistralConfig
+from tiny_models import VOCAB, config, count_prefill_positions, model_pair, system_prompt
 
 import hf_paged
 from hf_paged import PagedCache, prefix
@@ -199,7 +198,7 @@ def test_disable_prefix_caching_drops_the_pool(prefix_pair):
 
 
 def test_enable_prefix_caching_needs_hf_paged():
-    reference, _ = make_pair("llama")
+    reference, _ = model_pair("llama")
     with pytest.raises(ValueError, match="hf_paged"):
         hf_paged.enable_prefix_caching(reference)
 
@@ -207,24 +206,14 @@ def test_enable_prefix_caching_needs_hf_paged():
 # ------------------------------------------------------------------ layer groups: sliding-window layers
 WINDOW = 8
 SLIDING_SYSTEM = 40
-SLIDING_CONFIGS = {
-    # 3 sliding-window layers to 1 full: two layer groups, each with its own pool and index.
-    "gemma3": lambda: Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"], max_position_embeddings=512, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2),
-    # Every layer sliding: one group, and a hit needs no leading block at all.
-    "mistral": lambda: MistralConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=WINDOW, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2),
-}
+# 3 sliding-window layers (window `WINDOW`) to 1 full: two layer groups, each with its own pool and index. Every
+# layer sliding (Mistral): one group, and a hit needs no leading block at all.
+SLIDING_FAMILIES = {"gemma3": "gemma3_groups", "mistral": "mistral_window8"}
 
 
-@pytest.fixture(params=list(SLIDING_CONFIGS))
+@pytest.fixture(params=list(SLIDING_FAMILIES))
 def sliding_prefix_pair(request):
-    reference, paged = pair_from_config(SLIDING_CONFIGS[request.param])
+    reference, paged = model_pair(SLIDING_FAMILIES[request.param])
     yield reference, paged
     hf_paged.disable_prefix_caching(paged)
 
@@ -336,27 +325,14 @@ def test_sliding_window_groups_hit_across_whole_pad_blocks(sliding_prefix_pair, 
     _padded_calls_hit(reference, paged, state, prompts, SLIDING_SYSTEM, kwargs, null_pad_blocks)
 
 
-FEATURE_CONFIGS = {
-    # Layer 0 chunked (chunks of 8 from each row's first real token), layer 1 full attention.
-    "llama4_text": lambda: Llama4TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, attention_chunk_size=8,
-        no_rope_layers=[1, 0], max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    # Attention sinks on a sliding-window layer (window 6) and a full one.
-    "gpt_oss": lambda: GptOssConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2),
-}
-
-
 @pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
-@pytest.mark.parametrize("family", list(FEATURE_CONFIGS))
+# Llama 4: layer 0 chunked (chunks of 8 from each row's first real token), layer 1 full attention. gpt-oss: attention
+# sinks on a sliding-window layer (window 6) and a full one.
+@pytest.mark.parametrize("family", ["llama4_text", "gpt_oss"])
 def test_chunks_and_sinks_hit_across_whole_pad_blocks(family, mode):
     """Chunked attention (chunks counted from each row's first real token) and attention sinks: a row padded by
     two whole blocks takes the blocks it was given with one block of padding, and eager's tokens come out."""
-    reference, paged = pair_from_config(FEATURE_CONFIGS[family], reference_attention="eager")
+    reference, paged = model_pair(family, reference="eager")
     try:
         state = hf_paged.enable_prefix_caching(paged, block_size=4)
         kwargs = dict(max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, **mode)
@@ -369,8 +345,7 @@ def test_chunks_and_sinks_hit_across_whole_pad_blocks(family, mode):
 def test_pools_of_another_model_are_refused(sliding_prefix_pair):
     _, paged = sliding_prefix_pair
     state = hf_paged.enable_prefix_caching(paged, block_size=4)
-    other = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2)
+    other = config("llama", num_hidden_layers=3)
     other._attn_implementation = "hf_paged"
     with pytest.raises(ValueError, match="hf_paged: the shared pools given to this PagedCache"):
         PagedCache(other, pool=state.pools)
@@ -380,7 +355,7 @@ def test_pools_of_another_model_are_refused(sliding_prefix_pair):
 def test_sliding_window_families_hit_and_match(family):
     """Families of the parity suite with sliding windows (Gemma 2's softcaps included): a second call hits the
     system prompt in every layer group and gives the reference's tokens."""
-    reference, paged = make_pair(family)
+    reference, paged = model_pair(family)
     try:
         hf_paged.enable_prefix_caching(paged, block_size=4)
         kwargs = dict(max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True)
@@ -391,5 +366,33 @@ def test_sliding_window_families_hit_and_match(family):
         assert out.past_key_values.stats().prefix_hit_tokens == SLIDING_SYSTEM
         assert any(group.window is not None for group in out.past_key_values.groups)
         assert torch.equal(out.sequences, reference.generate(ids, **kwargs).sequences)
+    finally:
+        hf_paged.disable_prefix_caching(paged)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "phimoe"])
+def test_attention_features_hit_mid_sequence(family):
+    """Attention sinks, chunks and a window given only by the mask function: a second call whose prompt starts with
+    the first's blocks reuses them and attends from mid-sequence, with eager's tokens and logits."""
+    reference, paged = model_pair(family, reference="eager")
+    hf_paged.enable_prefix_caching(paged, block_size=4)
+    try:
+        for suffix_len, seed in ((5, 6), (11, 7)):
+            ids = system_prompt(17, suffix_len, seed, system_seed=5)
+            for mode in (dict(), dict(num_beams=2, num_return_sequences=2)):
+                outputs = []
+                for model in (reference, paged):
+                    torch.manual_seed(0)
+                    outputs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                                  min_new_tokens=8, return_dict_in_generate=True, output_logits=True,
+                                                  **mode))
+                expected, got = outputs
+                torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-4,
+                                           rtol=1e-4)
+                assert torch.equal(got.sequences, expected.sequences), f"{family}/prefix/{suffix_len}: tokens differ"
+                hits = got.past_key_values.stats().prefix_hit_tokens
+                del got, outputs
+                gc.collect()
+        assert hits > 0
     finally:
         hf_paged.disable_prefix_caching(paged)

@@ -1,5 +1,7 @@
 """`hf_paged.support`: the load-time checks, on small hand-written attention modules and configs, and the advice every
-refusal gives, on real model classes."""
+refusal gives, on real model classes; families whose attention bypasses Transformers' attention interface, and
+encoder-decoders, fail clearly (at load or at the first generate) or, once Transformers ports them, give eager's
+tokens."""
 
 from __future__ import annotations
 
@@ -10,9 +12,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 from families import _architecture, tiny_config
-from transformers import AutoModelForCausalLM, LlamaConfig
+from tiny_models import VOCAB, random_ids
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BloomConfig,
+    CodeGenConfig,
+    FalconConfig,
+    GPTJConfig,
+    LlamaConfig,
+    MptConfig,
+    T5Config,
+)
 
-from hf_paged import compat, support
+from hf_paged import PagedCache, compat, support
+from hf_paged.compat import output_cache
+
+PAD, EOS = 0, 2
 
 
 class M(torch.nn.Module):
@@ -100,3 +116,80 @@ def test_advice_without_a_model_class_leaves_the_choice_to_transformers():
     assert "without" in support.fallback_advice(None) and "sdpa" not in support.fallback_advice(None)
     model = AutoModelForCausalLM.from_config(tiny_config("bloom"))  # no attn_implementation: Transformers chooses
     assert model.config._attn_implementation == "eager"
+
+
+# ---------------------------------------------------------------------------------- unsupported model families
+UNSUPPORTED = {
+    "gptj": GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128),
+    "falcon": FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "bloom": BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4),
+    "mpt": MptConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
+    "codegen": CodeGenConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128),
+}
+
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["gptj", "falcon", "bloom", "mpt", "codegen"],
+)
+def test_unsupported_family_fails_clearly(family):
+    """Load with hf_paged and generate: a clear error naming hf_paged, at load or at the first generate.
+
+    Transformers ports families to its attention interface over time (GPT-J and CodeGen in 5.24): on a release
+    where this family goes through the interface, hf_paged must instead give eager's tokens."""
+    config = copy.deepcopy(UNSUPPORTED[family])
+    if AutoModelForCausalLM._model_mapping[type(config)]._can_set_attn_implementation():
+        torch.manual_seed(0)
+        ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+        paged = AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged").eval()
+        paged.load_state_dict(ref.state_dict())
+        ids = random_ids(2, 7, seed=81)
+        expected = ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+        got = paged.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True)
+        assert isinstance(output_cache(got), PagedCache)
+        assert torch.equal(got.sequences, expected)
+        return
+    with pytest.raises((NotImplementedError, ValueError)) as info:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged").eval()
+        model.generate(random_ids(1, 5, seed=81), max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    message = str(info.value)
+    assert "hf_paged" in message
+    assert "not support" in message
+    assert type(info.value).__name__ in ("NotImplementedError", "ValueError")
+
+
+
+def test_unsupported_family_from_pretrained(tmp_path):
+    AutoModelForCausalLM.from_config(copy.deepcopy(UNSUPPORTED["bloom"])).save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="hf_paged.*not support"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="hf_paged")
+
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_unsupported_family_is_never_switched_to_hf_paged(family):
+    """``set_attn_implementation("hf_paged")`` on such a model only warns (Transformers' rule): the model keeps its
+    own attention and cache, and never claims to run hf_paged."""
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(UNSUPPORTED[family])).eval()
+    before = model.config._attn_implementation
+    ids = random_ids(1, 5, seed=85)
+    expected = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    model.set_attn_implementation("hf_paged")
+    assert model.config._attn_implementation == before != "hf_paged"
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    assert not isinstance(out.past_key_values, PagedCache)
+
+
+
+def test_encoder_decoder_model_fails_clearly():
+    config = T5Config(vocab_size=VOCAB, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+                      decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
+    if not AutoModelForSeq2SeqLM._model_mapping[T5Config]._can_set_attn_implementation():  # 5.0: refused at load
+        with pytest.raises(NotImplementedError, match="hf_paged.*not support"):
+            AutoModelForSeq2SeqLM.from_config(config, attn_implementation="hf_paged")
+        return
+    model = AutoModelForSeq2SeqLM.from_config(config, attn_implementation="hf_paged").eval()
+    with pytest.raises(NotImplementedError, match="hf_paged.*encoder-decoder"):
+        model.generate(random_ids(1, 6, seed=91), max_new_tokens=3)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from tiny_models import config
+from transformers import AutoModelForCausalLM
 
 TESTS = Path(__file__).resolve().parent
 KV_HEADS = 2
@@ -21,11 +22,9 @@ KV_HEADS = 2
 def test_two_cpu_ranks_give_sdpa_tokens(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tiny = config("llama", num_key_value_heads=KV_HEADS, max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(tiny).save_pretrained(tmp_path / "model")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     run = subprocess.run(

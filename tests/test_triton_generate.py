@@ -1,4 +1,5 @@
-"""A whole ``model.generate()`` through the Triton kernels, on CPU, under Triton's interpreter.
+"""A whole ``model.generate()`` through the Triton kernels, on CPU, under Triton's interpreter (the kernels' end to end
+test; the kernels against their references are ``tests/test_kernels.py``'s).
 
 ``HF_PAGED_BACKEND=triton`` sends every paged op of ``"hf_paged"`` to ``hf_paged.kernels`` and ``TRITON_INTERPRET=1``
 lets those kernels run on CPU tensors. Both must be set before ``hf_paged.kernels`` is imported, and must not leak
@@ -9,7 +10,9 @@ on tiny random-weight models with left-padded prompts, for greedy search, beam s
 ``num_return_sequences``. In the last two the rows of a prompt share its blocks, and decoding must read them once
 per prompt through ``shared_prefix_paged_attention``. With prefix caching, a second call maps the first call's
 system-prompt blocks in every layer group and its prefill reads them through the paged kernel; a third maps them
-into rows with different numbers of whole pad blocks.
+into rows with different numbers of whole pad blocks. Two smaller scripts run a growable pool of several block-major
+slabs (addressed through the kernels' offset tables) and models whose values are narrower than their keys, MLA
+latents and a hybrid.
 """
 
 from __future__ import annotations
@@ -21,20 +24,21 @@ import sys
 
 import pytest
 from conftest import needs_triton_interpreter
+from tiny_models import available
 
 pytestmark = needs_triton_interpreter
 
 SCRIPT = r'''
-import copy
 import json
 import os
 import sys
-from pathlib import Path
 
 assert os.environ["TRITON_INTERPRET"] == "1" and os.environ["HF_PAGED_BACKEND"] == "triton"
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, GptOssConfig, Llama4TextConfig, LlamaConfig
+
+sys.path.insert(0, sys.argv[1])
+from tiny_models import VOCAB, left_padded_batch, model_pair
 
 import hf_paged
 from hf_paged import PagedCache, backend, ops
@@ -62,28 +66,19 @@ for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv",
              "shared_prefix_paged_attention", "window_attention"):
     count(ops, name, "ops." + name)
 
-VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# The suite's tiny models, smaller still for the interpreter: (family, config changes, reference attention).
+SMALL = dict(intermediate_size=64, max_position_embeddings=128)
 CONFIGS = {
-    "llama": (LlamaConfig(**COMMON, initializer_range=0.1), "sdpa"),
-    "gemma2": (Gemma2Config(**COMMON, head_dim=16, sliding_window=6, attn_logit_softcapping=5.0,
-                            final_logit_softcapping=3.0, query_pre_attn_scalar=24), "eager"),
+    "llama": ("llama", dict(SMALL, initializer_range=0.1), "sdpa"),
+    "gemma2": ("gemma2", SMALL, "eager"),
     # attention sinks on a sliding layer and a full one; chunked attention (chunks of 4) on layer 0
-    "gpt_oss": (GptOssConfig(**COMMON, head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=6,
-                             layer_types=["sliding_attention", "full_attention"]), "eager"),
-    "llama4_text": (Llama4TextConfig(**COMMON, head_dim=16, intermediate_size_mlp=64, num_local_experts=2,
-                                     attention_chunk_size=4, no_rope_layers=[1, 0]), "eager"),
+    "gpt_oss": ("gpt_oss", dict(SMALL, num_local_experts=2, num_experts_per_tok=1), "eager"),
+    "llama4_text": ("llama4_text", dict(SMALL, intermediate_size_mlp=64, num_local_experts=2, attention_chunk_size=4),
+                    "eager"),
+    # Gemma 4 (5.17+) with KV sharing: layers 2-3 read layers 0-1's pools, and a prefill gives them one query
+    "gemma4_shared": ("gemma4_kv_shared", dict(SMALL, num_hidden_layers=4, sliding_window=6, num_kv_shared_layers=2,
+                                               layer_types=["sliding_attention", "full_attention"] * 2), "eager"),
 }
-try:  # Gemma 4 (5.17+) with KV sharing: layers 2-3 read layers 0-1's pools, and a prefill gives them one query
-    from transformers.models.gemma4 import Gemma4TextConfig
-
-    CONFIGS["gemma4_shared"] = (Gemma4TextConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, global_head_dim=32,
-                                                 hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
-                                                 sliding_window=6, num_kv_shared_layers=2,
-                                                 layer_types=["sliding_attention", "full_attention"] * 2), "eager")
-except ImportError:
-    pass
 MODES = {
     "greedy": dict(do_sample=False),
     "beams": dict(num_beams=3, num_return_sequences=2, length_penalty=0.7, early_stopping=True),
@@ -93,34 +88,8 @@ NEW_TOKENS = int(sys.argv[3])
 
 
 def pair(family):
-    config, reference_attention = CONFIGS[family]
-    torch.manual_seed(0)
-    # Each model gets its own config: from_config writes the attention implementation into it.
-    reference = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference_attention)
-    paged = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="hf_paged")
-    assert reference.config._attn_implementation == reference_attention
-    assert paged.config._attn_implementation == "hf_paged"
-    state = reference.state_dict()
-    for name in state:
-        if name.endswith("sinks"):  # initialised near 0: make them matter
-            state[name].copy_(torch.randn_like(state[name]))
-    reference.load_state_dict(state)
-    paged.load_state_dict(state)
-    for model in (reference, paged):
-        model.eval()
-        model.generation_config.pad_token_id = 0
-    return reference, paged
-
-
-def prompts(lengths, seed):
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(lengths):
-        input_ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=generator)
-        attention_mask[row, width - length:] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    name, changes, reference_attention = CONFIGS[family]
+    return model_pair(name, reference=reference_attention, **changes)
 
 
 def generate(model, inputs, **kwargs):
@@ -135,7 +104,7 @@ results = {}
 for family in sys.argv[2].split(","):
     reference, paged = pair(family)
     # Unequal left-padded rows; 11 tokens fill 2 blocks of 5 and start a third, so beams share a partial block.
-    inputs = prompts([11, 4, 8], seed=1)
+    inputs = left_padded_batch([11, 4, 8], seed=1)
     # Greedy with EOS: the token row 1 generates second ends it there; in a cache the call drops, its padding then
     # goes to the scratch block and its blocks go back to the pool (a cache that outlives the call keeps them).
     eos = int(generate(reference, inputs, do_sample=False).sequences[1, 12])
@@ -174,11 +143,10 @@ for family in sys.argv[2].split(","):
         calls.clear()
         if mode.endswith("eos"):
             # The cache generate builds and drops: the ended row gives its blocks back (see recorded_stats).
-            hf_paged.generation._new_cache = lambda model: PagedCache(model.config, block_size=5)
             torch.manual_seed(0)
             with torch.no_grad(), hf_paged.recorded_stats() as recorded:
                 got = paged.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=0, do_sample=False,
-                                     eos_token_id=eos)
+                                     eos_token_id=eos, cache_config={"block_size": 5})
             kept = generate(paged, inputs, **cache_kwargs(PagedCache(paged.config, block_size=5)), **kwargs)
             kept.past_key_values.manager.check()
             results[f"{family}-{mode}"] = {
@@ -203,21 +171,28 @@ for family in sys.argv[2].split(","):
 print(json.dumps(results))
 '''
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
 NEW_TOKENS = 6
 
 
-def run_script(tmp_path, families: list[str], modes: list[str]) -> dict:
+def _run(tmp_path, script: str, *args: str, timeout: float = 300) -> dict:
+    """Run `script` (its arguments: this folder, then `args`) in a subprocess under Triton's interpreter with
+    ``HF_PAGED_BACKEND=triton``, importing this checkout's hf_paged (not an installed one), and return what its last
+    line printed as JSON."""
     pytest.importorskip("triton")
-    script = tmp_path / "triton_generate.py"
-    script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(TRITON_INTERPRET="1", HF_PAGED_BACKEND="triton", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(script), ROOT, ",".join(families), str(NEW_TOKENS), ",".join(modes)],
-                         cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    env = {**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "1", "HF_PAGED_BACKEND": "triton",
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(path), TESTS, *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def run_script(tmp_path, families: list[str], modes: list[str]) -> dict:
+    return _run(tmp_path, SCRIPT, ",".join(families), str(NEW_TOKENS), ",".join(modes))
 
 
 def test_generate_runs_through_the_triton_kernels(tmp_path):
@@ -302,3 +277,96 @@ def test_kv_shared_layers_run_through_the_triton_kernels(tmp_path):
         assert not any(key.startswith("ops.") for key in calls), (case, calls)
         assert result["same_tokens"], (case, result)
         assert result["max_logit_diff"] < 2e-4, (case, result)
+
+
+SLABS_SCRIPT = '''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from tiny_models import left_padded_batch, model_pair
+from hf_paged import PagedCache
+reference, paged = model_pair("llama")
+results = {}
+for mode, kwargs in {"greedy": dict(do_sample=False), "beams": dict(num_beams=3, num_return_sequences=2)}.items():
+    inputs = left_padded_batch([13, 6], seed=7)
+    expected = reference.generate(**inputs, max_new_tokens=20, min_new_tokens=20, **kwargs)
+    cache = PagedCache(paged.config, block_size=4)
+    got = paged.generate(**inputs, max_new_tokens=20, min_new_tokens=20, past_key_values=cache, **kwargs)
+    results[mode] = {"same": bool(torch.equal(got, expected)), "slabs": len(cache.pool.slabs),
+                     "block_major": cache.pool.block_major}
+print(json.dumps(results))
+'''
+
+
+def test_a_pool_of_slabs_runs_through_the_triton_kernels(tmp_path):
+    """``generate`` through the Triton kernels with a growable pool: it grows by block-major slabs, which the kernels
+    address through their offset tables, and gives sdpa's tokens."""
+    for mode, result in _run(tmp_path, SLABS_SCRIPT, timeout=900).items():
+        assert result["same"] and result["block_major"], (mode, result)
+        assert result["slabs"] >= 2, (mode, result)
+
+
+WIDTHS_SCRIPT = r'''
+import json
+import sys
+
+import torch
+
+sys.path.insert(0, sys.argv[1])
+from tiny_models import left_padded_batch, model_pair  # noqa: E402
+
+from hf_paged import PagedCache, backend  # noqa: E402
+
+MODES = {"greedy": dict(do_sample=False), "beams": dict(num_beams=3, num_return_sequences=2)}
+
+
+def generate(model, inputs, mode, **kwargs):
+    torch.manual_seed(0)
+    return model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True,
+                          output_logits=True, **MODES[mode], **kwargs)
+
+
+
+kernels = backend.kernels()
+calls = {}
+for name in ("reshape_and_cache", "paged_attention", "copy_blocks"):
+    original = getattr(kernels, name)
+
+    def counted(*args, _name=name, _original=original, **kwargs):
+        calls[_name] = calls.get(_name, 0) + 1
+        if kwargs.get("latent"):
+            calls["latent"] = calls.get("latent", 0) + 1
+        return _original(*args, **kwargs)
+
+    setattr(kernels, name, counted)
+results = {}
+for family in sys.argv[2:]:
+    reference, paged = model_pair(family)
+    inputs = left_padded_batch([9, 4], seed=1)
+    for mode in ("greedy", "beams"):
+        calls.clear()
+        expected = generate(reference, inputs, mode)
+        got = generate(paged, inputs, mode, past_key_values=PagedCache(paged.config, block_size=4))
+        diff = (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max().item()
+        results[f"{family}/{mode}"] = {"same": bool(torch.equal(got.sequences, expected.sequences)), "diff": diff,
+                                       "calls": dict(calls)}
+print(json.dumps(results))
+'''
+
+
+def test_values_of_another_width_and_hybrids_run_through_the_triton_kernels(tmp_path):
+    """Values narrower than keys read by the paged-attention kernel (MiMo-V2-Flash), latents of two widths written by
+    reshape_and_cache, copied by copy_blocks and read in place by the kernel's latent mode at every decode step
+    (DeepSeek-V3: 2 layers x 4 steps), a hybrid (Qwen3-Next): eager's tokens."""
+    families = [name for name in ("mimo_v2_flash", "deepseek_v3", "qwen3_next") if available(name)]
+    results = _run(tmp_path, WIDTHS_SCRIPT, *families, timeout=900)
+    for label, result in results.items():
+        assert result["same"] and result["diff"] < 2e-4, (label, result)
+        assert result["calls"].get("reshape_and_cache", 0) > 0, (label, result)
+        if label.endswith("/beams"):
+            assert result["calls"].get("copy_blocks", 0) > 0, (label, result)  # copy-on-write of shared blocks
+    for mode in ("greedy", "beams"):
+        if "mimo_v2_flash" in families:
+            assert results[f"mimo_v2_flash/{mode}"]["calls"].get("paged_attention", 0) > 0
+        if "deepseek_v3" in families:  # 5 new tokens: 4 decode steps of 2 latent layers, none gathered
+            assert results[f"deepseek_v3/{mode}"]["calls"].get("latent", 0) == 2 * 4, results

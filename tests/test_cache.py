@@ -1,66 +1,25 @@
-"""Errors hf_paged must raise clearly (and the state it must leave behind), never wrong tokens.
-
-Covers `PagedCache` argument validation, `OutOfBlocksError` from a fixed pool (message, consistency and reuse
-afterwards), a `PagedCache` handed to a model that does not run ``"hf_paged"``, model families whose attention
-bypasses Transformers' attention interface, and misuse of an existing cache (batch size change, positive crop,
-another model's shapes).
+"""`PagedCache` as a `transformers.Cache`: its arguments (and ``generate(cache_config=...)``'s), `OutOfBlocksError`
+from a fixed pool (message, consistency and reuse afterwards), a `PagedCache` handed to a model that does not run
+``"hf_paged"``, misuse of an existing cache (batch size change, positive crop, another model's shapes, autograd),
+its stats, and what its layers' ``keys`` / ``values`` mean. Errors must be clear (and leave the cache consistent),
+never wrong tokens.
 """
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    BloomConfig,
-    CodeGenConfig,
-    FalconConfig,
-    GPTJConfig,
-    LlamaConfig,
-    MptConfig,
-    PretrainedConfig,
-    T5Config,
-)
+from tiny_models import assert_stats_consistent, config, left_padded_batch, model_pair, random_ids
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
+import hf_paged
 from hf_paged import OutOfBlocksError, PagedCache, compat
 from hf_paged.compat import cache_kwargs, output_cache
 from hf_paged.kv_pool import KVPool
 
-VOCAB = 128
-PAD, EOS, BOS = 0, 1, 2
-# Bytes of one block of the tiny Llama below in float32: layers * (K, V) * block_size * kv_heads * head_dim * 4.
+# Bytes of one block of the tiny Llama below ("llama128") in float32:
+# layers * (K, V) * block_size * kv_heads * head_dim * 4.
 BLOCK_BYTES_16 = 2 * 2 * 16 * 2 * 16 * 4
-
-
-def tiny_config(**overrides) -> LlamaConfig:
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, pad_token_id=PAD,
-        eos_token_id=EOS, bos_token_id=BOS,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
-
-
-def model_pair(config: LlamaConfig, seed: int = 0):
-    """(sdpa reference, hf_paged model) with identical weights and separate config objects.
-
-    (`from_config` writes ``_attn_implementation`` into the config it is given, so a shared config would switch
-    the reference to hf_paged too.)
-    """
-    torch.manual_seed(seed)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
-    paged = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="hf_paged").eval()
-    paged.load_state_dict(ref.state_dict())
-    assert ref.config._attn_implementation == "sdpa" and paged.config._attn_implementation == "hf_paged"
-    return ref, paged
-
-
-def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(4, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def greedy(model, ids, **kwargs):
@@ -68,17 +27,9 @@ def greedy(model, ids, **kwargs):
     return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
 
 
-def assert_consistent(cache: PagedCache) -> None:
-    stats = cache.stats()
-    assert stats.used_blocks + stats.free_blocks == stats.num_blocks
-    assert stats.used_bytes == stats.used_blocks * cache.bytes_per_block
-    assert stats.logical_tokens == sum(cache.manager.lengths)
-    cache.manager.check()
-
-
 @pytest.fixture(scope="module")
 def models():
-    return model_pair(tiny_config())
+    return model_pair("llama128")
 
 
 # ------------------------------------------------------------------------------------ constructor arguments
@@ -171,7 +122,7 @@ def test_out_of_blocks(models, pool, batch, prompt_len, new_tokens, extra):
     assert "num_blocks" in message and "max_memory" in message
     # The fixed pool did not grow, and the cache is consistent.
     assert cache.stats().num_blocks == error.num_blocks == pool.get("num_blocks", 5)
-    assert_consistent(cache)
+    assert_stats_consistent(cache)
     # ... and usable: reset, then a generate that fits gives sdpa's tokens.
     cache.reset()
     assert cache.stats().used_blocks == 0
@@ -180,7 +131,7 @@ def test_out_of_blocks(models, pool, batch, prompt_len, new_tokens, extra):
     assert torch.equal(out.sequences, greedy(ref, small, max_new_tokens=4))
     assert out.past_key_values is cache
     assert cache.stats().num_blocks == error.num_blocks
-    assert_consistent(cache)
+    assert_stats_consistent(cache)
 
 
 def test_out_of_blocks_is_raised_before_anything_is_written(models):
@@ -198,13 +149,13 @@ def test_out_of_blocks_is_raised_before_anything_is_written(models):
     assert cache.manager.tables == tables_before
     assert cache.manager.lengths == [32, 32]
     assert cache.get_seq_length() == 32
-    assert_consistent(cache)
+    assert_stats_consistent(cache)
     # Still usable after making room.
     cache.crop(-4)
     with torch.no_grad():
         paged(random_ids(2, 1, seed=41), **cache_kwargs(cache))
     assert cache.manager.lengths == [29, 29]
-    assert_consistent(cache)
+    assert_stats_consistent(cache)
 
 
 def test_a_step_that_fits_does_not_raise(models):
@@ -217,7 +168,7 @@ def test_a_step_that_fits_does_not_raise(models):
         paged(random_ids(2, 1, seed=52), **cache_kwargs(cache))
     stats = cache.stats()
     assert stats.cow_copies == 1 and stats.free_blocks == 0
-    assert_consistent(cache)
+    assert_stats_consistent(cache)
 
 
 def test_growing_pool_out_of_device_memory(models, monkeypatch):
@@ -238,12 +189,12 @@ def test_growing_pool_out_of_device_memory(models, monkeypatch):
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
     assert "num_blocks" in str(info.value) and "max_memory" in str(info.value)
     assert cache.stats().num_blocks == 2
-    assert_consistent(cache)
+    assert_stats_consistent(cache)
     monkeypatch.setattr(KVPool, "resize", original)
     cache.reset()
     out = greedy(paged, ids, max_new_tokens=8, **cache_kwargs(cache))
     assert torch.equal(out, greedy(ref, ids, max_new_tokens=8))
-    assert_consistent(cache)
+    assert_stats_consistent(cache)
 
 
 # --------------------------------------------------------------------------- a PagedCache in the wrong model
@@ -267,9 +218,9 @@ def test_direct_forward_of_a_non_paged_model_with_a_paged_cache(num_layers, bloc
 
     (With 4 heads and block_size 4, a ``[N, bs, Hkv, D]`` pool has a shape sdpa accepts as ``[B, H, kv, D]``.)
     """
-    config = tiny_config(num_hidden_layers=num_layers)
-    _, paged = model_pair(config, seed=3)
-    other = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attention).eval()
+    _, paged = model_pair("llama128", seed=3, num_hidden_layers=num_layers)
+    other = AutoModelForCausalLM.from_config(config("llama128", num_hidden_layers=num_layers),
+                                             attn_implementation=attention).eval()
     cache = PagedCache(paged.config, block_size=block_size)
     ids = random_ids(1, 3, seed=71)
     with torch.no_grad(), pytest.raises(RuntimeError, match="hf_paged"):
@@ -277,79 +228,6 @@ def test_direct_forward_of_a_non_paged_model_with_a_paged_cache(num_layers, bloc
     # A second forward on the same cache does not give logits either.
     with torch.no_grad(), pytest.raises(RuntimeError, match="hf_paged"):
         other(random_ids(1, 1, seed=72), **cache_kwargs(cache), use_cache=True)
-
-
-# ---------------------------------------------------------------------------------- unsupported model families
-UNSUPPORTED = {
-    "gptj": GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128),
-    "falcon": FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
-    "bloom": BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4),
-    "mpt": MptConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
-    "codegen": CodeGenConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128),
-}
-
-
-@pytest.mark.parametrize(
-    "family",
-    ["gptj", "falcon", "bloom", "mpt", "codegen"],
-)
-def test_unsupported_family_fails_clearly(family):
-    """Load with hf_paged and generate: a clear error naming hf_paged, at load or at the first generate.
-
-    Transformers ports families to its attention interface over time (GPT-J and CodeGen in 5.24): on a release
-    where this family goes through the interface, hf_paged must instead give eager's tokens."""
-    config = copy.deepcopy(UNSUPPORTED[family])
-    if AutoModelForCausalLM._model_mapping[type(config)]._can_set_attn_implementation():
-        torch.manual_seed(0)
-        ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
-        paged = AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged").eval()
-        paged.load_state_dict(ref.state_dict())
-        ids = random_ids(2, 7, seed=81)
-        expected = ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
-        got = paged.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True)
-        assert isinstance(output_cache(got), PagedCache)
-        assert torch.equal(got.sequences, expected)
-        return
-    with pytest.raises((NotImplementedError, ValueError)) as info:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="hf_paged").eval()
-        model.generate(random_ids(1, 5, seed=81), max_new_tokens=3, do_sample=False, pad_token_id=PAD)
-    message = str(info.value)
-    assert "hf_paged" in message
-    assert "not support" in message
-    assert type(info.value).__name__ in ("NotImplementedError", "ValueError")
-
-
-def test_unsupported_family_from_pretrained(tmp_path):
-    AutoModelForCausalLM.from_config(copy.deepcopy(UNSUPPORTED["bloom"])).save_pretrained(tmp_path)
-    with pytest.raises(NotImplementedError, match="hf_paged.*not support"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="hf_paged")
-
-
-@pytest.mark.parametrize("family", ["bloom", "mpt"])
-def test_unsupported_family_is_never_switched_to_hf_paged(family):
-    """``set_attn_implementation("hf_paged")`` on such a model only warns (Transformers' rule): the model keeps its
-    own attention and cache, and never claims to run hf_paged."""
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(UNSUPPORTED[family])).eval()
-    before = model.config._attn_implementation
-    ids = random_ids(1, 5, seed=85)
-    expected = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
-    model.set_attn_implementation("hf_paged")
-    assert model.config._attn_implementation == before != "hf_paged"
-    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True)
-    assert torch.equal(out.sequences, expected)
-    assert not isinstance(out.past_key_values, PagedCache)
-
-
-def test_encoder_decoder_model_fails_clearly():
-    config = T5Config(vocab_size=VOCAB, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
-                      decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
-    if not AutoModelForSeq2SeqLM._model_mapping[T5Config]._can_set_attn_implementation():  # 5.0: refused at load
-        with pytest.raises(NotImplementedError, match="hf_paged.*not support"):
-            AutoModelForSeq2SeqLM.from_config(config, attn_implementation="hf_paged")
-        return
-    model = AutoModelForSeq2SeqLM.from_config(config, attn_implementation="hf_paged").eval()
-    with pytest.raises(NotImplementedError, match="hf_paged.*encoder-decoder"):
-        model.generate(random_ids(1, 6, seed=91), max_new_tokens=3)
 
 
 # ------------------------------------------------------------------------------------ misuse of a live cache
@@ -364,7 +242,7 @@ def test_batch_size_change_with_an_existing_cache(models):
     with torch.no_grad(), pytest.raises(ValueError, match="reset"):
         paged(random_ids(3, 1, seed=103), **cache_kwargs(cache))
     assert cache.stats() == before
-    assert_consistent(cache)
+    assert_stats_consistent(cache)
     # The same cache still continues the original batch exactly as sdpa's DynamicCache does.
     ref_first = greedy(ref, ids, max_new_tokens=3, return_dict_in_generate=True)
     more = random_ids(2, 2, seed=104)
@@ -387,7 +265,7 @@ def test_crop_with_a_positive_value(models):
     assert cache.stats() == before
     cache.crop(-4)
     assert cache.get_seq_length() == before.logical_tokens // 2 - 4
-    assert_consistent(cache)
+    assert_stats_consistent(cache)
 
 
 def test_reorder_with_an_out_of_range_row(models):
@@ -397,7 +275,7 @@ def test_reorder_with_an_out_of_range_row(models):
     with pytest.raises(IndexError):
         cache.reorder_cache(torch.tensor([0, 2]))
     assert cache.stats() == before
-    assert_consistent(cache)
+    assert_stats_consistent(cache)
 
 
 def test_cache_reused_by_a_model_with_other_kv_shapes(models):
@@ -407,18 +285,30 @@ def test_cache_reused_by_a_model_with_other_kv_shapes(models):
     cache = PagedCache(paged.config)
     greedy(paged, random_ids(1, 8, seed=131), **cache_kwargs(cache))
     cache.reset()
-    reference, other = model_pair(tiny_config(num_key_value_heads=4), seed=4)
+    reference, other = model_pair("llama128", seed=4, num_key_value_heads=4)
     ids = random_ids(1, 8, seed=132)
     assert torch.equal(greedy(other, ids, **cache_kwargs(cache)), greedy(reference, ids))
     assert set(cache.pool.own) == set(range(len(cache.pool.plain)))  # every layer has tensors of its own now
     cache.manager.check()
 
 
-def test_invalid_backend_environment_variable(models, monkeypatch):
-    _, paged = models
-    monkeypatch.setenv("HF_PAGED_BACKEND", "cuda-please")
-    with pytest.raises(ValueError, match="HF_PAGED_BACKEND"):
-        greedy(paged, random_ids(1, 6, seed=141))
+def test_generate_sizes_the_cache_it_builds_from_cache_config(models):
+    """``generate(cache_config={...})`` (Transformers' place for the cache's arguments) sizes the `PagedCache` the
+    call builds; other keys, and a model whose caches share the prefix cache's pools, are refused saying what to do."""
+    ref, paged = models
+    ids = random_ids(2, 10, seed=151)
+    out = greedy(paged, ids, cache_config={"block_size": 4, "num_blocks": 12}, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, greedy(ref, ids))
+    cache = output_cache(out)
+    assert cache.block_size == 4 and cache.stats().num_blocks == 12
+    with pytest.raises(ValueError, match=r"cache_config.* block_size, num_blocks, max_memory; got \['nbits'\]"):
+        greedy(paged, ids, cache_config={"nbits": 4})
+    hf_paged.enable_prefix_caching(paged)
+    try:
+        with pytest.raises(ValueError, match=r"prefix caching.*enable_prefix_caching\(model, block_size="):
+            greedy(paged, ids, cache_config={"block_size": 4})
+    finally:
+        hf_paged.disable_prefix_caching(paged)
 
 
 def test_stats_of_a_fixed_pool_show_its_size_before_the_first_write(models):
@@ -450,3 +340,46 @@ def test_a_forward_under_autograd_is_refused_before_anything_is_written(models):
     loss.backward()
     assert paged.model.embed_tokens.weight.grad is not None
     paged.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------ the layers' keys and values
+# `PagedCache.layers[i].keys` / `.values` mean what they mean in Transformers: each row's keys, gathered.
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_layer_keys_and_values_match_dynamic_cache(family, num_beams):
+    reference, paged = model_pair(family)
+    batch = left_padded_batch([21, 9, 14])
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=num_beams, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = reference.generate(**batch, **kwargs)
+        got = paged.generate(**batch, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    cache, dynamic = got.past_key_values, expected.past_key_values
+    assert isinstance(cache, PagedCache) and type(dynamic).__name__ == "DynamicCache"
+    assert len(cache.layers) == len(dynamic.layers)
+    for layer, dynamic_layer in zip(cache.layers, dynamic.layers, strict=True):
+        for name in ("keys", "values"):
+            mine, theirs = getattr(layer, name), getattr(dynamic_layer, name)
+            assert mine.shape == theirs.shape  # [B * num_beams, Hkv, seq, D]
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+        assert layer.get_seq_length() == dynamic_layer.get_seq_length()
+
+
+def test_layer_pools_keep_their_own_names(llama_pair):
+    _, paged = llama_pair
+    with torch.no_grad():
+        out = paged.generate(**left_padded_batch([20, 7]), max_new_tokens=3, do_sample=False,
+                             return_dict_in_generate=True)
+    cache = out.past_key_values
+    layer = cache.layers[1]
+    assert layer.key_pool.shape == layer.value_pool.shape == cache.kv_pool.shape[2:]  # [N, bs, Hkv, D]
+    assert layer.key_pool.data_ptr() == cache.kv_pool[1, 0].data_ptr()
+    keys = layer.keys
+    keys.zero_()  # a gather: writing into it leaves the cache alone
+    assert layer.keys.abs().sum() > 0
+
+
+def test_layer_keys_before_the_first_write():
+    _, paged = model_pair("llama")
+    cache = PagedCache(paged.config)
+    assert cache.layers[0].keys is None and cache.layers[0].value_pool is None
