@@ -9,7 +9,7 @@ import json
 import os
 
 import torch
-from conftest import make_pair
+from tiny_models import model_pair
 
 from hf_paged.bench import main, stub_device
 from hf_paged.bench.host import HOST_IMPLS, HostRow
@@ -74,7 +74,7 @@ def test_counter_without_emulation_sees_cpu_tensors_as_host():
 
 
 def test_counter_keeps_hf_paged_events_apart_in_generate():
-    reference, paged = make_pair("llama")
+    reference, paged = model_pair("llama")
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False)
     summaries = {}
