@@ -212,7 +212,8 @@ def run_script(tmp_path, families: list[str], modes: list[str]) -> dict:
     script = tmp_path / "triton_generate.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(TRITON_INTERPRET="1", HF_PAGED_BACKEND="triton", OMP_NUM_THREADS="1")
+    # This checkout first (not another one an editable install may point to), and no rehearsal sitecustomize.
+    env.update(TRITON_INTERPRET="1", HF_PAGED_BACKEND="triton", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     run = subprocess.run([sys.executable, str(script), ROOT, ",".join(families), str(NEW_TOKENS), ",".join(modes)],
                          cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
