@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
+from . import backend, ops
 from .block_manager import BlockManager
 from .kinds import AttentionKind
 from .kv_pool import KVPool
@@ -28,6 +28,8 @@ class RowPlan:
         recording: past steps are kept for a rollback (`PagedCache.activate_past_recording`).
         forks: the rows each row of the coming steps becomes (`PagedCache.expect_forks`).
         max_length: the most tokens a row will hold in this call (`PagedCache.expect_length`), or None.
+        left_padding: the step's attention masks pad each row exactly before its live start
+            (`PagedCache.expect_left_padding`): the plan carries each row's first key (`StepPlan.key_starts`).
     """
 
     ended: list[bool] | None = None
@@ -35,6 +37,7 @@ class RowPlan:
     recording: bool = False
     forks: int = 1
     max_length: int | None = None
+    left_padding: bool = False
 
 
 @dataclass(eq=False)
@@ -62,6 +65,8 @@ class LayerGroup:
     step_layers: set = field(default_factory=set)
     device_steps: dict = field(default_factory=dict)
     lengths_before: list[int] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    left_padding: bool = False
 
     @property
     def window(self) -> int | None:
@@ -127,15 +132,17 @@ class LayerGroup:
             if new_rows:
                 manager.reset()
             raise
-        if copies:
-            src, dst = zip(*copies, strict=True)
+        device = self.pool.tensor.device
+        self.copies, self.left_padding = copies, rows.left_padding
+        self.step = build_step(manager, lengths_before, q_len, device, backend.use_triton(device), self.kind.trims,
+                               {} if partial else None, context, self.pool.starts, copies, rows.left_padding)
+        self.device_steps, self.lengths_before, self.step_layers = {device: self.step}, lengths_before, set()
+        if copies:  # with the step's tables: the copies' block ids came in the same host-to-device copy
+            src, dst = (list(ids) for ids in zip(*copies, strict=True))
             for pool in self.pools:
                 if pool.tensor is not None:
-                    pool.copy_blocks(list(src), list(dst))
-        device = self.pool.tensor.device
-        self.step = build_step(manager, lengths_before, q_len, device, self.kind.trims, {} if partial else None,
-                               context, self.pool.starts)
-        self.device_steps, self.lengths_before, self.step_layers = {device: self.step}, lengths_before, set()
+                    plan = self.step_on(pool.tensor.device)
+                    pool.copy_blocks(src, dst, plan.copies, plan.triton)
 
     def _slack(self, lengths_before: list[int], q_len: int, ended: list[bool] | None, rows: RowPlan) -> int:
         """The blocks of slack a growing pool adds beyond what a step misses (see `KVPool`): per row that takes
@@ -181,8 +188,9 @@ class LayerGroup:
         step = self.device_steps.get(device)
         if step is None:
             # One `fresh` dict: a layer's update and attention may see different devices.
-            step = build_step(self.manager, self.lengths_before, self.step.q_len, device, self.kind.trims,
-                              self.step.fresh, self.step.context, self.pool.starts)
+            step = build_step(self.manager, self.lengths_before, self.step.q_len, device, backend.use_triton(device),
+                              self.kind.trims, self.step.fresh, self.step.context, self.pool.starts, self.copies,
+                              self.left_padding)
             self.device_steps[device] = step
         return step
 
