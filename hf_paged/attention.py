@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend, masks, ops
+from . import backend, latent, masks, ops
 from .compat import bool_mask, sdpa_mask
 from .guard import owner_of
 from .masks import key_padding_mask
@@ -113,12 +113,13 @@ def paged_attention_forward(
         sliding_window, chunk_size = pattern.sliding_window, pattern.chunk_size
     cache = owner_of(key)
     if cache is None:
+        latent.prepare(module)  # a latent layer's expand_kv lets pools through from now on (latent.py)
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,
                                      softcap, is_causal, chunk_size, s_aux), None
     full_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
     out = backend.attend(cache.attention_inputs(key, module), query, None if full_mask is not None else attention_mask,
                          full_mask, scale=scale, sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
-                         sinks=s_aux)
+                         sinks=s_aux, module=module)
     return out, None
 
 

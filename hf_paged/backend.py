@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import masks, ops
+from . import latent, masks, ops
 from .masks import key_padding_mask
 from .step import read_path
 
@@ -123,7 +123,7 @@ def mark_offsets_checked(table: torch.Tensor) -> None:
 
 def attend(layer, query: torch.Tensor, padding: torch.Tensor | None, full_mask: torch.Tensor | None, *, scale: float,
            sliding_window: int | None, softcap: float | None, chunk_size: int | None,
-           sinks: torch.Tensor | None) -> torch.Tensor:
+           sinks: torch.Tensor | None, module: torch.nn.Module | None = None) -> torch.Tensor:
     """One layer's attention over its paged keys, by the read path `hf_paged.step.read_path` picks.
 
     Args:
@@ -134,6 +134,7 @@ def attend(layer, query: torch.Tensor, padding: torch.Tensor | None, full_mask: 
             when nothing is padded.
         full_mask: a 4-D boolean mask (a pattern `hf_paged.masks.describe` does not know), or None.
         scale, sliding_window, softcap, chunk_size, sinks: the layer's (see `hf_paged.attention`).
+        module: the attention module (a latent layer's weights, `hf_paged.latent`).
 
     Returns:
         ``[B, q, H, Dv]``.
@@ -149,20 +150,32 @@ def attend(layer, query: torch.Tensor, padding: torch.Tensor | None, full_mask: 
     if chunk_size is not None and chunk_size >= plan.max_seq_len:
         chunk_size = None  # every key is in the first chunk
     keys, values = layer.keys, layer.values
+    key_shape, value_shape = keys.shape, values.shape
     if full_mask is not None:
         if plan.key_offset:  # the step's tables leave out the first blocks
             full_mask = full_mask[..., plan.key_offset:]
+        keys_padding = None
+        path = read_path(plan, full_mask=True, left_padding=False, groups_padded_alike=False,
+                         sliding_window=sliding_window, chunk_size=chunk_size, sinks=sinks is not None,
+                         same_width=value_shape[3] == key_shape[3], latent=layer.latent)
+    else:
+        cache_window = layer.cache_window
+        if (cache_window is None or sliding_window is not None or chunk_size is not None
+                or plan.max_seq_len - plan.q_len <= cache_window - 1):
+            cache_window = None  # else keys Transformers' own DynamicCache would already have dropped (Moshi)
+        token_bytes = (key_shape[2] * key_shape[3] + value_shape[2] * value_shape[3]) * keys.element_size()
+        path, keys_padding = plan.memo(
+            ("attend", id(padding), cache_window, sliding_window, chunk_size, sinks is None, value_shape[3] == key_shape[3],
+             token_bytes, layer.latent),
+            lambda: _route(plan, padding, cache_window, sliding_window, chunk_size, sinks is not None,
+                           value_shape[3] == key_shape[3], token_bytes, layer.latent))
+    if path == "latent":  # cached latents: absorbed weights, or the latents expanded (latent.py)
+        return latent.attention(module, plan, query, keys, values,
+                                full_mask if keys_padding is None else keys_padding.mask,
+                                None if keys_padding is None else keys_padding.starts, scale=scale,
+                                sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size, sinks=sinks)
+    if full_mask is not None:
         return _gathered_attention(plan, query, keys, values, full_mask, scale, None, softcap, None, sinks)
-    cache_window = layer.cache_window
-    if (cache_window is None or sliding_window is not None or chunk_size is not None
-            or plan.max_seq_len - plan.q_len <= cache_window - 1):
-        cache_window = None  # else keys Transformers' own DynamicCache would already have dropped (Moshi)
-    key_shape, value_shape = keys.shape, values.shape
-    token_bytes = (key_shape[2] * key_shape[3] + value_shape[2] * value_shape[3]) * keys.element_size()
-    path, keys_padding = plan.memo(
-        ("attend", id(padding), cache_window, sliding_window, chunk_size, sinks is None, value_shape[3], token_bytes),
-        lambda: _route(plan, padding, cache_window, sliding_window, chunk_size, sinks is not None,
-                       value_shape[3] == key_shape[3], token_bytes))
     if path == "triton":
         features = {"chunk_size": chunk_size} if chunk_size is not None else {}
         if sinks is not None:
@@ -196,13 +209,14 @@ def attend(layer, query: torch.Tensor, padding: torch.Tensor | None, full_mask: 
                                chunk_size, sinks, spans=plan.spans if path == "spans" else None)
 
 
-def _route(plan, padding, cache_window, sliding_window, chunk_size, sinks, same_width,
-           token_bytes) -> tuple[str, masks.Padding]:
+def _route(plan, padding, cache_window, sliding_window, chunk_size, sinks, same_width, token_bytes,
+           is_latent) -> tuple[str, masks.Padding]:
     """``(read path, key padding)`` of the layers of one kind in one step (memoised on the plan by `attend`)."""
     keys_padding = masks.step_padding(plan, padding, cache_window)
     path = read_path(plan, full_mask=False, left_padding=keys_padding.left,
                      groups_padded_alike=masks.padded_alike(plan, keys_padding), sliding_window=sliding_window,
-                     chunk_size=chunk_size, sinks=sinks, same_width=same_width, token_bytes=token_bytes)
+                     chunk_size=chunk_size, sinks=sinks, same_width=same_width, token_bytes=token_bytes,
+                     latent=is_latent)
     return path, keys_padding
 
 

@@ -8,19 +8,18 @@ forgetting rows); what each layer keeps is its kind's (`hf_paged.kinds`), the bl
 from __future__ import annotations
 
 import contextlib
-import copy
 import weakref
 
 import torch
 from transformers.cache_utils import Cache
 
-from . import backend, compat, kinds, masks, ops, support
+from . import backend, compat, kinds, latent, masks, support
 from .block_manager import BlockManager
 from .compat import LinearAttentionCacheLayerMixin, LinearAttentionLayer
-from .groups import LayerGroup, RowPlan
+from .groups import LayerGroup, RowPlan, group_specs
 from .guard import place_of
-from .kv_pool import KVPool, device_pools, parse_bytes
-from .layers import KVSharedLayer, PagedHybridLayer, PagedLayer, select_states, state_layers
+from .kv_pool import KVPool, parse_bytes
+from .layers import KVSharedLayer, PagedHybridLayer, PagedLayer, copy_states, select_states, state_layers
 from .stats import CacheStats, summarize
 from .step import LayerRead
 
@@ -109,33 +108,8 @@ class PagedCache(Cache):
         elif pool is not None and ((num_blocks, max_memory, device, dtype) != (None, None, None, None)
                                    or (isinstance(pool, KVPool) and pool.num_layers != len(attention_layers))):
             raise ValueError("hf_paged: a PagedCache given a shared pool takes its size, device and dtype from it.")
-        # Layers of one kind share block tables (`LayerGroup`): full attention (chunked layers with it), each sliding
-        # window, the latents of multi-head latent attention; one shared pool holds every layer in one group.
-        group_of = [kinds.group_kind(plan[layer].attention) for layer in attention_layers]
-        group_kinds = sorted(set(group_of), key=lambda kind: -1 if kind.window is None else kind.window)
-        pools = {None: pool} if isinstance(pool, KVPool) else pool
-        if pools is not None and attention_layers:
-            expected = {kind.window: group_of.count(kind) for kind in group_kinds}
-            given = {window: p.num_layers for window, p in pools.items()}
-            if given != expected:
-                raise ValueError(
-                    f"hf_paged: the shared pools given to this PagedCache hold {given} layers per window, but this "
-                    f"config's attention layers need {expected} (window: layers). Build the pools for this model's "
-                    "config (hf_paged.enable_prefix_caching(model) does)."
-                )
-        specs = []
-        for kind in group_kinds:
-            members = [i for i, k in enumerate(group_of) if k == kind]
-            if layer_devices is not None:
-                first, slot_pools = device_pools([layer_devices[attention_layers[i]] for i in members], block_size,
-                                                 num_blocks, dtype)
-            else:
-                budget = None if max_memory is None else max(max_memory * len(members) // len(attention_layers), 1)
-                first = pools[kind.window] if pools is not None else KVPool(
-                    len(members), block_size, num_blocks, budget,
-                    torch.device(device) if device is not None else None, dtype)
-                slot_pools = [(first, slot) for slot in range(len(members))]
-            specs.append((kind, first, members, slot_pools))
+        specs = group_specs(plan, block_size, num_blocks, max_memory, device, dtype,
+                            {None: pool} if isinstance(pool, KVPool) else pool, layer_devices)
         self._init_state(specs, plan)
 
     def _init_state(self, specs: list, plan: list[kinds.LayerKind]) -> None:
@@ -304,12 +278,10 @@ class PagedCache(Cache):
                                   skip_negative=step.skips, stored=step.stored)
         if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as they are
             step.fresh[layer_idx] = (key_states, value_states)
-        if self.latent:
-            # The model expands the latents of all its tokens into keys and values itself: give them back per row.
-            return tuple(
-                ops.gather_kv(cache, step.block_tables, step.max_seq_len, step.first_block).to(states.dtype)
-                for cache, states in ((key_pool, key_states), (value_pool, value_states))
-            )
+        if self.latent:  # multi-head latent attention: each row's latents, or the pools once absorbed (latent.py)
+            gathered = latent.gathered_latents(self, layer_idx, (key_pool, value_pool), step, key_states, value_states)
+            if gathered is not None:
+                return gathered
         self._pending_layer = layer_idx
         pool.active = self._weak_self
         return pool.guarded[slot]
@@ -360,7 +332,7 @@ class PagedCache(Cache):
             fresh = ((kept[0] if kept else None), (kept[1] if kept else None), keys, values)
         window = None if module is None else self.cache_window(getattr(module, "config", None), module.layer_idx)
         keys, values = pool.plain[slot]
-        return LayerRead(plan, keys, values, fresh, window)
+        return LayerRead(plan, keys, values, fresh, window, self.latent)
 
     def _reader_source(self, place: tuple) -> int | None:
         """The layer whose pools are `place` ``(pool, index there)``, if it stored keys in this step and some layer
@@ -592,10 +564,7 @@ class PagedCache(Cache):
         clone.record_past = self.record_past
         for mine, theirs in zip(self.layers, clone.layers, strict=True):
             if isinstance(mine, LinearAttentionCacheLayerMixin):
-                for name in ("conv_states", "recurrent_states", "is_conv_states_initialized",
-                             "is_recurrent_states_initialized", "has_previous_state", "conv_kernel_size", "device",
-                             "dtype", "record_past"):
-                    setattr(theirs, name, copy.deepcopy(getattr(mine, name), memo))
+                copy_states(mine, theirs, memo)
         for group, (source, renumber) in zip(clone.groups, sources, strict=True):
             group.manager.adopt(source, renumber)
         clone.peak_used_blocks, clone.prefix_hit_tokens = self.peak_used_blocks, self.prefix_hit_tokens

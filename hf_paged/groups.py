@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import backend, ops
+from . import backend, kinds, ops
 from .block_manager import BlockManager
 from .kinds import AttentionKind
-from .kv_pool import KVPool
+from .kv_pool import KVPool, device_pools
 from .step import StepPlan, build_step, table_tensor
 
-__all__ = ["LayerGroup", "RowPlan"]
+__all__ = ["LayerGroup", "RowPlan", "group_specs"]
 
 # A growable pool grows by at least 1/_SLAB_FRACTION of what it holds (see `KVPool`): few slabs.
 SLAB_FRACTION = 16
@@ -212,3 +212,39 @@ class LayerGroup:
     def end(self) -> None:
         """Forget the step (rows were reordered, cropped or reset)."""
         self.step, self.step_layers, self.device_steps = None, set(), {}
+
+
+def group_specs(plan: list[kinds.LayerKind], block_size: int, num_blocks: int | None, max_memory: int | None,
+                device, dtype: torch.dtype | None, pools: dict[int | None, KVPool] | None,
+                layer_devices: list | tuple | None) -> list[tuple]:
+    """Per layer group of a cache with these layers, ``(kind, first pool, its attention layers (indices among the
+    attention layers), per such layer (its pool, its index there))``: the pools given (`pools`, keyed by window), one
+    per device-map entry (`layer_devices`), or a new one sized by `num_blocks` or its share of `max_memory`."""
+    attention_layers = [layer for layer, kind in enumerate(plan) if kind.attention is not None]
+    # Layers of one kind share block tables (`LayerGroup`): full attention (chunked layers with it), each sliding
+    # window, the latents of multi-head latent attention; one shared pool holds every layer in one group.
+    group_of = [kinds.group_kind(plan[layer].attention) for layer in attention_layers]
+    group_kinds = sorted(set(group_of), key=lambda kind: -1 if kind.window is None else kind.window)
+    if pools is not None and attention_layers:
+        expected = {kind.window: group_of.count(kind) for kind in group_kinds}
+        given = {window: p.num_layers for window, p in pools.items()}
+        if given != expected:
+            raise ValueError(
+                f"hf_paged: the shared pools given to this PagedCache hold {given} layers per window, but this "
+                f"config's attention layers need {expected} (window: layers). Build the pools for this model's "
+                "config (hf_paged.enable_prefix_caching(model) does)."
+            )
+    specs = []
+    for kind in group_kinds:
+        members = [i for i, k in enumerate(group_of) if k == kind]
+        if layer_devices is not None:
+            first, slot_pools = device_pools([layer_devices[attention_layers[i]] for i in members], block_size,
+                                             num_blocks, dtype)
+        else:
+            budget = None if max_memory is None else max(max_memory * len(members) // len(attention_layers), 1)
+            first = pools[kind.window] if pools is not None else KVPool(
+                len(members), block_size, num_blocks, budget,
+                torch.device(device) if device is not None else None, dtype)
+            slot_pools = [(first, slot) for slot in range(len(members))]
+        specs.append((kind, first, members, slot_pools))
+    return specs

@@ -7,6 +7,7 @@ Mamba states; `KVSharedLayer` reads another layer's keys. Layers of states alone
 
 from __future__ import annotations
 
+import copy
 import functools
 import weakref
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from .step import padded_tables
 if TYPE_CHECKING:
     from .cache import PagedCache
 
-__all__ = ["KVSharedLayer", "PagedHybridLayer", "PagedLayer", "select_states", "state_layers"]
+__all__ = ["KVSharedLayer", "PagedHybridLayer", "PagedLayer", "copy_states", "select_states", "state_layers"]
 
 
 class PagedLayer(CacheLayerMixin):
@@ -205,3 +206,10 @@ def select_states(layer: LinearAttentionCacheLayerMixin, index: torch.Tensor) ->
     if hasattr(layer, "batch_size"):
         layer.batch_size = len(index)
 
+
+
+def copy_states(source: LinearAttentionCacheLayerMixin, target: LinearAttentionCacheLayerMixin, memo: dict) -> None:
+    """Give `target` deep copies of `source`'s per-row states (`PagedCache.__deepcopy__`)."""
+    for name in ("conv_states", "recurrent_states", "is_conv_states_initialized", "is_recurrent_states_initialized",
+                 "has_previous_state", "conv_kernel_size", "device", "dtype", "record_past"):
+        setattr(target, name, copy.deepcopy(getattr(source, name), memo))

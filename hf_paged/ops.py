@@ -228,6 +228,7 @@ def paged_attention(
     softcap: float | None = None,
     chunk_size: int | None = None,
     sinks: torch.Tensor | None = None,
+    latent: bool = False,
 ) -> torch.Tensor:
     """Attention of ``query`` against the paged keys and values (reference semantics: see module docstring).
 
@@ -241,12 +242,17 @@ def paged_attention(
         max_seq_len: ``max(seq_lens)`` as a Python int (avoids a device sync).
         sliding_window, softcap, sinks: see `attend`.
         chunk_size: chunked attention (chunks start at ``key_start``), or None.
+        latent: multi-head latent attention over cached latents (`hf_paged.latent`): ``key_cache`` holds the
+            latents ``[N, bs, Hkv, Dc]`` and ``value_cache`` the rotary keys ``[N, bs, Hkv, Dr]``; the keys are both
+            together (``D = Dc + Dr``) and the values the latents.
 
     Returns:
-        ``[B, q, H, D]``.
+        ``[B, q, H, D]`` (``Dc`` wide in latent mode).
     """
     keys = gather_kv(key_cache, block_tables, max_seq_len)
     values = gather_kv(value_cache, block_tables, max_seq_len)
+    if latent:
+        keys, values = torch.cat([keys, values.to(keys.dtype)], dim=-1), keys
     mask = causal_mask(seq_lens, key_start, query.shape[2], max_seq_len, sliding_window, chunk_size)
     return attend(query, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)
 

@@ -154,6 +154,7 @@ class LayerRead(NamedTuple):
             (None when the rows held nothing before), the step's own ``[B, H, q, D]`` as given; else None.
         cache_window: the window Transformers' own `DynamicCache` keeps for this layer (`masks.cache_windows`), or
             None.
+        latent: the stores hold the latents of multi-head latent attention (`hf_paged.latent`).
     """
 
     plan: StepPlan
@@ -161,14 +162,17 @@ class LayerRead(NamedTuple):
     values: Any
     fresh: tuple | None = None
     cache_window: int | None = None
+    latent: bool = False
 
 
 def read_path(plan: StepPlan, *, full_mask: bool, left_padding: bool, groups_padded_alike: bool,
               sliding_window: int | None, chunk_size: int | None, sinks: bool, same_width: bool,
-              token_bytes: int = 0) -> str:
+              token_bytes: int = 0, latent: bool = False) -> str:
     """How a layer's attention reads its keys this step, decided once per step and kind of layer (memoised):
 
     * ``"fresh"``: a step that stores only its last tokens attends over the kept keys and its own;
+    * ``"latent"``: cached latents of multi-head latent attention (`hf_paged.latent.attention`, which absorbs the
+      weights or expands the latents);
     * ``"triton"``: the paged kernel (`hf_paged.kernels.paged_attention`);
     * ``"triton_shared"``: the shared-prefix kernel (rows sharing blocks read them once per group);
     * ``"spans"``: a single row's blocks, one span per slab, concatenated (while small: `SPAN_COPY_BYTES`);
@@ -184,17 +188,20 @@ def read_path(plan: StepPlan, *, full_mask: bool, left_padding: bool, groups_pad
         sinks: the layer has attention sinks.
         same_width: values as wide as keys (the shared-prefix kernel needs it).
         token_bytes: bytes of one token's key and value (what concatenating spans copies).
+        latent: the layer caches latents (multi-head latent attention).
     """
     return plan.memo(("read_path", full_mask, left_padding, groups_padded_alike, sliding_window, chunk_size, sinks,
-                      same_width, token_bytes),
+                      same_width, token_bytes, latent),
                      lambda: _read_path(plan, full_mask, left_padding, groups_padded_alike, sliding_window, chunk_size,
-                                        sinks, same_width, token_bytes))
+                                        sinks, same_width, token_bytes, latent))
 
 
 def _read_path(plan, full_mask, left_padding, groups_padded_alike, sliding_window, chunk_size, sinks,
-               same_width, token_bytes) -> str:
+               same_width, token_bytes, latent) -> str:
     if plan.fresh is not None:
         return "fresh"
+    if latent:
+        return "latent"
     if full_mask:
         return "gather"
     if plan.triton:

@@ -24,7 +24,7 @@ from functools import cache
 
 import torch
 
-from . import compat
+from . import compat, latent
 
 __all__ = ["ATTENTION_KINDS", "ATTN_IMPLEMENTATION", "STATE_KINDS", "accepted_attention", "check_cached_kv_use",
            "check_layer_kinds", "check_layer_types", "check_model_class", "fallback_advice", "kv_sources",
@@ -186,6 +186,7 @@ def check_model_class(model_class: type, config) -> None:
     except Exception:  # per-layer (some layers MLA)
         mla = True
     if mla:
+        latent.prepare_family(model_class)  # MLA: expand_kv lets a PagedCache's latent pools through (latent.py)
         return  # MLA: the module expands cached latents into keys and values; the MLA support decides about those
     module = sys.modules.get(model_class.__module__)
     classes = [value for value in vars(module).values()

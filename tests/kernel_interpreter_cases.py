@@ -202,6 +202,34 @@ def test_paged_attention_with_values_of_another_width(
     torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+# (heads, latent dim, rope dim, block_size, q_len, seq_lens, key_start, dtype, num_splits, slabs)
+LATENT_CASES = [
+    (4, 12, 8, 4, 1, [13, 5, 9], [0, 3, 1], torch.float32, 1, 0),  # the tiny test models' latents
+    (4, 12, 8, 5, 6, [17, 6], [2, 0], torch.float32, 2, 0),  # several queries per row, split-KV
+    (20, 48, 16, 16, 1, [37, 9], [0, 4], torch.bfloat16, 4, 0),  # 20 heads (GLM-4-MoE-Lite's): tiles of 10
+    (32, 64, 16, 8, 3, [29, 40], None, torch.float16, 2, 0),  # 32 heads: tiles of 16
+    (4, 48, 16, 8, 5, [29, 9], [1, 0], torch.float16, 1, 3),  # pools of 3 slabs: two offset tables
+]
+
+
+@pytest.mark.parametrize("heads, latent_dim, rope_dim, block_size, q_len, seq_lens, key_start, dtype, num_splits, "
+                         "slabs", LATENT_CASES)
+def test_latent_attention_matches_reference(heads, latent_dim, rope_dim, block_size, q_len, seq_lens, key_start,
+                                            dtype, num_splits, slabs):
+    """Latent mode (`hf_paged.latent`): keys ``[latents | rotary keys]`` read from the key and value pools, values
+    the latents, one KV head for every query head."""
+    inputs = make_paged_inputs(group=heads, kv_heads=1, head_dim=latent_dim, block_size=block_size, q_len=q_len,
+                               seq_lens=seq_lens, key_start=key_start, dtype=dtype, seed=9, value_dim=rope_dim)
+    query = torch.randn(len(seq_lens), q_len, heads, latent_dim + rope_dim, generator=torch.Generator().manual_seed(3))
+    inputs["query"] = query.transpose(1, 2).to(dtype).to(DEVICE)
+    kwargs = {"scale": (latent_dim + rope_dim) ** -0.5, "max_seq_len": max(seq_lens), "latent": True}
+    caches = on_slabs(inputs, slabs) if slabs else inputs
+    out = launch_paged_attention(**kernel_args(caches), **kwargs, num_splits=num_splits)
+    expected = reference_attention(inputs, **kwargs)
+    assert out.shape == (len(seq_lens), q_len, heads, latent_dim) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
 def test_reshape_and_cache_with_values_of_another_shape():
     """DeepSeek-V3's latents: one 'key' head of kv_lora_rank and one 'value' head of qk_rope_head_dim; MiMo: keys
     wider than values."""

@@ -229,6 +229,8 @@ for name in ("reshape_and_cache", "paged_attention", "copy_blocks"):
 
     def counted(*args, _name=name, _original=original, **kwargs):
         calls[_name] = calls.get(_name, 0) + 1
+        if kwargs.get("latent"):
+            calls["latent"] = calls.get("latent", 0) + 1
         return _original(*args, **kwargs)
 
     setattr(kernels, name, counted)
@@ -254,7 +256,8 @@ print(json.dumps(results))
 def test_triton_kernels_under_the_interpreter(tmp_path):
     """``generate`` through the Triton kernels (``HF_PAGED_BACKEND=triton``, interpreter on CPU): values narrower
     than keys read by the paged-attention kernel (MiMo-V2-Flash), latents of two widths written by
-    reshape_and_cache and copied by copy_blocks (DeepSeek-V3), a hybrid (Qwen3-Next)."""
+    reshape_and_cache, copied by copy_blocks and read in place by the kernel's latent mode at every decode step
+    (DeepSeek-V3: 2 layers x 4 steps), a hybrid (Qwen3-Next)."""
     import json
     import os
     import subprocess
@@ -278,6 +281,8 @@ def test_triton_kernels_under_the_interpreter(tmp_path):
     for mode in ("greedy", "beams"):
         if "mimo_v2_flash" in families:
             assert results[f"mimo_v2_flash/{mode}"]["calls"].get("paged_attention", 0) > 0
+        if "deepseek_v3" in families:
+            assert results[f"deepseek_v3/{mode}"]["calls"].get("latent", 0) == 2 * (NEW_TOKENS - 1)
 
 
 @pytest.mark.parametrize("family", [name for name in ("deepseek_v32", "axk2") if name in CONFIG_MAPPING_NAMES])

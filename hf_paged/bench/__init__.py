@@ -8,7 +8,10 @@ generated tokens match. ``--out DIR`` writes ``results.json``, ``results.md`` an
 
 Modules: `prompts` (deterministic token prompts), `scenarios` (what each scenario asks of ``generate``),
 `runner` (one timed run of one implementation), `suite` (warm-up, repeats, summaries, the k sweep),
-`report` (terminal table, JSON, Markdown, plots), `cli` (arguments, errors, progress bar).
+`report` (terminal table, JSON, Markdown, plots), `cli` (arguments, errors, progress bar). The ``host`` scenario
+(`host`: the host's cost of a decode step, in a process of its own) uses `steps` (per-step times and Triton
+launches), `transfers` (D2H reads and H2D copies per step, by file:line) and `stub_device` (the kernels compiled for
+sm_90 on a machine without a GPU, launches stubbed), which `gpu_check`'s rehearsal in the tests uses too.
 """
 
 from .cli import main

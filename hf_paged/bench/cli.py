@@ -7,12 +7,13 @@ import dataclasses
 import datetime
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
 import hf_paged
 
-from .scenarios import DEFAULT_SCENARIOS, SCENARIOS
+from .scenarios import DEFAULT_SCENARIOS, HOST_LAYERS, SCENARIOS
 
 __all__ = ["BenchError", "main", "parse_args"]
 
@@ -94,7 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenarios",
         type=_name_list,
         default=DEFAULT_SCENARIOS,
-        help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)",
+        help=f"comma-separated, from {','.join(SCENARIOS)} (default: all but host). host runs its own 30-layer "
+        "tiny Llama (batch 1 and 8) in a process of its own: time, host syncs, copies and Triton launches per decode "
+        "step for sdpa and hf_paged's PyTorch and Triton paths (launches stubbed); it uses --prompt-lengths, "
+        "--new-tokens, --repeats, --warmup (at least 1), --threads, --seed and --host-layers, and on its own loads "
+        "no model and runs no sweep",
     )
     parser.add_argument(
         "--prompt-lengths", type=_int_list, default=(512, 2048), help="prompt tokens P (default 512,2048)"
@@ -125,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a small, fast run: no warm-up, no k sweep, no generate_batch (same as --warmup 0 --sweep-k none "
         "--impls hf_paged,sdpa)",
     )
+    parser.add_argument("--host-layers", type=_positive, default=HOST_LAYERS,
+                        help=f"layers of the host scenario's model (default {HOST_LAYERS})")
     parser.add_argument("--seed", type=int, default=0, help="seed set before every generate() call")
     parser.add_argument("--out", type=Path, help="write results.json, results.md and PNG plots here")
     args = parser.parse_args(argv)
@@ -147,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_blocks is not None and args.max_memory is not None:
         parser.error("pass either --num-blocks or --max-memory, not both")
     _check_device(parser, args.device)
+    if "host" in args.scenarios and args.device != "cpu":
+        parser.error(f"the host scenario runs on the CPU (its Triton path on the launch-stub device), not on "
+                     f"--device {args.device}; run it without --device")
     if args.model is not None and not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model}: not a Transformers checkpoint (no config.json there)")
     return args
@@ -188,27 +198,31 @@ def _load(args: argparse.Namespace):
     return model.to(device), tokenizer, name
 
 
-def _meta(args: argparse.Namespace, model_name: str, settings, rss_note: str) -> dict:
+def _meta(args: argparse.Namespace, model_name: str | None, loaded: tuple[str, ...], rss_note: str,
+          host: bool) -> dict:
+    """The run's settings and versions; `loaded`: the scenarios that ran on the loaded model (none: no model was
+    loaded and no sweep ran); `host`: whether the `host` scenario ran."""
     import torch
     import transformers
 
     from .report import notes
     from .runner import LIBRARY_BLOCK_SIZE
+    from .scenarios import HOST_BATCHES, HOST_MODEL
 
-    return {
-        "model": model_name,
+    meta = {
+        "model": model_name if loaded else "none loaded (the host scenario has its own)",
         "dtype": args.dtype,
         "device": args.device,
         "block_size": args.block_size or LIBRARY_BLOCK_SIZE,
         "num_blocks": args.num_blocks,
         "max_memory": args.max_memory,
-        "scenarios": [s.name for s in settings.scenarios],
-        "prompt_lengths": list(settings.prompt_lengths),
-        "new_tokens": settings.new_tokens,
-        "repeats": settings.repeats,
-        "warmup": settings.warmup,
-        "sweep_k": list(settings.sweep_k),
-        "impls": list(settings.impls),
+        "scenarios": list(args.scenarios),
+        "prompt_lengths": list(args.prompt_lengths),
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "sweep_k": list(args.sweep_k) if loaded else [],
+        "impls": list(args.impls),
         "seed": args.seed,
         "hf_paged": getattr(hf_paged, "__version__", "?"),
         "torch": torch.__version__,
@@ -217,32 +231,30 @@ def _meta(args: argparse.Namespace, model_name: str, settings, rss_note: str) ->
         "cpus": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "rss_note": rss_note,
-        "notes": notes(rss_note),
+        "notes": notes(rss_note) if loaded else [],
+        "command": shlex.join(["python", "-m", "hf_paged.bench", *args.argv]),
     }
+    if host:
+        try:
+            import triton
+
+            meta["triton"] = triton.__version__
+        except ImportError:
+            meta["triton"] = None
+        meta["host_model"] = {**HOST_MODEL, "num_hidden_layers": args.host_layers, "dtype": "float32",
+                              "batches": list(HOST_BATCHES)}
+    return meta
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run_loaded(args: argparse.Namespace, names: tuple[str, ...]):
+    """The scenarios that run on the loaded model (and the k sweep): ``(rows, sweep, rss_note, model name)``."""
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
     from .prompts import chat_requests, chat_wrap, token_stream
-    from .report import render_table, write_outputs
     from .runner import Runner
     from .suite import Settings, Suite
 
-    if args.device == "cpu" or args.threads is not None:
-        import torch
-
-        from .threads import choose_threads
-
-        threads, why = choose_threads(args.threads)
-        torch.set_num_threads(threads)
-        print(f"{PROG}: {threads} CPU thread(s) ({why})", file=sys.stderr)
-    if args.out is not None:
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise BenchError(f"--out {args.out}: {error.strerror or error}") from None
     print(f"{PROG}: loading the model ...", file=sys.stderr)
     model, tokenizer, model_name = _load(args)
     hf_logging.set_verbosity_error()
@@ -251,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
         dataclasses.replace(SCENARIOS[name], calls=args.prefix_calls)
         if SCENARIOS[name].prefix_cache
         else SCENARIOS[name]
-        for name in args.scenarios
+        for name in names
     )
     settings = Settings(
         scenarios, args.prompt_lengths, args.new_tokens, args.repeats, args.warmup, args.sweep_k, args.impls
@@ -270,10 +282,47 @@ def _run(args: argparse.Namespace) -> int:
     with tqdm(total=suite.planned_runs(), desc=PROG, unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
         suite.progress = bar
         rows, sweep = suite.run()
-    print(render_table(rows, sweep, runner.rss_note))
+    return rows, sweep, runner.rss_note, model_name
+
+
+def _run_host(args: argparse.Namespace) -> list:
+    """The `host` scenario, in a process of its own (`hf_paged.bench.host`)."""
+    import torch
+
+    from .host import HostSettings, run_host
+
+    settings = HostSettings(args.prompt_lengths, args.new_tokens, args.repeats, args.warmup, args.host_layers,
+                            torch.get_num_threads(), args.seed)
+    print(f"{PROG}: the host scenario ({args.host_layers} layers) in a process of its own ...", file=sys.stderr)
+    try:
+        return run_host(settings)
+    except RuntimeError as error:
+        raise BenchError(str(error)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .report import render_table, write_outputs
+
+    if args.device == "cpu" or args.threads is not None:
+        import torch
+
+        from .threads import choose_threads
+
+        threads, why = choose_threads(args.threads)
+        torch.set_num_threads(threads)
+        print(f"{PROG}: {threads} CPU thread(s) ({why})", file=sys.stderr)
     if args.out is not None:
-        meta = _meta(args, model_name, settings, runner.rss_note)
-        for path in write_outputs(args.out, meta, rows, sweep):
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BenchError(f"--out {args.out}: {error.strerror or error}") from None
+    loaded = tuple(name for name in args.scenarios if SCENARIOS[name].model != "host")
+    rows, sweep, rss_note, model_name = _run_loaded(args, loaded) if loaded else ([], [], "", None)
+    host = _run_host(args) if len(loaded) < len(args.scenarios) else []
+    print(render_table(rows, sweep, rss_note, host))
+    if args.out is not None:
+        meta = _meta(args, model_name, loaded, rss_note, bool(host))
+        for path in write_outputs(args.out, meta, rows, sweep, host):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -281,7 +330,9 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m hf_paged.bench`` and ``hf-paged-bench``; returns the exit code."""
     try:
-        return _run(parse_args(argv))
+        args = parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+        return _run(args)
     except (BenchError, hf_paged.OutOfBlocksError, ValueError) as error:
         if isinstance(error, ValueError) and not str(error).startswith("hf_paged:"):
             raise  # a bug, not bad input: hf_paged's own messages (e.g. max_memory too small) start with "hf_paged:"

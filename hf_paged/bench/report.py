@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .suite import SWEEP_KINDS, Row, SweepPoint
 
-__all__ = ["IDEAL_NOTE", "PLOT_FILES", "notes", "render_markdown", "render_table", "write_outputs"]
+__all__ = ["HOST_NOTES", "IDEAL_NOTE", "PLOT_FILES", "notes", "render_markdown", "render_table", "write_outputs"]
 
 PLOT_FILES = ("time_vs_prompt_length.png", "kv_vs_k.png")
 _MIB = 2**20
@@ -100,6 +100,59 @@ IDEAL_NOTE = (
 )
 
 
+_HOST_HEADERS = ("P", "batch", "impl", "step ms", "x sdpa", "fwd ms", "D2H/step", "hf_paged D2H", "H2D/step",
+                 "hf_paged H2D", "launches/step", "compiles", "note")
+_SOURCE_HEADERS = ("P", "batch", "impl", "kind", "per step", "source (function: torch calls)", "hf_paged")
+#: Sources shown per row and kind in the tables (results.json keeps more).
+_SOURCES_SHOWN = 3
+HOST_NOTES = [
+    "host scenario (hf_paged.bench.host): a random-weight Llama of hidden 64 (4 heads, 2 KV heads, fp32), batch "
+    "distinct prompts of P tokens, greedy, exactly the bench's G new tokens; hf_paged-torch: its PyTorch path; "
+    "hf_paged-triton-stub: its Triton path with the kernels compiled for sm_90 and every launch a counted no-op "
+    "(hf_paged.bench.stub_device), so its time is the host's alone, while sdpa's and hf_paged-torch's also hold "
+    "their attention arithmetic on the CPU (growing with batch x P). All three run in one process of their own.",
+    "step ms: median over the decode steps of the timed runs of one iteration of generate's loop (from a forward's "
+    "start to the next's); x sdpa: that over sdpa's; fwd ms: the median of the forward alone.",
+    "D2H/step: reads of device values by the host (each a synchronisation on a GPU: .item(), .tolist(), bool(), "
+    ".cpu(), nonzero, ...); H2D/step: host-to-device copies (tensors made from Python data on the device, host "
+    "tensors moved there); on the CPU the counter follows where each tensor would live (hf_paged.bench.transfers). "
+    "hf_paged D2H / H2D: those whose innermost frame outside PyTorch is hf_paged's code. Means per decode step of "
+    "one more, untimed run; launches/step: Triton launches likewise; compiles: Triton compiles in the timed runs "
+    "(0: every kernel variant was compiled in the warm-up).",
+]
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}" if value == int(value) else f"{value:.2f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _host_cells(row) -> list[str]:
+    base = [str(row.prompt_length), str(row.batch), row.impl]
+    if row.status != "ok":
+        return base + ["-"] * 9 + [f"{row.status}: {row.reason}"]
+    return base + [
+        _ms(row.step_ms), "-" if row.time_ratio is None else f"{row.time_ratio:.2f}", _ms(row.forward_ms),
+        _count(row.d2h), _count(row.d2h_hf_paged), _count(row.h2d), _count(row.h2d_hf_paged), _count(row.launches),
+        str(row.compiles), row.reason or "",
+    ]
+
+
+def _source_lines(host) -> list[list[str]]:
+    lines = []
+    for row in host:
+        for kind in ("D2H", "H2D"):
+            mine = [source for source in row.sources if source["kind"] == kind][:_SOURCES_SHOWN]
+            lines += [[str(row.prompt_length), str(row.batch), row.impl, kind, _count(source["per_step"]),
+                       f"{source['site']} ({source['function']}: {', '.join(source['ops'])})",
+                       "yes" if source["hf_paged"] else "no"]
+                      for source in mine]
+    return lines
+
+
 def _ratio(value: int | None, over: int | None) -> str:
     return "-" if value is None or not over else f"{value / over:.2f}"
 
@@ -135,28 +188,43 @@ def _markdown_table(headers, lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def render_table(rows: list[Row], sweep: list[SweepPoint], rss_note: str) -> str:
-    """The results as aligned plain-text tables followed by the notes."""
-    parts = [_aligned(_HEADERS, [_cells(r) for r in rows])]
+def render_table(rows: list[Row], sweep: list[SweepPoint], rss_note: str, host: list = ()) -> str:
+    """The results as aligned plain-text tables followed by the notes; `host`: the `host` scenario's rows
+    (`hf_paged.bench.host.HostRow`), in tables of their own."""
+    parts = []
+    if rows:
+        parts.append(_aligned(_HEADERS, [_cells(r) for r in rows]))
     if sweep:
         parts.append(_aligned(_SWEEP_HEADERS, [_sweep_cells(p) for p in sweep]))
     ideal = _ideal_lines(rows)
     if ideal:
         parts.append(_aligned(_IDEAL_HEADERS, ideal))
-    parts.append("\n".join("* " + n for n in notes(rss_note) + ([IDEAL_NOTE] if ideal else [])))
+    if rows or sweep:
+        parts.append("\n".join("* " + n for n in notes(rss_note) + ([IDEAL_NOTE] if ideal else [])))
+    if host:
+        parts += [_aligned(_HOST_HEADERS, [_host_cells(r) for r in host]),
+                  _aligned(_SOURCE_HEADERS, _source_lines(host)), "\n".join("* " + n for n in HOST_NOTES)]
     return "\n\n".join(parts)
 
 
-def render_markdown(meta: dict, rows: list[Row], sweep: list[SweepPoint], plots: list[str]) -> str:
+def render_markdown(meta: dict, rows: list[Row], sweep: list[SweepPoint], plots: list[str], host: list = ()) -> str:
     """``results.md``: the settings, the tables, the notes and the plots."""
     settings = "\n".join(f"* {k}: {v}" for k, v in meta.items() if k not in ("notes", "rss_note"))
-    parts = ["# hf_paged benchmark", settings, _markdown_table(_HEADERS, [_cells(r) for r in rows])]
+    parts = ["# hf_paged benchmark", settings]
+    if rows:
+        parts.append(_markdown_table(_HEADERS, [_cells(r) for r in rows]))
     if sweep:
         parts += ["## KV memory vs k", _markdown_table(_SWEEP_HEADERS, [_sweep_cells(p) for p in sweep])]
     ideal = _ideal_lines(rows)
     if ideal:
         parts += ["## KV memory vs the ideal", _markdown_table(_IDEAL_HEADERS, ideal)]
-    parts += ["## Notes", "\n".join("* " + n for n in meta["notes"] + ([IDEAL_NOTE] if ideal else []))]
+    if rows or sweep:
+        parts += ["## Notes", "\n".join("* " + n for n in meta["notes"] + ([IDEAL_NOTE] if ideal else []))]
+    if host:
+        parts += ["## Host cost of a decode step", _markdown_table(_HOST_HEADERS, [_host_cells(r) for r in host]),
+                  f"### Where the decode steps' D2H reads and H2D copies come from (top {_SOURCES_SHOWN} per kind)",
+                  _markdown_table(_SOURCE_HEADERS, _source_lines(host)),
+                  "\n".join("* " + n for n in HOST_NOTES)]
     parts += [f"![{name}]({name})" for name in plots]
     return "\n\n".join(parts) + "\n"
 
@@ -222,8 +290,9 @@ def _plot_kv(sweep: list[SweepPoint], path: Path) -> bool:
     return True
 
 
-def write_outputs(out_dir: Path, meta: dict, rows: list[Row], sweep: list[SweepPoint]) -> list[Path]:
-    """Write ``results.json``, the plots and ``results.md`` into `out_dir` (created); returns the paths written."""
+def write_outputs(out_dir: Path, meta: dict, rows: list[Row], sweep: list[SweepPoint], host: list = ()) -> list[Path]:
+    """Write ``results.json``, the plots and ``results.md`` into `out_dir` (created); returns the paths written.
+    The `host` scenario's rows, when there are any, go under ``"host"`` in the JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,6 +303,8 @@ def write_outputs(out_dir: Path, meta: dict, rows: list[Row], sweep: list[SweepP
     if _plot_kv(sweep, out_dir / PLOT_FILES[1]):
         plotted.append(PLOT_FILES[1])
     data = {"meta": meta, "results": [asdict(r) for r in rows], "sweep": [asdict(p) for p in sweep]}
+    if host:
+        data["host"] = [asdict(r) for r in host]
     (out_dir / "results.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out_dir / "results.md").write_text(render_markdown(meta, rows, sweep, plotted))
+    (out_dir / "results.md").write_text(render_markdown(meta, rows, sweep, plotted, host))
     return [out_dir / "results.json", out_dir / "results.md"] + [out_dir / name for name in plotted]

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from .prompts import CHAT_REQUESTS, batch_lengths, make_prompt
 
-__all__ = ["DEFAULT_SCENARIOS", "PREFIX_SUFFIX_TOKENS", "SCENARIOS", "SLIDING_MODEL", "Scenario", "sweep_scenario"]
+__all__ = ["DEFAULT_SCENARIOS", "HOST_BATCHES", "HOST_LAYERS", "HOST_MODEL", "PREFIX_SUFFIX_TOKENS", "SCENARIOS",
+           "SLIDING_MODEL", "Scenario", "sweep_scenario"]
 
 # Tokens of the distinct "user question" appended to the shared system prompt in each call of `prefix`.
 PREFIX_SUFFIX_TOKENS = 16
@@ -14,6 +15,11 @@ PREFIX_SUFFIX_TOKENS = 16
 SLIDING_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                      num_key_value_heads=1, head_dim=32, sliding_window=64,
                      layer_types=["sliding_attention"] * 5 + ["full_attention"])
+# The `host` scenario's model (`hf_paged.bench.host`): LlamaConfig arguments besides its layers and positions, fp32.
+HOST_MODEL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=512)
+HOST_LAYERS = 30
+HOST_BATCHES = (1, 8)
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,9 @@ class Scenario:
             lengths asked for (its rows show the longest request's length).
         model: ``None`` for the loaded model, or ``"sliding"``: a tiny random-weight Gemma-3-like model with the
             loaded model's vocabulary (`SLIDING_MODEL`: 5 sliding-window layers to 1 full, window 64); its tokens
-            mean nothing, its KV bytes are what the scenario measures.
+            mean nothing, its KV bytes are what the scenario measures; or ``"host"``: the `host` scenario's own
+            30-layer tiny Llama, run apart (`hf_paged.bench.host`: per decode step time, host syncs, copies and
+            kernel launches, in a process of its own; the other attributes do not apply).
     """
 
     name: str
@@ -124,9 +132,12 @@ SCENARIOS: dict[str, Scenario] = {
                  model="sliding"),
         Scenario("sliding_beams4", "beam search, num_beams=4, the same sliding-window model", num_beams=4,
                  model="sliding"),
+        Scenario("host", "host cost of a decode step: 30-layer tiny random Llama, batch 1 and 8, sdpa vs hf_paged "
+                 "(PyTorch path, Triton path with launches stubbed)", model="host"),
     )
 }
-DEFAULT_SCENARIOS = tuple(SCENARIOS)
+#: Every scenario but `host`, which measures something else (the host side of a step) on a model of its own.
+DEFAULT_SCENARIOS = tuple(name for name, scenario in SCENARIOS.items() if scenario.model != "host")
 
 
 def sweep_scenario(kind: str, k: int) -> Scenario:

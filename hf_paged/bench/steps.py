@@ -109,6 +109,13 @@ class StepRecorder:
             self._triton.knobs.runtime.launch_enter_hook.remove(self._on_launch)
             self._triton.knobs.runtime.jit_post_compile_hook = self._saved_compile_hook
 
+    def decode_periods(self) -> list[float]:
+        """Seconds from each decode step's forward start to the next forward's start (one iteration of generate's
+        loop: forward, logits processing, token choice, stopping criteria, the next step's input preparation), for
+        every decode step followed by another decode step; host clock."""
+        return [after["host_start"] - step["host_start"] for step, after in zip(self.steps, self.steps[1:], strict=False)
+                if step["tokens"] == 1 and after["tokens"] == 1]
+
     def summary(self) -> StepSummary:
         """Medians over decode steps; a step whose input holds more than one token per row is a prefill."""
         if self.device_events and self.steps:

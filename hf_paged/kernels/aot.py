@@ -186,18 +186,20 @@ def _cache_strides(block_size: int, kv_heads: int, head_dim: int, slabs: bool = 
 def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_heads: int, head_dim: int,
                       block_size: int = 16, num_splits: int = 1, window: int | None = None,
                       softcap: float | None = None, sinks: bool = False, chunk: int | None = None,
-                      value_dim: int | None = None, slabs: bool = False) -> KernelConfig:
-    """`paged_attention_kernel`; `slabs`: a pool of several block-major slabs read through offset tables."""
+                      value_dim: int | None = None, slabs: bool = False, rope_dim: int = 0) -> KernelConfig:
+    """`paged_attention_kernel`; `slabs`: a pool of several block-major slabs read through offset tables;
+    `rope_dim`: latent mode (`head_dim` the latents', `heads` those of one tile, the value cache the rotary keys)."""
     constexprs, options = _split_meta(paged_attention_meta(
         q_len, heads // kv_heads, head_dim, block_size, num_splits,
         has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
         fp32_storage=dtype == "fp32", upcast=dtype == "fp32", has_sinks=sinks, has_chunk=chunk is not None,
-        value_dim=value_dim, has_offsets=slabs,
+        value_dim=value_dim, has_offsets=slabs, rope_dim=rope_dim,
     ))
     value_dim = head_dim if value_dim is None else value_dim
     out = Pointer("*fp32") if num_splits > 1 else Pointer(f"*{dtype}")
     cache_strides = _cache_strides(block_size, kv_heads, head_dim, slabs)
-    value_strides = _cache_strides(block_size, kv_heads, value_dim, slabs)
+    value_strides = _cache_strides(block_size, kv_heads, rope_dim or value_dim, slabs)
+    query_dim = head_dim + rope_dim
     out_strides = (q_len * heads * value_dim * num_splits, heads * value_dim * num_splits, value_dim * num_splits)
     args = {
         "out_ptr": out, "max_ptr": Pointer("*fp32"), "sum_ptr": Pointer("*fp32"),
@@ -210,7 +212,7 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
         # num_q_tiles: a batch of rows makes it a runtime value (a 1 would be specialised away)
         "q_len": q_len, "num_q_tiles": triton.cdiv(q_len, constexprs["BLOCK_Q"]) + 2,
         # query is Transformers' [B, q, H, D] tensor seen as [B, H, q, D]
-        "stride_qb": q_len * heads * head_dim, "stride_qh": head_dim, "stride_qt": heads * head_dim, "stride_qd": 1,
+        "stride_qb": q_len * heads * query_dim, "stride_qh": query_dim, "stride_qt": heads * query_dim, "stride_qd": 1,
         **dict(zip(("stride_kn", "stride_kt", "stride_kh", "stride_kd"), cache_strides, strict=True)),
         **dict(zip(("stride_vn", "stride_vt", "stride_vh", "stride_vd"), value_strides, strict=True)),
         "stride_btb": 64, "stride_btn": 1,  # a block table 64 blocks wide
@@ -353,6 +355,20 @@ CONFIGS: tuple[KernelConfig, ...] = (
                       head_dim=192, value_dim=128),
     _reshape_and_cache_config("DeepSeek-V3 latents bf16 Dk=512 Dv=64", "bf16", kv_heads=1, head_dim=512, value_dim=64),
     _copy_blocks_config("DeepSeek-V3 latents bf16 (one pool of two)", "bf16", kv_heads=1, head_dim=512, kinds=1),
+    # Latent mode (absorbed MLA, hf_paged.latent): DeepSeek-V3's 512-wide latents and 64-wide rotary keys, one KV
+    # head; the launcher gives a tile 16 of the query heads (128 in all: 8 tiles per row and token).
+    _attention_config("decode DeepSeek-V3 latent bf16 512+64", "bf16", q_len=1, heads=16, kv_heads=1, head_dim=512,
+                      rope_dim=64),
+    _attention_config("decode DeepSeek-V3 latent bf16 512+64 split=8", "bf16", q_len=1, heads=16, kv_heads=1,
+                      head_dim=512, rope_dim=64, num_splits=8),
+    _attention_config("q=4 DeepSeek-V3 latent bf16 512+64", "bf16", q_len=4, heads=16, kv_heads=1, head_dim=512,
+                      rope_dim=64),
+    _attention_config("slabs decode DeepSeek-V3 latent bf16 512+64", "bf16", q_len=1, heads=16, kv_heads=1,
+                      head_dim=512, rope_dim=64, slabs=True),
+    _attention_config("decode DeepSeek-V3 latent fp32 (ieee dot) 512+64", "fp32", q_len=1, heads=16, kv_heads=1,
+                      head_dim=512, rope_dim=64),
+    _attention_config("decode MiniCPM3 latent fp16 256+32 (40 heads: tiles of 10)", "fp16", q_len=1, heads=10,
+                      kv_heads=1, head_dim=256, rope_dim=32),
     _copy_blocks_config("SmolLM2 fp16", "fp16", kv_heads=3, head_dim=64),
     _copy_blocks_config("Llama-8B bf16", "bf16", kv_heads=8, head_dim=128),
     # Pools of several block-major slabs (memory [n, L, 2, bs, Hkv, D] each), blocks read through offset tables.

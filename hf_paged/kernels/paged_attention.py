@@ -6,6 +6,11 @@ speculative verification): query ``i`` of row ``b`` sits at ``p = seq_lens[b] - 
 ``(j - key_start) // chunk == (p - key_start) // chunk``), as in `hf_paged.ops`. Attention sinks add one logit per
 query head to every softmax denominator: the running max and sum start from it (in the first split only).
 
+Multi-head latent attention (``latent=True``: DeepSeek-style layers served with absorbed weights, `hf_paged.latent`):
+the key pool holds the compressed latents ``c`` and the value pool the shared rotary keys ``k_rot`` of one KV head.
+The keys are ``[c | k_rot]``, read from both pools in place, the values are ``c`` (the key tile already loaded), and
+the query is ``[q_latent | q_rot]``; the caller projects queries into the latent space and the output back out.
+
 Layout of the work (see docs/KERNELS.md for the cost model):
 
 * The grid is (rows x query tiles, KV heads, splits). A tile's ``BLOCK_M`` rows are ``BLOCK_Q`` query tokens times
@@ -59,6 +64,8 @@ _MIN_TILES_PER_SPLIT = 4
 _MAX_SPLITS = 16
 #: Streaming multiprocessors assumed when there is no CUDA device to ask (H100 SXM).
 _DEFAULT_SM_COUNT = 132
+#: Most query heads in one tile in latent mode (its 512-wide latents leave registers for 16 rows).
+_LATENT_GROUP = 16
 
 
 @triton.jit
@@ -121,6 +128,8 @@ def paged_attention_kernel(
     USE_CHUNK: tl.constexpr,
     UPCAST: tl.constexpr,  # do both products in fp32 (fp32 storage, or the interpreter, which has no bf16 dot)
     HAS_OFFSETS: tl.constexpr,  # block b starts at key/value_offsets[b] (slabs), not b * stride_kn / vn
+    ROPE_DIM: tl.constexpr,  # > 0: latent mode, the value cache holds the keys' last ROPE_DIM dims (module doc)
+    ROPE_DIM_PAD: tl.constexpr,
 ):
     """Program (b * num_q_tiles + tile, kv_head, split): one query tile of one row against one KV head."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -148,13 +157,22 @@ def paged_attention_kernel(
     vdim_valid = vdims < V_DIM
 
     b64 = b.to(tl.int64)
-    q_ptrs = (query_ptr + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh
-              + token[:, None].to(tl.int64) * stride_qt + dims[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    q_rows = (query_ptr + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh
+              + token[:, None].to(tl.int64) * stride_qt)
+    q = tl.load(q_rows + dims[None, :] * stride_qd, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     else:
         q = q.to(key_cache_ptr.dtype.element_ty)
+    if ROPE_DIM > 0:  # latent mode: the query's last ROPE_DIM dims score against the value cache's rotary keys
+        rdims = tl.arange(0, ROPE_DIM_PAD)
+        rdim_valid = rdims < ROPE_DIM
+        q_rope = tl.load(q_rows + (HEAD_DIM + rdims[None, :]) * stride_qd,
+                         mask=row_valid[:, None] & rdim_valid[None, :], other=0.0)
+        if UPCAST:
+            q_rope = q_rope.to(tl.float32)
+        else:
+            q_rope = q_rope.to(value_cache_ptr.dtype.element_ty)
 
     # Keys any row of this tile can see: [lo, hi].
     first_token = tile * BLOCK_Q
@@ -194,12 +212,21 @@ def paged_attention_kernel(
                                          stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE, HAS_OFFSETS)
         k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                     mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
-        v = tl.load(v_head_ptr + v_slot[:, None] + vdims[None, :] * stride_vd,
-                    mask=key_valid[:, None] & vdim_valid[None, :], other=0.0)  # [BLOCK_N, Dv]
+        if ROPE_DIM > 0:  # latent mode: the rotary keys come from the value cache, the values are the keys
+            k_rope = tl.load(v_head_ptr + v_slot[None, :] + rdims[:, None] * stride_vd,
+                             mask=key_valid[None, :] & rdim_valid[:, None], other=0.0)  # [ROPE_DIM, BLOCK_N]
+            v = tl.trans(k)  # [BLOCK_N, D]; V_DIM is HEAD_DIM
+        else:
+            v = tl.load(v_head_ptr + v_slot[:, None] + vdims[None, :] * stride_vd,
+                        mask=key_valid[:, None] & vdim_valid[None, :], other=0.0)  # [BLOCK_N, Dv]
         if UPCAST:
             s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+            if ROPE_DIM > 0:
+                s += tl.dot(q_rope, k_rope.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q, k)
+            if ROPE_DIM > 0:
+                s += tl.dot(q_rope, k_rope)
         s = s * scale
         if USE_SOFTCAP:
             s = softcap * _tanh(s / softcap)
@@ -264,7 +291,7 @@ def reduce_splits_kernel(
 
 
 def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = False,
-                value_dim: int | None = None) -> dict[str, int]:
+                value_dim: int | None = None, latent: bool = False) -> dict[str, int]:
     """Tile sizes for a launch: ``BLOCK_M`` (>= 16, power of two), ``BLOCK_Q``, ``BLOCK_N``, ``num_warps``,
     ``num_stages`` (Triton's software pipelining depth).
 
@@ -278,8 +305,14 @@ def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = Fals
     decode tile (16 x 32 keys x 128) spilled on sm_80 with Triton 3.6. fp32 storage with heads wider than 128
     pipelines 2 stages instead of Triton's default 3: at 3, Gemma-2's 16-row prefill through offset tables spilled
     on sm_90 with Triton 3.9 (and at 4 warps with 3.6); at 2 it is clean on both releases and both archs.
+    Latent tiles (``latent``: keys as wide as the latents, 512 in DeepSeek-V3, and values the same tile) keep 16
+    rows at any query length (`launch_paged_attention` gives a tile at most 16 query heads), 16-key tiles and 2
+    stages.
     """
     rows = max(16, next_power_of_2(group))
+    if latent:
+        return {"BLOCK_M": rows, "BLOCK_Q": rows // group, "BLOCK_N": 16, "num_warps": 4 if head_dim < 128 else 8,
+                "num_stages": 2}
     wide = value_dim is not None and next_power_of_2(head_dim) + next_power_of_2(value_dim) > 256
     if q_len > 1:
         most = 64
@@ -311,15 +344,20 @@ def paged_attention_meta(
     has_chunk: bool = False,
     value_dim: int | None = None,
     has_offsets: bool = False,
+    rope_dim: int = 0,
 ) -> dict[str, int | bool]:
     """Every constexpr of `paged_attention_kernel` plus ``num_warps`` and ``num_stages`` (shared by the launcher
     and the AOT check).
     ``value_dim``: the values' head dim when it differs from the keys' `head_dim`; ``has_offsets``: blocks are
-    addressed through per-block offset tables (a pool of several slabs)."""
+    addressed through per-block offset tables (a pool of several slabs); ``rope_dim``: latent mode (module
+    docstring), the width of the rotary keys the value cache holds (`head_dim` is the latents'; the values are the
+    keys, so `value_dim` must be None)."""
+    if rope_dim and value_dim is not None:
+        raise ValueError("latent mode reads the values out of the keys: give rope_dim or value_dim, not both")
     value_dim = head_dim if value_dim is None else value_dim
     return {
         **tile_config(q_len, group, max(head_dim, value_dim), fp32_storage,
-                      value_dim if value_dim != head_dim else None),
+                      value_dim if value_dim != head_dim else None, latent=rope_dim > 0),
         "HEAD_DIM": head_dim,
         "HEAD_DIM_PAD": next_power_of_2(head_dim),
         "V_DIM": value_dim,
@@ -334,6 +372,8 @@ def paged_attention_meta(
         "USE_CHUNK": has_chunk,
         "UPCAST": upcast,
         "HAS_OFFSETS": has_offsets,
+        "ROPE_DIM": rope_dim,
+        "ROPE_DIM_PAD": max(16, next_power_of_2(rope_dim)),
     }
 
 
@@ -381,6 +421,7 @@ def _check_inputs(
     chunk_size: int | None = None,
     sinks: torch.Tensor | None = None,
     has_offsets: bool = False,
+    latent: bool = False,
 ) -> None:
     check_device(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                  seq_lens=seq_lens, key_start=key_start)
@@ -390,10 +431,18 @@ def _check_inputs(
     check_dtype("seq_lens", seq_lens, (torch.int32,))
     check_shape("query", query, (None, None, None, None), "[B, H, q, D]")
     batch, heads, _, head_dim = query.shape
-    check_shape("key_cache", key_cache, (None, None, None, head_dim), "[N, bs, Hkv, D] with the query's D")
     # With offset tables the caches are views of their base slabs, whose block counts may differ.
     value_blocks = None if has_offsets else key_cache.shape[0]
-    check_shape("value_cache", value_cache, (value_blocks, *key_cache.shape[1:3], None), "[N, bs, Hkv, Dv] like key_cache")
+    if latent:
+        check_shape("value_cache", value_cache, (value_blocks, *key_cache.shape[1:3], None),
+                    "[N, bs, Hkv, Dr] like key_cache (latent mode: the rotary keys)")
+        rope_dim = value_cache.shape[3]
+        check_shape("key_cache", key_cache, (None, None, None, head_dim - rope_dim),
+                    f"[N, bs, Hkv, Dc] with Dc + Dr ({rope_dim}) the query's D (latent mode: the latents)")
+    else:
+        check_shape("key_cache", key_cache, (None, None, None, head_dim), "[N, bs, Hkv, D] with the query's D")
+        check_shape("value_cache", value_cache, (value_blocks, *key_cache.shape[1:3], None),
+                    "[N, bs, Hkv, Dv] like key_cache")
     kv_heads = key_cache.shape[2]
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
@@ -417,21 +466,29 @@ class _Settled:
     passed, the sizes, the tiles, and one `Launch` per number of splits."""
 
     def __init__(self, query, key_cache, value_cache, block_tables, sliding_window, chunk_size, sinks, softcap,
-                 has_key_start, has_offsets):
-        self.batch, self.heads, self.q_len, self.head_dim = query.shape
-        _, self.block_size, self.kv_heads, _ = key_cache.shape
-        self.value_dim = value_cache.shape[3]
+                 has_key_start, has_offsets, latent):
+        self.batch, self.heads, self.q_len, _ = query.shape
+        _, self.block_size, self.kv_heads, self.head_dim = key_cache.shape
+        rope_dim = value_cache.shape[3] if latent else 0
+        # Latent mode: a tile holds at most _LATENT_GROUP query heads, so the one KV head is seen as several (the
+        # caches expanded with head stride 0 at each call).
+        self.expand = None
+        if latent and self.kv_heads == 1 and self.heads > _LATENT_GROUP:
+            group = max(g for g in range(1, _LATENT_GROUP + 1) if self.heads % g == 0)
+            self.expand = self.kv_heads = self.heads // group
+        self.value_dim = self.head_dim if latent else value_cache.shape[3]
         self.max_keys = block_tables.shape[1] * self.block_size
         self.group = self.heads // self.kv_heads
         self.fp32_storage = key_cache.dtype == torch.float32
         self.tiles = tile_config(self.q_len, self.group, max(self.head_dim, self.value_dim), self.fp32_storage,
-                                 self.value_dim if self.value_dim != self.head_dim else None)
+                                 self.value_dim if self.value_dim != self.head_dim else None, latent=latent)
         self.num_q_tiles = -(-self.q_len // self.tiles["BLOCK_Q"])
         self.programs = self.batch * self.num_q_tiles * self.kv_heads
         self.flags = dict(has_key_start=has_key_start, has_window=sliding_window is not None,
                           has_softcap=softcap is not None, fp32_storage=self.fp32_storage,
                           upcast=self.fp32_storage or interpreting(), has_sinks=sinks is not None,
-                          has_chunk=chunk_size is not None, value_dim=self.value_dim, has_offsets=has_offsets)
+                          has_chunk=chunk_size is not None, value_dim=None if latent else self.value_dim,
+                          has_offsets=has_offsets, rope_dim=rope_dim)
         self.launches: dict[int, tuple[Launch, Launch | None]] = {}
         self.splits: dict[int, int] = {}  # `choose_num_splits` by max_seq_len (on this key's device)
 
@@ -451,13 +508,13 @@ class _Settled:
 
 
 def _settle(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size, sinks,
-            softcap, key_offsets, value_offsets) -> _Settled:
+            softcap, key_offsets, value_offsets, latent) -> _Settled:
     has_offsets = key_offsets is not None or value_offsets is not None
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size, sinks,
-                  has_offsets=has_offsets)
+                  has_offsets=has_offsets, latent=latent)
     resolve_offsets(key_cache, value_cache, key_offsets, value_offsets)
     return _Settled(query, key_cache, value_cache, block_tables, sliding_window, chunk_size, sinks, softcap,
-                    key_start is not None, has_offsets)
+                    key_start is not None, has_offsets, latent)
 
 
 def launch_paged_attention(
@@ -477,6 +534,7 @@ def launch_paged_attention(
     sinks: torch.Tensor | None = None,
     key_offsets: torch.Tensor | None = None,
     value_offsets: torch.Tensor | None = None,
+    latent: bool = False,
 ) -> torch.Tensor:
     """`paged_attention` with the split-KV choice exposed: ``num_splits=None`` asks `choose_num_splits`,
     1 forces the single-pass kernel, more forces split-KV with that many splits.
@@ -486,10 +544,14 @@ def launch_paged_attention(
     tensors = tensor_key(query, key_cache, value_cache, block_tables, seq_lens, key_start, sinks, key_offsets,
                          value_offsets, fresh=1)
     setup = settled(
-        None if tensors is None else ("paged_attention", tensors, sliding_window, chunk_size, softcap is None),
+        None if tensors is None else ("paged_attention", tensors, sliding_window, chunk_size, softcap is None,
+                                      bool(latent)),
         lambda: _settle(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size,
-                        sinks, softcap, key_offsets, value_offsets))
+                        sinks, softcap, key_offsets, value_offsets, latent))
     offsets = resolve_offsets(key_cache, value_cache, key_offsets, value_offsets, settled=True)
+    if setup.expand is not None:
+        key_cache = key_cache.expand(-1, -1, setup.expand, -1)
+        value_cache = value_cache.expand(-1, -1, setup.expand, -1)
     if max_seq_len > setup.max_keys:
         raise ValueError(
             f"max_seq_len ({max_seq_len}) exceeds what block_tables can address "
@@ -553,6 +615,7 @@ def paged_attention(
     sinks: torch.Tensor | None = None,
     key_offsets: torch.Tensor | None = None,
     value_offsets: torch.Tensor | None = None,
+    latent: bool = False,
 ) -> torch.Tensor:
     """Attention of `query` against the paged keys and values (Triton; same contract as `hf_paged.ops`).
 
@@ -575,12 +638,16 @@ def paged_attention(
             apply; its block stride and ``N`` are unused. The caller keeps every slab alive. None: block ``b`` at
             ``b * key_cache.stride(0)``, as with one tensor. See docs/KERNELS.md, "Pools of several slabs".
         value_offsets: the same for ``value_cache``; None uses `key_offsets` (K and V views of one slab tensor).
+        latent: multi-head latent attention (module docstring): ``key_cache`` holds latents ``[N, bs, Hkv, Dc]``,
+            ``value_cache`` rotary keys ``[N, bs, Hkv, Dr]``, the query is ``[B, H, q, Dc + Dr]``, the keys are both
+            caches' dims together and the values are ``key_cache``'s.
 
     Returns:
-        ``[B, q, H, Dv]`` contiguous, in the query's dtype; query rows with no visible key are zero.
+        ``[B, q, H, Dv]`` contiguous, in the query's dtype (``Dv = Dc`` in latent mode); query rows with no visible
+        key are zero.
     """
     return launch_paged_attention(
         query, key_cache, value_cache, block_tables, seq_lens, key_start,
         scale=scale, max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap,
-        chunk_size=chunk_size, sinks=sinks, key_offsets=key_offsets, value_offsets=value_offsets,
+        chunk_size=chunk_size, sinks=sinks, key_offsets=key_offsets, value_offsets=value_offsets, latent=latent,
     )

@@ -4,16 +4,21 @@ The device check gets one run on a GPU it has never seen, so the suite rehearses
 image's versions where a venv provides them (``.venv-*`` with Triton 3.6 and Transformers 5.17). This module is
 test harness, never product code:
 
-* `FakeCudaDriver` is Triton's active driver: every kernel the JIT specialises is compiled for real by Triton's
-  NVIDIA backend for ``GPUTarget("cuda", 90, 32)`` (TTIR to cubin, ptxas included), "loaded" and "launched" by
-  counters. The JIT's own caches, specialisations and hooks (``triton.knobs.runtime``) behave as on a GPU, so the
-  check's compile and launch counts are the ones the device would see.
-* A stubbed launch computes nothing, so each `hf_paged.kernels` launcher is wrapped: the real launcher runs (its
-  checks, its choice of variant, its compile and launch), then the PyTorch reference computes the result from the
-  same operands. Blocks addressed through offset tables (pools of several slabs) are read and written at the
+* The bench's launch-stub device (`hf_paged.bench.stub_device`, product code: its `FakeCudaDriver` and the
+  launchers' acceptance of CPU tensors) becomes Triton's driver when ``hf_paged.kernels`` is imported: every kernel
+  the JIT specialises is compiled for real by Triton's NVIDIA backend for ``GPUTarget("cuda", 90, 32)`` (TTIR to
+  cubin, ptxas included), "loaded" and "launched" by counters. The JIT's own caches, specialisations and hooks
+  (``triton.knobs.runtime``) behave as on a GPU, so the check's compile and launch counts are the ones the device
+  would see.
+* A stubbed launch computes nothing, so here each `hf_paged.kernels` launcher is also wrapped: the real launcher
+  runs (its checks, its choice of variant, its compile and launch), then the PyTorch reference computes the result
+  from the same operands. Blocks addressed through offset tables (pools of several slabs) are read and written at the
   addresses the kernels would use (CPU memory, aliased through ctypes), so the tables are checked too.
-* Each process writes its counters (compiles, launches per kernel) to ``$HF_PAGED_REHEARSAL_COUNTS/<pid>.json``
-  when it exits.
+* Each process that imported the kernels writes the driver's counters (loads, launches per kernel) to
+  ``$HF_PAGED_REHEARSAL_COUNTS/<pid>.json`` when it exits.
+
+Nothing of hf_paged is imported before ``hf_paged.kernels`` is (every Python process of the run starts this module,
+pip's included, and the phases must import the installed copy of hf_paged, not whichever is on the path first).
 
 What it cannot check is the kernels' arithmetic: that is the interpreter's job here (``TRITON_INTERPRET=1``, where
 the fake is not installed) and the device's.
@@ -22,7 +27,6 @@ the fake is not installed) and the device's.
 from __future__ import annotations
 
 import atexit
-import collections
 import ctypes
 import functools
 import importlib.abc
@@ -33,77 +37,7 @@ import sys
 
 import torch
 
-COUNTS = collections.Counter()
-#: The device the fake driver reports: an H100 SXM (sm_90, 132 SMs, 227 KB of shared memory per block).
-PROPERTIES = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
-              "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
-
-
-class _Utils:
-    def load_binary(self, name, kernel, shared, device):
-        COUNTS["loads"] += 1
-        return COUNTS["loads"], COUNTS["loads"], 0, 0, 1024  # module, function, registers, spills, max threads
-
-    def get_device_properties(self, device):
-        return dict(PROPERTIES)
-
-    def unload_module(self, module):
-        pass
-
-
-class _Launcher:
-    """Stands for the compiled kernel's launcher: counts the launch and calls Triton's launch hooks, as the real one
-    does, so `hf_paged.bench.steps.StepRecorder` counts it."""
-
-    def __init__(self, src, metadata):
-        self.name = getattr(src, "name", None) or getattr(getattr(src, "fn", None), "__name__", "kernel")
-
-    def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
-                 exit_hook, *args):
-        if min(grid_x, grid_y, grid_z) <= 0:
-            raise ValueError(f"{self.name}: empty grid {(grid_x, grid_y, grid_z)}")
-        COUNTS["launches"] += 1
-        COUNTS[f"launches {self.name}"] += 1
-        if enter_hook is not None:
-            enter_hook(launch_metadata)
-        if exit_hook is not None:
-            exit_hook(launch_metadata)
-
-
-class FakeCudaDriver:
-    """Triton's driver interface for a GPU that is not there: sm_90, device 0, stream 0."""
-
-    def __init__(self):
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", 90, 32)
-        self.utils = _Utils()
-        self.launcher_cls = _Launcher
-        self.backend = "cuda"
-
-    def is_active(self):
-        return True
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def set_current_device(self, device):
-        pass
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def get_device_interface(self):
-        return torch.cuda
-
-    def get_benchmarker(self):
-        raise RuntimeError("the rehearsal's fake CUDA driver cannot time kernels")
+_PATCHED = False
 
 
 # ----------------------------------------------------------------------------------- references on aliased memory
@@ -168,38 +102,27 @@ def _with_reference(launcher, reference):
     return run
 
 
-def _accept_cpu(check_device):
-    @functools.wraps(check_device)
-    def check(**tensors):
-        named = {name: t for name, t in tensors.items() if t is not None}
-        devices = {t.device for t in named.values()}
-        if devices == {torch.device("cpu")}:  # the fake GPU's tensors live on the CPU
-            return torch.device("cpu")
-        return check_device(**tensors)
-
-    return check
-
-
 def _patch_kernels(kernels) -> None:
     """Wrap `hf_paged.kernels`' launchers (see the module docstring); called right after it is imported."""
+    global _PATCHED
     if not kernels.HAS_TRITON:
         return
     from hf_paged import ops
+    from hf_paged.bench import stub_device
 
-    for module in ("paged_attention", "reshape_and_cache", "copy_blocks", "shared_prefix_attention"):
-        loaded = sys.modules[f"{kernels.__name__}.{module}"]
-        loaded.check_device = _accept_cpu(loaded.check_device)
+    stub_device.accept_cpu_tensors(kernels)
     kernels.paged_attention = _with_reference(
         kernels.paged_attention, functools.partial(_attention_reference, ops.paged_attention))
     kernels.shared_prefix_paged_attention = _with_reference(
         kernels.shared_prefix_paged_attention, functools.partial(_attention_reference, ops.shared_prefix_paged_attention))
     kernels.reshape_and_cache = _with_reference(kernels.reshape_and_cache, _reshape_and_cache_reference)
     kernels.copy_blocks = _with_reference(kernels.copy_blocks, _copy_blocks_reference)
-    COUNTS["patched"] = 1
+    _PATCHED = True
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs `_patch_kernels` once ``hf_paged.kernels`` has been executed, wherever it is imported from."""
+    """Activates the fake driver before ``hf_paged.kernels`` is executed and runs `_patch_kernels` after, wherever
+    it is imported from."""
 
     def find_spec(self, name, path, target=None):
         if name != "hf_paged.kernels":
@@ -214,6 +137,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         execute = spec.loader.exec_module
 
         def exec_module(module):
+            from hf_paged.bench import stub_device
+
+            stub_device.activate()
             execute(module)
             _patch_kernels(module)
 
@@ -223,15 +149,16 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 def _write_counts() -> None:
     folder = os.environ.get("HF_PAGED_REHEARSAL_COUNTS")
-    if folder and COUNTS:
+    stub_device = sys.modules.get("hf_paged.bench.stub_device")  # imported only by a process that used the kernels
+    counts = dict(stub_device.COUNTS) if stub_device is not None else {}
+    if _PATCHED:
+        counts["patched"] = 1
+    if folder and counts:
         with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as file:
-            json.dump({"argv": sys.argv, **COUNTS}, file)
+            json.dump({"argv": sys.argv, **counts}, file)
 
 
 def install() -> None:
-    """Make `FakeCudaDriver` Triton's active driver and wrap `hf_paged.kernels` when it is imported."""
-    from triton.runtime.driver import driver
-
-    driver.set_active(FakeCudaDriver())
+    """Make the fake driver Triton's active one and wrap `hf_paged.kernels`, both when the kernels are imported."""
     sys.meta_path.insert(0, _AfterImport())
     atexit.register(_write_counts)
