@@ -171,6 +171,7 @@ class PagedCache(Cache):
         self._known_ids: torch.Tensor | None = None  # `note_tokens`: ``[rows, m]`` ids of each row's first m tokens
         self._left_padding = False  # `expect_left_padding`: the masks pad each row exactly before its live start
         self._weak_self = weakref.ref(self)  # what a pool this cache wrote holds (`KVPool.active`)
+        self._steps = 0  # forward steps begun (`_begin_step`; `LayerGroup.began`)
 
     # ---------------------------------------------------------------------------------------- the pool
     @property
@@ -287,13 +288,26 @@ class PagedCache(Cache):
         return pool.guarded[slot]
 
     def _begin_step(self, group: LayerGroup, batch: int, q_len: int) -> None:
-        """Begin a forward step of `group` (`LayerGroup.begin_step`) with what this cache knows about its rows."""
+        """Begin a forward step (`LayerGroup.begin_step`) with what this cache knows about its rows: at the step's
+        first layer every group with a pool begins it, and their plans go to each device in one copy; a group whose
+        pool its first layer has just made (the cache's first step) begins it alone."""
+        if group.began == self._steps:  # the first layer of a new step
+            self._steps += 1
+            groups = [g for g in self.groups if g is group or g.pool.tensor is not None]
+        else:
+            groups = [group]
         ended = self._ended.tolist() if self._ended is not None and len(self._ended) == group.manager.num_rows \
             else None
         rows = RowPlan(ended=ended if ended is not None and any(ended) else None, starts=self._row_starts,
                        recording=self.record_past, forks=self._forks, max_length=self._max_length,
                        left_padding=self._left_padding)
-        group.begin_step(batch, q_len, rows)
+        buffers: dict = {}
+        for each in groups:
+            each.begin_step(batch, q_len, rows, buffers)
+            each.began = self._steps
+        sent = {device: buffer.send(device) for device, buffer in buffers.items()}
+        for each in groups:
+            each.finish_step(sent)
         # Each peak on its own: groups of different bytes per block reach their block and byte peaks at other steps.
         self.peak_used_blocks = max(self.peak_used_blocks, sum(g.manager.num_used for g in self.groups))
         self.peak_used_bytes = max(self.peak_used_bytes,

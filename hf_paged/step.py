@@ -1,9 +1,9 @@
 """The step plan: how one forward step of a layer group reads and writes its blocks.
 
-Built once per step and device from the group's `BlockManager` (`build_step`): the block tables, lengths and slot
-mapping (and each row's first key, the copy-on-write copies, the shared-prefix tables) are laid out in one flat
-int32 host buffer (pinned for a CUDA device) and sent with one non-blocking copy, then read as views of the device
-copy; the backend (`StepPlan.triton`); and the read plan (a block range read in place, one range per slab, blocks
+Built once per step and device from the group's `BlockManager` (`draft_step`, `build_step`): the block tables,
+lengths and slot mapping (and each row's first key, the copy-on-write copies, the shared-prefix tables) of every
+layer group beginning the step are laid out in one flat int32 host buffer per device (`StepBuffer`, pinned for a
+CUDA device) and sent with one non-blocking copy, then read as views of the device copy; the backend (`StepPlan.triton`); and the read plan (a block range read in place, one range per slab, blocks
 shared by groups of rows, or a gather). Every layer of the group reads the same plan; masks built from it are
 memoised on it (`StepPlan.memo`, `hf_paged.masks`). `read_path` is the one place that picks, per layer, how its
 attention reads the keys; `LayerRead` is what the cache hands that attention.
@@ -20,7 +20,8 @@ import torch
 
 from .block_manager import NULL_BLOCK, BlockManager
 
-__all__ = ["LayerRead", "SharedPrefix", "StepPlan", "build_step", "padded_tables", "read_path", "table_tensor"]
+__all__ = ["LayerRead", "SharedPrefix", "StepBuffer", "StepPlan", "build_step", "draft_step", "padded_tables",
+           "read_path", "table_tensor"]
 
 # On the PyTorch path a step reads all rows' keys as one block range (`ops.window_attention`) when the range holds
 # at most `_WINDOW_EXTRA_KEYS` keys (or a quarter of the longest row, if more) beyond the longest row's: every
@@ -248,8 +249,9 @@ class _Rows:
         return len(self.tables)
 
 
-class _Buffer:
-    """Host int32 parts laid end to end, sent to the device in one copy (`send`), then read back as views."""
+class StepBuffer:
+    """Host int32 parts laid end to end, sent to one device in one copy (`send`), then read back as views: what the
+    layer groups beginning a step on that device share (`draft_step`)."""
 
     def __init__(self):
         self.parts: list[torch.Tensor] = []
@@ -270,15 +272,28 @@ class _Buffer:
 
 
 def build_step(manager: BlockManager, lengths_before: list[int], q_len: int, device: torch.device,
-                triton: bool = False, trim: bool = True, fresh: dict | None = None, context=None,
-                starts: list[int] | None = None, copies: list[tuple[int, int]] | None = None,
-                follows_rows: bool = False) -> StepPlan:
-    """This step's plan on `device`, its tensors sent in one copy (`_Buffer`).
+               triton: bool = False, trim: bool = True, fresh: dict | None = None, context=None,
+               starts: list[int] | None = None, copies: list[tuple[int, int]] | None = None,
+               follows_rows: bool = False) -> StepPlan:
+    """This step's plan on `device` for one layer group alone, its tensors sent in one copy (`draft_step`)."""
+    buffer = StepBuffer()
+    finish = draft_step(manager, lengths_before, q_len, buffer, triton, trim, fresh, context, starts, copies,
+                        follows_rows)
+    return finish(buffer.send(device))
 
-    `triton`: the step's backend on `device` (`hf_paged.backend.use_triton`); `trim` leaves out the leading blocks no row needs; `fresh` / `context` as in `StepPlan` (`fresh`: the dict the
-    step's layers fill, shared by the plans of every device); `starts`: the first block id of each of the pool's
-    slabs (None: one slab); `copies`: the step's copy-on-write ``(src, dst)`` block pairs; `follows_rows`: the
-    step's masks pad each row exactly before its live start (`StepPlan.key_starts`)."""
+
+def draft_step(manager: BlockManager, lengths_before: list[int], q_len: int, buffer: StepBuffer,
+               triton: bool = False, trim: bool = True, fresh: dict | None = None, context=None,
+               starts: list[int] | None = None, copies: list[tuple[int, int]] | None = None,
+               follows_rows: bool = False):
+    """Lay this step's tensors out in `buffer` (host work only) and return ``finish(sent) -> StepPlan``, to call
+    with ``buffer.send(device)`` once every group beginning the step has added its own.
+
+    `triton`: the step's backend on that device (`hf_paged.backend.use_triton`); `trim` leaves out the leading
+    blocks no row needs; `fresh` / `context` as in `StepPlan` (`fresh`: the dict the step's layers fill, shared by
+    the plans of every device); `starts`: the first block id of each of the pool's slabs (None: one slab);
+    `copies`: the step's copy-on-write ``(src, dst)`` block pairs; `follows_rows`: the step's masks pad each row
+    exactly before its live start (`StepPlan.key_starts`)."""
     bs = manager.block_size
     first = manager.first_live_block() if trim and manager.num_rows else 0
     if first:  # keep at least each row's last entry (a row all of dead tokens, e.g. an empty prompt)
@@ -287,7 +302,6 @@ def build_step(manager: BlockManager, lengths_before: list[int], q_len: int, dev
     rows = _Rows([table[first:] for table in manager.tables] if first else manager.tables,
                  [length - offset for length in manager.lengths] if first else list(manager.lengths), bs)
     live = manager.live_from
-    buffer = _Buffer()
     raw = table_tensor(rows.tables, None)
     # A row's entries before its live start's block are null (`BlockManager`): count them instead of scanning.
     leading_nulls = [min(start // bs, len(table) + first) - first for start, table in zip(live, rows.tables, strict=True)]
@@ -319,35 +333,38 @@ def build_step(manager: BlockManager, lengths_before: list[int], q_len: int, dev
     if shared is not None:
         prefix_at, tail_at = buffer.add(shared[1]), buffer.add(shared[3])
     copies_at = buffer.add(torch.tensor(copies, dtype=torch.int32).t()) if copies else None
-    sent = buffer.send(device)
-    slot_mapping = sent[slots_at] if triton else sent[slots_at].long()
-    return StepPlan(
-        block_tables=sent[tables_at].view(raw.shape),
-        seq_lens=sent[lengths_at],
-        slot_mapping=slot_mapping,
-        q_len=q_len,
-        max_seq_len=max_seq_len,
-        block_size=bs,
-        triton=triton,
-        shared=None if shared is None else SharedPrefix(
-            group_size=shared[0], prefix_blocks=sent[prefix_at].view(shared[1].shape), prefix_start=shared[2],
-            tail_tables=sent[tail_at].view(shared[3].shape), prefix_len=shared[4]),
-        first_block=first_block,
-        spans=spans,
-        window=window,
-        windows=windows,
-        first_entries=None if entries_at is None else sent[entries_at].long(),
-        skips=skips,
-        stored=None if stored_at is None else sent[stored_at].long(),
-        key_offset=offset,
-        fresh=fresh,
-        context=context,
-        kv_start=context[0] if context is not None else min(lengths_before, default=0),
-        lengths=rows.lengths,
-        key_starts=None if key_starts_at is None else sent[key_starts_at],
-        host_key_starts=host_key_starts,
-        copies=None if copies_at is None else tuple(sent[copies_at].view(2, -1)),
-    )
+    kv_start = context[0] if context is not None else min(lengths_before, default=0)
+
+    def finish(sent: list[torch.Tensor]) -> StepPlan:
+        return StepPlan(
+            block_tables=sent[tables_at].view(raw.shape),
+            seq_lens=sent[lengths_at],
+            slot_mapping=sent[slots_at] if triton else sent[slots_at].long(),
+            q_len=q_len,
+            max_seq_len=max_seq_len,
+            block_size=bs,
+            triton=triton,
+            shared=None if shared is None else SharedPrefix(
+                group_size=shared[0], prefix_blocks=sent[prefix_at].view(shared[1].shape), prefix_start=shared[2],
+                tail_tables=sent[tail_at].view(shared[3].shape), prefix_len=shared[4]),
+            first_block=first_block,
+            spans=spans,
+            window=window,
+            windows=windows,
+            first_entries=None if entries_at is None else sent[entries_at].long(),
+            skips=skips,
+            stored=None if stored_at is None else sent[stored_at].long(),
+            key_offset=offset,
+            fresh=fresh,
+            context=context,
+            kv_start=kv_start,
+            lengths=rows.lengths,
+            key_starts=None if key_starts_at is None else sent[key_starts_at],
+            host_key_starts=host_key_starts,
+            copies=None if copies_at is None else tuple(sent[copies_at].view(2, -1)),
+        )
+
+    return finish
 
 
 def _slots(tables: list[list[int]], raw: torch.Tensor, lengths_before: list[int], live: list[int], offset: int, q_len: int,
