@@ -150,25 +150,23 @@ def attend(layer, query: torch.Tensor, padding: torch.Tensor | None, full_mask: 
     if chunk_size is not None and chunk_size >= plan.max_seq_len:
         chunk_size = None  # every key is in the first chunk
     keys, values = layer.keys, layer.values
-    key_shape, value_shape = keys.shape, values.shape
     if full_mask is not None:
         if plan.key_offset:  # the step's tables leave out the first blocks
             full_mask = full_mask[..., plan.key_offset:]
         keys_padding = None
         path = read_path(plan, full_mask=True, left_padding=False, groups_padded_alike=False,
                          sliding_window=sliding_window, chunk_size=chunk_size, sinks=sinks is not None,
-                         same_width=value_shape[3] == key_shape[3], latent=layer.latent)
+                         same_width=layer.same_width, latent=layer.latent)
     else:
         cache_window = layer.cache_window
         if (cache_window is None or sliding_window is not None or chunk_size is not None
                 or plan.max_seq_len - plan.q_len <= cache_window - 1):
             cache_window = None  # else keys Transformers' own DynamicCache would already have dropped (Moshi)
-        token_bytes = (key_shape[2] * key_shape[3] + value_shape[2] * value_shape[3]) * keys.element_size()
         path, keys_padding = plan.memo(
-            ("attend", id(padding), cache_window, sliding_window, chunk_size, sinks is None, value_shape[3] == key_shape[3],
-             token_bytes, layer.latent),
+            ("attend", id(padding), cache_window, sliding_window, chunk_size, sinks is None, layer.same_width,
+             layer.token_bytes, layer.latent),
             lambda: _route(plan, padding, cache_window, sliding_window, chunk_size, sinks is not None,
-                           value_shape[3] == key_shape[3], token_bytes, layer.latent))
+                           layer.same_width, layer.token_bytes, layer.latent))
     if path == "latent":  # cached latents: absorbed weights, or the latents expanded (latent.py)
         return latent.attention(module, plan, query, keys, values,
                                 full_mask if keys_padding is None else keys_padding.mask,

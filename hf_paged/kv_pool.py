@@ -77,6 +77,7 @@ class KVPool:
         self.own: dict[int, list[int]] = {}  # layers with tensors of their own (another shape): their tensor indices
         self.plain: list[tuple] = []
         self.shapes: list[tuple[int, int, int, int]] = []
+        self.read_features: list[tuple[bool, int]] = []
         self.guarded: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.active: weakref.ref | None = None
 
@@ -291,8 +292,11 @@ class KVPool:
                                       self.offsets[index])
 
         self.plain = [(view(*keys), view(*values)) for keys, values in places]
-        # Per layer, its stored (key heads, key dim, value heads, value dim): `matches` at every write.
+        # Per layer, its stored (key heads, key dim, value heads, value dim): `matches` at every write; and what its
+        # attention's read path depends on: (values as wide as keys, bytes of one token's key and value).
         self.shapes = [(keys.shape[2], keys.shape[3], values.shape[2], values.shape[3]) for keys, values in self.plain]
+        self.read_features = [(dk == dv, (hk * dk + hv * dv) * keys.element_size())
+                              for (hk, dk, hv, dv), (keys, _) in zip(self.shapes, self.plain, strict=True)]
         self.guarded = []
         for layer, (keys, values) in enumerate(places):
             # What `update` returns to the model: the first slab's views, guarded; attention reads `plain`.

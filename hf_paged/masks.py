@@ -158,7 +158,7 @@ def detach(attention_mask: torch.Tensor | None) -> tuple[MaskPattern | None, tor
     not read: it may pad nothing, see `real_padding`); ``(None, mask)`` for any other mask."""
     if not isinstance(attention_mask, PaddingMask):
         return None, attention_mask
-    return attention_mask.pattern, attention_mask.padding_on(attention_mask.device)
+    return attention_mask.pattern, attention_mask.padding  # on the mask's device (every move moves it, `_marked`)
 
 
 def cache_windows(config) -> tuple[int | None, ...]:

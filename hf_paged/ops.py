@@ -112,6 +112,9 @@ def gather_kv(
     batch, nb = block_tables.shape
     if first_block is not None:
         gathered = cache[first_block:first_block + nb]
+        if gathered.stride(0) == gathered.shape[1] * gathered.stride(1):  # blocks follow token by token (head-major)
+            return gathered.as_strided((1, gathered.shape[2], kv_len, gathered.shape[3]),
+                                       (0, gathered.stride(2), gathered.stride(1), gathered.stride(3)))
     elif spans is not None:
         gathered = torch.cat([cache[first:first + count] for first, count in spans])
     else:
@@ -177,8 +180,10 @@ def attend(
     Returns:
         ``[B, q, H, D]`` contiguous; rows with no key to attend to are zero.
     """
-    key = key.to(query.dtype)
-    value = value.to(query.dtype)
+    if key.dtype != query.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    elif value.dtype != query.dtype:
+        value = value.to(query.dtype)
     heads, kv_heads = query.shape[1], key.shape[1]
     if softcap is None and sinks is None:
         out = F.scaled_dot_product_attention(

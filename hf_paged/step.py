@@ -156,6 +156,8 @@ class LayerRead(NamedTuple):
         cache_window: the window Transformers' own `DynamicCache` keeps for this layer (`masks.cache_windows`), or
             None.
         latent: the stores hold the latents of multi-head latent attention (`hf_paged.latent`).
+        same_width: the values are as wide as the keys.
+        token_bytes: bytes of one token's key and value.
     """
 
     plan: StepPlan
@@ -164,6 +166,8 @@ class LayerRead(NamedTuple):
     fresh: tuple | None = None
     cache_window: int | None = None
     latent: bool = False
+    same_width: bool = True
+    token_bytes: int = 0
 
 
 def read_path(plan: StepPlan, *, full_mask: bool, left_padding: bool, groups_padded_alike: bool,
@@ -317,7 +321,7 @@ def draft_step(manager: BlockManager, lengths_before: list[int], q_len: int, buf
     starts = starts or [0]
     first_block = _consecutive_start(rows.tables[0], starts) if rows.num_rows == 1 else None
     spans = None
-    if rows.num_rows == 1 and first_block is None and len(starts) > 1 and not has_null:
+    if not triton and rows.num_rows == 1 and first_block is None and len(starts) > 1 and not has_null:
         spans = _spans(rows.tables[0], starts)
     window = windows = None
     if not triton and q_len <= _WINDOW_MAX_QUERIES and (
@@ -415,15 +419,21 @@ def _window(tables: list[list[int]], max_seq_len: int, block_size: int,
 
 def _spans(blocks: list[int], starts: list[int]) -> tuple[tuple[int, int], ...] | None:
     """``((first, count), ...)``: `blocks` as runs ``b, b + 1, ...`` each inside one slab (`starts`: the slabs'
-    first block ids), if there are at most `_WINDOW_MAX_SLABS` of them, else None."""
-    runs: list[list[int]] = []
-    for block in blocks:
-        if runs and block == runs[-1][0] + runs[-1][1] and bisect.bisect_right(starts, block) == bisect.bisect_right(
-                starts, runs[-1][0]):
-            runs[-1][1] += 1
-        else:
-            runs.append([block, 1])
-    return tuple((first, count) for first, count in runs) if len(runs) <= _WINDOW_MAX_SLABS else None
+    first block ids), if there are at most `_WINDOW_MAX_SLABS` of them, else None. Each run is compared as a whole
+    (in C); a block breaking it is looked for only then."""
+    runs, index = [], 0
+    while index < len(blocks):
+        if len(runs) == _WINDOW_MAX_SLABS:
+            return None
+        first = blocks[index]
+        slab = bisect.bisect_right(starts, first)
+        end = starts[slab] if slab < len(starts) else first + len(blocks)  # the slab's last block + 1
+        count = min(len(blocks) - index, end - first)
+        if blocks[index:index + count] != list(range(first, first + count)):
+            count = next(i for i in range(1, count) if blocks[index + i] != first + i)
+        runs.append((first, count))
+        index += count
+    return tuple(runs)
 
 
 def _consecutive_start(blocks: list[int], starts: list[int] | None = None) -> int | None:

@@ -117,6 +117,8 @@ class LayerStore:
         self.shape = torch.Size((starts[-1] + views[-1].shape[0], *first.shape[1:]))
         self.dtype, self.device = first.dtype, first.device
         self._offsets = offsets
+        # For the Triton kernels (`base`, `block_offsets`): the lowest-addressed slab's view and the offset table.
+        self._kernel = None if offsets is None else (views[offsets[0]], offsets[1])
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -193,20 +195,20 @@ class LayerStore:
     def base(self) -> torch.Tensor:
         """For the Triton kernels: the layer's view in the lowest-addressed slab (`block_offsets` are relative to
         its data pointer)."""
-        return self.views[self._require_offsets()[0]]
+        return self._require_offsets()[0]
 
     @property
     def block_offsets(self) -> torch.Tensor:
         """For the Triton kernels: int64 ``[N]`` element offset of each block from ``base``'s data pointer."""
         return self._require_offsets()[1]
 
-    def _require_offsets(self) -> tuple[int, torch.Tensor]:
-        if self._offsets is None:
+    def _require_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._kernel is None:
             raise RuntimeError(
                 "hf_paged: this pool's slabs are head-major (allocated for the PyTorch path): the Triton kernels "
                 "cannot address them. Keep HF_PAGED_BACKEND the same for a cache's whole life, or reset it."
             )
-        return self._offsets
+        return self._kernel
 
     def consolidated(self) -> torch.Tensor:
         """All blocks in one new ``[N, bs, H, D]`` tensor (a copy; for `PagedLayer.keys` and tests)."""

@@ -122,12 +122,12 @@ def check_offsets(
 def _check_alignment(name: str, offsets: torch.Tensor) -> None:
     """Raise ValueError unless every offset is a multiple of `OFFSET_ALIGNMENT`; a table is checked once per table
     and version (`check_offsets`)."""
+    seen = _CHECKED_TABLES.get(id(offsets))
+    if seen is not None and seen[0]() is offsets and seen[1] == _version(offsets):
+        return
     if offsets.device.type == "meta":
         return
-    version = offsets._version if not offsets.is_inference() else -1  # inference tensors keep no version
-    seen = _CHECKED_TABLES.get(id(offsets))
-    if seen is not None and seen[0]() is offsets and seen[1] == version:
-        return
+    version = _version(offsets)
     check_alignment(name, offsets.cpu())
     if len(_CHECKED_TABLES) > 256:
         for key in [key for key, (ref, _) in _CHECKED_TABLES.items() if ref() is None]:
@@ -145,9 +145,16 @@ def check_alignment(name: str, host_offsets: torch.Tensor) -> None:
 
 
 def mark_checked(offsets: torch.Tensor) -> None:
-    """Record `offsets` (as it is now) as checked: its owner checked its host copy before moving it to the device."""
-    version = offsets._version if not offsets.is_inference() else -1
-    _CHECKED_TABLES[id(offsets)] = (weakref.ref(offsets), version)
+    """Record `offsets` (as it is now) as checked: its owner knows its entries are aligned (it built it so)."""
+    _CHECKED_TABLES[id(offsets)] = (weakref.ref(offsets), _version(offsets))
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place version of `tensor`; -1 for an inference tensor, which keeps none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
 
 
 def resolve_offsets(
@@ -166,9 +173,10 @@ def resolve_offsets(
     if key_offsets is None and value_offsets is None:
         return None
     if settled:
-        for name, table in ((key_name, key_offsets), ("value_offsets", value_offsets)):
-            if table is not None:
-                _check_alignment(name, table)
+        if key_offsets is not None:
+            _check_alignment(key_name, key_offsets)
+        if value_offsets is not None and value_offsets is not key_offsets:
+            _check_alignment("value_offsets", value_offsets)
         key_offsets = None if key_offsets is None else key_offsets.contiguous()
         value_offsets = None if value_offsets is None else value_offsets.contiguous()
     else:
@@ -197,35 +205,46 @@ def tensor_key(*tensors: torch.Tensor | None, fresh: int = 0) -> tuple | None:
         _TENSOR_KEYS.clear()
         _SETTLED.clear()
     key = []
-    for index, tensor in enumerate(tensors):
+    for tensor in tensors[:fresh]:
+        if tensor is None:
+            key.append(-1)
+        elif isinstance(tensor, torch.Tensor):
+            key.append(_number(tensor))
+        else:
+            return None
+    for tensor in tensors[fresh:]:
         if tensor is None:
             key.append(-1)
             continue
+        seen = _TENSOR_KEYS.get(id(tensor))
+        if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:  # only versioned tensors are kept
+            key.append(seen[2])
+            continue
         if not isinstance(tensor, torch.Tensor):
             return None
-        version = None
-        if index >= fresh:
-            try:
-                version = tensor._version
-            except RuntimeError:  # an inference tensor: nothing proves it unchanged since it was last seen
-                pass
-            seen = _TENSOR_KEYS.get(id(tensor))
-            if seen is not None and seen[1] == version and version is not None and seen[0]() is tensor:
-                key.append(seen[2])
-                continue
-        properties = (tensor.dtype, tensor.device, tensor.shape, tensor.stride(), tensor.data_ptr() % 16 == 0)
-        number = _PROPERTIES.get(properties)
-        if number is None:
-            number = _PROPERTIES[properties] = len(_PROPERTIES)
-        if version is not None:
+        number = _number(tensor)
+        try:
+            version = tensor._version
+        except RuntimeError:  # an inference tensor: nothing proves it unchanged when it is seen again
+            key.append(number)
+            continue
+        if len(_TENSOR_KEYS) >= _MOST_TENSOR_KEYS:
+            for known in [known for known, (ref, _, _) in _TENSOR_KEYS.items() if ref() is None]:
+                del _TENSOR_KEYS[known]
             if len(_TENSOR_KEYS) >= _MOST_TENSOR_KEYS:
-                for known in [known for known, (ref, _, _) in _TENSOR_KEYS.items() if ref() is None]:
-                    del _TENSOR_KEYS[known]
-                if len(_TENSOR_KEYS) >= _MOST_TENSOR_KEYS:
-                    _TENSOR_KEYS.clear()
-            _TENSOR_KEYS[id(tensor)] = (weakref.ref(tensor), version, number)
+                _TENSOR_KEYS.clear()
+        _TENSOR_KEYS[id(tensor)] = (weakref.ref(tensor), version, number)
         key.append(number)
     return tuple(key)
+
+
+def _number(tensor: torch.Tensor) -> int:
+    """`tensor_key`'s number for the properties of `tensor`."""
+    properties = (tensor.dtype, tensor.device, tensor.shape, tensor.stride(), tensor.data_ptr() % 16 == 0)
+    number = _PROPERTIES.get(properties)
+    if number is None:
+        number = _PROPERTIES[properties] = len(_PROPERTIES)
+    return number
 
 
 def settled(key: tuple | None, settle):
@@ -244,17 +263,19 @@ def settled(key: tuple | None, settle):
 
 
 class Launch:
-    """``kernel[grid](*args, **constexprs)`` for calls whose arguments differ only in what the key they were settled
-    under allows (`settled`): tensor addresses of the same alignment, runtime scalars the JIT does not specialise.
+    """``kernel[grid](*args, *fixed, **constexprs)`` for calls whose arguments differ only in what the key they were
+    settled under allows (`settled`): tensor addresses of the same alignment, runtime scalars the JIT does not
+    specialise; `fixed` holds the runtime arguments that key fixes (sizes, strides).
 
     The first call goes through the JIT (which compiles or finds the kernel); on a GPU (compiled kernels, not the
     interpreter) later calls launch that compiled kernel directly, with the constexprs appended as the JIT does.
     """
 
-    __slots__ = ("kernel", "grid", "constexprs", "compiled", "tail", "device")
+    __slots__ = ("kernel", "grid", "constexprs", "fixed", "compiled", "tail", "device")
 
-    def __init__(self, kernel, grid: tuple[int, ...], constexprs: dict):
+    def __init__(self, kernel, grid: tuple[int, ...], constexprs: dict, fixed: tuple = ()):
         self.kernel, self.grid, self.constexprs = kernel, tuple(grid) + (1,) * (3 - len(grid)), constexprs
+        self.fixed = tuple(fixed)
         self.compiled, self.tail, self.device = None, (), None
 
     def __call__(self, *args) -> None:
@@ -274,9 +295,10 @@ class Launch:
                 compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
                              enter, leave, *full)
                 return
+        args = args + self.fixed
         compiled = self.kernel[self.grid](*args, **self.constexprs, **COMPILE_OPTIONS)
         if (_DIRECT_LAUNCH and not interpreting() and self.compiled is None
                 and isinstance(compiled, triton.compiler.CompiledKernel)):
             names = self.kernel.arg_names[len(args):]
-            self.tail = tuple(self.constexprs[name] for name in names)
+            self.tail = self.fixed + tuple(self.constexprs[name] for name in names)
             self.compiled, self.device = compiled, triton.runtime.driver.active.get_current_device()

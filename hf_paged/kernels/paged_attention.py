@@ -463,19 +463,20 @@ def _check_inputs(
 
 class _Settled:
     """What a call of `launch_paged_attention` settles once per key (`hf_paged.kernels._launch.settled`): its checks
-    passed, the sizes, the tiles, and one `Launch` per number of splits."""
+    passed, the sizes, the tiles, the strides, and one `Launch` per number of splits."""
 
-    def __init__(self, query, key_cache, value_cache, block_tables, sliding_window, chunk_size, sinks, softcap,
-                 has_key_start, has_offsets, latent):
+    def __init__(self, query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size,
+                 sinks, softcap, has_offsets, latent):
         self.batch, self.heads, self.q_len, _ = query.shape
         _, self.block_size, self.kv_heads, self.head_dim = key_cache.shape
         rope_dim = value_cache.shape[3] if latent else 0
-        # Latent mode: a tile holds at most _LATENT_GROUP query heads, so the one KV head is seen as several (the
-        # caches expanded with head stride 0 at each call).
-        self.expand = None
+        self.expand = None  # latent mode: the one KV head seen as this many (expanded with head stride 0)
         if latent and self.kv_heads == 1 and self.heads > _LATENT_GROUP:
+            # A tile holds at most _LATENT_GROUP query heads.
             group = max(g for g in range(1, _LATENT_GROUP + 1) if self.heads % g == 0)
             self.expand = self.kv_heads = self.heads // group
+            key_cache = key_cache.expand(-1, -1, self.kv_heads, -1)
+            value_cache = value_cache.expand(-1, -1, self.kv_heads, -1)
         self.value_dim = self.head_dim if latent else value_cache.shape[3]
         self.max_keys = block_tables.shape[1] * self.block_size
         self.group = self.heads // self.kv_heads
@@ -484,11 +485,13 @@ class _Settled:
                                  self.value_dim if self.value_dim != self.head_dim else None, latent=latent)
         self.num_q_tiles = -(-self.q_len // self.tiles["BLOCK_Q"])
         self.programs = self.batch * self.num_q_tiles * self.kv_heads
-        self.flags = dict(has_key_start=has_key_start, has_window=sliding_window is not None,
+        self.flags = dict(has_key_start=key_start is not None, has_window=sliding_window is not None,
                           has_softcap=softcap is not None, fp32_storage=self.fp32_storage,
                           upcast=self.fp32_storage or interpreting(), has_sinks=sinks is not None,
                           has_chunk=chunk_size is not None, value_dim=None if latent else self.value_dim,
                           has_offsets=has_offsets, rope_dim=rope_dim)
+        self.strides = (*query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride())
+        self.contiguous = seq_lens.is_contiguous() and (key_start is None or key_start.is_contiguous())
         self.launches: dict[int, tuple[Launch, Launch | None]] = {}
         self.splits: dict[int, int] = {}  # `choose_num_splits` by max_seq_len (on this key's device)
 
@@ -499,11 +502,16 @@ class _Settled:
             meta = paged_attention_meta(self.q_len, self.group, self.head_dim, self.block_size, num_splits,
                                         **self.flags)
             grid = (self.batch * -(-self.q_len // meta["BLOCK_Q"]), self.kv_heads, num_splits)
-            reduce = None
-            if num_splits > 1:
-                reduce = Launch(reduce_splits_kernel, (self.batch * self.q_len * self.heads,),
-                                reduce_splits_meta(self.value_dim, num_splits))
-            found = self.launches[num_splits] = (Launch(paged_attention_kernel, grid, meta), reduce)
+            q_len, heads, dim = self.q_len, self.heads, self.value_dim
+            if num_splits > 1:  # strides of the contiguous partials [B, q, H, S, Dv] and stats [B, q, H, S]
+                targets = (q_len * heads * num_splits * dim, heads * num_splits * dim, num_splits * dim, dim,
+                           q_len * heads * num_splits, heads * num_splits, num_splits)
+                reduce = Launch(reduce_splits_kernel, (self.batch * q_len * heads,),
+                                reduce_splits_meta(dim, num_splits))
+            else:  # the output [B, q, H, Dv]; no partials
+                targets, reduce = (q_len * heads * dim, heads * dim, dim, 0, 0, 0, 0), None
+            fixed = (q_len, self.num_q_tiles, *self.strides, *targets)
+            found = self.launches[num_splits] = (Launch(paged_attention_kernel, grid, meta, fixed), reduce)
         return found
 
 
@@ -513,8 +521,8 @@ def _settle(query, key_cache, value_cache, block_tables, seq_lens, key_start, sl
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size, sinks,
                   has_offsets=has_offsets, latent=latent)
     resolve_offsets(key_cache, value_cache, key_offsets, value_offsets)
-    return _Settled(query, key_cache, value_cache, block_tables, sliding_window, chunk_size, sinks, softcap,
-                    key_start is not None, has_offsets, latent)
+    return _Settled(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size,
+                    sinks, softcap, has_offsets, latent)
 
 
 def launch_paged_attention(
@@ -549,9 +557,6 @@ def launch_paged_attention(
         lambda: _settle(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size,
                         sinks, softcap, key_offsets, value_offsets, latent))
     offsets = resolve_offsets(key_cache, value_cache, key_offsets, value_offsets, settled=True)
-    if setup.expand is not None:
-        key_cache = key_cache.expand(-1, -1, setup.expand, -1)
-        value_cache = value_cache.expand(-1, -1, setup.expand, -1)
     if max_seq_len > setup.max_keys:
         raise ValueError(
             f"max_seq_len ({max_seq_len}) exceeds what block_tables can address "
@@ -564,8 +569,7 @@ def launch_paged_attention(
                                                                        setup.tiles["BLOCK_N"], query.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    batch, heads, q_len = setup.batch, setup.heads, setup.q_len
-    value_dim = setup.value_dim
+    batch, heads, q_len, value_dim = setup.batch, setup.heads, setup.q_len, setup.value_dim
 
     out = torch.empty(batch, q_len, heads, value_dim, dtype=query.dtype, device=query.device)
     if out.numel() == 0:
@@ -574,25 +578,25 @@ def launch_paged_attention(
         partial = torch.empty(batch, q_len, heads, num_splits, value_dim, dtype=torch.float32, device=query.device)
         running_max = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=query.device)
         running_sum = torch.empty_like(running_max)
-        target, stat_strides = partial, running_max.stride()[:3]
+        target = partial
     else:
-        running_max = running_sum = out  # never read or written by the single-pass kernel
-        target, stat_strides = out, (0, 0, 0)
+        target = running_max = running_sum = out  # the stats are never read or written by the single-pass kernel
+    if not setup.contiguous:
+        seq_lens = seq_lens.contiguous()
+        key_start = key_start.contiguous() if key_start is not None else None
 
+    if setup.expand is not None:
+        key_cache = key_cache.expand(-1, -1, setup.expand, -1)
+        value_cache = value_cache.expand(-1, -1, setup.expand, -1)
     attend, reduce = setup.launches_for(num_splits)
     attend(
         target, running_max, running_sum,
         query, key_cache, value_cache, *(offsets if offsets is not None else (block_tables, block_tables)),
-        block_tables, seq_lens.contiguous(),
-        key_start.contiguous() if key_start is not None else seq_lens,
+        block_tables, seq_lens, key_start if key_start is not None else seq_lens,
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
         sinks.float().contiguous() if sinks is not None else seq_lens,
         int(chunk_size) if chunk_size is not None else 0,
-        q_len, setup.num_q_tiles,
-        *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride(),
-        *target.stride()[:3], target.stride(3) if num_splits > 1 else 0,
-        *stat_strides,
     )
     if reduce is not None:
         reduce(out, partial, running_max, running_sum)

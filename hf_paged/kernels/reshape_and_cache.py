@@ -126,22 +126,20 @@ def reshape_and_cache(
         value_offsets: the same for ``value_cache``; None uses `block_offsets` (K and V views of one slab tensor).
     """
     tensors = tensor_key(key, value, key_cache, value_cache, slot_mapping, block_offsets, value_offsets, fresh=2)
-    launch, num_slots = settled(
+    launch = settled(
         None if tensors is None else ("reshape_and_cache", tensors),
         lambda: _settle(key, value, key_cache, value_cache, slot_mapping, block_offsets, value_offsets))
     if launch is None:
         return
     offsets = resolve_offsets(key_cache, value_cache, block_offsets, value_offsets, key_name="block_offsets",
                               settled=True)
-    launch(
-        key, value, key_cache, value_cache, *(offsets if offsets is not None else (slot_mapping, slot_mapping)),
-        slot_mapping.contiguous(), num_slots, key_cache.shape[2], value_cache.shape[2],
-        *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
-    )
+    launch(key, value, key_cache, value_cache, *(offsets if offsets is not None else (slot_mapping, slot_mapping)),
+           slot_mapping if slot_mapping.is_contiguous() else slot_mapping.contiguous())
 
 
-def _settle(key, value, key_cache, value_cache, slot_mapping, block_offsets, value_offsets) -> tuple:
-    """``(launch or None when there is no token, slots in the pool)`` after the checks (once per kind of call)."""
+def _settle(key, value, key_cache, value_cache, slot_mapping, block_offsets, value_offsets) -> Launch | None:
+    """The launch (None when there is no token) after the checks, once per kind of call: the slots in the pool, the
+    head counts and the strides are fixed by its key."""
     check_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
     for name, t in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
         check_dtype(name, t, FLOAT_DTYPES)
@@ -161,6 +159,8 @@ def _settle(key, value, key_cache, value_cache, slot_mapping, block_offsets, val
     if offsets is not None:
         num_blocks = min(offsets[0].shape[0], offsets[1].shape[0])
     if tokens == 0:
-        return None, 0
+        return None
     meta = reshape_and_cache_meta(kv_heads, head_dim, block_size, v_heads, v_head_dim, offsets is not None)
-    return Launch(reshape_and_cache_kernel, (tokens,), meta), num_blocks * block_size
+    fixed = (num_blocks * block_size, kv_heads, v_heads, *key.stride(), *value.stride(), *key_cache.stride(),
+             *value_cache.stride())
+    return Launch(reshape_and_cache_kernel, (tokens,), meta, fixed)
