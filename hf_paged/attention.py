@@ -70,7 +70,7 @@ def paged_attention_mask(
             allow_is_causal_skip=False,
             **kwargs,
         )
-    return masks.attach(padding, pattern)
+    return masks.attach(padding, pattern, unpadded=attention_mask is None)
 
 
 def paged_attention_forward(
@@ -111,112 +111,16 @@ def paged_attention_forward(
     chunk_size = None
     if pattern is not None:
         sliding_window, chunk_size = pattern.sliding_window, pattern.chunk_size
-    sinks = s_aux
     cache = owner_of(key)
     if cache is None:
         latent.prepare(module)  # a latent layer's expand_kv lets pools through from now on (latent.py)
         return _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window,
-                                     softcap, is_causal, chunk_size, sinks), None
-    step, key, value = cache.attention_inputs(key)
-    if query.shape[2] != step.q_len:  # the step's last queries only (Gemma 4's KV-shared layers in a prefill)
-        step = step.last_queries(query.shape[2])
-    if step.fresh is not None:  # a sliding-window step that stores only its last tokens
-        return _fresh_attention(cache, step, query, attention_mask, scale, sliding_window, softcap, sinks), None
-    if step.key_offset and attention_mask is not None:  # the step's tables leave out the first blocks
-        attention_mask = attention_mask[..., step.key_offset:]
-    if sliding_window is not None and sliding_window >= step.max_seq_len:
-        sliding_window = None  # the window covers every key: no mask needed
-    if chunk_size is not None and chunk_size >= step.max_seq_len:
-        chunk_size = None  # every key is in the first chunk
-    if sliding_window is None and chunk_size is None and (attention_mask is None or attention_mask.dim() == 2):
-        # Keys Transformers' own DynamicCache would already have dropped for this layer (Moshi's cache window)
-        window = cache.cache_window(getattr(module, "config", None), module.layer_idx)
-        if window is not None and step.max_seq_len - step.q_len > window - 1:
-            attention_mask = masks.cache_window_mask(step, attention_mask, window)
-    if cache.latent:  # cached latents of multi-head latent attention, attended with absorbed weights (latent.py)
-        key_start = masks.key_starts(step, attention_mask) if step.triton and getattr(attention_mask, "ndim", 2) == 2 \
-            else None
-        return latent.attention(module, step, query, key, value, attention_mask, key_start, scale=scale,
-                                sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
-                                sinks=sinks), None
-    if attention_mask is not None and attention_mask.dim() == 4:
-        return _gathered_attention(step, query, key, value, attention_mask, scale, None, softcap, None, sinks), None
-    if step.triton:
-        key_start = masks.key_starts(step, attention_mask)
-        if key_start is not None or attention_mask is None:
-            same_width = value.shape[-1] == key.shape[-1]  # the shared-prefix kernel reads values of the keys' width
-            if step.shared is not None and sinks is None and chunk_size is None and same_width:  # shared blocks once
-                out = backend.shared_prefix_paged_attention(
-                    query, key, value, step.shared.prefix_blocks, step.shared.tail_tables, step.seq_lens, key_start,
-                    scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
-                )
-            else:
-                features = {"chunk_size": chunk_size} if chunk_size is not None else {}
-                if sinks is not None:
-                    features["sinks"] = sinks
-                out = backend.paged_attention(
-                    query, key, value, step.block_tables, step.seq_lens, key_start,
-                    scale=scale, max_seq_len=step.max_seq_len, sliding_window=sliding_window, softcap=softcap,
-                    **features,
-                )
-            return out, None
-    elif step.window is not None:
-        mask = masks.window_mask(step, attention_mask, sliding_window, query.shape[1] // key.shape[2], query.dtype,
-                                 chunk_size)
-        out = ops.window_attention(query, key, value, *step.window, mask, scale=scale, softcap=softcap, sinks=sinks)
-        return out, None
-    elif step.windows is not None:  # a pool of several slabs: one window per slab, merged
-        window_masks = masks.windows_masks(step, attention_mask, sliding_window, query.shape[1] // key.shape[2],
-                                           query.dtype, chunk_size)
-        out = ops.windows_attention(query, key, value, step.windows, window_masks, scale=scale, softcap=softcap,
-                                    sinks=sinks)
-        return out, None
-    elif step.shared is not None and sliding_window is None and chunk_size is None:
-        shared_masks = masks.shared_masks(step, attention_mask)
-        if shared_masks is not None:
-            shared = step.shared
-            out = ops.shared_prefix_attention(
-                query, key, value, shared.prefix_blocks, shared.tail_tables, step.max_seq_len - shared.prefix_len,
-                *shared_masks, scale=scale, softcap=softcap, prefix_start=shared.prefix_start, sinks=sinks,
-            )
-            return out, None
-    return _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap, chunk_size,
-                               sinks), None
-
-
-def _fresh_attention(cache, step, query, attention_mask, scale, sliding_window, softcap, sinks) -> torch.Tensor:
-    """Attention of a step that stores only its last tokens: over the keys kept before it and its own keys, as
-    Transformers' sliding-window cache layer returns them (``DynamicSlidingWindowLayer.update``)."""
-    kept_keys, kept_values, keys, values = cache.fresh_inputs(step)
-    if kept_keys is not None:
-        keys = torch.cat([kept_keys.to(keys.dtype), keys], dim=2)
-        values = torch.cat([kept_values.to(values.dtype), values], dim=2)
-    kv_len = keys.shape[2]
-    q_len = query.shape[2]
-    if attention_mask is not None and attention_mask.dim() == 4:
-        end = step.kv_start + kv_len
-        mask = attention_mask[..., -q_len:, step.kv_start:end].to(torch.bool)
-        return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)
-    seq_lens = torch.full((query.shape[0],), kv_len, dtype=torch.long, device=query.device)
-    window = sliding_window if sliding_window is not None and sliding_window < kv_len else None
-    if attention_mask is None and window is None and q_len == kv_len:
-        return ops.attend(query, keys, values, None, scale=scale, softcap=softcap, is_causal=True, sinks=sinks)
-    mask = ops.causal_mask(seq_lens, None, q_len, kv_len, window)
-    if attention_mask is not None:
-        padding = key_padding_mask(attention_mask[:, step.kv_start:], kv_len)
-        mask = mask & padding[:, None, None, :]
-    return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap, sinks=sinks)
-
-
-def _gathered_attention(step, query, key, value, attention_mask, scale, sliding_window, softcap, chunk_size=None,
-                        sinks=None) -> torch.Tensor:
-    """Gather each row's keys and values out of the pools, then attend as over contiguous tensors."""
-    keys = ops.gather_kv(key, step.block_tables, step.max_seq_len, step.first_block)
-    values = ops.gather_kv(value, step.block_tables, step.max_seq_len, step.first_block)
-    mask = masks.step_mask(step, attention_mask, sliding_window, chunk_size)
-    # Every row holds exactly this step's tokens: a mask-free causal attention is the whole story.
-    is_causal = mask is None and 1 < step.q_len == step.max_seq_len
-    return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap, is_causal=is_causal, sinks=sinks)
+                                     softcap, is_causal, chunk_size, s_aux), None
+    full_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
+    out = backend.attend(cache.attention_inputs(key, module), query, None if full_mask is not None else attention_mask,
+                         full_mask, scale=scale, sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
+                         sinks=s_aux, module=module)
+    return out, None
 
 
 def _contiguous_attention(module, query, key, value, attention_mask, dropout, scale, sliding_window, softcap,
@@ -230,6 +134,7 @@ def _contiguous_attention(module, query, key, value, attention_mask, dropout, sc
         return ops.attend(query, key, value, mask, scale=scale, softcap=softcap, dropout=dropout, sinks=sinks)
     window = sliding_window if sliding_window is not None and sliding_window < kv_len else None
     chunk = chunk_size if chunk_size is not None and chunk_size < kv_len else None
+    attention_mask = masks.real_padding(attention_mask)
     if attention_mask is None and window is None and chunk is None and (q_len == kv_len or q_len == 1 or not causal):
         return ops.attend(query, key, value, None, scale=scale, softcap=softcap, dropout=dropout,
                           is_causal=causal and q_len > 1, sinks=sinks)

@@ -13,7 +13,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache
 
-from . import backend, compat, kinds, latent, masks, ops, storage, support
+from . import backend, compat, kinds, latent, masks, support
 from .block_manager import BlockManager
 from .compat import LinearAttentionCacheLayerMixin, LinearAttentionLayer
 from .groups import LayerGroup, RowPlan, group_specs
@@ -21,7 +21,7 @@ from .guard import place_of
 from .kv_pool import KVPool, parse_bytes
 from .layers import KVSharedLayer, PagedHybridLayer, PagedLayer, copy_states, select_states, state_layers
 from .stats import CacheStats, summarize
-from .step import StepPlan
+from .step import LayerRead
 
 __all__ = ["CacheStats", "PagedCache"]
 
@@ -162,7 +162,6 @@ class PagedCache(Cache):
         self.prefix_hit_tokens = 0
         self._row_starts: list[int] | None = None  # each new row's first real token (`set_row_starts`)
         self._pending_layer: int | None = None
-        self._read_layer: int | None = None  # the layer whose pools `attention_inputs` returned last
         self._kv_sources = {layer: kind.source for layer, kind in enumerate(plan) if kind.source is not None}
         self._kv_read = sorted(set(self._kv_sources.values()))  # layers whose keys KV-shared layers read
         self._ended: torch.Tensor | None = None
@@ -170,6 +169,9 @@ class PagedCache(Cache):
         self._forks = 1  # `expect_forks`: the rows each row of the next steps becomes
         self._max_length: int | None = None  # `expect_length`: the most tokens a row will hold in this call
         self._known_ids: torch.Tensor | None = None  # `note_tokens`: ``[rows, m]`` ids of each row's first m tokens
+        self._left_padding = False  # `expect_left_padding`: the masks pad each row exactly before its live start
+        self._weak_self = weakref.ref(self)  # what a pool this cache wrote holds (`KVPool.active`)
+        self._steps = 0  # forward steps begun (`_begin_step`; `LayerGroup.began`)
 
     # ---------------------------------------------------------------------------------------- the pool
     @property
@@ -229,52 +231,52 @@ class PagedCache(Cache):
                 "pass under torch.no_grad() or torch.inference_mode() (generate() does), or, to train, call the "
                 "model without a PagedCache (use_cache=False or a DynamicCache)."
             )
-        if isinstance(self.layers[layer_idx], KVSharedLayer):
-            raise ValueError(
-                f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes it a "
-                f"KV-shared layer (it reads layer {self._kv_sources[layer_idx]}'s keys and values and keeps none). The "
-                "cache must be built from this model's config."
-            )
-        if self.layer_pools[layer_idx] is None:
+        place = self.layer_pools[layer_idx]
+        if place is None:
+            if isinstance(self.layers[layer_idx], KVSharedLayer):
+                raise ValueError(
+                    f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes "
+                    f"it a KV-shared layer (it reads layer {self._kv_sources[layer_idx]}'s keys and values and keeps "
+                    "none). The cache must be built from this model's config."
+                )
             raise ValueError(
                 f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes it a "
                 "linear-attention / state-space layer. The cache must be built from this model's config."
             )
-        pool, slot = self.layer_pools[layer_idx]
+        pool, slot = place
         group = self.layer_groups[layer_idx]
         if pool.tensor is None:
             pool.allocate(key_states, value_states)
             group.grow_to_first(pool)
-        if key_states.device != pool.tensor.device:
+        if key_states.device != pool.device:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} computes its keys on {key_states.device}, but its PagedCache pool is on "
-                f"{pool.tensor.device}. For a model split across devices (device_map), let generate() build the cache "
+                f"{pool.device}. For a model split across devices (device_map), let generate() build the cache "
                 "or pass PagedCache(config, layer_devices=hf_paged.devices.layer_placements(model)); prefix caching "
                 "(enable_prefix_caching) keeps one pool on one device and does not support such models yet."
             )
-        if value_states.shape[0] != key_states.shape[0] or value_states.shape[2] != key_states.shape[2]:
+        key_shape, value_shape = key_states.shape, value_states.shape
+        if value_shape[0] != key_shape[0] or value_shape[2] != key_shape[2]:
             raise ValueError(
-                f"hf_paged: layer {layer_idx} gives keys {tuple(key_states.shape)} and values "
-                f"{tuple(value_states.shape)}: a PagedCache needs keys and values of the same batch size and number "
+                f"hf_paged: layer {layer_idx} gives keys {tuple(key_shape)} and values "
+                f"{tuple(value_shape)}: a PagedCache needs keys and values of the same batch size and number "
                 "of tokens."
             )
-        if not pool.matches(key_states, value_states, slot):
+        if pool.shapes[slot] != (key_shape[1], key_shape[3], value_shape[1], value_shape[3]):  # `KVPool.matches`
             pool.allocate_layer(slot, key_states, value_states)  # a layer of another shape: tensors of its own
         if group.step is None or layer_idx in group.step_layers:
-            self._begin_step(group, key_states.shape[0], key_states.shape[2])
+            self._begin_step(group, key_shape[0], key_shape[2])
         group.step_layers.add(layer_idx)
-        batch, _, q_len, _ = key_states.shape
-        keys = key_states.transpose(1, 2).reshape(batch * q_len, *key_states.shape[1:2], key_states.shape[3])
-        values = value_states.transpose(1, 2).reshape(batch * q_len, value_states.shape[1], value_states.shape[3])
-        key_pool, value_pool = pool.plain[slot]
-        step = group.step_on(pool.tensor.device)
-        if isinstance(key_pool, storage.LayerStore) or isinstance(value_pool, storage.LayerStore):
-            # Several slabs: the kernels address them through the pool's offset tables, PyTorch slab by slab.
-            backend.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, triton=step.triton)
-        elif step.triton:
-            backend.kernels().reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping)
+        batch, _, q_len, _ = key_shape
+        if q_len == 1:  # [T, Hkv, D] views, one token per row
+            keys, values = key_states.select(2, 0), value_states.select(2, 0)
         else:
-            ops.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, skip_negative=step.skips)
+            keys = key_states.transpose(1, 2).reshape(batch * q_len, key_shape[1], key_shape[3])
+            values = value_states.transpose(1, 2).reshape(batch * q_len, value_shape[1], value_shape[3])
+        key_pool, value_pool = pool.plain[slot]
+        step = group.step if pool is group.pool else group.step_on(pool.device)
+        backend.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, triton=step.triton,
+                                  skip_negative=step.skips, stored=step.stored)
         if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as they are
             step.fresh[layer_idx] = (key_states, value_states)
         if self.latent:  # multi-head latent attention: each row's latents, or the pools once absorbed (latent.py)
@@ -282,24 +284,40 @@ class PagedCache(Cache):
             if gathered is not None:
                 return gathered
         self._pending_layer = layer_idx
-        pool.active = weakref.ref(self)
+        pool.active = self._weak_self
         return pool.guarded[slot]
 
     def _begin_step(self, group: LayerGroup, batch: int, q_len: int) -> None:
-        """Begin a forward step of `group` (`LayerGroup.begin_step`) with what this cache knows about its rows."""
+        """Begin a forward step (`LayerGroup.begin_step`) with what this cache knows about its rows: at the step's
+        first layer every group with a pool begins it, and their plans go to each device in one copy; a group whose
+        pool its first layer has just made (the cache's first step) begins it alone."""
+        if group.began == self._steps:  # the first layer of a new step
+            self._steps += 1
+            groups = [g for g in self.groups if g is group or g.pool.tensor is not None]
+        else:
+            groups = [group]
         ended = self._ended.tolist() if self._ended is not None and len(self._ended) == group.manager.num_rows \
             else None
         rows = RowPlan(ended=ended if ended is not None and any(ended) else None, starts=self._row_starts,
-                       recording=self.record_past, forks=self._forks, max_length=self._max_length)
-        group.begin_step(batch, q_len, rows)
+                       recording=self.record_past, forks=self._forks, max_length=self._max_length,
+                       left_padding=self._left_padding)
+        buffers: dict = {}
+        for each in groups:
+            each.begin_step(batch, q_len, rows, buffers)
+            each.began = self._steps
+        sent = {device: buffer.send(device) for device, buffer in buffers.items()}
+        for each in groups:
+            each.finish_step(sent)
         # Each peak on its own: groups of different bytes per block reach their block and byte peaks at other steps.
         self.peak_used_blocks = max(self.peak_used_blocks, sum(g.manager.num_used for g in self.groups))
         self.peak_used_bytes = max(self.peak_used_bytes,
                                    sum(g.manager.num_used * g.bytes_per_block for g in self.groups))
 
-    def attention_inputs(self, key: torch.Tensor) -> tuple[StepPlan, torch.Tensor, torch.Tensor]:
-        """This step's metadata (on the pool's device) and the plain key and value pools behind `key`, the guarded
-        key pool the layer's ``update`` returned, for its attention function.
+    def attention_inputs(self, key: torch.Tensor, module: torch.nn.Module | None = None) -> LayerRead:
+        """Everything the attention function of the layer that owns the guarded key pool `key` (what its ``update``
+        returned) reads this step, in one answer (`hf_paged.step.LayerRead`): the step's plan on the pool's
+        device, the layer's plain key and value stores, the step's own keys and values when the step stores only
+        its last tokens, and the window Transformers' own `DynamicCache` keeps for the layer of `module`.
 
         Marks the layer's new keys as read. Reading the layer off the pool (not the module's ``layer_idx``) serves
         models that run one module for several cache layers (HRM's cycles).
@@ -317,9 +335,18 @@ class PagedCache(Cache):
                     f"stored: {pending})."
                 )
         self._pending_layer = None
-        self._read_layer = layer
         pool, slot = self.layer_pools[layer]
-        return (self.layer_groups[layer].step_on(pool.tensor.device), *pool.plain[slot])
+        group = self.layer_groups[layer]
+        plan = group.step if pool is group.pool else group.step_on(pool.device)
+        fresh = None
+        if plan.fresh is not None:
+            # A layer other layers read (KV sharing) keeps its entry for them until the step ends.
+            keys, values = plan.fresh[layer] if layer in self._kv_read else plan.fresh.pop(layer)
+            kept = plan.context[1].get(layer) if plan.context is not None else None
+            fresh = ((kept[0] if kept else None), (kept[1] if kept else None), keys, values)
+        window = None if module is None else self.cache_window(getattr(module, "config", None), module.layer_idx)
+        keys, values = pool.plain[slot]
+        return LayerRead(plan, keys, values, fresh, window, self.latent, *pool.read_features[slot])
 
     def _reader_source(self, place: tuple) -> int | None:
         """The layer whose pools are `place` ``(pool, index there)``, if it stored keys in this step and some layer
@@ -340,16 +367,6 @@ class PagedCache(Cache):
             entry = self._cache_windows[id(config)] = (config, masks.cache_windows(config))
         windows = entry[1]
         return windows[layer_idx] if 0 <= layer_idx < len(windows) else None
-
-    def fresh_inputs(self, step: StepPlan) -> tuple:
-        """For a step that stores only its last tokens (``step.fresh`` set), the layer just read: ``(kept
-        keys, kept values, the step's keys, the step's values)``, the kept ones ``[B, H, n, D]`` from position
-        ``step.kv_start`` on (None when the rows held nothing before), the step's own ``[B, H, q, D]`` as given."""
-        layer = self._read_layer
-        # A layer other layers read (KV sharing) keeps its entry for them until the step ends.
-        keys, values = step.fresh[layer] if layer in self._kv_read else step.fresh.pop(layer)
-        kept = step.context[1].get(layer) if step.context is not None else None
-        return (kept[0] if kept else None), (kept[1] if kept else None), keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held per row (all rows of a `generate` batch have the same length, padding included)."""
@@ -446,6 +463,14 @@ class PagedCache(Cache):
         a step that needs more blocks still gets them."""
         self._max_length = None if max_length is None else max(int(max_length), 0)
 
+    def expect_left_padding(self, follows: bool) -> None:
+        """Tell the cache whether the attention masks of the coming steps pad each row exactly before its first real
+        token, the live start its rows were added with (`set_row_starts`): ``generate()``'s masks, a prompt's pure
+        left padding extended by ones. The attention then takes each row's first key from the cache instead of
+        reading the mask (no host synchronisation per step). False (the default, and after every ``generate()``
+        call): the masks are read."""
+        self._left_padding = bool(follows)
+
     @contextlib.contextmanager
     def locked(self):
         """Hold the lock of every group's block ids (`BlockPool.lock`): what changes rows of pools that other caches
@@ -461,6 +486,7 @@ class PagedCache(Cache):
             group.manager.reset()
             group.end()
         self._pending_layer, self._ended, self._row_starts, self._known_ids = None, None, None, None
+        self._left_padding = False
         for layer in self.state_layers:
             layer.reset()
 

@@ -190,6 +190,8 @@ def _prefill(original, self, input_ids, generation_config, model_kwargs, *args, 
     if cache.manager.num_rows == 0:  # left padding takes no block
         starts = _row_starts(reduced_kwargs.get("attention_mask"), _input_length(reduced_ids, reduced_kwargs))
         cache.set_row_starts(starts)
+        # generate() extends the mask by ones: every step's padding is the rows' live starts (until the call ends)
+        cache.expect_left_padding(starts is not None)
     shared = prefix.prefix_cache_of(self)
     hashes = None
     # Prompts given as inputs_embeds have no token ids to hash: they are computed whole.
@@ -386,6 +388,7 @@ def _generate(original, self, *args, **kwargs):
         _CALL_CACHES.reset(token)
         for cache in created + [v for v in kwargs.values() if isinstance(v, PagedCache)]:
             cache.expect_length(None)
+            cache.expect_left_padding(False)
     recorded = _RECORDED.get()
     if recorded is not None:
         recorded.extend(cache.stats() for cache in created)

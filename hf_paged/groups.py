@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kinds, ops
+from . import backend, kinds, ops
 from .block_manager import BlockManager
 from .kinds import AttentionKind
 from .kv_pool import KVPool, device_pools
-from .step import StepPlan, build_step, table_tensor
+from .step import StepBuffer, StepPlan, build_step, draft_step, table_tensor
 
 __all__ = ["LayerGroup", "RowPlan", "group_specs"]
 
@@ -28,6 +28,8 @@ class RowPlan:
         recording: past steps are kept for a rollback (`PagedCache.activate_past_recording`).
         forks: the rows each row of the coming steps becomes (`PagedCache.expect_forks`).
         max_length: the most tokens a row will hold in this call (`PagedCache.expect_length`), or None.
+        left_padding: the step's attention masks pad each row exactly before its live start
+            (`PagedCache.expect_left_padding`): the plan carries each row's first key (`StepPlan.key_starts`).
     """
 
     ended: list[bool] | None = None
@@ -35,6 +37,7 @@ class RowPlan:
     recording: bool = False
     forks: int = 1
     max_length: int | None = None
+    left_padding: bool = False
 
 
 @dataclass(eq=False)
@@ -62,6 +65,10 @@ class LayerGroup:
     step_layers: set = field(default_factory=set)
     device_steps: dict = field(default_factory=dict)
     lengths_before: list[int] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    left_padding: bool = False
+    _drafts: dict = field(default_factory=dict)
+    began: int = -1  # the cache's count of steps when this group last began one (`PagedCache._begin_step`)
 
     @property
     def window(self) -> int | None:
@@ -72,8 +79,10 @@ class LayerGroup:
     def bytes_per_block(self) -> int:
         return sum(pool.bytes_per_block for pool in self.pools)
 
-    def begin_step(self, batch: int, q_len: int, rows: RowPlan) -> None:
-        """Reserve slots for ``q_len`` new tokens in every row and build the step's plan.
+    def begin_step(self, batch: int, q_len: int, rows: RowPlan, buffers: dict | None = None) -> None:
+        """Reserve slots for ``q_len`` new tokens in every row and lay the step's plan out, on the device of each of
+        the group's pools, in `buffers` (device -> `hf_paged.step.StepBuffer`, shared by the groups beginning the
+        step, then sent and given to `finish_step`); without `buffers` the plan is sent at once.
 
         What the step takes: a slot for every new token at or past the row's live start, which is its first real
         token (left padding takes no block) and, where the kind releases keys, the first key the step's first query
@@ -127,15 +136,32 @@ class LayerGroup:
             if new_rows:
                 manager.reset()
             raise
-        if copies:
-            src, dst = zip(*copies, strict=True)
+        self.copies, self.left_padding, self.lengths_before = copies, rows.left_padding, lengths_before
+        self.step, self.step_layers, self.device_steps = None, set(), {}
+        own = buffers is None
+        buffers = {} if own else buffers
+        fresh = {} if partial else None
+        self._drafts = {}
+        for device in dict.fromkeys(pool.device for pool in self.pools if pool.tensor is not None):
+            buffer = buffers.setdefault(device, StepBuffer())
+            self._drafts[device] = (draft_step(manager, lengths_before, q_len, buffer, backend.use_triton(device),
+                                               self.kind.trims, fresh, context, self.pool.starts, copies,
+                                               rows.left_padding), buffer)
+        if own:
+            self.finish_step({device: buffer.send(device) for device, buffer in buffers.items()})
+
+    def finish_step(self, sent: dict) -> None:
+        """Take the step's plans from what `begin_step` laid out, once sent (`sent`: device -> the buffer's
+        tensors on it), and make the step's copy-on-write copies with them."""
+        drafts, self._drafts = self._drafts, {}
+        self.device_steps = {device: finish(sent[device]) for device, (finish, _) in drafts.items()}
+        self.step = self.device_steps[self.pool.device]
+        if self.copies:  # with the step's tables: the copies' block ids came in the same host-to-device copy
+            src, dst = (list(ids) for ids in zip(*self.copies, strict=True))
             for pool in self.pools:
                 if pool.tensor is not None:
-                    pool.copy_blocks(list(src), list(dst))
-        device = self.pool.tensor.device
-        self.step = build_step(manager, lengths_before, q_len, device, self.kind.trims, {} if partial else None,
-                               context, self.pool.starts)
-        self.device_steps, self.lengths_before, self.step_layers = {device: self.step}, lengths_before, set()
+                    plan = self.step_on(pool.device)
+                    pool.copy_blocks(src, dst, plan.copies, plan.triton)
 
     def _slack(self, lengths_before: list[int], q_len: int, ended: list[bool] | None, rows: RowPlan) -> int:
         """The blocks of slack a growing pool adds beyond what a step misses (see `KVPool`): per row that takes
@@ -181,8 +207,9 @@ class LayerGroup:
         step = self.device_steps.get(device)
         if step is None:
             # One `fresh` dict: a layer's update and attention may see different devices.
-            step = build_step(self.manager, self.lengths_before, self.step.q_len, device, self.kind.trims,
-                              self.step.fresh, self.step.context, self.pool.starts)
+            step = build_step(self.manager, self.lengths_before, self.step.q_len, device, backend.use_triton(device),
+                              self.kind.trims, self.step.fresh, self.step.context, self.pool.starts, None,
+                              self.left_padding)
             self.device_steps[device] = step
         return step
 

@@ -76,6 +76,8 @@ class KVPool:
         self.offsets: list[tuple[int, torch.Tensor] | None] = []  # per tensor, block-major offsets (several slabs)
         self.own: dict[int, list[int]] = {}  # layers with tensors of their own (another shape): their tensor indices
         self.plain: list[tuple] = []
+        self.shapes: list[tuple[int, int, int, int]] = []
+        self.read_features: list[tuple[bool, int]] = []
         self.guarded: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.active: weakref.ref | None = None
 
@@ -121,7 +123,7 @@ class KVPool:
         else:
             tensors = [storage.slab_tensor(self.num_layers, blocks, self.block_size, *shape, device, dtype, kinds=1,
                                            block_major=self.block_major) for shape in (key_shape, value_shape)]
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype = tensors[0].device, dtype  # the tensors' own ("cuda" named as "cuda:0")
         self._bind([tensors], [0])
         if blocks:
             self.blocks.grow(max(blocks - self.blocks.num_blocks, 0))  # the block ids may be shared (device pools)
@@ -129,7 +131,10 @@ class KVPool:
 
     def matches(self, key_states: torch.Tensor, value_states: torch.Tensor, layer: int | None = None) -> bool:
         """Whether layer `layer`'s stored keys and values (the shared tensors' when None) have these shapes."""
-        keys, values = self.plain[layer] if layer is not None else (self.tensors[0][0, 0], self.tensors[-1][0, -1])
+        if layer is not None:
+            return self.shapes[layer] == (key_states.shape[1], key_states.shape[3], value_states.shape[1],
+                                          value_states.shape[3])
+        keys, values = self.tensors[0][0, 0], self.tensors[-1][0, -1]
         return (key_states.shape[1], key_states.shape[3]) == (keys.shape[2], keys.shape[3]) and (
             value_states.shape[1], value_states.shape[3]) == (values.shape[2], values.shape[3])
 
@@ -209,12 +214,22 @@ class KVPool:
                     "batch or fix the pool size with num_blocks / max_memory.",
                 ) from error
 
-    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
-        """Copy whole blocks ``src[i] -> dst[i]`` in every layer's keys and values (copy-on-write)."""
+    def copy_blocks(self, src: list[int], dst: list[int], ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    triton: bool | None = None) -> None:
+        """Copy whole blocks ``src[i] -> dst[i]`` in every layer's keys and values (copy-on-write). `ids`: the same
+        block ids as int32 tensors on the pool's device (a step's plan has them, `StepPlan.copies`); `triton`: the
+        step's backend (`backend.use_triton` when None)."""
+        if triton is None:
+            triton = backend.use_triton(self.tensor.device)
+        if ids is None:
+            ids = tuple(torch.tensor(blocks, dtype=torch.int32, device=self.tensor.device) for blocks in (src, dst))
         if len(self.slabs) == 1:
             for tensor in self.tensors:
-                backend.copy_blocks(tensor, torch.tensor(src, dtype=torch.int32, device=tensor.device),
-                                    torch.tensor(dst, dtype=torch.int32, device=tensor.device))
+                backend.copy_blocks(tensor, *ids, triton=triton)
+            return
+        if triton and self.block_major:  # the kernel addresses every slab through the tensor's offset table
+            for index, (base, offsets) in enumerate(self.offsets):
+                backend.copy_blocks(self.slabs[base][index], *ids, block_offsets=offsets, triton=True)
             return
         # Several slabs: copied slab pair by slab pair (the backend's copy inside one slab, indexing across two).
         pairs: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
@@ -227,8 +242,8 @@ class KVPool:
             for source, target in zip(self.slabs[sa], self.slabs[sb], strict=True):
                 src_ids = torch.tensor(local_src, dtype=torch.long, device=source.device)
                 dst_ids = torch.tensor(local_dst, dtype=torch.long, device=target.device)
-                if sa == sb:  # inside one slab: the backend's copy (a kernel on the Triton path)
-                    backend.copy_blocks(source, src_ids.to(torch.int32), dst_ids.to(torch.int32))
+                if sa == sb:  # inside one slab: the backend's copy
+                    backend.copy_blocks(source, src_ids.to(torch.int32), dst_ids.to(torch.int32), triton=triton)
                 else:
                     target[:, :, dst_ids] = source[:, :, src_ids]
 
@@ -263,7 +278,7 @@ class KVPool:
         self.slabs, self.starts = slabs, list(starts)
         self.tensors, self.tensor = slabs[0], slabs[0][0]
         several = len(slabs) > 1
-        self.offsets = [storage.block_offsets([slab[i] for slab in slabs], self.starts)
+        self.offsets = [storage.block_offsets([slab[i] for slab in slabs], self.starts, backend.mark_offsets_checked)
                         if several and self.block_major else None for i in range(len(self.tensors))]
         shared = len(self.tensors) - sum(len(own) for own in self.own.values())
         places = [((0, layer, 0), (shared - 1, layer, -1)) for layer in range(self.num_layers)]
@@ -277,6 +292,11 @@ class KVPool:
                                       self.offsets[index])
 
         self.plain = [(view(*keys), view(*values)) for keys, values in places]
+        # Per layer, its stored (key heads, key dim, value heads, value dim): `matches` at every write; and what its
+        # attention's read path depends on: (values as wide as keys, bytes of one token's key and value).
+        self.shapes = [(keys.shape[2], keys.shape[3], values.shape[2], values.shape[3]) for keys, values in self.plain]
+        self.read_features = [(dk == dv, (hk * dk + hv * dv) * keys.element_size())
+                              for (hk, dk, hv, dv), (keys, _) in zip(self.shapes, self.plain, strict=True)]
         self.guarded = []
         for layer, (keys, values) in enumerate(places):
             # What `update` returns to the model: the first slab's views, guarded; attention reads `plain`.

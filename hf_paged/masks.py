@@ -8,9 +8,12 @@ function's structure: causal, optionally intersected with a sliding window and/o
 builds Transformers' full 4-D mask instead: correctness first.
 
 Every mask a paged step needs is built here too, from the step's plan (`hf_paged.step.StepPlan`) and memoised on
-it, so all layers of a step share one: `step_mask` (gathered keys), `window_mask` / `windows_masks` (block ranges),
-`shared_masks` (rows sharing a prefix), `key_starts` (the kernels' left padding), `drop_keys_before` (a cache
-window).
+it, so all layers of a step share one: `step_padding` (the keys' padding as the step reads it: its 2-D mask, and
+each row's first key for the kernels' left padding, with the keys a cache window dropped), `step_mask` (gathered
+keys), `window_mask` / `windows_masks` (block ranges), `shared_masks` (rows sharing a prefix).
+
+The padding is read without a host synchronisation where the cache knows it (``generate``'s masks pad each row
+exactly before its live start: `hf_paged.step.StepPlan.key_starts`); otherwise once per step, in one read.
 
 The mask function returns the boolean key padding mask as a `PaddingMask` ``[B, 1, 1, kv]`` (a view of the 2-D
 ``[B, kv]`` one, broadcast over heads and queries) that carries the `MaskPattern` (`attach`); the attention function
@@ -30,9 +33,9 @@ from transformers import masking_utils
 
 from . import ops
 
-__all__ = ["MaskPattern", "PaddingMask", "attach", "cache_window_mask", "cache_windows", "describe", "detach",
-           "drop_keys_before", "first_real_keys", "key_padding_mask", "key_starts", "shared_masks", "step_mask",
-           "window_mask", "windows_masks"]
+__all__ = ["MaskPattern", "Padding", "PaddingMask", "attach", "cache_windows", "describe", "detach", "drop_keys_before",
+           "first_real_keys", "key_padding_mask", "padded_alike", "real_padding", "shared_masks", "step_mask",
+           "step_padding", "window_mask", "windows_masks"]
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ class PaddingMask(torch.Tensor):
     Attributes:
         pattern: the `MaskPattern`.
         padding: the 2-D ``[B, kv]`` mask, one object for every mask derived from this one (the attention memoises
-            per step by its id), or None when no key is padded.
+            per step by its id), or None when no key is padded (known without reading it: no mask was given).
     """
 
     pattern: MaskPattern
@@ -142,18 +145,20 @@ def _marked(mask: torch.Tensor, pattern: MaskPattern, padding: torch.Tensor | No
     return out
 
 
-def attach(padding: torch.Tensor, pattern: MaskPattern) -> PaddingMask:
-    """The `PaddingMask` of the 2-D boolean mask `padding` ``[B, kv]`` marked with `pattern`."""
+def attach(padding: torch.Tensor, pattern: MaskPattern, unpadded: bool = False) -> PaddingMask:
+    """The `PaddingMask` of the 2-D boolean mask `padding` ``[B, kv]`` marked with `pattern`; `unpadded`: it is all
+    True (known on the host). Whether a given mask pads anything is not read here (that would synchronise with
+    the device once per forward): the attention reads it where it must (`step_padding`, `real_padding`)."""
     pattern = MaskPattern(pattern.sliding_window, pattern.chunk_size)
-    return _marked(padding[:, None, None, :], pattern, None if bool(padding.all()) else padding, {})
+    return _marked(padding[:, None, None, :], pattern, None if unpadded else padding, {})
 
 
 def detach(attention_mask: torch.Tensor | None) -> tuple[MaskPattern | None, torch.Tensor | None]:
-    """``(pattern, 2-D padding mask ``[B, kv]`` or None when nothing is padded)`` of a `PaddingMask`; ``(None, mask)``
-    for any other mask."""
+    """``(pattern, 2-D padding mask ``[B, kv]``, or None when nothing is padded)`` of a `PaddingMask` (the mask is
+    not read: it may pad nothing, see `real_padding`); ``(None, mask)`` for any other mask."""
     if not isinstance(attention_mask, PaddingMask):
         return None, attention_mask
-    return attention_mask.pattern, attention_mask.padding_on(attention_mask.device)
+    return attention_mask.pattern, attention_mask.padding  # on the mask's device (every move moves it, `_marked`)
 
 
 def cache_windows(config) -> tuple[int | None, ...]:
@@ -200,9 +205,103 @@ def first_real_keys(padding: torch.Tensor) -> torch.Tensor:
     return (~padding).to(torch.long).cumprod(dim=1).sum(dim=1)
 
 
+def real_padding(padding: torch.Tensor | None) -> torch.Tensor | None:
+    """`padding` (2-D, True: a real token), or None when it pads nothing: read once per mask object and in-place
+    version (one host synchronisation per forward; the answer is kept on the tensor, which every layer of the
+    forward shares)."""
+    if padding is None or padding.dim() != 2:
+        return padding
+    try:
+        version = padding._version
+    except RuntimeError:  # an inference tensor keeps no version: read it every time
+        version = None
+    known = getattr(padding, "_hf_paged_unpadded", None)
+    if known is not None and version is not None and known[0] == version:
+        unpadded = known[1]
+    else:
+        unpadded = bool(padding.all())
+        if version is not None:
+            padding._hf_paged_unpadded = (version, unpadded)
+    return None if unpadded else padding
+
+
+@dataclass(frozen=True)
+class Padding:
+    """The keys' padding of one step as its paged attention reads it (`step_padding`).
+
+    Attributes:
+        mask: ``[B, max_seq_len]`` bool (True: a key to attend to), or None when no key is padded.
+        starts: ``[B]`` int32, each row's first key, when the padding is pure left padding (the kernels'
+            ``key_start``); None when nothing is padded or the padding is not pure left padding.
+        left: no padding, or pure left padding.
+        host_starts: `starts` on the host (a list), when known.
+    """
+
+    mask: torch.Tensor | None
+    starts: torch.Tensor | None
+    left: bool
+    host_starts: list[int] | None = None
+
+
+def step_padding(step, padding: torch.Tensor | None, cache_window: int | None = None) -> Padding:
+    """The step's key `Padding` from the 2-D mask `padding` (``[B, kv]`` indexed by token, or None: nothing padded)
+    and, when `cache_window` is set, with the keys Transformers' window-keeping `DynamicCache` has dropped for the
+    layer masked out too (`cache_windows`), memoised.
+
+    When the plan carries each row's first key (`hf_paged.step.StepPlan.key_starts`: the masks ``generate``
+    builds pad each row exactly before its live start), `padding` is not read at all; otherwise it is read once per
+    step, in one host synchronisation (whether it pads anything, whether it is pure left padding, and where each row
+    starts)."""
+    return step.memo(("padding", id(padding), cache_window), lambda: _step_padding(step, padding, cache_window))
+
+
+def _step_padding(step, padding, cache_window) -> Padding:
+    kv_len = step.max_seq_len
+    first_kept = None
+    if cache_window is not None:  # per row, the first key the DynamicCache still holds
+        first_kept = step.seq_lens - step.q_len - (cache_window - 1)
+    if step.key_starts is not None:
+        starts, host = step.key_starts, step.host_key_starts
+        if first_kept is not None:
+            starts = torch.maximum(starts, first_kept.clamp_min(0).to(starts.dtype))
+            host = [max(start, length - step.q_len - (cache_window - 1))
+                    for start, length in zip(host, step.lengths, strict=True)]
+        if not any(host):
+            return Padding(None, None, True, host)
+        keys = torch.arange(kv_len, device=starts.device)
+        return Padding(keys[None, :] >= starts[:, None], starts, True, host)
+    if padding is None and first_kept is None:
+        return Padding(None, None, True, None)
+    if padding is not None:
+        padding = key_padding_mask(padding[:, step.key_offset:] if step.key_offset else padding, kv_len)
+    if first_kept is not None:
+        padding = drop_keys_before(padding, first_kept, kv_len)
+    starts = (~padding).to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
+    keys = torch.arange(kv_len, device=padding.device)
+    pure = (padding == (keys[None, :] >= starts[:, None])).all()
+    *host, pure, unpadded = torch.cat([starts, torch.stack([pure, padding.all()]).to(torch.int32)]).tolist()
+    if unpadded:
+        return Padding(None, None, True, host)
+    return Padding(padding, starts, True, host) if pure else Padding(padding, None, False, None)
+
+
+def padded_alike(step, padding: Padding) -> bool:
+    """Whether the rows of each group sharing a prefix (``step.shared``) are padded alike inside the prefix (what
+    `shared_masks` needs), decided on the host; True without a shared prefix or padding."""
+    shared = step.shared
+    if shared is None or padding.mask is None:
+        return True
+    if padding.host_starts is None:
+        return False
+    starts = [min(start, shared.prefix_len) for start in padding.host_starts]
+    size = shared.group_size
+    return all(len(set(starts[first:first + size])) == 1 for first in range(0, len(starts), size))
+
+
 def step_mask(step, attention_mask: torch.Tensor | None, window: int | None,
               chunk_size: int | None = None) -> torch.Tensor | None:
-    """The boolean ``[B, 1, q, kv]`` mask of a step's gathered keys (None when nothing is masked), memoised."""
+    """The boolean ``[B, 1, q, kv]`` mask of a step's gathered keys (None when nothing is masked), memoised.
+    `attention_mask`: the 2-D ``[B, kv]`` padding (`Padding.mask`), a 4-D mask, or None."""
     return step.memo((id(attention_mask), window, chunk_size),
                      lambda: _step_mask(step, attention_mask, window, chunk_size))
 
@@ -214,7 +313,7 @@ def _step_mask(step, attention_mask: torch.Tensor | None, window: int | None,
         return attention_mask[..., :kv_len].to(torch.bool)
     if attention_mask is None and window is None and chunk_size is None and step.q_len in (1, kv_len):
         return None  # nothing to mask (decode), or a plain causal mask `attend` applies itself (first prefill)
-    padding = None if attention_mask is None else key_padding_mask(attention_mask, kv_len)
+    padding = attention_mask
     chunk_start = None
     if chunk_size is not None and padding is not None:  # chunks start at each row's first real token
         chunk_start = first_real_keys(padding)
@@ -224,26 +323,25 @@ def _step_mask(step, attention_mask: torch.Tensor | None, window: int | None,
     return mask
 
 
-def window_mask(step, attention_mask: torch.Tensor | None, sliding_window: int | None, groups: int,
+def window_mask(step, padding: torch.Tensor | None, sliding_window: int | None, groups: int,
                 dtype: torch.dtype, chunk_size: int | None = None) -> torch.Tensor:
-    """The mask of `ops.window_attention` over the step's block range (``step.window``), memoised."""
+    """The mask of `ops.window_attention` over the step's block range (``step.window``), memoised. `padding`: the
+    step's ``[B, max_seq_len]`` key padding (`Padding.mask`) or None."""
     def build():
-        padding = None if attention_mask is None else key_padding_mask(attention_mask, step.max_seq_len)
         return ops.window_mask(
             step.block_tables, step.seq_lens, step.q_len, *step.window, step.block_size, groups=groups,
             dtype=dtype, key_padding=padding, sliding_window=sliding_window, chunk_size=chunk_size,
             first_entries=step.first_entries,
         )
 
-    return step.memo(("window", id(attention_mask), sliding_window, groups, dtype, chunk_size), build)
+    return step.memo(("window", id(padding), sliding_window, groups, dtype, chunk_size), build)
 
 
-def windows_masks(step, attention_mask: torch.Tensor | None, sliding_window: int | None, groups: int,
+def windows_masks(step, padding: torch.Tensor | None, sliding_window: int | None, groups: int,
                   dtype: torch.dtype, chunk_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per range of ``step.windows``, its `ops.window_mask` and which packed queries see any of its slots
-    (``[1, 1, M]`` bool), for `ops.windows_attention`, memoised."""
+    (``[1, 1, M]`` bool), for `ops.windows_attention`, memoised. `padding` as in `window_mask`."""
     def build():
-        padding = None if attention_mask is None else key_padding_mask(attention_mask, step.max_seq_len)
         out = []
         for first, count in step.windows:
             mask = ops.window_mask(
@@ -255,51 +353,26 @@ def windows_masks(step, attention_mask: torch.Tensor | None, sliding_window: int
             out.append((None, None) if bool(visible.all()) else (mask, visible.any(dim=-1)))
         return out
 
-    return step.memo(("windows", id(attention_mask), sliding_window, groups, dtype, chunk_size), build)
+    return step.memo(("windows", id(padding), sliding_window, groups, dtype, chunk_size), build)
 
 
-def shared_masks(step, attention_mask: torch.Tensor | None):
-    """``(prefix_mask [G, 1, 1, S] | None, tail_mask [B, 1, q, T] | None)`` for `ops.shared_prefix_attention`, or
-    None when the rows of a group are padded differently inside the prefix, memoised."""
-    return step.memo(("shared", id(attention_mask)), lambda: _shared_masks(step, attention_mask))
+def shared_masks(step, padding: torch.Tensor | None):
+    """``(prefix_mask [G, 1, 1, S] | None, tail_mask [B, 1, q, T] | None)`` for `ops.shared_prefix_attention`, from
+    the step's ``[B, max_seq_len]`` key padding (`Padding.mask`, its rows padded alike in each group's prefix:
+    `padded_alike`) or None, memoised."""
+    return step.memo(("shared", id(padding)), lambda: _shared_masks(step, padding))
 
 
-def _shared_masks(step, attention_mask: torch.Tensor | None):
+def _shared_masks(step, padding: torch.Tensor | None):
     shared = step.shared
-    prefix_len, tail_len = shared.prefix_len, step.max_seq_len - shared.prefix_len
+    prefix_len = shared.prefix_len
     tail_mask = None
     if step.q_len > 1:
-        tail_mask = ops.causal_mask(step.seq_lens - prefix_len, None, step.q_len, tail_len)
-    if attention_mask is None:
+        tail_mask = ops.causal_mask(step.seq_lens - prefix_len, None, step.q_len, step.max_seq_len - prefix_len)
+    if padding is None:
         return None, tail_mask
-    keys = key_padding_mask(attention_mask, step.max_seq_len)
-    prefix_keys = keys[:, :prefix_len].unflatten(0, (-1, shared.group_size))
-    if not bool((prefix_keys == prefix_keys[:, :1]).all()):
-        return None
-    tail_keys = keys[:, None, None, prefix_len:]
+    prefix_keys = padding[:, :prefix_len].unflatten(0, (-1, shared.group_size))
+    tail_keys = padding[:, None, None, prefix_len:]
     tail_mask = tail_keys if tail_mask is None else tail_mask & tail_keys
     prefix_mask = prefix_keys[:, 0, None, None, :]
-    return (None if bool(prefix_mask.all()) else prefix_mask), tail_mask
-
-
-def key_starts(step, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Per row, the first unpadded key ``[B]`` int32, when the 2-D mask is pure left padding (what the kernels
-    take); else None. Memoised."""
-    if attention_mask is None:
-        return None
-
-    def build():
-        mask = key_padding_mask(attention_mask, step.max_seq_len)
-        start = (~mask).to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        pure_left_padding = bool((mask == (positions[None, :] >= start[:, None])).all())
-        return start if pure_left_padding else None
-
-    return step.memo(("key_start", id(attention_mask)), build)
-
-
-def cache_window_mask(step, attention_mask: torch.Tensor | None, window: int) -> torch.Tensor:
-    """`attention_mask` with the keys a window-keeping `DynamicCache` has dropped masked out (`drop_keys_before`),
-    memoised."""
-    return step.memo(("cache_window", id(attention_mask), window), lambda: drop_keys_before(
-        attention_mask, step.seq_lens - step.q_len - (window - 1), step.max_seq_len))
+    return prefix_mask, tail_mask

@@ -92,7 +92,8 @@ def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> 
 
 
 def gather_kv(
-    cache: torch.Tensor, block_tables: torch.Tensor, kv_len: int, first_block: int | None = None
+    cache: torch.Tensor, block_tables: torch.Tensor, kv_len: int, first_block: int | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Read each row's first `kv_len` tokens out of a pool.
 
@@ -102,6 +103,8 @@ def gather_kv(
         kv_len: tokens to read per row, at most ``nb * bs``.
         first_block: set when there is one row and its blocks are ``first_block, first_block + 1, ...``: the
             tokens are then read in place, without a copy.
+        spans: set when there is one row whose blocks are the runs ``(first, count)`` (each inside one slab of a
+            `hf_paged.storage.LayerStore`): each run is read in place, and the runs concatenated.
 
     Returns:
         ``[B, Hkv, kv_len, D]`` (a strided view, of the pool itself or of a fresh gather).
@@ -109,9 +112,14 @@ def gather_kv(
     batch, nb = block_tables.shape
     if first_block is not None:
         gathered = cache[first_block:first_block + nb]
+        if gathered.stride(0) == gathered.shape[1] * gathered.stride(1):  # blocks follow token by token (head-major)
+            return gathered.as_strided((1, gathered.shape[2], kv_len, gathered.shape[3]),
+                                       (0, gathered.stride(2), gathered.stride(1), gathered.stride(3)))
+    elif spans is not None:
+        gathered = torch.cat([cache[first:first + count] for first, count in spans])
     else:
         gathered = cache.index_select(0, block_tables.reshape(-1))
-    return gathered.view(batch, nb * cache.shape[1], *cache.shape[2:])[:, :kv_len].transpose(1, 2)
+    return gathered.view(batch, -1, *cache.shape[2:])[:, :kv_len].transpose(1, 2)
 
 
 def causal_mask(
@@ -172,8 +180,10 @@ def attend(
     Returns:
         ``[B, q, H, D]`` contiguous; rows with no key to attend to are zero.
     """
-    key = key.to(query.dtype)
-    value = value.to(query.dtype)
+    if key.dtype != query.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    elif value.dtype != query.dtype:
+        value = value.to(query.dtype)
     heads, kv_heads = query.shape[1], key.shape[1]
     if softcap is None and sinks is None:
         out = F.scaled_dot_product_attention(

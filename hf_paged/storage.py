@@ -41,20 +41,29 @@ def slab_tensor(num_layers: int, num_blocks: int, block_size: int, kv_heads: int
     return storage.permute(0, 1, 3, 4, 2, 5)
 
 
-def block_offsets(slabs: list[torch.Tensor], starts: list[int]) -> tuple[int, torch.Tensor]:
+def block_offsets(slabs: list[torch.Tensor], starts: list[int], on_aligned=None) -> tuple[int, torch.Tensor]:
     """``(base, offsets)`` for block-major slabs ``[L, kinds, n_s, bs, H, D]`` of one tensor kind: the index of the
     lowest-addressed slab and, per block id, the element offset of its first element (layer 0, kind 0) from that
-    slab's data pointer (int64 ``[N]`` on the slabs' device)."""
+    slab's data pointer (int64 ``[N]``, made on the slabs' device: nothing is copied to it).
+
+    `on_aligned`: called with the table when every entry is a multiple of 16 elements, known here without reading
+    it (each slab's start and block stride are), so that the kernels need not check it (`hf_paged.backend`)."""
     base = min(range(len(slabs)), key=lambda s: slabs[s].data_ptr())
     origin, size = slabs[base].data_ptr(), slabs[base].element_size()
-    parts = []
+    device = slabs[0].device
+    parts, aligned = [], True
     for slab in slabs:
         delta = slab.data_ptr() - origin
         if delta % size:
             raise RuntimeError("hf_paged: a slab is not aligned to its element size; cannot address it by offsets.")
-        parts.append(delta // size + torch.arange(slab.shape[2], dtype=torch.int64) * slab.stride(2))
+        first, stride = delta // size, slab.stride(2)
+        aligned = aligned and first % 16 == 0 and (slab.shape[2] <= 1 or stride % 16 == 0)
+        parts.append(torch.arange(slab.shape[2], dtype=torch.int64, device=device) * stride + first)
     del starts  # the slabs are in block-id order: offsets follow them
-    return base, torch.cat(parts).to(slabs[0].device)
+    table = torch.cat(parts)
+    if aligned and on_aligned is not None:
+        on_aligned(table)
+    return base, table
 
 
 def split_by_slab(ids: torch.Tensor, starts: list[int]):
@@ -108,6 +117,8 @@ class LayerStore:
         self.shape = torch.Size((starts[-1] + views[-1].shape[0], *first.shape[1:]))
         self.dtype, self.device = first.dtype, first.device
         self._offsets = offsets
+        # For the Triton kernels (`base`, `block_offsets`): the lowest-addressed slab's view and the offset table.
+        self._kernel = None if offsets is None else (views[offsets[0]], offsets[1])
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -184,20 +195,20 @@ class LayerStore:
     def base(self) -> torch.Tensor:
         """For the Triton kernels: the layer's view in the lowest-addressed slab (`block_offsets` are relative to
         its data pointer)."""
-        return self.views[self._require_offsets()[0]]
+        return self._require_offsets()[0]
 
     @property
     def block_offsets(self) -> torch.Tensor:
         """For the Triton kernels: int64 ``[N]`` element offset of each block from ``base``'s data pointer."""
         return self._require_offsets()[1]
 
-    def _require_offsets(self) -> tuple[int, torch.Tensor]:
-        if self._offsets is None:
+    def _require_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._kernel is None:
             raise RuntimeError(
                 "hf_paged: this pool's slabs are head-major (allocated for the PyTorch path): the Triton kernels "
                 "cannot address them. Keep HF_PAGED_BACKEND the same for a cache's whole life, or reset it."
             )
-        return self._offsets
+        return self._kernel
 
     def consolidated(self) -> torch.Tensor:
         """All blocks in one new ``[N, bs, H, D]`` tensor (a copy; for `PagedLayer.keys` and tests)."""

@@ -32,6 +32,7 @@ from tiny_models import (
 from transformers import DynamicCache, masking_utils
 
 from hf_paged import PagedCache, compat, masks, ops
+from hf_paged import step as step_module
 from hf_paged.attention import paged_attention_mask
 from hf_paged.block_manager import NULL_BLOCK, BlockManager
 from hf_paged.compat import cache_kwargs
@@ -162,9 +163,13 @@ def test_single_sequence_reads_its_blocks_in_place(family):
     assert torch.equal(got.sequences, expected.sequences)
 
 
-def test_single_row_crossing_slabs_is_read_in_place(monkeypatch):
+@pytest.mark.parametrize("copy_bytes", [None, 0])
+def test_single_row_crossing_slabs_is_read_in_place(monkeypatch, copy_bytes):
     """Greedy decoding of one row right after its prefill: the row's blocks cross slab boundaries, and every decode
-    step reads them in place, one window per slab (nothing gathered), with sdpa's tokens."""
+    step reads them in place, with sdpa's tokens: its spans concatenated while small (`step.SPAN_COPY_BYTES`),
+    else one window per slab (nothing gathered either way)."""
+    if copy_bytes is not None:
+        monkeypatch.setattr(step_module, "SPAN_COPY_BYTES", copy_bytes)
     reference, paged = model_pair("llama")
     ids = random_ids(1, 12, seed=4)
     expected = reference.generate(ids, max_new_tokens=40, do_sample=False)
@@ -174,7 +179,8 @@ def test_single_row_crossing_slabs_is_read_in_place(monkeypatch):
     got = paged.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=cache)
     assert torch.equal(got, expected)
     assert len(cache.pool.slabs) >= 3
-    assert calls["windows_attention"] > 0 and calls["index_select"] == 0 and calls["shared_prefix_attention"] == 0
+    assert calls["index_select"] == 0 and calls["shared_prefix_attention"] == 0
+    assert (calls["windows_attention"] > 0) == (copy_bytes == 0)
 
 
 def test_a_pool_of_several_slabs_is_read_one_window_per_slab():

@@ -1,11 +1,20 @@
-"""Checks shared by the kernel launchers: devices, dtypes, index tensors and the interpreter.
+"""What the kernel launchers share: checks (devices, dtypes, index tensors, the interpreter) and settled launches.
 
 The launchers validate everything a kernel would otherwise read out of bounds or misinterpret, and raise
 `ValueError` (wrong shape, device or layout) or `TypeError` (wrong dtype) with the argument's name in the message.
+
+A decode step calls each launcher once per layer with tensors that differ only in their addresses. What the checks
+and the JIT read of them (dtypes, devices, shapes, strides, 16-byte alignment, the integer arguments) is the same, so
+each launcher *settles* a call once (`settled`: checks, tile sizes, grid, constexprs) under a key made of exactly
+those properties (`tensor_key`), and every later call with the same key skips straight to the launch (`Launch`):
+on a GPU, after its first launch, the compiled kernel is launched directly, without the JIT's argument binding
+(tens of microseconds for a kernel of 50 arguments). Offset tables are still checked once per table (`check_offsets`).
 """
 
 from __future__ import annotations
 
+import collections
+import re
 import weakref
 
 import torch
@@ -21,8 +30,20 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 #: and stores (`tl.multiple_of`). Torch allocates storages 64-byte (CPU) or 512-byte (CUDA) aligned, so offsets
 #: between slabs qualify whenever the element counts inside a slab (its block stride) are multiples of 16.
 OFFSET_ALIGNMENT = 16
-#: CUDA offset tables already checked, by id: (weak reference, version); see `check_offsets`.
+#: Offset tables already checked, by id: (weak reference, version); see `check_offsets`.
 _CHECKED_TABLES: dict[int, tuple[weakref.ref, int]] = {}
+#: `tensor_key`'s numbers: one per distinct tuple of tensor properties; at most `_MOST_PROPERTIES`.
+_PROPERTIES: dict[tuple, int] = {}
+_MOST_PROPERTIES = 4096
+#: `tensor_key`'s memo, by id: (weak reference, in-place version, number); at most `_MOST_TENSOR_KEYS`.
+_TENSOR_KEYS: dict[int, tuple[weakref.ref, int, int]] = {}
+_MOST_TENSOR_KEYS = 1024
+#: Settled calls (`settled`), most recently used last; at most `_MOST_SETTLED` of them.
+_SETTLED: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+_MOST_SETTLED = 128
+#: Triton releases whose compiled kernels are launched directly (`Launch`): the JIT's launch protocol (every bound
+#: argument, constexprs included, after the packed metadata) is the one of 3.6 and 3.9, where it was checked.
+_DIRECT_LAUNCH = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 6)
 
 
 def interpreting() -> bool:
@@ -78,9 +99,9 @@ def check_offsets(
     themselves are not checked against ``N`` (that would need a device sync), as without a table they are not
     checked against ``cache.shape[0]``.
 
-    The alignment is checked on the host, as a `ValueError`: for CPU tensors (the interpreter) at every call, for
-    CUDA tensors once per table and in-place version of it (one small copy to the host and a sync; a `PagedCache`
-    builds a table only when its pool grows). A device-side assertion would cost no sync, but it reports a bad
+    The alignment is checked on the host, as a `ValueError`, once per table and in-place version of it (for a CUDA
+    table one small copy to the host and a sync; a `PagedCache` builds a table only when its pool grows, and checks
+    it then: `hf_paged.storage.block_offsets`). A device-side assertion would cost no sync, but it reports a bad
     table only at some later synchronisation, as a CUDA error that leaves the context unusable for the rest of
     the process.
     """
@@ -99,26 +120,41 @@ def check_offsets(
 
 
 def _check_alignment(name: str, offsets: torch.Tensor) -> None:
-    """Raise ValueError unless every offset is a multiple of `OFFSET_ALIGNMENT`; a CUDA table is checked once per
-    table and version (`check_offsets`)."""
+    """Raise ValueError unless every offset is a multiple of `OFFSET_ALIGNMENT`; a table is checked once per table
+    and version (`check_offsets`)."""
+    seen = _CHECKED_TABLES.get(id(offsets))
+    if seen is not None and seen[0]() is offsets and seen[1] == _version(offsets):
+        return
     if offsets.device.type == "meta":
         return
-    cuda = offsets.device.type == "cuda"
-    if cuda:
-        version = offsets._version if not offsets.is_inference() else -1  # inference tensors keep no version
-        seen = _CHECKED_TABLES.get(id(offsets))
-        if seen is not None and seen[0]() is offsets and seen[1] == version:
-            return
-    host = offsets.cpu() if cuda else offsets
-    misaligned = host % OFFSET_ALIGNMENT != 0
+    version = _version(offsets)
+    check_alignment(name, offsets.cpu())
+    if len(_CHECKED_TABLES) > 256:
+        for key in [key for key, (ref, _) in _CHECKED_TABLES.items() if ref() is None]:
+            del _CHECKED_TABLES[key]
+    _CHECKED_TABLES[id(offsets)] = (weakref.ref(offsets), version)
+
+
+def check_alignment(name: str, host_offsets: torch.Tensor) -> None:
+    """Raise ValueError unless every offset of the host tensor `host_offsets` is a multiple of `OFFSET_ALIGNMENT`."""
+    misaligned = host_offsets % OFFSET_ALIGNMENT != 0
     if bool(misaligned.any()):
         raise ValueError(f"{name} must hold multiples of {OFFSET_ALIGNMENT} elements (slabs and blocks 16-element "
-                         f"aligned) so the kernels can use 16-byte memory accesses; got {host[misaligned][:4].tolist()}")
-    if cuda:
-        if len(_CHECKED_TABLES) > 256:
-            for key in [key for key, (ref, _) in _CHECKED_TABLES.items() if ref() is None]:
-                del _CHECKED_TABLES[key]
-        _CHECKED_TABLES[id(offsets)] = (weakref.ref(offsets), version)
+                         f"aligned) so the kernels can use 16-byte memory accesses; got "
+                         f"{host_offsets[misaligned][:4].tolist()}")
+
+
+def mark_checked(offsets: torch.Tensor) -> None:
+    """Record `offsets` (as it is now) as checked: its owner knows its entries are aligned (it built it so)."""
+    _CHECKED_TABLES[id(offsets)] = (weakref.ref(offsets), _version(offsets))
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place version of `tensor`; -1 for an inference tensor, which keeps none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
 
 
 def resolve_offsets(
@@ -127,14 +163,25 @@ def resolve_offsets(
     key_offsets: torch.Tensor | None,
     value_offsets: torch.Tensor | None,
     key_name: str = "key_offsets",
+    settled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A launcher's ``(key table, value table)`` after checks, or None when neither is given (then
     the kernels address block b at ``b * stride(0)``). Values default to the keys' table; keys given no table while
-    values have one get ``arange(key_cache.shape[0]) * key_cache.stride(0)``, today's addressing as a table."""
-    key_offsets = check_offsets(key_name, key_offsets, key_cache, "key_cache")
-    value_offsets = check_offsets("value_offsets", value_offsets, value_cache, "value_cache")
+    values have one get ``arange(key_cache.shape[0]) * key_cache.stride(0)``, today's addressing as a table.
+    `settled`: the call's key (`tensor_key`) already passed the checks; only each table's contents are checked
+    (once per table)."""
     if key_offsets is None and value_offsets is None:
         return None
+    if settled:
+        if key_offsets is not None:
+            _check_alignment(key_name, key_offsets)
+        if value_offsets is not None and value_offsets is not key_offsets:
+            _check_alignment("value_offsets", value_offsets)
+        key_offsets = None if key_offsets is None else key_offsets.contiguous()
+        value_offsets = None if value_offsets is None else value_offsets.contiguous()
+    else:
+        key_offsets = check_offsets(key_name, key_offsets, key_cache, "key_cache")
+        value_offsets = check_offsets("value_offsets", value_offsets, value_cache, "value_cache")
     if key_offsets is None:
         key_offsets = torch.arange(key_cache.shape[0], device=key_cache.device) * key_cache.stride(0)
     return key_offsets, key_offsets if value_offsets is None else value_offsets
@@ -143,3 +190,115 @@ def resolve_offsets(
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (and >= 1)."""
     return 1 << max(0, n - 1).bit_length()
+
+
+def tensor_key(*tensors: torch.Tensor | None, fresh: int = 0) -> tuple | None:
+    """What the checks and the JIT's specialisation read of each of `tensors`: dtype, device, shape, strides and
+    whether its address is 16-byte aligned, as one small int per tensor (-1 for None; equal ints, equal properties).
+    None when one is not a tensor (the checks then report it).
+
+    Read once per tensor object and in-place version (a step's tables and a layer's pool views serve every launch of
+    the step), at each call for an inference tensor (which keeps no version) and for the first `fresh` tensors (made
+    anew for each call, such as a layer's queries: not worth remembering)."""
+    if len(_PROPERTIES) + len(tensors) > _MOST_PROPERTIES:  # numbers are about to be reused: forget what used them
+        _PROPERTIES.clear()
+        _TENSOR_KEYS.clear()
+        _SETTLED.clear()
+    key = []
+    for tensor in tensors[:fresh]:
+        if tensor is None:
+            key.append(-1)
+        elif isinstance(tensor, torch.Tensor):
+            key.append(_number(tensor))
+        else:
+            return None
+    for tensor in tensors[fresh:]:
+        if tensor is None:
+            key.append(-1)
+            continue
+        seen = _TENSOR_KEYS.get(id(tensor))
+        if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:  # only versioned tensors are kept
+            key.append(seen[2])
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        number = _number(tensor)
+        try:
+            version = tensor._version
+        except RuntimeError:  # an inference tensor: nothing proves it unchanged when it is seen again
+            key.append(number)
+            continue
+        if len(_TENSOR_KEYS) >= _MOST_TENSOR_KEYS:
+            for known in [known for known, (ref, _, _) in _TENSOR_KEYS.items() if ref() is None]:
+                del _TENSOR_KEYS[known]
+            if len(_TENSOR_KEYS) >= _MOST_TENSOR_KEYS:
+                _TENSOR_KEYS.clear()
+        _TENSOR_KEYS[id(tensor)] = (weakref.ref(tensor), version, number)
+        key.append(number)
+    return tuple(key)
+
+
+def _number(tensor: torch.Tensor) -> int:
+    """`tensor_key`'s number for the properties of `tensor`."""
+    properties = (tensor.dtype, tensor.device, tensor.shape, tensor.stride(), tensor.data_ptr() % 16 == 0)
+    number = _PROPERTIES.get(properties)
+    if number is None:
+        number = _PROPERTIES[properties] = len(_PROPERTIES)
+    return number
+
+
+def settled(key: tuple | None, settle):
+    """``settle()`` (a launcher's checks and launch settings), once per `key` (None: every time); the last
+    `_MOST_SETTLED` results are kept. `key` must hold everything ``settle`` reads (see the module docstring)."""
+    if key is None:
+        return settle()
+    found = _SETTLED.get(key)
+    if found is None:
+        found = _SETTLED[key] = settle()
+        if len(_SETTLED) > _MOST_SETTLED:
+            _SETTLED.popitem(last=False)
+    else:
+        _SETTLED.move_to_end(key)
+    return found
+
+
+class Launch:
+    """``kernel[grid](*args, *fixed, **constexprs)`` for calls whose arguments differ only in what the key they were
+    settled under allows (`settled`): tensor addresses of the same alignment, runtime scalars the JIT does not
+    specialise; `fixed` holds the runtime arguments that key fixes (sizes, strides).
+
+    The first call goes through the JIT (which compiles or finds the kernel); on a GPU (compiled kernels, not the
+    interpreter) later calls launch that compiled kernel directly, with the constexprs appended as the JIT does.
+    """
+
+    __slots__ = ("kernel", "grid", "constexprs", "fixed", "compiled", "tail", "device")
+
+    def __init__(self, kernel, grid: tuple[int, ...], constexprs: dict, fixed: tuple = ()):
+        self.kernel, self.grid, self.constexprs = kernel, tuple(grid) + (1,) * (3 - len(grid)), constexprs
+        self.fixed = tuple(fixed)
+        self.compiled, self.tail, self.device = None, (), None
+
+    def __call__(self, *args) -> None:
+        compiled = self.compiled
+        if compiled is not None:
+            active = triton.runtime.driver.active
+            device = active.get_current_device()
+            if device == self.device:
+                stream = active.get_current_stream(device)
+                full = args + self.tail
+                grid = self.grid
+                enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+                if getattr(enter, "calls", True) or getattr(leave, "calls", True):  # hooks to call: as the JIT does
+                    metadata = compiled.launch_metadata(grid, stream, *full)
+                else:  # empty hook chains: no launch metadata to build, nothing to call
+                    metadata = enter = leave = None
+                compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
+                             enter, leave, *full)
+                return
+        args = args + self.fixed
+        compiled = self.kernel[self.grid](*args, **self.constexprs, **COMPILE_OPTIONS)
+        if (_DIRECT_LAUNCH and not interpreting() and self.compiled is None
+                and isinstance(compiled, triton.compiler.CompiledKernel)):
+            names = self.kernel.arg_names[len(args):]
+            self.tail = self.fixed + tuple(self.constexprs[name] for name in names)
+            self.compiled, self.device = compiled, triton.runtime.driver.active.get_current_device()

@@ -34,14 +34,16 @@ import triton.language as tl
 from hf_paged.ops import paged_attention as paged_attention_reference
 
 from ._launch import (
-    COMPILE_OPTIONS,
     FLOAT_DTYPES,
+    Launch,
     check_device,
     check_dtype,
     check_shape,
     interpreting,
     next_power_of_2,
     resolve_offsets,
+    settled,
+    tensor_key,
 )
 
 __all__ = [
@@ -402,8 +404,8 @@ def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: tor
         if device.type == "cuda" else _DEFAULT_SM_COUNT
     if programs >= sm_count:
         return 1
-    by_occupancy = triton.cdiv(2 * sm_count, programs)
-    by_length = triton.cdiv(max_seq_len, block_n) // _MIN_TILES_PER_SPLIT
+    by_occupancy = -(-2 * sm_count // programs)  # ceiling divisions in Python (triton.cdiv is a JIT function)
+    by_length = -(-max_seq_len // block_n) // _MIN_TILES_PER_SPLIT
     splits = min(by_occupancy, by_length, _MAX_SPLITS)
     return 1 << (splits.bit_length() - 1) if splits >= 2 else 1
 
@@ -459,6 +461,70 @@ def _check_inputs(
         check_shape("sinks", sinks, (heads,), "[H], one logit per query head")
 
 
+class _Settled:
+    """What a call of `launch_paged_attention` settles once per key (`hf_paged.kernels._launch.settled`): its checks
+    passed, the sizes, the tiles, the strides, and one `Launch` per number of splits."""
+
+    def __init__(self, query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size,
+                 sinks, softcap, has_offsets, latent):
+        self.batch, self.heads, self.q_len, _ = query.shape
+        _, self.block_size, self.kv_heads, self.head_dim = key_cache.shape
+        rope_dim = value_cache.shape[3] if latent else 0
+        self.expand = None  # latent mode: the one KV head seen as this many (expanded with head stride 0)
+        if latent and self.kv_heads == 1 and self.heads > _LATENT_GROUP:
+            # A tile holds at most _LATENT_GROUP query heads.
+            group = max(g for g in range(1, _LATENT_GROUP + 1) if self.heads % g == 0)
+            self.expand = self.kv_heads = self.heads // group
+            key_cache = key_cache.expand(-1, -1, self.kv_heads, -1)
+            value_cache = value_cache.expand(-1, -1, self.kv_heads, -1)
+        self.value_dim = self.head_dim if latent else value_cache.shape[3]
+        self.max_keys = block_tables.shape[1] * self.block_size
+        self.group = self.heads // self.kv_heads
+        self.fp32_storage = key_cache.dtype == torch.float32
+        self.tiles = tile_config(self.q_len, self.group, max(self.head_dim, self.value_dim), self.fp32_storage,
+                                 self.value_dim if self.value_dim != self.head_dim else None, latent=latent)
+        self.num_q_tiles = -(-self.q_len // self.tiles["BLOCK_Q"])
+        self.programs = self.batch * self.num_q_tiles * self.kv_heads
+        self.flags = dict(has_key_start=key_start is not None, has_window=sliding_window is not None,
+                          has_softcap=softcap is not None, fp32_storage=self.fp32_storage,
+                          upcast=self.fp32_storage or interpreting(), has_sinks=sinks is not None,
+                          has_chunk=chunk_size is not None, value_dim=None if latent else self.value_dim,
+                          has_offsets=has_offsets, rope_dim=rope_dim)
+        self.strides = (*query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride())
+        self.contiguous = seq_lens.is_contiguous() and (key_start is None or key_start.is_contiguous())
+        self.launches: dict[int, tuple[Launch, Launch | None]] = {}
+        self.splits: dict[int, int] = {}  # `choose_num_splits` by max_seq_len (on this key's device)
+
+    def launches_for(self, num_splits: int) -> tuple[Launch, Launch | None]:
+        """The attention kernel's launch and, with splits, the merge's."""
+        found = self.launches.get(num_splits)
+        if found is None:
+            meta = paged_attention_meta(self.q_len, self.group, self.head_dim, self.block_size, num_splits,
+                                        **self.flags)
+            grid = (self.batch * -(-self.q_len // meta["BLOCK_Q"]), self.kv_heads, num_splits)
+            q_len, heads, dim = self.q_len, self.heads, self.value_dim
+            if num_splits > 1:  # strides of the contiguous partials [B, q, H, S, Dv] and stats [B, q, H, S]
+                targets = (q_len * heads * num_splits * dim, heads * num_splits * dim, num_splits * dim, dim,
+                           q_len * heads * num_splits, heads * num_splits, num_splits)
+                reduce = Launch(reduce_splits_kernel, (self.batch * q_len * heads,),
+                                reduce_splits_meta(dim, num_splits))
+            else:  # the output [B, q, H, Dv]; no partials
+                targets, reduce = (q_len * heads * dim, heads * dim, dim, 0, 0, 0, 0), None
+            fixed = (q_len, self.num_q_tiles, *self.strides, *targets)
+            found = self.launches[num_splits] = (Launch(paged_attention_kernel, grid, meta, fixed), reduce)
+        return found
+
+
+def _settle(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size, sinks,
+            softcap, key_offsets, value_offsets, latent) -> _Settled:
+    has_offsets = key_offsets is not None or value_offsets is not None
+    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size, sinks,
+                  has_offsets=has_offsets, latent=latent)
+    resolve_offsets(key_cache, value_cache, key_offsets, value_offsets)
+    return _Settled(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size,
+                    sinks, softcap, has_offsets, latent)
+
+
 def launch_paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -479,34 +545,31 @@ def launch_paged_attention(
     latent: bool = False,
 ) -> torch.Tensor:
     """`paged_attention` with the split-KV choice exposed: ``num_splits=None`` asks `choose_num_splits`,
-    1 forces the single-pass kernel, more forces split-KV with that many splits."""
-    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size, sinks,
-                  has_offsets=key_offsets is not None or value_offsets is not None, latent=latent)
-    offsets = resolve_offsets(key_cache, value_cache, key_offsets, value_offsets)
-    batch, heads, q_len, _ = query.shape
-    head_dim = key_cache.shape[3]
-    rope_dim = value_cache.shape[3] if latent else 0
-    if latent and key_cache.shape[2] == 1 and heads > _LATENT_GROUP:
-        # A tile holds at most _LATENT_GROUP query heads: the one KV head is seen as several (head stride 0).
-        group = max(g for g in range(1, _LATENT_GROUP + 1) if heads % g == 0)
-        key_cache = key_cache.expand(-1, -1, heads // group, -1)
-        value_cache = value_cache.expand(-1, -1, heads // group, -1)
-    _, block_size, kv_heads, _ = key_cache.shape
-    value_dim = head_dim if latent else value_cache.shape[3]
-    if max_seq_len > block_tables.shape[1] * block_size:
+    1 forces the single-pass kernel, more forces split-KV with that many splits.
+
+    The checks and launch settings are settled once per kind of call (`hf_paged.kernels._launch.settled`): a
+    decode step's layers share them."""
+    tensors = tensor_key(query, key_cache, value_cache, block_tables, seq_lens, key_start, sinks, key_offsets,
+                         value_offsets, fresh=1)
+    setup = settled(
+        None if tensors is None else ("paged_attention", tensors, sliding_window, chunk_size, softcap is None,
+                                      bool(latent)),
+        lambda: _settle(query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size,
+                        sinks, softcap, key_offsets, value_offsets, latent))
+    offsets = resolve_offsets(key_cache, value_cache, key_offsets, value_offsets, settled=True)
+    if max_seq_len > setup.max_keys:
         raise ValueError(
             f"max_seq_len ({max_seq_len}) exceeds what block_tables can address "
-            f"({block_tables.shape[1]} blocks x {block_size} tokens)"
+            f"({block_tables.shape[1]} blocks x {setup.block_size} tokens)"
         )
-    group = heads // kv_heads
-    fp32_storage = key_cache.dtype == torch.float32
-    tiles = tile_config(q_len, group, max(head_dim, value_dim), fp32_storage,
-                        value_dim if value_dim != head_dim else None, latent=latent)
     if num_splits is None:
-        programs = batch * triton.cdiv(q_len, tiles["BLOCK_Q"]) * kv_heads
-        num_splits = choose_num_splits(programs, max_seq_len, tiles["BLOCK_N"], query.device)
+        num_splits = setup.splits.get(max_seq_len)
+        if num_splits is None:
+            num_splits = setup.splits[max_seq_len] = choose_num_splits(setup.programs, max_seq_len,
+                                                                       setup.tiles["BLOCK_N"], query.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    batch, heads, q_len, value_dim = setup.batch, setup.heads, setup.q_len, setup.value_dim
 
     out = torch.empty(batch, q_len, heads, value_dim, dtype=query.dtype, device=query.device)
     if out.numel() == 0:
@@ -515,40 +578,28 @@ def launch_paged_attention(
         partial = torch.empty(batch, q_len, heads, num_splits, value_dim, dtype=torch.float32, device=query.device)
         running_max = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=query.device)
         running_sum = torch.empty_like(running_max)
-        target, stat_strides = partial, running_max.stride()[:3]
+        target = partial
     else:
-        running_max = running_sum = out  # never read or written by the single-pass kernel
-        target, stat_strides = out, (0, 0, 0)
+        target = running_max = running_sum = out  # the stats are never read or written by the single-pass kernel
+    if not setup.contiguous:
+        seq_lens = seq_lens.contiguous()
+        key_start = key_start.contiguous() if key_start is not None else None
 
-    meta = paged_attention_meta(
-        q_len, group, head_dim, block_size, num_splits,
-        has_key_start=key_start is not None, has_window=sliding_window is not None, has_softcap=softcap is not None,
-        fp32_storage=fp32_storage, upcast=fp32_storage or interpreting(),
-        has_sinks=sinks is not None, has_chunk=chunk_size is not None, value_dim=None if latent else value_dim,
-        has_offsets=offsets is not None, rope_dim=rope_dim,
-    )
-    paged_attention_kernel[(batch * triton.cdiv(q_len, meta["BLOCK_Q"]), kv_heads, num_splits)](
+    if setup.expand is not None:
+        key_cache = key_cache.expand(-1, -1, setup.expand, -1)
+        value_cache = value_cache.expand(-1, -1, setup.expand, -1)
+    attend, reduce = setup.launches_for(num_splits)
+    attend(
         target, running_max, running_sum,
         query, key_cache, value_cache, *(offsets if offsets is not None else (block_tables, block_tables)),
-        block_tables, seq_lens.contiguous(),
-        key_start.contiguous() if key_start is not None else seq_lens,
+        block_tables, seq_lens, key_start if key_start is not None else seq_lens,
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
         sinks.float().contiguous() if sinks is not None else seq_lens,
         int(chunk_size) if chunk_size is not None else 0,
-        q_len, triton.cdiv(q_len, meta["BLOCK_Q"]),
-        *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride(),
-        *target.stride()[:3], target.stride(3) if num_splits > 1 else 0,
-        *stat_strides,
-        **meta,
-        **COMPILE_OPTIONS,
     )
-    if num_splits > 1:
-        reduce_splits_kernel[(batch * q_len * heads,)](
-            out, partial, running_max, running_sum,
-            **reduce_splits_meta(value_dim, num_splits),
-            **COMPILE_OPTIONS,
-        )
+    if reduce is not None:
+        reduce(out, partial, running_max, running_sum)
     return out
 
 

@@ -13,14 +13,16 @@ import triton.language as tl
 from hf_paged.ops import reshape_and_cache as reshape_and_cache_reference
 
 from ._launch import (
-    COMPILE_OPTIONS,
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    Launch,
     check_device,
     check_dtype,
     check_shape,
     next_power_of_2,
     resolve_offsets,
+    settled,
+    tensor_key,
 )
 
 __all__ = ["reshape_and_cache", "reshape_and_cache_kernel", "reshape_and_cache_meta", "reshape_and_cache_reference"]
@@ -123,6 +125,21 @@ def reshape_and_cache(
             None: block ``b`` at ``b * key_cache.stride(0)``, as with one tensor.
         value_offsets: the same for ``value_cache``; None uses `block_offsets` (K and V views of one slab tensor).
     """
+    tensors = tensor_key(key, value, key_cache, value_cache, slot_mapping, block_offsets, value_offsets, fresh=2)
+    launch = settled(
+        None if tensors is None else ("reshape_and_cache", tensors),
+        lambda: _settle(key, value, key_cache, value_cache, slot_mapping, block_offsets, value_offsets))
+    if launch is None:
+        return
+    offsets = resolve_offsets(key_cache, value_cache, block_offsets, value_offsets, key_name="block_offsets",
+                              settled=True)
+    launch(key, value, key_cache, value_cache, *(offsets if offsets is not None else (slot_mapping, slot_mapping)),
+           slot_mapping if slot_mapping.is_contiguous() else slot_mapping.contiguous())
+
+
+def _settle(key, value, key_cache, value_cache, slot_mapping, block_offsets, value_offsets) -> Launch | None:
+    """The launch (None when there is no token) after the checks, once per kind of call: the slots in the pool, the
+    head counts and the strides are fixed by its key."""
     check_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
     for name, t in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
         check_dtype(name, t, FLOAT_DTYPES)
@@ -142,11 +159,8 @@ def reshape_and_cache(
     if offsets is not None:
         num_blocks = min(offsets[0].shape[0], offsets[1].shape[0])
     if tokens == 0:
-        return
-    reshape_and_cache_kernel[(tokens,)](
-        key, value, key_cache, value_cache, *(offsets if offsets is not None else (slot_mapping, slot_mapping)),
-        slot_mapping.contiguous(), num_blocks * block_size, kv_heads, v_heads,
-        *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
-        **reshape_and_cache_meta(kv_heads, head_dim, block_size, v_heads, v_head_dim, offsets is not None),
-        **COMPILE_OPTIONS,
-    )
+        return None
+    meta = reshape_and_cache_meta(kv_heads, head_dim, block_size, v_heads, v_head_dim, offsets is not None)
+    fixed = (num_blocks * block_size, kv_heads, v_heads, *key.stride(), *value.stride(), *key_cache.stride(),
+             *value_cache.stride())
+    return Launch(reshape_and_cache_kernel, (tokens,), meta, fixed)

@@ -29,14 +29,16 @@ import triton.language as tl
 from hf_paged.ops import shared_prefix_paged_attention as shared_prefix_paged_attention_reference
 
 from ._launch import (
-    COMPILE_OPTIONS,
     FLOAT_DTYPES,
+    Launch,
     check_device,
     check_dtype,
     check_shape,
     interpreting,
     next_power_of_2,
     resolve_offsets,
+    settled,
+    tensor_key,
 )
 from .paged_attention import (
     _tanh,
@@ -243,8 +245,8 @@ def shared_prefix_splits(
     return prefix, tail
 
 
-def _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, max_seq_len,
-                  sliding_window, has_offsets=False):
+def _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, sliding_window,
+                  has_offsets=False):
     check_device(query=query, key_cache=key_cache, value_cache=value_cache, prefix_blocks=prefix_blocks,
                  tail_tables=tail_tables, seq_lens=seq_lens, key_start=key_start)
     for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
@@ -269,12 +271,6 @@ def _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq
     if key_start is not None:
         check_dtype("key_start", key_start, (torch.int32,))
         check_shape("key_start", key_start, (batch,), "[B]")
-    width = prefix_blocks.shape[1] + tail_tables.shape[1]
-    if max_seq_len > width * key_cache.shape[1]:
-        raise ValueError(
-            f"max_seq_len ({max_seq_len}) exceeds what prefix_blocks and tail_tables can address "
-            f"({width} blocks x {key_cache.shape[1]} tokens)"
-        )
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
 
@@ -298,30 +294,26 @@ def launch_shared_prefix_attention(
 ) -> torch.Tensor:
     """`shared_prefix_paged_attention` with the split choice exposed: ``num_splits=(prefix, tail)`` forces them
     (the tail needs at least 2), None asks `shared_prefix_splits`."""
-    _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, max_seq_len,
-                  sliding_window, has_offsets=key_offsets is not None or value_offsets is not None)
-    offsets = resolve_offsets(key_cache, value_cache, key_offsets, value_offsets)
+    tensors = tensor_key(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, key_offsets,
+                         value_offsets, fresh=1)
+    setup = settled(
+        None if tensors is None else ("shared_prefix_attention", tensors, sliding_window, softcap is None),
+        lambda: _settle(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start,
+                        sliding_window, softcap, key_offsets, value_offsets))
+    offsets = resolve_offsets(key_cache, value_cache, key_offsets, value_offsets, settled=True)
+    if max_seq_len > setup.max_keys:
+        raise ValueError(
+            f"max_seq_len ({max_seq_len}) exceeds what prefix_blocks and tail_tables can address "
+            f"({prefix_blocks.shape[1] + tail_tables.shape[1]} blocks x {key_cache.shape[1]} tokens)"
+        )
     batch, heads, q_len, head_dim = query.shape
-    _, block_size, kv_heads, _ = key_cache.shape
-    groups, prefix_width = prefix_blocks.shape
-    group_rows, group = batch // groups, heads // kv_heads
-    prefix_len = prefix_width * block_size
-    fp32_storage = key_cache.dtype == torch.float32
-    upcast = fp32_storage or interpreting()  # the interpreter has no bf16 dot
-    flags = {"has_key_start": key_start is not None, "has_window": sliding_window is not None,
-             "has_softcap": softcap is not None, "fp32_storage": fp32_storage, "upcast": upcast,
-             "has_offsets": offsets is not None}
-    offset_tables = offsets if offsets is not None else (prefix_blocks, prefix_blocks)  # unread without a table
-    prefix_tiles = tile_config(group_rows * q_len, group, head_dim, fp32_storage)
-    num_m_tiles = triton.cdiv(group_rows * q_len, prefix_tiles["BLOCK_Q"])
-    tail_tiles = tile_config(q_len, group, head_dim, fp32_storage)
-    num_q_tiles = triton.cdiv(q_len, tail_tiles["BLOCK_Q"])
     if num_splits is None:
-        num_splits = shared_prefix_splits(groups * num_m_tiles * kv_heads, prefix_len, batch * num_q_tiles * kv_heads,
-                                          max(max_seq_len - prefix_len, 1), tail_tiles["BLOCK_N"], query.device)
+        num_splits = shared_prefix_splits(setup.prefix_programs, setup.prefix_len, setup.tail_programs,
+                                          max(max_seq_len - setup.prefix_len, 1), setup.block_n, query.device)
     prefix_splits, tail_splits = num_splits
     if prefix_splits < 1 or tail_splits < 2:
         raise ValueError(f"num_splits must be (prefix >= 1, tail >= 2), got {num_splits}")
+    offset_tables = offsets if offsets is not None else (prefix_blocks, prefix_blocks)  # unread without a table
 
     out = torch.empty(batch, q_len, heads, head_dim, dtype=query.dtype, device=query.device)
     if out.numel() == 0:
@@ -334,38 +326,85 @@ def launch_shared_prefix_attention(
     seq_lens = seq_lens.contiguous()
     key_start = key_start.contiguous() if key_start is not None else None
 
-    meta = shared_prefix_meta(group_rows, q_len, group, head_dim, block_size, prefix_splits, **flags)
-    shared_prefix_kernel[(groups * num_m_tiles, kv_heads, prefix_splits)](
+    prefix_pass, tail_pass, merge = setup.launches_for(prefix_splits, tail_splits)
+    prefix_pass(
         partial, running_max, running_sum, tail_lens,
         query, key_cache, value_cache, *offset_tables, prefix_blocks, seq_lens,
         key_start if key_start is not None else seq_lens,
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
-        batch, q_len, group_rows, prefix_len, num_m_tiles, tail_splits,
+        batch, q_len, setup.group_rows, setup.prefix_len, setup.num_m_tiles, tail_splits,
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *prefix_blocks.stride(),
         *partial.stride()[:4], *running_max.stride()[:3],
-        **meta,
-        **COMPILE_OPTIONS,
     )
-    tail_meta = paged_attention_meta(q_len, group, head_dim, block_size, tail_splits, **flags)
-    paged_attention_kernel[(batch * num_q_tiles, kv_heads, tail_splits)](
+    tail_pass(
         partial, running_max, running_sum,
         query, key_cache, value_cache, *offset_tables, tail_tables, tail_lens[0], tail_lens[1],
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
         tail_lens[1], 0,  # no sinks (the prefix pass applies them), no chunking
-        q_len, num_q_tiles,
+        q_len, setup.num_q_tiles,
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *tail_tables.stride(),
         *partial.stride()[:4], *running_max.stride()[:3],
-        **tail_meta,
-        **COMPILE_OPTIONS,
     )
-    reduce_splits_kernel[(batch * q_len * heads,)](
-        out, partial, running_max, running_sum,
-        **reduce_splits_meta(head_dim, total_splits),
-        **COMPILE_OPTIONS,
-    )
+    merge(out, partial, running_max, running_sum)
     return out
+
+
+class _Settled:
+    """What a call of `launch_shared_prefix_attention` settles once per key (`hf_paged.kernels._launch.settled`):
+    its checks passed, the sizes, and the three launches per pair of split counts."""
+
+    def __init__(self, query, key_cache, prefix_blocks, tail_tables, sliding_window, softcap, has_key_start,
+                 has_offsets):
+        batch, heads, q_len, head_dim = query.shape
+        _, block_size, kv_heads, _ = key_cache.shape
+        groups, prefix_width = prefix_blocks.shape
+        self.batch, self.heads, self.q_len, self.head_dim = batch, heads, q_len, head_dim
+        self.block_size, self.kv_heads, self.groups = block_size, kv_heads, groups
+        self.group_rows, self.group = batch // groups, heads // kv_heads
+        self.prefix_len = prefix_width * block_size
+        self.max_keys = (prefix_width + tail_tables.shape[1]) * block_size
+        fp32_storage = key_cache.dtype == torch.float32
+        upcast = fp32_storage or interpreting()  # the interpreter has no bf16 dot
+        self.flags = {"has_key_start": has_key_start, "has_window": sliding_window is not None,
+                      "has_softcap": softcap is not None, "fp32_storage": fp32_storage, "upcast": upcast,
+                      "has_offsets": has_offsets}
+        prefix_tiles = tile_config(self.group_rows * q_len, self.group, head_dim, fp32_storage)
+        self.num_m_tiles = -(-self.group_rows * q_len // prefix_tiles["BLOCK_Q"])
+        tail_tiles = tile_config(q_len, self.group, head_dim, fp32_storage)
+        self.num_q_tiles = -(-q_len // tail_tiles["BLOCK_Q"])
+        self.block_n = tail_tiles["BLOCK_N"]
+        self.prefix_programs = groups * self.num_m_tiles * kv_heads
+        self.tail_programs = batch * self.num_q_tiles * kv_heads
+        self.launches: dict[tuple[int, int], tuple[Launch, Launch, Launch]] = {}
+
+    def launches_for(self, prefix_splits: int, tail_splits: int) -> tuple[Launch, Launch, Launch]:
+        """The prefix pass, the tail pass and the merge."""
+        found = self.launches.get((prefix_splits, tail_splits))
+        if found is None:
+            meta = shared_prefix_meta(self.group_rows, self.q_len, self.group, self.head_dim, self.block_size,
+                                      prefix_splits, **self.flags)
+            tail_meta = paged_attention_meta(self.q_len, self.group, self.head_dim, self.block_size, tail_splits,
+                                             **self.flags)
+            found = self.launches[(prefix_splits, tail_splits)] = (
+                Launch(shared_prefix_kernel, (self.groups * self.num_m_tiles, self.kv_heads, prefix_splits), meta),
+                Launch(paged_attention_kernel, (self.batch * self.num_q_tiles, self.kv_heads, tail_splits),
+                       tail_meta),
+                Launch(reduce_splits_kernel, (self.batch * self.q_len * self.heads,),
+                       reduce_splits_meta(self.head_dim, prefix_splits + tail_splits)),
+            )
+        return found
+
+
+def _settle(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, sliding_window, softcap,
+            key_offsets, value_offsets) -> _Settled:
+    has_offsets = key_offsets is not None or value_offsets is not None
+    _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start, sliding_window,
+                  has_offsets=has_offsets)
+    resolve_offsets(key_cache, value_cache, key_offsets, value_offsets)
+    return _Settled(query, key_cache, prefix_blocks, tail_tables, sliding_window, softcap, key_start is not None,
+                    has_offsets)
 
 
 def shared_prefix_paged_attention(
