@@ -516,9 +516,9 @@ def test_beam_search_shares_the_prompt_and_reorder_copies_nothing(monkeypatch):
     copied = []
     original_copy = KVPool.copy_blocks  # every K/V block copy of a pool (of one slab or several) goes through it
 
-    def counting_copy(pool, src, dst):
+    def counting_copy(pool, src, dst, *args, **kwargs):
         copied.append(len(src))
-        return original_copy(pool, src, dst)
+        return original_copy(pool, src, dst, *args, **kwargs)
 
     monkeypatch.setattr(KVPool, "copy_blocks", counting_copy)
     prompt_len, num_beams, new_tokens = 70, 3, 10
