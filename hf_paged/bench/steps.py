@@ -89,11 +89,8 @@ class StepRecorder:
         step["launches"] = self._launches - step.pop("launches_at")
 
     def __enter__(self) -> StepRecorder:
-        try:
-            import triton
-        except ImportError:
-            triton = None
-        if triton is not None and hasattr(triton, "knobs"):
+        triton = triton_with_hooks()
+        if triton is not None:
             self._triton = triton
             triton.knobs.runtime.launch_enter_hook.add(self._on_launch)
             self._saved_compile_hook = triton.knobs.runtime.jit_post_compile_hook
@@ -135,3 +132,12 @@ class StepRecorder:
             prefill_launches=last_prefill.get("launches") if last_prefill and self._triton is not None else None,
             compiles=self.compiles,
         )
+
+
+def triton_with_hooks():
+    """Triton, if it is importable and has runtime hooks (``triton.knobs``, 3.4 on), else None."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton if hasattr(triton, "knobs") else None

@@ -64,6 +64,8 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .steps import triton_with_hooks
+
 __all__ = ["D2H", "H2D", "Source", "TransferCounter", "TransferSummary"]
 
 D2H = "D2H"
@@ -339,11 +341,8 @@ class TransferCounter(TorchFunctionMode):
     def __enter__(self) -> TransferCounter:
         self.steps.append(self._step(None))  # this call's setup, until its first forward
         self._handle = self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
-        try:
-            import triton
-        except ImportError:
-            triton = None
-        if triton is not None and hasattr(triton, "knobs"):
+        triton = triton_with_hooks()
+        if triton is not None:
             self._triton = triton
             triton.knobs.runtime.launch_enter_hook.add(self._on_launch)
         return super().__enter__()
