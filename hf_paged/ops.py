@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from . import storage
+
 if TYPE_CHECKING:
     from .storage import LayerStore
 
@@ -117,6 +119,9 @@ def gather_kv(
                                        (0, gathered.stride(2), gathered.stride(1), gathered.stride(3)))
     elif spans is not None:
         gathered = torch.cat([cache[first:first + count] for first, count in spans])
+    elif storage.is_head_major(cache):
+        heads = storage.select_blocks(cache, block_tables.reshape(-1))  # [H, B * nb, bs, D]
+        return heads.view(heads.shape[0], batch, -1, heads.shape[3])[:, :, :kv_len].transpose(0, 1)
     else:
         gathered = cache.index_select(0, block_tables.reshape(-1))
     return gathered.view(batch, -1, *cache.shape[2:])[:, :kv_len].transpose(1, 2)

@@ -26,7 +26,7 @@ import bisect
 
 import torch
 
-__all__ = ["LayerStore", "block_offsets", "slab_tensor", "split_by_slab"]
+__all__ = ["LayerStore", "block_offsets", "select_blocks", "slab_tensor", "split_by_slab"]
 
 
 def slab_tensor(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
@@ -39,6 +39,28 @@ def slab_tensor(num_layers: int, num_blocks: int, block_size: int, kv_heads: int
         return storage.permute(1, 2, 0, 3, 4, 5)
     storage = torch.zeros((num_layers, kinds, kv_heads, num_blocks, block_size, head_dim), device=device, dtype=dtype)
     return storage.permute(0, 1, 3, 4, 2, 5)
+
+
+def select_blocks(store, ids: torch.Tensor) -> torch.Tensor:
+    """``[H, len(ids), bs, D]``: the blocks `ids` of a layer's ``[N, bs, H, D]`` keys or values (a plain view or a
+    `LayerStore`), gathered head by head into a new tensor.
+
+    A head-major slab keeps each head's blocks as one contiguous ``[N, bs, D]`` run, so gathering per head copies
+    whole ``bs * D`` blocks (a memcpy each) where a block-first gather copies ``D``-element rows through strides:
+    four times faster on the CPU for 16-token blocks of 16-wide heads (issue 19)."""
+    if isinstance(store, LayerStore):
+        out = torch.empty((store.shape[2], len(ids), store.shape[1], store.shape[3]), dtype=store.dtype,
+                          device=store.device)
+        for slab, positions, local in store._split_ids(ids):
+            out.index_copy_(1, positions, store.views[slab].permute(2, 0, 1, 3).index_select(1, local))
+        return out
+    return store.permute(2, 0, 1, 3).index_select(1, ids)
+
+
+def is_head_major(store) -> bool:
+    """Whether a layer's ``[N, bs, H, D]`` view (or a `LayerStore`'s slabs) keeps each head's blocks contiguous."""
+    view = store.views[0] if isinstance(store, LayerStore) else store
+    return view.stride(2) > view.stride(0) or view.shape[2] == 1
 
 
 def block_offsets(slabs: list[torch.Tensor], starts: list[int], on_aligned=None) -> tuple[int, torch.Tensor]:

@@ -166,8 +166,14 @@ def test_layer_store_matches_a_single_tensor(block_major):
     with pytest.raises(IndexError, match="span several slabs"):
         store[2:4]
     assert [store.slab_of(block) for block in (0, 2, 3, 7, 8, 9)] == [0, 0, 1, 1, 2, 2]
+    by_block = reference.index_select(0, ids.long()).permute(2, 0, 1, 3)  # the head-by-head gather, block by block
+    assert torch.equal(storage.select_blocks(store, ids), by_block)
+    assert torch.equal(storage.select_blocks(reference, ids.long()), by_block)
+    assert storage.is_head_major(store) == (not block_major)
     tables = torch.tensor([[9, 0, 4], [3, 7, 8]], dtype=torch.int32)
-    assert torch.equal(ops.gather_kv(store, tables, 10), ops.gather_kv(reference, tables, 10))
+    rows = torch.stack([torch.cat([reference[block] for block in row.tolist()])[:10] for row in tables])
+    for pool in (store, reference):
+        assert torch.equal(ops.gather_kv(pool, tables, 10), rows.transpose(1, 2))
     slots = torch.tensor([0, 13, -1, 39, 12, 33, 5])
     states = torch.randn(7, 2, 8, generator=generator)
     store.write(slots, states)
