@@ -1,9 +1,11 @@
 """8-bit keys and values: how a pool stores them (``kv_dtype``), and the one definition of quantize and dequantize.
 
 A pool of 8-bit storage (``int8`` or ``float8_e4m3fn``) keeps each token's vector of each KV head as ``D`` 8-bit
-codes followed by its scale, a float16 held in two more elements: a stored row is ``D + 2`` elements wide
-(`stored_width`), and ``value = code * scale``. The scale is the row's largest magnitude over the format's largest
-code (`KVFormat.qmax`), so every code uses the format's whole range.
+codes followed by the row's largest magnitude, a float16 held in two more elements: a stored row is ``D + 2``
+elements wide (`stored_width`). The row's scale is that magnitude over the format's largest code (`KVFormat.qmax`),
+so the codes use the format's whole range, and ``value = code * scale``. The magnitude rather than the scale is
+stored because it stays a normal float16 down to ``6e-5`` where the scale (448 times smaller for float8) would
+lose bits as a subnormal.
 
 Why one scale per token and head, inline:
 
@@ -19,9 +21,9 @@ The Triton kernels (`hf_paged.kernels`) compute the same function; PyTorch code 
 `encode` and `decode` (the writes in `hf_paged.ops.reshape_and_cache` and `hf_paged.storage.LayerStore.write`, the
 reads wherever keys leave a pool: `hf_paged.ops.gather_kv`, the block-range reads).
 
-Rounding, identical on both paths: the scale is rounded to float16 first and clamped to ``[2**-24, 65504]``; codes
-are ``x / scale`` then, for int8, ``floor(c + 0.5)`` clamped to ``[-127, 127]``, for float8, clamped to
-``[-448, 448]`` and rounded to nearest even by the cast.
+Rounding, identical on both paths: the magnitude is clamped to ``[2**-24, 65504]`` and rounded to float16 first, the
+scale is ``magnitude / qmax`` in float32, the codes ``x / scale``, then for int8 ``floor(c + 0.5)`` clamped to
+``[-127, 127]``, for float8 clamped to ``[-448, 448]`` and rounded to nearest even by the cast.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ import torch
 __all__ = ["KV_FORMATS", "KVFormat", "SCALE_WIDTH", "decode", "encode", "format_of", "from_storage", "is_quantized",
            "kv_format", "logical_width", "raw", "stored_width", "to_storage"]
 
-#: Elements (bytes) after a row's codes that hold its float16 scale.
+#: Elements (bytes) after a row's codes that hold its largest magnitude, a float16.
 SCALE_WIDTH = 2
-# The scale's bounds: float16's smallest subnormal (a row of zeros still gets a usable scale) and largest finite.
-SCALE_MIN, SCALE_MAX = 2.0 ** -24, 65504.0
+# The stored magnitude's bounds: float16's smallest subnormal (a row of zeros still gets a usable scale) and largest
+# finite value.
+MAGNITUDE_MIN, MAGNITUDE_MAX = 2.0 ** -24, 65504.0
 
 
 @dataclass(frozen=True)
@@ -102,26 +105,26 @@ def logical_width(width: int, dtype: torch.dtype) -> int:
 
 
 def encode(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[..., D + 2]`` stored rows of `dtype` for ``states`` (``[..., D]``): codes, then each row's float16 scale
-    (module docstring)."""
+    """``[..., D + 2]`` stored rows of `dtype` for ``states`` (``[..., D]``): codes, then each row's largest
+    magnitude as a float16 (module docstring)."""
     fmt = _BY_DTYPE[dtype]
     values = states.float()
-    scale = (values.abs().amax(-1, keepdim=True) / fmt.qmax).clamp(SCALE_MIN, SCALE_MAX).to(torch.float16)
-    codes = values / scale.float()
+    magnitude = values.abs().amax(-1, keepdim=True).clamp(MAGNITUDE_MIN, MAGNITUDE_MAX).to(torch.float16)
+    codes = values / (magnitude.float() / fmt.qmax)
     if fmt.dtype == torch.int8:
         codes = torch.floor(codes + 0.5).clamp(-fmt.qmax, fmt.qmax)
     else:
         codes = codes.clamp(-fmt.qmax, fmt.qmax)
     stored = torch.empty((*states.shape[:-1], stored_width(states.shape[-1])), dtype=dtype, device=states.device)
     stored[..., :-SCALE_WIDTH] = codes.to(dtype)
-    stored.view(torch.uint8)[..., -SCALE_WIDTH:] = scale.view(torch.uint8)
+    stored.view(torch.uint8)[..., -SCALE_WIDTH:] = magnitude.view(torch.uint8)
     return stored
 
 
 def decode(stored: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[..., D]`` values of `dtype` from stored rows ``[..., D + 2]`` (any strides whose last is 1)."""
-    scale = stored[..., -SCALE_WIDTH:].view(torch.float16)  # [..., 1]
-    values = stored[..., :-SCALE_WIDTH].to(torch.float32) * scale.to(torch.float32)
+    magnitude = stored[..., -SCALE_WIDTH:].view(torch.float16)  # [..., 1]
+    values = stored[..., :-SCALE_WIDTH].to(torch.float32) * (magnitude.to(torch.float32) / _BY_DTYPE[stored.dtype].qmax)
     return values if dtype == torch.float32 else values.to(dtype)
 
 
