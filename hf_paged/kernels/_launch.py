@@ -20,8 +20,13 @@ import weakref
 import torch
 import triton
 
+from ._quant import check_codes, codes_of
+
 #: Storage dtypes the kernels accept for queries, keys and values.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Storage dtypes the kernels accept for key and value pools: float, or 8-bit codes with a float16 magnitude per row
+#: (`hf_paged.quant`, `hf_paged.kernels._quant`).
+CACHE_DTYPES = FLOAT_DTYPES + (torch.int8, torch.float8_e4m3fn)
 #: Compile options every launch passes: FMA contraction on, as Triton 3.9 defaults to (3.10 will default to off).
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 #: Dtypes accepted for slot mappings and block-id lists (block tables and lengths must be int32).
@@ -77,6 +82,23 @@ def check_dtype(name: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...
     if tensor.dtype not in allowed:
         names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
         raise TypeError(f"{name} must have dtype {names}; got {str(tensor.dtype).removeprefix('torch.')}")
+
+
+def check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> int:
+    """The kernels' ``CODES`` constexpr for a key and a value pool (`hf_paged.kernels._quant`: 0 for float storage),
+    after checking their dtypes: float pools of any float dtype, or 8-bit pools of one dtype whose rows can hold
+    their float16 magnitudes (`_quant.check_codes`)."""
+    check_dtype("key_cache", key_cache, CACHE_DTYPES)
+    check_dtype("value_cache", value_cache, CACHE_DTYPES)
+    codes = codes_of(key_cache.dtype)
+    if codes or codes_of(value_cache.dtype):
+        if value_cache.dtype != key_cache.dtype:
+            raise TypeError(f"key_cache and value_cache of 8-bit codes must have one dtype; got "
+                            f"{str(key_cache.dtype).removeprefix('torch.')} and "
+                            f"{str(value_cache.dtype).removeprefix('torch.')}")
+        check_codes("key_cache", key_cache)
+        check_codes("value_cache", value_cache)
+    return codes
 
 
 def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int | None, ...], meaning: str) -> None:

@@ -1,7 +1,8 @@
 """Copy-on-write: copy whole cache blocks in every layer's key and value pool in one launch.
 
 Kernel, launcher and reference: the reference is `hf_paged.ops.copy_blocks`, and `copy_blocks` below has the same
-signature and result.
+signature and result. An 8-bit pool's rows keep their float16 magnitudes inline (`hf_paged.quant`): copying a block's
+elements copies its scales too, so the kernel copies such a pool as it copies any other (float8 codes as their bytes).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import triton.language as tl
 
 from hf_paged.ops import copy_blocks as copy_blocks_reference
 
-from ._launch import COMPILE_OPTIONS, FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_offsets, check_shape
+from ._launch import CACHE_DTYPES, COMPILE_OPTIONS, INDEX_DTYPES, check_device, check_dtype, check_offsets, check_shape
+from ._quant import raw
 
 __all__ = ["copy_blocks", "copy_blocks_kernel", "copy_blocks_meta", "copy_blocks_reference"]
 
@@ -64,7 +66,8 @@ def copy_blocks(
     Args:
         kv_pool: ``[L, 2, N, bs, Hkv, D]`` with any strides but a unit stride along ``D`` (a `PagedCache`'s
             pool is stored head-major: see `hf_paged.storage.slab_tensor`), or ``[L, 1, N, bs, Hkv, D]`` (the key or
-            the value pool of a model whose keys and values differ in width).
+            the value pool of a model whose keys and values differ in width); an 8-bit pool's ``D`` is its stored
+            width (codes and magnitude, `hf_paged.quant`).
         src, dst: ``[C]`` int32/int64 block ids in ``[0, N)``; ``dst`` holds distinct blocks not in ``src``
             (not checked: that would need a device sync).
         block_offsets: ``[N]`` int64, or None. A pool of several tensors (slabs, each laid out like `kv_pool`):
@@ -76,7 +79,7 @@ def copy_blocks(
             copied. None: block ``b`` at ``b * kv_pool.stride(2)``, as with one tensor.
     """
     check_device(kv_pool=kv_pool, src=src, dst=dst)
-    check_dtype("kv_pool", kv_pool, FLOAT_DTYPES)
+    check_dtype("kv_pool", kv_pool, CACHE_DTYPES)
     check_dtype("src", src, INDEX_DTYPES)
     check_dtype("dst", dst, INDEX_DTYPES)
     if kv_pool.dim() != 6 or kv_pool.shape[1] not in (1, 2):
@@ -90,7 +93,7 @@ def copy_blocks(
     if src.shape[0] == 0 or layers == 0:
         return
     copy_blocks_kernel[(src.shape[0], layers * kinds)](
-        kv_pool, src.contiguous(), dst.contiguous(), block_offsets if block_offsets is not None else src, kinds,
+        raw(kv_pool), src.contiguous(), dst.contiguous(), block_offsets if block_offsets is not None else src, kinds,
         *kv_pool.stride()[:5],
         block_size * kv_heads * head_dim,
         **copy_blocks_meta(kv_heads, head_dim, block_offsets is not None),

@@ -6,6 +6,11 @@ speculative verification): query ``i`` of row ``b`` sits at ``p = seq_lens[b] - 
 ``(j - key_start) // chunk == (p - key_start) // chunk``), as in `hf_paged.ops`. Attention sinks add one logit per
 query head to every softmax denominator: the running max and sum start from it (in the first split only).
 
+8-bit pools (`hf_paged.quant`: int8 or float8_e4m3fn codes and a float16 magnitude per token and head) are
+dequantized as their tiles are loaded (`hf_paged.kernels._quant.dequantize`: ``code * magnitude / qmax`` in float32,
+as `hf_paged.quant.decode`), then cast to the query's dtype for the products (its float32 with the interpreter or a
+float32 query), as the reference attends over decoded keys cast to the query's dtype.
+
 Multi-head latent attention (``latent=True``: DeepSeek-style layers served with absorbed weights, `hf_paged.latent`):
 the key pool holds the compressed latents ``c`` and the value pool the shared rotary keys ``k_rot`` of one KV head.
 The keys are ``[c | k_rot]``, read from both pools in place, the values are ``c`` (the key tile already loaded), and
@@ -31,11 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_paged import ops
 from hf_paged.ops import paged_attention as paged_attention_reference
 
 from ._launch import (
     FLOAT_DTYPES,
     Launch,
+    check_caches,
     check_device,
     check_dtype,
     check_shape,
@@ -45,6 +52,7 @@ from ._launch import (
     settled,
     tensor_key,
 )
+from ._quant import codes_of, dequantize, load_magnitude, raw
 
 __all__ = [
     "choose_num_splits",
@@ -95,7 +103,7 @@ def paged_attention_kernel(
     out_ptr,  # [B, q, H, Dv] output, or with NUM_SPLITS > 1 fp32 partials [B, q, H, S, Dv]
     max_ptr, sum_ptr,  # NUM_SPLITS > 1: fp32 [B, q, H, S] running max (base 2) and sum; unused otherwise
     query_ptr,  # [B, H, q, D], any strides
-    key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D] and [N, bs, Hkv, Dv], any strides
+    key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D] and [N, bs, Hkv, Dv], any strides (8-bit: D + 2, Dv + 2)
     key_offsets_ptr, value_offsets_ptr,  # [N] int64 element offset of each block (read only if HAS_OFFSETS)
     block_tables_ptr,  # [B, nb] int32
     seq_lens_ptr,  # [B] int32
@@ -130,6 +138,7 @@ def paged_attention_kernel(
     HAS_OFFSETS: tl.constexpr,  # block b starts at key/value_offsets[b] (slabs), not b * stride_kn / vn
     ROPE_DIM: tl.constexpr,  # > 0: latent mode, the value cache holds the keys' last ROPE_DIM dims (module doc)
     ROPE_DIM_PAD: tl.constexpr,
+    CODES: tl.constexpr,  # 8-bit pools (hf_paged.kernels._quant): 0 none, 1 int8, 2 float8_e4m3fn (as uint8)
 ):
     """Program (b * num_q_tiles + tile, kv_head, split): one query tile of one row against one KV head."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -162,7 +171,7 @@ def paged_attention_kernel(
     q = tl.load(q_rows + dims[None, :] * stride_qd, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    else:
+    elif CODES == 0:  # products in the storage's dtype; over 8-bit codes in the query's
         q = q.to(key_cache_ptr.dtype.element_ty)
     if ROPE_DIM > 0:  # latent mode: the query's last ROPE_DIM dims score against the value cache's rotary keys
         rdims = tl.arange(0, ROPE_DIM_PAD)
@@ -171,7 +180,7 @@ def paged_attention_kernel(
                          mask=row_valid[:, None] & rdim_valid[None, :], other=0.0)
         if UPCAST:
             q_rope = q_rope.to(tl.float32)
-        else:
+        elif CODES == 0:
             q_rope = q_rope.to(value_cache_ptr.dtype.element_ty)
 
     # Keys any row of this tile can see: [lo, hi].
@@ -212,13 +221,22 @@ def paged_attention_kernel(
                                          stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE, HAS_OFFSETS)
         k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                     mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
+        if CODES != 0:  # 8-bit rows: codes, then the row's magnitude
+            k_magnitude = load_magnitude(k_head_ptr + k_slot + HEAD_DIM, key_valid)
+            k = dequantize(k, k_magnitude[None, :], CODES).to(q.dtype)
         if ROPE_DIM > 0:  # latent mode: the rotary keys come from the value cache, the values are the keys
             k_rope = tl.load(v_head_ptr + v_slot[None, :] + rdims[:, None] * stride_vd,
                              mask=key_valid[None, :] & rdim_valid[:, None], other=0.0)  # [ROPE_DIM, BLOCK_N]
+            if CODES != 0:
+                r_magnitude = load_magnitude(v_head_ptr + v_slot + ROPE_DIM, key_valid)
+                k_rope = dequantize(k_rope, r_magnitude[None, :], CODES).to(q_rope.dtype)
             v = tl.trans(k)  # [BLOCK_N, D]; V_DIM is HEAD_DIM
         else:
             v = tl.load(v_head_ptr + v_slot[:, None] + vdims[None, :] * stride_vd,
                         mask=key_valid[:, None] & vdim_valid[None, :], other=0.0)  # [BLOCK_N, Dv]
+            if CODES != 0:
+                v_magnitude = load_magnitude(v_head_ptr + v_slot + V_DIM, key_valid)
+                v = dequantize(v, v_magnitude[:, None], CODES).to(q.dtype)
         if UPCAST:
             s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
             if ROPE_DIM > 0:
@@ -345,13 +363,16 @@ def paged_attention_meta(
     value_dim: int | None = None,
     has_offsets: bool = False,
     rope_dim: int = 0,
+    codes: int = 0,
 ) -> dict[str, int | bool]:
     """Every constexpr of `paged_attention_kernel` plus ``num_warps`` and ``num_stages`` (shared by the launcher
     and the AOT check).
     ``value_dim``: the values' head dim when it differs from the keys' `head_dim`; ``has_offsets``: blocks are
     addressed through per-block offset tables (a pool of several slabs); ``rope_dim``: latent mode (module
     docstring), the width of the rotary keys the value cache holds (`head_dim` is the latents'; the values are the
-    keys, so `value_dim` must be None)."""
+    keys, so `value_dim` must be None); ``codes``: 8-bit pools (`hf_paged.kernels._quant.codes_of`), the head dims
+    then being the rows' logical widths (the pools' minus 2) and `fp32_storage` whether the products run in float32
+    (a float32 query)."""
     if rope_dim and value_dim is not None:
         raise ValueError("latent mode reads the values out of the keys: give rope_dim or value_dim, not both")
     value_dim = head_dim if value_dim is None else value_dim
@@ -374,6 +395,7 @@ def paged_attention_meta(
         "HAS_OFFSETS": has_offsets,
         "ROPE_DIM": rope_dim,
         "ROPE_DIM_PAD": max(16, next_power_of_2(rope_dim)),
+        "CODES": codes,
     }
 
 
@@ -425,22 +447,24 @@ def _check_inputs(
 ) -> None:
     check_device(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                  seq_lens=seq_lens, key_start=key_start)
-    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-        check_dtype(name, t, FLOAT_DTYPES)
+    check_dtype("query", query, FLOAT_DTYPES)
+    check_caches(key_cache, value_cache)
     check_dtype("block_tables", block_tables, (torch.int32,))
     check_dtype("seq_lens", seq_lens, (torch.int32,))
     check_shape("query", query, (None, None, None, None), "[B, H, q, D]")
     batch, heads, _, head_dim = query.shape
     # With offset tables the caches are views of their base slabs, whose block counts may differ.
     value_blocks = None if has_offsets else key_cache.shape[0]
+    stored = key_cache.shape[-1] - ops.head_dim(key_cache)  # 8-bit rows: 2 more elements than values
     if latent:
         check_shape("value_cache", value_cache, (value_blocks, *key_cache.shape[1:3], None),
                     "[N, bs, Hkv, Dr] like key_cache (latent mode: the rotary keys)")
-        rope_dim = value_cache.shape[3]
-        check_shape("key_cache", key_cache, (None, None, None, head_dim - rope_dim),
+        rope_dim = ops.head_dim(value_cache)
+        check_shape("key_cache", key_cache, (None, None, None, head_dim - rope_dim + stored),
                     f"[N, bs, Hkv, Dc] with Dc + Dr ({rope_dim}) the query's D (latent mode: the latents)")
     else:
-        check_shape("key_cache", key_cache, (None, None, None, head_dim), "[N, bs, Hkv, D] with the query's D")
+        check_shape("key_cache", key_cache, (None, None, None, head_dim + stored),
+                    "[N, bs, Hkv, D] with the query's D")
         check_shape("value_cache", value_cache, (value_blocks, *key_cache.shape[1:3], None),
                     "[N, bs, Hkv, Dv] like key_cache")
     kv_heads = key_cache.shape[2]
@@ -468,8 +492,9 @@ class _Settled:
     def __init__(self, query, key_cache, value_cache, block_tables, seq_lens, key_start, sliding_window, chunk_size,
                  sinks, softcap, has_offsets, latent):
         self.batch, self.heads, self.q_len, _ = query.shape
-        _, self.block_size, self.kv_heads, self.head_dim = key_cache.shape
-        rope_dim = value_cache.shape[3] if latent else 0
+        _, self.block_size, self.kv_heads, _ = key_cache.shape
+        self.head_dim = ops.head_dim(key_cache)
+        rope_dim = ops.head_dim(value_cache) if latent else 0
         self.expand = None  # latent mode: the one KV head seen as this many (expanded with head stride 0)
         if latent and self.kv_heads == 1 and self.heads > _LATENT_GROUP:
             # A tile holds at most _LATENT_GROUP query heads.
@@ -477,10 +502,12 @@ class _Settled:
             self.expand = self.kv_heads = self.heads // group
             key_cache = key_cache.expand(-1, -1, self.kv_heads, -1)
             value_cache = value_cache.expand(-1, -1, self.kv_heads, -1)
-        self.value_dim = self.head_dim if latent else value_cache.shape[3]
+        self.value_dim = self.head_dim if latent else ops.head_dim(value_cache)
         self.max_keys = block_tables.shape[1] * self.block_size
         self.group = self.heads // self.kv_heads
-        self.fp32_storage = key_cache.dtype == torch.float32
+        codes = codes_of(key_cache.dtype)
+        # Products in float32: float32 storage, or 8-bit codes and a float32 query (they run in the query's dtype).
+        self.fp32_storage = (query.dtype if codes else key_cache.dtype) == torch.float32
         self.tiles = tile_config(self.q_len, self.group, max(self.head_dim, self.value_dim), self.fp32_storage,
                                  self.value_dim if self.value_dim != self.head_dim else None, latent=latent)
         self.num_q_tiles = -(-self.q_len // self.tiles["BLOCK_Q"])
@@ -489,7 +516,7 @@ class _Settled:
                           has_softcap=softcap is not None, fp32_storage=self.fp32_storage,
                           upcast=self.fp32_storage or interpreting(), has_sinks=sinks is not None,
                           has_chunk=chunk_size is not None, value_dim=None if latent else self.value_dim,
-                          has_offsets=has_offsets, rope_dim=rope_dim)
+                          has_offsets=has_offsets, rope_dim=rope_dim, codes=codes)
         self.strides = (*query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride())
         self.contiguous = seq_lens.is_contiguous() and (key_start is None or key_start.is_contiguous())
         self.launches: dict[int, tuple[Launch, Launch | None]] = {}
@@ -591,7 +618,7 @@ def launch_paged_attention(
     attend, reduce = setup.launches_for(num_splits)
     attend(
         target, running_max, running_sum,
-        query, key_cache, value_cache, *(offsets if offsets is not None else (block_tables, block_tables)),
+        query, raw(key_cache), raw(value_cache), *(offsets if offsets is not None else (block_tables, block_tables)),
         block_tables, seq_lens, key_start if key_start is not None else seq_lens,
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,

@@ -17,7 +17,8 @@ launches:
 The reference is `hf_paged.ops.shared_prefix_paged_attention`: paged attention over the tables
 ``prefix_blocks[g] + tail_tables[b]``. Masks are per query row, so rows of a group may differ in left padding
 inside the prefix, and a prefix may even hold keys later than some queries (causal masking applies there too);
-a sliding window applies in both passes.
+a sliding window applies in both passes. 8-bit pools are dequantized as their tiles are loaded, in both passes, as
+in `paged_attention_kernel`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_paged import ops
 from hf_paged.ops import shared_prefix_paged_attention as shared_prefix_paged_attention_reference
 
 from ._launch import (
     FLOAT_DTYPES,
     Launch,
+    check_caches,
     check_device,
     check_dtype,
     check_shape,
@@ -40,6 +43,7 @@ from ._launch import (
     settled,
     tensor_key,
 )
+from ._quant import codes_of, dequantize, load_magnitude, raw
 from .paged_attention import (
     _tanh,
     choose_num_splits,
@@ -67,7 +71,7 @@ def shared_prefix_kernel(
     max_ptr, sum_ptr,  # fp32 [B, q, H, S]: running max (base 2) and sum; split stride 1
     tail_lens_ptr,  # int32 [2, B], written: seq_lens - P and max(key_start - P, 0)
     query_ptr,  # [B, H, q, D], any strides
-    key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D], any strides
+    key_cache_ptr, value_cache_ptr,  # [N, bs, Hkv, D], any strides (8-bit: D + 2)
     key_offsets_ptr, value_offsets_ptr,  # [N] int64 element offset of each block (read only if HAS_OFFSETS)
     prefix_blocks_ptr,  # [G, F] int32
     seq_lens_ptr,  # [B] int32
@@ -94,6 +98,7 @@ def shared_prefix_kernel(
     USE_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,  # both products in fp32 (fp32 storage, or the interpreter, which has no bf16 dot)
     HAS_OFFSETS: tl.constexpr,  # block b starts at key/value_offsets[b] (slabs), not b * stride_kn / vn
+    CODES: tl.constexpr,  # 8-bit pools (hf_paged.kernels._quant): 0 none, 1 int8, 2 float8_e4m3fn (as uint8)
 ):
     """Program (g * num_m_tiles + tile, kv_head, split): one tile of group g's packed queries against its prefix."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -131,7 +136,7 @@ def shared_prefix_kernel(
     q = tl.load(q_ptrs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    else:
+    elif CODES == 0:  # products in the storage's dtype; over 8-bit codes in the query's
         q = q.to(key_cache_ptr.dtype.element_ty)
 
     # Prefix keys any row of this tile can see: [lo, hi].
@@ -163,6 +168,9 @@ def shared_prefix_kernel(
                     mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
         v = tl.load(v_head_ptr + v_slot[:, None] + dims[None, :] * stride_vd,
                     mask=key_valid[:, None] & dim_valid[None, :], other=0.0)  # [BLOCK_N, D]
+        if CODES != 0:  # 8-bit rows: codes, then the row's magnitude
+            k = dequantize(k, load_magnitude(k_head_ptr + k_slot + HEAD_DIM, key_valid)[None, :], CODES).to(q.dtype)
+            v = dequantize(v, load_magnitude(v_head_ptr + v_slot + HEAD_DIM, key_valid)[:, None], CODES).to(q.dtype)
         if UPCAST:
             s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
         else:
@@ -213,12 +221,13 @@ def shared_prefix_meta(
     fp32_storage: bool,
     upcast: bool,
     has_offsets: bool = False,
+    codes: int = 0,
 ) -> dict[str, int | bool]:
     """Every constexpr of `shared_prefix_kernel` plus ``num_warps`` and ``num_stages`` (shared by the launcher and
     the AOT check).
 
     The tile packs ``group_rows * q_len`` (row, token) pairs times ``group`` heads, sized as `tile_config` sizes a
-    multi-token query of that many tokens.
+    multi-token query of that many tokens. ``codes``: 8-bit pools, as in `paged_attention_meta`.
     """
     return {
         **tile_config(group_rows * q_len, group, head_dim, fp32_storage),
@@ -232,6 +241,7 @@ def shared_prefix_meta(
         "USE_SOFTCAP": has_softcap,
         "UPCAST": upcast,
         "HAS_OFFSETS": has_offsets,
+        "CODES": codes,
     }
 
 
@@ -249,13 +259,14 @@ def _check_inputs(query, key_cache, value_cache, prefix_blocks, tail_tables, seq
                   has_offsets=False):
     check_device(query=query, key_cache=key_cache, value_cache=value_cache, prefix_blocks=prefix_blocks,
                  tail_tables=tail_tables, seq_lens=seq_lens, key_start=key_start)
-    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-        check_dtype(name, t, FLOAT_DTYPES)
+    check_dtype("query", query, FLOAT_DTYPES)
+    check_caches(key_cache, value_cache)
     for name, t in (("prefix_blocks", prefix_blocks), ("tail_tables", tail_tables), ("seq_lens", seq_lens)):
         check_dtype(name, t, (torch.int32,))
     check_shape("query", query, (None, None, None, None), "[B, H, q, D]")
     batch, heads, _, head_dim = query.shape
-    check_shape("key_cache", key_cache, (None, None, None, head_dim), "[N, bs, Hkv, D] with the query's D")
+    check_shape("key_cache", key_cache, (None, None, None, head_dim + key_cache.shape[-1] - ops.head_dim(key_cache)),
+                "[N, bs, Hkv, D] with the query's D")
     # With offset tables the caches are views of their base slabs, whose block counts may differ.
     value_blocks = None if has_offsets else key_cache.shape[0]
     check_shape("value_cache", value_cache, (value_blocks, *key_cache.shape[1:]), "[N, bs, Hkv, D] like key_cache")
@@ -329,7 +340,7 @@ def launch_shared_prefix_attention(
     prefix_pass, tail_pass, merge = setup.launches_for(prefix_splits, tail_splits)
     prefix_pass(
         partial, running_max, running_sum, tail_lens,
-        query, key_cache, value_cache, *offset_tables, prefix_blocks, seq_lens,
+        query, raw(key_cache), raw(value_cache), *offset_tables, prefix_blocks, seq_lens,
         key_start if key_start is not None else seq_lens,
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
@@ -339,7 +350,7 @@ def launch_shared_prefix_attention(
     )
     tail_pass(
         partial, running_max, running_sum,
-        query, key_cache, value_cache, *offset_tables, tail_tables, tail_lens[0], tail_lens[1],
+        query, raw(key_cache), raw(value_cache), *offset_tables, tail_tables, tail_lens[0], tail_lens[1],
         float(scale), float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
         tail_lens[1], 0,  # no sinks (the prefix pass applies them), no chunking
@@ -365,11 +376,13 @@ class _Settled:
         self.group_rows, self.group = batch // groups, heads // kv_heads
         self.prefix_len = prefix_width * block_size
         self.max_keys = (prefix_width + tail_tables.shape[1]) * block_size
-        fp32_storage = key_cache.dtype == torch.float32
+        codes = codes_of(key_cache.dtype)
+        # Products in float32: float32 storage, or 8-bit codes and a float32 query (they run in the query's dtype).
+        fp32_storage = (query.dtype if codes else key_cache.dtype) == torch.float32
         upcast = fp32_storage or interpreting()  # the interpreter has no bf16 dot
         self.flags = {"has_key_start": has_key_start, "has_window": sliding_window is not None,
                       "has_softcap": softcap is not None, "fp32_storage": fp32_storage, "upcast": upcast,
-                      "has_offsets": has_offsets}
+                      "has_offsets": has_offsets, "codes": codes}
         prefix_tiles = tile_config(self.group_rows * q_len, self.group, head_dim, fp32_storage)
         self.num_m_tiles = -(-self.group_rows * q_len // prefix_tiles["BLOCK_Q"])
         tail_tiles = tile_config(q_len, self.group, head_dim, fp32_storage)
