@@ -27,7 +27,10 @@ else:
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (tests/test_kernels.py sets it) or a GPU",
                 allow_module_level=True)
 
-from hf_paged import ops  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from hf_paged import ops, quant  # noqa: E402
 from hf_paged.kernels import (  # noqa: E402
     HAS_TRITON,
     copy_blocks,
@@ -35,6 +38,7 @@ from hf_paged.kernels import (  # noqa: E402
     reshape_and_cache,
     shared_prefix_paged_attention,
 )
+from hf_paged.kernels._quant import float_to_fp8e4m3, fp8e4m3_to_float  # noqa: E402
 from hf_paged.kernels.paged_attention import choose_num_splits, launch_paged_attention  # noqa: E402
 from hf_paged.kernels.shared_prefix_attention import launch_shared_prefix_attention  # noqa: E402
 
@@ -82,12 +86,16 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def readable(cache: torch.Tensor) -> torch.Tensor:
+    """A pool's values in fp32 (an 8-bit pool decoded by `hf_paged.quant.decode`), unread NaN slots zeroed."""
+    return quant.from_storage(cache).float().nan_to_num(0.0)
+
+
 def reference_attention(inputs: dict, **kwargs) -> torch.Tensor:
     """`hf_paged.ops.paged_attention` in fp32 on the same stored values (unread NaN slots zeroed)."""
     return ops.paged_attention(
-        inputs["query"].float(), inputs["key_cache"].float().nan_to_num(0.0),
-        inputs["value_cache"].float().nan_to_num(0.0), inputs["block_tables"], inputs["seq_lens"],
-        inputs["key_start"], **kwargs,
+        inputs["query"].float(), readable(inputs["key_cache"]), readable(inputs["value_cache"]),
+        inputs["block_tables"], inputs["seq_lens"], inputs["key_start"], **kwargs,
     )
 
 
@@ -476,9 +484,8 @@ def make_shared_prefix_inputs(
 def reference_shared_prefix(inputs: dict, **kwargs) -> torch.Tensor:
     """`hf_paged.ops.shared_prefix_paged_attention` in fp32 on the same stored values (unread NaN slots zeroed)."""
     return ops.shared_prefix_paged_attention(
-        inputs["query"].float(), inputs["key_cache"].float().nan_to_num(0.0),
-        inputs["value_cache"].float().nan_to_num(0.0), inputs["prefix_blocks"], inputs["tail_tables"],
-        inputs["seq_lens"], inputs["key_start"], **kwargs,
+        inputs["query"].float(), readable(inputs["key_cache"]), readable(inputs["value_cache"]),
+        inputs["prefix_blocks"], inputs["tail_tables"], inputs["seq_lens"], inputs["key_start"], **kwargs,
     )
 
 
@@ -619,6 +626,8 @@ def on_slabs(inputs: dict, count: int, separate_values: bool = False) -> dict:
 
     def layered(*caches: torch.Tensor) -> torch.Tensor:
         stacked = torch.stack(caches)  # [K, N, bs, H, D]
+        if quant.is_quantized(stacked.dtype):  # 8-bit: every byte 0xFF (NaN magnitudes, NaN float8 codes)
+            return torch.stack([torch.full_like(stacked.view(torch.uint8), 0xFF).view(stacked.dtype), stacked])
         return torch.stack([torch.full_like(stacked, float("nan")), stacked])
 
     out = dict(inputs)
@@ -831,3 +840,257 @@ def test_backend_dispatch_passes_slabs_through(monkeypatch):
     with pytest.raises(TypeError, match="layer store with .base and .block_offsets"):
         backend.paged_attention(inputs["query"], object(), object(), inputs["block_tables"], inputs["seq_lens"],
                                 **kwargs)
+
+
+# ---- 8-bit pools (hf_paged.quant): each (token, head) row is D codes and a float16 magnitude -------------------------
+
+CODE_DTYPES = [torch.int8, torch.float8_e4m3fn]
+CODE_IDS = ["int8", "fp8"]
+
+
+def quantized(inputs: dict, dtype: torch.dtype, query_dtype: torch.dtype | None = None) -> dict:
+    """`inputs` with their key and value caches stored as 8-bit pools of `dtype` (`hf_paged.quant.encode`), every
+    byte of an unread (NaN) slot 0xFF (a NaN magnitude, NaN float8 codes): a kernel reading one shows. The query in
+    `query_dtype` if given."""
+    out = dict(inputs)
+    for name in ("key_cache", "value_cache"):
+        cache = inputs[name].float()
+        stored = quant.encode(cache.nan_to_num(0.0), dtype)
+        stored.view(torch.uint8).masked_fill_(cache.isnan().any(-1, keepdim=True), 0xFF)
+        out[name] = stored
+    if query_dtype is not None:
+        out["query"] = inputs["query"].to(query_dtype)
+    return out
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of `tensor` (float8 tensors have no torch.equal on the CPU)."""
+    return tensor.view(torch.uint8)
+
+
+@triton.jit
+def _fp8_encode_kernel(x_ptr, codes_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(codes_ptr + i, float_to_fp8e4m3(tl.load(x_ptr + i, mask=i < n, other=0.0)), mask=i < n)
+
+
+@triton.jit
+def _fp8_decode_kernel(codes_ptr, values_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(values_ptr + i, fp8e4m3_to_float(tl.load(codes_ptr + i)))
+
+
+def test_float8_conversions_are_pytorchs_bit_for_bit():
+    """The kernels' integer float8_e4m3fn conversions (`hf_paged.kernels._quant`, used on every target: Triton cannot
+    convert float8e4nv on sm_80) against PyTorch's cast. Decoded: all 256 codes (-0.0 and the two NaNs included).
+    Encoded: every float8 value, every midpoint between two neighbours (ties to even), one float32 ulp either side
+    of each of those, subnormals, values beyond 448 (saturated to 448), infinities, NaNs and a random sweep over 42
+    binades, with both signs."""
+    codes = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    exact = codes.view(torch.float8_e4m3fn).float()
+    values = torch.empty(256, device=DEVICE)
+    _fp8_decode_kernel[(1,)](codes, values, N=256)
+    nan = exact.isnan()
+    assert int(nan.sum()) == 2 and bool(values[nan].isnan().all())
+    assert torch.equal(values[~nan].view(torch.int32), exact[~nan].view(torch.int32))
+
+    ordered = exact[~nan].double().unique()
+    special = torch.tensor([449.0, 463.99, 464.0, 464.01, 479.0, 480.0, 500.0, 1e6, 3e38, float("inf"), 2.0**-10,
+                            2.0**-6 * (1 - 2.0**-5), 1e-30, 1e-40], dtype=torch.float64)
+    x = torch.cat([ordered, (ordered[1:] + ordered[:-1]) / 2, special]).float()
+    x = torch.cat([x, -x])
+    x = torch.cat([x, torch.nextafter(x, torch.full_like(x, float("inf"))),
+                   torch.nextafter(x, torch.full_like(x, float("-inf")))])
+    gen = torch.Generator().manual_seed(12)
+    sweep = torch.randn(1 << 14, generator=gen) * torch.exp2(torch.randint(-30, 12, (1 << 14,), generator=gen).float())
+    x = torch.cat([x, sweep, torch.tensor([float("nan"), -float("nan")])]).to(DEVICE)
+    got = torch.empty(x.shape, dtype=torch.uint8, device=DEVICE)
+    _fp8_encode_kernel[(triton_cdiv(x.numel(), 1024),)](x, got, x.numel(), BLOCK=1024)
+    expected = bits(x.to(torch.float8_e4m3fn))
+    wrong = (got != expected).nonzero().flatten()[:8]
+    assert wrong.numel() == 0, (x[wrong].tolist(), got[wrong].tolist(), expected[wrong].tolist())
+
+
+def edge_rows(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`states` ``[T, H, D]`` (T >= 4, D >= 16) with rows on the edges of the 8-bit format in head 0: all zeros (the
+    smallest magnitude), beyond float16's range (magnitude 65504, codes clamped), below ``2**-24`` (magnitude
+    clamped up), and a row of magnitude qmax (scale 1) whose values lie halfway between two codes (ties)."""
+    states = states.clone()
+    states[0, 0] = 0.0
+    states[1, 0] *= 1e6
+    states[2, 0] *= 1e-9
+    if dtype == torch.int8:
+        ties = [127.0, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 126.5, -126.5]
+    else:  # midpoints of neighbouring float8 values: the subnormal step 2**-9, 1 and 1.125, 240 and 256, 416 and 448
+        ties = [448.0, 2.0**-10, -3 * 2.0**-10, 1.0625, -1.1875, 248.0, -432.0]
+    states[3, 0, :len(ties)] = torch.tensor(ties)
+    return states
+
+
+# (key heads, key dim, value heads, value dim, block size, states dtype)
+WRITE_CASES = [
+    (2, 16, 2, 16, 4, torch.float32),
+    (3, 64, 3, 64, 16, torch.bfloat16),
+    (1, 48, 1, 16, 8, torch.float16),  # MLA latents: keys and values of other widths
+]
+
+
+@pytest.mark.parametrize("dtype", CODE_DTYPES, ids=CODE_IDS)
+@pytest.mark.parametrize("k_heads, k_dim, v_heads, v_dim, block_size, states_dtype", WRITE_CASES,
+                         ids=[f"k{c[0]}x{c[1]}-v{c[2]}x{c[3]}-bs{c[4]}-{str(c[5]).split('.')[-1]}" for c in WRITE_CASES])
+@pytest.mark.parametrize("slabs", [0, 3], ids=["one-tensor", "slabs3"])
+def test_reshape_and_cache_into_8bit_pools_is_bit_exact(dtype, k_heads, k_dim, v_heads, v_dim, block_size,
+                                                        states_dtype, slabs):
+    """Triton's write encodes exactly as `hf_paged.ops.reshape_and_cache` (`hf_paged.quant.encode`): equal bytes,
+    codes and magnitudes, in one pool tensor or in block-major slabs through offset tables; skipped slots and the
+    other layer keep their bytes."""
+    gen = torch.Generator().manual_seed(k_dim + slabs)
+    num_blocks, tokens = 6, 13
+    fused = torch.randn(tokens, 2, max(k_heads, v_heads), max(k_dim, v_dim), generator=gen) * 3
+    key = edge_rows(fused[:, 0, :k_heads, :k_dim], dtype).to(states_dtype)
+    value = edge_rows(fused[:, 1, :v_heads, :v_dim] / 7, dtype).to(states_dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[[5, 9]] = torch.tensor([-1, -4])  # skipped
+    key, value, slots = key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE)
+    # Every byte random to begin with: what the write leaves alone must stay as it was.
+    pools = [torch.randint(0, 256, (2, 1, num_blocks, block_size, heads, quant.stored_width(dim)), generator=gen,
+                           dtype=torch.uint8).view(dtype).to(DEVICE) for heads, dim in ((k_heads, k_dim), (v_heads, v_dim))]
+    expected = [pool.clone() for pool in pools]
+    ops.reshape_and_cache(key, value, expected[0][1, 0], expected[1][1, 0], slots)
+    assert not torch.equal(bits(expected[0]), bits(pools[0]))  # the reference wrote
+    if slabs:
+        key_slabs, key_base, key_offsets = split_into_slabs(pools[0], slab_sizes(num_blocks, slabs))
+        value_slabs, value_base, value_offsets = split_into_slabs(pools[1], slab_sizes(num_blocks, slabs + 1))
+        reshape_and_cache(key, value, key_base[1, 0], value_base[1, 0], slots, block_offsets=key_offsets,
+                          value_offsets=value_offsets)
+        pools = [gather_slabs(key_slabs), gather_slabs(value_slabs)]
+    else:
+        reshape_and_cache(key, value, pools[0][1, 0], pools[1][1, 0], slots)
+    assert torch.equal(bits(pools[0]), bits(expected[0])) and torch.equal(bits(pools[1]), bits(expected[1]))
+
+
+@pytest.mark.parametrize("dtype", CODE_DTYPES, ids=CODE_IDS)
+@pytest.mark.parametrize("slabs", [0, 2], ids=["head-major", "slabs2"])
+def test_copy_blocks_copies_8bit_codes_and_magnitudes(dtype, slabs):
+    """Copy-on-write of an 8-bit pool: the magnitudes live inside the block, so a block copy carries them. The
+    copied blocks decode to their sources' values."""
+    gen = torch.Generator().manual_seed(13)
+    states = torch.randn(3, 2, 7, 4, 2, 24, generator=gen) * torch.rand(3, 2, 7, 4, 2, 1, generator=gen) * 10
+    pool = quant.encode(states, dtype).to(DEVICE)  # [L, 2, N, bs, H, 26]
+    src = torch.tensor([0, 6, 3], device=DEVICE)
+    dst = torch.tensor([5, 1, 2], device=DEVICE)
+    expected = bits(pool).clone()
+    expected[:, :, dst] = expected[:, :, src]
+    if slabs:
+        slab_list, base, offsets = split_into_slabs(pool, slab_sizes(7, slabs))
+        copy_blocks(base, src, dst, block_offsets=offsets)
+        pool = gather_slabs(slab_list)
+    else:
+        head_major = bits(pool).permute(0, 1, 4, 2, 3, 5).contiguous().permute(0, 1, 3, 4, 2, 5).view(dtype)
+        copy_blocks(head_major, src, dst)
+        pool = head_major
+    assert torch.equal(bits(pool), expected)
+    torch.testing.assert_close(quant.decode(pool[:, :, dst]), quant.decode(pool[:, :, src]), atol=0, rtol=0)
+
+
+# (group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, query dtype, window, softcap, num_splits): decode
+# and multi-token queries, GQA, block sizes that do not divide the lengths, window, softcap, left padding, split-KV.
+QUANTIZED_ATTENTION_CASES = [
+    (3, 1, 64, 16, 1, [37, 70, 9], [0, 11, 8], torch.float32, 8, None, 4),
+    (1, 2, 32, 16, 5, [23, 30], None, torch.float16, None, None, 2),
+    (8, 1, 64, 32, 1, [45, 33], [2, 0], torch.bfloat16, None, 30.0, 1),
+    (8, 1, 64, 16, 12, [40, 12], [0, 2], torch.float32, 5, None, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", CODE_DTYPES, ids=CODE_IDS)
+@pytest.mark.parametrize(
+    "group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, query_dtype, window, softcap, num_splits",
+    QUANTIZED_ATTENTION_CASES, ids=[_case_id(case) for case in QUANTIZED_ATTENTION_CASES],
+)
+def test_paged_attention_over_8bit_pools_matches_reference(
+    dtype, group, kv_heads, head_dim, block_size, q_len, seq_lens, key_start, query_dtype, window, softcap,
+    num_splits,
+):
+    """The kernel dequantizes as it loads: it matches `hf_paged.ops.paged_attention` over the same 8-bit storage
+    (which decodes it with `hf_paged.quant.decode`)."""
+    inputs = quantized(make_paged_inputs(group=group, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                                         q_len=q_len, seq_lens=seq_lens, key_start=key_start, dtype=torch.float32,
+                                         seed=len(seq_lens)), dtype, query_dtype)
+    kwargs = {"scale": head_dim**-0.5, "max_seq_len": max(seq_lens), "sliding_window": window, "softcap": softcap}
+    out = launch_paged_attention(**inputs, **kwargs, num_splits=num_splits)
+    assert out.shape == (len(seq_lens), q_len, group * kv_heads, head_dim) and out.dtype == query_dtype
+    torch.testing.assert_close(out.float(), reference_attention(inputs, **kwargs), atol=TOLERANCE[query_dtype],
+                               rtol=TOLERANCE[query_dtype])
+
+
+@pytest.mark.parametrize("dtype", CODE_DTYPES, ids=CODE_IDS)
+def test_8bit_pools_with_sinks_chunks_slabs_and_narrow_values(dtype):
+    """Attention sinks and chunks; the same pools in 3 block-major slabs through offset tables; values narrower than
+    the keys (their magnitudes at another offset, in pools of their own)."""
+    inputs = quantized(make_paged_inputs(group=2, kv_heads=2, head_dim=32, block_size=8, q_len=3, seq_lens=[29, 12],
+                                         key_start=[0, 4], dtype=torch.float32, seed=14), dtype)
+    sinks = 2 * torch.randn(4, generator=torch.Generator().manual_seed(7))
+    kwargs = {"scale": 32**-0.5, "max_seq_len": 29, "chunk_size": 8, "sinks": sinks.to(DEVICE)}
+    expected = reference_attention(inputs, **kwargs)
+    torch.testing.assert_close(launch_paged_attention(**inputs, **kwargs, num_splits=2), expected, atol=2e-5,
+                               rtol=2e-5)
+    slabbed = on_slabs(inputs, 3)
+    torch.testing.assert_close(launch_paged_attention(**kernel_args(slabbed), **kwargs, num_splits=1), expected,
+                               atol=2e-5, rtol=2e-5)
+    narrow = quantized(make_paged_inputs(group=3, kv_heads=1, head_dim=48, block_size=8, q_len=2, seq_lens=[21, 9],
+                                         key_start=[1, 0], dtype=torch.float32, seed=15, value_dim=16), dtype)
+    slabbed = on_slabs(narrow, 2)
+    assert not torch.equal(slabbed["key_offsets"], slabbed["value_offsets"])
+    torch.testing.assert_close(launch_paged_attention(**kernel_args(slabbed), scale=0.2, max_seq_len=21, num_splits=2),
+                               reference_attention(narrow, scale=0.2, max_seq_len=21), atol=2e-5, rtol=2e-5)
+
+
+# (heads, latent dim, rope dim, block size, q_len, seq_lens, key_start, query dtype, num_splits, slabs)
+QUANTIZED_LATENT_CASES = [
+    (4, 12, 8, 4, 1, [13, 5, 9], [0, 3, 1], torch.float32, 1, 0),  # the tiny test models' latents
+    (20, 48, 16, 16, 3, [37, 9], [0, 4], torch.bfloat16, 2, 3),  # tiles of 10 heads, 3 slabs: two offset tables
+]
+
+
+@pytest.mark.parametrize("dtype", CODE_DTYPES, ids=CODE_IDS)
+@pytest.mark.parametrize("heads, latent_dim, rope_dim, block_size, q_len, seq_lens, key_start, query_dtype, "
+                         "num_splits, slabs", QUANTIZED_LATENT_CASES)
+def test_latent_attention_over_8bit_pools_matches_reference(dtype, heads, latent_dim, rope_dim, block_size, q_len,
+                                                            seq_lens, key_start, query_dtype, num_splits, slabs):
+    """Latent mode: the latents (keys and values) and the rotary keys each dequantized with their own magnitudes."""
+    inputs = make_paged_inputs(group=heads, kv_heads=1, head_dim=latent_dim, block_size=block_size, q_len=q_len,
+                               seq_lens=seq_lens, key_start=key_start, dtype=torch.float32, seed=9, value_dim=rope_dim)
+    query = torch.randn(len(seq_lens), q_len, heads, latent_dim + rope_dim, generator=torch.Generator().manual_seed(3))
+    inputs["query"] = query.transpose(1, 2).to(DEVICE)
+    inputs = quantized(inputs, dtype, query_dtype)
+    kwargs = {"scale": (latent_dim + rope_dim) ** -0.5, "max_seq_len": max(seq_lens), "latent": True}
+    caches = on_slabs(inputs, slabs) if slabs else inputs
+    out = launch_paged_attention(**kernel_args(caches), **kwargs, num_splits=num_splits)
+    assert out.shape == (len(seq_lens), q_len, heads, latent_dim) and out.dtype == query_dtype
+    torch.testing.assert_close(out.float(), reference_attention(inputs, **kwargs), atol=TOLERANCE[query_dtype],
+                               rtol=TOLERANCE[query_dtype])
+
+
+# indices into SHARED_PREFIX_CASES: padding inside the prefix (fp16), q > 1 with a window that cuts into the prefix
+QUANTIZED_SHARED_PREFIX_CASES = [1, 4]
+
+
+@pytest.mark.parametrize("dtype", CODE_DTYPES, ids=CODE_IDS)
+@pytest.mark.parametrize("index", QUANTIZED_SHARED_PREFIX_CASES,
+                         ids=[_shared_case_id(SHARED_PREFIX_CASES[i]) for i in QUANTIZED_SHARED_PREFIX_CASES])
+def test_shared_prefix_attention_over_8bit_pools_matches_reference(dtype, index):
+    """Both passes of the shared-prefix kernel (the prefix once per group, the tails through the paged kernel)
+    dequantize; also through 2 block-major slabs."""
+    (group, kv_heads, head_dim, block_size, q_len, groups, prefix_blocks, tail_lens, key_start, query_dtype, window,
+     softcap, num_splits) = SHARED_PREFIX_CASES[index]
+    inputs = quantized(make_shared_prefix_inputs(
+        group=group, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, q_len=q_len, groups=groups,
+        prefix_blocks=prefix_blocks, tail_lens=tail_lens, key_start=key_start, dtype=torch.float32,
+        seed=len(tail_lens)), dtype, query_dtype)
+    kwargs = {"scale": head_dim**-0.5, "max_seq_len": int(inputs["seq_lens"].max()), "sliding_window": window,
+              "softcap": softcap}
+    expected = reference_shared_prefix(inputs, **kwargs)
+    for caches in (inputs, on_slabs(inputs, 2)):
+        out = launch_shared_prefix_attention(**kernel_args(caches), **kwargs, num_splits=num_splits)
+        torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[query_dtype], rtol=TOLERANCE[query_dtype])
