@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["KV_FORMATS", "KVFormat", "SCALE_WIDTH", "decode", "encode", "format_of", "from_storage", "is_quantized",
-           "kv_format", "logical_width", "raw", "stored_width", "to_storage"]
+           "kv_format", "logical_width", "raw", "rounded", "stored_width", "to_storage"]
 
 #: Elements (bytes) after a row's codes that hold its largest magnitude, a float16.
 SCALE_WIDTH = 2
@@ -145,3 +145,11 @@ def raw(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, or its bytes where PyTorch lacks a kernel for its dtype (``index_copy_`` of float8 on the CPU):
     copying the codes' bits is copying the codes."""
     return tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor
+
+
+def rounded(states: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``states`` as a pool of storage dtype `dtype` would give them back (for attention that reads a step's keys
+    before or instead of the pool: the same values either way)."""
+    if dtype is None or not is_quantized(dtype):
+        return states
+    return decode(encode(states, dtype), states.dtype)
