@@ -4,7 +4,7 @@ bytes a pool takes, and generate() on an 8-bit pool.
 Tokens from an 8-bit pool may differ from sdpa's, so generate() is checked three ways:
 
 * exactly, against Transformers' own attention over a `DynamicCache` that rounds every key and value it is given
-  the way an 8-bit pool stores them (`RoundedCache`): the same function, computed independently;
+  the way an 8-bit pool stores them (`tiny_models.RoundedCache`): the same function, computed independently;
 * exactly where rounding cannot matter: every row's keys are rounded alone, token by token and head by head, so
   sharing a prompt's blocks, copying them on write, the block size and prefix-cache hits change no token of an
   8-bit run;
@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import left_padded_batch, model_pair, random_ids
+from tiny_models import RoundedCache, left_padded_batch, model_pair, random_ids
 
 import hf_paged
 from hf_paged import PagedCache, quant
 from hf_paged.compat import cache_kwargs, output_cache
-from transformers import DynamicCache
 
 FORMATS = ("int8", "float8_e4m3fn")
 # The largest logit difference from the unquantized pool, over the logits' spread, at the steps before the first
@@ -88,19 +87,6 @@ def test_an_odd_head_dim_is_refused_before_anything_is_written():
     with pytest.raises(ValueError, match="8-bit keys and values need an even head_dim.*this model's is 15"):
         cache.update(keys, keys, 0)
     assert cache.pool.tensor is None and cache.manager.num_rows == 0
-
-
-class RoundedCache(DynamicCache):
-    """Transformers' `DynamicCache`, keeping every key and value as an 8-bit pool of `name` would give it back."""
-
-    def __init__(self, name: str, **kwargs):
-        super().__init__(**kwargs)
-        self.storage = quant.kv_format(name).dtype
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        rounded = (quant.decode(quant.encode(states, self.storage), states.dtype)
-                   for states in (key_states, value_states))
-        return super().update(*rounded, layer_idx, *args, **kwargs)
 
 
 # -------------------------------------------------------------------------------------------- generate()
