@@ -66,6 +66,17 @@ def test_zero_rows_strided_reads_and_other_dtypes(name):
     assert quant.decode(stored, torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_every_float8_code_decodes_as_pytorch_converts_it():
+    """`quant.decode` reads float8 codes through their bits (PyTorch's conversion is slow on the CPU): every code but
+    NaN, which `encode` never writes, gives what PyTorch's float8 -> float32 conversion gives."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    stored = torch.zeros(256, 4, dtype=torch.float8_e4m3fn)  # rows of two codes (head_dim 2), then the magnitude
+    stored[:, 0] = codes
+    stored.view(torch.uint8)[:, 2:] = torch.tensor([448.0], dtype=torch.float16).view(torch.uint8)  # scale 1
+    expected = codes.float()
+    assert torch.equal(quant.decode(stored)[:, 0][~expected.isnan()], expected[~expected.isnan()])
+
+
 def test_kv_dtype_names_and_refusals():
     assert quant.kv_format("fp8") is quant.kv_format(torch.float8_e4m3fn) is quant.KV_FORMATS["float8_e4m3fn"]
     assert quant.kv_format(torch.int8).name == "int8" and quant.kv_format(None) is None
