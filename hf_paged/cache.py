@@ -284,8 +284,8 @@ class PagedCache(Cache):
         step = group.step if pool is group.pool else group.step_on(pool.device)
         backend.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, triton=step.triton,
                                   skip_negative=step.skips, stored=step.stored)
-        if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as they are
-            step.fresh[layer_idx] = (key_states, value_states)
+        if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as stored
+            step.fresh[layer_idx] = (quant.rounded(key_states, pool.dtype), quant.rounded(value_states, pool.dtype))
         if self.latent:  # multi-head latent attention: each row's latents, or the pools once absorbed (latent.py)
             gathered = latent.gathered_latents(self, layer_idx, (key_pool, value_pool), step, key_states, value_states)
             if gathered is not None:

@@ -1,26 +1,31 @@
 """8-bit keys and values (``kv_dtype``, `hf_paged.quant`): the format's rounding, the options and their errors, the
 bytes a pool takes, and generate() on an 8-bit pool.
 
-Tokens from an 8-bit pool may differ from sdpa's, so generate() is checked two ways: against the unquantized
-hf_paged within a bound on the logits (quality), and exactly where rounding cannot matter: every row's keys are
-rounded alone, token by token and head by head, so sharing a prompt's blocks, copying them on write, the block size
-and prefix-cache hits must change no token of an 8-bit run.
+Tokens from an 8-bit pool may differ from sdpa's, so generate() is checked three ways:
+
+* exactly, against Transformers' own attention over a `DynamicCache` that rounds every key and value it is given
+  the way an 8-bit pool stores them (`tiny_models.RoundedCache`): the same function, computed independently;
+* exactly where rounding cannot matter: every row's keys are rounded alone, token by token and head by head, so
+  sharing a prompt's blocks, copying them on write, the block size and prefix-cache hits change no token of an
+  8-bit run;
+* within a bound on the logits of the unquantized hf_paged (quality), on families without a mixture-of-experts
+  router, whose top-k choice a rounded key can flip (a step of the logits, not a drift).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import assert_stats_consistent, left_padded_batch, model_pair, random_ids
+from tiny_models import RoundedCache, left_padded_batch, model_pair, random_ids
 
 import hf_paged
 from hf_paged import PagedCache, quant
-from hf_paged.compat import output_cache
+from hf_paged.compat import cache_kwargs, output_cache
 
 FORMATS = ("int8", "float8_e4m3fn")
 # The largest logit difference from the unquantized pool, over the logits' spread, at the steps before the first
 # differing token (a random tiny model's logits move with every key, so this is a loose bound on the rounding).
-QUALITY_BOUND = {"int8": 0.02, "float8_e4m3fn": 0.1}
+QUALITY_BOUND = {"int8": 0.05, "float8_e4m3fn": 0.25}
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +66,17 @@ def test_zero_rows_strided_reads_and_other_dtypes(name):
     assert quant.decode(stored, torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_every_float8_code_decodes_as_pytorch_converts_it():
+    """`quant.decode` reads float8 codes through their bits (PyTorch's conversion is slow on the CPU): every code but
+    NaN, which `encode` never writes, gives what PyTorch's float8 -> float32 conversion gives."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    stored = torch.zeros(256, 4, dtype=torch.float8_e4m3fn)  # rows of two codes (head_dim 2), then the magnitude
+    stored[:, 0] = codes
+    stored.view(torch.uint8)[:, 2:] = torch.tensor([448.0], dtype=torch.float16).view(torch.uint8)  # scale 1
+    expected = codes.float()
+    assert torch.equal(quant.decode(stored)[:, 0][~expected.isnan()], expected[~expected.isnan()])
+
+
 def test_kv_dtype_names_and_refusals():
     assert quant.kv_format("fp8") is quant.kv_format(torch.float8_e4m3fn) is quant.KV_FORMATS["float8_e4m3fn"]
     assert quant.kv_format(torch.int8).name == "int8" and quant.kv_format(None) is None
@@ -86,7 +102,7 @@ def test_an_odd_head_dim_is_refused_before_anything_is_written():
 
 # -------------------------------------------------------------------------------------------- generate()
 def _greedy(model, inputs, **kwargs):
-    return model.generate(**inputs, max_new_tokens=12, do_sample=False, output_logits=True,
+    return model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True,
                           return_dict_in_generate=True, **kwargs)
 
 
@@ -105,17 +121,32 @@ def _within_quality_bound(quantized, reference, bound):
 
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss", "deepseek_v3", "llama4_text", "qwen3_next"])
-def test_generate_stays_within_a_quality_bound_of_the_unquantized_pool(family, name):
+def test_same_tokens_as_transformers_attention_over_rounded_keys(family, name):
     """Left-padded rows on families with each attention feature (GQA, sliding window and softcap, sinks, multi-head
     latent attention, chunked attention, a hybrid with linear-attention layers), a block size that divides no
-    prompt, prompts spanning several blocks."""
+    prompt, prompts spanning several blocks: the reference attention over a cache that rounds as the pool does
+    gives the same tokens, and logits within float32 rounding."""
+    reference, paged = model_pair(family)
+    inputs = left_padded_batch([21, 13, 30])
+    expected = _greedy(reference, inputs, **cache_kwargs(RoundedCache(name, config=reference.config)))
+    got = _greedy(paged, inputs, cache_config={"block_size": 4, "kv_dtype": name})
+    assert output_cache(got).pool.dtype == quant.kv_format(name).dtype
+    assert torch.equal(got.sequences, expected.sequences)
+    assert torch.allclose(torch.stack(got.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("family", ["llama", "gemma2", "deepseek_v3", "llama4_text"])
+def test_generate_stays_within_a_quality_bound_of_the_unquantized_pool(family, name):
+    """The same batch, 8 bits against the unquantized pool: logits within `QUALITY_BOUND` of their spread."""
     _, paged = model_pair(family)
     inputs = left_padded_batch([21, 13, 30])
     reference = _greedy(paged, inputs, cache_config={"block_size": 4})
     quantized = _greedy(paged, inputs, cache_config={"block_size": 4, "kv_dtype": name})
     cache = output_cache(quantized)
     assert cache.pool.dtype == quant.kv_format(name).dtype
-    assert_stats_consistent(cache)
+    for group in cache.groups:
+        group.manager.check()
     _within_quality_bound(quantized, reference, QUALITY_BOUND[name])
 
 
