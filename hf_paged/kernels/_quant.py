@@ -6,11 +6,11 @@ float16 in two more elements (`hf_paged.quant`). The kernels get such a pool as 
 pointer to the two elements after a row's codes (every stride of an 8-bit pool is even, `check_codes`), and work in
 the row's logical width ``D``. A kernel's ``CODES`` constexpr names the format: `FLOAT` (no codes), `INT8`, `FP8`.
 
-float8 codes are converted with integer operations (`fp8e4m3_to_float`, `float_to_fp8e4m3`), not with Triton's
+float8 codes are converted with integer operations (`fp8e4m3_as_float16`, `float_to_fp8e4m3`), not with Triton's
 ``.to(tl.float8e4nv)``: that does not compile for sm_80 ("type fp8e4nv not supported in this architecture"; sm_89 and
 later convert in hardware), and Triton's interpreter rounds it by truncation and reads code 0x7F as 480 instead of
-NaN. The integer form is PyTorch's own (c10's ``fp8e4m3fn_from_fp32_value`` and its inverse), so every target and
-the interpreter give exactly PyTorch's codes.
+NaN. The encoding is PyTorch's own (c10's ``fp8e4m3fn_from_fp32_value``), the decoding `hf_paged.quant.decode`'s,
+so every target and the interpreter give exactly PyTorch's codes and values.
 
 Divisions use ``tl.math.div_rn`` (IEEE, as PyTorch divides): Triton's ``/`` on float32 is ``div.full.f32`` on NVIDIA
 GPUs, which may be off by an ulp, and one ulp moves a code that sits on a rounding boundary.
@@ -24,7 +24,7 @@ import triton.language as tl
 
 from hf_paged import quant
 
-__all__ = ["FLOAT", "FP8", "INT8", "check_codes", "codes_of", "dequantize", "float_to_fp8e4m3", "fp8e4m3_to_float",
+__all__ = ["FLOAT", "FP8", "INT8", "check_codes", "codes_of", "dequantize", "float_to_fp8e4m3", "fp8e4m3_as_float16",
            "load_magnitude", "quantize", "raw", "store_magnitude"]
 
 #: The kernels' ``CODES`` constexpr: float storage (no codes), int8 codes, float8_e4m3fn codes (as uint8 bits).
@@ -52,15 +52,13 @@ def check_codes(name: str, cache: torch.Tensor) -> None:
 
 
 @triton.jit
-def fp8e4m3_to_float(bits):
-    """float32 values of float8_e4m3fn codes given as uint8 bits (any shape): exact, NaN for 0x7F and 0xFF."""
-    bits = bits.to(tl.uint32)
-    magnitude = bits & 0x7F
-    # A normal code's exponent and mantissa placed in a float32 and rebiased (7 -> 127); subnormals are m * 2**-9.
-    normal = ((magnitude << 20) + (120 << 23)).to(tl.float32, bitcast=True)
-    value = tl.where(magnitude >= 8, normal, (bits & 0x7).to(tl.float32) * 0.001953125)
-    value = tl.where(magnitude == 0x7F, float("nan"), value)
-    return tl.where(bits >= 0x80, -value, value)
+def fp8e4m3_as_float16(bits):
+    """float8_e4m3fn codes given as uint8 bits (any shape) as float16 values ``2**8`` times smaller, exactly (as
+    `hf_paged.quant.decode` reads them): the code's sign, exponent and mantissa moved into a float16's, whose exponent
+    bias is 15 where e4m3's is 7; e4m3's subnormals land on float16's, also ``2**8`` apart. The NaN codes (0x7F,
+    0xFF), which no write produces, read as finite values."""
+    bits = bits.to(tl.uint16)
+    return (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -98,12 +96,10 @@ def dequantize(codes, magnitude, CODES: tl.constexpr):
     """float32 values ``code * magnitude / qmax`` (`hf_paged.quant.decode`); `magnitude` float16, broadcastable to
     `codes` (one per row)."""
     if CODES == 1:
-        values = codes.to(tl.float32)
-        qmax = 127.0
-    else:
-        values = fp8e4m3_to_float(codes)
-        qmax = 448.0
-    return values * tl.math.div_rn(magnitude.to(tl.float32), qmax)
+        values = codes.to(tl.float32) * tl.math.div_rn(magnitude.to(tl.float32), 127.0)
+    else:  # the float16 values 2**8 times smaller, times the scale 2**8 times larger: the same products
+        values = fp8e4m3_as_float16(codes).to(tl.float32) * (tl.math.div_rn(magnitude.to(tl.float32), 448.0) * 256.0)
+    return values
 
 
 @triton.jit

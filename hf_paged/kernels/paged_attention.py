@@ -9,7 +9,10 @@ query head to every softmax denominator: the running max and sum start from it (
 8-bit pools (`hf_paged.quant`: int8 or float8_e4m3fn codes and a float16 magnitude per token and head) are
 dequantized as their tiles are loaded (`hf_paged.kernels._quant.dequantize`: ``code * magnitude / qmax`` in float32,
 as `hf_paged.quant.decode`), then cast to the query's dtype for the products (its float32 with the interpreter or a
-float32 query), as the reference attends over decoded keys cast to the query's dtype.
+float32 query), as the reference attends over decoded keys cast to the query's dtype. A stored row is ``D + 2``
+bytes, 2-byte aligned, so such tiles are loaded 2 bytes at a time into registers; latent tiles of 256 latents and more
+(``HALVES``) are then taken in two halves, each loaded once for the scores and once more for the values, which keeps
+DeepSeek-V3's 512-wide tile free of register spills on sm_80.
 
 Multi-head latent attention (``latent=True``: DeepSeek-style layers served with absorbed weights, `hf_paged.latent`):
 the key pool holds the compressed latents ``c`` and the value pool the shared rotary keys ``k_rot`` of one KV head.
@@ -83,6 +86,24 @@ def _tanh(x):
 
 
 @triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """``a @ b``: in float32 (``ieee``) if UPCAST, else with `a` in `b`'s dtype."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def _store_out(ptrs, acc, l_i, mask, NUM_SPLITS: tl.constexpr):
+    """Store a tile's output: fp32 partials with splits, else ``acc / l_i`` in the output's dtype."""
+    if NUM_SPLITS > 1:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(ptrs, out.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def key_value_slots(table_ptr, stride_table, keys, key_valid, key_offsets_ptr, value_offsets_ptr,
                     stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE: tl.constexpr, HAS_OFFSETS: tl.constexpr):
     """Element offsets of `keys` (token positions of one row, ``[BLOCK_N]``) in the key and value caches: through
@@ -139,6 +160,7 @@ def paged_attention_kernel(
     ROPE_DIM: tl.constexpr,  # > 0: latent mode, the value cache holds the keys' last ROPE_DIM dims (module doc)
     ROPE_DIM_PAD: tl.constexpr,
     CODES: tl.constexpr,  # 8-bit pools (hf_paged.kernels._quant): 0 none, 1 int8, 2 float8_e4m3fn (as uint8)
+    HALVES: tl.constexpr,  # latent mode over 8-bit codes: the latents in two halves, each loaded twice (module doc)
 ):
     """Program (b * num_q_tiles + tile, kv_head, split): one query tile of one row against one KV head."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -182,6 +204,14 @@ def paged_attention_kernel(
             q_rope = q_rope.to(tl.float32)
         elif CODES == 0:
             q_rope = q_rope.to(value_cache_ptr.dtype.element_ty)
+    if HALVES:
+        HALF: tl.constexpr = HEAD_DIM_PAD // 2
+        hdims = tl.arange(0, HALF)
+        a_valid = hdims < HEAD_DIM
+        b_valid = HALF + hdims < HEAD_DIM
+        q_a = tl.load(q_rows + hdims[None, :] * stride_qd, mask=row_valid[:, None] & a_valid[None, :], other=0.0)
+        q_b = tl.load(q_rows + (HALF + hdims[None, :]) * stride_qd, mask=row_valid[:, None] & b_valid[None, :],
+                      other=0.0)
 
     # Keys any row of this tile can see: [lo, hi].
     first_token = tile * BLOCK_Q
@@ -208,43 +238,64 @@ def paged_attention_kernel(
         starts = row_valid & (split == 0)
         m_i = tl.where(starts, tl.load(sinks_ptr + head, mask=row_valid, other=0.0) * LOG2E, float("-inf"))
         l_i = tl.where(starts, 1.0, 0.0)
-    acc = tl.zeros([BLOCK_M, V_DIM_PAD], dtype=tl.float32)
+    if HALVES:  # acc holds the first half of the latents, acc_b the second
+        acc = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, V_DIM_PAD], dtype=tl.float32)
 
     table_ptr = block_tables_ptr + b64 * stride_btb
-    k_head_ptr = key_cache_ptr + kv_head.to(tl.int64) * stride_kh
-    v_head_ptr = value_cache_ptr + kv_head.to(tl.int64) * stride_vh
+    if CODES != 0:
+        k_head_ptr = key_cache_ptr
+        v_head_ptr = value_cache_ptr
+    else:
+        k_head_ptr = key_cache_ptr + kv_head.to(tl.int64) * stride_kh
+        v_head_ptr = value_cache_ptr + kv_head.to(tl.int64) * stride_vh
     cols = tl.arange(0, BLOCK_N)
     for j in range(tile_lo, tile_hi):
         keys = j * BLOCK_N + cols
         key_valid = (keys >= lo) & (keys <= hi)
         k_slot, v_slot = key_value_slots(table_ptr, stride_btn, keys, key_valid, key_offsets_ptr, value_offsets_ptr,
                                          stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE, HAS_OFFSETS)
-        k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
-                    mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
-        if CODES != 0:  # 8-bit rows: codes, then the row's magnitude
+        if CODES != 0:  # 8-bit rows (codes, then the row's magnitude) start at even offsets: 2-byte loads
+            k_slot = tl.multiple_of(k_slot + kv_head.to(tl.int64) * stride_kh, 2)
+            v_slot = tl.multiple_of(v_slot + kv_head.to(tl.int64) * stride_vh, 2)
             k_magnitude = load_magnitude(k_head_ptr + k_slot + HEAD_DIM, key_valid)
-            k = dequantize(k, k_magnitude[None, :], CODES).to(q.dtype)
         if ROPE_DIM > 0:  # latent mode: the rotary keys come from the value cache, the values are the keys
             k_rope = tl.load(v_head_ptr + v_slot[None, :] + rdims[:, None] * stride_vd,
                              mask=key_valid[None, :] & rdim_valid[:, None], other=0.0)  # [ROPE_DIM, BLOCK_N]
             if CODES != 0:
                 r_magnitude = load_magnitude(v_head_ptr + v_slot + ROPE_DIM, key_valid)
-                k_rope = dequantize(k_rope, r_magnitude[None, :], CODES).to(q_rope.dtype)
-            v = tl.trans(k)  # [BLOCK_N, D]; V_DIM is HEAD_DIM
+                k_rope = dequantize(k_rope, r_magnitude[None, :], CODES)
+        if HALVES:  # the scores half by half: each half of the codes is loaded again for the values below
+            k = tl.load(k_head_ptr + k_slot[None, :] + hdims[:, None], mask=key_valid[None, :] & a_valid[:, None],
+                        other=0.0)  # [D / 2, BLOCK_N]
+            s = _dot(q_a, dequantize(k, k_magnitude[None, :], CODES).to(q_a.dtype), UPCAST)
+            k = tl.load(k_head_ptr + k_slot[None, :] + HALF + hdims[:, None],
+                        mask=key_valid[None, :] & b_valid[:, None], other=0.0)
+            s += _dot(q_b, dequantize(k, k_magnitude[None, :], CODES).to(q_b.dtype), UPCAST)
+            s += _dot(q_rope, k_rope.to(q_rope.dtype), UPCAST)
         else:
-            v = tl.load(v_head_ptr + v_slot[:, None] + vdims[None, :] * stride_vd,
-                        mask=key_valid[:, None] & vdim_valid[None, :], other=0.0)  # [BLOCK_N, Dv]
+            k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
+                        mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
             if CODES != 0:
-                v_magnitude = load_magnitude(v_head_ptr + v_slot + V_DIM, key_valid)
-                v = dequantize(v, v_magnitude[:, None], CODES).to(q.dtype)
-        if UPCAST:
-            s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+                k = dequantize(k, k_magnitude[None, :], CODES).to(q.dtype)
             if ROPE_DIM > 0:
-                s += tl.dot(q_rope, k_rope.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-            if ROPE_DIM > 0:
-                s += tl.dot(q_rope, k_rope)
+                v = tl.trans(k)  # [BLOCK_N, D]; V_DIM is HEAD_DIM
+            else:
+                v = tl.load(v_head_ptr + v_slot[:, None] + vdims[None, :] * stride_vd,
+                            mask=key_valid[:, None] & vdim_valid[None, :], other=0.0)  # [BLOCK_N, Dv]
+                if CODES != 0:
+                    v_magnitude = load_magnitude(v_head_ptr + v_slot + V_DIM, key_valid)
+                    v = dequantize(v, v_magnitude[:, None], CODES).to(q.dtype)
+            if UPCAST:
+                s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+                if ROPE_DIM > 0:
+                    s += tl.dot(q_rope, k_rope.to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(q, k)
+                if ROPE_DIM > 0:
+                    s += tl.dot(q_rope, k_rope.to(q.dtype))
         s = s * scale
         if USE_SOFTCAP:
             s = softcap * _tanh(s / softcap)
@@ -262,23 +313,30 @@ def paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if UPCAST:
+        if HALVES:
+            v = tl.load(k_head_ptr + k_slot[:, None] + hdims[None, :], mask=key_valid[:, None] & a_valid[None, :],
+                        other=0.0)  # [BLOCK_N, D / 2]
+            acc = acc * alpha[:, None] + _dot(p, dequantize(v, k_magnitude[:, None], CODES).to(q_a.dtype), UPCAST)
+            v = tl.load(k_head_ptr + k_slot[:, None] + HALF + hdims[None, :],
+                        mask=key_valid[:, None] & b_valid[None, :], other=0.0)
+            acc_b = acc_b * alpha[:, None] + _dot(p, dequantize(v, k_magnitude[:, None], CODES).to(q_b.dtype), UPCAST)
+        elif UPCAST:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    out_mask = row_valid[:, None] & vdim_valid[None, :]
-    out_ptrs = (out_ptr + b64 * stride_ob + token[:, None].to(tl.int64) * stride_ot
-                + head[:, None].to(tl.int64) * stride_oh + vdims[None, :])
+    out_rows = (out_ptr + b64 * stride_ob + token[:, None].to(tl.int64) * stride_ot
+                + head[:, None].to(tl.int64) * stride_oh + split * stride_os)  # stride_os: 0 without splits
+    if HALVES:
+        _store_out(out_rows + hdims[None, :], acc, l_i, row_valid[:, None] & a_valid[None, :], NUM_SPLITS)
+        _store_out(out_rows + HALF + hdims[None, :], acc_b, l_i, row_valid[:, None] & b_valid[None, :], NUM_SPLITS)
+    else:
+        _store_out(out_rows + vdims[None, :], acc, l_i, row_valid[:, None] & vdim_valid[None, :], NUM_SPLITS)
     if NUM_SPLITS > 1:
-        tl.store(out_ptrs + split * stride_os, acc, mask=out_mask)
         stat_offsets = b64 * stride_mb + token.to(tl.int64) * stride_mt + head.to(tl.int64) * stride_mh + split
         tl.store(max_ptr + stat_offsets, m_i, mask=row_valid)
         tl.store(sum_ptr + stat_offsets, l_i, mask=row_valid)
-    else:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -309,7 +367,7 @@ def reduce_splits_kernel(
 
 
 def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = False,
-                value_dim: int | None = None, latent: bool = False) -> dict[str, int]:
+                value_dim: int | None = None, latent: bool = False, codes: int = 0) -> dict[str, int]:
     """Tile sizes for a launch: ``BLOCK_M`` (>= 16, power of two), ``BLOCK_Q``, ``BLOCK_N``, ``num_warps``,
     ``num_stages`` (Triton's software pipelining depth).
 
@@ -325,7 +383,10 @@ def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = Fals
     on sm_90 with Triton 3.9 (and at 4 warps with 3.6); at 2 it is clean on both releases and both archs.
     Latent tiles (``latent``: keys as wide as the latents, 512 in DeepSeek-V3, and values the same tile) keep 16
     rows at any query length (`launch_paged_attention` gives a tile at most 16 query heads), 16-key tiles and 2
-    stages.
+    stages. Over 8-bit codes (``codes``) tiles hold half as many keys (32 up to 64-wide heads, 16 above): their rows
+    are ``D + 2`` bytes, so tiles are loaded 2 bytes at a time into registers rather than copied asynchronously
+    (Gemma-2's 256-wide decode tile spilled on sm_80 at 32 keys, gpt-oss's 64-wide one at 64), and 8 warps (with
+    4, SmolLM2's decode tile over int8 codes for a float32 query spilled on sm_90 with Triton 3.6).
     """
     rows = max(16, next_power_of_2(group))
     if latent:
@@ -341,7 +402,9 @@ def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = Fals
         block_n = 16
     else:
         block_n = 64 if head_dim <= 64 else 32
-    warps = 4 if rows <= 16 and head_dim < 128 else 8
+        if codes:
+            block_n = 32 if head_dim <= 64 else 16
+    warps = 4 if rows <= 16 and head_dim < 128 and not codes else 8
     stages = 2 if fp32_storage and head_dim > 128 else 3
     return {"BLOCK_M": rows, "BLOCK_Q": rows // group, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
@@ -378,7 +441,7 @@ def paged_attention_meta(
     value_dim = head_dim if value_dim is None else value_dim
     return {
         **tile_config(q_len, group, max(head_dim, value_dim), fp32_storage,
-                      value_dim if value_dim != head_dim else None, latent=rope_dim > 0),
+                      value_dim if value_dim != head_dim else None, latent=rope_dim > 0, codes=codes),
         "HEAD_DIM": head_dim,
         "HEAD_DIM_PAD": next_power_of_2(head_dim),
         "V_DIM": value_dim,
@@ -396,6 +459,9 @@ def paged_attention_meta(
         "ROPE_DIM": rope_dim,
         "ROPE_DIM_PAD": max(16, next_power_of_2(rope_dim)),
         "CODES": codes,
+        # Latent tiles of 8-bit codes in halves: loaded through registers (2-byte rows: no asynchronous copies),
+        # whole 512-wide tiles spilled on sm_80.
+        "HALVES": bool(codes and rope_dim and head_dim >= 256),
     }
 
 
@@ -653,7 +719,9 @@ def paged_attention(
     Args:
         query: ``[B, H, q, D]``, any strides (Transformers passes a transposed view).
         key_cache, value_cache: ``[N, bs, Hkv, D]`` and ``[N, bs, Hkv, Dv]`` pools, any strides (``Dv`` may differ
-            from ``D``: multi-head latent attention).
+            from ``D``: multi-head latent attention); or 8-bit pools of one dtype (``int8``, ``float8_e4m3fn``:
+            `hf_paged.quant`) ``[N, bs, Hkv, D + 2]`` and ``[N, bs, Hkv, Dv + 2]`` with even strides and a unit last
+            stride, dequantized as they are read.
         block_tables: ``[B, nb]`` int32 block ids.
         seq_lens: ``[B]`` int32, tokens of each row including this step's ``q``.
         key_start: ``[B]`` int32 first attended key (left padding), or None for 0.

@@ -156,19 +156,26 @@ def shared_prefix_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     table_ptr = prefix_blocks_ptr + g.to(tl.int64) * stride_pbg
-    k_head_ptr = key_cache_ptr + kv_head.to(tl.int64) * stride_kh
-    v_head_ptr = value_cache_ptr + kv_head.to(tl.int64) * stride_vh
+    if CODES != 0:  # the head's offset joins each row's (below)
+        k_head_ptr = key_cache_ptr
+        v_head_ptr = value_cache_ptr
+    else:
+        k_head_ptr = key_cache_ptr + kv_head.to(tl.int64) * stride_kh
+        v_head_ptr = value_cache_ptr + kv_head.to(tl.int64) * stride_vh
     cols = tl.arange(0, BLOCK_N)
     for j in range(tile_lo, tile_hi):
         keys = j * BLOCK_N + cols
         key_valid = (keys >= lo) & (keys <= hi)
         k_slot, v_slot = key_value_slots(table_ptr, stride_pbn, keys, key_valid, key_offsets_ptr, value_offsets_ptr,
                                          stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE, HAS_OFFSETS)
+        if CODES != 0:  # 8-bit rows (codes, then the row's magnitude) start at even offsets: 2-byte loads
+            k_slot = tl.multiple_of(k_slot + kv_head.to(tl.int64) * stride_kh, 2)
+            v_slot = tl.multiple_of(v_slot + kv_head.to(tl.int64) * stride_vh, 2)
         k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                     mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
         v = tl.load(v_head_ptr + v_slot[:, None] + dims[None, :] * stride_vd,
                     mask=key_valid[:, None] & dim_valid[None, :], other=0.0)  # [BLOCK_N, D]
-        if CODES != 0:  # 8-bit rows: codes, then the row's magnitude
+        if CODES != 0:
             k = dequantize(k, load_magnitude(k_head_ptr + k_slot + HEAD_DIM, key_valid)[None, :], CODES).to(q.dtype)
             v = dequantize(v, load_magnitude(v_head_ptr + v_slot + HEAD_DIM, key_valid)[:, None], CODES).to(q.dtype)
         if UPCAST:
@@ -230,7 +237,7 @@ def shared_prefix_meta(
     multi-token query of that many tokens. ``codes``: 8-bit pools, as in `paged_attention_meta`.
     """
     return {
-        **tile_config(group_rows * q_len, group, head_dim, fp32_storage),
+        **tile_config(group_rows * q_len, group, head_dim, fp32_storage, codes=codes),
         "HEAD_DIM": head_dim,
         "HEAD_DIM_PAD": next_power_of_2(head_dim),
         "GROUP": group,
@@ -383,9 +390,9 @@ class _Settled:
         self.flags = {"has_key_start": has_key_start, "has_window": sliding_window is not None,
                       "has_softcap": softcap is not None, "fp32_storage": fp32_storage, "upcast": upcast,
                       "has_offsets": has_offsets, "codes": codes}
-        prefix_tiles = tile_config(self.group_rows * q_len, self.group, head_dim, fp32_storage)
+        prefix_tiles = tile_config(self.group_rows * q_len, self.group, head_dim, fp32_storage, codes=codes)
         self.num_m_tiles = -(-self.group_rows * q_len // prefix_tiles["BLOCK_Q"])
-        tail_tiles = tile_config(q_len, self.group, head_dim, fp32_storage)
+        tail_tiles = tile_config(q_len, self.group, head_dim, fp32_storage, codes=codes)
         self.num_q_tiles = -(-q_len // tail_tiles["BLOCK_Q"])
         self.block_n = tail_tiles["BLOCK_N"]
         self.prefix_programs = groups * self.num_m_tiles * kv_heads
@@ -441,7 +448,8 @@ def shared_prefix_paged_attention(
 
     Args:
         query: ``[B, H, q, D]``, any strides (Transformers passes a transposed view).
-        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, any strides.
+        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, any strides; or 8-bit pools ``[N, bs, Hkv, D + 2]``
+            (as in `hf_paged.kernels.paged_attention`).
         prefix_blocks: ``[G, F]`` int32: rows ``[g * R, (g + 1) * R)`` (``R = B / G``) start with these blocks.
         tail_tables: ``[B, nt]`` int32: each row's blocks after its prefix.
         seq_lens: ``[B]`` int32, tokens of each row (prefix included) including this step's ``q``.
