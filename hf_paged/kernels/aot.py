@@ -28,6 +28,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from ._launch import COMPILE_OPTIONS
+from ._quant import FP8, INT8
 from .copy_blocks import copy_blocks_kernel, copy_blocks_meta
 from .paged_attention import paged_attention_kernel, paged_attention_meta, reduce_splits_kernel, reduce_splits_meta
 from .reshape_and_cache import reshape_and_cache_kernel, reshape_and_cache_meta
@@ -183,28 +184,44 @@ def _cache_strides(block_size: int, kv_heads: int, head_dim: int, slabs: bool = 
     return block_size * head_dim, head_dim, _NUM_BLOCKS * block_size * head_dim, 1
 
 
+#: 8-bit pools (`hf_paged.quant`): a config's ``codes`` name -> (the kernels' CODES, the cache pointer's type).
+_CODES = {None: (0, None), "int8": (INT8, "*i8"), "fp8": (FP8, "*u8")}
+
+
+def _cache_pointer(dtype: str, codes: str | None) -> Pointer:
+    """The pool pointer of a config: the storage dtype, or 8-bit codes (float8 as their uint8 bits)."""
+    return Pointer(_CODES[codes][1] or f"*{dtype}")
+
+
+def _stored(head_dim: int, codes: str | None) -> int:
+    """Elements of a stored row: 8-bit rows hold a float16 magnitude after the codes."""
+    return head_dim + 2 if codes else head_dim
+
+
 def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_heads: int, head_dim: int,
                       block_size: int = 16, num_splits: int = 1, window: int | None = None,
                       softcap: float | None = None, sinks: bool = False, chunk: int | None = None,
-                      value_dim: int | None = None, slabs: bool = False, rope_dim: int = 0) -> KernelConfig:
+                      value_dim: int | None = None, slabs: bool = False, rope_dim: int = 0,
+                      codes: str | None = None) -> KernelConfig:
     """`paged_attention_kernel`; `slabs`: a pool of several block-major slabs read through offset tables;
-    `rope_dim`: latent mode (`head_dim` the latents', `heads` those of one tile, the value cache the rotary keys)."""
+    `rope_dim`: latent mode (`head_dim` the latents', `heads` those of one tile, the value cache the rotary keys);
+    `codes`: 8-bit pools (``"int8"``, ``"fp8"``) and queries of `dtype`."""
     constexprs, options = _split_meta(paged_attention_meta(
         q_len, heads // kv_heads, head_dim, block_size, num_splits,
         has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
         fp32_storage=dtype == "fp32", upcast=dtype == "fp32", has_sinks=sinks, has_chunk=chunk is not None,
-        value_dim=value_dim, has_offsets=slabs, rope_dim=rope_dim,
+        value_dim=value_dim, has_offsets=slabs, rope_dim=rope_dim, codes=_CODES[codes][0],
     ))
     value_dim = head_dim if value_dim is None else value_dim
     out = Pointer("*fp32") if num_splits > 1 else Pointer(f"*{dtype}")
-    cache_strides = _cache_strides(block_size, kv_heads, head_dim, slabs)
-    value_strides = _cache_strides(block_size, kv_heads, rope_dim or value_dim, slabs)
+    cache_strides = _cache_strides(block_size, kv_heads, _stored(head_dim, codes), slabs)
+    value_strides = _cache_strides(block_size, kv_heads, _stored(rope_dim or value_dim, codes), slabs)
     query_dim = head_dim + rope_dim
     out_strides = (q_len * heads * value_dim * num_splits, heads * value_dim * num_splits, value_dim * num_splits)
     args = {
         "out_ptr": out, "max_ptr": Pointer("*fp32"), "sum_ptr": Pointer("*fp32"),
-        "query_ptr": Pointer(f"*{dtype}"), "key_cache_ptr": Pointer(f"*{dtype}"),
-        "value_cache_ptr": Pointer(f"*{dtype}"), "block_tables_ptr": Pointer("*i32"),
+        "query_ptr": Pointer(f"*{dtype}"), "key_cache_ptr": _cache_pointer(dtype, codes),
+        "value_cache_ptr": _cache_pointer(dtype, codes), "block_tables_ptr": Pointer("*i32"),
         "key_offsets_ptr": Pointer("*i64"), "value_offsets_ptr": Pointer("*i64"),
         "seq_lens_ptr": Pointer("*i32"), "key_start_ptr": Pointer("*i32"),
         "scale": 0.125, "softcap": float(softcap or 1.0), "window": window or 0,
@@ -226,20 +243,21 @@ def _attention_config(label: str, dtype: str, *, q_len: int, heads: int, kv_head
 def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int, heads: int, kv_heads: int,
                           head_dim: int, block_size: int = 16, num_splits: int = 1, tail_splits: int = 2,
                           window: int | None = None, softcap: float | None = None,
-                          slabs: bool = False) -> KernelConfig:
+                          slabs: bool = False, codes: str | None = None) -> KernelConfig:
     """`shared_prefix_kernel` for one group of `group_rows` rows (beams or samples) over a 2048-token prefix;
-    `slabs`: a pool of several block-major slabs read through offset tables."""
+    `slabs`: a pool of several block-major slabs read through offset tables; `codes`: 8-bit pools."""
     constexprs, options = _split_meta(shared_prefix_meta(
         group_rows, q_len, heads // kv_heads, head_dim, block_size, num_splits,
         has_key_start=True, has_window=window is not None, has_softcap=softcap is not None,
-        fp32_storage=dtype == "fp32", upcast=dtype == "fp32", has_offsets=slabs,
+        fp32_storage=dtype == "fp32", upcast=dtype == "fp32", has_offsets=slabs, codes=_CODES[codes][0],
     ))
     splits = num_splits + tail_splits
-    cache_strides = _cache_strides(block_size, kv_heads, head_dim, slabs)
+    cache_strides = _cache_strides(block_size, kv_heads, _stored(head_dim, codes), slabs)
     args = {
         "partial_ptr": Pointer("*fp32"), "max_ptr": Pointer("*fp32"), "sum_ptr": Pointer("*fp32"),
-        "tail_lens_ptr": Pointer("*i32"), "query_ptr": Pointer(f"*{dtype}"), "key_cache_ptr": Pointer(f"*{dtype}"),
-        "value_cache_ptr": Pointer(f"*{dtype}"), "prefix_blocks_ptr": Pointer("*i32"),
+        "tail_lens_ptr": Pointer("*i32"), "query_ptr": Pointer(f"*{dtype}"),
+        "key_cache_ptr": _cache_pointer(dtype, codes), "value_cache_ptr": _cache_pointer(dtype, codes),
+        "prefix_blocks_ptr": Pointer("*i32"),
         "key_offsets_ptr": Pointer("*i64"), "value_offsets_ptr": Pointer("*i64"),
         "seq_lens_ptr": Pointer("*i32"), "key_start_ptr": Pointer("*i32"),
         "scale": 0.125, "softcap": float(softcap or 1.0), "window": window or 0,
@@ -257,14 +275,16 @@ def _shared_prefix_config(label: str, dtype: str, *, group_rows: int, q_len: int
 
 
 def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16,
-                              value_dim: int | None = None, slabs: bool = False) -> KernelConfig:
+                              value_dim: int | None = None, slabs: bool = False,
+                              codes: str | None = None) -> KernelConfig:
+    """`reshape_and_cache_kernel`; `codes`: into 8-bit pools (states of `dtype` encoded)."""
     value_dim = head_dim if value_dim is None else value_dim
     token_stride = kv_heads * (2 * head_dim + value_dim)  # k and v are views into a fused qkv projection
-    cache_strides = _cache_strides(block_size, kv_heads, head_dim, slabs)
-    value_strides = _cache_strides(block_size, kv_heads, value_dim, slabs)
+    cache_strides = _cache_strides(block_size, kv_heads, _stored(head_dim, codes), slabs)
+    value_strides = _cache_strides(block_size, kv_heads, _stored(value_dim, codes), slabs)
     args = {
         "key_ptr": Pointer(f"*{dtype}"), "value_ptr": Pointer(f"*{dtype}"),
-        "key_cache_ptr": Pointer(f"*{dtype}"), "value_cache_ptr": Pointer(f"*{dtype}"),
+        "key_cache_ptr": _cache_pointer(dtype, codes), "value_cache_ptr": _cache_pointer(dtype, codes),
         "key_offsets_ptr": Pointer("*i64"), "value_offsets_ptr": Pointer("*i64"), "slot_mapping_ptr": Pointer("*i64"), "num_slots": 4096 * block_size, "num_kv_heads": kv_heads,
         "num_v_heads": kv_heads,
         "stride_kt": token_stride, "stride_kh": head_dim, "stride_kd": 1,
@@ -273,12 +293,14 @@ def _reshape_and_cache_config(label: str, dtype: str, kv_heads: int, head_dim: i
         **dict(zip(("stride_vcn", "stride_vcs", "stride_vch", "stride_vcd"), value_strides, strict=True)),
     }
     constexprs, options = _split_meta(reshape_and_cache_meta(kv_heads, head_dim, block_size, kv_heads, value_dim,
-                                                               has_offsets=slabs))
+                                                               has_offsets=slabs, codes=_CODES[codes][0]))
     return KernelConfig(reshape_and_cache_kernel, label, args, constexprs, **options)
 
 
 def _copy_blocks_config(label: str, dtype: str, kv_heads: int, head_dim: int, block_size: int = 16,
                         kinds: int = 2, slabs: bool = False) -> KernelConfig:
+    """`copy_blocks_kernel`; an 8-bit pool is copied as its bytes (`dtype` ``"i8"`` or ``"u8"``, `head_dim` its stored
+    width)."""
     block = block_size * kv_heads * head_dim
     stride_block, stride_token, stride_head, _ = _cache_strides(block_size, kv_heads, head_dim, slabs)
     # head-major: [L, K, H, N * bs, D] in memory; block-major slabs: [n, L, K, bs, H, D]
@@ -418,6 +440,41 @@ CONFIGS: tuple[KernelConfig, ...] = (
     _attention_config("slabs decode Phi-2 fp16 D=80", "fp16", q_len=1, heads=32, kv_heads=32, head_dim=80,
                       slabs=True),
     _reduce_config("D=96 splits=8", "bf16", head_dim=96, num_splits=8),
+    # 8-bit pools (hf_paged.quant: int8 / float8_e4m3fn codes, a float16 magnitude per token and head, rows D + 2
+    # wide): encoded by the write, dequantized as the attention loads its tiles, copied as bytes.
+    _reshape_and_cache_config("int8 SmolLM2 bf16", "bf16", kv_heads=3, head_dim=64, codes="int8"),
+    _reshape_and_cache_config("fp8 slabs Llama-8B bf16", "bf16", kv_heads=8, head_dim=128, slabs=True, codes="fp8"),
+    _reshape_and_cache_config("fp8 DeepSeek-V3 latents bf16 Dk=512 Dv=64", "bf16", kv_heads=1, head_dim=512,
+                              value_dim=64, codes="fp8"),
+    _attention_config("int8 decode Llama-8B bf16", "bf16", q_len=1, heads=32, kv_heads=8, head_dim=128,
+                      codes="int8"),
+    _attention_config("fp8 decode Llama-8B bf16", "bf16", q_len=1, heads=32, kv_heads=8, head_dim=128, codes="fp8"),
+    _attention_config("fp8 slabs decode Llama-8B bf16 split=16", "bf16", q_len=1, heads=32, kv_heads=8,
+                      head_dim=128, num_splits=16, slabs=True, codes="fp8"),
+    _attention_config("int8 slabs prefill q=512 Llama-8B bf16", "bf16", q_len=512, heads=32, kv_heads=8,
+                      head_dim=128, slabs=True, codes="int8"),
+    _attention_config("fp8 prefill q=512 Llama-8B fp16", "fp16", q_len=512, heads=32, kv_heads=8, head_dim=128,
+                      codes="fp8"),
+    _attention_config("fp8 decode Gemma2-2B bf16 window+softcap", "bf16", q_len=1, heads=8, kv_heads=4, head_dim=256,
+                      window=4096, softcap=50.0, codes="fp8"),
+    _attention_config("int8 decode gpt-oss-20b bf16 sinks+window", "bf16", q_len=1, heads=64, kv_heads=8,
+                      head_dim=64, window=128, sinks=True, codes="int8"),
+    _attention_config("int8 decode SmolLM2 fp32 (ieee dot)", "fp32", q_len=1, heads=9, kv_heads=3, head_dim=64,
+                      codes="int8"),
+    _attention_config("fp8 decode DeepSeek-V3 latent bf16 512+64", "bf16", q_len=1, heads=16, kv_heads=1,
+                      head_dim=512, rope_dim=64, codes="fp8"),
+    _attention_config("int8 slabs q=4 DeepSeek-V3 latent bf16 512+64 split=8", "bf16", q_len=4, heads=16,
+                      kv_heads=1, head_dim=512, rope_dim=64, num_splits=8, slabs=True, codes="int8"),
+    _attention_config("fp8 decode MiniCPM3 latent fp16 256+32 (40 heads: tiles of 10)", "fp16", q_len=1, heads=10,
+                      kv_heads=1, head_dim=256, rope_dim=32, codes="fp8"),
+    _attention_config("int8 decode Phi-3-mini bf16 D=96 split=8", "bf16", q_len=1, heads=32, kv_heads=32,
+                      head_dim=96, num_splits=8, codes="int8"),
+    _shared_prefix_config("int8 beams=8 Llama-8B bf16 split=8", "bf16", group_rows=8, q_len=1, heads=32,
+                          kv_heads=8, head_dim=128, num_splits=8, codes="int8"),
+    _shared_prefix_config("fp8 slabs n=8 Gemma2-2B bf16 window+softcap", "bf16", group_rows=8, q_len=1, heads=8,
+                          kv_heads=4, head_dim=256, window=4096, softcap=50.0, slabs=True, codes="fp8"),
+    _copy_blocks_config("int8 slabs Llama-8B", "i8", kv_heads=8, head_dim=130, slabs=True),
+    _copy_blocks_config("fp8 DeepSeek-V3 latents (one pool of two)", "u8", kv_heads=1, head_dim=514, kinds=1),
 )
 
 
