@@ -120,11 +120,6 @@ class KVPool:
                     f"tokens takes {per_block} bytes for this model. Raise max_memory or lower block_size."
                 )
         self.block_major = backend.use_triton(device)
-        if self.block_major and quant.is_quantized(dtype):
-            raise NotImplementedError(
-                f"hf_paged: 8-bit keys and values (kv_dtype={dtype}) have no Triton kernels yet; run them on the "
-                "PyTorch path (HF_PAGED_BACKEND=torch) or leave kv_dtype unset."
-            )
         if key_shape == value_shape:
             tensors = [storage.slab_tensor(self.num_layers, blocks, self.block_size, *key_shape, device, dtype,
                                            block_major=self.block_major)]

@@ -370,3 +370,94 @@ def test_values_of_another_width_and_hybrids_run_through_the_triton_kernels(tmp_
             assert results[f"mimo_v2_flash/{mode}"]["calls"].get("paged_attention", 0) > 0
         if "deepseek_v3" in families:  # 5 new tokens: 4 decode steps of 2 latent layers, none gathered
             assert results[f"deepseek_v3/{mode}"]["calls"].get("latent", 0) == 2 * 4, results
+
+
+QUANTIZED_SCRIPT = r"""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, sys.argv[1])
+from tiny_models import left_padded_batch, model_pair  # noqa: E402
+
+from hf_paged import PagedCache, backend, ops  # noqa: E402
+
+kernels = backend.kernels()
+calls = {}
+
+
+def count(module, name, key):
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[key] = calls.get(key, 0) + 1
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+
+
+for name in ("reshape_and_cache", "paged_attention", "shared_prefix_paged_attention", "copy_blocks"):
+    count(kernels, name, name)
+for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv", "shared_prefix_attention",
+             "shared_prefix_paged_attention", "window_attention", "windows_attention", "read_blocks"):
+    count(ops, name, "ops." + name)
+MODES = {"greedy": dict(do_sample=False), "beams": dict(num_beams=3, num_return_sequences=2)}
+NEW_TOKENS = 8
+
+
+def generate(model, inputs, mode, path, kv_dtype):
+    os.environ["HF_PAGED_BACKEND"] = path  # read at every step
+    cache = PagedCache(model.config, block_size=4, kv_dtype=kv_dtype)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, past_key_values=cache,
+                             return_dict_in_generate=True, output_logits=True, **MODES[mode])
+    cache.manager.check()
+    return out, cache
+
+
+results = {}
+for family, kv_dtype, mode in (case.split("/") for case in sys.argv[2:]):
+    _, paged = model_pair(family)
+    inputs = left_padded_batch([11, 4, 8], seed=1)
+    expected, _ = generate(paged, inputs, mode, "torch", kv_dtype)
+    calls.clear()
+    got, cache = generate(paged, inputs, mode, "triton", kv_dtype)
+    results[f"{family}/{kv_dtype}/{mode}"] = {
+        "calls": dict(calls),
+        "same_tokens": bool(torch.equal(got.sequences, expected.sequences)),
+        "max_logit_diff": (torch.stack(got.logits) - torch.stack(expected.logits)).abs().max().item(),
+        "storage": str(cache.pool.dtype), "block_major": cache.pool.block_major, "slabs": len(cache.pool.slabs),
+    }
+print(json.dumps(results))
+"""
+
+
+def test_8bit_pools_run_through_the_triton_kernels(tmp_path):
+    """``generate`` on 8-bit pools (``kv_dtype``) through the kernels gives the PyTorch path's tokens, and its logits
+    within float32 rounding: both store the same codes (the write kernel encodes as `hf_paged.quant.encode`) and
+    attend over the same decoded keys. Greedy and beam search (shared-prefix kernel, copy-on-write of 8-bit blocks),
+    a GQA Llama and DeepSeek-V3's latents (the kernel's latent mode), int8 and float8, a pool that grows by
+    block-major slabs (offset tables); no PyTorch op runs on the Triton path."""
+    cases = ["llama/int8/greedy", "llama/float8_e4m3fn/beams"]
+    if available("deepseek_v3"):
+        cases += ["deepseek_v3/float8_e4m3fn/greedy", "deepseek_v3/int8/beams"]
+    results = _run(tmp_path, QUANTIZED_SCRIPT, *cases, timeout=900)
+    assert set(results) == set(cases)
+    for case, result in results.items():
+        calls = result["calls"]
+        assert result["storage"] == "torch." + case.split("/")[1] and result["block_major"], (case, result)
+        assert calls.get("reshape_and_cache", 0) == 2 * 8 and calls.get("paged_attention", 0) >= 2, (case, calls)
+        # DeepSeek-V3's prefill: its layers return their latents gathered until the model shows it lets pools
+        # through (hf_paged.latent); 2 layers x (latents, rotary keys), decoded out of the 8-bit pool.
+        prefill_gathers = 4 if case.startswith("deepseek") else 0
+        assert calls.pop("ops.gather_kv", 0) == prefill_gathers, (case, calls)
+        assert not any(key.startswith("ops.") for key in calls), (case, calls)
+        if case.endswith("beams"):  # rows forked inside a partial 8-bit block, then the prompt read once per group
+            assert calls.get("copy_blocks", 0) >= 1, (case, calls)
+            if case.startswith("llama"):
+                assert calls.get("shared_prefix_paged_attention", 0) == 2 * 7, (case, calls)
+        assert result["same_tokens"] and result["max_logit_diff"] < 1e-4, (case, result)
+    assert max(result["slabs"] for result in results.values()) >= 2, results
