@@ -4,8 +4,9 @@ Not collected by a plain ``pytest`` run (like ``kernel_interpreter_cases.py``, w
 ``scripts/gpu_check.sh`` runs it on CUDA. Every combination of dtype (fp16 / bf16 / fp32), GQA ratio (1 / 4 / 8)
 and head dim (64 / 80 / 96 / 128) runs once, with block size 16 or 32 by turns; each combination also takes its turn, by its index, at
 sliding windows, softcap, left padding, multi-token queries, split-KV on or off and, when both the kernel and the
-reference accept ``sinks``, attention sinks, and a pool of three slabs read through offset tables. Lengths are odd and span many blocks. ``HF_PAGED_DEVICE_GRID=tiny``
-keeps four small cases, for the device check's dry run under ``TRITON_INTERPRET=1``.
+reference accept ``sinks``, attention sinks, and a pool of three slabs read through offset tables, and 8-bit pools
+(int8, float8_e4m3fn: `hf_paged.quant`). Lengths are odd and span many blocks. ``HF_PAGED_DEVICE_GRID=tiny``
+keeps four small cases (two of them 8-bit), for the device check's dry run under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ import os
 
 import pytest
 import torch
-from kernel_interpreter_cases import TOLERANCE, kernel_args, make_paged_inputs, on_slabs, reference_attention
+from kernel_interpreter_cases import (
+    TOLERANCE,
+    kernel_args,
+    make_paged_inputs,
+    on_slabs,
+    quantized,
+    reference_attention,
+)
 
-from hf_paged import ops
+from hf_paged import ops, quant
 from hf_paged.kernels.paged_attention import launch_paged_attention
 
 TINY = os.environ.get("HF_PAGED_DEVICE_GRID") == "tiny"
@@ -45,10 +53,12 @@ def _cases() -> list[dict]:
             "num_splits": (1, 4, 1, 2, 8)[index % 5],
             "sinks": HAS_SINKS and index % 4 == 3,
             "slabs": 3 if index % 4 == 1 else 0,
+            "codes": {4: torch.int8, 8: torch.float8_e4m3fn}.get(index % 9),
         })
     if TINY:
         cases = [{**case, "seq_lens": [length % 45 + case["q_len"] for length in case["seq_lens"]],
-                  "q_len": min(case["q_len"], 5)} for case in cases[:: len(cases) // 4][:4]]
+                  "q_len": min(case["q_len"], 5), "codes": (None, torch.int8, None, torch.float8_e4m3fn)[i]}
+                 for i, case in enumerate(cases[:: len(cases) // 4][:4])]
     return cases
 
 
@@ -63,6 +73,7 @@ def _case_id(case: dict) -> str:
     parts += [f"softcap{case['softcap']:g}"] if case["softcap"] else []
     parts += ["sinks"] if case["sinks"] else []
     parts += [f"slabs{case['slabs']}"] if case["slabs"] else []
+    parts += [{torch.int8: "int8", torch.float8_e4m3fn: "fp8"}[case["codes"]]] if case["codes"] else []
     return "-".join(parts)
 
 
@@ -71,6 +82,11 @@ def test_paged_attention_matches_reference_on_device(case):
     inputs = make_paged_inputs(group=case["group"], kv_heads=case["kv_heads"], head_dim=case["head_dim"],
                                block_size=case["block_size"], q_len=case["q_len"], seq_lens=case["seq_lens"],
                                key_start=case["key_start"], dtype=case["dtype"], seed=len(case["seq_lens"]))
+    reference_inputs = inputs
+    if case["codes"] is not None:  # 8-bit pools; the kernel multiplies their decoded values in the query's dtype
+        inputs = quantized(inputs, case["codes"])
+        reference_inputs = {**inputs, **{name: quant.decode(inputs[name]).to(case["dtype"])
+                                         for name in ("key_cache", "value_cache")}}
     kwargs = {"scale": case["head_dim"] ** -0.5, "max_seq_len": max(case["seq_lens"]),
               "sliding_window": case["window"], "softcap": case["softcap"]}
     if case["sinks"]:
@@ -78,7 +94,7 @@ def test_paged_attention_matches_reference_on_device(case):
         kwargs["sinks"] = torch.randn(heads, generator=torch.Generator().manual_seed(heads)).to(inputs["query"].device)
     slabbed = on_slabs(inputs, case["slabs"]) if case["slabs"] else inputs  # kept alive while the kernel runs
     out = launch_paged_attention(**kernel_args(slabbed), **kwargs, num_splits=case["num_splits"])
-    expected = reference_attention(inputs, **kwargs)
+    expected = reference_attention(reference_inputs, **kwargs)
     assert out.shape == (len(case["seq_lens"]), case["q_len"], case["group"] * case["kv_heads"], case["head_dim"])
     tolerance = TOLERANCE[case["dtype"]]
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
