@@ -13,7 +13,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache
 
-from . import backend, compat, kinds, latent, masks, support
+from . import backend, compat, kinds, latent, masks, quant, support
 from .block_manager import BlockManager
 from .compat import LinearAttentionCacheLayerMixin, LinearAttentionLayer
 from .groups import LayerGroup, RowPlan, group_specs
@@ -53,6 +53,10 @@ class PagedCache(Cache):
         num_blocks: fixed pool size in blocks.
         max_memory: fixed pool size in bytes (an int, or a string such as ``"512MiB"`` / ``"2GB"``).
         device, dtype: where and how to store keys and values; by default those of the first keys written.
+        kv_dtype: ``"int8"`` or ``"float8_e4m3fn"`` (or those torch dtypes) to store keys and values in 8 bits, each
+            token's vector of each KV head as 8-bit codes and a float16 scale (`hf_paged.quant`): about a quarter of
+            float32's bytes, a half of bfloat16's. Attention decodes them where it reads them. None (default): as
+            the model computes them (or as `dtype` says).
         pool: pools to share with other caches (what `enable_prefix_caching` sets up): a dict from each layer
             group's window (None for full attention, as `LayerGroup.window`) to a `KVPool` with that group's layers,
             or one `KVPool` that then holds every attention layer in one group. The sizing arguments must then be
@@ -76,6 +80,7 @@ class PagedCache(Cache):
         dtype: torch.dtype | None = None,
         pool: KVPool | dict[int | None, KVPool] | None = None,
         layer_devices: list | tuple | None = None,
+        kv_dtype: torch.dtype | str | None = None,
     ):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"hf_paged: block_size must be a positive int, got {block_size!r}.")
@@ -84,6 +89,7 @@ class PagedCache(Cache):
         if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0):
             raise ValueError(f"hf_paged: num_blocks must be a positive int, got {num_blocks!r}.")
         max_memory = parse_bytes(max_memory) if max_memory is not None else None
+        dtype = _storage_dtype(dtype, kv_dtype)
         num_layers = getattr(compat.text_config(config), "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError("hf_paged: PagedCache needs a model config with `num_hidden_layers`.")
@@ -107,7 +113,8 @@ class PagedCache(Cache):
                                  f"{num_layers} layers; give one device (or (name, device) pair) per layer.")
         elif pool is not None and ((num_blocks, max_memory, device, dtype) != (None, None, None, None)
                                    or (isinstance(pool, KVPool) and pool.num_layers != len(attention_layers))):
-            raise ValueError("hf_paged: a PagedCache given a shared pool takes its size, device and dtype from it.")
+            raise ValueError("hf_paged: a PagedCache given a shared pool takes its size, device and dtype (kv_dtype "
+                             "included) from it.")
         specs = group_specs(plan, block_size, num_blocks, max_memory, device, dtype,
                             {None: pool} if isinstance(pool, KVPool) else pool, layer_devices)
         self._init_state(specs, plan)
@@ -277,8 +284,8 @@ class PagedCache(Cache):
         step = group.step if pool is group.pool else group.step_on(pool.device)
         backend.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, triton=step.triton,
                                   skip_negative=step.skips, stored=step.stored)
-        if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as they are
-            step.fresh[layer_idx] = (key_states, value_states)
+        if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as stored
+            step.fresh[layer_idx] = (quant.rounded(key_states, pool.dtype), quant.rounded(value_states, pool.dtype))
         if self.latent:  # multi-head latent attention: each row's latents, or the pools once absorbed (latent.py)
             gathered = latent.gathered_latents(self, layer_idx, (key_pool, value_pool), step, key_states, value_states)
             if gathered is not None:
@@ -597,3 +604,18 @@ def _release_rows(managers: list[BlockManager]) -> None:
     for manager in managers:
         with manager.pool.lock:
             manager.reset()
+
+
+def _storage_dtype(dtype: torch.dtype | None, kv_dtype) -> torch.dtype | None:
+    """The pools' storage dtype from `PagedCache`'s ``dtype`` and ``kv_dtype`` (at most one of them)."""
+    fmt = quant.kv_format(kv_dtype)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"hf_paged: dtype must be a torch.dtype, got {dtype!r}; for 8-bit keys and values pass "
+                         "kv_dtype='int8' or 'float8_e4m3fn'.")
+    if fmt is None:
+        return dtype
+    if dtype is not None and dtype != fmt.dtype:
+        raise ValueError(f"hf_paged: pass dtype={dtype} or kv_dtype={kv_dtype!r} to PagedCache, not both: kv_dtype "
+                         "sets how keys and values are stored.")
+    return fmt.dtype
+

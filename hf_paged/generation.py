@@ -130,25 +130,26 @@ def _record_past_if_assisted(cache, generation_config, generation_mode) -> None:
 
 
 # The `PagedCache` arguments ``generate(cache_config={...})`` may set for the cache it builds.
-CACHE_CONFIG_KEYS = ("block_size", "num_blocks", "max_memory")
+CACHE_CONFIG_KEYS = ("block_size", "num_blocks", "max_memory", "kv_dtype")
 
 
 def _cache_options(generation_config, prefix_caching: bool) -> dict:
     """The `PagedCache` arguments in ``generation_config.cache_config`` (Transformers' place for "arguments used in
-    the key-value cache class"): ``block_size``, ``num_blocks``, ``max_memory``. Unlike a cache passed in, the cache
+    the key-value cache class"): ``block_size``, ``num_blocks``, ``max_memory``, ``kv_dtype``. Unlike a cache passed in, the cache
     they size is still the call's own, so rows that end still give their blocks back (`PagedCache.end_rows`)."""
     options = getattr(generation_config, "cache_config", None) or {}
     if not isinstance(options, dict) or set(options) - set(CACHE_CONFIG_KEYS):
         unknown = sorted(set(options) - set(CACHE_CONFIG_KEYS)) if isinstance(options, dict) else options
         raise ValueError(
-            f"hf_paged: generate(cache_config=...) sizes the PagedCache generate() builds and takes a dict of "
+            f"hf_paged: generate(cache_config=...) configures the PagedCache generate() builds and takes a dict of "
             f"{', '.join(CACHE_CONFIG_KEYS)}; got {unknown!r}. For any other cache argument pass a cache yourself "
             "(**hf_paged.compat.cache_kwargs(PagedCache(model.config, ...)))."
         )
     if options and prefix_caching:
         raise ValueError(
             "hf_paged: generate(cache_config=...) does not apply to a model with prefix caching: its caches share "
-            "the model's pools, sized by enable_prefix_caching(model, block_size=..., num_blocks=..., max_memory=...)."
+            "the model's pools, sized by enable_prefix_caching(model, block_size=..., num_blocks=..., max_memory=..., "
+            "kv_dtype=...)."
         )
     return dict(options)
 

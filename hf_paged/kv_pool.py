@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-from . import backend, storage
+from . import backend, quant, storage
 from .block_manager import BlockPool, OutOfBlocksError
 from .devices import as_device
 from .guard import guarded
@@ -50,7 +50,10 @@ class KVPool:
         num_layers: model layers.
         block_size: tokens per block.
         num_blocks, max_memory: a fixed size (see `PagedCache`); with neither the pool grows on demand.
-        device, dtype: where and how to store keys and values (default: those of the first keys written).
+        device, dtype: where and how to store keys and values (default: those of the first keys written); an 8-bit
+            dtype (``torch.int8``, ``torch.float8_e4m3fn``) stores each token's vector of each head as 8-bit codes
+            and a scale, ``D + 2`` elements wide (`hf_paged.quant`): the tensors' last dimension is that stored width,
+            while `shapes` and `describe` give the model's head sizes.
         blocks: the block ids to use (another pool's, for a layer group split across devices); default: new ones.
         shared: the pool is a prefix cache's, shared by the caches of one model (`hf_paged.enable_prefix_caching`).
     """
@@ -103,8 +106,8 @@ class KVPool:
         device = self.device or key_states.device
         dtype = self.dtype or key_states.dtype
         value_states = key_states if value_states is None else value_states
-        key_shape = (key_states.shape[1], key_states.shape[3])
-        value_shape = (value_states.shape[1], value_states.shape[3])
+        key_shape = self._stored_shape(key_states, dtype)
+        value_shape = self._stored_shape(value_states, dtype)
         blocks = self.requested_blocks or 0
         element = torch.empty((), dtype=dtype).element_size()
         if self.max_memory is not None:
@@ -117,6 +120,11 @@ class KVPool:
                     f"tokens takes {per_block} bytes for this model. Raise max_memory or lower block_size."
                 )
         self.block_major = backend.use_triton(device)
+        if self.block_major and quant.is_quantized(dtype):
+            raise NotImplementedError(
+                f"hf_paged: 8-bit keys and values (kv_dtype={dtype}) have no Triton kernels yet; run them on the "
+                "PyTorch path (HF_PAGED_BACKEND=torch) or leave kv_dtype unset."
+            )
         if key_shape == value_shape:
             tensors = [storage.slab_tensor(self.num_layers, blocks, self.block_size, *key_shape, device, dtype,
                                            block_major=self.block_major)]
@@ -129,14 +137,28 @@ class KVPool:
             self.blocks.grow(max(blocks - self.blocks.num_blocks, 0))  # the block ids may be shared (device pools)
             self.peak_blocks = max(self.peak_blocks, blocks)
 
+    def _stored_shape(self, states: torch.Tensor, dtype: torch.dtype) -> tuple[int, int]:
+        """``(heads, stored width)`` of states ``[B, H, q, D]`` in a pool of storage dtype `dtype`."""
+        heads, dim = states.shape[1], states.shape[3]
+        return heads, quant.stored_width(dim) if quant.is_quantized(dtype) else dim
+
+    def _logical(self, view: torch.Tensor) -> tuple[int, int]:
+        """``(heads, head_dim)`` of the rows a ``[N, bs, H, W]`` view stores."""
+        return view.shape[2], quant.logical_width(view.shape[3], view.dtype)
+
+    @property
+    def kv_format(self) -> quant.KVFormat | None:
+        """The 8-bit format the pool stores keys and values in (None: as the model computes them)."""
+        return quant.format_of(self.dtype) if self.dtype is not None else None
+
     def matches(self, key_states: torch.Tensor, value_states: torch.Tensor, layer: int | None = None) -> bool:
         """Whether layer `layer`'s stored keys and values (the shared tensors' when None) have these shapes."""
         if layer is not None:
             return self.shapes[layer] == (key_states.shape[1], key_states.shape[3], value_states.shape[1],
                                           value_states.shape[3])
         keys, values = self.tensors[0][0, 0], self.tensors[-1][0, -1]
-        return (key_states.shape[1], key_states.shape[3]) == (keys.shape[2], keys.shape[3]) and (
-            value_states.shape[1], value_states.shape[3]) == (values.shape[2], values.shape[3])
+        return (key_states.shape[1], key_states.shape[3]) == self._logical(keys) and (
+            value_states.shape[1], value_states.shape[3]) == self._logical(values)
 
     def allocate_layer(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Give `layer` tensors of its own for keys like ``key_states`` and values like ``value_states`` (another
@@ -146,8 +168,8 @@ class KVPool:
                 f"hf_paged: layer {layer} gives keys {tuple(key_states.shape)} and values {tuple(value_states.shape)}, "
                 f"but it stored {self.describe(layer)} before; a layer's KV heads and head_dim must stay the same."
             )
-        key_shape = (key_states.shape[1], key_states.shape[3])
-        value_shape = (value_states.shape[1], value_states.shape[3])
+        key_shape = self._stored_shape(key_states, self.dtype)
+        value_shape = self._stored_shape(value_states, self.dtype)
         shapes = [key_shape] if key_shape == value_shape else [key_shape, value_shape]
         slabs = [tensors + [storage.slab_tensor(1, tensors[0].shape[2], self.block_size, *shape, self.device,
                                                 self.dtype, kinds=3 - len(shapes), block_major=self.block_major)
@@ -159,8 +181,8 @@ class KVPool:
     def describe(self, layer: int | None = None) -> str:
         """The stored key and value shapes (of `layer`, or of the shared tensors), for error messages."""
         keys, values = self.plain[layer] if layer is not None else (self.tensors[0][0, 0], self.tensors[-1][0, -1])
-        return f"keys of {keys.shape[2]} heads of dim {keys.shape[3]}, values of {values.shape[2]} heads of dim " \
-            f"{values.shape[3]}"
+        (key_heads, key_dim), (value_heads, value_dim) = self._logical(keys), self._logical(values)
+        return f"keys of {key_heads} heads of dim {key_dim}, values of {value_heads} heads of dim {value_dim}"
 
     def resize(self, num_blocks: int) -> None:
         """Grow the pool to `num_blocks` blocks by appending one zeroed slab (nothing stored moves or is copied).
@@ -294,9 +316,10 @@ class KVPool:
         self.plain = [(view(*keys), view(*values)) for keys, values in places]
         # Per layer, its stored (key heads, key dim, value heads, value dim): `matches` at every write; and what its
         # attention's read path depends on: (values as wide as keys, bytes of one token's key and value).
-        self.shapes = [(keys.shape[2], keys.shape[3], values.shape[2], values.shape[3]) for keys, values in self.plain]
-        self.read_features = [(dk == dv, (hk * dk + hv * dv) * keys.element_size())
-                              for (hk, dk, hv, dv), (keys, _) in zip(self.shapes, self.plain, strict=True)]
+        self.shapes = [(*self._logical(keys), *self._logical(values)) for keys, values in self.plain]
+        self.read_features = [(dk == dv, (keys.shape[2] * keys.shape[3] + values.shape[2] * values.shape[3])
+                               * keys.element_size())
+                              for (hk, dk, hv, dv), (keys, values) in zip(self.shapes, self.plain, strict=True)]
         self.guarded = []
         for layer, (keys, values) in enumerate(places):
             # What `update` returns to the model: the first slab's views, guarded; attention reads `plain`.

@@ -260,7 +260,7 @@ def _fits(weights, query: torch.Tensor, key, value) -> bool:
     the heads; a pool of another width is not this module's)."""
     w_uk, _ = weights
     heads, nope, rank = w_uk.shape
-    return (query.shape[1] == heads and query.shape[-1] == nope + value.shape[-1] and key.shape[-1] == rank
+    return (query.shape[1] == heads and query.shape[-1] == nope + ops.head_dim(value) and ops.head_dim(key) == rank
             and key.shape[2] == 1 and query.device == w_uk.device and query.dtype == w_uk.dtype)
 
 
@@ -296,8 +296,8 @@ def _latent_attention(step, q_latent: torch.Tensor, q_rot: torch.Tensor, key, va
             ranges, range_masks = step.windows, masks.windows_masks(step, attention_mask, None, heads, q_latent.dtype)
         out = lse = None
         for (first, count), (mask, _) in zip(ranges, range_masks, strict=True):
-            part, part_lse = _attend(*packed, _block_range(key, first, count), _block_range(value, first, count),
-                                     mask, scale)
+            part, part_lse = _attend(*packed, ops.read_blocks(key, first, count),
+                                     ops.read_blocks(value, first, count), mask, scale)
             out, lse = (part, part_lse) if out is None else (ops.merge_attention(out, lse, part, part_lse),
                                                              torch.logaddexp(lse, part_lse))
         return out.view(batch, heads, q_len, rank).transpose(1, 2).to(q_latent.dtype)
@@ -309,11 +309,6 @@ def _latent_attention(step, q_latent: torch.Tensor, q_rot: torch.Tensor, key, va
         mask = torch.ones(q_len, q_len, dtype=torch.bool, device=q_latent.device).tril()
     out, _ = _attend(q_latent, q_rot, latents, rotary, mask, scale)
     return out.transpose(1, 2).to(q_latent.dtype)
-
-
-def _block_range(pool, first: int, count: int) -> torch.Tensor:
-    """Blocks ``[first, first + count)`` of a one-head pool read in place, as ``[1, 1, count * bs, D]``."""
-    return pool[first:first + count].view(1, -1, 1, pool.shape[-1]).transpose(1, 2)
 
 
 def _attend(q_latent: torch.Tensor, q_rot: torch.Tensor, latents: torch.Tensor, rotary: torch.Tensor,

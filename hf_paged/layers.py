@@ -62,24 +62,27 @@ class PagedLayer(CacheLayerMixin):
     @property
     def key_pool(self) -> torch.Tensor | None:
         """This layer's key pool ``[N, bs, Hkv, D]`` (a `hf_paged.storage.LayerStore` when the pool has several
-        slabs; None before the first write)."""
+        slabs; None before the first write), as stored: ``[N, bs, Hkv, D + 2]`` codes and scales when the cache
+        stores 8 bits (``kv_dtype``, `hf_paged.quant.decode` reads them)."""
         pool, index = self.place
         return pool.plain[index][0] if pool.plain else None
 
     @property
     def value_pool(self) -> torch.Tensor | None:
-        """This layer's value pool ``[N, bs, Hkv, D]`` (None before the first write)."""
+        """This layer's value pool ``[N, bs, Hkv, D]`` (None before the first write), as stored (see `key_pool`)."""
         pool, index = self.place
         return pool.plain[index][1] if pool.plain else None
 
     @property
     def keys(self) -> torch.Tensor | None:
-        """Each row's keys ``[B, Hkv, seq, D]``, gathered (None before the first write)."""
+        """Each row's keys ``[B, Hkv, seq, D]``, gathered (decoded to float32 from 8 bits; None before the first
+        write)."""
         return self._gather(self.key_pool)
 
     @property
     def values(self) -> torch.Tensor | None:
-        """Each row's values ``[B, Hkv, seq, D]``, gathered (None before the first write)."""
+        """Each row's values ``[B, Hkv, seq, D]``, gathered (decoded to float32 from 8 bits; None before the first
+        write)."""
         return self._gather(self.value_pool)
 
     def _gather(self, pool: torch.Tensor | None) -> torch.Tensor | None:

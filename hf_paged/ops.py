@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from . import storage
+from . import quant, storage
 
 if TYPE_CHECKING:
     from .storage import LayerStore
@@ -39,7 +39,9 @@ __all__ = [
     "causal_mask",
     "copy_blocks",
     "gather_kv",
+    "head_dim",
     "paged_attention",
+    "read_blocks",
     "reshape_and_cache",
     "shared_prefix_paged_attention",
     "window_attention",
@@ -61,7 +63,8 @@ def reshape_and_cache(
 
     Args:
         key, value: ``[T, Hkv, D]`` new states, one row per token.
-        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools (or `hf_paged.storage.LayerStore`s), written in place.
+        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools (or `hf_paged.storage.LayerStore`s), written in place; an
+            8-bit pool (`hf_paged.quant`) stores ``[N, bs, Hkv, D + 2]`` codes and scales, encoded here.
         slot_mapping: ``[T]`` integer slots ``block * bs + offset``; a negative slot means "do not store".
         skip_negative: False when the caller knows no slot is negative: saves the check, which reads the slots
             on the host (a `PagedCache` step never has one).
@@ -79,8 +82,9 @@ def reshape_and_cache(
         keep = slots >= 0
         if not bool(keep.all()):
             slots, key, value = slots[keep], key[keep], value[keep]
-    flat_k.index_copy_(0, slots, key if key.dtype == flat_k.dtype else key.to(flat_k.dtype))
-    flat_v.index_copy_(0, slots, value if value.dtype == flat_v.dtype else value.to(flat_v.dtype))
+    quant.raw(flat_k).index_copy_(0, slots, quant.raw(quant.to_storage(key, flat_k.dtype)))
+    quant.raw(flat_v).index_copy_(0, slots, quant.raw(quant.to_storage(value, flat_v.dtype)))
+
 
 
 def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -109,8 +113,14 @@ def gather_kv(
             `hf_paged.storage.LayerStore`): each run is read in place, and the runs concatenated.
 
     Returns:
-        ``[B, Hkv, kv_len, D]`` (a strided view, of the pool itself or of a fresh gather).
+        ``[B, Hkv, kv_len, D]`` (a strided view, of the pool itself or of a fresh gather); from an 8-bit pool
+        (`hf_paged.quant`), the decoded float32 values.
     """
+    return quant.from_storage(_gather_stored(cache, block_tables, kv_len, first_block, spans))
+
+
+def _gather_stored(cache, block_tables, kv_len, first_block, spans) -> torch.Tensor:
+    """`gather_kv` of the rows as the pool stores them."""
     batch, nb = block_tables.shape
     if first_block is not None:
         gathered = cache[first_block:first_block + nb]
@@ -125,6 +135,18 @@ def gather_kv(
     else:
         gathered = cache.index_select(0, block_tables.reshape(-1))
     return gathered.view(batch, -1, *cache.shape[2:])[:, :kv_len].transpose(1, 2)
+
+
+def head_dim(cache) -> int:
+    """The head size of the keys or values a ``[N, bs, H, W]`` pool (or layer store) holds (``W - 2`` if 8-bit)."""
+    return quant.logical_width(cache.shape[-1], cache.dtype)
+
+
+def read_blocks(cache, first_block: int, num_blocks: int) -> torch.Tensor:
+    """``[1, H, num_blocks * bs, D]``: the blocks ``[first_block, first_block + num_blocks)`` of a pool (inside one
+    slab), in place, or decoded from 8 bits."""
+    stored = cache[first_block:first_block + num_blocks]
+    return quant.from_storage(stored.reshape(1, -1, *stored.shape[2:]).transpose(1, 2))
 
 
 def causal_mask(
@@ -383,7 +405,7 @@ def shared_prefix_attention(
     out_prefix, lse_prefix = attention_with_lse(
         grouped, prefix_keys, prefix_values, prefix_mask, scale=scale, softcap=softcap
     )
-    value_dim = value_cache.shape[-1]  # may differ from the keys' (multi-head latent attention)
+    value_dim = head_dim(value_cache)  # may differ from the keys' (multi-head latent attention)
     out_prefix = out_prefix.view(groups, kv_heads, per_group, gq, value_dim).transpose(1, 2).reshape(
         batch, kv_heads, gq, value_dim
     )
@@ -540,10 +562,9 @@ def window_attention(
     groups = heads // kv_heads
     # One row of queries per (row, query head of the KV head, query token), for each KV head.
     packed = query.reshape(batch, kv_heads, groups * q_len, dim).transpose(0, 1).reshape(1, kv_heads, -1, dim)
-    span = slice(first_block, first_block + num_blocks)
-    keys = key_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
-    value_dim = value_cache.shape[-1]  # may differ from the keys' (multi-head latent attention)
-    values = value_cache[span].view(1, -1, kv_heads, value_dim).transpose(1, 2)
+    keys = read_blocks(key_cache, first_block, num_blocks)
+    values = read_blocks(value_cache, first_block, num_blocks)
+    value_dim = values.shape[-1]  # may differ from the keys' (multi-head latent attention)
     if sinks is not None:  # one logit per packed query row: the sink of its query head
         sinks = sinks.float().view(1, kv_heads, groups, 1).expand(batch, -1, -1, q_len).transpose(0, 1).reshape(
             1, kv_heads, -1)
@@ -581,13 +602,11 @@ def windows_attention(
     batch, heads, q_len, dim = query.shape
     kv_heads = key_cache.shape[2]
     groups = heads // kv_heads
-    value_dim = value_cache.shape[-1]
+    value_dim = head_dim(value_cache)
     packed = query.reshape(batch, kv_heads, groups * q_len, dim).transpose(0, 1).reshape(1, kv_heads, -1, dim)
     out = lse = None
     for (first, count), (mask, visible) in zip(windows, masks, strict=True):
-        span = slice(first, first + count)
-        keys = key_cache[span].view(1, -1, kv_heads, dim).transpose(1, 2)
-        values = value_cache[span].view(1, -1, kv_heads, value_dim).transpose(1, 2)
+        keys, values = read_blocks(key_cache, first, count), read_blocks(value_cache, first, count)
         part, part_lse = _additive_attention_with_lse(packed, keys, values, mask, visible, scale, softcap)
         if out is None:
             out, lse = part, part_lse

@@ -105,7 +105,7 @@ def weights_version(model) -> object:
 
 
 def enable_prefix_caching(model, *, num_blocks: int | None = None, max_memory: int | str | None = None,
-                          block_size: int = 16) -> PrefixCache:
+                          block_size: int = 16, kv_dtype: torch.dtype | str | None = None) -> PrefixCache:
     """Give `model` a persistent block pool so that ``generate`` calls reuse each other's prompt blocks.
 
     Args:
@@ -113,6 +113,8 @@ def enable_prefix_caching(model, *, num_blocks: int | None = None, max_memory: i
         num_blocks, max_memory: fix the pool's size (as for `PagedCache`); with neither it grows on demand and
             keeps unreferenced prompt blocks until it needs room.
         block_size: tokens per block.
+        kv_dtype: 8-bit keys and values (as for `PagedCache`): every cache of the model then stores its blocks so,
+            and the index only ever holds blocks of that format.
 
     Returns:
         The model's `PrefixCache` (calling this again replaces it). ``generate`` calls on the model then run one at
@@ -124,11 +126,12 @@ def enable_prefix_caching(model, *, num_blocks: int | None = None, max_memory: i
             f"hf_paged: enable_prefix_caching needs a model loaded with attn_implementation=\"hf_paged\"; this one "
             f"uses {model.config._attn_implementation!r}."
         )
-    probe = PagedCache(model.config, block_size=block_size, num_blocks=num_blocks, max_memory=max_memory)
+    probe = PagedCache(model.config, block_size=block_size, num_blocks=num_blocks, max_memory=max_memory,
+                       kv_dtype=kv_dtype)
     pools = {}
     for group in probe.groups:  # the pools a cache of this model would have, to be shared by its caches
         pools[group.window] = KVPool(group.pool.num_layers, block_size, group.pool.requested_blocks,
-                                     group.pool.max_memory, shared=True)
+                                     group.pool.max_memory, dtype=group.pool.dtype, shared=True)
     state = PrefixCache(pools)
     setattr(model, _ATTR, state)
     return state

@@ -26,6 +26,8 @@ import bisect
 
 import torch
 
+from . import quant
+
 __all__ = ["LayerStore", "block_offsets", "select_blocks", "slab_tensor", "split_by_slab"]
 
 
@@ -52,7 +54,8 @@ def select_blocks(store, ids: torch.Tensor) -> torch.Tensor:
         out = torch.empty((store.shape[2], len(ids), store.shape[1], store.shape[3]), dtype=store.dtype,
                           device=store.device)
         for slab, positions, local in store._split_ids(ids):
-            out.index_copy_(1, positions, store.views[slab].permute(2, 0, 1, 3).index_select(1, local))
+            quant.raw(out).index_copy_(1, positions,
+                                       quant.raw(store.views[slab].permute(2, 0, 1, 3).index_select(1, local)))
         return out
     return store.permute(2, 0, 1, 3).index_select(1, ids)
 
@@ -181,7 +184,7 @@ class LayerStore:
             raise ValueError("hf_paged: a LayerStore gathers along dim 0 (blocks) only.")
         out = torch.empty((len(ids), *self.shape[1:]), dtype=self.dtype, device=self.device)
         for slab, positions, local in self._split_ids(ids):
-            out.index_copy_(0, positions, self.views[slab].index_select(0, local))
+            quant.raw(out).index_copy_(0, positions, quant.raw(self.views[slab].index_select(0, local)))
         return out
 
     def _split_ids(self, ids: torch.Tensor) -> list:
@@ -196,7 +199,7 @@ class LayerStore:
 
     def write(self, slots: torch.Tensor, states: torch.Tensor) -> None:
         """Store ``states`` (``[T, H, D]``) at ``slots`` (``[T]``, ``block * bs + offset``; negative = skip)."""
-        states = states if states.dtype == self.dtype else states.to(self.dtype)
+        states = quant.to_storage(states, self.dtype)
         for slab, positions, local, offsets in self._split_slots(slots):
             self.views[slab].index_put_((local, offsets), states.index_select(0, positions))
 

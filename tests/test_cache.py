@@ -301,7 +301,7 @@ def test_generate_sizes_the_cache_it_builds_from_cache_config(models):
     assert torch.equal(out.sequences, greedy(ref, ids))
     cache = output_cache(out)
     assert cache.block_size == 4 and cache.stats().num_blocks == 12
-    with pytest.raises(ValueError, match=r"cache_config.* block_size, num_blocks, max_memory; got \['nbits'\]"):
+    with pytest.raises(ValueError, match=r"cache_config.* block_size, num_blocks, max_memory, kv_dtype; got \['nbits'\]"):
         greedy(paged, ids, cache_config={"nbits": 4})
     hf_paged.enable_prefix_caching(paged)
     try:
