@@ -44,7 +44,7 @@ class QualitySettings:
     """``tokens`` of the corpus, cut into segments of ``segment`` tokens fed in chunks of ``chunk``; greedy
     continuations of at most ``new_tokens``."""
 
-    tokens: int = 24576
+    tokens: int = 20480
     segment: int = 1024
     chunk: int = 64
     new_tokens: int = 64

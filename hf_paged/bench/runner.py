@@ -208,10 +208,7 @@ class Runner:
         if paged and not type(self.model)._can_set_attn_implementation():
             return f"{type(self.model).__name__}'s attention does not go through Transformers' attention interface"
         if impl in IMPLS:
-            spec = IMPLS[impl]
-            if spec.kv_dtype is not None and scenario.prefix_cache:
-                return "the prefix cache's pools are sized by enable_prefix_caching, which takes no kv_dtype here"
-            return impl_unavailable(spec, self.model_for(scenario))
+            return impl_unavailable(IMPLS[impl], self.model_for(scenario))
         if impl == "generate_batch":
             if not hasattr(self.model, "generate_batch"):
                 return "this Transformers has no model.generate_batch"
@@ -274,7 +271,8 @@ class Runner:
         sequences: list[list[int]] = []
         kv_bytes = peak_kv = used = peak_used = prefix_hits = real = slots = None
         if paged and scenario.prefix_cache:
-            hf_paged.enable_prefix_caching(model, **self._pool_options())
+            kv_dtype = {} if spec.kv_dtype is None else {"kv_dtype": spec.kv_dtype}
+            hf_paged.enable_prefix_caching(model, **self._pool_options(), **kv_dtype)
         try:
             elapsed = 0.0
             for prompts in calls:
