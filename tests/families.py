@@ -8,7 +8,9 @@ families that need more), and `check_family` returns one `Outcome`:
 
 * ``match``: on a left-padded batch whose prompts are longer than a block, greedy search gives eager's tokens and
   logits (within `LOGITS_TOLERANCE`) and beam search gives eager's tokens, with a `PagedCache` really used; and
-  greedy search with an EOS that ends one row early (the row then gives its blocks back) gives eager's tokens;
+  greedy search with an EOS that ends one row early (the row then gives its blocks back) gives eager's tokens; and
+  with 8-bit keys and values (``kv_dtype="int8"``) greedy search gives the tokens and logits of eager over a
+  `DynamicCache` that rounds keys and values the same way (`tiny_models.RoundedCache`), where eager takes one;
 * ``refused``: loading with ``attn_implementation="hf_paged"`` raises an error naming hf_paged;
 * ``reference``: eager itself cannot be built or run on a tiny config (the reason is kept);
 * ``mismatch`` / ``error``: hf_paged runs and gives other tokens, or fails with an error (the walk's failures).
@@ -28,11 +30,13 @@ import warnings
 
 import torch
 import transformers
+from tiny_models import RoundedCache
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import hf_paged
 from hf_paged import PagedCache
+from hf_paged.compat import cache_kwargs
 
 __all__ = ["Outcome", "check_family", "families", "markdown_table", "tiny_config"]
 
@@ -342,7 +346,35 @@ def _check(model_type: str) -> Outcome:
     if not torch.equal(ended, expected_eos):
         return Outcome(model_type, "mismatch", f"greedy tokens with an EOS differ: {ended[:, -NEW_TOKENS:].tolist()} "
                                                f"vs eager {expected_eos[:, -NEW_TOKENS:].tolist()}")
-    return Outcome(model_type, "match", f"logits within {difference:.1e}")
+    eight_bit = _eight_bit(reference, paged, batch)
+    if eight_bit.startswith("mismatch"):
+        return Outcome(model_type, "mismatch", eight_bit)
+    return Outcome(model_type, "match", f"logits within {difference:.1e}; {eight_bit}")
+
+
+def _eight_bit(reference, paged, batch) -> str:
+    """Greedy search on an int8 pool against eager over `RoundedCache`: a line for the outcome's detail, starting
+    with "mismatch" when they differ."""
+    try:
+        expected = _generate(reference, batch, **cache_kwargs(RoundedCache("int8", config=reference.config)))
+    except Exception as error:  # a family whose eager attention cannot run on a DynamicCache (its own cache class)
+        return f"int8 not compared: eager cannot take a DynamicCache ({_reason(error)[:120]})"
+    try:
+        got = _generate(paged, batch, cache_config={"kv_dtype": "int8"})
+    except ValueError as error:
+        if "8-bit keys and values need an even head_dim" in str(error):
+            return "int8 refused: an odd head_dim"
+        return f"mismatch: int8 failed: {_reason(error)}"
+    except Exception as error:
+        return f"mismatch: int8 failed: {_reason(error)}"
+    if not torch.equal(got.sequences, expected.sequences):
+        return (f"mismatch: int8 tokens differ: {got.sequences[:, -NEW_TOKENS:].tolist()} vs eager over rounded keys "
+                f"{expected.sequences[:, -NEW_TOKENS:].tolist()}")
+    want = torch.stack(expected.logits)
+    difference = float((torch.stack(got.logits) - want).abs().max()) / (float(want.std()) or 1.0)
+    if difference > LOGITS_TOLERANCE:
+        return f"mismatch: int8 logits differ by {difference:.2e} of their spread"
+    return f"int8 within {difference:.1e}"
 
 
 def walk(model_types: list[str] | None = None, verbose: bool = False) -> list[Outcome]:

@@ -4,7 +4,7 @@ bytes a pool takes, and generate() on an 8-bit pool.
 Tokens from an 8-bit pool may differ from sdpa's, so generate() is checked three ways:
 
 * exactly, against Transformers' own attention over a `DynamicCache` that rounds every key and value it is given
-  the way an 8-bit pool stores them (`RoundedCache`): the same function, computed independently;
+  the way an 8-bit pool stores them (`tiny_models.RoundedCache`): the same function, computed independently;
 * exactly where rounding cannot matter: every row's keys are rounded alone, token by token and head by head, so
   sharing a prompt's blocks, copying them on write, the block size and prefix-cache hits change no token of an
   8-bit run;
@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import left_padded_batch, model_pair, random_ids
+from tiny_models import RoundedCache, left_padded_batch, model_pair, random_ids
 
 import hf_paged
 from hf_paged import PagedCache, quant
 from hf_paged.compat import cache_kwargs, output_cache
-from transformers import DynamicCache
 
 FORMATS = ("int8", "float8_e4m3fn")
 # The largest logit difference from the unquantized pool, over the logits' spread, at the steps before the first
@@ -67,6 +66,17 @@ def test_zero_rows_strided_reads_and_other_dtypes(name):
     assert quant.decode(stored, torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_every_float8_code_decodes_as_pytorch_converts_it():
+    """`quant.decode` reads float8 codes through their bits (PyTorch's conversion is slow on the CPU): every code but
+    NaN, which `encode` never writes, gives what PyTorch's float8 -> float32 conversion gives."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    stored = torch.zeros(256, 4, dtype=torch.float8_e4m3fn)  # rows of two codes (head_dim 2), then the magnitude
+    stored[:, 0] = codes
+    stored.view(torch.uint8)[:, 2:] = torch.tensor([448.0], dtype=torch.float16).view(torch.uint8)  # scale 1
+    expected = codes.float()
+    assert torch.equal(quant.decode(stored)[:, 0][~expected.isnan()], expected[~expected.isnan()])
+
+
 def test_kv_dtype_names_and_refusals():
     assert quant.kv_format("fp8") is quant.kv_format(torch.float8_e4m3fn) is quant.KV_FORMATS["float8_e4m3fn"]
     assert quant.kv_format(torch.int8).name == "int8" and quant.kv_format(None) is None
@@ -88,19 +98,6 @@ def test_an_odd_head_dim_is_refused_before_anything_is_written():
     with pytest.raises(ValueError, match="8-bit keys and values need an even head_dim.*this model's is 15"):
         cache.update(keys, keys, 0)
     assert cache.pool.tensor is None and cache.manager.num_rows == 0
-
-
-class RoundedCache(DynamicCache):
-    """Transformers' `DynamicCache`, keeping every key and value as an 8-bit pool of `name` would give it back."""
-
-    def __init__(self, name: str, **kwargs):
-        super().__init__(**kwargs)
-        self.storage = quant.kv_format(name).dtype
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        rounded = (quant.decode(quant.encode(states, self.storage), states.dtype)
-                   for states in (key_states, value_states))
-        return super().update(*rounded, layer_idx, *args, **kwargs)
 
 
 # -------------------------------------------------------------------------------------------- generate()

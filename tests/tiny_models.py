@@ -1,6 +1,7 @@
 """The tests' one helper for tiny random-weight models: configs of many families, a model pair (Transformers'
 reference attention and ``"hf_paged"``, the same weights), prompts, and ways to watch a model run (which forward
-steps stored tokens in a `PagedCache`, which ops a step called, how many positions a prefill computed).
+steps stored tokens in a `PagedCache`, which ops a step called, how many positions a prefill computed), and
+`RoundedCache`, the reference for 8-bit pools.
 
 A plain module, not a conftest: the Triton tests' subprocess scripts import it too. Every config is built on demand
 through `AutoConfig.for_model`, so a family the installed Transformers lacks costs nothing until it is asked for
@@ -17,11 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 import hf_paged  # noqa: F401  (registers "hf_paged")
-from hf_paged import PagedCache
+from hf_paged import PagedCache, quant
 
 VOCAB = 96
 SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -310,3 +311,16 @@ def count_prefill_positions(model, run):
         handle.remove()
     batch, length = seen[0]
     return batch * length, result
+
+
+class RoundedCache(DynamicCache):
+    """Transformers' `DynamicCache`, keeping every key and value as an 8-bit pool of `name` would give it back."""
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(**kwargs)
+        self.storage = quant.kv_format(name).dtype
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        rounded = (quant.decode(quant.encode(states, self.storage), states.dtype)
+                   for states in (key_states, value_states))
+        return super().update(*rounded, layer_idx, *args, **kwargs)
