@@ -22,7 +22,8 @@ import torch
 
 import hf_paged
 
-__all__ = ["IMPLS", "QUANTO_DEFAULTS", "Impl", "cache_bytes", "kv_dtype_available", "new_cache", "unavailable"]
+__all__ = ["IMPLS", "QUANTO_DEFAULTS", "Impl", "cache_bytes", "kv_dtype_available", "new_cache", "set_attention",
+           "unavailable"]
 
 #: The `QuantizedCache` options the quanto rows leave at Transformers' defaults (`QuantizedLayer`), for the report.
 QUANTO_DEFAULTS = {"axis_key": 0, "axis_value": 0, "q_group_size": 64, "residual_length": 128}
@@ -69,6 +70,15 @@ IMPLS: dict[str, Impl] = {
         Impl("quanto-int8", "sdpa", nbits=8),
     )
 }
+
+
+def set_attention(model, name: str) -> None:
+    """Switch `model` to ``attn_implementation=name`` (an `Impl`'s ``attention``); raises RuntimeError if it did not
+    switch (Transformers only logs when it cannot)."""
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"{type(model).__name__} did not switch to attn_implementation={name!r}")
 
 
 def kv_dtype_available() -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import compat
-from .impls import IMPLS, QUANTO_DEFAULTS, Impl, cache_bytes, new_cache, unavailable
+from .impls import IMPLS, QUANTO_DEFAULTS, Impl, cache_bytes, new_cache, set_attention, unavailable
 from .prompts import left_pad
 
 __all__ = ["QUALITY_IMPLS", "QUALITY_REFERENCE", "Corpus", "QualityResults", "QualityRow", "QualitySettings",
@@ -101,20 +101,13 @@ class _Pass:
     segment_kv_bytes: int | None = None
 
 
-def _set_attention(model, name: str) -> None:
-    if model.config._attn_implementation != name:
-        model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:  # Transformers only logs when it cannot switch
-        raise RuntimeError(f"{type(model).__name__} did not switch to attn_implementation={name!r}")
-
-
 def _kv_bytes(impl: Impl, cache) -> int:
     return cache.stats().pool_bytes if impl.paged else cache_bytes(cache)
 
 
 def _segment(model, impl: Impl, ids: torch.Tensor, chunk: int, result: _Pass) -> None:
     """Feed `ids` (``[1, S]``) in chunks of `chunk` through a new cache of `impl`, scoring tokens 1..S-1."""
-    _set_attention(model, impl.attention)
+    set_attention(model, impl.attention)
     cache = new_cache(impl, model)
     length = ids.shape[1]
     for start in range(0, length, chunk):
@@ -179,7 +172,7 @@ def _until_eos(row: list[int], eos: set[int]) -> list[int]:
 
 def continuations(model, impl: Impl, requests: list[list[int]], new_tokens: int, pad_token_id: int) -> list[list[int]]:
     """Greedy continuations of `requests` (one left-padded batch), each up to and including its first EOS."""
-    _set_attention(model, impl.attention)
+    set_attention(model, impl.attention)
     inputs = left_pad(requests, pad_token_id, model.device)
     out = model.generate(**inputs, **impl.generate_kwargs(), max_new_tokens=new_tokens, do_sample=False, num_beams=1,
                          pad_token_id=pad_token_id)

@@ -38,7 +38,10 @@ def notes(rss_note: str) -> list[str]:
         "KV: the most bytes of keys and values allocated during the run; hf_paged: stats().peak_pool_bytes "
         "(its block pool, referenced or not); sdpa: the DynamicCache's tensors when generate() returned (it only "
         "grows; sliding-window layers keep their window; beam search's reorder copies are transient and not "
-        "counted). KV x sdpa: that over sdpa's.",
+        "counted); hf_paged-int8 / -fp8: the same pool of 8-bit codes, each row's scale inline; quanto-<n> "
+        "(Transformers' QuantizedCache): its tensors when generate() returned (packed codes, scales, zero-points, "
+        "the full-precision residual), not the full-precision copy of a layer it dequantizes at every step "
+        "(transient). KV x sdpa: that over sdpa's.",
         "used, used peak: hf_paged's referenced bytes (stats().used_bytes when generate() returned, "
         "stats().peak_used_bytes): the blocks its rows point at, a part of what it allocated.",
         "generate_batch (Transformers continuous batching, sdpa): KV not measured (its pool is preallocated); "

@@ -16,7 +16,7 @@ import torch
 import hf_paged
 
 from .. import compat
-from .impls import IMPLS, cache_bytes
+from .impls import IMPLS, cache_bytes, set_attention
 from .impls import unavailable as impl_unavailable
 from .prompts import left_pad
 from .scenarios import SLIDING_MODEL, Scenario
@@ -242,13 +242,6 @@ class Runner:
         run.peak_rss_bytes = _peak_rss_bytes() if reset or not self.per_run_rss else None
         return run
 
-    def _set_attention(self, name: str, model=None) -> None:
-        model = self.model if model is None else model
-        if model.config._attn_implementation != name:
-            model.set_attn_implementation(name)
-        if model.config._attn_implementation != name:  # Transformers only logs when it cannot switch
-            raise RuntimeError(f"{type(model).__name__} did not switch to attn_implementation={name!r}")
-
     def _pool_options(self) -> dict:
         """The hf_paged pool options the user gave (``block_size``, ``num_blocks``, ``max_memory``)."""
         options = {"block_size": self.block_size, "num_blocks": self.num_blocks, "max_memory": self.max_memory}
@@ -266,7 +259,7 @@ class Runner:
         spec = IMPLS[impl]
         paged = spec.paged
         model = self.model_for(scenario)
-        self._set_attention(spec.attention, model)
+        set_attention(model, spec.attention)
         kwargs = {**scenario.generate_kwargs(new_tokens), **spec.generate_kwargs()}
         sequences: list[list[int]] = []
         kv_bytes = peak_kv = used = peak_used = prefix_hits = real = slots = None
@@ -318,7 +311,7 @@ class Runner:
     def _run_generate_batch(self, scenario: Scenario, calls, new_tokens: int) -> Run:
         from transformers import ContinuousBatchingConfig
 
-        self._set_attention(REFERENCE)
+        set_attention(self.model, REFERENCE)
         block_size = self.block_size or LIBRARY_BLOCK_SIZE
         config = copy.deepcopy(self.model.generation_config)
         config.update(
