@@ -187,14 +187,14 @@ def attend(layer, query: torch.Tensor, padding: torch.Tensor | None, full_mask: 
             keys_padding.starts, scale=scale, max_seq_len=plan.max_seq_len, sliding_window=sliding_window,
             softcap=softcap)
     if path == "range":
-        mask = masks.window_mask(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
+        mask = masks.range_mask(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
                                  query.dtype, chunk_size)
-        return ops.window_attention(query, keys, values, *plan.window, mask, scale=scale, softcap=softcap,
+        return ops.range_attention(query, keys, values, *plan.block_range, mask, scale=scale, softcap=softcap,
                                     sinks=sinks)
     if path == "ranges":  # a pool of several slabs: one range per slab, merged
-        window_masks = masks.windows_masks(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
+        range_masks = masks.ranges_masks(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
                                            query.dtype, chunk_size)
-        return ops.windows_attention(query, keys, values, plan.windows, window_masks, scale=scale, softcap=softcap,
+        return ops.ranges_attention(query, keys, values, plan.block_ranges, range_masks, scale=scale, softcap=softcap,
                                      sinks=sinks)
     if path == "shared":
         shared = plan.shared
