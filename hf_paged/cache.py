@@ -257,6 +257,8 @@ class PagedCache(Cache):
             self._begin_step(group, key_shape[0], key_shape[2])
         group.step_layers.add(layer_idx)
         batch, _, q_len, _ = key_shape
+        if self.rotates(pool):  # 8-bit rows are stored rotated (`hf_paged.quant`); attention rotates its query
+            key_states, value_states = quant.rotated(key_states), quant.rotated(value_states)
         if q_len == 1:  # [T, Hkv, D] views, one token per row
             keys, values = key_states.select(2, 0), value_states.select(2, 0)
         else:
@@ -275,6 +277,11 @@ class PagedCache(Cache):
         self._pending_layer = layer_idx
         pool.active = self._weak_self
         return pool.guarded[slot]
+
+    def rotates(self, pool: KVPool) -> bool:
+        """Whether `pool` stores its rows rotated: 8-bit rows, unless they are the latents of multi-head latent
+        attention (keys and values at once; `hf_paged.quant`)."""
+        return pool.kv_format is not None and not self.latent
 
     def _begin_step(self, group: LayerGroup, batch: int, q_len: int) -> None:
         """Begin a forward step (`LayerGroup.begin_step`) with what this cache knows about its rows: at the step's

@@ -31,7 +31,7 @@ import warnings
 
 import torch
 import transformers
-from tiny_models import RoundedCache
+from tiny_models import rounded_cache
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -361,7 +361,7 @@ def _eight_bit(reference, paged, batch) -> str:
     """Greedy search on an int8 pool against eager over `RoundedCache`: a line for the outcome's detail, starting
     with "mismatch" when they differ."""
     try:
-        expected = _generate(reference, batch, **cache_kwargs(RoundedCache("int8", config=reference.config)))
+        expected = _generate(reference, batch, **cache_kwargs(rounded_cache("int8", reference)))
     except Exception as error:  # a family whose eager attention cannot run on a DynamicCache (its own cache class)
         return f"int8 not compared: eager cannot take a DynamicCache ({_reason(error)[:120]})"
     try:
