@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import latent, masks, ops
+from . import latent, masks, ops, quant
 from .masks import key_padding_mask
 from .step import read_path
 
@@ -124,7 +124,9 @@ def mark_offsets_checked(table: torch.Tensor) -> None:
 def attend(layer, query: torch.Tensor, padding: torch.Tensor | None, full_mask: torch.Tensor | None, *, scale: float,
            sliding_window: int | None, softcap: float | None, chunk_size: int | None,
            sinks: torch.Tensor | None, module: torch.nn.Module | None = None) -> torch.Tensor:
-    """One layer's attention over its paged keys, by the read path `hf_paged.step.read_path` picks.
+    """One layer's attention over its paged keys, by the read path `hf_paged.step.read_path` picks. Over 8-bit rows
+    stored rotated (`hf_paged.quant`, every layer but latents), the query is rotated the same way and the output
+    rotated back.
 
     Args:
         layer: the layer's `hf_paged.step.LayerRead` (its step plan, key and value stores, fresh inputs, cache
@@ -139,6 +141,16 @@ def attend(layer, query: torch.Tensor, padding: torch.Tensor | None, full_mask: 
     Returns:
         ``[B, q, H, Dv]``.
     """
+    if layer.latent or not quant.is_quantized(layer.keys.dtype):
+        return _attend(layer, query, padding, full_mask, scale=scale, sliding_window=sliding_window, softcap=softcap,
+                       chunk_size=chunk_size, sinks=sinks, module=module)
+    out = _attend(layer, quant.rotated(query), padding, full_mask, scale=scale, sliding_window=sliding_window,
+                  softcap=softcap, chunk_size=chunk_size, sinks=sinks, module=module)
+    return quant.rotated(out)
+
+
+def _attend(layer, query, padding, full_mask, *, scale, sliding_window, softcap, chunk_size, sinks, module):
+    """`attend` over the stores as they hold the rows."""
     plan = layer.plan
     if query.shape[2] != plan.q_len:  # the step's last queries only (Gemma 4's KV-shared layers in a prefill)
         plan = plan.last_queries(query.shape[2])
@@ -187,14 +199,14 @@ def attend(layer, query: torch.Tensor, padding: torch.Tensor | None, full_mask: 
             keys_padding.starts, scale=scale, max_seq_len=plan.max_seq_len, sliding_window=sliding_window,
             softcap=softcap)
     if path == "range":
-        mask = masks.window_mask(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
+        mask = masks.range_mask(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
                                  query.dtype, chunk_size)
-        return ops.window_attention(query, keys, values, *plan.window, mask, scale=scale, softcap=softcap,
+        return ops.range_attention(query, keys, values, *plan.block_range, mask, scale=scale, softcap=softcap,
                                     sinks=sinks)
     if path == "ranges":  # a pool of several slabs: one range per slab, merged
-        window_masks = masks.windows_masks(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
+        range_masks = masks.ranges_masks(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
                                            query.dtype, chunk_size)
-        return ops.windows_attention(query, keys, values, plan.windows, window_masks, scale=scale, softcap=softcap,
+        return ops.ranges_attention(query, keys, values, plan.block_ranges, range_masks, scale=scale, softcap=softcap,
                                      sinks=sinks)
     if path == "shared":
         shared = plan.shared

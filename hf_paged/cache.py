@@ -13,12 +13,12 @@ import weakref
 import torch
 from transformers.cache_utils import Cache
 
-from . import backend, compat, kinds, latent, masks, quant, support
+from . import backend, compat, kinds, latent, masks, options, quant, support
 from .block_manager import BlockManager
 from .compat import LinearAttentionCacheLayerMixin, LinearAttentionLayer
 from .groups import LayerGroup, RowPlan, group_specs
 from .guard import place_of
-from .kv_pool import KVPool, parse_bytes
+from .kv_pool import KVPool
 from .layers import KVSharedLayer, PagedHybridLayer, PagedLayer, copy_states, select_states, state_layers
 from .stats import CacheStats, summarize
 from .step import LayerRead
@@ -82,39 +82,21 @@ class PagedCache(Cache):
         layer_devices: list | tuple | None = None,
         kv_dtype: torch.dtype | str | None = None,
     ):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"hf_paged: block_size must be a positive int, got {block_size!r}.")
-        if num_blocks is not None and max_memory is not None:
-            raise ValueError("hf_paged: pass either num_blocks or max_memory to PagedCache, not both.")
-        if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0):
-            raise ValueError(f"hf_paged: num_blocks must be a positive int, got {num_blocks!r}.")
-        max_memory = parse_bytes(max_memory) if max_memory is not None else None
-        dtype = _storage_dtype(dtype, kv_dtype)
+        max_memory, dtype = options.sizes(block_size, num_blocks, max_memory, dtype, kv_dtype)
         num_layers = getattr(compat.text_config(config), "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError("hf_paged: PagedCache needs a model config with `num_hidden_layers`.")
         support.check_layer_types(config)
         plan = kinds.plan_layers(config, one_group=isinstance(pool, KVPool))
-        attention_layers = [layer for layer, kind in enumerate(plan) if kind.attention is not None]
         attn = getattr(config, "_attn_implementation", None)
         if attn is not None and attn != "hf_paged":
             raise ValueError(
                 f"hf_paged: this config uses attn_implementation={attn!r}; a PagedCache only works with models loaded "
                 'with attn_implementation="hf_paged" (its attention reads the block tables).'
             )
-        if layer_devices is not None:
-            if pool is not None or device is not None or max_memory is not None:
-                raise ValueError(
-                    "hf_paged: layer_devices places every layer's pool itself; leave pool, device and max_memory "
-                    "unset (num_blocks may size the pools)."
-                )
-            if len(layer_devices) != num_layers:
-                raise ValueError(f"hf_paged: layer_devices has {len(layer_devices)} entries but the model has "
-                                 f"{num_layers} layers; give one device (or (name, device) pair) per layer.")
-        elif pool is not None and ((num_blocks, max_memory, device, dtype) != (None, None, None, None)
-                                   or (isinstance(pool, KVPool) and pool.num_layers != len(attention_layers))):
-            raise ValueError("hf_paged: a PagedCache given a shared pool takes its size, device and dtype (kv_dtype "
-                             "included) from it.")
+        attention_layers = sum(kind.attention is not None for kind in plan)
+        options.check_placement(num_layers, attention_layers, pool, layer_devices, num_blocks, max_memory, device,
+                                dtype)
         specs = group_specs(plan, block_size, num_blocks, max_memory, device, dtype,
                             {None: pool} if isinstance(pool, KVPool) else pool, layer_devices)
         self._init_state(specs, plan)
@@ -275,6 +257,8 @@ class PagedCache(Cache):
             self._begin_step(group, key_shape[0], key_shape[2])
         group.step_layers.add(layer_idx)
         batch, _, q_len, _ = key_shape
+        if self.rotates(pool):  # 8-bit rows are stored rotated (`hf_paged.quant`); attention rotates its query
+            key_states, value_states = quant.rotated(key_states), quant.rotated(value_states)
         if q_len == 1:  # [T, Hkv, D] views, one token per row
             keys, values = key_states.select(2, 0), value_states.select(2, 0)
         else:
@@ -293,6 +277,11 @@ class PagedCache(Cache):
         self._pending_layer = layer_idx
         pool.active = self._weak_self
         return pool.guarded[slot]
+
+    def rotates(self, pool: KVPool) -> bool:
+        """Whether `pool` stores its rows rotated: 8-bit rows, unless they are the latents of multi-head latent
+        attention (keys and values at once; `hf_paged.quant`)."""
+        return pool.kv_format is not None and not self.latent
 
     def _begin_step(self, group: LayerGroup, batch: int, q_len: int) -> None:
         """Begin a forward step (`LayerGroup.begin_step`) with what this cache knows about its rows: at the step's
@@ -604,18 +593,3 @@ def _release_rows(managers: list[BlockManager]) -> None:
     for manager in managers:
         with manager.pool.lock:
             manager.reset()
-
-
-def _storage_dtype(dtype: torch.dtype | None, kv_dtype) -> torch.dtype | None:
-    """The pools' storage dtype from `PagedCache`'s ``dtype`` and ``kv_dtype`` (at most one of them)."""
-    fmt = quant.kv_format(kv_dtype)
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise ValueError(f"hf_paged: dtype must be a torch.dtype, got {dtype!r}; for 8-bit keys and values pass "
-                         "kv_dtype='int8' or 'float8_e4m3fn'.")
-    if fmt is None:
-        return dtype
-    if dtype is not None and dtype != fmt.dtype:
-        raise ValueError(f"hf_paged: pass dtype={dtype} or kv_dtype={kv_dtype!r} to PagedCache, not both: kv_dtype "
-                         "sets how keys and values are stored.")
-    return fmt.dtype
-

@@ -3,7 +3,7 @@
 Transformers has no registry for new cache implementations, so ``import hf_paged`` wraps, once:
 
 * ``GenerationMixin._prepare_cache_for_generation`` (it writes the cache into ``model_kwargs``): build a
-  `PagedCache` (on the model's prefix-cache pool, if any; sized by ``cache_config``, `_cache_options`); refuse a
+  `PagedCache` (on the model's prefix-cache pool, if any; sized by ``cache_config``, `hf_paged.options`); refuse a
   `PagedCache` given to another attention;
 * ``GenerationMixin._prefill`` (the first forward): run each distinct prompt row once and fork it k ways; map
   prefix-cache hits before it and index the prompt's full blocks after it; tell the cache the call's
@@ -32,6 +32,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerationMixin
 
 from . import compat, prefix, support
+from . import options as cache_options
 from .cache import PagedCache
 from .devices import layer_placements
 from .stats import CacheStats
@@ -108,7 +109,7 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
         and self._supports_default_dynamic_cache()
     ):
         shared = prefix.prefix_cache_of(self)
-        options = _cache_options(generation_config, shared is not None)
+        options = cache_options.from_generation_config(generation_config, shared is not None)
         cache = shared.new_cache(self.config) if shared is not None else _new_cache(self, **options)
         created = _CALL_CACHES.get()
         if created is not None:
@@ -129,34 +130,9 @@ def _record_past_if_assisted(cache, generation_config, generation_mode) -> None:
         cache.activate_past_recording()
 
 
-# The `PagedCache` arguments ``generate(cache_config={...})`` may set for the cache it builds.
-CACHE_CONFIG_KEYS = ("block_size", "num_blocks", "max_memory", "kv_dtype")
-
-
-def _cache_options(generation_config, prefix_caching: bool) -> dict:
-    """The `PagedCache` arguments in ``generation_config.cache_config`` (Transformers' place for "arguments used in
-    the key-value cache class"): ``block_size``, ``num_blocks``, ``max_memory``, ``kv_dtype``. Unlike a cache passed in, the cache
-    they size is still the call's own, so rows that end still give their blocks back (`PagedCache.end_rows`)."""
-    options = getattr(generation_config, "cache_config", None) or {}
-    if not isinstance(options, dict) or set(options) - set(CACHE_CONFIG_KEYS):
-        unknown = sorted(set(options) - set(CACHE_CONFIG_KEYS)) if isinstance(options, dict) else options
-        raise ValueError(
-            f"hf_paged: generate(cache_config=...) configures the PagedCache generate() builds and takes a dict of "
-            f"{', '.join(CACHE_CONFIG_KEYS)}; got {unknown!r}. For any other cache argument pass a cache yourself "
-            "(**hf_paged.compat.cache_kwargs(PagedCache(model.config, ...)))."
-        )
-    if options and prefix_caching:
-        raise ValueError(
-            "hf_paged: generate(cache_config=...) does not apply to a model with prefix caching: its caches share "
-            "the model's pools, sized by enable_prefix_caching(model, block_size=..., num_blocks=..., max_memory=..., "
-            "kv_dtype=...)."
-        )
-    return dict(options)
-
-
 def _new_cache(model, **options) -> PagedCache:
-    """The cache ``generate()`` builds (`options`: `_cache_options`): one pool on the model's device, or one per
-    device-map entry of its layers."""
+    """The cache ``generate()`` builds (`options`: `hf_paged.options.from_generation_config`): one pool on the
+    model's device, or one per device-map entry of its layers."""
     placements = layer_placements(model)
     if placements is None:
         return PagedCache(model.config, device=model.device, **options)

@@ -182,7 +182,7 @@ class KVPool:
     def resize(self, num_blocks: int) -> None:
         """Grow the pool to `num_blocks` blocks by appending one zeroed slab (nothing stored moves or is copied).
 
-        Zeroed: `ops.window_attention` scores every slot of its block range, unused ones included, and masks them,
+        Zeroed: `ops.range_attention` scores every slot of its block range, unused ones included, and masks them,
         and a masked score is only harmless if the slot's key and value are finite.
         """
         self.follow(self.starts + [self.num_blocks], num_blocks)

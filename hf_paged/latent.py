@@ -12,8 +12,8 @@ output (as vLLM's MLA backends do), the same attention is
 
 multi-query attention with one KV head whose keys are ``[c | k_rot]`` and whose values are ``c``: the paged
 attention reads the latent blocks in place through the block tables (the Triton kernel's latent mode,
-``hf_paged.kernels.paged_attention(..., latent=True)``; on the PyTorch path the block range of `StepPlan.window`
-/ ``windows``, or the row's own consecutive blocks, read in place, else a gather of the latents only).
+``hf_paged.kernels.paged_attention(..., latent=True)``; on the PyTorch path the block range of `StepPlan.block_range`
+/ ``block_ranges``, or the row's own consecutive blocks, read in place, else a gather of the latents only).
 
 How a layer gets there, without touching the model's code:
 
@@ -286,14 +286,14 @@ def _latent_attention(step, q_latent: torch.Tensor, q_rot: torch.Tensor, key, va
         return backend.paged_attention(torch.cat([q_latent, q_rot.to(q_latent.dtype)], dim=-1), key, value,
                                        step.block_tables, step.seq_lens, key_start, scale=scale,
                                        max_seq_len=step.max_seq_len, latent=True)
-    if step.window is not None or step.windows is not None:
-        # One row per (row, head, query), as `ops.window_attention` packs them, against each block range in place.
+    if step.block_range is not None or step.block_ranges is not None:
+        # One row per (row, head, query), as `ops.range_attention` packs them, against each block range in place.
         packed = (q_latent.reshape(1, 1, -1, rank), q_rot.reshape(1, 1, batch * heads * q_len, -1))
-        if step.window is not None:
-            ranges = [step.window]
-            range_masks = [(masks.window_mask(step, attention_mask, None, heads, q_latent.dtype), None)]
+        if step.block_range is not None:
+            ranges = [step.block_range]
+            range_masks = [(masks.range_mask(step, attention_mask, None, heads, q_latent.dtype), None)]
         else:
-            ranges, range_masks = step.windows, masks.windows_masks(step, attention_mask, None, heads, q_latent.dtype)
+            ranges, range_masks = step.block_ranges, masks.ranges_masks(step, attention_mask, None, heads, q_latent.dtype)
         out = lse = None
         for (first, count), (mask, _) in zip(ranges, range_masks, strict=True):
             part, part_lse = _attend(*packed, ops.read_blocks(key, first, count),

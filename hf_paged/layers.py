@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from . import compat, ops
+from . import compat, ops, quant
 from .compat import LinearAttentionCacheLayerMixin, LinearAttentionLayer
 from .groups import LayerGroup
 from .kinds import AttentionKind
@@ -89,7 +89,8 @@ class PagedLayer(CacheLayerMixin):
         if pool is None:
             return None
         manager = self.group.manager
-        return ops.gather_kv(pool, padded_tables(manager, pool.device), max(manager.lengths, default=0))
+        rows = ops.gather_kv(pool, padded_tables(manager, pool.device), max(manager.lengths, default=0))
+        return quant.rotated(rows) if self._cache.rotates(self.place[0]) else rows  # stored rotated: rotated back
 
     @property
     def record_past(self) -> bool:

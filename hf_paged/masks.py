@@ -10,7 +10,7 @@ builds Transformers' full 4-D mask instead: correctness first.
 Every mask a paged step needs is built here too, from the step's plan (`hf_paged.step.StepPlan`) and memoised on
 it, so all layers of a step share one: `step_padding` (the keys' padding as the step reads it: its 2-D mask, and
 each row's first key for the kernels' left padding, with the keys a cache window dropped), `step_mask` (gathered
-keys), `window_mask` / `windows_masks` (block ranges), `shared_masks` (rows sharing a prefix).
+keys), `range_mask` / `ranges_masks` (block ranges), `shared_masks` (rows sharing a prefix).
 
 The padding is read without a host synchronisation where the cache knows it (``generate``'s masks pad each row
 exactly before its live start: `hf_paged.step.StepPlan.key_starts`); otherwise once per step, in one read.
@@ -35,7 +35,7 @@ from . import ops
 
 __all__ = ["MaskPattern", "Padding", "PaddingMask", "attach", "cache_windows", "describe", "detach", "drop_keys_before",
            "first_real_keys", "key_padding_mask", "padded_alike", "real_padding", "shared_masks", "step_mask",
-           "step_padding", "window_mask", "windows_masks"]
+           "step_padding", "range_mask", "ranges_masks"]
 
 
 @dataclass(frozen=True)
@@ -323,13 +323,13 @@ def _step_mask(step, attention_mask: torch.Tensor | None, window: int | None,
     return mask
 
 
-def window_mask(step, padding: torch.Tensor | None, sliding_window: int | None, groups: int,
+def range_mask(step, padding: torch.Tensor | None, sliding_window: int | None, groups: int,
                 dtype: torch.dtype, chunk_size: int | None = None) -> torch.Tensor:
-    """The mask of `ops.window_attention` over the step's block range (``step.window``), memoised. `padding`: the
+    """The mask of `ops.range_attention` over the step's block range (``step.block_range``), memoised. `padding`: the
     step's ``[B, max_seq_len]`` key padding (`Padding.mask`) or None."""
     def build():
-        return ops.window_mask(
-            step.block_tables, step.seq_lens, step.q_len, *step.window, step.block_size, groups=groups,
+        return ops.range_mask(
+            step.block_tables, step.seq_lens, step.q_len, *step.block_range, step.block_size, groups=groups,
             dtype=dtype, key_padding=padding, sliding_window=sliding_window, chunk_size=chunk_size,
             first_entries=step.first_entries,
         )
@@ -337,14 +337,14 @@ def window_mask(step, padding: torch.Tensor | None, sliding_window: int | None, 
     return step.memo(("window", id(padding), sliding_window, groups, dtype, chunk_size), build)
 
 
-def windows_masks(step, padding: torch.Tensor | None, sliding_window: int | None, groups: int,
+def ranges_masks(step, padding: torch.Tensor | None, sliding_window: int | None, groups: int,
                   dtype: torch.dtype, chunk_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per range of ``step.windows``, its `ops.window_mask` and which packed queries see any of its slots
-    (``[1, 1, M]`` bool), for `ops.windows_attention`, memoised. `padding` as in `window_mask`."""
+    """Per range of ``step.block_ranges``, its `ops.range_mask` and which packed queries see any of its slots
+    (``[1, 1, M]`` bool), for `ops.ranges_attention`, memoised. `padding` as in `range_mask`."""
     def build():
         out = []
-        for first, count in step.windows:
-            mask = ops.window_mask(
+        for first, count in step.block_ranges:
+            mask = ops.range_mask(
                 step.block_tables, step.seq_lens, step.q_len, first, count, step.block_size, groups=groups,
                 dtype=dtype, key_padding=padding, sliding_window=sliding_window, chunk_size=chunk_size,
                 first_entries=step.first_entries,

@@ -44,9 +44,9 @@ __all__ = [
     "read_blocks",
     "reshape_and_cache",
     "shared_prefix_paged_attention",
-    "window_attention",
-    "window_mask",
-    "windows_attention",
+    "range_attention",
+    "range_mask",
+    "ranges_attention",
 ]
 
 
@@ -460,7 +460,7 @@ def shared_prefix_paged_attention(
                            max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap)
 
 
-def window_mask(
+def range_mask(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     q_len: int,
@@ -475,11 +475,11 @@ def window_mask(
     chunk_size: int | None = None,
     first_entries: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The additive mask of `window_attention`: which slots of the blocks ``[first_block, first_block +
+    """The additive mask of `range_attention`: which slots of the blocks ``[first_block, first_block +
     num_blocks)`` each packed query may attend to.
 
     Rows may share blocks; blocks no row uses are never visible, and neither are a row's blocks outside the range
-    (another slab's: `windows_attention` merges the ranges).
+    (another slab's: `ranges_attention` merges the ranges).
     The slot holding token ``j`` of row ``b`` is visible to the row's queries ``i`` when ``j`` passes the module
     docstring's rule (causal, window) and, if given, ``key_padding[b, j]``.
 
@@ -495,7 +495,7 @@ def window_mask(
 
     Returns:
         ``[1, 1, B * groups * q, num_blocks * block_size]``: 0 where visible, -inf elsewhere; packed query rows in
-        `window_attention`'s order (row, query head of the KV head, query token).
+        `range_attention`'s order (row, query head of the KV head, query token).
     """
     batch, width = block_tables.shape
     device = block_tables.device
@@ -527,7 +527,7 @@ def window_mask(
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, -torch.inf)
 
 
-def window_attention(
+def range_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -551,7 +551,7 @@ def window_attention(
         query: ``[B, H, q, D]``.
         key_cache, value_cache: ``[N, bs, Hkv, D]``.
         first_block, num_blocks: the range ``[first_block, first_block + num_blocks)``.
-        mask: ``[1, 1, B * H / Hkv * q, num_blocks * bs]`` from `window_mask`.
+        mask: ``[1, 1, B * H / Hkv * q, num_blocks * bs]`` from `range_mask`.
         sinks: ``[H]`` attention sinks (see `attend`), or None.
 
     Returns:
@@ -573,26 +573,26 @@ def window_attention(
         batch, q_len, heads, value_dim)
 
 
-def windows_attention(
+def ranges_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor | LayerStore,
     value_cache: torch.Tensor | LayerStore,
-    windows: Sequence[tuple[int, int]],
+    block_ranges: Sequence[tuple[int, int]],
     masks: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
     *,
     scale: float,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`window_attention` over several block ranges (one per slab of a pool, `hf_paged.storage`): each range is
+    """`range_attention` over several block ranges (one per slab of a pool, `hf_paged.storage`): each range is
     read in place, attended by all packed queries, and the partial results are merged by log-sum-exp.
 
     Args:
         query: ``[B, H, q, D]``.
         key_cache, value_cache: ``[N, bs, Hkv, D]`` pools or `hf_paged.storage.LayerStore`s (each range must lie in
             one slab).
-        windows: ``[(first_block, num_blocks), ...]``; together they hold every row's keys.
-        masks: per range, ``(mask, visible)``: its `window_mask` and ``[1, 1, M]`` bool, whether each packed query
+        block_ranges: ``[(first_block, num_blocks), ...]``; together they hold every row's keys.
+        masks: per range, ``(mask, visible)``: its `range_mask` and ``[1, 1, M]`` bool, whether each packed query
             sees any slot of it; ``(None, None)`` when every query sees every slot.
         sinks: ``[H]`` attention sinks (see `attend`), or None.
 
@@ -605,7 +605,7 @@ def windows_attention(
     value_dim = head_dim(value_cache)
     packed = query.reshape(batch, kv_heads, groups * q_len, dim).transpose(0, 1).reshape(1, kv_heads, -1, dim)
     out = lse = None
-    for (first, count), (mask, visible) in zip(windows, masks, strict=True):
+    for (first, count), (mask, visible) in zip(block_ranges, masks, strict=True):
         keys, values = read_blocks(key_cache, first, count), read_blocks(value_cache, first, count)
         part, part_lse = _additive_attention_with_lse(packed, keys, values, mask, visible, scale, softcap)
         if out is None:

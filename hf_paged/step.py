@@ -24,19 +24,19 @@ from .block_manager import NULL_BLOCK, BlockManager
 __all__ = ["READ_PLANS", "LayerRead", "SharedPrefix", "StepBuffer", "StepPlan", "build_step", "draft_step",
            "padded_tables", "read_path", "read_plan", "table_tensor"]
 
-# On the PyTorch path a step reads all rows' keys as one block range (`ops.window_attention`) when the range holds
-# at most `_WINDOW_EXTRA_KEYS` keys (or a quarter of the longest row, if more) beyond the longest row's: every
+# On the PyTorch path a step reads all rows' keys as one block range (`ops.range_attention`) when the range holds
+# at most `_RANGE_EXTRA_KEYS` keys (or a quarter of the longest row, if more) beyond the longest row's: every
 # query scores those other rows' keys for nothing, which costs less than the gathers, the second attention call
 # and the merge of `ops.shared_prefix_attention` up to about that many keys (measured on SmolLM2-135M, 8 rows).
-# Only for steps of at most `_WINDOW_MAX_QUERIES` new tokens per row (decoding, assisted decoding; not prefill).
-_WINDOW_EXTRA_KEYS = 1024
-_WINDOW_MAX_QUERIES = 16
-# With a pool of several slabs, a window is planned per slab holding some row's blocks, each read in place, and
+# Only for steps of at most `_RANGE_MAX_QUERIES` new tokens per row (decoding, assisted decoding; not prefill).
+_RANGE_EXTRA_KEYS = 1024
+_RANGE_MAX_QUERIES = 16
+# With a pool of several slabs, a block range is planned per slab holding some row's blocks, each read in place, and
 # the partial attentions merged by log-sum-exp; beyond this many slabs in one step, the keys are gathered instead.
-_WINDOW_MAX_SLABS = 8
+_RANGE_MAX_SLABS = 8
 # A single row whose blocks lie in several slabs, consecutive inside each (it grew past its prompt's slab), is read
 # by concatenating its spans (one copy of its keys and values, `ops.gather_kv`) while that copy is at most this many
-# bytes, and else one range per slab merged by log-sum-exp (`ops.windows_attention`, which copies nothing but costs
+# bytes, and else one range per slab merged by log-sum-exp (`ops.ranges_attention`, which copies nothing but costs
 # two attentions and a merge): on one CPU thread the copy is cheaper up to about 600 KB of keys and values per layer
 # (SmolLM2's 3 x 64 fp32 heads: 256 keys 119 us vs 184 us, 1024 keys 411 us vs 282 us; a 2 x 16 head tiny Llama's
 # 88 keys 52 us vs 175 us).
@@ -79,13 +79,13 @@ class StepPlan:
         block_size: tokens per block.
         triton: whether this step's paged operations run the Triton kernels (`hf_paged.backend.use_triton`), chosen once
             per step and device; every paged op of the step (write, copy, attend) follows it.
-        shared: how rows share leading blocks (beams, samples of one prompt), or None; planned whenever `window`
-            is None (always so on the Triton path, which plans no window).
+        shared: how rows share leading blocks (beams, samples of one prompt), or None; planned whenever
+            `block_range` is None (always so on the Triton path, which plans no block range).
         first_block: with a single row whose blocks are consecutive, the first one (keys are read in place).
         spans: a single row whose blocks lie in several slabs, consecutive inside each: per slab ``(first block,
             count)`` in the row's order (read in place and concatenated, see `SPAN_COPY_BYTES`), else None.
-        window: ``(first_block, num_blocks)``, a block range holding every row's blocks and not much else (see
-            `_WINDOW_EXTRA_KEYS`), or None.
+        block_range: ``(first_block, num_blocks)``, a block range holding every row's blocks and not much else (see
+            `_RANGE_EXTRA_KEYS`), or None.
         skips: some new token is not stored (its slot is -1): left padding, or keys out of a sliding window.
         stored: with `skips`, ``[T']`` long, the new tokens that are stored (the PyTorch path writes only those),
             else None.
@@ -97,10 +97,10 @@ class StepPlan:
         context: with `fresh`, ``(first position, per layer the kept keys and values from there)`` gathered before
             the step, or None when the rows held nothing.
         kv_start: with `fresh`, the position of the first key its attention reads (kept or new).
-        windows: with a pool of several slabs, one such range per slab holding some row's blocks (each inside one
-            slab; together compact), whose partial attentions are merged (`ops.windows_attention`), or None. Also
+        block_ranges: with a pool of several slabs, one such range per slab holding some row's blocks (each inside one
+            slab; together compact), whose partial attentions are merged (`ops.ranges_attention`), or None. Also
             planned for a single row whose blocks cross a slab boundary.
-        first_entries: ``[B]`` long, each row's first table entry that is not null, when some are (window masks
+        first_entries: ``[B]`` long, each row's first table entry that is not null, when some are (block-range masks
             skip null entries), else None.
         lengths: ``seq_lens`` on the host (a list).
         key_starts: when the attention masks of the step pad each row exactly before its live start (the masks
@@ -120,8 +120,8 @@ class StepPlan:
     shared: SharedPrefix | None = None
     first_block: int | None = None
     spans: tuple[tuple[int, int], ...] | None = None
-    window: tuple[int, int] | None = None
-    windows: tuple[tuple[int, int], ...] | None = None
+    block_range: tuple[int, int] | None = None
+    block_ranges: tuple[tuple[int, int], ...] | None = None
     first_entries: torch.Tensor | None = None
     skips: bool = False
     stored: torch.Tensor | None = None
@@ -237,11 +237,11 @@ def _read_path(plan, full_mask, left_padding, groups_padded_alike, sliding_windo
         if plan.shared is not None and not sinks and chunk_size is None and same_width:
             return "triton_shared"
         return "triton"
-    if plan.window is not None:
+    if plan.block_range is not None:
         return "range"
     if plan.spans is not None and plan.max_seq_len * token_bytes <= SPAN_COPY_BYTES:
         return "spans"
-    if plan.windows is not None:
+    if plan.block_ranges is not None:
         return "ranges"
     if plan.shared is not None and sliding_window is None and chunk_size is None and groups_padded_alike:
         return "shared"
@@ -346,17 +346,17 @@ def draft_step(manager: BlockManager, lengths_before: list[int], q_len: int, buf
     spans = None
     if not triton and rows.num_rows == 1 and first_block is None and len(starts) > 1 and not has_null:
         spans = _spans(rows.tables[0], starts)
-    window = windows = None
-    if not triton and choice == "auto" and q_len <= _WINDOW_MAX_QUERIES and (
+    block_range = block_ranges = None
+    if not triton and choice == "auto" and q_len <= _RANGE_MAX_QUERIES and (
             rows.num_rows > 1 or (len(starts) > 1 and first_block is None)):
-        planned = _window(rows.tables, max_seq_len, bs, starts)
+        planned = _block_ranges(rows.tables, max_seq_len, bs, starts)
         if planned is not None and len(planned) == 1 and rows.num_rows > 1:
-            window = planned[0]
+            block_range = planned[0]
         elif planned is not None and len(planned) > 1:
-            windows = tuple(planned)
-    # Null entries (blocks of dead tokens) hold block 0 in the tensors: the window masks must skip them.
-    entries_at = buffer.add(torch.tensor(leading_nulls)) if (window or windows) and has_null else None
-    shared = _shared_prefix(rows, q_len, starts) if window is None and windows is None and choice != "gather" else None
+            block_ranges = tuple(planned)
+    # Null entries (blocks of dead tokens) hold block 0 in the tensors: the block-range masks must skip them.
+    entries_at = buffer.add(torch.tensor(leading_nulls)) if (block_range or block_ranges) and has_null else None
+    shared = _shared_prefix(rows, q_len, starts) if block_range is None and block_ranges is None and choice != "gather" else None
     if shared is not None:
         prefix_at, tail_at = buffer.add(shared[1]), buffer.add(shared[3])
     copies_at = buffer.add(torch.tensor(copies, dtype=torch.int32).t()) if copies else None
@@ -376,8 +376,8 @@ def draft_step(manager: BlockManager, lengths_before: list[int], q_len: int, buf
                 tail_tables=sent[tail_at].view(shared[3].shape), prefix_len=shared[4]),
             first_block=first_block,
             spans=spans,
-            window=window,
-            windows=windows,
+            block_range=block_range,
+            block_ranges=block_ranges,
             first_entries=None if entries_at is None else sent[entries_at].long(),
             skips=skips,
             stored=None if stored_at is None else sent[stored_at].long(),
@@ -415,10 +415,10 @@ def _slots(tables: list[list[int]], raw: torch.Tensor, lengths_before: list[int]
     return slots, True, (slots >= 0).nonzero().reshape(-1)
 
 
-def _window(tables: list[list[int]], max_seq_len: int, block_size: int,
+def _block_ranges(tables: list[list[int]], max_seq_len: int, block_size: int,
              starts: list[int]) -> list[tuple[int, int]] | None:
     """Per slab holding some row's blocks, ``(first, count)``: the range from the lowest to the highest block the
-    rows use there, if all ranges together are compact (see `_WINDOW_EXTRA_KEYS`) and few (`_WINDOW_MAX_SLABS`).
+    rows use there, if all ranges together are compact (see `_RANGE_EXTRA_KEYS`) and few (`_RANGE_MAX_SLABS`).
     Null entries (negative) are ignored."""
     used = set().union(*tables)
     used.discard(NULL_BLOCK)
@@ -434,19 +434,19 @@ def _window(tables: list[list[int]], max_seq_len: int, block_size: int,
             hi = bisect.bisect_left(ordered, starts[slab + 1]) if slab + 1 < len(starts) else len(ordered)
             if hi > lo:
                 ranges.append((ordered[lo], ordered[hi - 1] + 1 - ordered[lo]))
-        if len(ranges) > _WINDOW_MAX_SLABS:
+        if len(ranges) > _RANGE_MAX_SLABS:
             return None
     extra = sum(count for _, count in ranges) * block_size - max_seq_len
-    return ranges if extra <= max(_WINDOW_EXTRA_KEYS, max_seq_len // 4) else None
+    return ranges if extra <= max(_RANGE_EXTRA_KEYS, max_seq_len // 4) else None
 
 
 def _spans(blocks: list[int], starts: list[int]) -> tuple[tuple[int, int], ...] | None:
     """``((first, count), ...)``: `blocks` as runs ``b, b + 1, ...`` each inside one slab (`starts`: the slabs'
-    first block ids), if there are at most `_WINDOW_MAX_SLABS` of them, else None. Each run is compared as a whole
+    first block ids), if there are at most `_RANGE_MAX_SLABS` of them, else None. Each run is compared as a whole
     (in C); a block breaking it is looked for only then."""
     runs, index = [], 0
     while index < len(blocks):
-        if len(runs) == _WINDOW_MAX_SLABS:
+        if len(runs) == _RANGE_MAX_SLABS:
             return None
         first = blocks[index]
         slab = bisect.bisect_right(starts, first)

@@ -34,7 +34,7 @@ __all__ = ["LayerStore", "block_offsets", "select_blocks", "slab_tensor", "split
 def slab_tensor(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                 device: torch.device, dtype: torch.dtype, kinds: int = 2, block_major: bool = False) -> torch.Tensor:
     """A zeroed slab ``[L, kinds, n, bs, H, D]`` (logical shape), head-major or block-major in memory (module
-    docstring). Zeroed: `hf_paged.ops.window_attention` scores unused slots too, which must be finite."""
+    docstring). Zeroed: `hf_paged.ops.range_attention` scores unused slots too, which must be finite."""
     if block_major:
         storage = torch.zeros((num_blocks, num_layers, kinds, block_size, kv_heads, head_dim), device=device,
                               dtype=dtype)

@@ -24,7 +24,7 @@ TESTS=(tests/test_generate_parity.py tests/test_prefill_once.py tests/test_prefi
        tests/test_attention.py::test_both_attention_paths_for_rows_sharing_prompts
        tests/test_attention.py::test_single_sequence_reads_its_blocks_in_place
        tests/test_attention.py::test_single_row_crossing_slabs_is_read_in_place
-       tests/test_ops.py::test_windows_attention_equals_paged_attention
+       tests/test_ops.py::test_ranges_attention_equals_paged_attention
        tests/test_support.py::test_unsupported_family_fails_clearly
        tests/test_support.py::test_unsupported_family_from_pretrained
        tests/test_support.py::test_unsupported_family_is_never_switched_to_hf_paged

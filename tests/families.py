@@ -9,8 +9,9 @@ families that need more), and `check_family` returns one `Outcome`:
 * ``match``: on a left-padded batch whose prompts are longer than a block, greedy search gives eager's tokens and
   logits (within `LOGITS_TOLERANCE`) and beam search gives eager's tokens, with a `PagedCache` really used; and
   greedy search with an EOS that ends one row early (the row then gives its blocks back) gives eager's tokens; and
-  with 8-bit keys and values (``kv_dtype="int8"``) greedy search gives the tokens and logits of eager over a
-  `DynamicCache` that rounds keys and values the same way (`tiny_models.RoundedCache`), where eager takes one;
+  with 8-bit keys and values (``kv_dtype="int8"``) greedy search gives the tokens of eager over a
+  `DynamicCache` that rounds keys and values the same way (`tiny_models.RoundedCache`), and its logits within
+  `INT8_LOGITS_TOLERANCE`, where eager takes such a cache;
 * ``refused``: loading with ``attn_implementation="hf_paged"`` raises an error naming hf_paged;
 * ``reference``: eager itself cannot be built or run on a tiny config (the reason is kept);
 * ``mismatch`` / ``error``: hf_paged runs and gives other tokens, or fails with an error (the walk's failures).
@@ -30,7 +31,7 @@ import warnings
 
 import torch
 import transformers
-from tiny_models import RoundedCache
+from tiny_models import rounded_cache
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -47,6 +48,10 @@ NEW_TOKENS = 4
 NUM_BEAMS = 2
 # Largest difference of generate's logits allowed, relative to the spread of eager's logits (float32).
 LOGITS_TOLERANCE = 1e-4
+# The same on an int8 pool against eager over `RoundedCache`: keys that differ in their last float32 bit (hf_paged's
+# and eager's arithmetic) can round to codes one step apart, 1/127 of a row's largest magnitude; measured up to
+# 8e-4 of the spread (Transformers 5.25), where the tokens still agree exactly.
+INT8_LOGITS_TOLERANCE = 1e-2
 
 
 # Families whose eager reference cannot be built or run on a tiny config, because of Transformers itself or of
@@ -356,7 +361,7 @@ def _eight_bit(reference, paged, batch) -> str:
     """Greedy search on an int8 pool against eager over `RoundedCache`: a line for the outcome's detail, starting
     with "mismatch" when they differ."""
     try:
-        expected = _generate(reference, batch, **cache_kwargs(RoundedCache("int8", config=reference.config)))
+        expected = _generate(reference, batch, **cache_kwargs(rounded_cache("int8", reference)))
     except Exception as error:  # a family whose eager attention cannot run on a DynamicCache (its own cache class)
         return f"int8 not compared: eager cannot take a DynamicCache ({_reason(error)[:120]})"
     try:
@@ -372,7 +377,7 @@ def _eight_bit(reference, paged, batch) -> str:
                 f"{expected.sequences[:, -NEW_TOKENS:].tolist()}")
     want = torch.stack(expected.logits)
     difference = float((torch.stack(got.logits) - want).abs().max()) / (float(want.std()) or 1.0)
-    if difference > LOGITS_TOLERANCE:
+    if difference > INT8_LOGITS_TOLERANCE:
         return f"mismatch: int8 logits differ by {difference:.2e} of their spread"
     return f"int8 within {difference:.1e}"
 

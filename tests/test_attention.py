@@ -1,7 +1,7 @@
 """The ``"hf_paged"`` mask and attention functions, and the read plan a step takes (`hf_paged.step`).
 
-* Read plans: rows sharing their prompt's blocks are read as one block range (`ops.window_attention`; one range
-  per slab, `ops.windows_attention`), as a shared prefix read once plus each row's tail
+* Read plans: rows sharing their prompt's blocks are read as one block range (`ops.range_attention`; one range
+  per slab, `ops.ranges_attention`), as a shared prefix read once plus each row's tail
   (`ops.shared_prefix_attention`), or gathered; one row's consecutive blocks are read in place. Each path is
   reached on the same model through ``HF_PAGED_READ_PLAN`` (`hf_paged.step.read_plan`), the calls of each op are
   counted, and every path gives the reference's tokens: plain families (sdpa), attention-feature families (eager:
@@ -70,13 +70,13 @@ def _assert_same(got, expected, label):
 # ---------------------------------------------------------------------------------------------------------- read plans
 @pytest.mark.parametrize("path", ["window", "split", "gather"])
 def test_every_pytorch_path(pair, path, monkeypatch):
-    """Rows sharing their prompt's blocks go through `ops.window_attention` (one block range), through
+    """Rows sharing their prompt's blocks go through `ops.range_attention` (one block range), through
     `ops.shared_prefix_attention` (the shared prefix once, then each row's tail; layers with a window or chunks
     gather instead) or gather every row's keys: each gives eager's tokens."""
     family, reference, paged = pair
-    calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention",
+    calls = count_calls(monkeypatch, ops, ("range_attention", "ranges_attention", "shared_prefix_attention",
                                            "attend"))
-    windowed = lambda: calls["window_attention"] + calls["windows_attention"]  # noqa: E731  (one slab, several)
+    windowed = lambda: calls["range_attention"] + calls["ranges_attention"]  # noqa: E731  (one slab, several)
     if path != "window":
         monkeypatch.setenv("HF_PAGED_READ_PLAN", {"split": "shared_prefix", "gather": "gather"}[path])
     inputs = left_padded_batch([21, 9, 15], seed=2)
@@ -99,11 +99,11 @@ def test_every_pytorch_path(pair, path, monkeypatch):
 @pytest.mark.parametrize("path", ["window", "split"])
 def test_both_attention_paths_for_rows_sharing_prompts(parity_pair, mode, path, monkeypatch):
     """Rows that share their prompt's blocks are attended either over one block range holding all rows' keys
-    (`ops.window_attention`) or over the shared prefix once plus each row's tail (`ops.shared_prefix_attention`;
+    (`ops.range_attention`) or over the shared prefix once plus each row's tail (`ops.shared_prefix_attention`;
     layers with a sliding window gather instead). Both give sdpa's tokens."""
     family, reference, paged = parity_pair
-    calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention"))
-    windowed = lambda: calls["window_attention"] + calls["windows_attention"]  # noqa: E731  (one slab, several)
+    calls = count_calls(monkeypatch, ops, ("range_attention", "ranges_attention", "shared_prefix_attention"))
+    windowed = lambda: calls["range_attention"] + calls["ranges_attention"]  # noqa: E731  (one slab, several)
     if path == "split":
         monkeypatch.setenv("HF_PAGED_READ_PLAN", "shared_prefix")
     inputs = left_padded_batch([37, 12, 26], seed=1)
@@ -125,9 +125,9 @@ def test_both_attention_paths_for_rows_sharing_prompts(parity_pair, mode, path, 
 @pytest.mark.parametrize("path", ["window", "split", "gathered"])
 def test_every_attention_path_with_narrower_values(path, monkeypatch):
     """Values narrower than keys (MiMo-V2-Flash) through each PyTorch attention path: one block range for all rows
-    (`ops.window_attention`), shared prefix plus tails (`ops.shared_prefix_attention`), per-row gathers."""
+    (`ops.range_attention`), shared prefix plus tails (`ops.shared_prefix_attention`), per-row gathers."""
     reference, paged = model_pair("mimo_v2_flash")
-    calls = count_calls(monkeypatch, ops, ("window_attention", "windows_attention", "shared_prefix_attention",
+    calls = count_calls(monkeypatch, ops, ("range_attention", "ranges_attention", "shared_prefix_attention",
                                            "gather_kv"))
     if path != "window":
         monkeypatch.setenv("HF_PAGED_READ_PLAN", {"split": "shared_prefix", "gathered": "gather"}[path])
@@ -138,7 +138,7 @@ def test_every_attention_path_with_narrower_values(path, monkeypatch):
     assert isinstance(got.past_key_values, PagedCache)
     _assert_same(got, expected, f"mimo_v2_flash/{path}")
     got.past_key_values.manager.check()
-    assert (calls["window_attention"] + calls["windows_attention"] > 0) == (path == "window")  # one slab, several
+    assert (calls["range_attention"] + calls["ranges_attention"] > 0) == (path == "window")  # one slab, several
     assert (calls["shared_prefix_attention"] > 0) == (path == "split")
 
 
@@ -159,7 +159,7 @@ def test_single_sequence_reads_its_blocks_in_place(family):
         if len(group.pool.slabs) == 1:
             assert group.step.first_block == group.manager.tables[0][0]
         else:
-            assert sum(count for _, count in group.step.windows) == len(group.manager.tables[0])
+            assert sum(count for _, count in group.step.block_ranges) == len(group.manager.tables[0])
     assert torch.equal(got.sequences, expected.sequences)
 
 
@@ -173,20 +173,20 @@ def test_single_row_crossing_slabs_is_read_in_place(monkeypatch, copy_bytes):
     reference, paged = model_pair("llama")
     ids = random_ids(1, 12, seed=4)
     expected = reference.generate(ids, max_new_tokens=40, do_sample=False)
-    calls = count_calls(monkeypatch, ops, ["windows_attention", "window_attention", "shared_prefix_attention"])
+    calls = count_calls(monkeypatch, ops, ["ranges_attention", "range_attention", "shared_prefix_attention"])
     calls.update(count_calls(monkeypatch, LayerStore, ["index_select"]))
     cache = PagedCache(paged.config, block_size=4)
     got = paged.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=cache)
     assert torch.equal(got, expected)
     assert len(cache.pool.slabs) >= 3
     assert calls["index_select"] == 0 and calls["shared_prefix_attention"] == 0
-    assert (calls["windows_attention"] > 0) == (copy_bytes == 0)
+    assert (calls["ranges_attention"] > 0) == (copy_bytes == 0)
 
 
 def test_a_pool_of_several_slabs_is_read_one_window_per_slab():
     """The step planner (`hf_paged.step.build_step`) reads rows whose blocks lie in three slabs as one window per slab,
     each from the lowest to the highest block the rows use there, null entries skipped (what
-    tests/test_ops.py::test_windows_attention_equals_paged_attention attends over)."""
+    tests/test_ops.py::test_ranges_attention_equals_paged_attention attends over)."""
     manager = BlockManager(num_blocks=12, block_size=4)
     # Row 0: a null entry (its first block holds only dead tokens), then blocks of slabs 0 and 1; block 8 is shared.
     manager.tables = [[NULL_BLOCK, 2, 3, 4], [0, 1, 8, 9], [7, 8, 10, 11]]
@@ -197,7 +197,7 @@ def test_a_pool_of_several_slabs_is_read_one_window_per_slab():
         manager.pool.ref_counts[block] += 1
     manager.check()
     step = build_step(manager, [13, 12, 14], 2, torch.device("cpu"), trim=False, starts=[0, 3, 7])
-    assert step.windows == ((0, 3), (3, 2), (7, 5)) and step.window is None and step.shared is None
+    assert step.block_ranges == ((0, 3), (3, 2), (7, 5)) and step.block_range is None and step.shared is None
     assert step.first_entries.tolist() == [1, 0, 0]
 
 

@@ -274,3 +274,184 @@ def test_chat_scenario_reports_allocated_referenced_and_ideal(tiny_model, tmp_pa
     assert "KV x ideal" in stdout and "KV memory vs the ideal" in (tmp_path / "results.md").read_text()
     line = next(line for line in stdout.split("KV x ideal")[1].splitlines() if line.startswith("chat8_eos"))
     assert f"{paged['peak_kv_bytes'] / reference['ideal_bytes']:.2f}" == line.split()[-1]
+
+
+# The quality scenario (hf_paged.bench.quality) and the KV implementations it compares (hf_paged.bench.impls).
+
+
+def _quanto_installed() -> bool:
+    from transformers.utils import is_optimum_quanto_available
+
+    return is_optimum_quanto_available()
+
+
+@pytest.fixture(scope="module")
+def llama64():
+    """A tiny sdpa Llama of head_dim 64 (quanto's group size divides its keys), the quality functions switch it."""
+    from tiny_models import model_pair
+
+    model, _ = model_pair("llama", head_dim=64)
+    return model
+
+
+def _full_segments_nll(model, ids: list[int], segment: int, chunk: int | None = None) -> float:
+    """Summed NLL of every token but each segment's first, each segment in one forward without a cache (or, with
+    `chunk`, each chunk alone: what a loop that does not read the cache would compute)."""
+    model.set_attn_implementation("sdpa")
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids), segment):
+            piece = torch.tensor([ids[start:start + segment]])
+            step = chunk or piece.shape[1]
+            logits = torch.cat([model(input_ids=piece[:, s:s + step], use_cache=False).logits[0]
+                                for s in range(0, piece.shape[1], step)])
+            total -= torch.log_softmax(logits[:-1], -1).gather(1, piece[0, 1:, None]).double().sum().item()
+    return total
+
+
+def test_perplexity_chunks_read_the_cache(llama64):
+    """Chunks fed through a cache score the tokens as one forward over the whole segment does, for hf_paged and
+    sdpa alike; chunks that did not read the cache would score them differently."""
+    from tiny_models import random_ids
+
+    from hf_paged.bench.impls import IMPLS
+    from hf_paged.bench.quality import perplexity
+
+    ids = random_ids(1, 200, seed=0)[0].tolist()
+    passes = perplexity(llama64, [IMPLS["hf_paged"], IMPLS["sdpa"]], ids, segment=100, chunk=16)
+    whole = _full_segments_nll(llama64, ids, 100)
+    assert abs(whole - _full_segments_nll(llama64, ids, 100, chunk=16)) > 1.0  # the test can tell the difference
+    for name in ("hf_paged", "sdpa"):
+        assert passes[name].scored == 2 * 99
+        assert passes[name].nll == pytest.approx(whole, rel=1e-5)
+    assert torch.equal(torch.cat(passes["hf_paged"].argmax), torch.cat(passes["sdpa"].argmax))
+    # sdpa's DynamicCache held the whole first segment: 2 layers x keys and values x 2 KV heads x 100 x 64 x fp32.
+    assert passes["sdpa"].segment_kv_bytes == 2 * 2 * 2 * 100 * 64 * 4
+
+
+def test_quantized_caches_in_the_perplexity_loop(llama64):
+    """The 8-bit and quanto caches change the scores a little (their keys and values are read back quantized), and
+    an 8-bit pool's bytes are float32's times (D + 2) / 4D: the inline scales are counted."""
+    from tiny_models import random_ids
+
+    from hf_paged.bench.impls import IMPLS, kv_dtype_available
+    from hf_paged.bench.quality import perplexity
+
+    names = ["hf_paged"] + (["hf_paged-int8", "hf_paged-fp8"] if kv_dtype_available() else [])
+    names += ["quanto-int4"] if _quanto_installed() else []
+    if len(names) == 1:
+        pytest.skip("neither 8-bit hf_paged nor optimum-quanto is available")
+    ids = random_ids(1, 300, seed=1)[0].tolist()
+    passes = perplexity(llama64, [IMPLS[name] for name in names], ids, segment=300, chunk=32)
+    reference = passes["hf_paged"]
+    for name in names[1:]:
+        assert passes[name].nll != reference.nll  # really quantized
+        assert passes[name].nll == pytest.approx(reference.nll, rel=0.02)
+    for name in ("hf_paged-int8", "hf_paged-fp8"):
+        if name in passes:
+            assert passes[name].segment_kv_bytes * 4 * 64 == reference.segment_kv_bytes * (64 + 2)
+
+
+@pytest.mark.skipif(not _quanto_installed(), reason="needs optimum-quanto")
+def test_cache_bytes_count_quantos_payload_scales_and_residual(llama64):
+    """A QuantizedCache's bytes: 4-bit codes packed two a byte, a float32 scale and shift per group of 64, and the
+    full-precision residual keys and values."""
+    from hf_paged.bench.impls import IMPLS, cache_bytes, new_cache
+
+    cache = new_cache(IMPLS["quanto-int4"], llama64)
+    states = torch.randn(1, 2, 192, 64)
+    for layer in range(2):
+        cache.update(states, states, layer)  # the first update quantizes all 192 tokens
+    packed = 2 * 192 * 64 // 2 + 2 * 192 * 64 // 64 * 4 * 2  # per tensor: codes, scales and shifts
+    assert cache_bytes(cache) == 2 * 2 * packed
+    for layer in range(2):
+        cache.update(states[:, :, :5], states[:, :, :5], layer)  # 5 tokens wait in the residual, in float32
+    assert cache_bytes(cache) == 2 * 2 * (packed + 2 * 5 * 64 * 4)
+
+
+@pytest.mark.skipif(not _quanto_installed(), reason="needs optimum-quanto")
+def test_quanto_refusals_are_transformers_own(llama64):
+    from hf_paged.bench.impls import IMPLS, unavailable
+
+    assert unavailable(IMPLS["quanto-int4"], llama64) is None
+    assert "has to be one of [`2`, `4`] but got 8" in unavailable(IMPLS["quanto-int8"], llama64)
+
+
+def test_corpus_is_fixed_and_described(tiny_model):
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from hf_paged.bench.quality import corpus, corpus_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    first, again = corpus(tokenizer, 20480), corpus(tokenizer, 20480)
+    assert first == again and len(first.ids) == 20480
+    assert first.ids == tokenizer(corpus_text(), add_special_tokens=False)["input_ids"][:20480]
+    assert first.sha256 == hashlib.sha256(",".join(map(str, first.ids)).encode()).hexdigest()
+    assert corpus(tokenizer, 100).sha256 != first.sha256
+    assert set(first.describe()) == {"tokens", "source", "python", "characters", "sha256"}
+    with pytest.raises(ValueError, match="fewer than the 10000000 asked for"):
+        corpus(tokenizer, 10_000_000)
+
+
+QUALITY_ROW_KEYS = {
+    "impl", "status", "reason", "perplexity", "perplexity_ratio", "scored_tokens", "top1_agreement", "requests",
+    "identical", "identical_fraction", "mean_agreeing_tokens", "mean_tokens", "seconds", "time_ratio",
+    "segment_kv_bytes", "kv_ratio",
+}
+
+
+def test_quality_scenario_command(tiny_model, tmp_path, capsys):
+    """``--scenarios quality`` (not in the default set) runs every quality impl against unquantized hf_paged and
+    writes its rows, its corpus and the 8-bit targets."""
+    from hf_paged.bench.impls import kv_dtype_available
+    from hf_paged.bench.scenarios import DEFAULT_SCENARIOS
+
+    assert "quality" not in DEFAULT_SCENARIOS
+    argv = ["--model", str(tiny_model), "--threads", "1", "--scenarios", "quality", "--quality-tokens", "130",
+            "--quality-segment", "65", "--quality-chunk", "16", "--new-tokens", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert "top-1 agree" in capsys.readouterr().out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["results"] == [] and data["quality"]["corpus"]["tokens"] == 130
+    rows = {row["impl"]: row for row in data["quality"]["rows"]}
+    assert list(rows) == ["hf_paged", "hf_paged-int8", "hf_paged-fp8", "sdpa", "quanto-int4", "quanto-int2",
+                          "quanto-int8"]
+    assert all(set(row) == QUALITY_ROW_KEYS for row in rows.values())
+    reference, sdpa = rows["hf_paged"], rows["sdpa"]
+    assert reference["perplexity_ratio"] == 1.0 and reference["top1_agreement"] == 1.0
+    assert reference["scored_tokens"] == 2 * 64 and reference["requests"] == reference["identical"] == 8
+    assert sdpa["perplexity_ratio"] == pytest.approx(1.0, rel=1e-5) and sdpa["top1_agreement"] >= 0.99
+    assert rows["quanto-int8"]["status"] == "n/a"
+    if kv_dtype_available():
+        assert rows["hf_paged-int8"]["status"] == "ok" and rows["hf_paged-int8"]["kv_ratio"] < 0.5
+        assert {line["impl"] for line in data["targets"]} == {"hf_paged-int8", "hf_paged-fp8"}
+    assert "## Quality of quantized KV caches" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.skipif(not paged_attention_registered(), reason="needs the hf_paged attention")
+def test_generate_scenarios_with_quantized_kv(tiny_model, tmp_path, capsys):
+    """hf_paged-int8 / -fp8 and quanto-int4 run the generate() scenarios beside hf_paged and sdpa; an 8-bit pool
+    allocates float32's bytes times (D + 2) / 4D (its scales inline), quanto-int4 less than sdpa."""
+    from hf_paged.bench.impls import kv_dtype_available
+
+    impls = ["hf_paged", "sdpa"] + (["hf_paged-int8", "hf_paged-fp8"] if kv_dtype_available() else [])
+    impls += ["quanto-int4"] if _quanto_installed() else []
+    argv = ["--model", str(tiny_model), *QUICK, "--prompt-lengths", "32", "--scenarios", "greedy,beams8",
+            "--impls", ",".join(impls), "--out", str(tmp_path)]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {(row["scenario"], row["impl"]): row for row in data["results"]}
+    head_dim = 64 // 4
+    for scenario in ("greedy", "beams8"):
+        assert {impl for s, impl in rows if s == scenario} == set(impls)
+        assert all(rows[scenario, impl]["status"] == "ok" for impl in impls)
+        for impl in ("hf_paged-int8", "hf_paged-fp8"):
+            if impl in impls:
+                assert rows[scenario, impl]["peak_kv_bytes"] * 4 * head_dim == (
+                    rows[scenario, "hf_paged"]["peak_kv_bytes"] * (head_dim + 2))
+        if "quanto-int4" in impls:
+            assert 0 < rows[scenario, "quanto-int4"]["peak_kv_bytes"] < rows[scenario, "sdpa"]["peak_kv_bytes"]
+    if kv_dtype_available():
+        assert any(line["target"].startswith("greedy P=32: KV") for line in data["targets"])

@@ -98,7 +98,7 @@ def test_latent_family_matches_eager_without_gathering_the_context(pair, mode, m
 @pytest.mark.parametrize("path", ["window", "slabs", "single row", "gathered"])
 def test_every_pytorch_path(path, monkeypatch):
     """DeepSeek-V3 through each way the PyTorch path reads latents: one block range holding every row's blocks
-    (`StepMetadata.window`), one range per slab of a grown pool merged by log-sum-exp (``windows``), a single row's
+    (`StepPlan.block_range`), one range per slab of a grown pool merged by log-sum-exp (``windows``), a single row's
     blocks (in place), and each row's latents gathered (rows whose blocks are not compact)."""
     reference, paged = _pair("deepseek_v3")
     new_tokens = 40 if path in ("slabs", "single row") else NEW_TOKENS

@@ -251,7 +251,7 @@ def kv_shared_pair(request):
 @pytest.mark.parametrize("lengths", [[21, 10, 15], [12, 5, 9]], ids=["long", "short"])
 def test_kv_shared_layers_match_eager(kv_shared_pair, mode, block_size, lengths):
     """Left-padded prompts longer than the window (a prefill that stores only the window's tokens in the sliding
-    group; the short ones' prefill reads the full group's keys as one block range, `ops.window_attention`): greedy,
+    group; the short ones' prefill reads the full group's keys as one block range, `ops.range_attention`): greedy,
     beams and samples give eager's tokens, and the shared layers have no pool of their own."""
     reference, paged = kv_shared_pair
     inputs = left_padded_batch(lengths, seed=5)

@@ -122,11 +122,11 @@ def test_window_attention_equals_paged_attention(q_len, softcap, sliding_window)
     mask = ops.causal_mask(seq_lens, None, q_len, 20, sliding_window) & padding[:, None, None, :]
     expected = ops.attend(query, keys, values, mask, scale=0.25, softcap=softcap)
 
-    window = ops.window_mask(block_tables, seq_lens, q_len, 10, 10, bs, groups=3, dtype=query.dtype,
+    window = ops.range_mask(block_tables, seq_lens, q_len, 10, 10, bs, groups=3, dtype=query.dtype,
                              key_padding=padding, sliding_window=sliding_window)
     assert window.shape == (1, 1, 4 * 3 * q_len, 40)
     assert torch.all(window[..., 6 * bs:7 * bs] == -torch.inf)  # block 16 is nobody's
-    got = ops.window_attention(query, key_cache, value_cache, 10, 10, window, scale=0.25, softcap=softcap)
+    got = ops.range_attention(query, key_cache, value_cache, 10, 10, window, scale=0.25, softcap=softcap)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -199,9 +199,9 @@ def test_ops_honour_sinks_and_chunks(window, chunk, with_sinks):
     padding = torch.arange(kv_len)[None, :] >= key_start[:, None]
     first = int(tables.min())
     count = int(tables.max()) + 1 - first
-    mask = ops.window_mask(tables, seq_lens, query.shape[2], first, count, key_cache.shape[1], groups=2,
+    mask = ops.range_mask(tables, seq_lens, query.shape[2], first, count, key_cache.shape[1], groups=2,
                            dtype=query.dtype, key_padding=padding, sliding_window=window, chunk_size=chunk)
-    got = ops.window_attention(query, key_cache, value_cache, first, count, mask, scale=0.5, sinks=sinks)
+    got = ops.range_attention(query, key_cache, value_cache, first, count, mask, scale=0.5, sinks=sinks)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -226,7 +226,7 @@ def test_shared_prefix_attention_with_sinks(with_sinks):
 
 
 @pytest.mark.parametrize(("softcap", "sinks", "window"), [(None, False, None), (5.0, False, 7), (None, True, None)])
-def test_windows_attention_equals_paged_attention(softcap, sinks, window):
+def test_ranges_attention_equals_paged_attention(softcap, sinks, window):
     """One window per slab, merged by log-sum-exp, equals `ops.paged_attention` over the same blocks in one tensor,
     null entries (dead leading blocks, 0 in the tensors) skipped, queries that see nothing in a slab included."""
     generator = torch.Generator().manual_seed(1)
@@ -245,11 +245,11 @@ def test_windows_attention_equals_paged_attention(softcap, sinks, window):
     first_entries = torch.tensor([1, 0, 0])
     block_tables = torch.tensor([[max(b, 0) for b in table] for table in tables], dtype=torch.int32)
     step = StepPlan(block_tables=block_tables, seq_lens=seq_lens, slot_mapping=None, q_len=q_len, max_seq_len=16,
-                    block_size=bs, windows=ranges, first_entries=first_entries)
+                    block_size=bs, block_ranges=ranges, first_entries=first_entries)
     query = torch.randn(3, 4, q_len, 8, generator=generator)
     sink = torch.randn(4, generator=generator) if sinks else None
-    window_masks = masks.windows_masks(step, None, window, 2, torch.float32)
-    got = ops.windows_attention(query, keys, values, step.windows, window_masks, scale=0.3, softcap=softcap,
+    range_masks = masks.ranges_masks(step, None, window, 2, torch.float32)
+    got = ops.ranges_attention(query, keys, values, step.block_ranges, range_masks, scale=0.3, softcap=softcap,
                                 sinks=sink)
     expected = ops.paged_attention(query, whole[0], whole[1], block_tables, seq_lens, (first_entries * bs).to(
         torch.int32), scale=0.3, max_seq_len=16, sliding_window=window, softcap=softcap, sinks=sink)

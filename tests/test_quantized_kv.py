@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import RoundedCache, left_padded_batch, model_pair, random_ids
+from tiny_models import left_padded_batch, model_pair, random_ids, rounded_cache
 
 import hf_paged
 from hf_paged import PagedCache, quant
@@ -128,7 +128,7 @@ def test_same_tokens_as_transformers_attention_over_rounded_keys(family, name):
     gives the same tokens, and logits within float32 rounding."""
     reference, paged = model_pair(family)
     inputs = left_padded_batch([21, 13, 30])
-    expected = _greedy(reference, inputs, **cache_kwargs(RoundedCache(name, config=reference.config)))
+    expected = _greedy(reference, inputs, **cache_kwargs(rounded_cache(name, reference)))
     got = _greedy(paged, inputs, cache_config={"block_size": 4, "kv_dtype": name})
     assert output_cache(got).pool.dtype == quant.kv_format(name).dtype
     assert torch.equal(got.sequences, expected.sequences)
@@ -223,3 +223,8 @@ def test_layer_keys_read_back_decoded():
     assert keys.dtype == torch.float32 and keys.shape == reference.shape
     assert torch.allclose(keys, reference, atol=float(reference.abs().max()) / 127)
     assert cache.layers[0].key_pool.shape[-1] == reference.shape[-1] + 2
+    # What the pool holds is the keys rotated (`quant.rotated`), then rounded.
+    stored = quant.from_storage(cache.layers[0].key_pool[0, :9])  # the row's one block: [9, Hkv, D]
+    rotated = quant.rotated(reference[0].transpose(0, 1))
+    assert torch.allclose(stored, rotated, atol=float(rotated.abs().max()) / 127)
+    assert not torch.allclose(stored, reference[0].transpose(0, 1), atol=float(reference.abs().max()) / 16)

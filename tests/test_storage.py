@@ -68,7 +68,7 @@ def test_growing_pool_gives_reference_tokens(pair, mode, monkeypatch):
     inputs = left_padded_batch([13, 6, 9], seed=2)
     expected = _generate(reference, inputs, **MODES[mode])
     watch = _SlabWatch(monkeypatch, paged)
-    calls = count_calls(monkeypatch, ops, ["windows_attention"])
+    calls = count_calls(monkeypatch, ops, ["ranges_attention"])
     try:
         cache = PagedCache(paged.config, block_size=4)
         got = _generate(paged, inputs, past_key_values=cache, **MODES[mode])
@@ -83,7 +83,7 @@ def test_growing_pool_gives_reference_tokens(pair, mode, monkeypatch):
     assert sum(watch.allocated) == sum(len(each.tensors) * each.num_blocks for each in cache.pools)
     assert max(watch.allocated) < pool.num_blocks
     if family != "deepseek_v3":  # (latent layers read their slabs' ranges in hf_paged.latent, not through ops)
-        assert calls["windows_attention"] > 0  # one window per slab, merged
+        assert calls["ranges_attention"] > 0  # one window per slab, merged
     cache.manager.check()
 
 
@@ -216,7 +216,7 @@ def test_growth_appends_slabs_and_keeps_the_old_ones():
 
 @pytest.mark.parametrize("num_blocks", [None, 40])
 def test_blocks_no_row_has_written_hold_zeros(num_blocks):
-    """`ops.window_attention` scores every slot of its range: the pool must never expose garbage (a NaN left by
+    """`ops.range_attention` scores every slot of its range: the pool must never expose garbage (a NaN left by
     an earlier tensor in the same memory would survive the mask)."""
     reference, paged = model_pair("llama")
     inputs = left_padded_batch([9], seed=5)

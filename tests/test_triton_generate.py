@@ -63,7 +63,7 @@ def count(module, name, key):
 for name in ("reshape_and_cache", "paged_attention", "shared_prefix_paged_attention", "copy_blocks"):
     count(kernels, name, name)
 for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv", "shared_prefix_attention",
-             "shared_prefix_paged_attention", "window_attention"):
+             "shared_prefix_paged_attention", "range_attention"):
     count(ops, name, "ops." + name)
 
 # The suite's tiny models, smaller still for the interpreter: (family, config changes, reference attention).

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 import hf_paged  # noqa: F401  (registers "hf_paged")
-from hf_paged import PagedCache, quant
+from hf_paged import PagedCache, kinds, quant
 
 VOCAB = 96
 SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -314,13 +314,26 @@ def count_prefill_positions(model, run):
 
 
 class RoundedCache(DynamicCache):
-    """Transformers' `DynamicCache`, keeping every key and value as an 8-bit pool of `name` would give it back."""
+    """Transformers' `DynamicCache`, keeping every key and value as an 8-bit pool of `name` would give it back:
+    rotated (`hf_paged.quant.rotated`, unless `rotate` is False: multi-head latent attention's latents), rounded,
+    and rotated back. Written from `hf_paged.quant`'s definition, independently of how a `PagedCache` applies it."""
 
-    def __init__(self, name: str, **kwargs):
+    def __init__(self, name: str, rotate: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.storage = quant.kv_format(name).dtype
+        self.storage, self.rotate = quant.kv_format(name).dtype, rotate
+
+    def _round(self, states):
+        if not self.rotate:
+            return quant.decode(quant.encode(states, self.storage), states.dtype)
+        rotation = quant.rotation(states.shape[-1], states.device)
+        stored = quant.encode(states.float() @ rotation, self.storage)
+        return (quant.decode(stored) @ rotation).to(states.dtype)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        rounded = (quant.decode(quant.encode(states, self.storage), states.dtype)
-                   for states in (key_states, value_states))
-        return super().update(*rounded, layer_idx, *args, **kwargs)
+        return super().update(self._round(key_states), self._round(value_states), layer_idx, *args, **kwargs)
+
+
+def rounded_cache(name: str, model) -> RoundedCache:
+    """The `RoundedCache` that rounds as an 8-bit `PagedCache` of `model` does (latents unrotated)."""
+    latent = any(isinstance(kind.attention, kinds.LatentAttention) for kind in kinds.plan_layers(model.config))
+    return RoundedCache(name, rotate=not latent, config=model.config)

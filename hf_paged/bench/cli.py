@@ -13,13 +13,17 @@ from pathlib import Path
 
 import hf_paged
 
+from .quality import QUALITY_IMPLS, QualitySettings
+from .runner import IMPLEMENTATIONS
 from .scenarios import DEFAULT_SCENARIOS, HOST_LAYERS, SCENARIOS
 
 __all__ = ["BenchError", "main", "parse_args"]
 
 PROG = "hf-paged-bench"
 DTYPES = ("float32", "bfloat16", "float16")
-IMPL_CHOICES = ("hf_paged", "sdpa", "generate_batch")
+IMPL_CHOICES = IMPLEMENTATIONS
+#: What the generate() scenarios run unless --impls says otherwise (sdpa is always run: it is the reference).
+DEFAULT_IMPLS = ("hf_paged", "sdpa", "generate_batch")
 
 
 class BenchError(Exception):
@@ -95,11 +99,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenarios",
         type=_name_list,
         default=DEFAULT_SCENARIOS,
-        help=f"comma-separated, from {','.join(SCENARIOS)} (default: all but host). host runs its own 30-layer "
-        "tiny Llama (batch 1 and 8) in a process of its own: time, host syncs, copies and Triton launches per decode "
-        "step for sdpa and hf_paged's PyTorch and Triton paths (launches stubbed); it uses --prompt-lengths, "
-        "--new-tokens, --repeats, --warmup (at least 1), --threads, --seed and --host-layers, and on its own loads "
-        "no model and runs no sweep",
+        help=f"comma-separated, from {','.join(SCENARIOS)} (default: all but host and quality). host runs its own "
+        "30-layer tiny Llama (batch 1 and 8) in a process of its own: time, host syncs, copies and Triton launches "
+        "per decode step for sdpa and hf_paged's PyTorch and Triton paths (launches stubbed); it uses "
+        "--prompt-lengths, --new-tokens, --repeats, --warmup (at least 1), --threads, --seed and --host-layers, and "
+        "on its own loads no model and runs no sweep. quality (minutes: about 2 per implementation for SmolLM2-135M "
+        "on 1 thread) compares quantized KV caches with unquantized hf_paged on the loaded model: "
+        "teacher-forced perplexity over --quality-tokens tokens of CPython's pydoc_data.topics (segments of "
+        "--quality-segment tokens fed --quality-chunk at a time through the cache), top-1 agreement, and greedy "
+        "continuations (--new-tokens at most, to EOS) of the chat requests; it runs "
+        f"{','.join(QUALITY_IMPLS)} unless --impls names others",
     )
     parser.add_argument(
         "--prompt-lengths", type=_int_list, default=(512, 2048), help="prompt tokens P (default 512,2048)"
@@ -118,8 +127,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--impls",
         type=_name_list,
-        default=IMPL_CHOICES,
-        help=f"implementations, from {','.join(IMPL_CHOICES)} (sdpa is always run: it is the reference)",
+        help=f"implementations, from {','.join(IMPL_CHOICES)} (default {','.join(DEFAULT_IMPLS)}; sdpa is always "
+        "run: it is the reference). hf_paged-int8 / hf_paged-fp8: hf_paged with 8-bit KV storage "
+        '(generate(cache_config={"kv_dtype": ...})); quanto-int2/4/8: sdpa with Transformers\' QuantizedCache on '
+        'the optimum-quanto backend (generate(cache_implementation="quantized", cache_config={"backend": "quanto", '
+        '"nbits": n}), other options at their defaults: pip install optimum-quanto)',
     )
     parser.add_argument(
         "--threads", type=_positive,
@@ -132,9 +144,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--host-layers", type=_positive, default=HOST_LAYERS,
                         help=f"layers of the host scenario's model (default {HOST_LAYERS})")
+    quality = QualitySettings()
+    parser.add_argument("--quality-tokens", type=_positive, default=quality.tokens,
+                        help=f"corpus tokens the quality scenario scores (default {quality.tokens})")
+    parser.add_argument("--quality-segment", type=_positive, default=quality.segment,
+                        help=f"tokens per segment (one cache each) in the quality scenario (default {quality.segment})")
+    parser.add_argument("--quality-chunk", type=_positive, default=quality.chunk,
+                        help=f"tokens per forward call within a segment in the quality scenario (default "
+                        f"{quality.chunk})")
     parser.add_argument("--seed", type=int, default=0, help="seed set before every generate() call")
     parser.add_argument("--out", type=Path, help="write results.json, results.md and PNG plots here")
     args = parser.parse_args(argv)
+    named = args.impls or ()
+    args.impls = args.impls or DEFAULT_IMPLS
     if args.quick:
         args.warmup, args.sweep_k, args.impls = 0, (), ("hf_paged", "sdpa")
 
@@ -149,6 +171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown implementation {', '.join(map(repr, unknown))}; choose from {', '.join(IMPL_CHOICES)}")
     args.impls = tuple(i for i in IMPL_CHOICES if i in args.impls or i == "sdpa")
+    args.quality_impls = tuple(i for i in named if i in QUALITY_IMPLS) or QUALITY_IMPLS
+    if args.quality_chunk > args.quality_segment or args.quality_segment < 2:
+        parser.error(f"--quality-chunk {args.quality_chunk} must be at most --quality-segment "
+                     f"{args.quality_segment}, itself at least 2")
     if not args.prompt_lengths:
         parser.error("--prompt-lengths needs at least one length")
     if args.num_blocks is not None and args.max_memory is not None:
@@ -199,9 +225,10 @@ def _load(args: argparse.Namespace):
 
 
 def _meta(args: argparse.Namespace, model_name: str | None, loaded: tuple[str, ...], rss_note: str,
-          host: bool) -> dict:
-    """The run's settings and versions; `loaded`: the scenarios that ran on the loaded model (none: no model was
-    loaded and no sweep ran); `host`: whether the `host` scenario ran."""
+          host: bool, quality: bool = False) -> dict:
+    """The run's settings and versions; `loaded`: the generate() scenarios that ran on the loaded model (none: no
+    sweep ran); `host`: whether the `host` scenario ran; `quality`: whether the `quality` scenario ran (on the
+    loaded model too)."""
     import torch
     import transformers
 
@@ -210,7 +237,7 @@ def _meta(args: argparse.Namespace, model_name: str | None, loaded: tuple[str, .
     from .scenarios import HOST_BATCHES, HOST_MODEL
 
     meta = {
-        "model": model_name if loaded else "none loaded (the host scenario has its own)",
+        "model": model_name if loaded or quality else "none loaded (the host scenario has its own)",
         "dtype": args.dtype,
         "device": args.device,
         "block_size": args.block_size or LIBRARY_BLOCK_SIZE,
@@ -234,6 +261,11 @@ def _meta(args: argparse.Namespace, model_name: str | None, loaded: tuple[str, .
         "notes": notes(rss_note) if loaded else [],
         "command": shlex.join(["python", "-m", "hf_paged.bench", *args.argv]),
     }
+    if quality:
+        import platform
+
+        meta["python"] = platform.python_version()
+        meta["quality_impls"] = list(args.quality_impls)
     if host:
         try:
             import triton
@@ -246,19 +278,25 @@ def _meta(args: argparse.Namespace, model_name: str | None, loaded: tuple[str, .
     return meta
 
 
-def _run_loaded(args: argparse.Namespace, names: tuple[str, ...]):
-    """The scenarios that run on the loaded model (and the k sweep): ``(rows, sweep, rss_note, model name)``."""
-    from tqdm.auto import tqdm
+def _load_for_scenarios(args: argparse.Namespace):
+    """The loaded model for the scenarios that run on it: ``(model, tokenizer, model name, pad token id)``."""
     from transformers.utils import logging as hf_logging
-
-    from .prompts import chat_requests, chat_wrap, token_stream
-    from .runner import Runner
-    from .suite import Settings, Suite
 
     print(f"{PROG}: loading the model ...", file=sys.stderr)
     model, tokenizer, model_name = _load(args)
     hf_logging.set_verbosity_error()
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, tokenizer, model_name, pad_token_id if pad_token_id is not None else 0
+
+
+def _run_loaded(args: argparse.Namespace, names: tuple[str, ...], model, tokenizer, pad_token_id: int):
+    """The generate() scenarios `names` on the loaded model (and the k sweep): ``(rows, sweep, rss_note)``."""
+    from tqdm.auto import tqdm
+
+    from .prompts import chat_requests, chat_wrap, token_stream
+    from .runner import Runner
+    from .suite import Settings, Suite
+
     scenarios = tuple(
         dataclasses.replace(SCENARIOS[name], calls=args.prefix_calls)
         if SCENARIOS[name].prefix_cache
@@ -270,7 +308,7 @@ def _run_loaded(args: argparse.Namespace, names: tuple[str, ...]):
     )
     runner = Runner(
         model,
-        pad_token_id if pad_token_id is not None else 0,
+        pad_token_id,
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         max_memory=args.max_memory,
@@ -282,7 +320,26 @@ def _run_loaded(args: argparse.Namespace, names: tuple[str, ...]):
     with tqdm(total=suite.planned_runs(), desc=PROG, unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
         suite.progress = bar
         rows, sweep = suite.run()
-    return rows, sweep, runner.rss_note, model_name
+    return rows, sweep, runner.rss_note
+
+
+def _run_quality(args: argparse.Namespace, model, tokenizer, pad_token_id: int):
+    """The `quality` scenario on the loaded model (`hf_paged.bench.quality`)."""
+    from tqdm.auto import tqdm
+
+    from .prompts import chat_requests
+    from .quality import planned_steps, quality_impls, run_quality
+
+    settings = QualitySettings(args.quality_tokens, args.quality_segment, args.quality_chunk, args.new_tokens)
+    total = planned_steps(quality_impls(model, args.quality_impls), settings)
+    with tqdm(total=total, desc=f"{PROG} quality", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        try:
+            return run_quality(model, tokenizer, chat_requests(tokenizer), pad_token_id, settings,
+                               args.quality_impls, bar)
+        except (RuntimeError, ValueError) as error:
+            if str(error).startswith("hf_paged bench:"):
+                raise BenchError(str(error).removeprefix("hf_paged bench: ")) from None
+            raise
 
 
 def _run_host(args: argparse.Namespace) -> list:
@@ -316,13 +373,19 @@ def _run(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise BenchError(f"--out {args.out}: {error.strerror or error}") from None
-    loaded = tuple(name for name in args.scenarios if SCENARIOS[name].model != "host")
-    rows, sweep, rss_note, model_name = _run_loaded(args, loaded) if loaded else ([], [], "", None)
-    host = _run_host(args) if len(loaded) < len(args.scenarios) else []
-    print(render_table(rows, sweep, rss_note, host))
+    loaded = tuple(name for name in args.scenarios if SCENARIOS[name].model != "host" and not SCENARIOS[name].quality)
+    rows, sweep, rss_note, model_name, quality = [], [], "", None, None
+    if loaded or "quality" in args.scenarios:
+        model, tokenizer, model_name, pad_token_id = _load_for_scenarios(args)
+        if loaded:
+            rows, sweep, rss_note = _run_loaded(args, loaded, model, tokenizer, pad_token_id)
+        if "quality" in args.scenarios:
+            quality = _run_quality(args, model, tokenizer, pad_token_id)
+    host = _run_host(args) if "host" in args.scenarios else []
+    print(render_table(rows, sweep, rss_note, host, quality))
     if args.out is not None:
-        meta = _meta(args, model_name, loaded, rss_note, bool(host))
-        for path in write_outputs(args.out, meta, rows, sweep, host):
+        meta = _meta(args, model_name, loaded, rss_note, bool(host), quality is not None)
+        for path in write_outputs(args.out, meta, rows, sweep, host, quality):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

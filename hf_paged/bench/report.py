@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .suite import SWEEP_KINDS, Row, SweepPoint
 
-__all__ = ["HOST_NOTES", "IDEAL_NOTE", "PLOT_FILES", "notes", "render_markdown", "render_table", "write_outputs"]
+__all__ = ["HOST_NOTES", "IDEAL_NOTE", "PLOT_FILES", "QUALITY_NOTES", "notes", "render_markdown", "render_table",
+           "targets", "write_outputs"]
 
 PLOT_FILES = ("time_vs_prompt_length.png", "kv_vs_k.png")
 _MIB = 2**20
@@ -37,7 +38,10 @@ def notes(rss_note: str) -> list[str]:
         "KV: the most bytes of keys and values allocated during the run; hf_paged: stats().peak_pool_bytes "
         "(its block pool, referenced or not); sdpa: the DynamicCache's tensors when generate() returned (it only "
         "grows; sliding-window layers keep their window; beam search's reorder copies are transient and not "
-        "counted). KV x sdpa: that over sdpa's.",
+        "counted); hf_paged-int8 / -fp8: the same pool of 8-bit codes, each row's scale inline; quanto-<n> "
+        "(Transformers' QuantizedCache): its tensors when generate() returned (packed codes, scales, zero-points, "
+        "the full-precision residual), not the full-precision copy of a layer it dequantizes at every step "
+        "(transient). KV x sdpa: that over sdpa's.",
         "used, used peak: hf_paged's referenced bytes (stats().used_bytes when generate() returned, "
         "stats().peak_used_bytes): the blocks its rows point at, a part of what it allocated.",
         "generate_batch (Transformers continuous batching, sdpa): KV not measured (its pool is preallocated); "
@@ -174,6 +178,96 @@ def _ideal_lines(rows: list[Row]) -> list[list[str]]:
     return lines
 
 
+_QUALITY_HEADERS = ("impl", "perplexity", "x hf_paged", "top-1 agree", "identical", "agreeing tokens", "tokens",
+                    "ppl s", "s x hf_paged", "KV/segment MiB", "KV x sdpa", "note")
+QUALITY_NOTES = [
+    "quality scenario (hf_paged.bench.quality): perplexity: teacher-forced, exp of the mean negative log-likelihood "
+    "of every corpus token but each segment's first; each segment gets a new cache and is fed through model(...) a "
+    "chunk at a time, so every chunk's queries read the earlier chunks' keys and values from the cache (quantized "
+    "where it quantizes); segments alternate between the implementations. x hf_paged: over unquantized hf_paged's "
+    "(the reference).",
+    "top-1 agree: the fraction of scored positions whose most likely next token equals unquantized hf_paged's.",
+    "identical: greedy continuations of the chat requests (one left-padded batch in the chat template, to EOS or "
+    "the bench's new tokens) equal to unquantized hf_paged's; agreeing tokens: their leading tokens equal to its, "
+    "averaged over the requests; tokens: their lengths, averaged.",
+    "ppl s: wall time of the perplexity pass's forward calls (scoring excluded); s x hf_paged: over unquantized "
+    "hf_paged's. KV/segment: the cache's bytes after one full segment (hf_paged: the pool allocated, 8-bit codes "
+    "with their inline scales; DynamicCache / QuantizedCache: their tensors, quantized payload, scales, "
+    "zero-points and residual full-precision keys and values); KV x sdpa: over sdpa's DynamicCache's.",
+    "quanto-int<n>: Transformers' QuantizedCache(backend=\"quanto\", nbits=n), as generate(cache_implementation="
+    "\"quantized\", cache_config={\"backend\": \"quanto\", \"nbits\": n}) builds it, every other option at its "
+    "default (see the settings line).",
+]
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _quality_cells(row) -> list[str]:
+    if row.status != "ok":
+        return [row.impl] + ["-"] * 10 + [f"{row.status}: {row.reason}"]
+    return [row.impl, f"{row.perplexity:.4f}", f"{row.perplexity_ratio:.4f}", _fraction(row.top1_agreement),
+            f"{row.identical}/{row.requests}", f"{row.mean_agreeing_tokens:.1f}", f"{row.mean_tokens:.1f}",
+            f"{row.seconds:.2f}", f"{row.time_ratio:.2f}", _mib(row.segment_kv_bytes),
+            "-" if row.kv_ratio is None else f"{row.kv_ratio:.3f}", row.reason or ""]
+
+
+def _quality_settings(quality) -> str:
+    corpus, settings = quality.corpus, quality.settings
+    return (f"corpus: {corpus['tokens']} tokens of {corpus['source']} (Python {corpus['python']}, "
+            f"{corpus['characters']} characters), sha256 of the ids {corpus['sha256']}; segments of "
+            f"{settings['segment']} tokens fed {settings['chunk']} at a time; continuations: {settings['requests']} "
+            f"requests, at most {settings['new_tokens']} new tokens; reference: {settings['reference']}; "
+            f"QuantizedCache defaults: {settings['quanto_defaults']}")
+
+
+#: The 8-bit KV storage's targets (issue 21), checked on whatever rows a run has.
+TARGET_PERPLEXITY, TARGET_TOP1 = 1.01, 0.99
+TARGET_KV = {"greedy": 0.27, "sample8": 0.045}
+TARGET_TIME = 1.15
+_EIGHT_BIT = ("hf_paged-int8", "hf_paged-fp8")
+_TARGET_HEADERS = ("target (issue 21)", "impl", "measured", "met")
+
+
+def targets(rows: list[Row], quality=None) -> list[list[str]]:
+    """One line per 8-bit KV target the results can answer: ``[target, impl, measured, met]``. From `quality`:
+    perplexity within +1% of unquantized hf_paged, top-1 agreement >= 99%, faster than each QuantizedCache row at
+    equal or better perplexity; from the generate() rows: allocated KV over sdpa's fp32 DynamicCache (greedy
+    <= 0.27x, sample8 <= 0.045x) and greedy time within 1.15x of unquantized hf_paged's."""
+    lines = []
+    yes = {True: "yes", False: "NO"}
+    if quality is not None:
+        by_impl = {row.impl: row for row in quality.rows if row.status == "ok"}
+        quanto = [row for row in by_impl.values() if row.impl.startswith("quanto-")]
+        for name in _EIGHT_BIT:
+            row = by_impl.get(name)
+            if row is None:
+                continue
+            lines.append([f"perplexity <= {TARGET_PERPLEXITY:.2f}x unquantized", name, f"{row.perplexity_ratio:.4f}x",
+                          yes[row.perplexity_ratio <= TARGET_PERPLEXITY]])
+            lines.append([f"top-1 agreement >= {100 * TARGET_TOP1:.0f}%", name, _fraction(row.top1_agreement),
+                          yes[row.top1_agreement >= TARGET_TOP1]])
+            for other in quanto:
+                met = row.seconds < other.seconds and row.perplexity <= other.perplexity
+                lines.append([f"faster than {other.impl} at equal or better perplexity", name,
+                              f"{row.seconds:.1f} s vs {other.seconds:.1f} s, perplexity {row.perplexity:.4f} vs "
+                              f"{other.perplexity:.4f}", yes[met]])
+    by_case = {(r.scenario, r.prompt_length, r.impl): r for r in rows if r.status == "ok"}
+    for (scenario, length, impl), row in by_case.items():
+        if impl not in _EIGHT_BIT:
+            continue
+        if scenario in TARGET_KV and row.kv_ratio is not None:
+            lines.append([f"{scenario} P={length}: KV <= {TARGET_KV[scenario]}x sdpa (fp32 DynamicCache)", impl,
+                          f"{row.kv_ratio:.4f}x", yes[row.kv_ratio <= TARGET_KV[scenario]]])
+        unquantized = by_case.get((scenario, length, "hf_paged"))
+        if scenario == "greedy" and unquantized is not None and unquantized.seconds_median:
+            ratio = row.seconds_median / unquantized.seconds_median
+            lines.append([f"greedy P={length}: time <= {TARGET_TIME}x unquantized hf_paged", impl, f"{ratio:.3f}x",
+                          yes[ratio <= TARGET_TIME]])
+    return lines
+
+
 def _aligned(headers, lines: list[list[str]]) -> str:
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
@@ -188,9 +282,10 @@ def _markdown_table(headers, lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def render_table(rows: list[Row], sweep: list[SweepPoint], rss_note: str, host: list = ()) -> str:
+def render_table(rows: list[Row], sweep: list[SweepPoint], rss_note: str, host: list = (), quality=None) -> str:
     """The results as aligned plain-text tables followed by the notes; `host`: the `host` scenario's rows
-    (`hf_paged.bench.host.HostRow`), in tables of their own."""
+    (`hf_paged.bench.host.HostRow`), in tables of their own; `quality`: the `quality` scenario's results
+    (`hf_paged.bench.quality.QualityResults`), likewise."""
     parts = []
     if rows:
         parts.append(_aligned(_HEADERS, [_cells(r) for r in rows]))
@@ -204,10 +299,17 @@ def render_table(rows: list[Row], sweep: list[SweepPoint], rss_note: str, host: 
     if host:
         parts += [_aligned(_HOST_HEADERS, [_host_cells(r) for r in host]),
                   _aligned(_SOURCE_HEADERS, _source_lines(host)), "\n".join("* " + n for n in HOST_NOTES)]
+    if quality is not None:
+        parts += [_aligned(_QUALITY_HEADERS, [_quality_cells(r) for r in quality.rows]), _quality_settings(quality),
+                  "\n".join("* " + n for n in QUALITY_NOTES)]
+    goals = targets(rows, quality)
+    if goals:
+        parts.append(_aligned(_TARGET_HEADERS, goals))
     return "\n\n".join(parts)
 
 
-def render_markdown(meta: dict, rows: list[Row], sweep: list[SweepPoint], plots: list[str], host: list = ()) -> str:
+def render_markdown(meta: dict, rows: list[Row], sweep: list[SweepPoint], plots: list[str], host: list = (),
+                    quality=None) -> str:
     """``results.md``: the settings, the tables, the notes and the plots."""
     settings = "\n".join(f"* {k}: {v}" for k, v in meta.items() if k not in ("notes", "rss_note"))
     parts = ["# hf_paged benchmark", settings]
@@ -225,6 +327,13 @@ def render_markdown(meta: dict, rows: list[Row], sweep: list[SweepPoint], plots:
                   f"### Where the decode steps' D2H reads and H2D copies come from (top {_SOURCES_SHOWN} per kind)",
                   _markdown_table(_SOURCE_HEADERS, _source_lines(host)),
                   "\n".join("* " + n for n in HOST_NOTES)]
+    if quality is not None:
+        parts += ["## Quality of quantized KV caches against unquantized hf_paged",
+                  _markdown_table(_QUALITY_HEADERS, [_quality_cells(r) for r in quality.rows]),
+                  _quality_settings(quality), "\n".join("* " + n for n in QUALITY_NOTES)]
+    goals = targets(rows, quality)
+    if goals:
+        parts += ["## 8-bit KV targets (issue 21)", _markdown_table(_TARGET_HEADERS, goals)]
     parts += [f"![{name}]({name})" for name in plots]
     return "\n\n".join(parts) + "\n"
 
@@ -290,9 +399,12 @@ def _plot_kv(sweep: list[SweepPoint], path: Path) -> bool:
     return True
 
 
-def write_outputs(out_dir: Path, meta: dict, rows: list[Row], sweep: list[SweepPoint], host: list = ()) -> list[Path]:
+def write_outputs(out_dir: Path, meta: dict, rows: list[Row], sweep: list[SweepPoint], host: list = (),
+                  quality=None) -> list[Path]:
     """Write ``results.json``, the plots and ``results.md`` into `out_dir` (created); returns the paths written.
-    The `host` scenario's rows, when there are any, go under ``"host"`` in the JSON."""
+    The `host` scenario's rows, when there are any, go under ``"host"`` in the JSON; the `quality` scenario's
+    results under ``"quality"`` (``rows``, ``corpus``, ``settings``), and the 8-bit targets met or not under
+    ``"targets"``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,6 +417,11 @@ def write_outputs(out_dir: Path, meta: dict, rows: list[Row], sweep: list[SweepP
     data = {"meta": meta, "results": [asdict(r) for r in rows], "sweep": [asdict(p) for p in sweep]}
     if host:
         data["host"] = [asdict(r) for r in host]
+    if quality is not None:
+        data["quality"] = asdict(quality)
+    goals = targets(rows, quality)
+    if goals:
+        data["targets"] = [dict(zip(("target", "impl", "measured", "met"), line, strict=True)) for line in goals]
     (out_dir / "results.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out_dir / "results.md").write_text(render_markdown(meta, rows, sweep, plotted, host))
+    (out_dir / "results.md").write_text(render_markdown(meta, rows, sweep, plotted, host, quality))
     return [out_dir / "results.json", out_dir / "results.md"] + [out_dir / name for name in plotted]

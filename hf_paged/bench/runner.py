@@ -16,6 +16,8 @@ import torch
 import hf_paged
 
 from .. import compat
+from .impls import IMPLS, cache_bytes, set_attention
+from .impls import unavailable as impl_unavailable
 from .prompts import left_pad
 from .scenarios import SLIDING_MODEL, Scenario
 
@@ -32,7 +34,8 @@ __all__ = [
 
 REFERENCE = "sdpa"
 LIBRARY_BLOCK_SIZE: int = inspect.signature(hf_paged.PagedCache).parameters["block_size"].default
-IMPLEMENTATIONS = ("hf_paged", REFERENCE, "generate_batch")
+#: `impls.IMPLS` (hf_paged, 8-bit hf_paged, sdpa, quanto QuantizedCache) and Transformers' continuous batching.
+IMPLEMENTATIONS = (*IMPLS, "generate_batch")
 
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -46,9 +49,10 @@ class Run:
         seconds: wall time of the ``generate`` calls.
         sequences: the new token ids of every returned sequence, call after call.
         kv_bytes: KV-cache bytes allocated when the last call returned (hf_paged: ``stats().pool_bytes``, the
-            block pool, referenced or not; sdpa: the `DynamicCache`'s tensors). None: not measured.
+            block pool, referenced or not, 8-bit codes and their scales alike; sdpa: the `DynamicCache`'s tensors;
+            quanto: the `QuantizedCache`'s tensors, `impls.cache_bytes`). None: not measured.
         peak_kv_bytes: the most KV-cache bytes allocated during the run (hf_paged: ``stats().peak_pool_bytes``;
-            sdpa: the end value, as a `DynamicCache` only grows). None: not measured.
+            sdpa, quanto: the end value, as their caches only grow). None: not measured.
         used_bytes: hf_paged only: bytes of the blocks the rows reference at the end (``stats().used_bytes``).
         peak_used_bytes: hf_paged only: the most referenced bytes during the run (``stats().peak_used_bytes``).
         prefix_hit_tokens: hf_paged only: prompt tokens taken from the prefix cache instead of computed, all calls.
@@ -121,16 +125,6 @@ def sliding_window_model(vocab_size: int, max_positions: int, pad_token_id: int,
     finally:
         torch.random.set_rng_state(state)
     return model.to(device).eval()
-
-
-def _dynamic_cache_bytes(cache) -> int:
-    """Bytes of the key and value tensors a `DynamicCache` holds, over all layers."""
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def real_cache_tokens(prompt_lengths: list[int], new_tokens: list[list[int]], eos_token_ids: set[int]) -> int:
@@ -208,10 +202,13 @@ class Runner:
 
     def unavailable(self, impl: str, scenario: Scenario) -> str | None:
         """Why `impl` cannot run `scenario`, or None when it can."""
-        if impl == "hf_paged" and not paged_attention_registered():
+        paged = impl in IMPLS and IMPLS[impl].paged
+        if paged and not paged_attention_registered():
             return 'attn_implementation "hf_paged" is not registered by this hf_paged'
-        if impl == "hf_paged" and not type(self.model)._can_set_attn_implementation():
+        if paged and not type(self.model)._can_set_attn_implementation():
             return f"{type(self.model).__name__}'s attention does not go through Transformers' attention interface"
+        if impl in IMPLS:
+            return impl_unavailable(IMPLS[impl], self.model_for(scenario))
         if impl == "generate_batch":
             if not hasattr(self.model, "generate_batch"):
                 return "this Transformers has no model.generate_batch"
@@ -245,41 +242,40 @@ class Runner:
         run.peak_rss_bytes = _peak_rss_bytes() if reset or not self.per_run_rss else None
         return run
 
-    def _set_attention(self, name: str, model=None) -> None:
-        model = self.model if model is None else model
-        if model.config._attn_implementation != name:
-            model.set_attn_implementation(name)
-        if model.config._attn_implementation != name:  # Transformers only logs when it cannot switch
-            raise RuntimeError(f"{type(model).__name__} did not switch to attn_implementation={name!r}")
-
     def _pool_options(self) -> dict:
         """The hf_paged pool options the user gave (``block_size``, ``num_blocks``, ``max_memory``)."""
         options = {"block_size": self.block_size, "num_blocks": self.num_blocks, "max_memory": self.max_memory}
         return {name: value for name, value in options.items() if value is not None}
 
-    def _paged_cache(self, model):
-        """An explicit `hf_paged.PagedCache` when the user gave pool options, else None (generate() builds one)."""
+    def _paged_cache(self, model, kv_dtype: str | None):
+        """An explicit `hf_paged.PagedCache` (8-bit with `kv_dtype`) when the user gave pool options, else None
+        (generate() builds one, from ``cache_config`` for 8-bit storage)."""
         options = self._pool_options()
-        return hf_paged.PagedCache(model.config, **options) if options else None
+        if not options:
+            return None
+        return hf_paged.PagedCache(model.config, **options, **({} if kv_dtype is None else {"kv_dtype": kv_dtype}))
 
     def _run_generate(self, impl: str, scenario: Scenario, calls, new_tokens: int) -> Run:
-        paged = impl == "hf_paged"
+        spec = IMPLS[impl]
+        paged = spec.paged
         model = self.model_for(scenario)
-        self._set_attention(impl, model)
-        kwargs = scenario.generate_kwargs(new_tokens)
+        set_attention(model, spec.attention)
+        kwargs = {**scenario.generate_kwargs(new_tokens), **spec.generate_kwargs()}
         sequences: list[list[int]] = []
         kv_bytes = peak_kv = used = peak_used = prefix_hits = real = slots = None
         if paged and scenario.prefix_cache:
-            hf_paged.enable_prefix_caching(model, **self._pool_options())
+            kv_dtype = {} if spec.kv_dtype is None else {"kv_dtype": spec.kv_dtype}
+            hf_paged.enable_prefix_caching(model, **self._pool_options(), **kv_dtype)
         try:
             elapsed = 0.0
             for prompts in calls:
                 inputs = left_pad(prompts, self.pad_token_id, model.device)
-                extra, given = {}, None
+                call_kwargs, given = dict(kwargs), None
                 if paged and not scenario.prefix_cache:
-                    given = self._paged_cache(model)
-                    if given is not None:
-                        extra.update(compat.cache_kwargs(given))
+                    given = self._paged_cache(model, spec.kv_dtype)
+                    if given is not None:  # built with the kv_dtype that cache_config would have given
+                        call_kwargs.pop("cache_config", None)
+                        call_kwargs.update(compat.cache_kwargs(given))
                 torch.manual_seed(self.seed)
                 # hf_paged's stats come from `recorded_stats`, not from a returned cache: a cache the call
                 # returns keeps the rows that ended exactly (it may be continued), one it drops gives them back.
@@ -287,7 +283,7 @@ class Runner:
                 with hf_paged.recorded_stats() as recorded:
                     start = time.perf_counter()
                     out = model.generate(
-                        **inputs, **kwargs, **extra, pad_token_id=self.pad_token_id, return_dict_in_generate=not paged
+                        **inputs, **call_kwargs, pad_token_id=self.pad_token_id, return_dict_in_generate=not paged
                     )
                     elapsed += time.perf_counter() - start
                 out_ids = out if paged else out.sequences
@@ -300,7 +296,7 @@ class Runner:
                     prefix_hits = (prefix_hits or 0) + stats.prefix_hit_tokens
                 else:
                     dynamic = compat.output_cache(out)
-                    kv_bytes = call_peak = _dynamic_cache_bytes(dynamic)
+                    kv_bytes = call_peak = cache_bytes(dynamic)
                     if scenario.eos and scenario.k == 1:
                         real = (real or 0) + real_cache_tokens([len(p) for p in prompts], new, _eos_ids(model))
                         slots = (slots or 0) + len(new) * dynamic.get_seq_length()
@@ -315,7 +311,7 @@ class Runner:
     def _run_generate_batch(self, scenario: Scenario, calls, new_tokens: int) -> Run:
         from transformers import ContinuousBatchingConfig
 
-        self._set_attention(REFERENCE)
+        set_attention(self.model, REFERENCE)
         block_size = self.block_size or LIBRARY_BLOCK_SIZE
         config = copy.deepcopy(self.model.generation_config)
         config.update(

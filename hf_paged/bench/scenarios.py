@@ -45,6 +45,9 @@ class Scenario:
             mean nothing, its KV bytes are what the scenario measures; or ``"host"``: the `host` scenario's own
             30-layer tiny Llama, run apart (`hf_paged.bench.host`: per decode step time, host syncs, copies and
             kernel launches, in a process of its own; the other attributes do not apply).
+        quality: the ``quality`` scenario (`hf_paged.bench.quality`): perplexity, top-1 agreement and greedy
+            continuations of quantized KV caches against unquantized hf_paged, on the loaded model; the other
+            attributes do not apply.
     """
 
     name: str
@@ -59,6 +62,7 @@ class Scenario:
     chat: bool = False
     model: str | None = None
     requests: bool = False
+    quality: bool = False
 
     @property
     def k(self) -> int:
@@ -69,7 +73,7 @@ class Scenario:
     def workload_key(self) -> tuple:
         """Identifies the work done, whatever the name: equal keys (and prompt length) give equal runs."""
         return (self.batch, self.num_beams, self.num_return_sequences, self.do_sample, self.calls, self.prefix_cache,
-                self.eos, self.chat, self.model, self.requests)
+                self.eos, self.chat, self.model, self.requests, self.quality)
 
     def generate_kwargs(self, new_tokens: int) -> dict:
         """Keyword arguments for ``generate()``: exactly `new_tokens` new tokens per sequence (at most, with `eos`)."""
@@ -134,10 +138,13 @@ SCENARIOS: dict[str, Scenario] = {
                  model="sliding"),
         Scenario("host", "host cost of a decode step: 30-layer tiny random Llama, batch 1 and 8, sdpa vs hf_paged "
                  "(PyTorch path, Triton path with launches stubbed)", model="host"),
+        Scenario("quality", "perplexity, top-1 agreement and greedy continuations of 8-bit hf_paged and Transformers' "
+                 "QuantizedCache against unquantized hf_paged", quality=True),
     )
 }
-#: Every scenario but `host`, which measures something else (the host side of a step) on a model of its own.
-DEFAULT_SCENARIOS = tuple(name for name, scenario in SCENARIOS.items() if scenario.model != "host")
+#: Every scenario but `host`, which measures something else (the host side of a step) on a model of its own, and
+#: `quality` (accuracy, not time or memory: minutes of teacher-forced passes).
+DEFAULT_SCENARIOS = tuple(name for name, s in SCENARIOS.items() if s.model != "host" and not s.quality)
 
 
 def sweep_scenario(kind: str, k: int) -> Scenario:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from .impls import IMPLS
 from .runner import REFERENCE, NotApplicable, Run, Runner, prefix_caching_available
 from .scenarios import Scenario, sweep_scenario
 
@@ -165,8 +166,8 @@ class Suite:
                     run = self._one(
                         impl, scenario, calls, length, "warm-up" if repeat < 0 else f"{repeat + 1}/{s.repeats}"
                     )
-                except Exception as error:  # only the optional Transformers baseline may fail softly
-                    if impl != "generate_batch":
+                except Exception as error:  # only the optional Transformers baselines may fail softly
+                    if not _transformers_baseline(impl):
                         raise
                     failures[impl] = _one_line(error)
                     continue
@@ -212,6 +213,8 @@ class Suite:
         else:
             expected = reference[0].sequences
             row.tokens_match = all(r.sequences == expected for r in mine)
+            if impl in IMPLS and (IMPLS[impl].kv_dtype or IMPLS[impl].nbits):
+                row.reason = "quantized KV: its tokens may part from sdpa's"
         if scenario.prefix_cache and row.prefix_hit_tokens is not None:
             row.reason = f"prefix cache: {row.prefix_hit_tokens} of {row.prompt_tokens} prompt tokens reused"
         return row
@@ -235,6 +238,12 @@ class Suite:
                         SweepPoint(kind, k, length, impl, run.kv_bytes, run.peak_kv_bytes, run.used_bytes, run.seconds)
                     )
         return points
+
+
+def _transformers_baseline(impl: str) -> bool:
+    """Whether `impl` is one of Transformers' optional baselines (continuous batching, a `QuantizedCache`), whose
+    failure makes its row n/a instead of ending the run."""
+    return impl == "generate_batch" or (impl in IMPLS and IMPLS[impl].nbits is not None)
 
 
 def _largest(values) -> int | None:
