@@ -401,7 +401,7 @@ def count(module, name, key):
 for name in ("reshape_and_cache", "paged_attention", "shared_prefix_paged_attention", "copy_blocks"):
     count(kernels, name, name)
 for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv", "shared_prefix_attention",
-             "shared_prefix_paged_attention", "window_attention", "windows_attention", "read_blocks"):
+             "shared_prefix_paged_attention", "range_attention", "ranges_attention", "read_blocks"):
     count(ops, name, "ops." + name)
 MODES = {"greedy": dict(do_sample=False), "beams": dict(num_beams=3, num_return_sequences=2)}
 NEW_TOKENS = 8
