@@ -383,10 +383,11 @@ def tile_config(q_len: int, group: int, head_dim: int, fp32_storage: bool = Fals
     on sm_90 with Triton 3.9 (and at 4 warps with 3.6); at 2 it is clean on both releases and both archs.
     Latent tiles (``latent``: keys as wide as the latents, 512 in DeepSeek-V3, and values the same tile) keep 16
     rows at any query length (`launch_paged_attention` gives a tile at most 16 query heads), 16-key tiles and 2
-    stages. Over 8-bit codes (``codes``) tiles hold half as many keys (32 up to 64-wide heads, 16 above): their rows
-    are ``D + 2`` bytes, so tiles are loaded 2 bytes at a time into registers rather than copied asynchronously
-    (Gemma-2's 256-wide decode tile spilled on sm_80 at 32 keys, gpt-oss's 64-wide one at 64), and 8 warps (with
-    4, SmolLM2's decode tile over int8 codes for a float32 query spilled on sm_90 with Triton 3.6).
+    stages. Over 8-bit codes (``codes``) 16-bit products take half as many keys per tile (32 up to 64-wide heads, 16
+    above): the rows are ``D + 2`` bytes, so tiles are loaded 2 bytes at a time into registers rather than copied
+    asynchronously (Gemma-2's 256-wide decode tile spilled on sm_80 at 32 keys, gpt-oss's 64-wide one at 64); and
+    every tile over codes gets 8 warps (with 4, SmolLM2's decode tile over int8 codes for a float32 query spilled on
+    sm_90 with Triton 3.6).
     """
     rows = max(16, next_power_of_2(group))
     if latent:
