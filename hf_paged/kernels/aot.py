@@ -30,7 +30,12 @@ from triton.compiler import ASTSource
 from ._launch import COMPILE_OPTIONS
 from ._quant import FP8, INT8
 from .copy_blocks import copy_blocks_kernel, copy_blocks_meta
-from .paged_attention import paged_attention_kernel, paged_attention_meta, reduce_splits_kernel, reduce_splits_meta
+from .paged_attention_kernel import (
+    paged_attention_kernel,
+    paged_attention_meta,
+    reduce_splits_kernel,
+    reduce_splits_meta,
+)
 from .reshape_and_cache import reshape_and_cache_kernel, reshape_and_cache_meta
 from .shared_prefix_attention import shared_prefix_kernel, shared_prefix_meta
 

@@ -44,9 +44,9 @@ from ._launch import (
     tensor_key,
 )
 from ._quant import codes_of, dequantize, load_magnitude, raw
-from .paged_attention import (
+from .paged_attention import choose_num_splits
+from .paged_attention_kernel import (
     _tanh,
-    choose_num_splits,
     key_value_slots,
     paged_attention_kernel,
     paged_attention_meta,
