@@ -200,57 +200,13 @@ class PagedCache(Cache):
         Returns that layer's key and value pools ``[N, bs, Hkv, D]`` as `PagedPool`: the "hf_paged" attention
         function reads them through this step's block tables; any other attention raises.
         """
-        if self._pending_layer is not None:
-            pending, self._pending_layer = self._pending_layer, None
-            raise RuntimeError(
-                f"hf_paged: layer {pending} stored keys in a PagedCache but its attention never read them: the model "
-                'does not run attn_implementation="hf_paged". Load it with attn_implementation="hf_paged" (or call '
-                'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
-            )
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layer_pools):
-            raise ValueError(
-                f"hf_paged: layer {layer_idx!r} wrote to a PagedCache built for {len(self.layer_pools)} layer(s) "
-                f"(layers 0..{len(self.layer_pools) - 1}, from the num_hidden_layers of the config it was given). Build the cache "
-                "from the config of the model that uses it: PagedCache(model.config)."
-            )
-        if key_states.requires_grad or value_states.requires_grad:
-            raise RuntimeError(
-                f"hf_paged: layer {layer_idx} stored keys that require grad in a PagedCache. Its blocks are written in "
-                "place and its attention reads them back, so no gradient could flow through them: run the forward "
-                "pass under torch.no_grad() or torch.inference_mode() (generate() does), or, to train, call the "
-                "model without a PagedCache (use_cache=False or a DynamicCache)."
-            )
-        place = self.layer_pools[layer_idx]
-        if place is None:
-            if isinstance(self.layers[layer_idx], KVSharedLayer):
-                raise ValueError(
-                    f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes "
-                    f"it a KV-shared layer (it reads layer {self._kv_sources[layer_idx]}'s keys and values and keeps "
-                    "none). The cache must be built from this model's config."
-                )
-            raise ValueError(
-                f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes it a "
-                "linear-attention / state-space layer. The cache must be built from this model's config."
-            )
-        pool, slot = place
+        pool, slot = options.write_place(self, layer_idx, key_states, value_states)
         group = self.layer_groups[layer_idx]
         if pool.tensor is None:
             pool.allocate(key_states, value_states)
             group.grow_to_first(pool)
-        if key_states.device != pool.device:
-            raise ValueError(
-                f"hf_paged: layer {layer_idx} computes its keys on {key_states.device}, but its PagedCache pool is on "
-                f"{pool.device}. For a model split across devices (device_map), let generate() build the cache "
-                "or pass PagedCache(config, layer_devices=hf_paged.devices.layer_placements(model)); prefix caching "
-                "(enable_prefix_caching) keeps one pool on one device and does not support such models yet."
-            )
+        options.check_write(layer_idx, key_states, value_states, pool)
         key_shape, value_shape = key_states.shape, value_states.shape
-        if value_shape[0] != key_shape[0] or value_shape[2] != key_shape[2]:
-            raise ValueError(
-                f"hf_paged: layer {layer_idx} gives keys {tuple(key_shape)} and values "
-                f"{tuple(value_shape)}: a PagedCache needs keys and values of the same batch size and number "
-                "of tokens."
-            )
         if pool.shapes[slot] != (key_shape[1], key_shape[3], value_shape[1], value_shape[3]):  # `KVPool.matches`
             pool.allocate_layer(slot, key_states, value_states)  # a layer of another shape: tensors of its own
         if group.step is None or layer_idx in group.step_layers:

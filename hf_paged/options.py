@@ -1,5 +1,6 @@
-"""What a `PagedCache` may be asked for: its arguments checked, and those ``generate(cache_config=...)`` gives the
-cache ``generate()`` builds (Transformers' place for "arguments used in the key-value cache class")."""
+"""What a `PagedCache` may be asked for: its arguments checked, those ``generate(cache_config=...)`` gives the cache
+``generate()`` builds (Transformers' place for "arguments used in the key-value cache class"), and what a layer may
+write (`write_place`, `check_write`: refused before anything is stored)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from . import quant
 from .kv_pool import KVPool, parse_bytes
 
-__all__ = ["CACHE_CONFIG_KEYS", "check_placement", "from_generation_config", "sizes", "storage_dtype"]
+__all__ = ["CACHE_CONFIG_KEYS", "check_placement", "check_write", "from_generation_config", "sizes", "storage_dtype",
+           "write_place"]
 
 #: The `PagedCache` arguments ``generate(cache_config={...})`` may set for the cache it builds.
 CACHE_CONFIG_KEYS = ("block_size", "num_blocks", "max_memory", "kv_dtype")
@@ -78,3 +80,63 @@ def from_generation_config(generation_config, prefix_caching: bool) -> dict:
             "kv_dtype=...)."
         )
     return dict(options)
+
+
+def write_place(cache, layer_idx, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[KVPool, int]:
+    """``(pool, index there)`` of the layer `layer_idx` writing to `cache` (`PagedCache.update`), or an error: the
+    previous layer's attention never read its keys (the model does not run "hf_paged"), the index is not one of the
+    config's layers, the keys require grad, or the config gives the layer no pool (KV-shared, linear attention)."""
+    if cache._pending_layer is not None:
+        pending, cache._pending_layer = cache._pending_layer, None
+        raise RuntimeError(
+            f"hf_paged: layer {pending} stored keys in a PagedCache but its attention never read them: the model "
+            'does not run attn_implementation="hf_paged". Load it with attn_implementation="hf_paged" (or call '
+            'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
+        )
+    layers = len(cache.layer_pools)
+    if not isinstance(layer_idx, int) or not 0 <= layer_idx < layers:
+        raise ValueError(
+            f"hf_paged: layer {layer_idx!r} wrote to a PagedCache built for {layers} layer(s) (layers "
+            f"0..{layers - 1}, from the num_hidden_layers of the config it was given). Build the cache from the config "
+            "of the model that uses it: PagedCache(model.config)."
+        )
+    if key_states.requires_grad or value_states.requires_grad:
+        raise RuntimeError(
+            f"hf_paged: layer {layer_idx} stored keys that require grad in a PagedCache. Its blocks are written in "
+            "place and its attention reads them back, so no gradient could flow through them: run the forward "
+            "pass under torch.no_grad() or torch.inference_mode() (generate() does), or, to train, call the "
+            "model without a PagedCache (use_cache=False or a DynamicCache)."
+        )
+    place = cache.layer_pools[layer_idx]
+    if place is None:
+        source = cache._kv_sources.get(layer_idx)
+        if source is not None:
+            raise ValueError(
+                f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes "
+                f"it a KV-shared layer (it reads layer {source}'s keys and values and keeps none). The cache must be "
+                "built from this model's config."
+            )
+        raise ValueError(
+            f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes it a "
+            "linear-attention / state-space layer. The cache must be built from this model's config."
+        )
+    return place
+
+
+def check_write(layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, pool: KVPool) -> None:
+    """Refuse keys computed on another device than the layer's pool, or keys and values of different batch sizes
+    or token counts."""
+    if key_states.device != pool.device:
+        raise ValueError(
+            f"hf_paged: layer {layer_idx} computes its keys on {key_states.device}, but its PagedCache pool is on "
+            f"{pool.device}. For a model split across devices (device_map), let generate() build the cache "
+            "or pass PagedCache(config, layer_devices=hf_paged.devices.layer_placements(model)); prefix caching "
+            "(enable_prefix_caching) keeps one pool on one device and does not support such models yet."
+        )
+    key_shape, value_shape = key_states.shape, value_states.shape
+    if value_shape[0] != key_shape[0] or value_shape[2] != key_shape[2]:
+        raise ValueError(
+            f"hf_paged: layer {layer_idx} gives keys {tuple(key_shape)} and values "
+            f"{tuple(value_shape)}: a PagedCache needs keys and values of the same batch size and number "
+            "of tokens."
+        )
