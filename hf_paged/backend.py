@@ -200,14 +200,14 @@ def _attend(layer, query, padding, full_mask, *, scale, sliding_window, softcap,
             softcap=softcap)
     if path == "range":
         mask = masks.range_mask(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
-                                 query.dtype, chunk_size)
+                                query.dtype, chunk_size)
         return ops.range_attention(query, keys, values, *plan.block_range, mask, scale=scale, softcap=softcap,
-                                    sinks=sinks)
+                                   sinks=sinks)
     if path == "ranges":  # a pool of several slabs: one range per slab, merged
         range_masks = masks.ranges_masks(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
-                                           query.dtype, chunk_size)
-        return ops.ranges_attention(query, keys, values, plan.block_ranges, range_masks, scale=scale, softcap=softcap,
-                                     sinks=sinks)
+                                         query.dtype, chunk_size)
+        return ops.ranges_attention(query, keys, values, plan.block_ranges, range_masks, scale=scale,
+                                    softcap=softcap, sinks=sinks)
     if path == "shared":
         shared = plan.shared
         return ops.shared_prefix_attention(

@@ -293,7 +293,8 @@ def _latent_attention(step, q_latent: torch.Tensor, q_rot: torch.Tensor, key, va
             ranges = [step.block_range]
             range_masks = [(masks.range_mask(step, attention_mask, None, heads, q_latent.dtype), None)]
         else:
-            ranges, range_masks = step.block_ranges, masks.ranges_masks(step, attention_mask, None, heads, q_latent.dtype)
+            ranges = step.block_ranges
+            range_masks = masks.ranges_masks(step, attention_mask, None, heads, q_latent.dtype)
         out = lse = None
         for (first, count), (mask, _) in zip(ranges, range_masks, strict=True):
             part, part_lse = _attend(*packed, ops.read_blocks(key, first, count),

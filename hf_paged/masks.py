@@ -324,7 +324,7 @@ def _step_mask(step, attention_mask: torch.Tensor | None, window: int | None,
 
 
 def range_mask(step, padding: torch.Tensor | None, sliding_window: int | None, groups: int,
-                dtype: torch.dtype, chunk_size: int | None = None) -> torch.Tensor:
+               dtype: torch.dtype, chunk_size: int | None = None) -> torch.Tensor:
     """The mask of `ops.range_attention` over the step's block range (``step.block_range``), memoised. `padding`: the
     step's ``[B, max_seq_len]`` key padding (`Padding.mask`) or None."""
     def build():
@@ -338,7 +338,7 @@ def range_mask(step, padding: torch.Tensor | None, sliding_window: int | None, g
 
 
 def ranges_masks(step, padding: torch.Tensor | None, sliding_window: int | None, groups: int,
-                  dtype: torch.dtype, chunk_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 dtype: torch.dtype, chunk_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per range of ``step.block_ranges``, its `ops.range_mask` and which packed queries see any of its slots
     (``[1, 1, M]`` bool), for `ops.ranges_attention`, memoised. `padding` as in `range_mask`."""
     def build():

@@ -28,6 +28,29 @@ from tiny_models import available
 
 pytestmark = needs_triton_interpreter
 
+# The scripts' call counter (pasted into each): the launchers backend.py dispatches to, and every PyTorch path the
+# attention function could fall back to, counted in `calls`.
+COUNT_CALLS = r"""
+calls = {}
+
+
+def count(module, name, key):
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[key] = calls.get(key, 0) + 1
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+
+
+for name in ("reshape_and_cache", "paged_attention", "shared_prefix_paged_attention", "copy_blocks"):
+    count(kernels, name, name)
+for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv", "shared_prefix_attention",
+             "shared_prefix_paged_attention", "range_attention", "ranges_attention", "read_blocks"):
+    count(ops, name, "ops." + name)
+"""
+
 SCRIPT = r'''
 import json
 import os
@@ -46,25 +69,7 @@ from hf_paged.compat import cache_kwargs
 
 kernels = backend.kernels()
 assert kernels is not None and kernels.__name__ == "hf_paged.kernels", kernels
-calls = {}
-
-
-def count(module, name, key):
-    original = getattr(module, name)
-
-    def counted(*args, **kwargs):
-        calls[key] = calls.get(key, 0) + 1
-        return original(*args, **kwargs)
-
-    setattr(module, name, counted)
-
-
-# The launchers backend.py dispatches to, and every PyTorch path the attention function could fall back to.
-for name in ("reshape_and_cache", "paged_attention", "shared_prefix_paged_attention", "copy_blocks"):
-    count(kernels, name, name)
-for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv", "shared_prefix_attention",
-             "shared_prefix_paged_attention", "range_attention"):
-    count(ops, name, "ops." + name)
+''' + COUNT_CALLS + r'''
 
 # The suite's tiny models, smaller still for the interpreter: (family, config changes, reference attention).
 SMALL = dict(intermediate_size=64, max_position_embeddings=128)
@@ -385,24 +390,7 @@ from tiny_models import left_padded_batch, model_pair  # noqa: E402
 from hf_paged import PagedCache, backend, ops  # noqa: E402
 
 kernels = backend.kernels()
-calls = {}
-
-
-def count(module, name, key):
-    original = getattr(module, name)
-
-    def counted(*args, **kwargs):
-        calls[key] = calls.get(key, 0) + 1
-        return original(*args, **kwargs)
-
-    setattr(module, name, counted)
-
-
-for name in ("reshape_and_cache", "paged_attention", "shared_prefix_paged_attention", "copy_blocks"):
-    count(kernels, name, name)
-for name in ("reshape_and_cache", "paged_attention", "copy_blocks", "gather_kv", "shared_prefix_attention",
-             "shared_prefix_paged_attention", "range_attention", "ranges_attention", "read_blocks"):
-    count(ops, name, "ops." + name)
+""" + COUNT_CALLS + r"""
 MODES = {"greedy": dict(do_sample=False), "beams": dict(num_beams=3, num_return_sequences=2)}
 NEW_TOKENS = 8
 
