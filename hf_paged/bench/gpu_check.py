@@ -60,10 +60,10 @@ from hf_paged.bench.gpu_plan import (
     make_plan,
     no_report,
     prompt_ids,
-    set_attention,
 )
 from hf_paged.bench.gpu_report import markdown, targets, versions
 from hf_paged.bench.gpu_timing import phase_bandwidth, phase_bench, phase_decode_bytes
+from hf_paged.bench.impls import set_attention
 
 __all__ = ["LOGIT_TOLERANCE", "PHASES", "main"]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Clock", "Plan", "build_model", "compare", "make_plan", "no_report", "prompt_ids", "set_attention", "sync"]
+__all__ = ["Clock", "Plan", "build_model", "compare", "make_plan", "no_report", "prompt_ids", "sync"]
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,6 @@ def build_model(config: dict, plan: Plan, attn: str = "sdpa"):
         model = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=plan.dtype)
     model.generation_config.pad_token_id = 0
     return model.eval()
-
-
-def set_attention(model, name: str) -> None:
-    if model.config._attn_implementation != name:
-        model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
-        raise RuntimeError(f"{type(model).__name__} did not switch to attn_implementation={name!r}")
 
 
 def compare(expected: torch.Tensor, got: torch.Tensor, prompt_len: int) -> dict:

@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from hf_paged.bench.gpu_plan import Clock, Plan, no_report, prompt_ids, set_attention, sync
+from hf_paged.bench.gpu_plan import Clock, Plan, no_report, prompt_ids, sync
+from hf_paged.bench.impls import set_attention
 from hf_paged.bench.steps import StepRecorder
 
 __all__ = ["phase_bandwidth", "phase_bench", "phase_decode_bytes"]
