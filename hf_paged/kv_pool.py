@@ -87,8 +87,8 @@ class KVPool:
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across keys and values of all layers (0 before the tensor exists)."""
-        return sum(_block_bytes(tensor.shape[0] * tensor.shape[1], self.block_size, tensor.shape[4:],
-                                tensor.element_size()) for tensor in self.tensors)
+        return sum(storage.block_elements(tensor.shape[0] * tensor.shape[1], self.block_size, *tensor.shape[4:],
+                                          self.block_major) * tensor.element_size() for tensor in self.tensors)
 
     @property
     def num_blocks(self) -> int:
@@ -110,16 +110,17 @@ class KVPool:
         value_shape = self._stored_shape(value_states, dtype)
         blocks = self.requested_blocks or 0
         element = torch.empty((), dtype=dtype).element_size()
+        self.block_major = backend.use_triton(device)
         if self.max_memory is not None:
-            per_block = sum(_block_bytes(self.num_layers, self.block_size, shape, element)
-                            for shape in (key_shape, value_shape))
+            kinds = [(2, key_shape)] if key_shape == value_shape else [(1, key_shape), (1, value_shape)]
+            per_block = sum(storage.block_elements(self.num_layers * count, self.block_size, *shape,
+                                                   self.block_major) * element for count, shape in kinds)
             blocks = self.max_memory // per_block
             if blocks <= 0:
                 raise ValueError(
                     f"hf_paged: max_memory={self.max_memory} bytes holds no block; one block of {self.block_size} "
                     f"tokens takes {per_block} bytes for this model. Raise max_memory or lower block_size."
                 )
-        self.block_major = backend.use_triton(device)
         if key_shape == value_shape:
             tensors = [storage.slab_tensor(self.num_layers, blocks, self.block_size, *key_shape, device, dtype,
                                            block_major=self.block_major)]
@@ -361,9 +362,3 @@ def device_pools(attention_devices, block_size: int, num_blocks: int | None,
                                                       dtype=dtype, blocks=first.blocks)
              for key, layers in groups.items()}
     return first, [(pools[key], groups[key].index(layer)) for layer, key in enumerate(keys)]
-
-
-def _block_bytes(layers: int, block_size: int, shape, element_size: int) -> int:
-    """Bytes of one block of `layers` layers' keys (or values) of `shape` ``(heads, head_dim)``."""
-    heads, dim = shape
-    return layers * block_size * heads * dim * element_size

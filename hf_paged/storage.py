@@ -13,8 +13,9 @@ slab by slab), ``store[a:b]`` when the blocks ``a .. b-1`` lie in one slab (read
 Two memory layouts (chosen once, when the pool is allocated):
     * head-major (PyTorch path): each slab ``[L, kinds, H, n_s * bs, D]`` in memory, so a block range inside one
       slab is one contiguous ``[tokens, D]`` matrix per head (`slab_tensor`).
-    * block-major (Triton path): each slab ``[n_s, L, kinds, bs, H, D]`` in memory. Strides inside a block are the
-      same in every slab, so a kernel addresses block ``b`` of any slab as ``base + block_offsets[b]`` (elements,
+    * block-major (Triton path): each slab ``[n_s, L, kinds, bs, H, D]`` in memory, each block padded to a multiple
+      of `BLOCK_ALIGNMENT` elements (the offsets the kernels take must be). Strides inside a block are the same in
+      every slab, so a kernel addresses block ``b`` of any slab as ``base + block_offsets[b]`` (elements,
       relative to the data pointer of the *base* slab, the lowest-addressed one, so offsets are >= 0). A layer's
       view starts at the same offset inside every slab, so one table per tensor serves all its layers, keys and
       values (`hf_paged.kernels`' ``key_offsets`` / ``value_offsets`` / ``block_offsets``).
@@ -28,7 +29,11 @@ import torch
 
 from . import quant
 
-__all__ = ["LayerStore", "block_offsets", "select_blocks", "slab_tensor", "split_by_slab"]
+__all__ = ["BLOCK_ALIGNMENT", "LayerStore", "block_elements", "block_offsets", "select_blocks", "slab_tensor",
+           "split_by_slab"]
+
+#: Elements a block-major block is padded to a multiple of (the kernels' offset alignment).
+BLOCK_ALIGNMENT = 16
 
 
 def slab_tensor(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
@@ -36,11 +41,21 @@ def slab_tensor(num_layers: int, num_blocks: int, block_size: int, kv_heads: int
     """A zeroed slab ``[L, kinds, n, bs, H, D]`` (logical shape), head-major or block-major in memory (module
     docstring). Zeroed: `hf_paged.ops.range_attention` scores unused slots too, which must be finite."""
     if block_major:
-        storage = torch.zeros((num_blocks, num_layers, kinds, block_size, kv_heads, head_dim), device=device,
-                              dtype=dtype)
-        return storage.permute(1, 2, 0, 3, 4, 5)
+        # Each block padded to a multiple of BLOCK_ALIGNMENT elements, so that every block of every slab starts at
+        # such an offset: the kernels' offset tables must hold multiples of it (`block_offsets`).
+        size = num_layers * kinds * block_size * kv_heads * head_dim
+        padded = block_elements(num_layers * kinds, block_size, kv_heads, head_dim, block_major=True)
+        storage = torch.zeros((num_blocks, padded), device=device, dtype=dtype)[:, :size]
+        return storage.view(num_blocks, num_layers, kinds, block_size, kv_heads, head_dim).permute(1, 2, 0, 3, 4, 5)
     storage = torch.zeros((num_layers, kinds, kv_heads, num_blocks, block_size, head_dim), device=device, dtype=dtype)
     return storage.permute(0, 1, 3, 4, 2, 5)
+
+
+def block_elements(rows: int, block_size: int, kv_heads: int, head_dim: int, block_major: bool) -> int:
+    """Elements one block of a slab tensor takes for `rows` (layers x kinds) rows of ``[bs, H, D]``: block-major
+    blocks are padded to a multiple of `BLOCK_ALIGNMENT` (what the pool allocates, and counts)."""
+    size = rows * block_size * kv_heads * head_dim
+    return -(-size // BLOCK_ALIGNMENT) * BLOCK_ALIGNMENT if block_major else size
 
 
 def select_blocks(store, ids: torch.Tensor) -> torch.Tensor:

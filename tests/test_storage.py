@@ -191,6 +191,22 @@ def test_layer_store_matches_a_single_tensor(block_major):
                 assert got.data_ptr() == view.data_ptr() + int(table[block]) * view.element_size()
 
 
+@pytest.mark.parametrize("block_major", [False, True])
+def test_block_major_blocks_are_padded_to_aligned_offsets(block_major):
+    """Block-major slabs (the Triton path) pad each block to a multiple of 16 elements, so the offset tables of a
+    pool of any block shape are aligned, and a pool counts the padding among the bytes it allocates."""
+    shape = (2, 5, 1, 14)  # 2 layers of 5-token blocks of one 14-wide head: 140 elements a block
+    slabs = [storage.slab_tensor(*shape[:1], n, *shape[1:], torch.device("cpu"), torch.int8, kinds=1,
+                                 block_major=block_major) for n in (3, 4)]
+    assert slabs[0].stride(2) == (144 if block_major else 5 * 14)
+    assert all(bool((slab == 0).all()) for slab in slabs)
+    if block_major:
+        aligned = []
+        storage.block_offsets(slabs, [0, 3], aligned.append)
+        assert len(aligned) == 1
+    assert storage.block_elements(2, 5, 1, 14, block_major) == (144 if block_major else 140)
+
+
 def test_growth_appends_slabs_and_keeps_the_old_ones():
     """A direct pool test: growth adds zeroed slabs, old slabs keep their storage and contents, no slab holds the
     whole pool, and a pool on several devices' worth of layers mirrors the slab boundaries (`follow`)."""
