@@ -311,7 +311,6 @@ def test_a_pool_of_slabs_runs_through_the_triton_kernels(tmp_path):
     address through their offset tables, and gives sdpa's tokens."""
     for case, result in _run(tmp_path, SLABS_SCRIPT, timeout=900).items():
         assert result["same"] and result["block_major"] and result["slabs"] > 1, (case, result)
-        assert result["slabs"] >= 2, (mode, result)
 
 
 WIDTHS_SCRIPT = r'''
