@@ -200,7 +200,14 @@ class PagedCache(Cache):
         Returns that layer's key and value pools ``[N, bs, Hkv, D]`` as `PagedPool`: the "hf_paged" attention
         function reads them through this step's block tables; any other attention raises.
         """
-        pool, slot = options.write_place(self, layer_idx, key_states, value_states)
+        if self._pending_layer is not None:
+            pending, self._pending_layer = self._pending_layer, None
+            raise RuntimeError(
+                f"hf_paged: layer {pending} stored keys in a PagedCache but its attention never read them: the model "
+                'does not run attn_implementation="hf_paged". Load it with attn_implementation="hf_paged" (or call '
+                'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
+            )
+        pool, slot = options.write_place(layer_idx, key_states, value_states, self.layer_pools, self._kv_sources)
         group = self.layer_groups[layer_idx]
         if pool.tensor is None:
             pool.allocate(key_states, value_states)

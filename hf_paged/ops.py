@@ -86,7 +86,6 @@ def reshape_and_cache(
     quant.raw(flat_v).index_copy_(0, slots, quant.raw(quant.to_storage(value, flat_v.dtype)))
 
 
-
 def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy whole blocks ``src[i] -> dst[i]`` in every layer's key and value pool at once.
 

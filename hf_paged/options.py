@@ -82,18 +82,12 @@ def from_generation_config(generation_config, prefix_caching: bool) -> dict:
     return dict(options)
 
 
-def write_place(cache, layer_idx, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[KVPool, int]:
-    """``(pool, index there)`` of the layer `layer_idx` writing to `cache` (`PagedCache.update`), or an error: the
-    previous layer's attention never read its keys (the model does not run "hf_paged"), the index is not one of the
-    config's layers, the keys require grad, or the config gives the layer no pool (KV-shared, linear attention)."""
-    if cache._pending_layer is not None:
-        pending, cache._pending_layer = cache._pending_layer, None
-        raise RuntimeError(
-            f"hf_paged: layer {pending} stored keys in a PagedCache but its attention never read them: the model "
-            'does not run attn_implementation="hf_paged". Load it with attn_implementation="hf_paged" (or call '
-            'model.set_attn_implementation("hf_paged")) before using a PagedCache.'
-        )
-    layers = len(cache.layer_pools)
+def write_place(layer_idx, key_states: torch.Tensor, value_states: torch.Tensor, layer_pools: list,
+                kv_sources: dict[int, int]) -> tuple[KVPool, int]:
+    """``(pool, index there)`` of the layer `layer_idx` writing to a `PagedCache` whose layers have `layer_pools`
+    (None: no pool) and read other layers' keys by `kv_sources`, or an error: the index is not one of the config's
+    layers, the keys require grad, or the config gives the layer no pool (KV-shared, linear attention)."""
+    layers = len(layer_pools)
     if not isinstance(layer_idx, int) or not 0 <= layer_idx < layers:
         raise ValueError(
             f"hf_paged: layer {layer_idx!r} wrote to a PagedCache built for {layers} layer(s) (layers "
@@ -107,9 +101,9 @@ def write_place(cache, layer_idx, key_states: torch.Tensor, value_states: torch.
             "pass under torch.no_grad() or torch.inference_mode() (generate() does), or, to train, call the "
             "model without a PagedCache (use_cache=False or a DynamicCache)."
         )
-    place = cache.layer_pools[layer_idx]
+    place = layer_pools[layer_idx]
     if place is None:
-        source = cache._kv_sources.get(layer_idx)
+        source = kv_sources.get(layer_idx)
         if source is not None:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} stored keys and values in a PagedCache, but the model config makes "

@@ -356,7 +356,9 @@ def draft_step(manager: BlockManager, lengths_before: list[int], q_len: int, buf
             block_ranges = tuple(planned)
     # Null entries (blocks of dead tokens) hold block 0 in the tensors: the block-range masks must skip them.
     entries_at = buffer.add(torch.tensor(leading_nulls)) if (block_range or block_ranges) and has_null else None
-    shared = _shared_prefix(rows, q_len, starts) if block_range is None and block_ranges is None and choice != "gather" else None
+    shared = None
+    if block_range is None and block_ranges is None and choice != "gather":
+        shared = _shared_prefix(rows, q_len, starts)
     if shared is not None:
         prefix_at, tail_at = buffer.add(shared[1]), buffer.add(shared[3])
     copies_at = buffer.add(torch.tensor(copies, dtype=torch.int32).t()) if copies else None
