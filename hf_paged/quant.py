@@ -137,22 +137,24 @@ def decode(stored: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
     codes = stored[..., :-SCALE_WIDTH]
     if stored.dtype == torch.int8:
         values = codes.to(torch.float32)
-    else:  # float8 codes as the float16 of their bits shifted into place, times 2**8 (see `_float8_as_float16`)
-        values = _float8_as_float16(codes).to(torch.float32)
-        scale = scale * 256.0
+    else:  # float8 codes as float32s 2**120 times smaller, times a scale 2**120 times larger: the same products
+        values = _float8_as_float32(codes)
+        scale = scale * 2.0 ** 120
     values.mul_(scale)
     return values if dtype == torch.float32 else values.to(dtype)
 
 
-def _float8_as_float16(codes: torch.Tensor) -> torch.Tensor:
-    """float8_e4m3fn codes as float16 values 2**8 times smaller, exactly, without PyTorch's float8 conversion (an
-    element at a time on the CPU: ten times slower). An e4m3 code's sign, 4 exponent and 3 mantissa bits, moved to
-    a float16's sign, low exponent and top mantissa bits, read as a float16 whose exponent bias is 15 where e4m3's is
-    7; its subnormals land on float16's, also 2**8 apart. NaN codes, which `encode` never writes, read as finite."""
-    bits = codes.view(torch.int8).to(torch.int16)  # sign-extended: bits 8-15 copy the sign
-    bits <<= 7  # the sign to bit 15, exponent and mantissa to bits 7-13; bit 14 holds a copy of the sign
-    bits &= -16385  # clear bit 14 (0xBFFF)
-    return bits.view(torch.float16)
+def _float8_as_float32(codes: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes as float32 values 2**120 times smaller, exactly, without PyTorch's float8 conversion (an
+    element at a time on the CPU: ten times slower) and in three passes over the codes. An e4m3 code's sign, 4
+    exponent and 3 mantissa bits, moved to a float32's sign, low exponent and top mantissa bits, read as a float32
+    whose exponent bias is 127 where e4m3's is 7; e4m3's subnormals land on float32's, also 2**120 apart (under
+    ``torch.set_flush_denormal(True)`` the CPU reads those, codes below 2**-6, as zero). NaN codes, which `encode`
+    never writes, read as finite. (The Triton kernels go through float16, `hf_paged.kernels._quant`: same values.)"""
+    bits = codes.view(torch.int8).to(torch.int32)  # sign-extended: bits 8-31 copy the sign
+    bits <<= 20  # the sign to bit 31, exponent and mantissa to bits 20-26; bits 27-30 hold copies of the sign
+    bits &= -2013265921  # clear bits 27-30 (0x87FFFFFF)
+    return bits.view(torch.float32)
 
 
 def to_storage(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
