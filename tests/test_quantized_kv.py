@@ -75,6 +75,12 @@ def test_every_float8_code_decodes_as_pytorch_converts_it():
     stored.view(torch.uint8)[:, 2:] = torch.tensor([448.0], dtype=torch.float16).view(torch.uint8)  # scale 1
     expected = codes.float()
     assert torch.equal(quant.decode(stored)[:, 0][~expected.isnan()], expected[~expected.isnan()])
+    # The decode's scale is 2**120 times the row's: it stays finite (and the products exact) at both ends of the
+    # magnitude's range.
+    for magnitude in (quant.MAGNITUDE_MIN, quant.MAGNITUDE_MAX):
+        stored.view(torch.uint8)[:, 2:] = torch.tensor([magnitude], dtype=torch.float16).view(torch.uint8)
+        scaled = expected * (torch.tensor(magnitude) / 448.0)
+        assert torch.equal(quant.decode(stored)[:, 0][~expected.isnan()], scaled[~expected.isnan()])
 
 
 def test_kv_dtype_names_and_refusals():
