@@ -19,7 +19,7 @@ VERSIONS=("$@")
 TESTS=(tests/test_generate_parity.py tests/test_prefill_once.py tests/test_prefix_cache.py tests/test_cache.py
        tests/test_ecosystem.py tests/test_triton_generate.py tests/test_tensor_parallel.py tests/test_families.py
        tests/test_lifecycle.py tests/test_device_map.py tests/test_layer_groups.py tests/test_storage.py
-       tests/test_conformance.py
+       tests/test_conformance.py tests/test_quantized_kv.py
        # the version-sensitive tests of files not run here as a whole
        tests/test_attention.py::test_both_attention_paths_for_rows_sharing_prompts
        tests/test_attention.py::test_single_sequence_reads_its_blocks_in_place

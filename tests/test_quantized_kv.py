@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import left_padded_batch, model_pair, random_ids, rounded_cache
+from tiny_models import available, left_padded_batch, model_pair, random_ids, rounded_cache
 
 import hf_paged
 from hf_paged import PagedCache, quant
@@ -132,7 +132,13 @@ def test_same_tokens_as_transformers_attention_over_rounded_keys(family, name):
     latent attention, chunked attention, a hybrid with linear-attention layers), a block size that divides no
     prompt, prompts spanning several blocks: the reference attention over a cache that rounds as the pool does
     gives the same tokens, and logits within float32 rounding."""
-    reference, paged = model_pair(family)
+    if not available(family):
+        pytest.skip(f"{family}: not in this Transformers")
+    try:
+        reference, paged = model_pair(family)
+    except NotImplementedError as error:  # refused at load here (before 5.x's Cache classes: qwen3_next on 5.0)
+        assert "hf_paged" in str(error)
+        pytest.skip(str(error))
     inputs = left_padded_batch([21, 13, 30])
     expected = _greedy(reference, inputs, **cache_kwargs(rounded_cache(name, reference)))
     got = _greedy(paged, inputs, cache_config={"block_size": 4, "kv_dtype": name})
