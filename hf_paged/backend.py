@@ -259,8 +259,8 @@ def _gathered_attention(plan, query, key, value, attention_mask, scale, sliding_
                         sinks=None, spans=None) -> torch.Tensor:
     """Gather each row's keys and values out of the pools (or a single row's `spans`, concatenated), then attend as
     over contiguous tensors."""
-    keys = ops.gather_kv(key, plan.block_tables, plan.max_seq_len, plan.first_block, spans)
-    values = ops.gather_kv(value, plan.block_tables, plan.max_seq_len, plan.first_block, spans)
+    keys = ops.gather_kv(key, plan.block_tables, plan.max_seq_len, plan.first_block, spans, plan.row_stride)
+    values = ops.gather_kv(value, plan.block_tables, plan.max_seq_len, plan.first_block, spans, plan.row_stride)
     mask = masks.step_mask(plan, attention_mask, sliding_window, chunk_size)
     # Every row holds exactly this step's tokens: a mask-free causal attention is the whole story.
     is_causal = mask is None and 1 < plan.q_len == plan.max_seq_len

@@ -117,15 +117,40 @@ class BlockPool:
         self.ref_counts.extend([0] * num_new_blocks)
         self.free_blocks.extend(range(start, self.num_blocks))
 
-    def take(self) -> int:
-        """A block with ref count 1: a free one, else the least recently released evictable one."""
-        if self.free_blocks:
+    def take(self, preferred: int | None = None) -> int:
+        """A block with ref count 1: `preferred` if it is free, else the oldest free one, else the least recently
+        released evictable one."""
+        if preferred is not None and self._take_free(preferred):
+            block = preferred
+        elif self.free_blocks:
             block = self.free_blocks.popleft()
         else:
             block, _ = self.evictable.popitem(last=False)
             self.unindex(block)
         self.ref_counts[block] = 1
         return block
+
+    def _take_free(self, block: int) -> bool:
+        """Take `block` off the free list if it is on it (a scan of the list: callers prefer blocks near its front,
+        see `BlockManager.append`'s ``contiguous``)."""
+        if not 0 <= block < self.num_blocks or self.ref_counts[block] or block in self.evictable:
+            return False
+        try:
+            self.free_blocks.remove(block)
+        except ValueError:  # not free after all (a test holding it aside)
+            return False
+        return True
+
+    def free_run(self) -> tuple[int, int]:
+        """``(first, count)``: the run of consecutive free blocks that starts at the lowest free block (``(0, 0)``
+        when none is free)."""
+        free = set(self.free_blocks)
+        if not free:
+            return 0, 0
+        first = count = min(free)
+        while count in free:
+            count += 1
+        return first, count - first
 
     def acquire(self, block: int) -> None:
         """One more table entry points at `block` (reviving it if it was evictable). `NULL_BLOCK`: nothing."""
@@ -336,7 +361,7 @@ class BlockManager:
         live_from.extend([0] * num_rows)
 
     def append(self, num_tokens: int, finished: Sequence[bool] | None = None,
-               live_from: Sequence[int] | None = None) -> list[tuple[int, int]]:
+               live_from: Sequence[int] | None = None, contiguous: bool = False) -> list[tuple[int, int]]:
         """Make room for `num_tokens` more tokens at the end of every row.
 
         Returns the copy-on-write copies ``(src, dst)`` the caller must perform *before* writing the new tokens:
@@ -351,6 +376,13 @@ class BlockManager:
         one changes nothing). Blocks wholly below it are released (entry -> `NULL_BLOCK`) before anything is
         taken, or never allocated: a prefill with left padding takes nothing for whole pad blocks, a sliding-window
         prefill only the blocks of its last tokens. The caller writes no token below it.
+
+        ``contiguous`` lays rows out for reads in place (the PyTorch path, which reads keys through views rather
+        than block tables): a row's new block is the one after its last if that is free, and rows that take their
+        first blocks together (a prefill of distinct prompts) start evenly spaced over the free run at the lowest
+        free block (`BlockPool.free_run`), entry ``i`` of row ``r`` at ``first + r * stride + i``, so that every
+        row's blocks stay at one stride from the next row's while they fit (`hf_paged.step.StepPlan.row_stride`).
+        The blocks taken, and their number, are the same either way; only which free ones.
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
@@ -366,6 +398,7 @@ class BlockManager:
         bs = self.block_size
         if num_tokens == 0:
             return copies
+        homes = self._homes(num_tokens) if contiguous else None
         for row, table in enumerate(self.tables):
             length = self.lengths[row]
             dead = new_live[row] // bs
@@ -387,11 +420,27 @@ class BlockManager:
                         self.scratch = pool.take()
                     pool.acquire(self.scratch)
                     table.append(self.scratch)
-                else:
+                elif not contiguous:
                     table.append(pool.take())
+                elif table and table[-1] != NULL_BLOCK and table[-1] != self.scratch:
+                    table.append(pool.take(table[-1] + 1))
+                else:
+                    table.append(pool.take(None if homes is None else homes[row] + index))
             self.lengths[row] = length + num_tokens
         self.cow_copies += len(copies)
         return copies
+
+    def _homes(self, num_tokens: int) -> list[int] | None:
+        """For `append` with ``contiguous``: where each row's entry 0 would lie when every row is empty and there
+        are several (``first + r * stride``: the free run at the lowest free block split evenly, each part at least
+        as long as the rows' tables will be), else None."""
+        if self.num_rows < 2 or any(self.tables):
+            return None
+        first, count = self.pool.free_run()
+        stride = count // self.num_rows
+        if stride < _blocks_for(max(self.lengths) + num_tokens, self.block_size):
+            return None
+        return [first + row * stride for row in range(self.num_rows)]
 
     def release_before(self, positions: Sequence[int]) -> None:
         """Raise each row's live start to ``positions[row]`` (never lowering it) and release the blocks now wholly

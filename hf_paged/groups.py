@@ -131,7 +131,9 @@ class LayerGroup:
             self.pool.ensure_free(needed, slack=self._slack(lengths_before, q_len, ended, rows) if grows else 0)
             for pool in self.pools[1:]:
                 self.grow_to_first(pool)
-            copies = manager.append(q_len, ended, live)
+            # The PyTorch path reads keys through views: rows laid out contiguously read in place (`StepPlan.row_stride`).
+            contiguous = self.pool.device is not None and not backend.use_triton(self.pool.device)
+            copies = manager.append(q_len, ended, live, contiguous=contiguous)
         except BaseException:
             if new_rows:
                 manager.reset()

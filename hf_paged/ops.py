@@ -98,7 +98,7 @@ def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> 
 
 def gather_kv(
     cache: torch.Tensor, block_tables: torch.Tensor, kv_len: int, first_block: int | None = None,
-    spans: Sequence[tuple[int, int]] | None = None,
+    spans: Sequence[tuple[int, int]] | None = None, row_stride: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Read each row's first `kv_len` tokens out of a pool.
 
@@ -110,17 +110,25 @@ def gather_kv(
             tokens are then read in place, without a copy.
         spans: set when there is one row whose blocks are the runs ``(first, count)`` (each inside one slab of a
             `hf_paged.storage.LayerStore`): each run is read in place, and the runs concatenated.
+        row_stride: ``(first, stride)`` when row ``r``'s blocks are ``first + r * stride + i`` (its entries that are
+            not null; `hf_paged.step.StepPlan.row_stride`): the rows are read in place, one strided view. Blocks
+            read at a row's null entries or past its length belong to other rows or none: callers mask them.
 
     Returns:
         ``[B, Hkv, kv_len, D]`` (a strided view, of the pool itself or of a fresh gather); from an 8-bit pool
         (`hf_paged.quant`), the decoded float32 values.
     """
-    return quant.from_storage(_gather_stored(cache, block_tables, kv_len, first_block, spans))
+    return quant.from_storage(_gather_stored(cache, block_tables, kv_len, first_block, spans, row_stride))
 
 
-def _gather_stored(cache, block_tables, kv_len, first_block, spans) -> torch.Tensor:
+def _gather_stored(cache, block_tables, kv_len, first_block, spans, row_stride=None) -> torch.Tensor:
     """`gather_kv` of the rows as the pool stores them."""
     batch, nb = block_tables.shape
+    if row_stride is not None and cache.stride(0) == cache.shape[1] * cache.stride(1):
+        first, stride = row_stride
+        return cache.as_strided((batch, cache.shape[2], kv_len, cache.shape[3]),
+                                (stride * cache.stride(0), cache.stride(2), cache.stride(1), cache.stride(3)),
+                                cache.storage_offset() + first * cache.stride(0))
     if first_block is not None:
         gathered = cache[first_block:first_block + nb]
         if gathered.stride(0) == gathered.shape[1] * gathered.stride(1):  # blocks follow token by token (head-major)

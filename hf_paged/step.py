@@ -80,8 +80,12 @@ class StepPlan:
         triton: whether this step's paged operations run the Triton kernels (`hf_paged.backend.use_triton`), chosen once
             per step and device; every paged op of the step (write, copy, attend) follows it.
         shared: how rows share leading blocks (beams, samples of one prompt), or None; planned whenever
-            `block_range` is None (always so on the Triton path, which plans no block range).
+            `block_range` and `row_stride` are None (always so on the Triton path, which plans neither).
         first_block: with a single row whose blocks are consecutive, the first one (keys are read in place).
+        row_stride: on the PyTorch path, with several rows whose blocks lie at one stride from each other's (entry
+            ``i`` of row ``r`` is block ``first + r * stride + i``, null entries aside; laid out so by
+            `BlockManager.append`'s ``contiguous``), ``(first, stride)``: every row's keys are read in place as one
+            strided view. Else None.
         spans: a single row whose blocks lie in several slabs, consecutive inside each: per slab ``(first block,
             count)`` in the row's order (read in place and concatenated, see `SPAN_COPY_BYTES`), else None.
         block_range: ``(first_block, num_blocks)``, a block range holding every row's blocks and not much else (see
@@ -119,6 +123,7 @@ class StepPlan:
     triton: bool = False
     shared: SharedPrefix | None = None
     first_block: int | None = None
+    row_stride: tuple[int, int] | None = None
     spans: tuple[tuple[int, int], ...] | None = None
     block_range: tuple[int, int] | None = None
     block_ranges: tuple[tuple[int, int], ...] | None = None
@@ -152,8 +157,9 @@ def read_plan() -> str:
     """Which read plans a step may take, from the environment variable ``HF_PAGED_READ_PLAN`` (read once per step,
     as ``HF_PAGED_BACKEND`` is; the tokens are the same on every plan, only the work differs):
 
-    * ``auto`` (or unset): the fastest plan that applies (on the PyTorch path a block range read in place when the
-      rows' blocks are compact, else the shared prefix read once, else a gather).
+    * ``auto`` (or unset): the fastest plan that applies (on the PyTorch path rows at one stride read as one view,
+      else a block range read in place when the rows' blocks are compact, else the shared prefix read once, else
+      a gather).
     * ``shared_prefix``: never a block range (as on the Triton path): rows sharing leading blocks read them once,
       the others are gathered.
     * ``gather``: neither: every row's keys are gathered (a single row's consecutive blocks are still sliced in
@@ -203,6 +209,7 @@ def read_path(plan: StepPlan, *, full_mask: bool, left_padding: bool, groups_pad
     * ``"triton"``: the paged kernel (`hf_paged.kernels.paged_attention`);
     * ``"triton_shared"``: the shared-prefix kernel (rows sharing blocks read them once per group);
     * ``"spans"``: a single row's blocks, one span per slab, concatenated (while small: `SPAN_COPY_BYTES`);
+    * ``"gather"`` with the step's `StepPlan.row_stride`: rows at one stride, read in place as one view;
     * ``"range"`` / ``"ranges"``: one block range read in place (several: one per slab, merged);
     * ``"shared"``: the shared blocks once per group of rows, each row's tail, merged (PyTorch);
     * ``"gather"``: each row's keys gathered, then ordinary attention (any mask).
@@ -237,6 +244,8 @@ def _read_path(plan, full_mask, left_padding, groups_padded_alike, sliding_windo
         if plan.shared is not None and not sinks and chunk_size is None and same_width:
             return "triton_shared"
         return "triton"
+    if plan.row_stride is not None:  # `ops.gather_kv` reads the rows in place (latents keep their block ranges)
+        return "gather"
     if plan.block_range is not None:
         return "range"
     if plan.spans is not None and plan.max_seq_len * token_bytes <= SPAN_COPY_BYTES:
@@ -346,6 +355,9 @@ def draft_step(manager: BlockManager, lengths_before: list[int], q_len: int, buf
     spans = None
     if not triton and rows.num_rows == 1 and first_block is None and len(starts) > 1 and not has_null:
         spans = _spans(rows.tables[0], starts)
+    row_stride = None
+    if not triton and rows.num_rows > 1 and len(starts) == 1 and choice == "auto":
+        row_stride = _row_stride(rows.tables, leading_nulls, manager.pool.num_blocks)
     block_range = block_ranges = None
     if not triton and choice == "auto" and q_len <= _RANGE_MAX_QUERIES and (
             rows.num_rows > 1 or (len(starts) > 1 and first_block is None)):
@@ -357,7 +369,7 @@ def draft_step(manager: BlockManager, lengths_before: list[int], q_len: int, buf
     # Null entries (blocks of dead tokens) hold block 0 in the tensors: the block-range masks must skip them.
     entries_at = buffer.add(torch.tensor(leading_nulls)) if (block_range or block_ranges) and has_null else None
     shared = None
-    if block_range is None and block_ranges is None and choice != "gather":
+    if block_range is None and block_ranges is None and row_stride is None and choice != "gather":
         shared = _shared_prefix(rows, q_len, starts)
     if shared is not None:
         prefix_at, tail_at = buffer.add(shared[1]), buffer.add(shared[3])
@@ -377,6 +389,7 @@ def draft_step(manager: BlockManager, lengths_before: list[int], q_len: int, buf
                 group_size=shared[0], prefix_blocks=sent[prefix_at].view(shared[1].shape), prefix_start=shared[2],
                 tail_tables=sent[tail_at].view(shared[3].shape), prefix_len=shared[4]),
             first_block=first_block,
+            row_stride=row_stride,
             spans=spans,
             block_range=block_range,
             block_ranges=block_ranges,
@@ -459,6 +472,26 @@ def _spans(blocks: list[int], starts: list[int]) -> tuple[tuple[int, int], ...] 
         runs.append((first, count))
         index += count
     return tuple(runs)
+
+
+def _row_stride(tables: list[list[int]], leading_nulls: list[int], num_blocks: int) -> tuple[int, int] | None:
+    """``(first, stride)`` when entry ``i`` of row ``r`` is block ``first + r * stride + i`` for every entry past its
+    `leading_nulls` (the rows read as one strided view of the pool's blocks, `StepPlan.row_stride`) and every row's
+    view lies inside the pool's `num_blocks`, else None."""
+    bases = []
+    for table, nulls in zip(tables, leading_nulls, strict=True):
+        if nulls >= len(table):  # a row of dead tokens only
+            return None
+        base = table[nulls] - nulls
+        if table[nulls:] != list(range(base + nulls, base + len(table))):
+            return None
+        bases.append(base)
+    first, stride = bases[0], bases[1] - bases[0]
+    if first < 0 or stride < 0 or any(base != first + row * stride for row, base in enumerate(bases)):
+        return None
+    if bases[-1] + max(len(table) for table in tables) > num_blocks:
+        return None
+    return first, stride
 
 
 def _consecutive_start(blocks: list[int], starts: list[int] | None = None) -> int | None:

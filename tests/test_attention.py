@@ -31,7 +31,7 @@ from tiny_models import (
 )
 from transformers import DynamicCache, masking_utils
 
-from hf_paged import PagedCache, compat, masks, ops
+from hf_paged import PagedCache, compat, masks, ops, storage
 from hf_paged import step as step_module
 from hf_paged.attention import paged_attention_mask
 from hf_paged.block_manager import NULL_BLOCK, BlockManager
@@ -163,6 +163,29 @@ def test_single_sequence_reads_its_blocks_in_place(family):
     assert torch.equal(got.sequences, expected.sequences)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_distinct_rows_are_read_in_place_at_one_stride(monkeypatch, family):
+    """A batch of distinct prompts of one length on the PyTorch path: the cache generate builds lays its rows out at
+    one stride (`BlockManager.append`'s ``contiguous``: the rows grow into the slack the pool took at the prefill),
+    and the full-attention layers read every row as one strided view of the pool at every step, prefill included
+    (nothing gathered), with the reference's tokens and logits."""
+    reference, paged = model_pair(family)
+    inputs = left_padded_batch([60, 60, 60], seed=5)
+    expected = _generate(reference, inputs, new_tokens=10)
+    calls = count_calls(monkeypatch, storage, ["select_blocks"])
+    got = _generate(paged, inputs, new_tokens=10, cache_config={"block_size": 4})
+    _assert_same(got, expected, family)
+    cache = compat.output_cache(got)
+    full = [group for group in cache.groups if group.window is None]
+    assert full
+    for group in full:
+        first, stride = group.step.row_stride
+        for row, table in enumerate(group.manager.tables):
+            assert all(block == first + row * stride + index for index, block in enumerate(table) if block >= 0)
+    if family == "llama":  # (gemma2's sliding-window layers reuse the blocks they release: those are gathered)
+        assert calls["select_blocks"] == 0
+
+
 @pytest.mark.parametrize("copy_bytes", [None, 0])
 def test_single_row_crossing_slabs_is_read_in_place(monkeypatch, copy_bytes):
     """Greedy decoding of one row right after its prefill: the row's blocks cross slab boundaries, and every decode
@@ -199,6 +222,33 @@ def test_a_pool_of_several_slabs_is_read_one_window_per_slab():
     step = build_step(manager, [13, 12, 14], 2, torch.device("cpu"), trim=False, starts=[0, 3, 7])
     assert step.block_ranges == ((0, 3), (3, 2), (7, 5)) and step.block_range is None and step.shared is None
     assert step.first_entries.tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("tables, expected", [
+    ([[NULL_BLOCK, 1, 2], [4, 5, 6], [NULL_BLOCK, NULL_BLOCK, 10]], (0, 4)),  # null entries keep their places
+    ([[0, 1, 2], [0, 1, 2], [0, 1, 2]], (0, 0)),  # the same blocks: one stride of 0
+    ([[0, 1, 2], [4, 5, 7], [8, 9, 10]], None),  # a row whose blocks are not consecutive
+    ([[0, 1, 2], [4, 5, 6], [9, 10, 11]], None),  # a row off the stride
+    ([[4, 5, 6], [0, 1, 2], [8, 9, 10]], None),  # rows in another order
+    ([[NULL_BLOCK, 0, 1], [4, 5, 6], [8, 9, 10]], None),  # row 0's view would start before block 0
+    ([[3, 4, 5, 6], [7, 8, 9, 10], [11, 12]], None),  # a short last row whose view would end past the pool
+])
+def test_rows_at_one_stride_are_planned_as_one_view(tables, expected):
+    """The step planner reads several rows as one strided view of the pool (`StepPlan.row_stride`) exactly when
+    entry ``i`` of row ``r`` is block ``first + r * stride + i`` (null entries aside) and the view stays inside the
+    pool; never on the Triton path, which reads through the tables."""
+    manager = BlockManager(num_blocks=13, block_size=4)
+    manager.tables = [list(table) for table in tables]
+    manager.lengths = [4 * len(table) for table in tables]
+    manager.live_from = [4 * sum(block == NULL_BLOCK for block in table) for table in tables]
+    for block in (block for table in manager.tables for block in table if block != NULL_BLOCK):
+        if manager.pool.ref_counts[block] == 0:
+            manager.pool.free_blocks.remove(block)
+        manager.pool.ref_counts[block] += 1
+    manager.check()
+    before = [length - 1 for length in manager.lengths]
+    assert build_step(manager, before, 1, torch.device("cpu"), trim=False).row_stride == expected
+    assert build_step(manager, before, 1, torch.device("cpu"), triton=True, trim=False).row_stride is None
 
 
 def test_read_plan_environment_variable_is_checked(llama_pair, monkeypatch):

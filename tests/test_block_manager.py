@@ -26,6 +26,40 @@ def test_append_allocates_blocks_and_forks_share_them():
     manager.check()
 
 
+def test_contiguous_append_keeps_rows_at_one_stride():
+    """`append(..., contiguous=True)` (the PyTorch path's layout): rows that take their first blocks together start
+    evenly spaced over the free run, each growing into the block after its last; left padding's null entries keep
+    their places. The same number of blocks is taken, and the invariants hold."""
+    manager = BlockManager(num_blocks=40, block_size=4)
+    manager.add_rows(3)
+    needed = manager.blocks_needed(10, live_from=[0, 4, 8])
+    manager.append(10, live_from=[0, 4, 8], contiguous=True)  # 3 entries each; rows 1 and 2 start with null ones
+    assert needed == 6 == manager.num_used
+    assert manager.tables == [[0, 1, 2], [NULL_BLOCK, 14, 15], [NULL_BLOCK, NULL_BLOCK, 28]]  # stride 40 // 3
+    for _ in range(6):
+        manager.append(1, contiguous=True)
+    assert manager.tables == [[0, 1, 2, 3], [NULL_BLOCK, 14, 15, 16], [NULL_BLOCK, NULL_BLOCK, 28, 29]]
+    manager.pool.check()
+    # A row whose next block is taken grows into the oldest free block instead.
+    manager.pool.take(4)
+    manager.append(4, contiguous=True)
+    assert manager.tables[0][-1] != 4 and manager.tables[1][-1] == 17 and manager.tables[2][-1] == 30
+    manager.pool.release([4])
+    manager.pool.check()
+
+
+def test_contiguous_append_spaces_rows_only_over_a_long_enough_free_run():
+    """Rows are spaced over the run of free blocks at the lowest free one only when each gets as many blocks as it
+    takes; otherwise they take the oldest free blocks, as without ``contiguous``."""
+    manager = BlockManager(num_blocks=16, block_size=4)
+    manager.pool.take(5)  # the run at block 0 is 5 blocks long: 1 per row, fewer than the 2 each takes
+    manager.add_rows(3)
+    manager.append(8, contiguous=True)
+    assert manager.tables == [[0, 1], [2, 3], [4, 6]]
+    manager.pool.release([5])
+    manager.pool.check()
+
+
 def test_writing_at_a_block_boundary_copies_nothing():
     manager = BlockManager(num_blocks=10, block_size=4)
     manager.add_rows(1)
@@ -99,8 +133,9 @@ operations = st.lists(
 
 
 @settings(max_examples=400, deadline=None)
-@given(block_size=st.integers(1, 5), num_blocks=st.integers(0, 24), rows=st.integers(1, 4), ops=operations)
-def test_invariants_hold_under_random_operations(block_size, num_blocks, rows, ops):
+@given(block_size=st.integers(1, 5), num_blocks=st.integers(0, 24), rows=st.integers(1, 4), ops=operations,
+       contiguous=st.booleans())
+def test_invariants_hold_under_random_operations(block_size, num_blocks, rows, ops, contiguous):
     manager = BlockManager(num_blocks, block_size)
     manager.add_rows(rows)
     for name, arg in ops:
@@ -117,10 +152,10 @@ def test_invariants_hold_under_random_operations(block_size, num_blocks, rows, o
             before = list(manager.lengths)
             if needed > free:
                 with pytest.raises(OutOfBlocksError):
-                    manager.append(arg, finished, live)
+                    manager.append(arg, finished, live, contiguous)
                 assert manager.num_free == free
             else:  # the forecast is exact: a step that fits never raises (and one that gives back may free some)
-                manager.append(arg, finished, live)
+                manager.append(arg, finished, live, contiguous)
                 assert manager.num_free == free - needed if needed else manager.num_free >= free
                 if name == "give_back":  # a row that gave its blocks back holds at most the one it wrote into
                     for row in (row for row, mine in enumerate(private) if mine):
