@@ -206,6 +206,15 @@ def test_single_row_crossing_slabs_is_read_in_place(monkeypatch, copy_bytes):
     assert (calls["ranges_attention"] > 0) == (copy_bytes == 0)
 
 
+def _hold_tables(manager: BlockManager) -> None:
+    """Take the blocks of tables set by hand off the free list, one reference per entry (the invariants hold)."""
+    for block in (block for table in manager.tables for block in table if block != NULL_BLOCK):
+        if manager.pool.ref_counts[block] == 0:
+            manager.pool.free_blocks.remove(block)
+        manager.pool.ref_counts[block] += 1
+    manager.check()
+
+
 def test_a_pool_of_several_slabs_is_read_one_window_per_slab():
     """The step planner (`hf_paged.step.build_step`) reads rows whose blocks lie in three slabs as one window per slab,
     each from the lowest to the highest block the rows use there, null entries skipped (what
@@ -214,11 +223,7 @@ def test_a_pool_of_several_slabs_is_read_one_window_per_slab():
     # Row 0: a null entry (its first block holds only dead tokens), then blocks of slabs 0 and 1; block 8 is shared.
     manager.tables = [[NULL_BLOCK, 2, 3, 4], [0, 1, 8, 9], [7, 8, 10, 11]]
     manager.lengths, manager.live_from = [15, 14, 16], [4, 0, 0]
-    for block in (block for table in manager.tables for block in table if block != NULL_BLOCK):
-        if manager.pool.ref_counts[block] == 0:
-            manager.pool.free_blocks.remove(block)
-        manager.pool.ref_counts[block] += 1
-    manager.check()
+    _hold_tables(manager)
     step = build_step(manager, [13, 12, 14], 2, torch.device("cpu"), trim=False, starts=[0, 3, 7])
     assert step.block_ranges == ((0, 3), (3, 2), (7, 5)) and step.block_range is None and step.shared is None
     assert step.first_entries.tolist() == [1, 0, 0]
@@ -241,11 +246,7 @@ def test_rows_at_one_stride_are_planned_as_one_view(tables, expected):
     manager.tables = [list(table) for table in tables]
     manager.lengths = [4 * len(table) for table in tables]
     manager.live_from = [4 * sum(block == NULL_BLOCK for block in table) for table in tables]
-    for block in (block for table in manager.tables for block in table if block != NULL_BLOCK):
-        if manager.pool.ref_counts[block] == 0:
-            manager.pool.free_blocks.remove(block)
-        manager.pool.ref_counts[block] += 1
-    manager.check()
+    _hold_tables(manager)
     before = [length - 1 for length in manager.lengths]
     assert build_step(manager, before, 1, torch.device("cpu"), trim=False).row_stride == expected
     assert build_step(manager, before, 1, torch.device("cpu"), triton=True, trim=False).row_stride is None
