@@ -41,8 +41,8 @@ import triton.language as tl
 from ._launch import next_power_of_2
 from ._quant import dequantize, load_magnitude
 
-__all__ = ["key_value_slots", "paged_attention_kernel", "paged_attention_meta", "reduce_splits_kernel",
-           "reduce_splits_meta", "tile_config"]
+__all__ = ["base2_scores", "key_value_slots", "online_softmax", "paged_attention_kernel", "paged_attention_meta",
+           "reduce_splits_kernel", "reduce_splits_meta", "split_tiles", "tile_config"]
 
 
 @triton.jit
@@ -57,6 +57,37 @@ def _dot(a, b, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def split_tiles(tile_lo, tile_hi, split, NUM_SPLITS: tl.constexpr):
+    """``(first, end)`` of the key tiles that split `split` of `NUM_SPLITS` walks, of ``tile_lo .. tile_hi - 1``."""
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
+        tile_lo = tile_lo + split * per_split
+        tile_hi = tl.minimum(tile_hi, tile_lo + per_split)
+    return tile_lo, tile_hi
+
+
+@triton.jit
+def base2_scores(s, scale, softcap, USE_SOFTCAP: tl.constexpr):
+    """Raw scores ``q . k`` scaled, soft-capped if USE_SOFTCAP, and in base 2 (times log2 e) for ``exp2``."""
+    s = s * scale
+    if USE_SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    return s * 1.4426950408889634
+
+
+@triton.jit
+def online_softmax(s, m_i, l_i):
+    """One key tile of the online softmax over base-2 scores `s` (``-inf`` where not visible), against each row's
+    running max `m_i` and sum `l_i`: ``(p, alpha, m_new, l_new)``, the tile's weights, the factor that rescales the
+    row's earlier sum and output, and the new max and sum."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -129,7 +160,7 @@ def paged_attention_kernel(
     HALVES: tl.constexpr,  # latent mode over 8-bit codes: the latents in two halves, each loaded twice (module doc)
 ):
     """Program (b * num_q_tiles + tile, kv_head, split): one query tile of one row against one KV head."""
-    LOG2E: tl.constexpr = 1.4426950408889634
+    LOG2E: tl.constexpr = 1.4426950408889634  # as in base2_scores
     row_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -193,10 +224,7 @@ def paged_attention_kernel(
         lo = tl.maximum(lo, key_start + first_position // chunk * chunk)
     tile_lo = lo // BLOCK_N
     tile_hi = tl.where(hi >= lo, hi // BLOCK_N + 1, tile_lo)
-    if NUM_SPLITS > 1:
-        per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
-        tile_lo = tile_lo + split * per_split
-        tile_hi = tl.minimum(tile_hi, tile_lo + per_split)
+    tile_lo, tile_hi = split_tiles(tile_lo, tile_hi, split, NUM_SPLITS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -240,7 +268,6 @@ def paged_attention_kernel(
             k = tl.load(k_head_ptr + k_slot[None, :] + HALF + hdims[:, None],
                         mask=key_valid[None, :] & b_valid[:, None], other=0.0)
             s += _dot(q_b, dequantize(k, k_magnitude[None, :], CODES).to(q_b.dtype), UPCAST)
-            s += _dot(q_rope, k_rope.to(q_rope.dtype), UPCAST)
         else:
             k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                         mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
@@ -254,18 +281,10 @@ def paged_attention_kernel(
                 if CODES != 0:
                     v_magnitude = load_magnitude(v_head_ptr + v_slot + V_DIM, key_valid)
                     v = dequantize(v, v_magnitude[:, None], CODES).to(q.dtype)
-            if UPCAST:
-                s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
-                if ROPE_DIM > 0:
-                    s += tl.dot(q_rope, k_rope.to(tl.float32), input_precision="ieee")
-            else:
-                s = tl.dot(q, k)
-                if ROPE_DIM > 0:
-                    s += tl.dot(q_rope, k_rope.to(q.dtype))
-        s = s * scale
-        if USE_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        s = s * LOG2E
+            s = _dot(q, k, UPCAST)
+        if ROPE_DIM > 0:
+            s += _dot(q_rope, k_rope.to(q_rope.dtype), UPCAST)
+        s = base2_scores(s, scale, softcap, USE_SOFTCAP)
 
         visible = row_valid[:, None] & (keys[None, :] <= position[:, None]) & (keys[None, :] >= key_start)
         if USE_WINDOW:
@@ -274,11 +293,7 @@ def paged_attention_kernel(
             visible = visible & (keys[None, :] >= chunk_lo[:, None])
         s = tl.where(visible, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = online_softmax(s, m_i, l_i)
         if HALVES:
             v = tl.load(k_head_ptr + k_slot[:, None] + hdims[None, :], mask=key_valid[:, None] & a_valid[None, :],
                         other=0.0)  # [BLOCK_N, D / 2]
@@ -286,11 +301,8 @@ def paged_attention_kernel(
             v = tl.load(k_head_ptr + k_slot[:, None] + HALF + hdims[None, :],
                         mask=key_valid[:, None] & b_valid[None, :], other=0.0)
             acc_b = acc_b * alpha[:, None] + _dot(p, dequantize(v, k_magnitude[:, None], CODES).to(q_b.dtype), UPCAST)
-        elif UPCAST:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            acc = acc * alpha[:, None] + _dot(p, v, UPCAST)
 
     out_rows = (out_ptr + b64 * stride_ob + token[:, None].to(tl.int64) * stride_ot
                 + head[:, None].to(tl.int64) * stride_oh + split * stride_os)  # stride_os: 0 without splits

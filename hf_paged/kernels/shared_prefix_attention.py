@@ -46,12 +46,15 @@ from ._launch import (
 from ._quant import codes_of, dequantize, load_magnitude, raw
 from .paged_attention import choose_num_splits
 from .paged_attention_kernel import (
-    _tanh,
+    _dot,
+    base2_scores,
     key_value_slots,
+    online_softmax,
     paged_attention_kernel,
     paged_attention_meta,
     reduce_splits_kernel,
     reduce_splits_meta,
+    split_tiles,
     tile_config,
 )
 
@@ -101,7 +104,6 @@ def shared_prefix_kernel(
     CODES: tl.constexpr,  # 8-bit pools (hf_paged.kernels._quant): 0 none, 1 int8, 2 float8_e4m3fn (as uint8)
 ):
     """Program (g * num_m_tiles + tile, kv_head, split): one tile of group g's packed queries against its prefix."""
-    LOG2E: tl.constexpr = 1.4426950408889634
     group_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -146,10 +148,7 @@ def shared_prefix_kernel(
     hi = tl.minimum(tl.max(tl.where(row_valid, position, -1), axis=0), prefix_len - 1)
     tile_lo = lo // BLOCK_N
     tile_hi = tl.where(hi >= lo, hi // BLOCK_N + 1, tile_lo)
-    if NUM_SPLITS > 1:
-        per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
-        tile_lo = tile_lo + split * per_split
-        tile_hi = tl.minimum(tile_hi, tile_lo + per_split)
+    tile_lo, tile_hi = split_tiles(tile_lo, tile_hi, split, NUM_SPLITS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -178,14 +177,7 @@ def shared_prefix_kernel(
         if CODES != 0:
             k = dequantize(k, load_magnitude(k_head_ptr + k_slot + HEAD_DIM, key_valid)[None, :], CODES).to(q.dtype)
             v = dequantize(v, load_magnitude(v_head_ptr + v_slot + HEAD_DIM, key_valid)[:, None], CODES).to(q.dtype)
-        if UPCAST:
-            s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = s * scale
-        if USE_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        s = s * LOG2E
+        s = base2_scores(_dot(q, k, UPCAST), scale, softcap, USE_SOFTCAP)
 
         visible = (row_valid[:, None] & key_valid[None, :] & (keys[None, :] <= position[:, None])
                    & (keys[None, :] >= key_start[:, None]))
@@ -193,16 +185,8 @@ def shared_prefix_kernel(
             visible = visible & (keys[None, :] > position[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if UPCAST:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        p, alpha, m_i, l_i = online_softmax(s, m_i, l_i)
+        acc = acc * alpha[:, None] + _dot(p, v, UPCAST)
 
     slot = first_split + split
     b64, token64, head64 = b.to(tl.int64), token.to(tl.int64), head.to(tl.int64)
