@@ -42,7 +42,7 @@ from ._launch import next_power_of_2
 from ._quant import dequantize, load_magnitude
 
 __all__ = ["base2_scores", "key_value_slots", "online_softmax", "paged_attention_kernel", "paged_attention_meta",
-           "reduce_splits_kernel", "reduce_splits_meta", "split_tiles", "tile_config"]
+           "reduce_splits_kernel", "reduce_splits_meta", "split_tiles", "tile_config", "tile_dot"]
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
+def tile_dot(a, b, UPCAST: tl.constexpr):
     """``a @ b``: in float32 (``ieee``) if UPCAST, else with `a` in `b`'s dtype."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -264,10 +264,10 @@ def paged_attention_kernel(
         if HALVES:  # the scores half by half: each half of the codes is loaded again for the values below
             k = tl.load(k_head_ptr + k_slot[None, :] + hdims[:, None], mask=key_valid[None, :] & a_valid[:, None],
                         other=0.0)  # [D / 2, BLOCK_N]
-            s = _dot(q_a, dequantize(k, k_magnitude[None, :], CODES).to(q_a.dtype), UPCAST)
+            s = tile_dot(q_a, dequantize(k, k_magnitude[None, :], CODES).to(q_a.dtype), UPCAST)
             k = tl.load(k_head_ptr + k_slot[None, :] + HALF + hdims[:, None],
                         mask=key_valid[None, :] & b_valid[:, None], other=0.0)
-            s += _dot(q_b, dequantize(k, k_magnitude[None, :], CODES).to(q_b.dtype), UPCAST)
+            s += tile_dot(q_b, dequantize(k, k_magnitude[None, :], CODES).to(q_b.dtype), UPCAST)
         else:
             k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                         mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
@@ -281,9 +281,9 @@ def paged_attention_kernel(
                 if CODES != 0:
                     v_magnitude = load_magnitude(v_head_ptr + v_slot + V_DIM, key_valid)
                     v = dequantize(v, v_magnitude[:, None], CODES).to(q.dtype)
-            s = _dot(q, k, UPCAST)
+            s = tile_dot(q, k, UPCAST)
         if ROPE_DIM > 0:
-            s += _dot(q_rope, k_rope.to(q_rope.dtype), UPCAST)
+            s += tile_dot(q_rope, k_rope.to(q_rope.dtype), UPCAST)
         s = base2_scores(s, scale, softcap, USE_SOFTCAP)
 
         visible = row_valid[:, None] & (keys[None, :] <= position[:, None]) & (keys[None, :] >= key_start)
@@ -297,12 +297,14 @@ def paged_attention_kernel(
         if HALVES:
             v = tl.load(k_head_ptr + k_slot[:, None] + hdims[None, :], mask=key_valid[:, None] & a_valid[None, :],
                         other=0.0)  # [BLOCK_N, D / 2]
-            acc = acc * alpha[:, None] + _dot(p, dequantize(v, k_magnitude[:, None], CODES).to(q_a.dtype), UPCAST)
+            v = dequantize(v, k_magnitude[:, None], CODES).to(q_a.dtype)
+            acc = acc * alpha[:, None] + tile_dot(p, v, UPCAST)
             v = tl.load(k_head_ptr + k_slot[:, None] + HALF + hdims[None, :],
                         mask=key_valid[:, None] & b_valid[None, :], other=0.0)
-            acc_b = acc_b * alpha[:, None] + _dot(p, dequantize(v, k_magnitude[:, None], CODES).to(q_b.dtype), UPCAST)
+            v = dequantize(v, k_magnitude[:, None], CODES).to(q_b.dtype)
+            acc_b = acc_b * alpha[:, None] + tile_dot(p, v, UPCAST)
         else:
-            acc = acc * alpha[:, None] + _dot(p, v, UPCAST)
+            acc = acc * alpha[:, None] + tile_dot(p, v, UPCAST)
 
     out_rows = (out_ptr + b64 * stride_ob + token[:, None].to(tl.int64) * stride_ot
                 + head[:, None].to(tl.int64) * stride_oh + split * stride_os)  # stride_os: 0 without splits

@@ -46,7 +46,6 @@ from ._launch import (
 from ._quant import codes_of, dequantize, load_magnitude, raw
 from .paged_attention import choose_num_splits
 from .paged_attention_kernel import (
-    _dot,
     base2_scores,
     key_value_slots,
     online_softmax,
@@ -56,6 +55,7 @@ from .paged_attention_kernel import (
     reduce_splits_meta,
     split_tiles,
     tile_config,
+    tile_dot,
 )
 
 __all__ = [
@@ -177,7 +177,7 @@ def shared_prefix_kernel(
         if CODES != 0:
             k = dequantize(k, load_magnitude(k_head_ptr + k_slot + HEAD_DIM, key_valid)[None, :], CODES).to(q.dtype)
             v = dequantize(v, load_magnitude(v_head_ptr + v_slot + HEAD_DIM, key_valid)[:, None], CODES).to(q.dtype)
-        s = base2_scores(_dot(q, k, UPCAST), scale, softcap, USE_SOFTCAP)
+        s = base2_scores(tile_dot(q, k, UPCAST), scale, softcap, USE_SOFTCAP)
 
         visible = (row_valid[:, None] & key_valid[None, :] & (keys[None, :] <= position[:, None])
                    & (keys[None, :] >= key_start[:, None]))
@@ -186,7 +186,7 @@ def shared_prefix_kernel(
         s = tl.where(visible, s, float("-inf"))
 
         p, alpha, m_i, l_i = online_softmax(s, m_i, l_i)
-        acc = acc * alpha[:, None] + _dot(p, v, UPCAST)
+        acc = acc * alpha[:, None] + tile_dot(p, v, UPCAST)
 
     slot = first_split + split
     b64, token64, head64 = b.to(tl.int64), token.to(tl.int64), head.to(tl.int64)
