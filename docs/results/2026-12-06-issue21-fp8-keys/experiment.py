@@ -7,7 +7,8 @@ both as an 8-bit pool does (rotated, rounded, rotated back: `hf_paged.quant`), a
 DynamicCache. ``center`` subtracts, before rounding, a per-layer, per-KV-head mean taken from the segment's first
 chunk and adds it back after: for keys exact in attention (softmax ignores a shift common to a query's scores), so
 a pool could store centred keys at no cost in its kernels. The 16-bit variants round keys and values to that dtype
-and back, unrotated. Run from the repository root:
+and back, unrotated. The harness (segments, chunks, argmaxes) is the fp8-where experiment's, imported from beside
+this folder. Run from the repository root:
 ``python docs/results/2026-12-06-issue21-fp8-keys/experiment.py``.
 """
 
@@ -18,13 +19,25 @@ import time
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3]))  # the repository
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))  # the repository
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
 from hf_paged import quant  # noqa: E402
 from hf_paged.bench import quality  # noqa: E402
 
-SEGMENT, CHUNK, TOKENS = 1024, 64, 8192
+
+def _harness():
+    """The fp8-where experiment's module: its segments, chunks and argmaxes are this experiment's too."""
+    spec = importlib.util.spec_from_file_location("fp8_where", HERE.parent / "2026-12-06-issue21-fp8-where" /
+                                                  "experiment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+HARNESS = _harness()
+TOKENS, argmaxes = HARNESS.TOKENS, HARNESS.argmaxes
 
 
 class Rounded(DynamicCache):
@@ -54,17 +67,6 @@ class Rounded(DynamicCache):
         if "v" in self.rounds:
             values = self._round(values, value_mean if "v" in self.center else 0.0)
         return super().update(keys, values, layer, *args, **kwargs)
-
-
-def argmaxes(model, ids, make_cache):
-    out = []
-    with torch.no_grad():
-        for start in range(0, ids.shape[1], SEGMENT):
-            segment, cache = ids[:, start:start + SEGMENT], make_cache()
-            for chunk in range(0, SEGMENT, CHUNK):
-                logits = model(input_ids=segment[:, chunk:chunk + CHUNK], past_key_values=cache, use_cache=True).logits
-                out.append(logits[0].argmax(-1))
-    return torch.cat(out)
 
 
 def main():
