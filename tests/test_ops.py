@@ -22,8 +22,9 @@ def _random_paged(batch, kv_heads, dim, block_size, lengths, num_blocks=64, seed
     return key_cache, value_cache, tables
 
 
-def test_paged_attention_matches_contiguous_attention():
-    batch, heads, kv_heads, dim, bs, q = 3, 6, 2, 16, 4, 3
+@pytest.mark.parametrize("q", [1, 3])
+def test_paged_attention_matches_contiguous_attention(q):
+    batch, heads, kv_heads, dim, bs = 3, 6, 2, 16, 4
     lengths = [13, 9, 13]
     key_cache, value_cache, tables = _random_paged(batch, kv_heads, dim, bs, lengths)
     block_tables = torch.tensor(tables, dtype=torch.int32)
@@ -43,6 +44,30 @@ def test_paged_attention_matches_contiguous_attention():
                 k, v = keys[visible, h // 3], values[visible, h // 3]
                 weights = torch.softmax(query[row, h, i] @ k.T * 0.3, dim=-1)
                 torch.testing.assert_close(out[row, i, h], weights @ v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "rows", "heads", "additive"])
+@pytest.mark.parametrize("value_dim", [16, 8])
+def test_decode_attention_over_grouped_heads(mask_kind, value_dim):
+    """One query per row with GQA (``attend`` packs each KV head's query heads as its queries) equals attention
+    computed head by head, for every kind of mask it may get."""
+    gen = torch.Generator().manual_seed(5)
+    batch, heads, kv_heads, kv_len, dim = 3, 6, 2, 11, 16
+    query = torch.randn(batch, heads, 1, dim, generator=gen)
+    keys = torch.randn(batch, kv_heads, kv_len, dim, generator=gen)
+    values = torch.randn(batch, kv_heads, kv_len, value_dim, generator=gen)
+    allowed = torch.rand(batch, heads, 1, kv_len, generator=gen) > 0.3
+    allowed[..., 0] = True
+    mask = {"none": None, "rows": allowed[:, :1], "heads": allowed,
+            "additive": torch.zeros(batch, 1, 1, kv_len).masked_fill(~allowed[:, :1], -torch.inf)}[mask_kind]
+    got = ops.attend(query, keys, values, mask, scale=0.3)
+    assert got.shape == (batch, 1, heads, value_dim) and got.is_contiguous()
+    for row in range(batch):
+        for h in range(heads):
+            visible = {"none": torch.ones(kv_len, dtype=torch.bool), "heads": allowed[row, h, 0]}.get(
+                mask_kind, allowed[row, 0, 0])
+            weights = torch.softmax(query[row, h, 0] @ keys[row, h // 3, visible].T * 0.3, dim=-1)
+            torch.testing.assert_close(got[row, 0, h], weights @ values[row, h // 3, visible], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("q_len", [1, 3])
