@@ -192,12 +192,12 @@ def _attend(layer, query, padding, full_mask, *, scale, sliding_window, softcap,
             features["sinks"] = sinks
         return paged_attention(query, keys, values, plan.block_tables, plan.seq_lens, keys_padding.starts,
                                scale=scale, max_seq_len=plan.max_seq_len, sliding_window=sliding_window,
-                               softcap=softcap, **features)
+                               softcap=softcap, workspace=plan.workspace, **features)
     if path == "triton_shared":  # the shared blocks once per group of rows
         return shared_prefix_paged_attention(
             query, keys, values, plan.shared.prefix_blocks, plan.shared.tail_tables, plan.seq_lens,
             keys_padding.starts, scale=scale, max_seq_len=plan.max_seq_len, sliding_window=sliding_window,
-            softcap=softcap)
+            softcap=softcap, workspace=plan.workspace)
     if path == "range":
         mask = masks.range_mask(plan, keys_padding.mask, sliding_window, query.shape[1] // keys.shape[2],
                                 query.dtype, chunk_size)

@@ -285,7 +285,7 @@ def _latent_attention(step, q_latent: torch.Tensor, q_rot: torch.Tensor, key, va
             return None  # not pure left padding
         return backend.paged_attention(torch.cat([q_latent, q_rot.to(q_latent.dtype)], dim=-1), key, value,
                                        step.block_tables, step.seq_lens, key_start, scale=scale,
-                                       max_seq_len=step.max_seq_len, latent=True)
+                                       max_seq_len=step.max_seq_len, latent=True, workspace=step.workspace)
     if step.block_range is not None or step.block_ranges is not None:
         # One row per (row, head, query), as `ops.range_attention` packs them, against each block range in place.
         packed = (q_latent.reshape(1, 1, -1, rank), q_rot.reshape(1, 1, batch * heads * q_len, -1))

@@ -112,6 +112,8 @@ class StepPlan:
             start, from `key_offset`), read instead of the mask; else None.
         host_key_starts: `key_starts` on the host (a list), or None.
         copies: ``(src, dst)`` int32 ``[C]``, this step's copy-on-write copies on this device, or None.
+        workspace: the Triton attention kernels' scratch tensors, used again by every layer of the step (its layers
+            run on one stream): the kernels' ``workspace``.
     """
 
     block_tables: torch.Tensor
@@ -138,6 +140,7 @@ class StepPlan:
     key_starts: torch.Tensor | None = None
     host_key_starts: list[int] | None = None
     copies: tuple[torch.Tensor, torch.Tensor] | None = None
+    workspace: dict = field(default_factory=dict)
     _memo: dict = field(default_factory=dict)
 
     def memo(self, key: tuple, compute):

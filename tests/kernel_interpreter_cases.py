@@ -281,6 +281,29 @@ def test_fully_masked_queries_are_zero():
         torch.testing.assert_close(out, reference_attention(inputs, **kwargs), atol=2e-5, rtol=2e-5)
 
 
+def test_calls_sharing_a_workspace_match_the_reference():
+    """Calls that keep their split-KV scratch in one workspace (a step's layers) each give their own result, and
+    the second call of the same sizes uses the first one's tensors; shared-prefix calls alike."""
+    workspace: dict = {}
+    kwargs = {"scale": 0.125, "max_seq_len": 40}
+    for seed in (0, 1):
+        inputs = make_paged_inputs(group=2, kv_heads=2, head_dim=32, block_size=16, q_len=1, seq_lens=[40, 23],
+                                   key_start=[0, 3], dtype=torch.float32, seed=seed)
+        out = launch_paged_attention(**inputs, **kwargs, num_splits=3, workspace=workspace)
+        torch.testing.assert_close(out, reference_attention(inputs, **kwargs), atol=2e-5, rtol=2e-5)
+        if seed == 0:
+            kept = {key: [t.data_ptr() for t in tensors] for key, tensors in workspace.items()}
+    assert len(workspace) == 1 and {key: [t.data_ptr() for t in tensors] for key, tensors in workspace.items()} == kept
+    for seed in (2, 3):
+        inputs = make_shared_prefix_inputs(group=2, kv_heads=1, head_dim=32, block_size=16, q_len=1, groups=1,
+                                           prefix_blocks=2, tail_lens=[3, 9], key_start=[0, 2], dtype=torch.float32,
+                                           seed=seed)
+        kwargs = {"scale": 0.125, "max_seq_len": 41}
+        out = shared_prefix_paged_attention(*inputs.values(), **kwargs, workspace=workspace)
+        torch.testing.assert_close(out, reference_shared_prefix(inputs, **kwargs), atol=2e-5, rtol=2e-5)
+    assert any(key[0] == "tail_lens" for key in workspace) and len(workspace) <= 3
+
+
 def test_public_signature_is_a_drop_in_for_the_reference():
     inputs = make_paged_inputs(group=3, kv_heads=1, head_dim=64, block_size=16, q_len=1, seq_lens=[30, 12],
                                key_start=[0, 2], dtype=torch.float32, seed=1)

@@ -209,6 +209,31 @@ def resolve_offsets(
     return key_offsets, key_offsets if value_offsets is None else value_offsets
 
 
+def kept(workspace: dict | None, key: tuple, make):
+    """``make()``: scratch a launch writes before it reads (uninitialised tensors). With a `workspace`, a dict the
+    caller keeps for calls on one stream (such as every layer of a forward step), the same result for every call
+    with this `key`: a call's kernels are done with their scratch before the next call's, queued after them on the
+    stream, write it again. None: new every call."""
+    if workspace is None:
+        return make()
+    found = workspace.get(key)
+    if found is None:
+        found = workspace[key] = make()
+    return found
+
+
+def split_buffers(workspace: dict | None, batch: int, q_len: int, heads: int, splits: int, value_dim: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A split-KV launch's float32 scratch (`kept` in `workspace`): partial outputs ``[B, q, H, S, Dv]``, running
+    maxima and sums ``[B, q, H, S]``."""
+    def make():
+        running_max = torch.empty(batch, q_len, heads, splits, dtype=torch.float32, device=device)
+        return (torch.empty(batch, q_len, heads, splits, value_dim, dtype=torch.float32, device=device), running_max,
+                torch.empty_like(running_max))
+
+    return kept(workspace, ("split", batch, q_len, heads, splits, value_dim, device), make)
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (and >= 1)."""
     return 1 << max(0, n - 1).bit_length()

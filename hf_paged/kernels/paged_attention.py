@@ -26,6 +26,7 @@ from ._launch import (
     interpreting,
     resolve_offsets,
     settled,
+    split_buffers,
     tensor_key,
 )
 from ._quant import codes_of, raw
@@ -214,6 +215,7 @@ def launch_paged_attention(
     key_offsets: torch.Tensor | None = None,
     value_offsets: torch.Tensor | None = None,
     latent: bool = False,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the split-KV choice exposed: ``num_splits=None`` asks `choose_num_splits`,
     1 forces the single-pass kernel, more forces split-KV with that many splits.
@@ -246,9 +248,8 @@ def launch_paged_attention(
     if out.numel() == 0:
         return out
     if num_splits > 1:
-        partial = torch.empty(batch, q_len, heads, num_splits, value_dim, dtype=torch.float32, device=query.device)
-        running_max = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=query.device)
-        running_sum = torch.empty_like(running_max)
+        partial, running_max, running_sum = split_buffers(workspace, batch, q_len, heads, num_splits, value_dim,
+                                                          query.device)
         target = partial
     else:
         target = running_max = running_sum = out  # the stats are never read or written by the single-pass kernel
@@ -291,6 +292,7 @@ def paged_attention(
     key_offsets: torch.Tensor | None = None,
     value_offsets: torch.Tensor | None = None,
     latent: bool = False,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Attention of `query` against the paged keys and values (Triton; same contract as `hf_paged.ops`).
 
@@ -318,6 +320,8 @@ def paged_attention(
         latent: multi-head latent attention (module docstring): ``key_cache`` holds latents ``[N, bs, Hkv, Dc]``,
             ``value_cache`` rotary keys ``[N, bs, Hkv, Dr]``, the query is ``[B, H, q, Dc + Dr]``, the keys are both
             caches' dims together and the values are ``key_cache``'s.
+        workspace: a dict the caller keeps for calls on one stream (every layer of a forward step), where split-KV
+            calls keep their scratch tensors to use again (`_launch.kept`); None: new ones per call.
 
     Returns:
         ``[B, q, H, Dv]`` contiguous, in the query's dtype (``Dv = Dc`` in latent mode); query rows with no visible
@@ -327,4 +331,5 @@ def paged_attention(
         query, key_cache, value_cache, block_tables, seq_lens, key_start,
         scale=scale, max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap,
         chunk_size=chunk_size, sinks=sinks, key_offsets=key_offsets, value_offsets=value_offsets, latent=latent,
+        workspace=workspace,
     )

@@ -38,9 +38,11 @@ from ._launch import (
     check_dtype,
     check_shape,
     interpreting,
+    kept,
     next_power_of_2,
     resolve_offsets,
     settled,
+    split_buffers,
     tensor_key,
 )
 from ._quant import codes_of, dequantize, load_magnitude, raw
@@ -293,6 +295,7 @@ def launch_shared_prefix_attention(
     num_splits: tuple[int, int] | None = None,
     key_offsets: torch.Tensor | None = None,
     value_offsets: torch.Tensor | None = None,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """`shared_prefix_paged_attention` with the split choice exposed: ``num_splits=(prefix, tail)`` forces them
     (the tail needs at least 2), None asks `shared_prefix_splits`."""
@@ -321,10 +324,10 @@ def launch_shared_prefix_attention(
     if out.numel() == 0:
         return out
     total_splits = prefix_splits + tail_splits
-    partial = torch.empty(batch, q_len, heads, total_splits, head_dim, dtype=torch.float32, device=query.device)
-    running_max = torch.empty(batch, q_len, heads, total_splits, dtype=torch.float32, device=query.device)
-    running_sum = torch.empty_like(running_max)
-    tail_lens = torch.empty(2, batch, dtype=torch.int32, device=query.device)
+    partial, running_max, running_sum = split_buffers(workspace, batch, q_len, heads, total_splits, head_dim,
+                                                      query.device)
+    tail_lens = kept(workspace, ("tail_lens", batch, query.device),
+                     lambda: torch.empty(2, batch, dtype=torch.int32, device=query.device))
     seq_lens = seq_lens.contiguous()
     key_start = key_start.contiguous() if key_start is not None else None
 
@@ -426,6 +429,7 @@ def shared_prefix_paged_attention(
     softcap: float | None = None,
     key_offsets: torch.Tensor | None = None,
     value_offsets: torch.Tensor | None = None,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Paged attention where groups of rows share leading blocks, reading them once per group (Triton; same
     contract as `hf_paged.ops.shared_prefix_paged_attention`).
@@ -444,6 +448,8 @@ def shared_prefix_paged_attention(
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` after scaling.
         key_offsets, value_offsets: ``[N]`` int64 per-block element offsets for a pool of several slabs, as in
             `hf_paged.kernels.paged_attention` (values default to the keys' table; None: one tensor).
+        workspace: where calls on one stream keep their scratch tensors to use again, as in
+            `hf_paged.kernels.paged_attention`; None: new ones per call.
 
     Returns:
         ``[B, q, H, D]`` contiguous, in the query's dtype; query rows with no visible key are zero.
@@ -451,5 +457,5 @@ def shared_prefix_paged_attention(
     return launch_shared_prefix_attention(
         query, key_cache, value_cache, prefix_blocks, tail_tables, seq_lens, key_start,
         scale=scale, max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap,
-        key_offsets=key_offsets, value_offsets=value_offsets,
+        key_offsets=key_offsets, value_offsets=value_offsets, workspace=workspace,
     )
