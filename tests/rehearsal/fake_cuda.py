@@ -61,7 +61,7 @@ def _dense(cache: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
 
 
 def _attention_reference(reference, query, key_cache, value_cache, *args, key_offsets=None, value_offsets=None,
-                         **kwargs):
+                         workspace=None, **kwargs):  # workspace: the kernels' scratch, not the reference's
     values = value_offsets if value_offsets is not None else key_offsets
     return reference(query, _dense(key_cache, key_offsets), _dense(value_cache, values), *args, **kwargs)
 
