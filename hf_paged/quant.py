@@ -17,9 +17,9 @@ Why one scale per token and head, inline:
   Each row is stored as ``x @ R`` (`rotated`), ``R`` an orthonormal Hadamard matrix (block-diagonal for head sizes
   that are not a power of two), which spreads any channel over all of them; ``R`` is symmetric and its own inverse,
   and ``(q @ R) . (k @ R) = q . k``, so attention over rotated keys and values with a rotated query gives the
-  rotated output of the same attention (`hf_paged.backend.attend` rotates the query and the output). On SmolLM2,
-  int8 rows rotated agree with the unquantized cache on 99.2% of next-token argmaxes over 20,480 tokens, 98.4%
-  unrotated (the bench's ``quality`` scenario).
+  rotated output of the same attention (`hf_paged.attention` rotates the query and the output). On SmolLM2, int8
+  rows rotated agree with the unquantized cache on 99.2% of next-token argmaxes over 20,480 tokens, 98.4% unrotated
+  (the bench's ``quality`` scenario).
   Layers that cache multi-head latent attention's latents (which serve as keys and values at once) are not rotated.
 * Inline, the scales are part of the block: copy-on-write copies, gathers, slabs, prefix-cache pools and block
   offsets carry them with the codes, and nothing else in the pool changes. They cost 2 bytes per ``D`` codes

@@ -4,10 +4,13 @@
   ``python -m pytest`` run there) it would be found as the top-level module ``kernels``, which Transformers imports
   while probing for the Hub's ``kernels`` package (a dependency of Transformers from 5.25), and import would break.
 * A built wheel holds ``hf_paged/kernels/*`` (and every other subpackage), no top-level ``kernels``, and imports.
+* The package's layout stays as CONTRIBUTING.md draws it: no circle among its modules' imports, and no module past
+  its line budget (a module that keeps growing is split in the change that grows it).
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -42,6 +45,115 @@ def test_imports_from_the_repository_root(first, root=ROOT):
     run = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, capture_output=True, text=True,
                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr[-4000:]
+
+
+#: Lines a module of hf_paged may hold (about 550, the redesign's budget), and the two modules allowed more: the
+#: PyTorch reference of every op and the block manager, each one noun that splitting would scatter.
+LINE_BUDGET = 560
+OVER_BUDGET = {"hf_paged/ops.py", "hf_paged/block_manager.py"}
+
+
+def _modules(root: Path = ROOT) -> dict[str, Path]:
+    """{dotted name: file} of every module of hf_paged (a package by its name, its ``__init__.py`` as the file)."""
+    modules = {}
+    for path in sorted((root / "hf_paged").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _run_time_imports(node: ast.AST):
+    """The import statements under `node` that run when its module runs: ``if TYPE_CHECKING:`` blocks left out,
+    functions' lazy imports in."""
+    for child in ast.iter_child_nodes(node):
+        type_only = isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)
+        for statement in child.orelse if type_only else [child]:
+            if isinstance(statement, (ast.Import, ast.ImportFrom)):
+                yield statement
+            else:
+                yield from _run_time_imports(statement)
+
+
+def _imported(name: str, path: Path, node: ast.Import | ast.ImportFrom, modules: dict[str, Path]) -> set[str]:
+    """The modules of hf_paged that `node`, in module `name` at `path`, imports (a name a package defines counts
+    as the package)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names if alias.name in modules}
+    if node.level:
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+    else:
+        base = node.module or ""
+    found = {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names}
+    return found & modules.keys()
+
+
+def _import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """{module: the other modules of hf_paged it imports when it runs, functions' lazy imports included}."""
+    modules = _modules(root)
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        graph[name] = {target for node in _run_time_imports(tree)
+                       for target in _imported(name, path, node, modules)} - {name}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (each a circle of imports), sorted."""
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(module):
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(circles)
+
+
+def test_modules_import_one_another_without_a_circle():
+    graph = _import_graph()
+    assert {"hf_paged.attention", "hf_paged.backend", "hf_paged.latent"} <= graph.keys()
+    assert "hf_paged.backend" in graph["hf_paged.latent"] and "hf_paged.latent" in graph["hf_paged.attention"]
+    assert _circles(graph) == [], "hf_paged's modules import one another in a circle: move what both need down"
+
+
+def test_the_circle_finder_sees_a_circle_through_lazy_and_relative_imports(tmp_path):
+    package = tmp_path / "hf_paged"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("from . import a\n")
+    (package / "a.py").write_text("from .sub import b\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "b.py").write_text("def f():\n    from ..a import g\n")
+    (package / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n")
+    graph = _import_graph(tmp_path)
+    assert graph["hf_paged.c"] == set()  # a type-only import is no circle
+    assert _circles(graph) == [["hf_paged.a", "hf_paged.sub.b"]]
+
+
+def test_no_module_outgrows_its_line_budget():
+    over = {str(path.relative_to(ROOT)): len(path.read_text().splitlines()) for path in _modules().values()}
+    over = {name: lines for name, lines in over.items() if lines > LINE_BUDGET and name not in OVER_BUDGET}
+    assert over == {}, f"modules over {LINE_BUDGET} lines: split them (CONTRIBUTING.md, Layout)"
 
 
 def _build_wheel(tmp_path: Path) -> Path:
