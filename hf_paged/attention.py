@@ -253,7 +253,7 @@ def _read_attention(layer, query, padding, full_mask, *, scale, sliding_window, 
             prefix_start=shared.prefix_start, sinks=sinks,
         )
     return _gathered_attention(plan, query, keys, values, keys_padding.mask, scale, sliding_window, softcap,
-                               chunk_size, sinks, spans=plan.spans if path == "spans" else None)
+                               chunk_size, sinks, spans=plan.spans if path == "spans" else None, layer=layer)
 
 
 def _route(plan, padding, cache_window, sliding_window, chunk_size, sinks, same_width, token_bytes,
@@ -294,12 +294,29 @@ def _fresh_attention(plan, fresh, query, attention_mask, scale, sliding_window, 
 
 
 def _gathered_attention(plan, query, key, value, attention_mask, scale, sliding_window, softcap, chunk_size=None,
-                        sinks=None, spans=None) -> torch.Tensor:
+                        sinks=None, spans=None, layer=None) -> torch.Tensor:
     """Gather each row's keys and values out of the pools (or a single row's `spans`, concatenated), then attend as
-    over contiguous tensors."""
-    keys = ops.gather_kv(key, plan.block_tables, plan.max_seq_len, plan.first_block, spans, plan.row_stride)
-    values = ops.gather_kv(value, plan.block_tables, plan.max_seq_len, plan.first_block, spans, plan.row_stride)
+    over contiguous tensors. Rows read in place (`StepPlan.row_stride`, a single row's `first_block`) come from
+    views made once per step for every layer of `layer`'s pool."""
+    rows = None if spans is not None or layer is None else _rows_in_place(plan, layer)
+    if rows is not None:
+        keys, values = (quant.from_storage(stored) for stored in rows)
+    else:
+        keys = ops.gather_kv(key, plan.block_tables, plan.max_seq_len, plan.first_block, spans, plan.row_stride)
+        values = ops.gather_kv(value, plan.block_tables, plan.max_seq_len, plan.first_block, spans, plan.row_stride)
     mask = masks.step_mask(plan, attention_mask, sliding_window, chunk_size)
     # Every row holds exactly this step's tokens: a mask-free causal attention is the whole story.
     is_causal = mask is None and 1 < plan.q_len == plan.max_seq_len
     return ops.attend(query, keys, values, mask, scale=scale, softcap=softcap, is_causal=is_causal, sinks=sinks)
+
+
+def _rows_in_place(plan, layer) -> tuple | None:
+    """``layer``'s stored keys and values, its rows read in place where the step's plan reads them so, from the views
+    of every layer of its pool made at the step's first such read (memoised on the plan); else None."""
+    if layer.pool is None or (plan.row_stride is None and plan.first_block is None):
+        return None
+    first, stride = plan.row_stride if plan.row_stride is not None else (plan.first_block, 0)
+    batch = plan.block_tables.shape[0]
+    rows = plan.memo(("rows in place", id(layer.pool)),
+                     lambda: layer.pool.rows_in_place(batch, plan.max_seq_len, first, stride))
+    return None if rows is None else rows[layer.slot]

@@ -305,7 +305,7 @@ class PagedCache(Cache):
             fresh = ((kept[0] if kept else None), (kept[1] if kept else None), keys, values)
         window = None if module is None else self.cache_window(getattr(module, "config", None), module.layer_idx)
         keys, values = pool.plain[slot]
-        return LayerRead(plan, keys, values, fresh, window, self.latent, *pool.read_features[slot])
+        return LayerRead(plan, keys, values, fresh, window, self.latent, *pool.read_features[slot], pool, slot)
 
     def _reader_source(self, place: tuple) -> int | None:
         """The layer whose pools are `place` ``(pool, index there)``, if it stored keys in this step and some layer

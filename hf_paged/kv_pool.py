@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-from . import backend, quant, storage
+from . import backend, ops, quant, storage
 from .block_manager import BlockPool, OutOfBlocksError
 from .devices import as_device
 from .guard import guarded
@@ -79,6 +79,8 @@ class KVPool:
         self.offsets: list[tuple[int, torch.Tensor] | None] = []  # per tensor, block-major offsets (several slabs)
         self.own: dict[int, list[int]] = {}  # layers with tensors of their own (another shape): their tensor indices
         self.plain: list[tuple] = []
+        # Per layer, where its keys and values lie: ((tensor index, row, kind), (tensor index, row, kind)).
+        self.places: list[tuple[tuple[int, int, int], tuple[int, int, int]]] = []
         self.shapes: list[tuple[int, int, int, int]] = []
         self.read_features: list[tuple[bool, int]] = []
         self.guarded: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -278,6 +280,22 @@ class KVPool:
             pool.peak_blocks = len(blocks)
         return pool
 
+    def rows_in_place(self, batch: int, kv_len: int, first: int, stride: int) -> list[tuple] | None:
+        """Per layer, its ``(keys, values)`` as stored, rows read in place (`hf_paged.ops.rows_in_place`: row ``r``'s
+        tokens from block ``first + r * stride`` on), all made at once for a step whose layers read so; None with
+        several slabs or a layout that does not allow it."""
+        if len(self.slabs) > 1:
+            return None
+        per_tensor = [ops.rows_in_place(tensor, batch, kv_len, first, stride) for tensor in self.tensors]
+        if any(views is None for views in per_tensor):
+            return None
+
+        def rows(index: int, layer: int, kind: int) -> torch.Tensor:
+            kinds = self.tensors[index].shape[1]
+            return per_tensor[index][layer * kinds + kind % kinds]
+
+        return [(rows(*keys), rows(*values)) for keys, values in self.places]
+
     def gather_blocks(self, blocks: list[int], extra: int = 0) -> list[torch.Tensor]:
         """Per tensor, a new one-slab tensor holding `blocks` (in that order) then `extra` zeroed blocks."""
         out = []
@@ -310,6 +328,7 @@ class KVPool:
                                       self.offsets[index])
 
         self.plain = [(view(*keys), view(*values)) for keys, values in places]
+        self.places = places
         # Per layer, its stored (key heads, key dim, value heads, value dim): `matches` at every write; and what its
         # attention's read path depends on: (values as wide as keys, bytes of one token's key and value).
         self.shapes = [(*self._logical(keys), *self._logical(values)) for keys, values in self.plain]

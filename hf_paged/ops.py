@@ -43,6 +43,7 @@ __all__ = [
     "paged_attention",
     "read_blocks",
     "reshape_and_cache",
+    "rows_in_place",
     "shared_prefix_paged_attention",
     "range_attention",
     "range_mask",
@@ -142,6 +143,21 @@ def _gather_stored(cache, block_tables, kv_len, first_block, spans, row_stride=N
     else:
         gathered = cache.index_select(0, block_tables.reshape(-1))
     return gathered.view(batch, -1, *cache.shape[2:])[:, :kv_len].transpose(1, 2)
+
+
+def rows_in_place(pool: torch.Tensor, batch: int, kv_len: int, first: int, stride: int) -> tuple | None:
+    """`gather_kv` with a ``row_stride`` of ``(first, stride)`` (``stride`` 0 for a single row) for every layer of a
+    pool tensor at once: of a ``[L, K, N, bs, Hkv, D]`` tensor (`hf_paged.kv_pool.KVPool.tensors`), the ``L * K``
+    stored rows ``[B, Hkv, kv_len, D]`` of its ``[N, bs, Hkv, D]`` tensors (index ``layer * K + kind``), views made
+    in one call (per layer, a view costs as much host time as a short op), or None where the layout does not let
+    one view hold them (blocks that do not follow token by token, layers and kinds not one after the other)."""
+    layers, kinds, _, block_size, heads, dim = pool.shape
+    if pool.stride(2) != block_size * pool.stride(3) or pool.stride(0) != kinds * pool.stride(1):
+        return None
+    views = pool.as_strided((layers * kinds, batch, heads, kv_len, dim),
+                            (pool.stride(1), stride * pool.stride(2), pool.stride(4), pool.stride(3), pool.stride(5)),
+                            pool.storage_offset() + first * pool.stride(2))
+    return views.unbind(0)
 
 
 def head_dim(cache) -> int:

@@ -189,6 +189,8 @@ class LayerRead(NamedTuple):
         latent: the stores hold the latents of multi-head latent attention (`hf_paged.latent`).
         same_width: the values are as wide as the keys.
         token_bytes: bytes of one token's key and value.
+        pool, slot: the layer's `hf_paged.kv_pool.KVPool` and its index there (the step's rows read in place for
+            all its layers at once, `KVPool.rows_in_place`), or None.
     """
 
     plan: StepPlan
@@ -199,6 +201,8 @@ class LayerRead(NamedTuple):
     latent: bool = False
     same_width: bool = True
     token_bytes: int = 0
+    pool: Any = None
+    slot: int = 0
 
 
 def read_path(plan: StepPlan, *, full_mask: bool, left_padding: bool, groups_padded_alike: bool,

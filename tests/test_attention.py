@@ -168,11 +168,13 @@ def test_distinct_rows_are_read_in_place_at_one_stride(monkeypatch, family):
     """A batch of distinct prompts of one length on the PyTorch path: the cache generate builds lays its rows out at
     one stride (`BlockManager.append`'s ``contiguous``: the rows grow into the slack the pool took at the prefill),
     and the full-attention layers read every row as one strided view of the pool at every step, prefill included
-    (nothing gathered), with the reference's tokens and logits."""
+    (nothing gathered; the views of every layer made once per step, `KVPool.rows_in_place`), with the reference's
+    tokens and logits."""
     reference, paged = model_pair(family)
     inputs = left_padded_batch([60, 60, 60], seed=5)
     expected = _generate(reference, inputs, new_tokens=10)
     calls = count_calls(monkeypatch, storage, ["select_blocks"])
+    reads = count_calls(monkeypatch, ops, ["gather_kv", "rows_in_place"])
     got = _generate(paged, inputs, new_tokens=10, cache_config={"block_size": 4})
     _assert_same(got, expected, family)
     cache = compat.output_cache(got)
@@ -183,7 +185,8 @@ def test_distinct_rows_are_read_in_place_at_one_stride(monkeypatch, family):
         for row, table in enumerate(group.manager.tables):
             assert all(block == first + row * stride + index for index, block in enumerate(table) if block >= 0)
     if family == "llama":  # (gemma2's sliding-window layers reuse the blocks they release: those are gathered)
-        assert calls["select_blocks"] == 0
+        assert calls["select_blocks"] == 0 and reads["gather_kv"] == 0
+        assert reads["rows_in_place"] == 10  # once per step (one pool tensor), not once per layer
 
 
 @pytest.mark.parametrize("copy_bytes", [None, 0])
@@ -197,12 +200,12 @@ def test_single_row_crossing_slabs_is_read_in_place(monkeypatch, copy_bytes):
     ids = random_ids(1, 12, seed=4)
     expected = reference.generate(ids, max_new_tokens=40, do_sample=False)
     calls = count_calls(monkeypatch, ops, ["ranges_attention", "range_attention", "shared_prefix_attention"])
-    calls.update(count_calls(monkeypatch, LayerStore, ["index_select"]))
+    gathers = count_calls(monkeypatch, LayerStore, ["index_select"])  # (a Counter of its own: it is the one counting)
     cache = PagedCache(paged.config, block_size=4)
     got = paged.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=cache)
     assert torch.equal(got, expected)
     assert len(cache.pool.slabs) >= 3
-    assert calls["index_select"] == 0 and calls["shared_prefix_attention"] == 0
+    assert gathers["index_select"] == 0 and calls["shared_prefix_attention"] == 0
     assert (calls["ranges_attention"] > 0) == (copy_bytes == 0)
 
 

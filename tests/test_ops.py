@@ -46,6 +46,38 @@ def test_paged_attention_matches_contiguous_attention(q):
                 torch.testing.assert_close(out[row, i, h], weights @ v, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["head_major", "token_major", "block_major"])
+@pytest.mark.parametrize("batch, first, stride", [(3, 2, 5), (1, 4, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_rows_in_place_are_every_layers_gathered_rows(layout, batch, first, stride, dtype):
+    """`ops.rows_in_place` views a pool tensor's rows at one stride (or a single row's consecutive blocks) for every
+    layer and kind at once: the same stored rows as `gather_kv` reads layer by layer; None where blocks do not
+    follow token by token (a block-major slab, the Triton path's)."""
+    layers, kinds, blocks, bs, heads, dim, kv_len = 3, 2, 24, 4, 2, 6, 11
+    if layout == "token_major":
+        pool = torch.empty(layers, kinds, blocks, bs, heads, dim, dtype=dtype)
+    else:
+        pool = storage.slab_tensor(layers, blocks, bs, heads, dim, torch.device("cpu"), dtype,
+                                   block_major=layout == "block_major")
+    pool.copy_((torch.randn(pool.shape, generator=torch.Generator().manual_seed(3)) * 40).to(dtype))
+    views = ops.rows_in_place(pool, batch, kv_len, first, stride)
+    if layout == "block_major":
+        assert views is None
+        return
+    assert len(views) == layers * kinds
+    tables = torch.tensor([[first + row * stride + i for i in range(3)] for row in range(batch)], dtype=torch.int32)
+    for layer in range(layers):
+        for kind in range(kinds):
+            view = views[layer * kinds + kind]
+            assert view.shape == (batch, heads, kv_len, dim) and view.dtype == dtype
+            assert view.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr()  # read in place
+            expected = pool[layer, kind].index_select(0, tables.flatten().long()).view(batch, -1, heads, dim)
+            assert torch.equal(view, expected[:, :kv_len].transpose(1, 2))
+            if dtype == torch.float32:
+                gathered = ops.gather_kv(pool[layer, kind], tables, kv_len, row_stride=(first, stride))
+                assert torch.equal(view, gathered)
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "rows", "heads", "additive"])
 @pytest.mark.parametrize("value_dim", [16, 8])
 def test_decode_attention_over_grouped_heads(mask_kind, value_dim):
