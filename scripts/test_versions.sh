@@ -30,12 +30,10 @@ TESTS=(tests/test_generate_parity.py tests/test_prefill_once.py tests/test_prefi
        tests/test_support.py::test_unsupported_family_is_never_switched_to_hf_paged
        tests/test_support.py::test_encoder_decoder_model_fails_clearly
        tests/test_kernels.py::test_invalid_backend_environment_variable)
-# Tests of those files that have never run on an older release (the attention-feature families, and the Triton path
-# of models with values of another width, MLA and hybrids): left out until someone runs them there.
-DESELECT=(--deselect tests/test_generate_parity.py::test_same_tokens_as_eager
-          --deselect tests/test_prefix_cache.py::test_attention_features_hit_mid_sequence
-          --deselect tests/test_triton_generate.py::test_values_of_another_width_and_hybrids_run_through_the_triton_kernels
-          # (on 5.0.0 DeepSeek-V3's layers take their latents gathered at every step: 32 gathers, no kernel launch)
+# Tests of those files that need a newer release than the oldest 5.x (both pass on 5.24.0, 2026-12-07): on 5.0.0
+# Qwen3-Next keeps its cache in a class of its own (refused at load, where the test expects it to run), and
+# DeepSeek-V3's layers take their latents gathered at every step (32 gathers, no kernel launch).
+DESELECT=(--deselect tests/test_triton_generate.py::test_values_of_another_width_and_hybrids_run_through_the_triton_kernels
           --deselect tests/test_triton_generate.py::test_8bit_pools_run_through_the_triton_kernels)
 # The device machine's image (scripts/gpu_check.sh runs there): its release also gets its Triton, and the tests that
 # rehearse the GPU check and compile the kernels ahead of time with it (its interpreter is too old for the
