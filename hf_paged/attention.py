@@ -312,11 +312,12 @@ def _gathered_attention(plan, query, key, value, attention_mask, scale, sliding_
 
 def _rows_in_place(plan, layer) -> tuple | None:
     """``layer``'s stored keys and values, its rows read in place where the step's plan reads them so, from the views
-    of every layer of its pool made at the step's first such read (memoised on the plan); else None."""
+    of every layer of its pool made at the step's first such read (memoised on the plan, for the pool's tensors as
+    bound now); else None."""
     if layer.pool is None or (plan.row_stride is None and plan.first_block is None):
         return None
     first, stride = plan.row_stride if plan.row_stride is not None else (plan.first_block, 0)
     batch = plan.block_tables.shape[0]
-    rows = plan.memo(("rows in place", id(layer.pool)),
+    rows = plan.memo(("rows in place", id(layer.pool), layer.pool.binds),
                      lambda: layer.pool.rows_in_place(batch, plan.max_seq_len, first, stride))
     return None if rows is None else rows[layer.slot]

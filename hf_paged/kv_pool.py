@@ -81,6 +81,7 @@ class KVPool:
         self.plain: list[tuple] = []
         # Per layer, where its keys and values lie: ((tensor index, row, kind), (tensor index, row, kind)).
         self.places: list[tuple[tuple[int, int, int], tuple[int, int, int]]] = []
+        self.binds = 0  # how many times tensors were bound (`_bind`): views made before a bind are views of the past
         self.shapes: list[tuple[int, int, int, int]] = []
         self.read_features: list[tuple[bool, int]] = []
         self.guarded: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -283,7 +284,8 @@ class KVPool:
     def rows_in_place(self, batch: int, kv_len: int, first: int, stride: int) -> list[tuple] | None:
         """Per layer, its ``(keys, values)`` as stored, rows read in place (`hf_paged.ops.rows_in_place`: row ``r``'s
         tokens from block ``first + r * stride`` on), all made at once for a step whose layers read so; None with
-        several slabs or a layout that does not allow it."""
+        several slabs or a layout that does not allow it. Valid until the tensors are bound again (`binds`: a layer
+        of another shape given tensors of its own in the middle of a step)."""
         if len(self.slabs) > 1:
             return None
         per_tensor = [ops.rows_in_place(tensor, batch, kv_len, first, stride) for tensor in self.tensors]
@@ -312,6 +314,7 @@ class KVPool:
         """Bind the slabs (each: the shared tensors, one or keys and values, followed by each of `own`'s layers'
         tensors, in order) starting at block ids `starts`."""
         self.slabs, self.starts = slabs, list(starts)
+        self.binds += 1
         self.tensors, self.tensor = slabs[0], slabs[0][0]
         several = len(slabs) > 1
         self.offsets = [storage.block_offsets([slab[i] for slab in slabs], self.starts, backend.mark_offsets_checked)

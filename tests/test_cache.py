@@ -292,6 +292,21 @@ def test_cache_reused_by_a_model_with_other_kv_shapes(models):
     cache.manager.check()
 
 
+def test_layers_given_tensors_of_their_own_in_a_step_read_their_own_keys():
+    """A cache reused by a model of other KV heads gives each layer tensors of its own as the first step reaches it,
+    after earlier layers of the same step have read their rows in place: each layer reads its own keys, never views
+    of the tensors as they were before (`KVPool.rows_in_place`, valid until the next bind)."""
+    _, first = model_pair("llama")
+    cache = PagedCache(first.config)
+    greedy(first, random_ids(1, 8, seed=131), **cache_kwargs(cache))
+    cache.reset()
+    reference, other = model_pair("llama128", seed=4, num_key_value_heads=4)
+    ids = random_ids(1, 8, seed=132)
+    assert torch.equal(greedy(other, ids, **cache_kwargs(cache)), greedy(reference, ids))
+    assert set(cache.pool.own) == set(range(len(cache.pool.plain)))
+    assert cache.groups[0].step.first_block is not None  # a single row's blocks, read in place
+
+
 def test_generate_sizes_the_cache_it_builds_from_cache_config(models):
     """``generate(cache_config={...})`` (Transformers' place for the cache's arguments) sizes the `PagedCache` the
     call builds; other keys, and a model whose caches share the prefix cache's pools, are refused saying what to do."""
