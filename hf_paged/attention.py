@@ -228,8 +228,8 @@ def _read_attention(layer, query, padding, full_mask, *, scale, sliding_window, 
         if sinks is not None:
             features["sinks"] = sinks
         return backend.paged_attention(query, keys, values, plan.block_tables, plan.seq_lens, keys_padding.starts,
-                               scale=scale, max_seq_len=plan.max_seq_len, sliding_window=sliding_window,
-                               softcap=softcap, workspace=plan.workspace, **features)
+                                       scale=scale, max_seq_len=plan.max_seq_len, sliding_window=sliding_window,
+                                       softcap=softcap, workspace=plan.workspace, **features)
     if path == "triton_shared":  # the shared blocks once per group of rows
         return backend.shared_prefix_paged_attention(
             query, keys, values, plan.shared.prefix_blocks, plan.shared.tail_tables, plan.seq_lens,

@@ -132,8 +132,8 @@ def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_modules_import_one_another_without_a_circle():
     graph = _import_graph()
-    assert {"hf_paged.attention", "hf_paged.backend", "hf_paged.latent"} <= graph.keys()
-    assert "hf_paged.backend" in graph["hf_paged.latent"] and "hf_paged.latent" in graph["hf_paged.attention"]
+    # The reader sees the imports: the attention reaches the switch, the switch's lazy import reaches the kernels.
+    assert "hf_paged.backend" in graph["hf_paged.attention"] and "hf_paged.kernels" in graph["hf_paged.backend"]
     assert _circles(graph) == [], "hf_paged's modules import one another in a circle: move what both need down"
 
 
