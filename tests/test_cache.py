@@ -278,33 +278,22 @@ def test_reorder_with_an_out_of_range_row(models):
     assert_stats_consistent(cache)
 
 
-def test_cache_reused_by_a_model_with_other_kv_shapes(models):
+@pytest.mark.parametrize("first_family", ["llama128", "llama"])
+def test_cache_reused_by_a_model_with_other_kv_shapes(first_family):
     """A reset cache reused by a model whose layers have other KV shapes gives those layers tensors of their own
-    (as for Gemma 4's wider layers): the tokens are those of a fresh cache."""
-    _, paged = models
-    cache = PagedCache(paged.config)
-    greedy(paged, random_ids(1, 8, seed=131), **cache_kwargs(cache))
-    cache.reset()
-    reference, other = model_pair("llama128", seed=4, num_key_value_heads=4)
-    ids = random_ids(1, 8, seed=132)
-    assert torch.equal(greedy(other, ids, **cache_kwargs(cache)), greedy(reference, ids))
-    assert set(cache.pool.own) == set(range(len(cache.pool.plain)))  # every layer has tensors of its own now
-    cache.manager.check()
-
-
-def test_layers_given_tensors_of_their_own_in_a_step_read_their_own_keys():
-    """A cache reused by a model of other KV heads gives each layer tensors of its own as the first step reaches it,
-    after earlier layers of the same step have read their rows in place: each layer reads its own keys, never views
-    of the tensors as they were before (`KVPool.rows_in_place`, valid until the next bind)."""
-    _, first = model_pair("llama")
+    (as for Gemma 4's wider layers), each as the first step reaches it, after earlier layers of the same step have
+    read their rows in place: each layer reads its own keys, never views of the tensors as they were before
+    (`KVPool.rows_in_place`, valid until the next bind), and the tokens are those of a fresh cache."""
+    _, first = model_pair(first_family)
     cache = PagedCache(first.config)
     greedy(first, random_ids(1, 8, seed=131), **cache_kwargs(cache))
     cache.reset()
     reference, other = model_pair("llama128", seed=4, num_key_value_heads=4)
     ids = random_ids(1, 8, seed=132)
     assert torch.equal(greedy(other, ids, **cache_kwargs(cache)), greedy(reference, ids))
-    assert set(cache.pool.own) == set(range(len(cache.pool.plain)))
+    assert set(cache.pool.own) == set(range(len(cache.pool.plain)))  # every layer has tensors of its own now
     assert cache.groups[0].step.first_block is not None  # a single row's blocks, read in place
+    cache.manager.check()
 
 
 def test_generate_sizes_the_cache_it_builds_from_cache_config(models):
