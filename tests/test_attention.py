@@ -200,7 +200,7 @@ def test_single_row_crossing_slabs_is_read_in_place(monkeypatch, copy_bytes):
     ids = random_ids(1, 12, seed=4)
     expected = reference.generate(ids, max_new_tokens=40, do_sample=False)
     calls = count_calls(monkeypatch, ops, ["ranges_attention", "range_attention", "shared_prefix_attention"])
-    gathers = count_calls(monkeypatch, LayerStore, ["index_select"])  # (a Counter of its own: it is the one counting)
+    gathers = count_calls(monkeypatch, LayerStore, ["index_select"])  # its own Counter (update() copies counts)
     cache = PagedCache(paged.config, block_size=4)
     got = paged.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=cache)
     assert torch.equal(got, expected)
