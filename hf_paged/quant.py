@@ -133,13 +133,16 @@ def encode(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def decode(stored: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[..., D]`` values of `dtype` from stored rows ``[..., D + 2]`` (any strides whose last is 1)."""
-    scale = stored[..., -SCALE_WIDTH:].view(torch.float16).to(torch.float32) / _BY_DTYPE[stored.dtype].qmax
+    magnitude = stored[..., -SCALE_WIDTH:].view(torch.float16).to(torch.float32)
     codes = stored[..., :-SCALE_WIDTH]
     if stored.dtype == torch.int8:
         values = codes.to(torch.float32)
+        scale = magnitude / _BY_DTYPE[torch.int8].qmax
     else:  # float8 codes as float32s 2**120 times smaller, times a scale 2**120 times larger: the same products
         values = _float8_as_float32(codes)
-        scale = scale * 2.0 ** 120
+        # magnitude / 448 * 2**120 in one division, rounded alike: 448 * 2**-120 is exact, and a power of two
+        # scales a quotient without rounding it again (finite up to the largest magnitude: 1.9e38).
+        scale = magnitude / (_BY_DTYPE[torch.float8_e4m3fn].qmax * 2.0 ** -120)
     values.mul_(scale)
     return values if dtype == torch.float32 else values.to(dtype)
 
