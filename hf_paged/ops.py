@@ -125,16 +125,14 @@ def gather_kv(
 def _gather_stored(cache, block_tables, kv_len, first_block, spans, row_stride=None) -> torch.Tensor:
     """`gather_kv` of the rows as the pool stores them."""
     batch, nb = block_tables.shape
-    if row_stride is not None and cache.stride(0) == cache.shape[1] * cache.stride(1):
-        first, stride = row_stride
-        return cache.as_strided((batch, cache.shape[2], kv_len, cache.shape[3]),
-                                (stride * cache.stride(0), cache.stride(2), cache.stride(1), cache.stride(3)),
-                                cache.storage_offset() + first * cache.stride(0))
+    if first_block is not None:  # (a layer store's blocks inside one slab: a plain view of that slab)
+        cache, row_stride = cache[first_block:first_block + nb], (0, 0)
+    if row_stride is not None:
+        views = rows_in_place(cache[None, None], batch, kv_len, *row_stride)
+        if views is not None:  # blocks follow token by token: the rows read in place
+            return views[0]
     if first_block is not None:
-        gathered = cache[first_block:first_block + nb]
-        if gathered.stride(0) == gathered.shape[1] * gathered.stride(1):  # blocks follow token by token (head-major)
-            return gathered.as_strided((1, gathered.shape[2], kv_len, gathered.shape[3]),
-                                       (0, gathered.stride(2), gathered.stride(1), gathered.stride(3)))
+        gathered = cache
     elif spans is not None:
         gathered = torch.cat([cache[first:first + count] for first, count in spans])
     elif storage.is_head_major(cache):
