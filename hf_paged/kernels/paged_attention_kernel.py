@@ -41,8 +41,8 @@ import triton.language as tl
 from ._launch import next_power_of_2
 from ._quant import dequantize, load_magnitude
 
-__all__ = ["base2_scores", "key_value_slots", "online_softmax", "paged_attention_kernel", "paged_attention_meta",
-           "reduce_splits_kernel", "reduce_splits_meta", "split_tiles", "tile_config", "tile_dot"]
+__all__ = ["base2_scores", "head_pointers", "key_value_slots", "online_softmax", "paged_attention_kernel",
+           "paged_attention_meta", "reduce_splits_kernel", "reduce_splits_meta", "split_tiles", "tile_config", "tile_dot"]
 
 
 @triton.jit
@@ -69,13 +69,17 @@ def split_tiles(tile_lo, tile_hi, split, NUM_SPLITS: tl.constexpr):
     return tile_lo, tile_hi
 
 
+#: log2(e): scores and sinks are kept in base 2, for ``exp2``.
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
 def base2_scores(s, scale, softcap, USE_SOFTCAP: tl.constexpr):
     """Raw scores ``q . k`` scaled, soft-capped if USE_SOFTCAP, and in base 2 (times log2 e) for ``exp2``."""
     s = s * scale
     if USE_SOFTCAP:
         s = softcap * _tanh(s / softcap)
-    return s * 1.4426950408889634
+    return s * LOG2E
 
 
 @triton.jit
@@ -101,10 +105,24 @@ def _store_out(ptrs, acc, l_i, mask, NUM_SPLITS: tl.constexpr):
 
 
 @triton.jit
+def head_pointers(key_cache_ptr, value_cache_ptr, kv_head, stride_kh, stride_vh, CODES: tl.constexpr):
+    """Where KV head `kv_head`'s rows start in the key and value caches. Over 8-bit codes, the caches themselves:
+    the head's offset joins each row's in `key_value_slots`, where the sum keeps its 2-byte alignment hint."""
+    if CODES != 0:
+        k_head_ptr = key_cache_ptr
+        v_head_ptr = value_cache_ptr
+    else:
+        k_head_ptr = key_cache_ptr + kv_head.to(tl.int64) * stride_kh
+        v_head_ptr = value_cache_ptr + kv_head.to(tl.int64) * stride_vh
+    return k_head_ptr, v_head_ptr
+
+
+@triton.jit
 def key_value_slots(table_ptr, stride_table, keys, key_valid, key_offsets_ptr, value_offsets_ptr,
-                    stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE: tl.constexpr, HAS_OFFSETS: tl.constexpr):
-    """Element offsets of `keys` (token positions of one row, ``[BLOCK_N]``) in the key and value caches: through
-    the row's block table, then the block's offset table entry (a pool of several slabs) or its id x block stride."""
+                    stride_kn, stride_kt, stride_vn, stride_vt, kv_head, stride_kh, stride_vh,
+                    BLOCK_SIZE: tl.constexpr, HAS_OFFSETS: tl.constexpr, CODES: tl.constexpr):
+    """Element offsets of `keys` (token positions of one row, ``[BLOCK_N]``) from `head_pointers`: through the
+    row's block table, then the block's offset table entry (a pool of several slabs) or its id x block stride."""
     block = tl.load(table_ptr + (keys // BLOCK_SIZE) * stride_table, mask=key_valid, other=0).to(tl.int64)
     if HAS_OFFSETS:
         # multiples of 16 elements (checked by the launcher): the loads after this stay 16-byte vectors
@@ -113,7 +131,12 @@ def key_value_slots(table_ptr, stride_table, keys, key_valid, key_offsets_ptr, v
     else:
         k_block = block * stride_kn
         v_block = block * stride_vn
-    return k_block + (keys % BLOCK_SIZE) * stride_kt, v_block + (keys % BLOCK_SIZE) * stride_vt
+    k_slot = k_block + (keys % BLOCK_SIZE) * stride_kt
+    v_slot = v_block + (keys % BLOCK_SIZE) * stride_vt
+    if CODES != 0:  # 8-bit rows (codes, then the row's magnitude) start at even offsets: 2-byte loads
+        k_slot = tl.multiple_of(k_slot + kv_head.to(tl.int64) * stride_kh, 2)
+        v_slot = tl.multiple_of(v_slot + kv_head.to(tl.int64) * stride_vh, 2)
+    return k_slot, v_slot
 
 
 @triton.jit
@@ -160,7 +183,6 @@ def paged_attention_kernel(
     HALVES: tl.constexpr,  # latent mode over 8-bit codes: the latents in two halves, each loaded twice (module doc)
 ):
     """Program (b * num_q_tiles + tile, kv_head, split): one query tile of one row against one KV head."""
-    LOG2E: tl.constexpr = 1.4426950408889634  # as in base2_scores
     row_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -239,21 +261,15 @@ def paged_attention_kernel(
         acc = tl.zeros([BLOCK_M, V_DIM_PAD], dtype=tl.float32)
 
     table_ptr = block_tables_ptr + b64 * stride_btb
-    if CODES != 0:
-        k_head_ptr = key_cache_ptr
-        v_head_ptr = value_cache_ptr
-    else:
-        k_head_ptr = key_cache_ptr + kv_head.to(tl.int64) * stride_kh
-        v_head_ptr = value_cache_ptr + kv_head.to(tl.int64) * stride_vh
+    k_head_ptr, v_head_ptr = head_pointers(key_cache_ptr, value_cache_ptr, kv_head, stride_kh, stride_vh, CODES)
     cols = tl.arange(0, BLOCK_N)
     for j in range(tile_lo, tile_hi):
         keys = j * BLOCK_N + cols
         key_valid = (keys >= lo) & (keys <= hi)
         k_slot, v_slot = key_value_slots(table_ptr, stride_btn, keys, key_valid, key_offsets_ptr, value_offsets_ptr,
-                                         stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE, HAS_OFFSETS)
-        if CODES != 0:  # 8-bit rows (codes, then the row's magnitude) start at even offsets: 2-byte loads
-            k_slot = tl.multiple_of(k_slot + kv_head.to(tl.int64) * stride_kh, 2)
-            v_slot = tl.multiple_of(v_slot + kv_head.to(tl.int64) * stride_vh, 2)
+                                         stride_kn, stride_kt, stride_vn, stride_vt, kv_head, stride_kh, stride_vh,
+                                         BLOCK_SIZE, HAS_OFFSETS, CODES)
+        if CODES != 0:
             k_magnitude = load_magnitude(k_head_ptr + k_slot + HEAD_DIM, key_valid)
         if ROPE_DIM > 0:  # latent mode: the rotary keys come from the value cache, the values are the keys
             k_rope = tl.load(v_head_ptr + v_slot[None, :] + rdims[:, None] * stride_vd,

@@ -49,6 +49,7 @@ from ._quant import codes_of, dequantize, load_magnitude, raw
 from .paged_attention import choose_num_splits
 from .paged_attention_kernel import (
     base2_scores,
+    head_pointers,
     key_value_slots,
     online_softmax,
     paged_attention_kernel,
@@ -157,21 +158,14 @@ def shared_prefix_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     table_ptr = prefix_blocks_ptr + g.to(tl.int64) * stride_pbg
-    if CODES != 0:  # the head's offset joins each row's (below)
-        k_head_ptr = key_cache_ptr
-        v_head_ptr = value_cache_ptr
-    else:
-        k_head_ptr = key_cache_ptr + kv_head.to(tl.int64) * stride_kh
-        v_head_ptr = value_cache_ptr + kv_head.to(tl.int64) * stride_vh
+    k_head_ptr, v_head_ptr = head_pointers(key_cache_ptr, value_cache_ptr, kv_head, stride_kh, stride_vh, CODES)
     cols = tl.arange(0, BLOCK_N)
     for j in range(tile_lo, tile_hi):
         keys = j * BLOCK_N + cols
         key_valid = (keys >= lo) & (keys <= hi)
         k_slot, v_slot = key_value_slots(table_ptr, stride_pbn, keys, key_valid, key_offsets_ptr, value_offsets_ptr,
-                                         stride_kn, stride_kt, stride_vn, stride_vt, BLOCK_SIZE, HAS_OFFSETS)
-        if CODES != 0:  # 8-bit rows (codes, then the row's magnitude) start at even offsets: 2-byte loads
-            k_slot = tl.multiple_of(k_slot + kv_head.to(tl.int64) * stride_kh, 2)
-            v_slot = tl.multiple_of(v_slot + kv_head.to(tl.int64) * stride_vh, 2)
+                                         stride_kn, stride_kt, stride_vn, stride_vt, kv_head, stride_kh, stride_vh,
+                                         BLOCK_SIZE, HAS_OFFSETS, CODES)
         k = tl.load(k_head_ptr + k_slot[None, :] + dims[:, None] * stride_kd,
                     mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [D, BLOCK_N]
         v = tl.load(v_head_ptr + v_slot[:, None] + dims[None, :] * stride_vd,
