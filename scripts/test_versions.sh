@@ -77,6 +77,7 @@ PY
     "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
     "$venv/bin/python" -c 'import sys, torch, transformers
 print(f"== transformers {transformers.__version__} (torch {torch.__version__} from {torch.__file__}) in {sys.prefix}")'
-    OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q -p no:warnings "${DESELECT[@]}" ${tests[@]} || status=1
+    OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q -p no:warnings -n 2 --dist loadfile "${DESELECT[@]}" ${tests[@]} \
+        || status=1
 done
 exit $status
