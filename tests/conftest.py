@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from tiny_models import model_pair
@@ -43,3 +45,10 @@ def prefix_pair():
 def llama_pair():
     """``(sdpa, hf_paged)`` tiny Llamas shared by the whole session: for tests that change nothing in them."""
     return model_pair("llama")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """``pairs(family)``: `tiny_models.model_pair(family)`, built once per test module (a model may serve many
+    ``generate()`` calls, as a user's does)."""
+    return functools.cache(model_pair)

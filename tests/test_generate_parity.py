@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import tiny_models
 import torch
-from tiny_models import FEATURE_FAMILIES, PARITY_FAMILIES, available, left_padded_batch, model_pair
+from tiny_models import FEATURE_FAMILIES, PARITY_FAMILIES, available, left_padded_batch, model_pair, random_draw
 
 from hf_paged import PagedCache
 from hf_paged.compat import cache_kwargs
@@ -58,6 +58,17 @@ def test_same_tokens_as_reference(pair, mode, block_size):
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-4, rtol=1e-4)
     assert torch.equal(got.sequences, expected.sequences), f"{family}/{mode}: tokens differ"
     got.past_key_values.manager.check()
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_random_settings_give_the_reference_tokens(pairs, seed):
+    """A seeded random `generate()` call (`tiny_models.random_draw`: batch and padding, decoding mode and widths,
+    early EOS, logits processors, prompt lookup, block size) on a parity or attention-feature family."""
+    draw = random_draw(seed, PARITY_FAMILIES + FEATURE_FAMILIES)
+    reference, paged = pairs(draw.family)
+    expected = draw.reference_run(reference)
+    got = draw.run(paged, cache_config={"block_size": draw.block_size})
+    assert torch.equal(got, expected), f"tokens differ: {draw}"
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral_window", "gemma2"])

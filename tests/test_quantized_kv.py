@@ -16,7 +16,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import available, left_padded_batch, model_pair, random_ids, rounded_cache
+from tiny_models import (
+    FEATURE_FAMILIES,
+    PARITY_FAMILIES,
+    available,
+    left_padded_batch,
+    model_pair,
+    random_draw,
+    random_ids,
+    rounded_cache,
+)
 
 import hf_paged
 from hf_paged import PagedCache, quant
@@ -145,6 +154,18 @@ def test_same_tokens_as_transformers_attention_over_rounded_keys(family, name):
     assert output_cache(got).pool.dtype == quant.kv_format(name).dtype
     assert torch.equal(got.sequences, expected.sequences)
     assert torch.allclose(torch.stack(got.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_settings_give_the_tokens_of_transformers_attention_over_rounded_keys(pairs, seed):
+    """A seeded random `generate()` call (`tiny_models.random_draw`: batch and padding, decoding mode and widths,
+    early EOS, logits processors, prompt lookup, block size) on an 8-bit pool, int8 and float8 in turn."""
+    name = FORMATS[seed % 2]
+    draw = random_draw(1000 + seed, PARITY_FAMILIES + FEATURE_FAMILIES)
+    reference, paged = pairs(draw.family)
+    expected = draw.reference_run(reference, lambda: cache_kwargs(rounded_cache(name, reference)))
+    got = draw.run(paged, cache_config={"block_size": draw.block_size, "kv_dtype": name})
+    assert torch.equal(got, expected), f"{name}: tokens differ: {draw}"
 
 
 @pytest.mark.parametrize("name", FORMATS)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import random
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -211,6 +213,67 @@ def left_padded_batch(lengths: list[int], seed: int = 0, vocab: int = VOCAB) -> 
         input_ids[row, width - length:] = torch.randint(3, vocab, (length,), generator=generator)
         attention_mask[row, width - length:] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@dataclass
+class Draw:
+    """One seeded random ``generate()`` call (`random_draw`)."""
+
+    seed: int
+    family: str
+    inputs: dict  # input_ids and attention_mask, left-padded
+    generate: dict  # generate()'s keyword arguments besides the inputs and the cache
+    block_size: int
+
+    def run(self, model, **cache) -> torch.Tensor:
+        """The call's sequences from `model`, its sampling seeded, given `cache` (``cache_config=...`` or a cache)."""
+        torch.manual_seed(self.seed)
+        return model.generate(**self.inputs, **self.generate, **cache)
+
+    def reference_run(self, model, cache=dict) -> torch.Tensor:
+        """`run` on Transformers' reference `model`, given the cache arguments ``cache()`` returns. Where its own
+        cache refuses to crop what greedy prompt lookup rejected (Transformers 5.0.0 does not crop a sliding-window
+        layer past its window), the tokens of greedy decoding without prompt lookup, which must be the same."""
+        try:
+            return self.run(model, **cache())
+        except ValueError as error:
+            if "crop" not in str(error) or "prompt_lookup_num_tokens" not in self.generate or self.generate["do_sample"]:
+                raise
+        greedy = {key: value for key, value in self.generate.items() if key != "prompt_lookup_num_tokens"}
+        return dataclasses.replace(self, generate=greedy).run(model, **cache())
+
+
+def random_draw(seed: int, families: Sequence[str]) -> Draw:
+    """A random ``generate()`` call, the same for the same `seed`, over one of `families` that the installed
+    Transformers has: 1 to 4 left-padded prompts of 1 to 40 tokens; greedy, beams or sampling, of random widths;
+    random EOS tokens, so that rows end at different steps; logits processors (repetition penalty, no repeated
+    n-grams); prompt-lookup decoding (candidate tokens checked in one step, the rejected ones cropped); and a block
+    size that may or may not divide anything. Settings the parity tests fix one at a time meet here in combinations."""
+    rng = random.Random(seed)
+    family = rng.choice([name for name in families if available(name)])
+    batch = rng.choice([1, 1, 2, 3, 4])
+    inputs = left_padded_batch([rng.randint(1, 40) for _ in range(batch)], seed=seed)
+    new_tokens = rng.randint(1, 16)
+    generate = dict(max_new_tokens=new_tokens, min_new_tokens=rng.choice([0, new_tokens]))
+    mode = rng.choice(["greedy", "beams", "sample"])
+    if mode == "beams":
+        beams = rng.randint(2, 4)
+        generate.update(do_sample=False, num_beams=beams, num_return_sequences=rng.randint(1, beams),
+                        length_penalty=rng.choice([0.0, 1.0, 2.0]), early_stopping=rng.choice([True, False]))
+    elif mode == "sample":
+        generate.update(do_sample=True, num_return_sequences=rng.randint(1, 4), top_k=rng.choice([0, 5]),
+                        temperature=rng.choice([0.7, 1.0]))
+    else:
+        generate.update(do_sample=False)
+    if rng.random() < 0.5:
+        generate["eos_token_id"] = rng.sample(range(3, VOCAB), rng.choice([1, 3, 8]))
+    if rng.random() < 0.3:
+        generate["repetition_penalty"] = rng.choice([0.8, 1.3])
+    if rng.random() < 0.2:
+        generate["no_repeat_ngram_size"] = rng.choice([2, 3])
+    if mode != "beams" and batch == 1 and generate.get("num_return_sequences", 1) == 1 and rng.random() < 0.3:
+        generate["prompt_lookup_num_tokens"] = rng.choice([2, 4])
+    return Draw(seed, family, inputs, generate, rng.choice([1, 2, 3, 5, 8, 16]))
 
 
 def system_prompt(system_len: int, suffix_len: int, seed: int, system_seed: int = 0) -> torch.Tensor:
