@@ -71,6 +71,7 @@ def kernel_operands(store: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 def reshape_and_cache(
     keys: torch.Tensor, values: torch.Tensor, key_store: Any, value_store: Any, slots: torch.Tensor,
     *, triton: bool | None = None, skip_negative: bool = True, stored: torch.Tensor | None = None,
+    slot_views: tuple | None = None,
 ) -> None:
     """Write ``keys`` / ``values`` (``[T, Hkv, D]``) into their ``slots`` (``[T]``; negative: not stored) of a
     layer's key and value stores (plain ``[N, bs, Hkv, D]`` tensors or layer stores).
@@ -78,7 +79,8 @@ def reshape_and_cache(
     ``triton``: the step's backend choice (`use_triton` when None). On the PyTorch path: ``stored`` (``[T']``
     long), the tokens whose slot is not negative when the caller knows them (a step's plan does,
     `hf_paged.step.StepPlan.stored`): only those are written, and nothing is read back; ``skip_negative`` False
-    when the caller knows no slot is negative (see `hf_paged.ops.reshape_and_cache`).
+    when the caller knows no slot is negative (see `hf_paged.ops.reshape_and_cache`); ``slot_views``, the stores'
+    `hf_paged.ops.slot_view`s where the caller keeps them (`hf_paged.kv_pool.KVPool.slot_views`), written instead.
     """
     if triton is None:
         triton = use_triton(keys.device)
@@ -91,6 +93,8 @@ def reshape_and_cache(
     if stored is not None:
         keys, values, slots = keys.index_select(0, stored), values.index_select(0, stored), slots.index_select(0, stored)
         skip_negative = False
+    if slot_views is not None:
+        key_store, value_store = slot_views
     ops.reshape_and_cache(keys, values, key_store, value_store, slots, skip_negative=skip_negative)
 
 

@@ -230,7 +230,7 @@ class PagedCache(Cache):
         key_pool, value_pool = pool.plain[slot]
         step = group.step if pool is group.pool else group.step_on(pool.device)
         backend.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, triton=step.triton,
-                                  skip_negative=step.skips, stored=step.stored)
+                                  skip_negative=step.skips, stored=step.stored, slot_views=pool.slot_views[slot])
         if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as stored
             step.fresh[layer_idx] = (quant.rounded(key_states, pool.dtype), quant.rounded(value_states, pool.dtype))
         if self.latent:  # multi-head latent attention: each row's latents, or the pools once absorbed (latent.py)

@@ -79,6 +79,7 @@ class KVPool:
         self.offsets: list[tuple[int, torch.Tensor] | None] = []  # per tensor, block-major offsets (several slabs)
         self.own: dict[int, list[int]] = {}  # layers with tensors of their own (another shape): their tensor indices
         self.plain: list[tuple] = []
+        self.slot_views: list[tuple | None] = []
         # Per layer, where its keys and values lie: ((tensor index, row, kind), (tensor index, row, kind)).
         self.places: list[tuple[tuple[int, int, int], tuple[int, int, int]]] = []
         self.binds = 0  # how many times tensors were bound (`_bind`): views made before a bind are views of the past
@@ -331,6 +332,10 @@ class KVPool:
                                       self.offsets[index])
 
         self.plain = [(view(*keys), view(*values)) for keys, values in places]
+        # The PyTorch path's writes index each layer's slots in one dimension: views made once per bind, not per write
+        # (None: a pool of several slabs, or blocks that do not follow one another, as the Triton path lays them).
+        self.slot_views = [None if several or self.block_major else tuple(ops.slot_view(t) for t in pair)
+                           for pair in self.plain]
         self.places = places
         # Per layer, its stored (key heads, key dim, value heads, value dim): `matches` at every write; and what its
         # attention's read path depends on: (values as wide as keys, bytes of one token's key and value).

@@ -45,6 +45,7 @@ __all__ = [
     "reshape_and_cache",
     "rows_in_place",
     "shared_prefix_paged_attention",
+    "slot_view",
     "range_attention",
     "range_mask",
     "ranges_attention",
@@ -64,8 +65,9 @@ def reshape_and_cache(
 
     Args:
         key, value: ``[T, Hkv, D]`` new states, one row per token.
-        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools (or `hf_paged.storage.LayerStore`s), written in place; an
-            8-bit pool (`hf_paged.quant`) stores ``[N, bs, Hkv, D + 2]`` codes and scales, encoded here.
+        key_cache, value_cache: ``[N, bs, Hkv, D]`` pools, their ``[N * bs, Hkv, D]`` `slot_view`s, or
+            `hf_paged.storage.LayerStore`s, written in place; an 8-bit pool (`hf_paged.quant`) stores
+            ``[N, bs, Hkv, D + 2]`` codes and scales, encoded here.
         slot_mapping: ``[T]`` integer slots ``block * bs + offset``; a negative slot means "do not store".
         skip_negative: False when the caller knows no slot is negative: saves the check, which reads the slots
             on the host (a `PagedCache` step never has one).
@@ -75,9 +77,8 @@ def reshape_and_cache(
         key_cache.write(slots, key)
         value_cache.write(slots, value)
         return
-    num_blocks, block_size = key_cache.shape[:2]
-    flat_k = key_cache.view(num_blocks * block_size, *key_cache.shape[2:])
-    flat_v = value_cache.view(num_blocks * block_size, *value_cache.shape[2:])
+    flat_k = key_cache if key_cache.dim() == 3 else slot_view(key_cache)
+    flat_v = value_cache if value_cache.dim() == 3 else slot_view(value_cache)
     slots = slot_mapping if slot_mapping.dtype == torch.long else slot_mapping.to(torch.long)
     if skip_negative:
         keep = slots >= 0
@@ -85,6 +86,12 @@ def reshape_and_cache(
             slots, key, value = slots[keep], key[keep], value[keep]
     quant.raw(flat_k).index_copy_(0, slots, quant.raw(quant.to_storage(key, flat_k.dtype)))
     quant.raw(flat_v).index_copy_(0, slots, quant.raw(quant.to_storage(value, flat_v.dtype)))
+
+
+def slot_view(cache: torch.Tensor) -> torch.Tensor:
+    """``[N * bs, Hkv, D]``: the slots of a ``[N, bs, Hkv, D]`` pool in one dimension (slot ``block * bs + offset``),
+    a view (a pool whose blocks do not follow one another has none: RuntimeError)."""
+    return cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
 
 
 def copy_blocks(kv_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

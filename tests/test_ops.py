@@ -201,6 +201,21 @@ def test_reshape_and_cache_skips_negative_slots_and_copy_blocks_copies_every_lay
     assert torch.equal(pool[:, :, :2], before[:, :, :2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8, torch.float8_e4m3fn])
+def test_reshape_and_cache_through_slot_views_writes_the_pools(dtype):
+    """Writing through the pools' `slot_view`s (what a `KVPool` keeps per layer for the PyTorch path) stores in the
+    pools what writing through the pools stores, 8-bit rows included."""
+    width = 6 if dtype == torch.float32 else 8  # 8-bit rows: 6 codes, then the float16 scale
+    states = torch.randn(3, 2, 6, generator=torch.Generator().manual_seed(0))
+    slots = torch.tensor([5, 0, 7])
+    pools = [torch.zeros(4, 2, 2, width * dtype.itemsize, dtype=torch.uint8).view(dtype) for _ in range(4)]
+    ops.reshape_and_cache(states, -states, pools[0], pools[1], slots)
+    ops.reshape_and_cache(states, -states, ops.slot_view(pools[2]), ops.slot_view(pools[3]), slots)
+    for direct, through_views in ((pools[0], pools[2]), (pools[1], pools[3])):
+        assert direct.view(torch.uint8).count_nonzero() > 0
+        assert torch.equal(through_views.view(torch.uint8), direct.view(torch.uint8))
+
+
 # The PyTorch operations with sinks and chunks, against the reference built on `attend` with a full mask.
 def _paged_case(seed=0, *, block_size=4, q_len=3, lengths=(13, 7, 11), starts=(0, 3, 1)):
     gen = torch.Generator().manual_seed(seed)
