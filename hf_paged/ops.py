@@ -74,6 +74,7 @@ def reshape_and_cache(
     """
     if not isinstance(key_cache, torch.Tensor):  # a `hf_paged.storage.LayerStore` (a pool of several slabs)
         slots = slot_mapping if slot_mapping.dtype == torch.long else slot_mapping.to(torch.long)
+        key, value = quant.to_storage_pair(key, value, key_cache.dtype, value_cache.dtype)
         key_cache.write(slots, key)
         value_cache.write(slots, value)
         return
@@ -84,8 +85,9 @@ def reshape_and_cache(
         keep = slots >= 0
         if not bool(keep.all()):
             slots, key, value = slots[keep], key[keep], value[keep]
-    quant.raw(flat_k).index_copy_(0, slots, quant.raw(quant.to_storage(key, flat_k.dtype)))
-    quant.raw(flat_v).index_copy_(0, slots, quant.raw(quant.to_storage(value, flat_v.dtype)))
+    key, value = quant.to_storage_pair(key, value, flat_k.dtype, flat_v.dtype)
+    quant.raw(flat_k).index_copy_(0, slots, quant.raw(key))
+    quant.raw(flat_v).index_copy_(0, slots, quant.raw(value))
 
 
 def slot_view(cache: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,9 @@ from functools import cache
 
 import torch
 
-__all__ = ["KV_FORMATS", "KVFormat", "SCALE_WIDTH", "decode", "encode", "format_of", "from_storage", "is_quantized",
-           "kv_format", "logical_width", "raw", "rotated", "rotation", "rounded", "stored_width", "to_storage"]
+__all__ = ["KV_FORMATS", "KVFormat", "SCALE_WIDTH", "decode", "encode", "encode_pair", "format_of", "from_storage",
+           "is_quantized", "kv_format", "logical_width", "raw", "rotated", "rotation", "rounded", "stored_width",
+           "to_storage", "to_storage_pair"]
 
 #: Elements (bytes) after a row's codes that hold its largest magnitude, a float16.
 SCALE_WIDTH = 2
@@ -119,16 +120,28 @@ def encode(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     magnitude as a float16 (module docstring)."""
     fmt = _BY_DTYPE[dtype]
     values = states.float()
-    magnitude = values.abs().amax(-1, keepdim=True).clamp(MAGNITUDE_MIN, MAGNITUDE_MAX).to(torch.float16)
-    codes = values / (magnitude.float() / fmt.qmax)
+    magnitude = values.abs().amax(-1, keepdim=True).clamp_(MAGNITUDE_MIN, MAGNITUDE_MAX).to(torch.float16)
+    codes = values / magnitude.float().div_(fmt.qmax)
     if fmt.dtype == torch.int8:
-        codes = torch.floor(codes + 0.5).clamp(-fmt.qmax, fmt.qmax)
-    else:
-        codes = codes.clamp(-fmt.qmax, fmt.qmax)
-    stored = torch.empty((*states.shape[:-1], stored_width(states.shape[-1])), dtype=dtype, device=states.device)
-    stored[..., :-SCALE_WIDTH] = codes.to(dtype)
-    stored.view(torch.uint8)[..., -SCALE_WIDTH:] = magnitude.view(torch.uint8)
-    return stored
+        codes.add_(0.5).floor_()
+    codes = codes.clamp_(-fmt.qmax, fmt.qmax).to(dtype)
+    # In place and joined by one cat: a decode step encodes one token per row, where each operation's dispatch costs
+    # more than its arithmetic. Bytes, since not every device's cat takes float8.
+    return torch.cat((codes.view(torch.uint8), magnitude.view(torch.uint8)), -1).view(dtype)
+
+
+def encode_pair(keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode` of a layer's keys and values, in one call where they are few rows of one shape (a decode step):
+    half the operations, for a copy of the rows (which costs more than it saves past a few hundred tokens)."""
+    if keys.shape != values.shape or keys.dtype != values.dtype or keys.numel() > _PAIR_MAX_ELEMENTS:
+        return encode(keys, dtype), encode(values, dtype)
+    stored = encode(torch.stack((keys, values)), dtype)
+    return stored[0], stored[1]
+
+
+# Elements up to which `encode_pair` stacks keys and values: a decode step's. (On a CPU, at 3 heads of 64, stacking
+# saves 35% at one token and nothing from about 512.)
+_PAIR_MAX_ELEMENTS = 32768
 
 
 def decode(stored: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -165,6 +178,14 @@ def to_storage(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if states.dtype == dtype:
         return states
     return encode(states, dtype) if is_quantized(dtype) else states.to(dtype)
+
+
+def to_storage_pair(keys: torch.Tensor, values: torch.Tensor, key_dtype: torch.dtype,
+                    value_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`to_storage` of a layer's keys and values (8-bit rows of both through `encode_pair`)."""
+    if key_dtype == value_dtype and is_quantized(key_dtype) and keys.dtype != key_dtype and values.dtype != key_dtype:
+        return encode_pair(keys, values, key_dtype)
+    return to_storage(keys, key_dtype), to_storage(values, value_dtype)
 
 
 def from_storage(stored: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

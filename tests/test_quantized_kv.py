@@ -75,6 +75,27 @@ def test_zero_rows_strided_reads_and_other_dtypes(name):
     assert quant.decode(stored, torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("name", FORMATS)
+def test_keys_and_values_encoded_together_are_encoded_as_each_alone(name):
+    """A write encodes a layer's keys and values in one call where they are few (`quant.encode_pair`, a decode
+    step) and each alone where they are many or differ in shape or dtype: the same stored bytes either way, and
+    rows already stored are left as they are."""
+    dtype = quant.kv_format(name).dtype
+    generator = torch.Generator().manual_seed(1)
+    for keys_shape, values_shape, values_dtype in [((4, 3, 16), (4, 3, 16), torch.float32),  # stacked
+                                                   ((1024, 3, 64), (1024, 3, 64), torch.float32),  # one by one
+                                                   ((4, 3, 16), (4, 2, 16), torch.float32),
+                                                   ((4, 3, 16), (4, 3, 16), torch.bfloat16)]:
+        keys = torch.randn(keys_shape, generator=generator) * 5
+        values = torch.randn(values_shape, generator=generator).to(values_dtype)
+        stored_keys, stored_values = quant.encode_pair(keys, values, dtype)
+        assert torch.equal(stored_keys.view(torch.uint8), quant.encode(keys, dtype).view(torch.uint8))
+        assert torch.equal(stored_values.view(torch.uint8), quant.encode(values, dtype).view(torch.uint8))
+    already = quant.encode(keys, dtype)
+    kept_keys, kept_values = quant.to_storage_pair(already, already, dtype, dtype)
+    assert kept_keys is already and kept_values is already
+
+
 def test_every_float8_code_decodes_as_pytorch_converts_it():
     """`quant.decode` reads float8 codes through their bits (PyTorch's conversion is slow on the CPU): every code but
     NaN, which `encode` never writes, gives what PyTorch's float8 -> float32 conversion gives."""
