@@ -222,17 +222,24 @@ class PagedCache(Cache):
         batch, _, q_len, _ = key_shape
         if self.rotates(pool):  # 8-bit rows are stored rotated (`hf_paged.quant`); attention rotates its query
             key_states, value_states = quant.rotated(key_states), quant.rotated(value_states)
-        if q_len == 1:  # [T, Hkv, D] views, one token per row
-            keys, values = key_states.select(2, 0), value_states.select(2, 0)
-        else:
-            keys = key_states.transpose(1, 2).reshape(batch * q_len, key_shape[1], key_shape[3])
-            values = value_states.transpose(1, 2).reshape(batch * q_len, value_shape[1], value_shape[3])
-        key_pool, value_pool = pool.plain[slot]
         step = group.step if pool is group.pool else group.step_on(pool.device)
+        stored_keys, stored_values, fresh = key_states, value_states, None  # the write encodes 8-bit rows itself
+        if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as stored
+            if pool.kv_format is not None and not step.triton:  # encoded once: written as is, read back decoded
+                stored_keys, stored_values = quant.encode_pair(key_states, value_states, pool.dtype)
+                fresh = (quant.decode(stored_keys, key_states.dtype), quant.decode(stored_values, value_states.dtype))
+            else:
+                fresh = (quant.rounded(key_states, pool.dtype), quant.rounded(value_states, pool.dtype))
+        if q_len == 1:  # [T, Hkv, D] views, one token per row
+            keys, values = stored_keys.select(2, 0), stored_values.select(2, 0)
+        else:
+            keys = stored_keys.transpose(1, 2).reshape(batch * q_len, key_shape[1], stored_keys.shape[-1])
+            values = stored_values.transpose(1, 2).reshape(batch * q_len, value_shape[1], stored_values.shape[-1])
+        key_pool, value_pool = pool.plain[slot]
         backend.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, triton=step.triton,
                                   skip_negative=step.skips, stored=step.stored, slot_views=pool.slot_views[slot])
-        if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as stored
-            step.fresh[layer_idx] = (quant.rounded(key_states, pool.dtype), quant.rounded(value_states, pool.dtype))
+        if fresh is not None:
+            step.fresh[layer_idx] = fresh
         if self.latent:  # multi-head latent attention: each row's latents, or the pools once absorbed (latent.py)
             gathered = latent.gathered_latents(self, layer_idx, (key_pool, value_pool), step, key_states, value_states)
             if gathered is not None:
