@@ -85,7 +85,8 @@ def reshape_and_cache(
         keep = slots >= 0
         if not bool(keep.all()):
             slots, key, value = slots[keep], key[keep], value[keep]
-    key, value = quant.to_storage_pair(key, value, flat_k.dtype, flat_v.dtype)
+    if key.dtype != flat_k.dtype or value.dtype != flat_v.dtype:  # cast, or encode 8-bit rows
+        key, value = quant.to_storage_pair(key, value, flat_k.dtype, flat_v.dtype)
     quant.raw(flat_k).index_copy_(0, slots, quant.raw(key))
     quant.raw(flat_v).index_copy_(0, slots, quant.raw(value))
 
