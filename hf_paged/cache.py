@@ -13,7 +13,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache
 
-from . import backend, compat, kinds, latent, masks, options, quant, support
+from . import compat, kinds, latent, masks, options, support
 from .block_manager import BlockManager
 from .compat import LinearAttentionCacheLayerMixin, LinearAttentionLayer
 from .groups import LayerGroup, RowPlan, group_specs
@@ -219,29 +219,12 @@ class PagedCache(Cache):
         if group.step is None or layer_idx in group.step_layers:
             self._begin_step(group, key_shape[0], key_shape[2])
         group.step_layers.add(layer_idx)
-        batch, _, q_len, _ = key_shape
-        if self.rotates(pool):  # 8-bit rows are stored rotated (`hf_paged.quant`); attention rotates its query
-            key_states, value_states = quant.rotated(key_states), quant.rotated(value_states)
         step = group.step if pool is group.pool else group.step_on(pool.device)
-        stored_keys, stored_values, fresh = key_states, value_states, None  # the write encodes 8-bit rows itself
-        if step.fresh is not None:  # a step that keeps only its last tokens: attention reads them as stored
-            if pool.kv_format is not None and not step.triton:  # encoded once: written as is, read back decoded
-                stored_keys, stored_values = quant.encode_pair(key_states, value_states, pool.dtype)
-                fresh = (quant.decode(stored_keys, key_states.dtype), quant.decode(stored_values, value_states.dtype))
-            else:
-                fresh = (quant.rounded(key_states, pool.dtype), quant.rounded(value_states, pool.dtype))
-        if q_len == 1:  # [T, Hkv, D] views, one token per row
-            keys, values = stored_keys.select(2, 0), stored_values.select(2, 0)
-        else:
-            keys = stored_keys.transpose(1, 2).reshape(batch * q_len, key_shape[1], stored_keys.shape[-1])
-            values = stored_values.transpose(1, 2).reshape(batch * q_len, value_shape[1], stored_values.shape[-1])
-        key_pool, value_pool = pool.plain[slot]
-        backend.reshape_and_cache(keys, values, key_pool, value_pool, step.slot_mapping, triton=step.triton,
-                                  skip_negative=step.skips, stored=step.stored, slot_views=pool.slot_views[slot])
-        if fresh is not None:
+        fresh = pool.write(slot, key_states, value_states, step, rotate=self.rotates(pool))
+        if fresh is not None:  # a step that keeps only its last tokens: attention reads them as stored
             step.fresh[layer_idx] = fresh
         if self.latent:  # multi-head latent attention: each row's latents, or the pools once absorbed (latent.py)
-            gathered = latent.gathered_latents(self, layer_idx, (key_pool, value_pool), step, key_states, value_states)
+            gathered = latent.gathered_latents(self, layer_idx, pool.plain[slot], step, key_states, value_states)
             if gathered is not None:
                 return gathered
         self._pending_layer = layer_idx

@@ -178,6 +178,31 @@ class KVPool:
         self.own[layer] = list(range(len(self.tensors), len(self.tensors) + len(shapes)))
         self._bind(slabs, self.starts)  # the shared tensors and the other layers' own ones, then this layer's
 
+    def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor, step, rotate: bool) -> tuple | None:
+        """Store `layer`'s keys and values of a step (``[B, Hkv, q, D]``) at its slots (a `hf_paged.step.StepPlan`'s
+        ``slot_mapping``), 8-bit rows rotated first where `rotate` (`hf_paged.quant`). For a step that keeps only its
+        last tokens (``step.fresh``), returns them as the pool gives them back: what its attention reads."""
+        if rotate:
+            key_states, value_states = quant.rotated(key_states), quant.rotated(value_states)
+        stored_keys, stored_values, fresh = key_states, value_states, None  # the write encodes 8-bit rows itself
+        if step.fresh is not None:
+            if self.kv_format is not None and not step.triton:  # encoded once: written as is, read back decoded
+                stored_keys, stored_values = quant.encode_pair(key_states, value_states, self.dtype)
+                fresh = (quant.decode(stored_keys, key_states.dtype), quant.decode(stored_values, value_states.dtype))
+            else:
+                fresh = (quant.rounded(key_states, self.dtype), quant.rounded(value_states, self.dtype))
+        batch, key_heads, q_len, _ = key_states.shape
+        if q_len == 1:  # [T, Hkv, D] views, one token per row
+            keys, values = stored_keys.select(2, 0), stored_values.select(2, 0)
+        else:
+            keys = stored_keys.transpose(1, 2).reshape(batch * q_len, key_heads, stored_keys.shape[-1])
+            values = stored_values.transpose(1, 2).reshape(batch * q_len, value_states.shape[1],
+                                                           stored_values.shape[-1])
+        key_store, value_store = self.plain[layer]
+        backend.reshape_and_cache(keys, values, key_store, value_store, step.slot_mapping, triton=step.triton,
+                                  skip_negative=step.skips, stored=step.stored, slot_views=self.slot_views[layer])
+        return fresh
+
     def describe(self, layer: int | None = None) -> str:
         """The stored key and value shapes (of `layer`, or of the shared tensors), for error messages."""
         keys, values = self.plain[layer] if layer is not None else (self.tensors[0][0, 0], self.tensors[-1][0, -1])
