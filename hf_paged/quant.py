@@ -119,6 +119,7 @@ def encode(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[..., D + 2]`` stored rows of `dtype` for ``states`` (``[..., D]``): codes, then each row's largest
     magnitude as a float16 (module docstring)."""
     fmt = _BY_DTYPE[dtype]
+    stored_width(states.shape[-1])  # an odd head_dim is refused: the scale that follows the codes needs 2 aligned bytes
     values = states.float()
     magnitude = values.abs().amax(-1, keepdim=True).clamp_(MAGNITUDE_MIN, MAGNITUDE_MAX).to(torch.float16)
     codes = values / magnitude.float().div_(fmt.qmax)

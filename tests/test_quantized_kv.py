@@ -134,6 +134,8 @@ def test_an_odd_head_dim_is_refused_before_anything_is_written():
     with pytest.raises(ValueError, match="8-bit keys and values need an even head_dim.*this model's is 15"):
         cache.update(keys, keys, 0)
     assert cache.pool.tensor is None and cache.manager.num_rows == 0
+    with pytest.raises(ValueError, match="need an even head_dim"):  # and by the format itself
+        quant.encode(keys, torch.int8)
 
 
 # -------------------------------------------------------------------------------------------- generate()
