@@ -191,13 +191,10 @@ class KVPool:
                 fresh = (quant.decode(stored_keys, key_states.dtype), quant.decode(stored_values, value_states.dtype))
             else:
                 fresh = (quant.rounded(key_states, self.dtype), quant.rounded(value_states, self.dtype))
-        batch, key_heads, q_len, _ = key_states.shape
-        if q_len == 1:  # [T, Hkv, D] views, one token per row
+        if key_states.shape[2] == 1:  # [T, Hkv, D] rows, one token per row: views
             keys, values = stored_keys.select(2, 0), stored_values.select(2, 0)
         else:
-            keys = stored_keys.transpose(1, 2).reshape(batch * q_len, key_heads, stored_keys.shape[-1])
-            values = stored_values.transpose(1, 2).reshape(batch * q_len, value_states.shape[1],
-                                                           stored_values.shape[-1])
+            keys, values = (stored.transpose(1, 2).flatten(0, 1) for stored in (stored_keys, stored_values))
         key_store, value_store = self.plain[layer]
         backend.reshape_and_cache(keys, values, key_store, value_store, step.slot_mapping, triton=step.triton,
                                   skip_negative=step.skips, stored=step.stored, slot_views=self.slot_views[layer])
